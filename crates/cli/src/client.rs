@@ -1,0 +1,146 @@
+//! Client commands: authenticate like the openstack CLI (OS_* environment) and show resources.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Args)]
+pub struct ResourceCmd {
+    #[command(subcommand)]
+    action: Action,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
+#[derive(Subcommand)]
+enum Action {
+    /// List (one line each).
+    List {
+        /// Filters, e.g. `network_id=...` (repeatable).
+        #[arg(long = "filter", short = 'f')]
+        filters: Vec<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one, by id or name.
+    Show { id: String },
+}
+
+#[derive(Args)]
+struct AuthArgs {
+    #[arg(long, env = "OS_AUTH_URL", default_value = "http://127.0.0.1:5000/v3")]
+    os_auth_url: String,
+    #[arg(long, env = "OS_USERNAME", default_value = "admin")]
+    os_username: String,
+    #[arg(long, env = "OS_PASSWORD", hide_env_values = true)]
+    os_password: Option<String>,
+    #[arg(long, env = "OS_PROJECT_NAME", default_value = "admin")]
+    os_project_name: String,
+    #[arg(long, env = "OS_USER_DOMAIN_NAME", default_value = "Default")]
+    os_user_domain_name: String,
+    #[arg(long, env = "OS_PROJECT_DOMAIN_NAME", default_value = "Default")]
+    os_project_domain_name: String,
+}
+
+struct Session {
+    http: reqwest::Client,
+    token: String,
+    network_url: String,
+}
+
+async fn login(a: &AuthArgs) -> Result<Session> {
+    let password = a.os_password.clone().ok_or_else(|| anyhow!("no password: set OS_PASSWORD (or source the openrc that `isthmus up` wrote)"))?;
+    let http = reqwest::Client::new();
+    let body = json!({"auth": {
+        "identity": {"methods": ["password"], "password": {"user": {
+            "name": a.os_username, "domain": {"name": a.os_user_domain_name}, "password": password}}},
+        "scope": {"project": {"name": a.os_project_name, "domain": {"name": a.os_project_domain_name}}}}});
+    let url = format!("{}/auth/tokens", a.os_auth_url.trim_end_matches('/'));
+    let resp = http.post(&url).json(&body).send().await.with_context(|| format!("contacting identity at {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        bail!("authentication failed ({status}): {text}");
+    }
+    let token = resp
+        .headers()
+        .get("x-subject-token")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| anyhow!("identity answered without X-Subject-Token"))?
+        .to_string();
+    let v: Value = resp.json().await.context("decoding the token response")?;
+    let network_url = v["token"]["catalog"]
+        .as_array()
+        .and_then(|c| c.iter().find(|s| s["type"] == "network"))
+        .and_then(|s| s["endpoints"].as_array())
+        .and_then(|e| e.iter().find(|e| e["interface"] == "public").or_else(|| e.first()))
+        .and_then(|e| e["url"].as_str())
+        .ok_or_else(|| anyhow!("the catalog has no network endpoint"))?
+        .trim_end_matches('/')
+        .to_string();
+    Ok(Session { http, token, network_url })
+}
+
+impl Session {
+    async fn get(&self, path: &str) -> Result<Value> {
+        let url = format!("{}/v2.0/{path}", self.network_url);
+        let resp = self.http.get(&url).header("X-Auth-Token", &self.token).send().await.with_context(|| format!("GET {url}"))?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = v["NeutronError"]["message"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            bail!("{status}: {msg}");
+        }
+        Ok(v)
+    }
+}
+
+fn summary(plural: &str, item: &Value) -> String {
+    let s = |k: &str| item[k].as_str().unwrap_or("").to_string();
+    match plural {
+        "networks" => format!("{}  {:<24} subnets={}", s("id"), s("name"), item["subnets"].as_array().map(|a| a.len()).unwrap_or(0)),
+        "subnets" => format!("{}  {:<24} {} net={}", s("id"), s("name"), s("cidr"), s("network_id")),
+        _ => {
+            let ips: Vec<String> = item["fixed_ips"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|f| f["ip_address"].as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
+            format!("{}  {:<20} {} {:<6} {}", s("id"), s("name"), s("mac_address"), s("status"), ips.join(","))
+        }
+    }
+}
+
+pub async fn run(plural: &str, cmd: ResourceCmd) -> Result<()> {
+    let session = login(&cmd.auth).await?;
+    let singular = plural.trim_end_matches('s');
+    match cmd.action {
+        Action::List { filters, json } => {
+            let q = filters.join("&");
+            let v = session.get(&format!("{plural}?{q}")).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v[plural])?);
+            } else {
+                for item in v[plural].as_array().into_iter().flatten() {
+                    println!("{}", summary(plural, item));
+                }
+            }
+        }
+        Action::Show { id } => {
+            let v = match session.get(&format!("{plural}/{id}")).await {
+                Ok(v) => v[singular].clone(),
+                Err(e) => {
+                    // Fall back to a lookup by name, as the openstack CLI does.
+                    let found = session.get(&format!("{plural}?name={id}")).await?;
+                    match found[plural].as_array().map(|a| a.as_slice()) {
+                        Some([one]) => one.clone(),
+                        Some([]) | None => return Err(e),
+                        Some(_) => bail!("more than one {singular} is named '{id}'; use the id"),
+                    }
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! `isthmus`: the server, the all-in-one `up`, and client commands for daily use.
+
+mod client;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use isthmus_server::Config;
+use isthmus_store::DynStore;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "isthmus", version, about = "One network for virtual machines and containers")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the API server (identity + network API) against a store.
+    Server(ServerArgs),
+    /// All-in-one: the server on the embedded store in a data directory.
+    Up(UpArgs),
+    /// Networks.
+    Network(client::ResourceCmd),
+    /// Subnets.
+    Subnet(client::ResourceCmd),
+    /// Ports.
+    Port(client::ResourceCmd),
+}
+
+#[derive(Args, Clone)]
+struct StoreArgs {
+    /// Store backend: `embedded` (one node) or `etcd` (clusters, several servers).
+    #[arg(long, env = "ISTHMUS_STORE", default_value = "embedded")]
+    store: String,
+    /// Data directory of the embedded store.
+    #[arg(long, env = "ISTHMUS_DATA_DIR", default_value = "/var/lib/isthmus")]
+    data_dir: PathBuf,
+    /// etcd endpoints, comma-separated (for --store etcd).
+    #[arg(long, env = "ISTHMUS_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// TOML configuration file; flags and environment override it.
+    #[arg(long, short, env = "ISTHMUS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Identity (Keystone v3) listen address.
+    #[arg(long, env = "ISTHMUS_IDENTITY_LISTEN")]
+    identity_listen: Option<std::net::SocketAddr>,
+    /// Network (Neutron v2.0) listen address.
+    #[arg(long, env = "ISTHMUS_NETWORK_LISTEN")]
+    network_listen: Option<std::net::SocketAddr>,
+    /// Password of the bootstrap admin user (used only when it does not exist yet).
+    #[arg(long, env = "ISTHMUS_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
+    /// Token lifetime, seconds.
+    #[arg(long, env = "ISTHMUS_TOKEN_TTL")]
+    token_ttl: Option<u64>,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Data directory: the embedded store, plus an `openrc` for the openstack CLI.
+    #[arg(long, env = "ISTHMUS_DATA_DIR", default_value = "/var/lib/isthmus")]
+    data_dir: PathBuf,
+    /// Password of the bootstrap admin user; generated and kept in the data dir if not given.
+    #[arg(long, env = "ISTHMUS_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
+    #[arg(long, env = "ISTHMUS_IDENTITY_LISTEN", default_value = "127.0.0.1:5000")]
+    identity_listen: std::net::SocketAddr,
+    #[arg(long, env = "ISTHMUS_NETWORK_LISTEN", default_value = "127.0.0.1:9696")]
+    network_listen: std::net::SocketAddr,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ISTHMUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn open_store(args: &StoreArgs) -> Result<DynStore> {
+    match args.store.as_str() {
+        "embedded" => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+            let dir = args.data_dir.join("store");
+            let s = isthmus_store::embedded::EmbeddedStore::open(&dir)
+                .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
+            Ok(s)
+        }
+        "etcd" => {
+            let s = isthmus_store::etcd::EtcdStore::connect(args.etcd_endpoints.clone())
+                .await
+                .with_context(|| format!("connecting to etcd at {}", args.etcd_endpoints.join(",")))?;
+            Ok(s)
+        }
+        other => bail!("unknown store backend '{other}' (use 'embedded' or 'etcd')"),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    let Some(path) = path else { return Ok(Config::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+}
+
+async fn run_server(args: ServerArgs) -> Result<()> {
+    let mut config = load_config(args.config.as_deref())?;
+    if let Some(a) = args.identity_listen {
+        config.identity_listen = a;
+    }
+    if let Some(a) = args.network_listen {
+        config.network_listen = a;
+    }
+    if let Some(p) = args.admin_password {
+        config.admin_password = Some(p);
+    }
+    if let Some(t) = args.token_ttl {
+        config.token_ttl_secs = t;
+    }
+    let store = open_store(&args.store).await?;
+    let handle = isthmus_server::start(config, store).await?;
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+    }
+    handle.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// The admin password for `up`: given, or generated once and kept (0600) in the data dir.
+fn up_password(data_dir: &Path, given: Option<String>) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = data_dir.join("admin-password");
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    if let Ok(p) = std::fs::read_to_string(&file) {
+        let p = p.trim().to_string();
+        if !p.is_empty() {
+            return Ok(p);
+        }
+    }
+    let p = uuid::Uuid::new_v4().simple().to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&file)
+        .with_context(|| format!("writing {}", file.display()))?;
+    std::io::Write::write_all(&mut f, p.as_bytes())?;
+    Ok(p)
+}
+
+async fn run_up(args: UpArgs) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let password = up_password(&args.data_dir, args.admin_password)?;
+    let config = Config {
+        identity_listen: args.identity_listen,
+        network_listen: args.network_listen,
+        admin_password: Some(password.clone()),
+        ..Config::default()
+    };
+    let store = open_store(&StoreArgs {
+        store: "embedded".into(),
+        data_dir: args.data_dir.clone(),
+        etcd_endpoints: vec![],
+    })
+    .await?;
+    let handle = isthmus_server::start(config, store).await?;
+    let openrc = args.data_dir.join("openrc");
+    let rc = format!(
+        "export OS_AUTH_URL={}\nexport OS_IDENTITY_API_VERSION=3\nexport OS_USERNAME=admin\nexport OS_PASSWORD={}\nexport OS_PROJECT_NAME=admin\nexport OS_USER_DOMAIN_NAME=Default\nexport OS_PROJECT_DOMAIN_NAME=Default\nexport OS_REGION_NAME=RegionOne\n",
+        handle.state.identity_url, password
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&openrc)
+        .with_context(|| format!("writing {}", openrc.display()))?;
+    std::io::Write::write_all(&mut f, rc.as_bytes())?;
+    println!("Isthmus is up (all-in-one, embedded store in {}).", args.data_dir.display());
+    println!("  identity: {}", handle.state.identity_url);
+    println!("  network:  {}", handle.state.network_url);
+    println!("Use it with the openstack CLI:");
+    println!("  source {}", openrc.display());
+    println!("  openstack network create demo");
+    println!("  openstack subnet create --network demo --subnet-range 10.0.0.0/24 demo-subnet");
+    println!("  openstack port create --network demo demo-port");
+    println!("Or with this binary: isthmus network list (same environment). Ctrl-C stops it.");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle.stop().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let needs_logs = matches!(cli.cmd, Cmd::Server(_) | Cmd::Up(_));
+    if needs_logs {
+        init_logging();
+    }
+    let res = match cli.cmd {
+        Cmd::Server(a) => run_server(a).await,
+        Cmd::Up(a) => run_up(a).await,
+        Cmd::Network(c) => client::run("networks", c).await,
+        Cmd::Subnet(c) => client::run("subnets", c).await,
+        Cmd::Port(c) => client::run("ports", c).await,
+    };
+    if let Err(e) = res {
+        eprintln!("isthmus: {e:#}");
+        std::process::exit(1);
+    }
+}

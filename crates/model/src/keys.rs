@@ -1,0 +1,26 @@
+//! Store key layout. One place so every component agrees on it.
+
+pub const ROOT: &str = "/isthmus/v1/";
+
+pub fn collection(kind: &str) -> String {
+    format!("{ROOT}{kind}/")
+}
+pub fn resource(kind: &str, id: &str) -> String {
+    format!("{ROOT}{kind}/{id}")
+}
+/// Held while an IP is allocated; value is the owning port id. Guarantees uniqueness per subnet.
+pub fn ip_alloc(subnet_id: &str, ip: &str) -> String {
+    format!("{ROOT}ipam/{subnet_id}/{ip}")
+}
+pub fn ip_alloc_prefix(subnet_id: &str) -> String {
+    format!("{ROOT}ipam/{subnet_id}/")
+}
+/// Held while a MAC is used on a network; value is the owning port id.
+pub fn mac_alloc(network_id: &str, mac: &str) -> String {
+    format!("{ROOT}macs/{network_id}/{mac}")
+}
+/// Held while a segmentation id is used; value is the network id.
+pub fn vni_alloc(vni: u32) -> String {
+    format!("{ROOT}vni/{vni}")
+}
+pub const VNI_PREFIX: &str = "/isthmus/v1/vni/";

@@ -1,0 +1,295 @@
+//! Stored resources and their Neutron API rendering.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Attributes every Neutron resource carries (the `standard-attr-*` extensions).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct StandardAttrs {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub revision_number: u64,
+}
+
+impl StandardAttrs {
+    pub fn new(now: &str) -> Self {
+        Self {
+            description: String::new(),
+            tags: vec![],
+            created_at: now.to_string(),
+            updated_at: now.to_string(),
+            revision_number: 0,
+        }
+    }
+    /// Records one more change to the resource.
+    pub fn bump(&mut self, now: &str) {
+        self.revision_number += 1;
+        self.updated_at = now.to_string();
+    }
+    fn render(&self, out: &mut serde_json::Map<String, Value>) {
+        out.insert("description".into(), json!(self.description));
+        out.insert("tags".into(), json!(self.tags));
+        out.insert("created_at".into(), json!(self.created_at));
+        out.insert("updated_at".into(), json!(self.updated_at));
+        out.insert("revision_number".into(), json!(self.revision_number));
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Network {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub admin_state_up: bool,
+    pub shared: bool,
+    pub external: bool,
+    pub mtu: u32,
+    pub status: String,
+    pub segmentation_id: u32,
+    pub port_security_enabled: bool,
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    /// Set while a delete checks for ports; creates that read the network before fail their CAS.
+    #[serde(default)]
+    pub deleting: bool,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+impl Network {
+    /// The API view. Provider attributes only for admins.
+    pub fn to_api(&self, admin: bool) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("name".into(), json!(self.name));
+        m.insert("project_id".into(), json!(self.project_id));
+        m.insert("tenant_id".into(), json!(self.project_id));
+        m.insert("admin_state_up".into(), json!(self.admin_state_up));
+        m.insert("shared".into(), json!(self.shared));
+        m.insert("router:external".into(), json!(self.external));
+        m.insert("mtu".into(), json!(self.mtu));
+        m.insert("status".into(), json!(self.status));
+        m.insert("subnets".into(), json!(self.subnets));
+        m.insert("port_security_enabled".into(), json!(self.port_security_enabled));
+        m.insert("availability_zone_hints".into(), json!([]));
+        m.insert("availability_zones".into(), json!([]));
+        m.insert("ipv4_address_scope".into(), Value::Null);
+        m.insert("ipv6_address_scope".into(), Value::Null);
+        m.insert("is_default".into(), json!(false));
+        if admin {
+            m.insert("provider:network_type".into(), json!("vxlan"));
+            m.insert("provider:segmentation_id".into(), json!(self.segmentation_id));
+            m.insert("provider:physical_network".into(), Value::Null);
+        }
+        self.std.render(&mut m);
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AllocationPool {
+    pub start: String,
+    pub end: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostRoute {
+    pub destination: String,
+    pub nexthop: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Subnet {
+    pub id: String,
+    pub project_id: String,
+    pub network_id: String,
+    pub name: String,
+    pub ip_version: u8,
+    pub cidr: String,
+    pub gateway_ip: Option<String>,
+    pub allocation_pools: Vec<AllocationPool>,
+    pub host_routes: Vec<HostRoute>,
+    pub dns_nameservers: Vec<String>,
+    pub enable_dhcp: bool,
+    pub ipv6_ra_mode: Option<String>,
+    pub ipv6_address_mode: Option<String>,
+    #[serde(default)]
+    pub deleting: bool,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+impl Subnet {
+    pub fn to_api(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("name".into(), json!(self.name));
+        m.insert("project_id".into(), json!(self.project_id));
+        m.insert("tenant_id".into(), json!(self.project_id));
+        m.insert("network_id".into(), json!(self.network_id));
+        m.insert("ip_version".into(), json!(self.ip_version));
+        m.insert("cidr".into(), json!(self.cidr));
+        m.insert("gateway_ip".into(), json!(self.gateway_ip));
+        m.insert("allocation_pools".into(), json!(self.allocation_pools));
+        m.insert("host_routes".into(), json!(self.host_routes));
+        m.insert("dns_nameservers".into(), json!(self.dns_nameservers));
+        m.insert("enable_dhcp".into(), json!(self.enable_dhcp));
+        m.insert("ipv6_ra_mode".into(), json!(self.ipv6_ra_mode));
+        m.insert("ipv6_address_mode".into(), json!(self.ipv6_address_mode));
+        m.insert("subnetpool_id".into(), Value::Null);
+        m.insert("service_types".into(), json!([]));
+        m.insert("segment_id".into(), Value::Null);
+        self.std.render(&mut m);
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FixedIp {
+    pub subnet_id: String,
+    pub ip_address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddressPair {
+    pub ip_address: String,
+    pub mac_address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Port {
+    pub id: String,
+    pub project_id: String,
+    pub network_id: String,
+    pub name: String,
+    pub admin_state_up: bool,
+    pub mac_address: String,
+    pub fixed_ips: Vec<FixedIp>,
+    pub device_id: String,
+    pub device_owner: String,
+    pub status: String,
+    pub binding_host_id: String,
+    pub binding_vif_type: String,
+    pub binding_vif_details: Value,
+    pub binding_profile: Value,
+    pub binding_vnic_type: String,
+    pub allowed_address_pairs: Vec<AddressPair>,
+    pub port_security_enabled: bool,
+    pub security_groups: Vec<String>,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+impl Port {
+    /// The API view. Binding attributes only for admins (Neutron's default policy).
+    pub fn to_api(&self, admin: bool) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("name".into(), json!(self.name));
+        m.insert("project_id".into(), json!(self.project_id));
+        m.insert("tenant_id".into(), json!(self.project_id));
+        m.insert("network_id".into(), json!(self.network_id));
+        m.insert("admin_state_up".into(), json!(self.admin_state_up));
+        m.insert("mac_address".into(), json!(self.mac_address));
+        m.insert("fixed_ips".into(), json!(self.fixed_ips));
+        m.insert("device_id".into(), json!(self.device_id));
+        m.insert("device_owner".into(), json!(self.device_owner));
+        m.insert("status".into(), json!(self.status));
+        m.insert("allowed_address_pairs".into(), json!(self.allowed_address_pairs));
+        m.insert("port_security_enabled".into(), json!(self.port_security_enabled));
+        m.insert("security_groups".into(), json!(self.security_groups));
+        m.insert("extra_dhcp_opts".into(), json!([]));
+        m.insert("binding:vnic_type".into(), json!(self.binding_vnic_type));
+        if admin {
+            m.insert("binding:host_id".into(), json!(self.binding_host_id));
+            m.insert("binding:vif_type".into(), json!(self.binding_vif_type));
+            m.insert("binding:vif_details".into(), self.binding_vif_details.clone());
+            m.insert("binding:profile".into(), self.binding_profile.clone());
+        }
+        self.std.render(&mut m);
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SecurityGroup {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub stateful: bool,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+impl SecurityGroup {
+    /// The API view; rules are passed in because they are stored separately.
+    pub fn to_api(&self, rules: Vec<Value>) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("name".into(), json!(self.name));
+        m.insert("project_id".into(), json!(self.project_id));
+        m.insert("tenant_id".into(), json!(self.project_id));
+        m.insert("stateful".into(), json!(self.stateful));
+        m.insert("security_group_rules".into(), Value::Array(rules));
+        self.std.render(&mut m);
+        Value::Object(m)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SecurityGroupRule {
+    pub id: String,
+    pub project_id: String,
+    pub security_group_id: String,
+    pub direction: String,
+    pub ethertype: String,
+    pub protocol: Option<String>,
+    pub port_range_min: Option<u32>,
+    pub port_range_max: Option<u32>,
+    pub remote_ip_prefix: Option<String>,
+    pub remote_group_id: Option<String>,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+impl SecurityGroupRule {
+    pub fn to_api(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("project_id".into(), json!(self.project_id));
+        m.insert("tenant_id".into(), json!(self.project_id));
+        m.insert("security_group_id".into(), json!(self.security_group_id));
+        m.insert("direction".into(), json!(self.direction));
+        m.insert("ethertype".into(), json!(self.ethertype));
+        m.insert("protocol".into(), json!(self.protocol));
+        m.insert("port_range_min".into(), json!(self.port_range_min));
+        m.insert("port_range_max".into(), json!(self.port_range_max));
+        m.insert("remote_ip_prefix".into(), json!(self.remote_ip_prefix));
+        m.insert("remote_group_id".into(), json!(self.remote_group_id));
+        m.insert("remote_address_group_id".into(), Value::Null);
+        m.insert("normalized_cidr".into(), json!(self.remote_ip_prefix));
+        m.insert("belongs_to_default_sg".into(), Value::Null);
+        self.std.render(&mut m);
+        // Rules have no tags in Neutron's API.
+        m.remove("tags");
+        Value::Object(m)
+    }
+
+    /// Fields that make two rules "the same rule" (SecurityGroupRuleExists).
+    pub fn identity(&self) -> impl PartialEq + '_ {
+        (
+            &self.security_group_id,
+            &self.direction,
+            &self.ethertype,
+            &self.protocol,
+            self.port_range_min,
+            self.port_range_max,
+            &self.remote_ip_prefix,
+            &self.remote_group_id,
+        )
+    }
+}

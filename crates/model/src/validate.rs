@@ -1,0 +1,199 @@
+//! Request-body validation helpers: typed access to JSON attributes with Neutron's wording.
+
+use crate::error::{NResult, NeutronError};
+use serde_json::{Map, Value};
+
+/// A request body for one resource, consumed attribute by attribute so that whatever is left
+/// at the end is an unrecognized attribute.
+pub struct Body {
+    map: Map<String, Value>,
+}
+
+impl Body {
+    /// `{"<resource>": {...}}` -> the inner object.
+    pub fn from_value(v: Value, resource: &str) -> NResult<Self> {
+        match v {
+            Value::Object(mut outer) => match outer.remove(resource) {
+                Some(Value::Object(map)) => Ok(Self { map }),
+                Some(_) => Err(NeutronError::bad_request(format!(
+                    "Invalid input for {resource}. Reason: must be a dictionary."
+                ))),
+                None => Err(NeutronError::bad_request(format!(
+                    "Resource body required: expected '{resource}'."
+                ))),
+            },
+            _ => Err(NeutronError::bad_request("Body contains invalid data")),
+        }
+    }
+
+    pub fn from_map(map: Map<String, Value>) -> Self {
+        Self { map }
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
+    pub fn take_raw(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key)
+    }
+
+    pub fn string(&mut self, key: &str) -> NResult<Option<String>> {
+        self.string_max(key, 255)
+    }
+
+    pub fn string_max(&mut self, key: &str, max: usize) -> NResult<Option<String>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => {
+                if s.chars().count() > max {
+                    Err(NeutronError::invalid_attr(
+                        key,
+                        format!("'{s}' exceeds maximum length of {max}"),
+                    ))
+                } else {
+                    Ok(Some(s))
+                }
+            }
+            Some(v) => Err(NeutronError::invalid_attr(key, format!("'{v}' is not a valid string"))),
+        }
+    }
+
+    /// A string that may also be JSON null.
+    pub fn opt_string(&mut self, key: &str) -> NResult<Option<Option<String>>> {
+        match self.map.get(key) {
+            Some(Value::Null) => {
+                self.map.remove(key);
+                Ok(Some(None))
+            }
+            _ => Ok(self.string(key)?.map(Some)),
+        }
+    }
+
+    /// Booleans as Neutron accepts them: true/false, or the strings "true"/"false" (any case).
+    pub fn boolean(&mut self, key: &str) -> NResult<Option<bool>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(v) => parse_bool(&v)
+                .map(Some)
+                .ok_or_else(|| NeutronError::invalid_attr(key, format!("'{v}' is not a valid boolean value"))),
+        }
+    }
+
+    pub fn integer(&mut self, key: &str) -> NResult<Option<i64>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64()),
+            Some(Value::String(s)) if s.trim().parse::<i64>().is_ok() => Ok(s.trim().parse().ok()),
+            Some(v) => Err(NeutronError::invalid_attr(key, format!("'{v}' is not an integer"))),
+        }
+    }
+
+    pub fn string_list(&mut self, key: &str) -> NResult<Option<Vec<String>>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(s),
+                    other => Err(NeutronError::invalid_attr(key, format!("'{other}' is not a valid string"))),
+                })
+                .collect::<NResult<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(NeutronError::invalid_attr(key, format!("'{v}' is not a list"))),
+        }
+    }
+
+    /// A list of objects (or null, treated as empty).
+    pub fn object_list(&mut self, key: &str) -> NResult<Option<Vec<Map<String, Value>>>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(vec![])),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|i| match i {
+                    Value::Object(m) => Ok(m),
+                    other => Err(NeutronError::invalid_attr(key, format!("'{other}' is not a dictionary"))),
+                })
+                .collect::<NResult<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(NeutronError::invalid_attr(key, format!("'{v}' is not a list"))),
+        }
+    }
+
+    /// Fails with Neutron's "Unrecognized attribute(s)" if anything is left.
+    pub fn finish(self) -> NResult<()> {
+        if self.map.is_empty() {
+            Ok(())
+        } else {
+            let mut keys: Vec<&String> = self.map.keys().collect();
+            keys.sort();
+            let names: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+            Err(NeutronError::bad_request(format!(
+                "Unrecognized attribute(s) '{}'",
+                names.join(", ")
+            )))
+        }
+    }
+}
+
+pub fn parse_bool(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) => match s.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Some(true),
+            "false" | "0" | "no" | "off" => Some(false),
+            _ => None,
+        },
+        Value::Number(n) => match n.as_i64() {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A UUID in canonical form, the only form Neutron ids take.
+pub fn is_uuid(s: &str) -> bool {
+    uuid::Uuid::try_parse(s).is_ok()
+}
+
+/// Tags: at most 255 characters, no commas or slashes (they break the tags URL and filters).
+pub fn validate_tag(tag: &str) -> NResult<()> {
+    if tag.is_empty() || tag.chars().count() > 255 || tag.contains(',') || tag.contains('/') {
+        return Err(NeutronError::invalid_input(format!("'{tag}' is not a valid tag")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_attributes_are_reported() {
+        let mut b = Body::from_value(json!({"network": {"name": "a", "bogus": 1}}), "network").unwrap();
+        assert_eq!(b.string("name").unwrap().as_deref(), Some("a"));
+        let e = b.finish().unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("bogus"));
+    }
+
+    #[test]
+    fn wrong_types_rejected() {
+        let mut b = Body::from_value(json!({"network": {"name": 5, "admin_state_up": "maybe"}}), "network").unwrap();
+        assert!(b.string("name").is_err());
+        assert!(b.boolean("admin_state_up").is_err());
+        assert!(Body::from_value(json!([1]), "network").is_err());
+        assert!(Body::from_value(json!({"port": {}}), "network").is_err());
+    }
+
+    #[test]
+    fn bools_accept_neutron_spellings() {
+        assert_eq!(parse_bool(&json!("True")), Some(true));
+        assert_eq!(parse_bool(&json!(false)), Some(false));
+        assert_eq!(parse_bool(&json!("nope")), None);
+    }
+}

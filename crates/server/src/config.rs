@@ -1,0 +1,73 @@
+//! Server configuration. Defaults give a working all-in-one server on loopback.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Keystone-compatible identity listener.
+    pub identity_listen: SocketAddr,
+    /// Neutron-compatible network listener.
+    pub network_listen: SocketAddr,
+    /// URL advertised in the catalog for the network service (unversioned). Derived from
+    /// `network_listen` when unset.
+    pub network_public_url: Option<String>,
+    /// URL advertised in the catalog for identity. Derived from `identity_listen` when unset.
+    pub identity_public_url: Option<String>,
+    /// Token lifetime in seconds.
+    pub token_ttl_secs: u64,
+    /// Bootstrap admin: created on first start if absent.
+    pub admin_user: String,
+    /// Never logged.
+    #[serde(skip_serializing)]
+    pub admin_password: Option<String>,
+    pub admin_project: String,
+    pub region: String,
+    /// Segmentation ids (VXLAN VNIs) handed to networks, inclusive.
+    pub vni_min: u32,
+    pub vni_max: u32,
+    /// Underlay MTU; tenant networks get this minus the VXLAN overhead (50).
+    pub underlay_mtu: u32,
+    /// Largest accepted request body, bytes.
+    pub max_body_bytes: usize,
+    /// Argon2 memory cost in KiB for password hashes.
+    pub password_hash_kib: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            identity_listen: "127.0.0.1:5000".parse().expect("static address"),
+            network_listen: "127.0.0.1:9696".parse().expect("static address"),
+            network_public_url: None,
+            identity_public_url: None,
+            token_ttl_secs: 3600,
+            admin_user: "admin".into(),
+            admin_password: None,
+            admin_project: "admin".into(),
+            region: "RegionOne".into(),
+            vni_min: 1000,
+            vni_max: 999_999,
+            underlay_mtu: 1500,
+            max_body_bytes: 1024 * 1024,
+            password_hash_kib: 19 * 1024,
+        }
+    }
+}
+
+impl Config {
+    pub fn network_url(&self, bound: Option<SocketAddr>) -> String {
+        self.network_public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}/", bound.unwrap_or(self.network_listen)))
+    }
+    pub fn identity_url(&self, bound: Option<SocketAddr>) -> String {
+        self.identity_public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}/v3", bound.unwrap_or(self.identity_listen)))
+    }
+    pub fn tenant_mtu(&self) -> u32 {
+        self.underlay_mtu.saturating_sub(50)
+    }
+}

@@ -1,0 +1,710 @@
+//! Identity writes: bootstrap, and create/update/delete of projects, users, roles, role
+//! assignments and token revocations. Every write is one store transaction guarded by compares
+//! (`Absent` for new names, `ModRevision` for read-modify-write), retried on contention.
+
+use super::model::{self, AssignmentRecord, Project, Revocation, Role, SigningKeyRecord, User};
+use super::password::MAX_PASSWORD_LEN;
+use super::token::{Payload, SigningKey};
+use super::{Identity, IdentityError};
+use anyhow::Context;
+use isthmus_store::{Compare, Op, StoreError};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::{Map, Value};
+
+const ATTEMPTS: usize = 8;
+const MAX_NAME_LEN: usize = 255;
+const MAX_DESCRIPTION_LEN: usize = 65_535;
+
+pub struct NewProject {
+    pub name: String,
+    pub domain_id: String,
+    pub description: String,
+    pub enabled: bool,
+    pub tags: Vec<String>,
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Default)]
+pub struct ProjectPatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub enabled: Option<bool>,
+    pub tags: Option<Vec<String>>,
+    pub extra: Map<String, Value>,
+}
+
+/// Holds a password: no `Debug`.
+pub struct NewUser {
+    pub name: String,
+    pub domain_id: String,
+    pub password: Option<String>,
+    pub default_project_id: Option<String>,
+    pub enabled: bool,
+    pub description: Option<String>,
+    pub extra: Map<String, Value>,
+}
+
+/// Holds a password: no `Debug`. `Some(None)` clears an optional attribute.
+#[derive(Default)]
+pub struct UserPatch {
+    pub name: Option<String>,
+    pub password: Option<String>,
+    pub default_project_id: Option<Option<String>>,
+    pub enabled: Option<bool>,
+    pub description: Option<Option<String>>,
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Default)]
+pub struct RolePatch {
+    pub name: Option<String>,
+    pub description: Option<Option<String>>,
+}
+
+/// A change of the name index that goes with an update.
+struct Rename {
+    old_key: String,
+    new_key: String,
+    conflict: String,
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, IdentityError> {
+    serde_json::to_vec(v).map_err(|e| IdentityError::Store(StoreError::Invalid(format!("encoding a record: {e}"))))
+}
+
+pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), IdentityError> {
+    if name.trim().is_empty() {
+        return Err(IdentityError::Invalid(format!("Invalid input for field 'name': a {kind} name must not be empty.")));
+    }
+    if name.chars().count() > MAX_NAME_LEN {
+        return Err(IdentityError::Invalid(format!(
+            "Invalid input for field 'name': a {kind} name is at most {MAX_NAME_LEN} characters."
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(IdentityError::Invalid(format!(
+            "Invalid input for field 'name': a {kind} name must not contain control characters."
+        )));
+    }
+    Ok(())
+}
+
+fn check_description(d: &str) -> Result<(), IdentityError> {
+    if d.len() > MAX_DESCRIPTION_LEN {
+        return Err(IdentityError::Invalid("Invalid input for field 'description': too long.".into()));
+    }
+    Ok(())
+}
+
+fn check_password(p: &str) -> Result<(), IdentityError> {
+    if p.is_empty() {
+        return Err(IdentityError::Invalid("Invalid input for field 'password': must not be empty.".into()));
+    }
+    if p.len() > MAX_PASSWORD_LEN {
+        return Err(IdentityError::Invalid(format!(
+            "Invalid input for field 'password': at most {MAX_PASSWORD_LEN} bytes."
+        )));
+    }
+    Ok(())
+}
+
+fn check_optional_id(field: &str, id: &Option<String>) -> Result<(), IdentityError> {
+    match id {
+        Some(id) if !model::is_valid_id(id) => {
+            Err(IdentityError::Invalid(format!("Invalid input for field '{field}': not a valid id.")))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Identity {
+    /// Idempotent: makes sure the signing key, the roles admin/member/reader, the admin and
+    /// service projects and the admin user (with role admin on the admin project) exist. An
+    /// existing admin user keeps its password.
+    pub async fn bootstrap(&self) -> anyhow::Result<()> {
+        self.ensure_signing_key().await.context("token signing key")?;
+        let mut roles = Vec::new();
+        for name in ["admin", "member", "reader"] {
+            roles.push(self.ensure_role(name).await.with_context(|| format!("role {name}"))?);
+        }
+        let admin_project = self
+            .ensure_project(&self.config.admin_project.clone(), "Bootstrap project for initializing the cloud.")
+            .await
+            .context("admin project")?;
+        self.ensure_project("service", "Project for service users.").await.context("service project")?;
+
+        let admin_name = self.config.admin_user.clone();
+        let admin = match self.user_by_name(model::DEFAULT_DOMAIN_ID, &admin_name) {
+            Some(u) => u,
+            None => {
+                let password = self
+                    .config
+                    .admin_password
+                    .clone()
+                    .filter(|p| !p.is_empty())
+                    .or_else(|| std::env::var("ISTHMUS_ADMIN_PASSWORD").ok().filter(|p| !p.is_empty()));
+                let Some(password) = password else {
+                    anyhow::bail!(
+                        "the admin user '{admin_name}' does not exist yet and no admin password is configured: \
+                         set admin_password in the configuration or ISTHMUS_ADMIN_PASSWORD in the environment"
+                    );
+                };
+                let created = self
+                    .create_user(NewUser {
+                        name: admin_name.clone(),
+                        domain_id: model::DEFAULT_DOMAIN_ID.into(),
+                        password: Some(password),
+                        default_project_id: Some(admin_project.id.clone()),
+                        enabled: true,
+                        description: Some("Bootstrap administrator.".into()),
+                        extra: Map::new(),
+                    })
+                    .await;
+                match created {
+                    Ok(u) => {
+                        tracing::info!(user = %admin_name, "created the admin user");
+                        u
+                    }
+                    Err(IdentityError::Conflict(_)) => {
+                        // Another server created it at the same time.
+                        self.catch_up().await?;
+                        self.user_by_name(model::DEFAULT_DOMAIN_ID, &admin_name)
+                            .context("admin user vanished during bootstrap")?
+                    }
+                    Err(e) => return Err(e).context("creating the admin user"),
+                }
+            }
+        };
+        if let Some(admin_role) = roles.first() {
+            if !self.has_assignment(&admin_project.id, &admin.id, &admin_role.id) {
+                self.grant(&admin_project.id, &admin.id, &admin_role.id).await.context("admin role assignment")?;
+            }
+        }
+        if let Err(e) = self.prune_revocations().await {
+            tracing::warn!(error = %e, "pruning expired token revocations failed");
+        }
+        Ok(())
+    }
+
+    async fn ensure_signing_key(&self) -> Result<(), IdentityError> {
+        let key = model::signing_key();
+        for _ in 0..ATTEMPTS {
+            if let Some(kv) = self.store.get(&key).await? {
+                let rec: SigningKeyRecord = serde_json::from_slice(&kv.value)
+                    .map_err(|e| StoreError::Corrupt(format!("token signing key record: {e}")))?;
+                let k = SigningKey::from_base64(&rec.key)
+                    .ok_or_else(|| StoreError::Corrupt("token signing key has the wrong length".into()))?;
+                let _ = self.key.set(k);
+                return Ok(());
+            }
+            let rec = SigningKeyRecord { key: SigningKey::generate().to_base64(), created_at: model::now_micros() };
+            if self.commit(vec![Compare::Absent(key.clone())], vec![Op::put(&key, to_json(&rec)?)]).await? {
+                tracing::info!("generated the token signing key");
+            }
+            // Either way, read back the one that won.
+        }
+        Err(IdentityError::Contention)
+    }
+
+    async fn ensure_role(&self, name: &str) -> Result<Role, IdentityError> {
+        if let Some(r) = self.role_by_name(name) {
+            return Ok(r);
+        }
+        match self.create_role(name.into(), None).await {
+            Err(IdentityError::Conflict(_)) => {
+                self.catch_up().await?;
+                self.role_by_name(name).ok_or_else(|| IdentityError::not_found("role", name))
+            }
+            other => other,
+        }
+    }
+
+    async fn ensure_project(&self, name: &str, description: &str) -> Result<Project, IdentityError> {
+        if let Some(p) = self.project_by_name(model::DEFAULT_DOMAIN_ID, name) {
+            return Ok(p);
+        }
+        let created = self
+            .create_project(NewProject {
+                name: name.into(),
+                domain_id: model::DEFAULT_DOMAIN_ID.into(),
+                description: description.into(),
+                enabled: true,
+                tags: Vec::new(),
+                extra: Map::new(),
+            })
+            .await;
+        match created {
+            Err(IdentityError::Conflict(_)) => {
+                self.catch_up().await?;
+                self.project_by_name(model::DEFAULT_DOMAIN_ID, name)
+                    .ok_or_else(|| IdentityError::not_found("project", name))
+            }
+            other => other,
+        }
+    }
+
+    /// Read-modify-write of one record, guarded by its mod revision; `apply` may rename it.
+    async fn update_record<T, F>(&self, key: &str, kind: &'static str, id: &str, mut apply: F) -> Result<T, IdentityError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(&mut T) -> Result<Option<Rename>, IdentityError>,
+    {
+        if !model::is_valid_id(id) {
+            return Err(IdentityError::not_found(kind, id));
+        }
+        for _ in 0..ATTEMPTS {
+            let Some((mut rec, rev)) = self.cache.get_json::<T>(key) else {
+                return Err(IdentityError::not_found(kind, id));
+            };
+            let rename = apply(&mut rec)?;
+            let mut compares = vec![Compare::ModRevision(key.to_string(), rev)];
+            let mut ops = vec![Op::put(key, to_json(&rec)?)];
+            if let Some(r) = &rename {
+                compares.push(Compare::Absent(r.new_key.clone()));
+                ops.push(Op::delete(&r.old_key));
+                ops.push(Op::put(&r.new_key, id.as_bytes().to_vec()));
+            }
+            if self.commit(compares, ops).await? {
+                return Ok(rec);
+            }
+            if let Some(r) = rename {
+                if self.store.get(&r.new_key).await?.is_some() {
+                    return Err(IdentityError::Conflict(r.conflict));
+                }
+            }
+            self.catch_up().await?;
+        }
+        Err(IdentityError::Contention)
+    }
+
+    /// Deletes a record, its name index and the given assignment keys (recomputed per try).
+    async fn delete_record<T, F>(&self, key: &str, kind: &'static str, id: &str, mut extra_ops: F) -> Result<T, IdentityError>
+    where
+        T: DeserializeOwned,
+        F: FnMut(&T) -> Vec<Op>,
+    {
+        if !model::is_valid_id(id) {
+            return Err(IdentityError::not_found(kind, id));
+        }
+        for _ in 0..ATTEMPTS {
+            let Some((rec, rev)) = self.cache.get_json::<T>(key) else {
+                return Err(IdentityError::not_found(kind, id));
+            };
+            let mut ops = vec![Op::delete(key)];
+            ops.extend(extra_ops(&rec));
+            if self.commit(vec![Compare::ModRevision(key.to_string(), rev)], ops).await? {
+                return Ok(rec);
+            }
+            self.catch_up().await?;
+        }
+        Err(IdentityError::Contention)
+    }
+
+    /// Delete ops for every assignment key under `prefix` of the given index, both indexes.
+    fn assignment_delete_ops(&self, filter: impl Fn(&str, &str, &str) -> bool) -> Vec<Op> {
+        let prefix = model::assignments();
+        let mut ops = Vec::new();
+        for kv in self.cache.list(&prefix) {
+            if let Some((p, u, r)) = model::split_assignment_key(&kv.key, &prefix) {
+                if filter(p, u, r) {
+                    ops.push(Op::delete(model::assignment(p, u, r)));
+                    ops.push(Op::delete(model::user_assignment(u, p, r)));
+                }
+            }
+        }
+        // Mirror entries whose primary is already gone.
+        let uprefix = format!("{}user_assignments/", model::PREFIX);
+        for kv in self.cache.list(&uprefix) {
+            if let Some((u, p, r)) = model::split_assignment_key(&kv.key, &uprefix) {
+                if filter(p, u, r) && !self.cache.contains(&model::assignment(p, u, r)) {
+                    ops.push(Op::delete(&kv.key));
+                }
+            }
+        }
+        ops
+    }
+
+    // ----- projects -----
+
+    pub async fn create_project(&self, new: NewProject) -> Result<Project, IdentityError> {
+        check_name("project", &new.name)?;
+        check_description(&new.description)?;
+        if self.domain(&new.domain_id).is_none() {
+            return Err(IdentityError::Invalid(format!("Could not find domain: {}.", new.domain_id)));
+        }
+        let p = Project {
+            id: model::new_id(),
+            name: new.name,
+            domain_id: new.domain_id,
+            description: new.description,
+            enabled: new.enabled,
+            tags: new.tags,
+            extra: new.extra,
+        };
+        let key = model::project(&p.id);
+        let name_key = model::project_name(&p.domain_id, &p.name);
+        let ok = self
+            .commit(
+                vec![Compare::Absent(key.clone()), Compare::Absent(name_key.clone())],
+                vec![Op::put(&key, to_json(&p)?), Op::put(&name_key, p.id.as_bytes().to_vec())],
+            )
+            .await?;
+        if !ok {
+            return Err(IdentityError::Conflict(format!(
+                "Conflict occurred attempting to store project - Duplicate entry found with name {} at domain ID {}.",
+                p.name, p.domain_id
+            )));
+        }
+        tracing::info!(project_id = %p.id, name = %p.name, "project created");
+        Ok(p)
+    }
+
+    pub async fn update_project(&self, id: &str, patch: ProjectPatch) -> Result<Project, IdentityError> {
+        if let Some(n) = &patch.name {
+            check_name("project", n)?;
+        }
+        if let Some(d) = &patch.description {
+            check_description(d)?;
+        }
+        self.update_record::<Project, _>(&model::project(id), "project", id, |p| {
+            let mut rename = None;
+            if let Some(n) = &patch.name {
+                if *n != p.name {
+                    rename = Some(Rename {
+                        old_key: model::project_name(&p.domain_id, &p.name),
+                        new_key: model::project_name(&p.domain_id, n),
+                        conflict: format!(
+                            "Conflict occurred attempting to store project - Duplicate entry found with name {n} at domain ID {}.",
+                            p.domain_id
+                        ),
+                    });
+                    p.name = n.clone();
+                }
+            }
+            if let Some(d) = &patch.description {
+                p.description = d.clone();
+            }
+            if let Some(e) = patch.enabled {
+                p.enabled = e;
+            }
+            if let Some(t) = &patch.tags {
+                p.tags = t.clone();
+            }
+            for (k, v) in &patch.extra {
+                p.extra.insert(k.clone(), v.clone());
+            }
+            Ok(rename)
+        })
+        .await
+    }
+
+    pub async fn delete_project(&self, id: &str) -> Result<(), IdentityError> {
+        let pid = id.to_string();
+        let p: Project = self
+            .delete_record(&model::project(id), "project", id, |p: &Project| {
+                let mut ops = vec![Op::delete(model::project_name(&p.domain_id, &p.name))];
+                ops.extend(self.assignment_delete_ops(|ap, _, _| ap == pid));
+                ops
+            })
+            .await?;
+        tracing::info!(project_id = %p.id, name = %p.name, "project deleted");
+        Ok(())
+    }
+
+    // ----- users -----
+
+    pub async fn create_user(&self, new: NewUser) -> Result<User, IdentityError> {
+        check_name("user", &new.name)?;
+        if let Some(d) = &new.description {
+            check_description(d)?;
+        }
+        check_optional_id("default_project_id", &new.default_project_id)?;
+        if self.domain(&new.domain_id).is_none() {
+            return Err(IdentityError::Invalid(format!("Could not find domain: {}.", new.domain_id)));
+        }
+        let password_hash = match new.password {
+            Some(pw) => {
+                check_password(&pw)?;
+                Some(self.hasher.hash(pw).await?)
+            }
+            None => None,
+        };
+        let u = User {
+            id: model::new_id(),
+            name: new.name,
+            domain_id: new.domain_id,
+            enabled: new.enabled,
+            default_project_id: new.default_project_id,
+            description: new.description,
+            password_hash,
+            tokens_valid_after: 0,
+            extra: new.extra,
+        };
+        let key = model::user(&u.id);
+        let name_key = model::user_name(&u.domain_id, &u.name);
+        let ok = self
+            .commit(
+                vec![Compare::Absent(key.clone()), Compare::Absent(name_key.clone())],
+                vec![Op::put(&key, to_json(&u)?), Op::put(&name_key, u.id.as_bytes().to_vec())],
+            )
+            .await?;
+        if !ok {
+            return Err(IdentityError::Conflict(format!(
+                "Conflict occurred attempting to store user - Duplicate entry found with name {} at domain ID {}.",
+                u.name, u.domain_id
+            )));
+        }
+        tracing::info!(user_id = %u.id, name = %u.name, "user created");
+        Ok(u)
+    }
+
+    pub async fn update_user(&self, id: &str, patch: UserPatch) -> Result<User, IdentityError> {
+        if let Some(n) = &patch.name {
+            check_name("user", n)?;
+        }
+        if let Some(Some(d)) = &patch.description {
+            check_description(d)?;
+        }
+        if let Some(dp) = &patch.default_project_id {
+            check_optional_id("default_project_id", dp)?;
+        }
+        // Hash before the read-modify-write loop (it is slow and must not be repeated).
+        let new_hash = match &patch.password {
+            Some(pw) => {
+                check_password(pw)?;
+                if self.user(id).is_none() {
+                    return Err(IdentityError::not_found("user", id));
+                }
+                Some(self.hasher.hash(pw.clone()).await?)
+            }
+            None => None,
+        };
+        let changed_at = model::now_micros();
+        let u = self
+            .update_record::<User, _>(&model::user(id), "user", id, |u| {
+                let mut rename = None;
+                if let Some(n) = &patch.name {
+                    if *n != u.name {
+                        rename = Some(Rename {
+                            old_key: model::user_name(&u.domain_id, &u.name),
+                            new_key: model::user_name(&u.domain_id, n),
+                            conflict: format!(
+                                "Conflict occurred attempting to store user - Duplicate entry found with name {n} at domain ID {}.",
+                                u.domain_id
+                            ),
+                        });
+                        u.name = n.clone();
+                    }
+                }
+                if let Some(h) = &new_hash {
+                    u.password_hash = Some(h.clone());
+                    u.tokens_valid_after = u.tokens_valid_after.max(changed_at);
+                }
+                if let Some(dp) = &patch.default_project_id {
+                    u.default_project_id = dp.clone();
+                }
+                if let Some(e) = patch.enabled {
+                    u.enabled = e;
+                }
+                if let Some(d) = &patch.description {
+                    u.description = d.clone();
+                }
+                for (k, v) in &patch.extra {
+                    u.extra.insert(k.clone(), v.clone());
+                }
+                Ok(rename)
+            })
+            .await?;
+        if new_hash.is_some() {
+            tracing::info!(user_id = %u.id, "user password changed; earlier tokens revoked");
+        }
+        Ok(u)
+    }
+
+    /// A user changing their own password: the original must match.
+    pub async fn change_password(&self, id: &str, original: String, new: String) -> Result<User, IdentityError> {
+        check_password(&new)?;
+        let Some(user) = self.user(id) else { return Err(IdentityError::not_found("user", id)) };
+        let ok = match (&user.password_hash, original.len() <= MAX_PASSWORD_LEN) {
+            (Some(h), true) => self.hasher.verify(original, h.clone()).await,
+            _ => false,
+        };
+        if !ok {
+            tracing::info!(user_id = %id, "password change refused: original password does not match");
+            return Err(IdentityError::Unauthorized);
+        }
+        self.update_user(id, UserPatch { password: Some(new), ..Default::default() }).await
+    }
+
+    pub async fn delete_user(&self, id: &str) -> Result<(), IdentityError> {
+        let uid = id.to_string();
+        let u: User = self
+            .delete_record(&model::user(id), "user", id, |u: &User| {
+                let mut ops = vec![Op::delete(model::user_name(&u.domain_id, &u.name))];
+                ops.extend(self.assignment_delete_ops(|_, au, _| au == uid));
+                ops
+            })
+            .await?;
+        tracing::info!(user_id = %u.id, name = %u.name, "user deleted");
+        Ok(())
+    }
+
+    /// Checks a password for the user; unknown users cost the same time as known ones.
+    pub(crate) async fn verify_password(&self, user: Option<&User>, password: String) -> bool {
+        if password.len() > MAX_PASSWORD_LEN {
+            return false;
+        }
+        match user.and_then(|u| u.password_hash.clone()) {
+            Some(h) => self.hasher.verify(password, h).await,
+            None => self.hasher.verify_nothing(password).await,
+        }
+    }
+
+    // ----- roles -----
+
+    pub async fn create_role(&self, name: String, description: Option<String>) -> Result<Role, IdentityError> {
+        check_name("role", &name)?;
+        if let Some(d) = &description {
+            check_description(d)?;
+        }
+        let r = Role { id: model::new_id(), name, description };
+        let key = model::role(&r.id);
+        let name_key = model::role_name(&r.name);
+        let ok = self
+            .commit(
+                vec![Compare::Absent(key.clone()), Compare::Absent(name_key.clone())],
+                vec![Op::put(&key, to_json(&r)?), Op::put(&name_key, r.id.as_bytes().to_vec())],
+            )
+            .await?;
+        if !ok {
+            return Err(IdentityError::Conflict(format!(
+                "Conflict occurred attempting to store role - Duplicate entry found with name {}.",
+                r.name
+            )));
+        }
+        tracing::info!(role_id = %r.id, name = %r.name, "role created");
+        Ok(r)
+    }
+
+    pub async fn update_role(&self, id: &str, patch: RolePatch) -> Result<Role, IdentityError> {
+        if let Some(n) = &patch.name {
+            check_name("role", n)?;
+        }
+        self.update_record::<Role, _>(&model::role(id), "role", id, |r| {
+            let mut rename = None;
+            if let Some(n) = &patch.name {
+                if *n != r.name {
+                    rename = Some(Rename {
+                        old_key: model::role_name(&r.name),
+                        new_key: model::role_name(n),
+                        conflict: format!(
+                            "Conflict occurred attempting to store role - Duplicate entry found with name {n}."
+                        ),
+                    });
+                    r.name = n.clone();
+                }
+            }
+            if let Some(d) = &patch.description {
+                r.description = d.clone();
+            }
+            Ok(rename)
+        })
+        .await
+    }
+
+    pub async fn delete_role(&self, id: &str) -> Result<(), IdentityError> {
+        let rid = id.to_string();
+        let r: Role = self
+            .delete_record(&model::role(id), "role", id, |r: &Role| {
+                let mut ops = vec![Op::delete(model::role_name(&r.name))];
+                ops.extend(self.assignment_delete_ops(|_, _, ar| ar == rid));
+                ops
+            })
+            .await?;
+        tracing::info!(role_id = %r.id, name = %r.name, "role deleted");
+        Ok(())
+    }
+
+    // ----- assignments -----
+
+    /// Gives the user the role on the project (idempotent).
+    pub async fn grant(&self, project_id: &str, user_id: &str, role_id: &str) -> Result<(), IdentityError> {
+        for _ in 0..ATTEMPTS {
+            if !self.project_exists(project_id) {
+                return Err(IdentityError::not_found("project", project_id));
+            }
+            if self.user(user_id).is_none() {
+                return Err(IdentityError::not_found("user", user_id));
+            }
+            if self.role(role_id).is_none() {
+                return Err(IdentityError::not_found("role", role_id));
+            }
+            let rec = to_json(&AssignmentRecord { created_at: model::now_micros() })?;
+            let ok = self
+                .commit(
+                    vec![
+                        Compare::Exists(model::project(project_id)),
+                        Compare::Exists(model::user(user_id)),
+                        Compare::Exists(model::role(role_id)),
+                    ],
+                    vec![
+                        Op::put(model::assignment(project_id, user_id, role_id), rec.clone()),
+                        Op::put(model::user_assignment(user_id, project_id, role_id), rec),
+                    ],
+                )
+                .await?;
+            if ok {
+                tracing::info!(project_id, user_id, role_id, "role granted");
+                return Ok(());
+            }
+            self.catch_up().await?;
+        }
+        Err(IdentityError::Contention)
+    }
+
+    /// Removes the role from the user on the project; 404 if it was not assigned.
+    pub async fn revoke_grant(&self, project_id: &str, user_id: &str, role_id: &str) -> Result<(), IdentityError> {
+        if !self.has_assignment(project_id, user_id, role_id) {
+            return Err(IdentityError::not_found("role assignment", &format!("{project_id}/{user_id}/{role_id}")));
+        }
+        self.commit(
+            vec![],
+            vec![
+                Op::delete(model::assignment(project_id, user_id, role_id)),
+                Op::delete(model::user_assignment(user_id, project_id, role_id)),
+            ],
+        )
+        .await?;
+        tracing::info!(project_id, user_id, role_id, "role revoked");
+        Ok(())
+    }
+
+    // ----- token revocation -----
+
+    /// Revokes a token (and so every token re-scoped from it) until it would expire anyway.
+    pub(crate) async fn revoke_token(&self, payload: &Payload) -> Result<(), IdentityError> {
+        let rec = to_json(&Revocation { expires_at: payload.exp })?;
+        self.commit(vec![], vec![Op::put(model::revoked(&payload.a), rec)]).await?;
+        tracing::info!(user_id = %payload.u, audit_id = %payload.a, "token revoked");
+        self.prune_revocations().await
+    }
+
+    /// Drops revocations of tokens that have expired by now.
+    async fn prune_revocations(&self) -> Result<(), IdentityError> {
+        let now = model::now_micros();
+        let ops: Vec<Op> = self
+            .cache
+            .list(&model::revocations())
+            .iter()
+            .filter(|kv| {
+                serde_json::from_slice::<Revocation>(&kv.value).map(|r| r.expires_at < now).unwrap_or(true)
+            })
+            .take(256)
+            .map(|kv| Op::delete(&kv.key))
+            .collect();
+        if !ops.is_empty() {
+            self.commit(vec![], ops).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! The Isthmus API server: a Keystone v3 identity subset and the Neutron v2.0 network API,
+//! stateless over a [`isthmus_store::Store`]. Reads are served from a watch-fed cache; every
+//! write is a store transaction, so several servers can share one etcd cluster.
+
+pub mod cache;
+pub mod config;
+pub mod identity;
+pub mod neutron;
+pub mod time;
+
+use anyhow::Context;
+use std::sync::Arc;
+
+pub use config::Config;
+
+/// What every request handler shares.
+pub struct AppState {
+    pub store: isthmus_store::DynStore,
+    pub cache: Arc<cache::Cache>,
+    pub config: Arc<Config>,
+    pub identity: Arc<identity::Identity>,
+    /// Unversioned network endpoint URL, as advertised in the catalog.
+    pub network_url: String,
+    /// Identity v3 URL.
+    pub identity_url: String,
+    /// Network API state that is per server, not per store.
+    pub neutron: neutron::NeutronState,
+}
+
+/// A running server: its bound addresses, and a way to stop it.
+pub struct ServerHandle {
+    pub identity_addr: std::net::SocketAddr,
+    pub network_addr: std::net::SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+    /// Waits until the server stops by itself (it normally does not).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts the cache, bootstraps identity and serves both APIs.
+pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Result<ServerHandle> {
+    let config = Arc::new(config);
+    let cache = cache::Cache::start(store.clone())
+        .await
+        .context("loading the store into the cache")?;
+    let identity = Arc::new(identity::Identity::new(store.clone(), cache.clone(), config.clone()));
+    identity.bootstrap().await.context("bootstrapping identity")?;
+
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    let id_listener = tokio::net::TcpListener::bind(config.identity_listen)
+        .await
+        .with_context(|| format!("binding identity listener {}", config.identity_listen))?;
+    let net_listener = tokio::net::TcpListener::bind(config.network_listen)
+        .await
+        .with_context(|| format!("binding network listener {}", config.network_listen))?;
+    let identity_addr = id_listener.local_addr()?;
+    let network_addr = net_listener.local_addr()?;
+    let state = Arc::new(AppState {
+        store,
+        cache,
+        identity,
+        network_url: config.network_url(Some(network_addr)),
+        identity_url: config.identity_url(Some(identity_addr)),
+        neutron: Default::default(),
+        config: config.clone(),
+    });
+
+    let id_router = identity::router(state.clone());
+    let net_router = neutron::router(state.clone());
+    let mut tasks = Vec::new();
+    for (listener, router, name) in [(id_listener, id_router, "identity"), (net_listener, net_router, "network")] {
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let res = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(listener = name, error = %e, "listener failed");
+            }
+        }));
+    }
+    tracing::info!(%identity_addr, %network_addr, "isthmus server listening");
+    Ok(ServerHandle { identity_addr, network_addr, state, shutdown, tasks })
+}

@@ -1,0 +1,265 @@
+//! Networks, with their segmentation ids (VXLAN VNIs).
+
+use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
+use super::Kind;
+use isthmus_model::validate::Body;
+use isthmus_model::{keys, Network, NeutronError, Port, StandardAttrs, Subnet};
+use isthmus_store::{Compare, Op};
+use serde_json::Value;
+
+fn key(id: &str) -> String {
+    keys::resource("networks", id)
+}
+
+/// A free VNI from the configured range, starting at a random point so concurrent servers
+/// rarely pick the same one; the transaction settles any tie.
+fn free_vni(ctx: &Ctx<'_>, skip: &[u32]) -> NResult<u32> {
+    let (lo, hi) = (ctx.state.config.vni_min, ctx.state.config.vni_max);
+    if lo > hi {
+        return Err(NeutronError::internal("configured VNI range is empty"));
+    }
+    let span = (hi - lo) as u64 + 1;
+    let start = rand::random::<u64>() % span;
+    for i in 0..span {
+        let vni = lo + ((start + i) % span) as u32;
+        if !skip.contains(&vni) && !ctx.state.cache.contains(&keys::vni_alloc(vni)) {
+            return Ok(vni);
+        }
+    }
+    Err(NeutronError::conflict(
+        "NoNetworkAvailable",
+        "Unable to create the network. No tenant network is available for allocation.",
+    ))
+}
+
+pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+    let project_id = ctx.target_project(&mut body)?;
+    let name = body.string("name")?.unwrap_or_default();
+    let description = description_from(&mut body)?.unwrap_or_default();
+    let admin_state_up = body.boolean("admin_state_up")?.unwrap_or(true);
+    let shared = body.boolean("shared")?.unwrap_or(false);
+    if shared && !ctx.admin() {
+        return Err(NeutronError::forbidden("(rule:create_network and rule:create_network:shared) is disallowed by policy"));
+    }
+    let port_security_enabled = body.boolean("port_security_enabled")?.unwrap_or(true);
+    let tenant_mtu = ctx.state.config.tenant_mtu();
+    let mtu = match body.integer("mtu")? {
+        None => tenant_mtu,
+        Some(m) if (68..=tenant_mtu as i64).contains(&m) => m as u32,
+        Some(m) => {
+            return Err(NeutronError::invalid_input(format!(
+                "Requested MTU is too big, maximum is {tenant_mtu}; got {m}"
+            )))
+        }
+    };
+    let mut requested_vni = None;
+    if let Some(t) = body.opt_string("provider:network_type")? {
+        if !ctx.admin() {
+            return Err(NeutronError::forbidden("Setting provider attributes requires admin privileges"));
+        }
+        if let Some(t) = t {
+            if t != "vxlan" {
+                return Err(NeutronError::invalid_input(format!("network_type value '{t}' not supported")));
+            }
+        }
+    }
+    if body.contains("provider:segmentation_id") {
+        if !ctx.admin() {
+            return Err(NeutronError::forbidden("Setting provider attributes requires admin privileges"));
+        }
+        if let Some(v) = body.integer("provider:segmentation_id")? {
+            let (lo, hi) = (ctx.state.config.vni_min as i64, ctx.state.config.vni_max as i64);
+            if !(1..=16_777_215).contains(&v) {
+                return Err(NeutronError::invalid_input(format!("segmentation_id {v} out of range (1-16777215)")));
+            }
+            let _ = (lo, hi);
+            requested_vni = Some(v as u32);
+        }
+    }
+    if let Some(pn) = body.opt_string("provider:physical_network")? {
+        if pn.is_some() {
+            return Err(NeutronError::invalid_input("provider:physical_network is not supported for vxlan networks"));
+        }
+    }
+    if let Some(hints) = body.string_list("availability_zone_hints")? {
+        if !hints.is_empty() {
+            return Err(NeutronError::invalid_input("availability zones are not supported"));
+        }
+    }
+    let tags = tags_from(&mut body)?.unwrap_or_default();
+    body.finish()?;
+
+    let id = new_id();
+    let ts = now();
+    let mut tried: Vec<u32> = vec![];
+    let net = retry(ctx, |ctx| {
+        let vni = match requested_vni {
+            Some(v) => {
+                if ctx.state.cache.contains(&keys::vni_alloc(v)) {
+                    return Err(NeutronError::conflict(
+                        "SegmentationIdInUse",
+                        format!("Unable to create the network. The VNI {v} is in use."),
+                    ));
+                }
+                v
+            }
+            None => free_vni(ctx, &tried)?,
+        };
+        tried.push(vni);
+        if tried.len() > 8 {
+            tried.remove(0);
+        }
+        let net = Network {
+            id: id.clone(),
+            project_id: project_id.clone(),
+            name: name.clone(),
+            admin_state_up,
+            shared,
+            external: false,
+            mtu,
+            status: "ACTIVE".into(),
+            segmentation_id: vni,
+            port_security_enabled,
+            subnets: vec![],
+            deleting: false,
+            std: StandardAttrs { description: description.clone(), tags: tags.clone(), ..StandardAttrs::new(&ts) },
+        };
+        let cmp = vec![Compare::Absent(keys::vni_alloc(vni)), Compare::Absent(key(&id))];
+        let ops = vec![Op::put(keys::vni_alloc(vni), id.clone()), Op::put(key(&id), json_bytes(&net))];
+        Ok((cmp, ops, net))
+    })
+    .await?;
+    tracing::info!(network = %net.id, project = %net.project_id, vni = net.segmentation_id, "network created");
+    Ok(net.to_api(ctx.admin()))
+}
+
+/// A network the caller may change: visible and owned (or admin). Others' shared networks are
+/// visible but not writable, which Neutron reports as 403; invisible ones as 404.
+fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Network, i64)> {
+    let (n, r) = ctx.visible_network(id)?;
+    if !ctx.admin() && !ctx.owns(&n.project_id) {
+        return Err(NeutronError::forbidden(format!("Modifying network {id} is not allowed by policy")));
+    }
+    Ok((n, r))
+}
+
+pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
+    writable(ctx, id)?;
+    let name = body.string("name")?;
+    let description = description_from(&mut body)?;
+    let admin_state_up = body.boolean("admin_state_up")?;
+    let shared = body.boolean("shared")?;
+    if shared.is_some() && !ctx.admin() {
+        return Err(NeutronError::forbidden("(rule:update_network and rule:update_network:shared) is disallowed by policy"));
+    }
+    let port_security_enabled = body.boolean("port_security_enabled")?;
+    let tenant_mtu = ctx.state.config.tenant_mtu();
+    let mtu = match body.integer("mtu")? {
+        None => None,
+        Some(m) if (68..=tenant_mtu as i64).contains(&m) => Some(m as u32),
+        Some(m) => return Err(NeutronError::invalid_input(format!("Requested MTU is too big, maximum is {tenant_mtu}; got {m}"))),
+    };
+    for k in ["provider:network_type", "provider:segmentation_id", "provider:physical_network"] {
+        if body.contains(k) {
+            return Err(NeutronError::invalid_input("Plugin does not support updating provider attributes"));
+        }
+    }
+    let tags = tags_from(&mut body)?;
+    body.finish()?;
+    let net = retry(ctx, |ctx| {
+        let (mut n, rev) = writable(ctx, id)?;
+        check_if_match(if_match, n.std.revision_number)?;
+        if let Some(v) = &name {
+            n.name = v.clone();
+        }
+        if let Some(v) = &description {
+            n.std.description = v.clone();
+        }
+        if let Some(v) = admin_state_up {
+            n.admin_state_up = v;
+        }
+        if let Some(v) = shared {
+            if !v && n.shared {
+                // Unsharing is refused while other projects have ports on the network.
+                let foreign = ctx
+                    .all::<Port>(Kind::Port)
+                    .into_iter()
+                    .any(|(p, _)| p.network_id == n.id && p.project_id != n.project_id);
+                if foreign {
+                    return Err(NeutronError::conflict(
+                        "InvalidSharedSetting",
+                        format!("Unable to reconfigure sharing settings for network {id}. Multiple tenants are using it."),
+                    ));
+                }
+            }
+            n.shared = v;
+        }
+        if let Some(v) = port_security_enabled {
+            n.port_security_enabled = v;
+        }
+        if let Some(v) = mtu {
+            n.mtu = v;
+        }
+        if let Some(v) = &tags {
+            n.std.tags = v.clone();
+        }
+        // An update also clears a deleting mark left by an interrupted delete.
+        n.deleting = false;
+        n.std.bump(&now());
+        Ok((vec![Compare::ModRevision(key(id), rev)], vec![Op::put(key(id), json_bytes(&n))], n))
+    })
+    .await?;
+    Ok(net.to_api(ctx.admin()))
+}
+
+pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
+    // Phase 1: mark the network as being deleted. Port and subnet creates compare the
+    // network's revision, so none can slip in once the mark is committed.
+    let (marked, mark_rev) = {
+        let mut result = None;
+        for attempt in 0..30 {
+            let (mut n, rev) = writable(ctx, id)?;
+            check_if_match(if_match, n.std.revision_number)?;
+            n.deleting = true;
+            if let Some(r) = ctx.commit(vec![Compare::ModRevision(key(id), rev)], vec![Op::put(key(id), json_bytes(&n))]).await? {
+                result = Some((n, r));
+                break;
+            }
+            ctx.resync(attempt).await?;
+        }
+        result.ok_or_else(|| NeutronError::new(409, "Conflict", "Too much concurrent change to this network; retry"))?
+    };
+    // Phase 2: with the mark in place, the cache is complete for this network.
+    let ports: Vec<Port> = ctx
+        .all::<Port>(Kind::Port)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.network_id == id)
+        .collect();
+    if !ports.is_empty() {
+        let mut n = marked.clone();
+        n.deleting = false;
+        if ctx.commit(vec![Compare::ModRevision(key(id), mark_rev)], vec![Op::put(key(id), json_bytes(&n))]).await?.is_none() {
+            tracing::warn!(network = %id, "could not clear the deleting mark; it will be cleared by the next update");
+        }
+        return Err(NeutronError::conflict(
+            "NetworkInUse",
+            format!("Unable to complete operation on network {id}. There are one or more ports still in use on the network."),
+        ));
+    }
+    let subnets: Vec<Subnet> = ctx
+        .all::<Subnet>(Kind::Subnet)
+        .into_iter()
+        .map(|(s, _)| s)
+        .filter(|s| s.network_id == id)
+        .collect();
+    let mut ops = vec![Op::delete(key(id)), Op::delete(keys::vni_alloc(marked.segmentation_id))];
+    for s in &subnets {
+        ops.push(Op::delete(keys::resource("subnets", &s.id)));
+    }
+    if ctx.commit(vec![Compare::ModRevision(key(id), mark_rev)], ops).await?.is_none() {
+        return Err(NeutronError::new(409, "Conflict", "The network changed while it was being deleted; retry"));
+    }
+    tracing::info!(network = %id, subnets = subnets.len(), "network deleted");
+    Ok(())
+}

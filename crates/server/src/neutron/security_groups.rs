@@ -1,0 +1,380 @@
+//! Security groups and rules (API only; the datapath enforces them in a later stage).
+
+use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
+use super::Kind;
+use isthmus_model::validate::{is_uuid, Body};
+use isthmus_model::{keys, NeutronError, Port, SecurityGroup, SecurityGroupRule, StandardAttrs};
+use isthmus_store::{Compare, Op, Revision};
+use ipnet::IpNet;
+use serde_json::Value;
+use std::net::IpAddr;
+
+const PROTOCOLS: &[(&str, u8)] = &[
+    ("ah", 51), ("dccp", 33), ("egp", 8), ("esp", 50), ("gre", 47), ("hopopt", 0), ("icmp", 1), ("igmp", 2),
+    ("ipip", 4), ("ipv6-encap", 41), ("ipv6-frag", 44), ("ipv6-icmp", 58), ("icmpv6", 58), ("ipv6-nonxt", 59),
+    ("ipv6-opts", 60), ("ipv6-route", 43), ("ospf", 89), ("pgm", 113), ("rsvp", 46), ("sctp", 132), ("tcp", 6),
+    ("udp", 17), ("udplite", 136), ("vrrp", 112),
+];
+const PORT_PROTOCOLS: &[u8] = &[6, 17, 33, 132, 136];
+const ICMP_PROTOCOLS: &[u8] = &[1, 58];
+
+fn group_key(id: &str) -> String {
+    keys::resource("security_groups", id)
+}
+fn rule_key(id: &str) -> String {
+    keys::resource("security_group_rules", id)
+}
+fn default_key(project: &str) -> String {
+    format!("{}default_sg/{project}", keys::ROOT)
+}
+
+pub fn group(ctx: &Ctx<'_>, id: &str) -> Option<(SecurityGroup, Revision)> {
+    ctx.get::<SecurityGroup>(Kind::SecurityGroup, id)
+}
+
+pub fn visible_group(ctx: &Ctx<'_>, id: &str) -> NResult<(SecurityGroup, Revision)> {
+    group(ctx, id)
+        .filter(|(g, _)| ctx.admin() || ctx.owns(&g.project_id))
+        .ok_or_else(|| Kind::SecurityGroup.not_found(id))
+}
+
+pub fn rules_of(ctx: &Ctx<'_>, group_id: &str) -> Vec<Value> {
+    ctx.all::<SecurityGroupRule>(Kind::SecurityGroupRule)
+        .into_iter()
+        .filter(|(r, _)| r.security_group_id == group_id)
+        .map(|(r, _)| r.to_api())
+        .collect()
+}
+
+pub fn default_group_id(ctx: &Ctx<'_>, project: &str) -> Option<String> {
+    ctx.state.cache.get(&default_key(project)).and_then(|kv| String::from_utf8(kv.value.clone()).ok())
+}
+
+fn egress_rules(project: &str, group: &str, ts: &str) -> Vec<SecurityGroupRule> {
+    ["IPv4", "IPv6"]
+        .iter()
+        .map(|et| SecurityGroupRule {
+            id: new_id(),
+            project_id: project.to_string(),
+            security_group_id: group.to_string(),
+            direction: "egress".into(),
+            ethertype: et.to_string(),
+            protocol: None,
+            port_range_min: None,
+            port_range_max: None,
+            remote_ip_prefix: None,
+            remote_group_id: None,
+            std: StandardAttrs::new(ts),
+        })
+        .collect()
+}
+
+/// Every project has a `default` group: egress anywhere, ingress from its own members.
+/// Created on first need; the index key makes it exactly one even with racing servers.
+pub async fn ensure_default(ctx: &Ctx<'_>, project: &str) -> NResult<()> {
+    if project.is_empty() || ctx.state.cache.contains(&default_key(project)) {
+        return Ok(());
+    }
+    let ts = now();
+    let id = new_id();
+    let g = SecurityGroup {
+        id: id.clone(),
+        project_id: project.to_string(),
+        name: "default".into(),
+        stateful: true,
+        std: StandardAttrs { description: "Default security group".into(), ..StandardAttrs::new(&ts) },
+    };
+    let mut rules = egress_rules(project, &id, &ts);
+    for et in ["IPv4", "IPv6"] {
+        let mut r = rules[0].clone();
+        r.id = new_id();
+        r.direction = "ingress".into();
+        r.ethertype = et.into();
+        r.remote_group_id = Some(id.clone());
+        rules.push(r);
+    }
+    let mut ops = vec![Op::put(default_key(project), id.clone()), Op::put(group_key(&id), json_bytes(&g))];
+    for r in &rules {
+        ops.push(Op::put(rule_key(&r.id), json_bytes(r)));
+    }
+    if ctx.commit(vec![Compare::Absent(default_key(project))], ops).await?.is_none() {
+        // Another request made it first; make sure we can see it.
+        ctx.resync(0).await?;
+    } else {
+        tracing::info!(project, group = %id, "default security group created");
+    }
+    Ok(())
+}
+
+pub async fn create_group(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+    let project_id = ctx.target_project(&mut body)?;
+    let name = body.string("name")?.unwrap_or_default();
+    let description = description_from(&mut body)?.unwrap_or_default();
+    let stateful = body.boolean("stateful")?.unwrap_or(true);
+    let tags = tags_from(&mut body)?.unwrap_or_default();
+    body.finish()?;
+    ensure_default(ctx, &project_id).await?;
+    if name == "default" {
+        return Err(NeutronError::conflict("SecurityGroupDefaultAlreadyExists", "Default security group already exists."));
+    }
+    let ts = now();
+    let id = new_id();
+    let g = SecurityGroup {
+        id: id.clone(),
+        project_id: project_id.clone(),
+        name,
+        stateful,
+        std: StandardAttrs { description, tags, ..StandardAttrs::new(&ts) },
+    };
+    let rules = egress_rules(&project_id, &id, &ts);
+    let mut ops = vec![Op::put(group_key(&id), json_bytes(&g))];
+    for r in &rules {
+        ops.push(Op::put(rule_key(&r.id), json_bytes(r)));
+    }
+    if ctx.commit(vec![Compare::Absent(group_key(&id))], ops).await?.is_none() {
+        return Err(NeutronError::internal("security group id collision"));
+    }
+    Ok(g.to_api(rules.iter().map(|r| r.to_api()).collect()))
+}
+
+pub async fn update_group(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
+    visible_group(ctx, id)?;
+    let name = body.string("name")?;
+    let description = description_from(&mut body)?;
+    let stateful = body.boolean("stateful")?;
+    let tags = tags_from(&mut body)?;
+    body.finish()?;
+    let g = retry(ctx, |ctx| {
+        let (mut g, rev) = visible_group(ctx, id)?;
+        check_if_match(if_match, g.std.revision_number)?;
+        if let Some(n) = &name {
+            if g.name == "default" && *n != "default" {
+                return Err(NeutronError::conflict("SecurityGroupCannotUpdateDefault", "Updating default security group not allowed."));
+            }
+            if *n == "default" && g.name != "default" {
+                return Err(NeutronError::conflict("SecurityGroupDefaultAlreadyExists", "Default security group already exists."));
+            }
+            g.name = n.clone();
+        }
+        if let Some(d) = &description {
+            g.std.description = d.clone();
+        }
+        if let Some(s) = stateful {
+            g.stateful = s;
+        }
+        if let Some(t) = &tags {
+            g.std.tags = t.clone();
+        }
+        g.std.bump(&now());
+        Ok((vec![Compare::ModRevision(group_key(id), rev)], vec![Op::put(group_key(id), json_bytes(&g))], g))
+    })
+    .await?;
+    Ok(g.to_api(rules_of(ctx, id)))
+}
+
+pub async fn delete_group(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
+    retry(ctx, |ctx| {
+        let (g, rev) = visible_group(ctx, id)?;
+        check_if_match(if_match, g.std.revision_number)?;
+        if default_group_id(ctx, &g.project_id).as_deref() == Some(id) && !ctx.admin() {
+            return Err(NeutronError::conflict("SecurityGroupCannotRemoveDefault", "Insufficient rights for removing default security group."));
+        }
+        if ctx.all::<Port>(Kind::Port).iter().any(|(p, _)| p.security_groups.iter().any(|s| s == id)) {
+            return Err(NeutronError::conflict("SecurityGroupInUse", format!("Security Group {id} in use.")));
+        }
+        let mut ops = vec![Op::delete(group_key(id))];
+        for (r, _) in ctx.all::<SecurityGroupRule>(Kind::SecurityGroupRule) {
+            if r.security_group_id == id || r.remote_group_id.as_deref() == Some(id) {
+                ops.push(Op::delete(rule_key(&r.id)));
+            }
+        }
+        if default_group_id(ctx, &g.project_id).as_deref() == Some(id) {
+            ops.push(Op::delete(default_key(&g.project_id)));
+        }
+        Ok((vec![Compare::ModRevision(group_key(id), rev)], ops, ()))
+    })
+    .await
+}
+
+/// Protocol as Neutron accepts it: a known name, "any", or a number 0-255.
+fn parse_protocol(v: Value) -> NResult<Option<(String, u8)>> {
+    let bad = |v: &Value| {
+        NeutronError::new(
+            400,
+            "SecurityGroupRuleInvalidProtocol",
+            format!("Security group rule protocol {v} not supported. Only protocol values {:?} and integer representations [0 to 255] are supported.", PROTOCOLS.iter().map(|p| p.0).collect::<Vec<_>>()),
+        )
+    };
+    match &v {
+        Value::Null => Ok(None),
+        Value::String(s) if s.is_empty() || s == "any" => Ok(None),
+        Value::String(s) => {
+            if let Some((n, num)) = PROTOCOLS.iter().find(|(n, _)| n.eq_ignore_ascii_case(s)) {
+                return Ok(Some((n.to_string(), *num)));
+            }
+            s.parse::<u8>().map(|n| Some((s.clone(), n))).map_err(|_| bad(&v))
+        }
+        Value::Number(n) => match n.as_u64() {
+            Some(x) if x <= 255 => Ok(Some((x.to_string(), x as u8))),
+            _ => Err(bad(&v)),
+        },
+        _ => Err(bad(&v)),
+    }
+}
+
+fn port_value(body: &mut Body, key: &str) -> NResult<Option<i64>> {
+    match body.take_raw(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            let n = match &v {
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => s.trim().parse::<i64>().ok(),
+                _ => None,
+            };
+            match n {
+                Some(n) if (0..=65535).contains(&n) => Ok(Some(n)),
+                _ => Err(NeutronError::new(400, "SecurityGroupInvalidPortValue", format!("Invalid value for port {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))),
+            }
+        }
+    }
+}
+
+fn check_ports(proto: Option<u8>, min: Option<i64>, max: Option<i64>) -> NResult<()> {
+    if min.is_none() && max.is_none() {
+        return Ok(());
+    }
+    let Some(p) = proto else {
+        return Err(NeutronError::new(400, "SecurityGroupProtocolRequiredWithPorts", "Must also specify protocol if port range is given."));
+    };
+    if PORT_PROTOCOLS.contains(&p) {
+        if min == Some(0) || max == Some(0) {
+            return Err(NeutronError::new(400, "SecurityGroupInvalidPortValue", "Invalid value for port 0"));
+        }
+        match (min, max) {
+            (Some(a), Some(b)) if a <= b => Ok(()),
+            _ => Err(NeutronError::new(400, "SecurityGroupInvalidPortRange", "For TCP/UDP protocols, port_range_min must be <= port_range_max")),
+        }
+    } else if ICMP_PROTOCOLS.contains(&p) {
+        for (field, attr, v) in [("type", "port-range-min", min), ("code", "port-range-max", max)] {
+            if let Some(v) = v {
+                if !(0..=255).contains(&v) {
+                    return Err(NeutronError::new(400, "SecurityGroupInvalidIcmpValue", format!("Invalid value for ICMP {field} ({attr}): {v}. It must be 0 to 255.")));
+                }
+            }
+        }
+        if min.is_none() {
+            if let Some(code) = max {
+                return Err(NeutronError::new(400, "SecurityGroupMissingIcmpType", format!("ICMP code (port-range-max) {code} is provided but ICMP type (port-range-min) is missing.")));
+            }
+        }
+        Ok(())
+    } else {
+        Err(NeutronError::new(400, "SecurityGroupInvalidProtocolForPort", format!("Invalid protocol {p} for port range, only supported for TCP, UDP, UDPLITE, SCTP and DCCP")))
+    }
+}
+
+pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+    let project_id = ctx.target_project(&mut body)?;
+    let sg_id = body
+        .string("security_group_id")?
+        .ok_or_else(|| NeutronError::bad_request("Failed to parse request. Required attribute 'security_group_id' not specified"))?;
+    let direction = body
+        .string("direction")?
+        .ok_or_else(|| NeutronError::bad_request("Failed to parse request. Required attribute 'direction' not specified"))?;
+    if direction != "ingress" && direction != "egress" {
+        return Err(NeutronError::invalid_attr("direction", format!("'{direction}' is not in ['ingress', 'egress']")));
+    }
+    let ethertype = body.string("ethertype")?.unwrap_or_else(|| "IPv4".into());
+    let ethertype = match ethertype.to_ascii_lowercase().as_str() {
+        "ipv4" => "IPv4".to_string(),
+        "ipv6" => "IPv6".to_string(),
+        _ => return Err(NeutronError::new(400, "SecurityGroupRuleInvalidEtherType", format!("Security group rule for ethertype '{ethertype}' not supported. Allowed values are ['IPv4', 'IPv6']."))),
+    };
+    let protocol = parse_protocol(body.take_raw("protocol").unwrap_or(Value::Null))?;
+    let min = port_value(&mut body, "port_range_min")?;
+    let max = port_value(&mut body, "port_range_max")?;
+    check_ports(protocol.as_ref().map(|p| p.1), min, max)?;
+    let remote_ip = match body.opt_string("remote_ip_prefix")?.flatten() {
+        None => None,
+        Some(s) => {
+            let bad = || NeutronError::invalid_attr("remote_ip_prefix", format!("'{s}' is not a valid IP subnet"));
+            let net: IpNet = if s.contains('/') {
+                s.parse().map_err(|_| bad())?
+            } else {
+                let ip: IpAddr = s.parse().map_err(|_| bad())?;
+                IpNet::from(ip)
+            };
+            let v6 = matches!(net, IpNet::V6(_));
+            if v6 != (ethertype == "IPv6") {
+                return Err(NeutronError::bad_request(format!("Conflicting value ethertype {ethertype} for CIDR {s}")));
+            }
+            Some(net.to_string())
+        }
+    };
+    let remote_group = body.opt_string("remote_group_id")?.flatten();
+    if remote_ip.is_some() && remote_group.is_some() {
+        return Err(NeutronError::new(400, "SecurityGroupRemoteGroupAndRemoteIpPrefix", "Only remote_ip_prefix or remote_group_id may be provided."));
+    }
+    if body.take_raw("remote_address_group_id").is_some_and(|v| !v.is_null()) {
+        return Err(NeutronError::invalid_input("remote address groups are not supported"));
+    }
+    let description = description_from(&mut body)?.unwrap_or_default();
+    body.finish()?;
+    let (sg, _) = visible_group(ctx, &sg_id)?;
+    if let Some(rg) = &remote_group {
+        if !is_uuid(rg) || visible_group(ctx, rg).is_err() {
+            return Err(Kind::SecurityGroup.not_found(rg));
+        }
+    }
+    let ts = now();
+    let rule = SecurityGroupRule {
+        id: new_id(),
+        project_id: if ctx.admin() { project_id } else { sg.project_id.clone() },
+        security_group_id: sg_id.clone(),
+        direction,
+        ethertype,
+        protocol: protocol.map(|p| p.0),
+        port_range_min: min.map(|v| v as u32),
+        port_range_max: max.map(|v| v as u32),
+        remote_ip_prefix: remote_ip,
+        remote_group_id: remote_group,
+        std: StandardAttrs { description, ..StandardAttrs::new(&ts) },
+    };
+    // Duplicate detection is serialized through the group's revision.
+    retry(ctx, |ctx| {
+        let (mut g, grev) = visible_group(ctx, &sg_id)?;
+        if let Some((dup, _)) = ctx
+            .all::<SecurityGroupRule>(Kind::SecurityGroupRule)
+            .into_iter()
+            .find(|(r, _)| r.identity() == rule.identity())
+        {
+            return Err(NeutronError::conflict("SecurityGroupRuleExists", format!("Security group rule already exists. Rule id is {}.", dup.id)));
+        }
+        g.std.bump(&ts);
+        Ok((
+            vec![Compare::ModRevision(group_key(&sg_id), grev), Compare::Absent(rule_key(&rule.id))],
+            vec![Op::put(rule_key(&rule.id), json_bytes(&rule)), Op::put(group_key(&sg_id), json_bytes(&g))],
+            (),
+        ))
+    })
+    .await?;
+    Ok(rule.to_api())
+}
+
+pub async fn delete_rule(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
+    retry(ctx, |ctx| {
+        let (r, rev) = ctx
+            .get::<SecurityGroupRule>(Kind::SecurityGroupRule, id)
+            .filter(|(r, _)| ctx.admin() || ctx.owns(&r.project_id))
+            .ok_or_else(|| Kind::SecurityGroupRule.not_found(id))?;
+        let mut cmp = vec![Compare::ModRevision(rule_key(id), rev)];
+        let mut ops = vec![Op::delete(rule_key(id))];
+        if let Some((mut g, grev)) = group(ctx, &r.security_group_id) {
+            g.std.bump(&now());
+            cmp.push(Compare::ModRevision(group_key(&g.id), grev));
+            ops.push(Op::put(group_key(&g.id), json_bytes(&g)));
+        }
+        Ok((cmp, ops, ()))
+    })
+    .await
+}

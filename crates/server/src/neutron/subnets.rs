@@ -1,0 +1,382 @@
+//! Subnets: CIDR, gateway, allocation pools, routes, DNS, IPv6 modes.
+
+use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
+use super::Kind;
+use isthmus_model::ipam;
+use isthmus_model::validate::Body;
+use isthmus_model::{keys, AllocationPool, HostRoute, Network, NeutronError, StandardAttrs, Subnet};
+use isthmus_store::{Compare, Op};
+use ipnet::IpNet;
+use serde_json::{Map, Value};
+use std::net::IpAddr;
+
+const IPV6_MODES: &[&str] = &["slaac", "dhcpv6-stateful", "dhcpv6-stateless"];
+const MAX_DNS: usize = 5;
+const MAX_ROUTES: usize = 20;
+
+pub fn key(id: &str) -> String {
+    keys::resource("subnets", id)
+}
+
+fn parse_ip(attr: &str, s: &str) -> NResult<IpAddr> {
+    s.parse().map_err(|_| NeutronError::invalid_attr(attr, format!("'{s}' is not a valid IP address")))
+}
+
+fn parse_pools(items: Vec<Map<String, Value>>) -> NResult<Vec<AllocationPool>> {
+    items
+        .into_iter()
+        .map(|m| {
+            let mut b = Body::from_map(m);
+            let start = b.string("start")?;
+            let end = b.string("end")?;
+            b.finish()?;
+            match (start, end) {
+                (Some(start), Some(end)) => Ok(AllocationPool { start, end }),
+                _ => Err(NeutronError::invalid_attr("allocation_pools", "each pool needs 'start' and 'end'")),
+            }
+        })
+        .collect()
+}
+
+fn parse_dns(list: Vec<String>) -> NResult<Vec<String>> {
+    if list.len() > MAX_DNS {
+        return Err(NeutronError::new(400, "DNSNameServersExhausted", format!("Unable to complete operation for the subnet. The number of DNS nameservers exceeds the limit {MAX_DNS}.")));
+    }
+    let mut out: Vec<String> = vec![];
+    for d in list {
+        let ip = parse_ip("dns_nameservers", &d)?;
+        let s = ip.to_string();
+        if out.contains(&s) {
+            return Err(NeutronError::invalid_attr("dns_nameservers", format!("Duplicate nameserver '{d}'")));
+        }
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn parse_routes(items: Vec<Map<String, Value>>, v6: bool) -> NResult<Vec<HostRoute>> {
+    if items.len() > MAX_ROUTES {
+        return Err(NeutronError::new(400, "HostRoutesExhausted", format!("Unable to complete operation for the subnet. The number of host routes exceeds the limit {MAX_ROUTES}.")));
+    }
+    let mut out: Vec<HostRoute> = vec![];
+    for m in items {
+        let mut b = Body::from_map(m);
+        let dest = b.string("destination")?;
+        let hop = b.string("nexthop")?;
+        b.finish()?;
+        let (Some(dest), Some(hop)) = (dest, hop) else {
+            return Err(NeutronError::invalid_attr("host_routes", "each route needs 'destination' and 'nexthop'"));
+        };
+        let d: IpNet = dest
+            .parse()
+            .map_err(|_| NeutronError::invalid_attr("host_routes", format!("'{dest}' is not a valid IP subnet")))?;
+        let h = parse_ip("host_routes", &hop)?;
+        if matches!(d, IpNet::V6(_)) != v6 || h.is_ipv6() != v6 {
+            return Err(NeutronError::invalid_input("host_routes must match the subnet's IP version"));
+        }
+        let r = HostRoute { destination: d.trunc().to_string(), nexthop: h.to_string() };
+        if out.contains(&r) {
+            return Err(NeutronError::invalid_attr("host_routes", format!("Duplicate hostroute '{dest}'")));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// A gateway must be a usable address of the subnet (or an IPv6 link-local address).
+fn check_gateway(net: &IpNet, gw: IpAddr) -> NResult<()> {
+    if gw.is_ipv6() != ipam::net_is_v6(net) {
+        return Err(NeutronError::invalid_input(format!("Gateway IP version {gw} does not match the subnet")));
+    }
+    let link_local = matches!(gw, IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80);
+    if link_local {
+        return Ok(());
+    }
+    let (first, last) = ipam::bounds(net);
+    let g = ipam::to_u128(gw);
+    let v4_edge = !ipam::net_is_v6(net) && last > first + 1 && (g == first || g == last);
+    if !net.contains(&gw) || v4_edge || (ipam::net_is_v6(net) && g == first && last > first) {
+        return Err(NeutronError::invalid_input(format!("Gateway is not valid on subnet: {gw} is not a usable address of {net}")));
+    }
+    Ok(())
+}
+
+fn ipv6_modes(v6: bool, ra: &Option<String>, addr: &Option<String>, net: &IpNet) -> NResult<()> {
+    for (attr, v) in [("ipv6_ra_mode", ra), ("ipv6_address_mode", addr)] {
+        if let Some(v) = v {
+            if !IPV6_MODES.contains(&v.as_str()) {
+                return Err(NeutronError::invalid_attr(attr, format!("'{v}' is not in {IPV6_MODES:?}")));
+            }
+            if !v6 {
+                return Err(NeutronError::invalid_input(format!("{attr} is not valid when ip_version is 4")));
+            }
+        }
+    }
+    if let (Some(r), Some(a)) = (ra, addr) {
+        if r != a {
+            return Err(NeutronError::invalid_input(format!(
+                "ipv6_ra_mode set to '{r}' with ipv6_address_mode set to '{a}' is not valid. If both attributes are set, they must be the same value"
+            )));
+        }
+    }
+    let auto = matches!(addr.as_deref(), Some("slaac") | Some("dhcpv6-stateless"));
+    if auto && net.prefix_len() != 64 {
+        return Err(NeutronError::invalid_input(format!(
+            "Invalid CIDR {net} for IPv6 address mode. OpenStack uses the EUI-64 address format, which requires the prefix to be /64"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether ports get their address on this subnet by SLAAC (EUI-64) rather than from a pool.
+pub fn is_auto_address(s: &Subnet) -> bool {
+    matches!(s.ipv6_address_mode.as_deref(), Some("slaac") | Some("dhcpv6-stateless"))
+}
+
+pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+    let project_id = ctx.target_project(&mut body)?;
+    let network_id = body
+        .string("network_id")?
+        .ok_or_else(|| NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified"))?;
+    let ip_version = match body.integer("ip_version")? {
+        Some(4) => 4u8,
+        Some(6) => 6u8,
+        Some(v) => return Err(NeutronError::invalid_attr("ip_version", format!("{v} is not in [4, 6]"))),
+        None => return Err(NeutronError::bad_request("Failed to parse request. Required attribute 'ip_version' not specified")),
+    };
+    let v6 = ip_version == 6;
+    if let Some(Some(_)) = body.opt_string("subnetpool_id")? {
+        return Err(NeutronError::invalid_input("subnet pools are not supported"));
+    }
+    if let Some(Value::Bool(true)) = body.take_raw("use_default_subnetpool") {
+        return Err(NeutronError::invalid_input("subnet pools are not supported"));
+    }
+    if body.take_raw("segment_id").is_some_and(|v| !v.is_null()) {
+        return Err(NeutronError::invalid_input("segments are not supported"));
+    }
+    if let Some(st) = body.string_list("service_types")? {
+        if !st.is_empty() {
+            return Err(NeutronError::invalid_input("service types are not supported"));
+        }
+    }
+    let cidr_s = body
+        .string("cidr")?
+        .ok_or_else(|| NeutronError::bad_request("Failed to parse request. Required attribute 'cidr' not specified"))?;
+    let net = ipam::parse_cidr(&cidr_s, ip_version)?;
+    let name = body.string("name")?.unwrap_or_default();
+    let description = description_from(&mut body)?.unwrap_or_default();
+    let gateway = match body.opt_string("gateway_ip")? {
+        None => ipam::default_gateway(&net),
+        Some(None) => None,
+        Some(Some(g)) => {
+            let ip = parse_ip("gateway_ip", &g)?;
+            check_gateway(&net, ip)?;
+            Some(ip)
+        }
+    };
+    let pools = match body.object_list("allocation_pools")? {
+        Some(items) if !items.is_empty() => {
+            let pools = parse_pools(items)?;
+            ipam::validate_pools(&net, gateway, &pools)?;
+            pools
+                .into_iter()
+                .map(|p| AllocationPool {
+                    // Normalised spelling so later comparisons are textual.
+                    start: p.start.parse::<IpAddr>().map(|i| i.to_string()).unwrap_or(p.start),
+                    end: p.end.parse::<IpAddr>().map(|i| i.to_string()).unwrap_or(p.end),
+                })
+                .collect()
+        }
+        _ => ipam::default_pools(&net, gateway),
+    };
+    let dns = parse_dns(body.string_list("dns_nameservers")?.unwrap_or_default())?;
+    let routes = parse_routes(body.object_list("host_routes")?.unwrap_or_default(), v6)?;
+    let enable_dhcp = body.boolean("enable_dhcp")?.unwrap_or(true);
+    let ra = body.opt_string("ipv6_ra_mode")?.flatten();
+    let addr_mode = body.opt_string("ipv6_address_mode")?.flatten();
+    ipv6_modes(v6, &ra, &addr_mode, &net)?;
+    let tags = tags_from(&mut body)?.unwrap_or_default();
+    body.finish()?;
+
+    let (n, _) = ctx.visible_network(&network_id)?;
+    if !ctx.admin() && !ctx.owns(&n.project_id) && !ctx.owns(&project_id) {
+        return Err(NeutronError::forbidden("Creating a subnet on another project's network is not allowed"));
+    }
+    if !ctx.admin() && !ctx.owns(&n.project_id) {
+        return Err(NeutronError::forbidden(format!("Adding a subnet to network {network_id} is not allowed by policy")));
+    }
+    let id = new_id();
+    let ts = now();
+    let subnet = retry(ctx, |ctx| {
+        let (mut n, nrev) = ctx.visible_network(&network_id)?;
+        if n.deleting {
+            return Err(Kind::Network.not_found(&network_id));
+        }
+        for (other, _) in ctx.all::<Subnet>(Kind::Subnet) {
+            if other.network_id != network_id {
+                continue;
+            }
+            let Ok(o) = other.cidr.parse::<IpNet>() else { continue };
+            if o.contains(&net.network()) || net.contains(&o.network()) {
+                return Err(NeutronError::invalid_input(format!(
+                    "Requested subnet with cidr: {net} for network: {network_id} overlaps with another subnet"
+                )));
+            }
+        }
+        let s = Subnet {
+            id: id.clone(),
+            project_id: project_id.clone(),
+            network_id: network_id.clone(),
+            name: name.clone(),
+            ip_version,
+            cidr: net.to_string(),
+            gateway_ip: gateway.map(|g| g.to_string()),
+            allocation_pools: pools.clone(),
+            host_routes: routes.clone(),
+            dns_nameservers: dns.clone(),
+            enable_dhcp,
+            ipv6_ra_mode: ra.clone(),
+            ipv6_address_mode: addr_mode.clone(),
+            deleting: false,
+            std: StandardAttrs { description: description.clone(), tags: tags.clone(), ..StandardAttrs::new(&ts) },
+        };
+        n.subnets.push(id.clone());
+        n.std.bump(&ts);
+        let nk = keys::resource("networks", &network_id);
+        Ok((
+            vec![Compare::ModRevision(nk.clone(), nrev), Compare::Absent(key(&id))],
+            vec![Op::put(key(&id), json_bytes(&s)), Op::put(nk, json_bytes(&n))],
+            s,
+        ))
+    })
+    .await?;
+    tracing::info!(subnet = %subnet.id, network = %subnet.network_id, cidr = %subnet.cidr, "subnet created");
+    Ok(subnet.to_api())
+}
+
+fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Subnet, i64)> {
+    let (s, r) = ctx
+        .get::<Subnet>(Kind::Subnet, id)
+        .filter(|(s, _)| ctx.subnet_visible(s))
+        .ok_or_else(|| Kind::Subnet.not_found(id))?;
+    if !ctx.admin() && !ctx.owns(&s.project_id) {
+        return Err(NeutronError::forbidden(format!("Modifying subnet {id} is not allowed by policy")));
+    }
+    Ok((s, r))
+}
+
+pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
+    let (current, _) = writable(ctx, id)?;
+    for ro in ["cidr", "ip_version", "network_id", "project_id", "tenant_id", "ipv6_ra_mode", "ipv6_address_mode", "subnetpool_id"] {
+        if body.contains(ro) {
+            return Err(NeutronError::bad_request(format!("Cannot update read-only attribute {ro}")));
+        }
+    }
+    let v6 = current.ip_version == 6;
+    let net: IpNet = current
+        .cidr
+        .parse()
+        .map_err(|_| NeutronError::internal(format!("stored subnet {id} has an invalid CIDR")))?;
+    let name = body.string("name")?;
+    let description = description_from(&mut body)?;
+    let gateway = match body.opt_string("gateway_ip")? {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(g)) => {
+            let ip = parse_ip("gateway_ip", &g)?;
+            check_gateway(&net, ip)?;
+            Some(Some(ip))
+        }
+    };
+    let pools = body.object_list("allocation_pools")?.map(parse_pools).transpose()?;
+    let dns = body.string_list("dns_nameservers")?.map(parse_dns).transpose()?;
+    let routes = body.object_list("host_routes")?.map(|r| parse_routes(r, v6)).transpose()?;
+    let enable_dhcp = body.boolean("enable_dhcp")?;
+    let tags = tags_from(&mut body)?;
+    body.finish()?;
+    let s = retry(ctx, |ctx| {
+        let (mut s, rev) = writable(ctx, id)?;
+        check_if_match(if_match, s.std.revision_number)?;
+        if let Some(v) = &name {
+            s.name = v.clone();
+        }
+        if let Some(v) = &description {
+            s.std.description = v.clone();
+        }
+        let gw = match gateway {
+            Some(g) => g,
+            None => s.gateway_ip.as_deref().and_then(|g| g.parse().ok()),
+        };
+        if let Some(p) = &pools {
+            ipam::validate_pools(&net, gw, p)?;
+            s.allocation_pools = p.clone();
+        } else if gateway.is_some() {
+            ipam::validate_pools(&net, gw, &s.allocation_pools)?;
+        }
+        s.gateway_ip = gw.map(|g| g.to_string());
+        if let Some(v) = &dns {
+            s.dns_nameservers = v.clone();
+        }
+        if let Some(v) = &routes {
+            s.host_routes = v.clone();
+        }
+        if let Some(v) = enable_dhcp {
+            s.enable_dhcp = v;
+        }
+        if let Some(v) = &tags {
+            s.std.tags = v.clone();
+        }
+        s.deleting = false;
+        s.std.bump(&now());
+        Ok((vec![Compare::ModRevision(key(id), rev)], vec![Op::put(key(id), json_bytes(&s))], s))
+    })
+    .await?;
+    Ok(s.to_api())
+}
+
+pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
+    // Mark first (see networks::delete): port creates compare the subnet's revision.
+    let mut marked = None;
+    for attempt in 0..30 {
+        let (mut s, rev) = writable(ctx, id)?;
+        check_if_match(if_match, s.std.revision_number)?;
+        s.deleting = true;
+        if let Some(r) = ctx.commit(vec![Compare::ModRevision(key(id), rev)], vec![Op::put(key(id), json_bytes(&s))]).await? {
+            marked = Some((s, r));
+            break;
+        }
+        ctx.resync(attempt).await?;
+    }
+    let (s, mark_rev) = marked.ok_or_else(|| NeutronError::new(409, "Conflict", "Too much concurrent change to this subnet; retry"))?;
+    if !ctx.state.cache.list(&keys::ip_alloc_prefix(id)).is_empty() {
+        let mut back = s.clone();
+        back.deleting = false;
+        if ctx.commit(vec![Compare::ModRevision(key(id), mark_rev)], vec![Op::put(key(id), json_bytes(&back))]).await?.is_none() {
+            tracing::warn!(subnet = %id, "could not clear the deleting mark");
+        }
+        return Err(NeutronError::conflict(
+            "SubnetInUse",
+            format!("Unable to complete operation on subnet {id}: One or more ports have an IP allocation from this subnet."),
+        ));
+    }
+    let nk = keys::resource("networks", &s.network_id);
+    for attempt in 0..30 {
+        let mut cmp = vec![Compare::ModRevision(key(id), mark_rev)];
+        let mut ops = vec![Op::delete(key(id))];
+        if let Some((mut n, nrev)) = ctx.state.cache.get_json::<Network>(&nk) {
+            n.subnets.retain(|x| x != id);
+            n.std.bump(&now());
+            cmp.push(Compare::ModRevision(nk.clone(), nrev));
+            ops.push(Op::put(nk.clone(), json_bytes(&n)));
+        }
+        if ctx.commit(cmp, ops).await?.is_some() {
+            tracing::info!(subnet = %id, "subnet deleted");
+            return Ok(());
+        }
+        ctx.resync(attempt).await?;
+        if !ctx.state.cache.get(&key(id)).is_some_and(|kv| kv.mod_revision == mark_rev) {
+            return Err(NeutronError::new(409, "Conflict", "The subnet changed while it was being deleted; retry"));
+        }
+    }
+    Err(NeutronError::new(409, "Conflict", "Too much concurrent change to this subnet's network; retry"))
+}

@@ -1,0 +1,150 @@
+//! The tags sub-API: `/v2.0/<collection>/<id>/tags[/<tag>]`.
+
+use super::common::{json_bytes, now, retry, show, Ctx, NResult};
+use super::{authenticate, parse_body, ApiResult, Kind};
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use isthmus_model::validate::validate_tag;
+use isthmus_model::{keys, NeutronError};
+use isthmus_store::{Compare, Op};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+fn kind_of(coll: &str) -> NResult<Kind> {
+    match Kind::from_collection(coll) {
+        Some(k) if k != Kind::SecurityGroupRule => Ok(k),
+        _ => Err(NeutronError::new(404, "HTTPNotFound", format!("Tags are not supported on {coll}"))),
+    }
+}
+
+/// Current tags of a resource the caller may see.
+fn current_tags(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Vec<String>> {
+    let view = show(ctx, kind, id)?;
+    Ok(view
+        .get("tags")
+        .and_then(|t| t.as_array())
+        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+        .unwrap_or_default())
+}
+
+/// Rewrites the stored resource's tags with `f`, bumping its revision.
+async fn modify(ctx: &Ctx<'_>, kind: Kind, id: &str, f: impl Fn(&mut Vec<String>) -> NResult<()>) -> NResult<Vec<String>> {
+    let key = keys::resource(kind.store_name(), id);
+    retry(ctx, |ctx| {
+        let view = show(ctx, kind, id)?;
+        let owner = view.get("project_id").and_then(|p| p.as_str()).unwrap_or_default();
+        if !ctx.admin() && !ctx.owns(owner) {
+            return Err(NeutronError::forbidden("Changing tags of another project's resource is not allowed"));
+        }
+        let kv = ctx.state.cache.get(&key).ok_or_else(|| kind.not_found(id))?;
+        let mut stored: Value =
+            serde_json::from_slice(&kv.value).map_err(|_| NeutronError::internal("stored resource is unreadable"))?;
+        let mut tags: Vec<String> = stored
+            .get("tags")
+            .and_then(|t| t.as_array())
+            .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        f(&mut tags)?;
+        if let Some(obj) = stored.as_object_mut() {
+            obj.insert("tags".into(), json!(tags));
+            let rev = obj.get("revision_number").and_then(|r| r.as_u64()).unwrap_or(0);
+            obj.insert("revision_number".into(), json!(rev + 1));
+            obj.insert("updated_at".into(), json!(now()));
+        }
+        Ok((vec![Compare::ModRevision(key.clone(), kv.mod_revision)], vec![Op::put(key.clone(), json_bytes(&stored))], tags))
+    })
+    .await
+}
+
+pub async fn all_tags(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path((coll, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let kind = kind_of(&coll)?;
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx { state: &state, auth: &auth };
+    match method {
+        Method::GET => Ok(axum::Json(json!({"tags": current_tags(&ctx, kind, &id)?})).into_response()),
+        Method::PUT => {
+            let body = parse_body(body)?;
+            let list = body
+                .get("tags")
+                .and_then(|t| t.as_array())
+                .ok_or_else(|| NeutronError::bad_request("Invalid input: body must be {\"tags\": [...]}"))?;
+            let mut new: Vec<String> = vec![];
+            for t in list {
+                let t = t.as_str().ok_or_else(|| NeutronError::invalid_input(format!("'{t}' is not a valid tag")))?;
+                validate_tag(t)?;
+                if !new.iter().any(|x| x == t) {
+                    new.push(t.to_string());
+                }
+            }
+            let tags = modify(&ctx, kind, &id, |tags| {
+                *tags = new.clone();
+                Ok(())
+            })
+            .await?;
+            Ok(axum::Json(json!({"tags": tags})).into_response())
+        }
+        _ => {
+            modify(&ctx, kind, &id, |tags| {
+                tags.clear();
+                Ok(())
+            })
+            .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
+}
+
+pub async fn one_tag(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path((coll, id, tag)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let kind = kind_of(&coll)?;
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx { state: &state, auth: &auth };
+    let not_found = || NeutronError::new(404, "TagNotFound", format!("Tag {tag} could not be found for {} {id}.", kind.singular()));
+    match method {
+        Method::GET => {
+            if current_tags(&ctx, kind, &id)?.contains(&tag) {
+                Ok(StatusCode::NO_CONTENT.into_response())
+            } else {
+                Err(not_found().into())
+            }
+        }
+        Method::PUT => {
+            validate_tag(&tag)?;
+            modify(&ctx, kind, &id, |tags| {
+                if !tags.contains(&tag) {
+                    tags.push(tag.clone());
+                }
+                Ok(())
+            })
+            .await?;
+            Ok(StatusCode::CREATED.into_response())
+        }
+        _ => {
+            modify(&ctx, kind, &id, |tags| {
+                let before = tags.len();
+                tags.retain(|t| *t != tag);
+                if tags.len() == before {
+                    Err(not_found())
+                } else {
+                    Ok(())
+                }
+            })
+            .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
+}

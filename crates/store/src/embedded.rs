@@ -1,0 +1,1123 @@
+//! Single-node backend: the whole dataset in memory, made durable by a write-ahead log.
+//!
+//! Layout of the data directory:
+//! - `LOCK`: held with `flock` while a store has the directory open.
+//! - `snapshot`: the full dataset at some revision S (absent until the first log rotation).
+//! - `wal`: records of the transactions after S (it may also start with records <= S when a
+//!   crash hit between writing a snapshot and starting a new log; those are skipped).
+//!
+//! One writer thread owns the log. It takes every queued transaction at once (group commit),
+//! evaluates them in order against memory plus the not-yet-applied effects of the earlier ones,
+//! appends their records, calls `fdatasync` once, and only then applies them to memory and
+//! answers. A write is therefore acknowledged only once it is on disk.
+//!
+//! Log record: `u32 payload length | u32 CRC32 of payload | payload`, little endian. Payload:
+//! `u8 format | i64 revision | i64 first revision of its group commit | u32 op count | ops`,
+//! an op being `u8 kind | u32 key length | key | (put only) u32 value length | value`.
+
+use crate::{
+    Compare, Event, EventKind, KeyValue, Op, Result, Revision, Store, StoreError, TxnResult, Watch,
+    WatchEvent,
+};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc as std_mpsc, Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+/// File names inside the data directory (public so tests can damage them on purpose).
+pub const WAL_FILE: &str = "wal";
+pub const SNAPSHOT_FILE: &str = "snapshot";
+pub const LOCK_FILE: &str = "LOCK";
+const TMP_SUFFIX: &str = ".tmp";
+
+/// Largest transaction (keys + values) accepted; keeps one record well inside a `u32` length.
+pub const MAX_TXN_BYTES: usize = 64 << 20;
+/// Bound for decoding lengths read from disk, so garbage cannot make us allocate wildly.
+const MAX_RECORD_BYTES: usize = MAX_TXN_BYTES + (4 << 20);
+
+const RECORD_HEADER: usize = 8;
+const RECORD_FORMAT: u8 = 1;
+const MIN_PAYLOAD: usize = 1 + 8 + 8 + 4;
+const OP_PUT: u8 = 1;
+const OP_DELETE: u8 = 2;
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"ISTHSNP1";
+const SNAPSHOT_TRAILER: usize = 8 + 4;
+
+/// Transactions taken into one group commit at most.
+const MAX_GROUP_TXNS: usize = 4096;
+/// Events per watch message (a transaction is never split, so one may exceed it).
+const MAX_WATCH_BATCH_EVENTS: usize = 1000;
+
+/// Tuning knobs; [`Default`] suits production.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    /// Events kept in memory for watches that start in the past.
+    pub history_events: usize,
+    /// Bytes (keys + values) of events kept in memory for watches.
+    pub history_bytes: usize,
+    /// Log size that triggers a snapshot and a fresh log.
+    pub snapshot_after_bytes: u64,
+    /// Messages buffered per watcher before the watcher's own task waits for the reader.
+    pub watch_buffer: usize,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions {
+            history_events: 100_000,
+            history_bytes: 64 << 20,
+            snapshot_after_bytes: 64 << 20,
+            watch_buffer: 64,
+        }
+    }
+}
+
+/// The embedded, single-node store. Dropping the last handle stops the writer thread and
+/// releases the directory lock.
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+    requests: Option<std_mpsc::Sender<TxnRequest>>,
+    writer: Option<JoinHandle<()>>,
+    rev_rx: watch::Receiver<Revision>,
+    watch_buffer: usize,
+}
+
+struct Shared {
+    state: RwLock<State>,
+}
+
+struct State {
+    data: BTreeMap<String, KeyValue>,
+    revision: Revision,
+    /// Every revision from the front's up to `revision`, one entry per revision.
+    history: VecDeque<HistEntry>,
+    history_events: usize,
+    history_bytes: usize,
+    limit_events: usize,
+    limit_bytes: usize,
+}
+
+struct HistEntry {
+    revision: Revision,
+    events: Vec<Event>,
+    bytes: usize,
+}
+
+struct TxnRequest {
+    compares: Vec<Compare>,
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<TxnResult>>,
+}
+
+fn read_lock(l: &RwLock<State>) -> RwLockReadGuard<'_, State> {
+    // A panic while holding the lock cannot leave State half-updated in a way reads care
+    // about more than a crash would; keep serving.
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock(l: &RwLock<State>) -> RwLockWriteGuard<'_, State> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl State {
+    fn new(opts: &EmbeddedOptions) -> Self {
+        State {
+            data: BTreeMap::new(),
+            revision: 0,
+            history: VecDeque::new(),
+            history_events: 0,
+            history_bytes: 0,
+            limit_events: opts.history_events,
+            limit_bytes: opts.history_bytes,
+        }
+    }
+
+    /// Oldest revision a watch may start from.
+    fn compact_revision(&self) -> Revision {
+        self.history
+            .front()
+            .map_or(self.revision + 1, |e| e.revision)
+    }
+
+    fn apply(&mut self, revision: Revision, events: Vec<Event>) {
+        for e in &events {
+            match e.kind {
+                EventKind::Put => {
+                    self.data.insert(e.kv.key.clone(), e.kv.clone());
+                }
+                EventKind::Delete => {
+                    self.data.remove(&e.kv.key);
+                }
+            }
+        }
+        self.revision = revision;
+        let bytes = events
+            .iter()
+            .map(|e| e.kv.key.len() + e.kv.value.len())
+            .sum();
+        self.history_events += events.len();
+        self.history_bytes += bytes;
+        self.history.push_back(HistEntry {
+            revision,
+            events,
+            bytes,
+        });
+        // Keep the newest revision even if it alone is over the limits, so a watcher that is
+        // caught up never sees its next revision vanish.
+        while (self.history_events > self.limit_events || self.history_bytes > self.limit_bytes)
+            && self.history.len() > 1
+        {
+            self.pop_history();
+        }
+    }
+
+    fn pop_history(&mut self) {
+        if let Some(old) = self.history.pop_front() {
+            self.history_events -= old.events.len();
+            self.history_bytes -= old.bytes;
+        }
+    }
+}
+
+fn compare_key(c: &Compare) -> &str {
+    match c {
+        Compare::Absent(k) | Compare::Exists(k) | Compare::ModRevision(k, _) => k,
+    }
+}
+
+fn compare_holds(c: &Compare, current: Option<&KeyValue>) -> bool {
+    match c {
+        Compare::Absent(_) => current.is_none(),
+        Compare::Exists(_) => current.is_some(),
+        Compare::ModRevision(_, r) => current.is_some_and(|kv| kv.mod_revision == *r),
+    }
+}
+
+/// The value of `key` as seen by a transaction inside a group commit: earlier transactions of
+/// the group (in `overlay`, `None` = deleted) shadow the applied state.
+fn lookup<'a>(
+    overlay: &'a HashMap<String, Option<KeyValue>>,
+    data: &'a BTreeMap<String, KeyValue>,
+    key: &str,
+) -> Option<&'a KeyValue> {
+    match overlay.get(key) {
+        Some(v) => v.as_ref(),
+        None => data.get(key),
+    }
+}
+
+/// Events a transaction's ops produce at `rev`; deletes of absent keys produce none.
+fn txn_events(
+    rev: Revision,
+    ops: Vec<Op>,
+    overlay: &HashMap<String, Option<KeyValue>>,
+    data: &BTreeMap<String, KeyValue>,
+) -> Vec<Event> {
+    let mut events = Vec::with_capacity(ops.len());
+    for op in ops {
+        let prev = lookup(overlay, data, op.key());
+        match op {
+            Op::Put { key, value } => {
+                let (create_revision, version) =
+                    prev.map_or((rev, 1), |p| (p.create_revision, p.version + 1));
+                events.push(Event {
+                    kind: EventKind::Put,
+                    kv: KeyValue {
+                        key,
+                        value,
+                        create_revision,
+                        mod_revision: rev,
+                        version,
+                    },
+                });
+            }
+            Op::Delete { key } => {
+                if prev.is_some() {
+                    events.push(Event {
+                        kind: EventKind::Delete,
+                        kv: KeyValue {
+                            key,
+                            value: Vec::new(),
+                            create_revision: 0,
+                            mod_revision: rev,
+                            version: 0,
+                        },
+                    });
+                }
+            }
+        }
+    }
+    events
+}
+
+/// Checks shared by both backends' callers: etcd refuses the same cases.
+pub(crate) fn validate_txn(compares: &[Compare], ops: &[Op], max_bytes: usize) -> Result<()> {
+    let mut seen = HashSet::with_capacity(ops.len());
+    let mut bytes = 0usize;
+    for op in ops {
+        let key = op.key();
+        if key.is_empty() {
+            return Err(StoreError::Invalid("empty key".into()));
+        }
+        if !seen.insert(key) {
+            return Err(StoreError::Invalid(format!(
+                "key {key:?} appears twice in one txn"
+            )));
+        }
+        bytes += key.len();
+        if let Op::Put { value, .. } = op {
+            bytes += value.len();
+        }
+    }
+    if bytes > max_bytes {
+        return Err(StoreError::Invalid(format!(
+            "txn of {bytes} bytes exceeds the limit of {max_bytes}"
+        )));
+    }
+    if compares.iter().any(|c| compare_key(c).is_empty()) {
+        return Err(StoreError::Invalid("empty key in compare".into()));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding
+
+fn encode_record(out: &mut Vec<u8>, revision: Revision, group_start: Revision, events: &[Event]) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER]);
+    out.push(RECORD_FORMAT);
+    out.extend_from_slice(&revision.to_le_bytes());
+    out.extend_from_slice(&group_start.to_le_bytes());
+    out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+    for e in events {
+        let key = e.kv.key.as_bytes();
+        match e.kind {
+            EventKind::Put => {
+                out.push(OP_PUT);
+                out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                out.extend_from_slice(key);
+                out.extend_from_slice(&(e.kv.value.len() as u32).to_le_bytes());
+                out.extend_from_slice(&e.kv.value);
+            }
+            EventKind::Delete => {
+                out.push(OP_DELETE);
+                out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                out.extend_from_slice(key);
+            }
+        }
+    }
+    let payload_len = (out.len() - start - RECORD_HEADER) as u32;
+    let crc = crc32fast::hash(&out[start + RECORD_HEADER..]);
+    out[start..start + 4].copy_from_slice(&payload_len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Bounds-checked little-endian reader over untrusted bytes.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    }
+    fn i64(&mut self) -> Option<i64> {
+        self.take(8)
+            .and_then(|b| b.try_into().ok())
+            .map(i64::from_le_bytes)
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        if n > MAX_RECORD_BYTES {
+            return None;
+        }
+        self.take(n)
+    }
+    fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes()?.to_vec()).ok()
+    }
+    fn done(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+}
+
+struct LogRecord {
+    revision: Revision,
+    group_start: Revision,
+    ops: Vec<Op>,
+}
+
+fn decode_payload(p: &[u8]) -> Option<LogRecord> {
+    let mut r = Reader::new(p);
+    if r.u8()? != RECORD_FORMAT {
+        return None;
+    }
+    let revision = r.i64()?;
+    let group_start = r.i64()?;
+    let n = r.u32()? as usize;
+    if revision < 1 || group_start < 1 || group_start > revision || n == 0 {
+        return None;
+    }
+    // Each op takes at least 5 bytes; refuse counts the payload cannot hold.
+    let mut ops = Vec::with_capacity(n.min(p.len() / 5));
+    for _ in 0..n {
+        match r.u8()? {
+            OP_PUT => {
+                let key = r.string()?;
+                let value = r.bytes()?.to_vec();
+                ops.push(Op::Put { key, value });
+            }
+            OP_DELETE => ops.push(Op::Delete { key: r.string()? }),
+            _ => return None,
+        }
+    }
+    r.done().then_some(LogRecord {
+        revision,
+        group_start,
+        ops,
+    })
+}
+
+/// Parses the record at `off`; `Err` says why it is not a valid record.
+fn parse_record(buf: &[u8], off: usize) -> std::result::Result<(LogRecord, usize), &'static str> {
+    let header = buf
+        .get(off..off + RECORD_HEADER)
+        .ok_or("incomplete record header")?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if !(MIN_PAYLOAD..=MAX_RECORD_BYTES).contains(&len) {
+        return Err("implausible record length");
+    }
+    let start = off + RECORD_HEADER;
+    let payload = buf.get(start..start + len).ok_or("incomplete record")?;
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch");
+    }
+    let rec = decode_payload(payload).ok_or("undecodable record")?;
+    Ok((rec, start + len))
+}
+
+/// After a bad record at `off` whose group commit started at or before `torn_group`, is there
+/// a valid record from a *later* group commit? Such a record was written after the damaged
+/// one had been synced and acknowledged, so the damage is not an unacknowledged torn tail.
+fn later_group_after(buf: &[u8], off: usize, torn_group: Revision) -> Option<usize> {
+    (off + 1..buf.len().saturating_sub(RECORD_HEADER + MIN_PAYLOAD - 1))
+        .find(|&pos| matches!(parse_record(buf, pos), Ok((rec, _)) if rec.group_start > torn_group))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot
+
+struct SnapshotWriter {
+    w: BufWriter<File>,
+    hasher: crc32fast::Hasher,
+    len: u64,
+}
+
+impl SnapshotWriter {
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        self.w.write_all(bytes)
+    }
+    fn put_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.put(&(bytes.len() as u32).to_le_bytes())?;
+        self.put(bytes)
+    }
+}
+
+/// Writes the dataset to `snapshot` atomically (tmp + fsync + rename + fsync dir); returns its
+/// size. Layout: magic | revision | count | entries | u64 payload length | u32 CRC32.
+fn write_snapshot(dir: &Path, state: &State) -> io::Result<u64> {
+    let tmp = dir.join(format!("{SNAPSHOT_FILE}{TMP_SUFFIX}"));
+    let file = File::create(&tmp)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    w.write_all(SNAPSHOT_MAGIC)?;
+    let mut sw = SnapshotWriter {
+        w,
+        hasher: crc32fast::Hasher::new(),
+        len: 0,
+    };
+    sw.put(&state.revision.to_le_bytes())?;
+    sw.put(&(state.data.len() as u64).to_le_bytes())?;
+    for kv in state.data.values() {
+        sw.put_bytes(kv.key.as_bytes())?;
+        sw.put_bytes(&kv.value)?;
+        sw.put(&kv.create_revision.to_le_bytes())?;
+        sw.put(&kv.mod_revision.to_le_bytes())?;
+        sw.put(&kv.version.to_le_bytes())?;
+    }
+    let SnapshotWriter { mut w, hasher, len } = sw;
+    w.write_all(&len.to_le_bytes())?;
+    w.write_all(&hasher.finalize().to_le_bytes())?;
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, dir.join(SNAPSHOT_FILE))?;
+    sync_dir(dir)?;
+    Ok(SNAPSHOT_MAGIC.len() as u64 + len + SNAPSHOT_TRAILER as u64)
+}
+
+fn load_snapshot(bytes: &[u8], state: &mut State) -> Result<()> {
+    let corrupt = |why: &str| StoreError::Corrupt(format!("snapshot: {why}"));
+    if bytes.len() < SNAPSHOT_MAGIC.len() + SNAPSHOT_TRAILER || !bytes.starts_with(SNAPSHOT_MAGIC) {
+        return Err(corrupt("bad header"));
+    }
+    let payload = &bytes[SNAPSHOT_MAGIC.len()..bytes.len() - SNAPSHOT_TRAILER];
+    let mut trailer = Reader::new(&bytes[bytes.len() - SNAPSHOT_TRAILER..]);
+    let (len, crc) = (trailer.u64(), trailer.u32());
+    if len != Some(payload.len() as u64) {
+        return Err(corrupt("length mismatch"));
+    }
+    if crc != Some(crc32fast::hash(payload)) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let mut r = Reader::new(payload);
+    let revision = r.i64().ok_or_else(|| corrupt("truncated"))?;
+    let count = r.u64().ok_or_else(|| corrupt("truncated"))?;
+    for _ in 0..count {
+        let entry = (|| {
+            let key = r.string()?;
+            let value = r.bytes()?.to_vec();
+            let (create_revision, mod_revision, version) = (r.i64()?, r.i64()?, r.i64()?);
+            Some(KeyValue {
+                key,
+                value,
+                create_revision,
+                mod_revision,
+                version,
+            })
+        })()
+        .ok_or_else(|| corrupt("bad entry"))?;
+        if entry.mod_revision > revision || entry.create_revision > entry.mod_revision {
+            return Err(corrupt("entry revision out of range"));
+        }
+        state.data.insert(entry.key.clone(), entry);
+    }
+    if !r.done() || revision < 0 {
+        return Err(corrupt("trailing bytes or bad revision"));
+    }
+    state.revision = revision;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    // SAFETY: flock only reads the descriptor number of a file we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::WouldBlock {
+            return Err(StoreError::Unavailable(format!(
+                "data directory {} is locked: another store (this or another process) has it \
+                 open (lock file {})",
+                dir.display(),
+                path.display()
+            )));
+        }
+        return Err(err.into());
+    }
+    // The pid is only a hint for humans; the flock is what excludes.
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// Replays the log onto `state`; returns the length of its valid prefix. A damaged end that
+/// only holds the last, unacknowledged group commit is cut off; damage followed by a later
+/// group commit is corruption.
+fn replay_log(buf: &[u8], state: &mut State) -> Result<usize> {
+    let empty = HashMap::new();
+    let mut off = 0;
+    let mut prev: Option<Revision> = None;
+    while off < buf.len() {
+        let (rec, next) = match parse_record(buf, off) {
+            Ok(r) => r,
+            Err(why) => {
+                // The damaged record belongs to a group that started at the latest at the
+                // revision after the last good record.
+                let torn_group = prev.map_or(state.revision, |p| p) + 1;
+                if let Some(pos) = later_group_after(buf, off, torn_group) {
+                    return Err(StoreError::Corrupt(format!(
+                        "log {why} at offset {off}, followed by a valid later record at offset \
+                         {pos}"
+                    )));
+                }
+                warn!(
+                    offset = off,
+                    dropped_bytes = buf.len() - off,
+                    reason = why,
+                    "truncating torn tail of the store log (an unacknowledged write)"
+                );
+                return Ok(off);
+            }
+        };
+        if let Some(p) = prev {
+            if rec.revision != p + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "log record at offset {off} has revision {} after {p}",
+                    rec.revision
+                )));
+            }
+        }
+        if rec.revision > state.revision {
+            if rec.revision != state.revision + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "log starts at revision {} but the snapshot ends at {}",
+                    rec.revision, state.revision
+                )));
+            }
+            let n_ops = rec.ops.len();
+            let events = txn_events(rec.revision, rec.ops, &empty, &state.data);
+            if events.len() != n_ops {
+                return Err(StoreError::Corrupt(format!(
+                    "log record at offset {off} deletes a key that does not exist"
+                )));
+            }
+            state.apply(rec.revision, events);
+        }
+        prev = Some(rec.revision);
+        off = next;
+    }
+    Ok(off)
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `dir` with default options. Blocking I/O: it
+    /// reads the whole snapshot and log.
+    pub fn open(dir: &Path) -> Result<Arc<EmbeddedStore>> {
+        Self::open_with(dir, EmbeddedOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, opts: EmbeddedOptions) -> Result<Arc<EmbeddedStore>> {
+        fs::create_dir_all(dir)?;
+        let lock = lock_dir(dir)?;
+        for name in [SNAPSHOT_FILE, WAL_FILE] {
+            let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
+            if tmp.exists() {
+                fs::remove_file(&tmp)?;
+            }
+        }
+
+        let mut state = State::new(&opts);
+        let snap_path = dir.join(SNAPSHOT_FILE);
+        let mut snapshot_len = 0;
+        if snap_path.exists() {
+            let bytes = fs::read(&snap_path)?;
+            snapshot_len = bytes.len() as u64;
+            load_snapshot(&bytes, &mut state)?;
+        }
+        let snapshot_rev = state.revision;
+
+        let wal_path = dir.join(WAL_FILE);
+        let created = !wal_path.exists();
+        let mut wal = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&wal_path)?;
+        if created {
+            sync_dir(dir)?;
+        }
+        let mut buf = Vec::new();
+        wal.read_to_end(&mut buf)?;
+        let valid = replay_log(&buf, &mut state)?;
+        if valid < buf.len() {
+            wal.set_len(valid as u64)?;
+            wal.sync_all()?;
+        }
+        drop(buf);
+        info!(
+            dir = %dir.display(),
+            revision = state.revision,
+            snapshot_revision = snapshot_rev,
+            keys = state.data.len(),
+            "opened embedded store"
+        );
+
+        let revision = state.revision;
+        let shared = Arc::new(Shared {
+            state: RwLock::new(state),
+        });
+        let (rev_tx, rev_rx) = watch::channel(revision);
+        let (req_tx, req_rx) = std_mpsc::channel();
+        let writer = Writer {
+            shared: shared.clone(),
+            dir: dir.to_path_buf(),
+            wal,
+            wal_len: valid as u64,
+            snapshot_len,
+            snapshot_after: opts.snapshot_after_bytes,
+            rev_tx,
+            failed: None,
+            _lock: lock,
+        };
+        let handle = std::thread::Builder::new()
+            .name("isthmus-store-wal".into())
+            .spawn(move || writer.run(req_rx))?;
+        Ok(Arc::new(EmbeddedStore {
+            shared,
+            requests: Some(req_tx),
+            writer: Some(handle),
+            rev_rx,
+            watch_buffer: opts.watch_buffer.max(1),
+        }))
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // Closing the queue stops the writer; joining it releases the lock before we return,
+        // so the directory can be reopened right away.
+        self.requests.take();
+        if let Some(h) = self.writer.take() {
+            if h.join().is_err() {
+                error!("store writer thread panicked");
+            }
+        }
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    wal: File,
+    wal_len: u64,
+    snapshot_len: u64,
+    snapshot_after: u64,
+    rev_tx: watch::Sender<Revision>,
+    /// Set after an I/O error: the log's end is unknown, so no further write is safe.
+    failed: Option<String>,
+    _lock: File,
+}
+
+impl Writer {
+    fn run(mut self, rx: std_mpsc::Receiver<TxnRequest>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP_TXNS {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.commit(group);
+            if self.failed.is_none() && self.wal_len > self.snapshot_after.max(self.snapshot_len) {
+                self.rotate();
+            }
+        }
+        debug!("store writer stopped");
+    }
+
+    fn commit(&mut self, group: Vec<TxnRequest>) {
+        if let Some(why) = &self.failed {
+            for r in group {
+                let _ = r.reply.send(Err(StoreError::Unavailable(format!(
+                    "store stopped accepting writes after an I/O error: {why}"
+                ))));
+            }
+            return;
+        }
+        let mut replies = Vec::with_capacity(group.len());
+        let mut committed = Vec::new();
+        let mut buf = Vec::new();
+        {
+            let state = read_lock(&self.shared.state);
+            let group_start = state.revision + 1;
+            let mut rev = state.revision;
+            let mut overlay: HashMap<String, Option<KeyValue>> = HashMap::new();
+            for req in group {
+                let holds = req
+                    .compares
+                    .iter()
+                    .all(|c| compare_holds(c, lookup(&overlay, &state.data, compare_key(c))));
+                if !holds {
+                    replies.push((
+                        req.reply,
+                        TxnResult {
+                            succeeded: false,
+                            revision: rev,
+                        },
+                    ));
+                    continue;
+                }
+                let events = txn_events(rev + 1, req.ops, &overlay, &state.data);
+                if events.is_empty() {
+                    replies.push((
+                        req.reply,
+                        TxnResult {
+                            succeeded: true,
+                            revision: rev,
+                        },
+                    ));
+                    continue;
+                }
+                rev += 1;
+                encode_record(&mut buf, rev, group_start, &events);
+                for e in &events {
+                    let v = matches!(e.kind, EventKind::Put).then(|| e.kv.clone());
+                    overlay.insert(e.kv.key.clone(), v);
+                }
+                committed.push((rev, events));
+                replies.push((
+                    req.reply,
+                    TxnResult {
+                        succeeded: true,
+                        revision: rev,
+                    },
+                ));
+            }
+        }
+        if !buf.is_empty() {
+            if let Err(e) = self.append(&buf) {
+                // Results computed against unwritten txns are void too: fail the whole group.
+                error!(error = %e, "store log write failed; refusing further writes");
+                self.failed = Some(e.to_string());
+                for (reply, _) in replies {
+                    let _ =
+                        reply.send(Err(StoreError::Io(io::Error::new(e.kind(), e.to_string()))));
+                }
+                return;
+            }
+        }
+        if !committed.is_empty() {
+            let mut state = write_lock(&self.shared.state);
+            for (rev, events) in committed {
+                state.apply(rev, events);
+            }
+            let rev = state.revision;
+            drop(state);
+            self.rev_tx.send_replace(rev);
+        }
+        for (reply, result) in replies {
+            let _ = reply.send(Ok(result));
+        }
+    }
+
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.wal.write_all(buf)?;
+        self.wal.sync_data()?;
+        self.wal_len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Snapshot the dataset and start an empty log.
+    fn rotate(&mut self) {
+        let result = {
+            let state = read_lock(&self.shared.state);
+            write_snapshot(&self.dir, &state).map(|len| (len, state.revision))
+        };
+        let (len, rev) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // The old log is intact and still authoritative; try again after it has grown.
+                warn!(error = %e, "store snapshot failed; keeping the current log");
+                let _ = fs::remove_file(self.dir.join(format!("{SNAPSHOT_FILE}{TMP_SUFFIX}")));
+                self.snapshot_len = self.wal_len.saturating_mul(2);
+                return;
+            }
+        };
+        match self.new_log() {
+            Ok(wal) => {
+                info!(revision = rev, snapshot_bytes = len, "store log rotated");
+                self.wal = wal;
+                self.wal_len = 0;
+                self.snapshot_len = len;
+            }
+            Err(e) => {
+                // Unclear whether `wal` now names the new file; appending to the old one could
+                // be lost. Stop writing.
+                error!(error = %e, "store log rotation failed; refusing further writes");
+                self.failed = Some(e.to_string());
+            }
+        }
+    }
+
+    fn new_log(&self) -> io::Result<File> {
+        let tmp = self.dir.join(format!("{WAL_FILE}{TMP_SUFFIX}"));
+        // A leftover from a failed rotation must not leak records into the new log.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&tmp)?;
+        file.sync_all()?;
+        fs::rename(&tmp, self.dir.join(WAL_FILE))?;
+        sync_dir(&self.dir)?;
+        Ok(file)
+    }
+}
+
+enum Step {
+    Compacted(Revision),
+    Events { events: Vec<Event>, caught_up: bool },
+}
+
+/// Collects the next events under `prefix` starting at `*next`, whole revisions only.
+fn collect(state: &State, prefix: &str, next: &mut Revision) -> Step {
+    let compact = state.compact_revision();
+    if *next < compact {
+        return Step::Compacted(compact);
+    }
+    let mut events = Vec::new();
+    while *next <= state.revision && events.len() < MAX_WATCH_BATCH_EVENTS {
+        let Some(entry) = usize::try_from(*next - compact)
+            .ok()
+            .and_then(|i| state.history.get(i))
+        else {
+            // Cannot happen while the history covers compact..=revision; end the watch cleanly
+            // rather than skip events.
+            return Step::Compacted(compact);
+        };
+        debug_assert_eq!(entry.revision, *next);
+        events.extend(
+            entry
+                .events
+                .iter()
+                .filter(|e| e.kv.key.starts_with(prefix))
+                .cloned(),
+        );
+        *next += 1;
+    }
+    Step::Events {
+        events,
+        caught_up: *next > state.revision,
+    }
+}
+
+/// One task per watcher: follows the shared history with its own cursor. Writers never wait
+/// for it; if it falls behind the retained history it ends with `Compacted`.
+async fn run_watcher(
+    shared: Arc<Shared>,
+    prefix: String,
+    mut next: Revision,
+    tx: mpsc::Sender<Result<WatchEvent>>,
+    mut rev_rx: watch::Receiver<Revision>,
+) {
+    let mut writer_gone = false;
+    loop {
+        // Mark the current revision seen before reading, so a later write wakes us.
+        rev_rx.borrow_and_update();
+        let step = collect(&read_lock(&shared.state), &prefix, &mut next);
+        match step {
+            Step::Compacted(compact_revision) => {
+                let _ = tx
+                    .send(Ok(WatchEvent::Compacted { compact_revision }))
+                    .await;
+                return;
+            }
+            Step::Events { events, caught_up } => {
+                if !events.is_empty() && tx.send(Ok(WatchEvent::Events(events))).await.is_err() {
+                    return;
+                }
+                if !caught_up {
+                    continue;
+                }
+            }
+        }
+        if writer_gone {
+            return;
+        }
+        tokio::select! {
+            changed = rev_rx.changed() => {
+                // The store is gone: deliver what is left, then end.
+                writer_gone = changed.is_err();
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        Ok(read_lock(&self.shared.state).data.get(key).cloned())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
+        let state = read_lock(&self.shared.state);
+        let kvs = state
+            .data
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect();
+        Ok((kvs, state.revision))
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
+        validate_txn(&compares, &ops, MAX_TXN_BYTES)?;
+        let stopped = || StoreError::Unavailable("store writer has stopped".into());
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(TxnRequest {
+                compares,
+                ops,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    async fn watch(&self, prefix: &str, from_revision: Revision) -> Result<Watch> {
+        if from_revision < 0 {
+            return Err(StoreError::Invalid(format!(
+                "negative watch revision {from_revision}"
+            )));
+        }
+        let next = if from_revision == 0 {
+            read_lock(&self.shared.state).revision + 1
+        } else {
+            from_revision
+        };
+        let (tx, rx) = mpsc::channel(self.watch_buffer);
+        tokio::spawn(run_watcher(
+            self.shared.clone(),
+            prefix.to_string(),
+            next,
+            tx,
+            self.rev_rx.clone(),
+        ));
+        Ok(Watch { rx })
+    }
+
+    async fn revision(&self) -> Result<Revision> {
+        Ok(read_lock(&self.shared.state).revision)
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        let mut state = write_lock(&self.shared.state);
+        if revision > state.revision {
+            return Err(StoreError::Invalid(format!(
+                "cannot compact to future revision {revision} (current {})",
+                state.revision
+            )));
+        }
+        while state.history.front().is_some_and(|e| e.revision < revision) {
+            state.pop_history();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: EventKind, key: &str, value: &[u8], rev: Revision) -> Event {
+        Event {
+            kind,
+            kv: KeyValue {
+                key: key.into(),
+                value: value.to_vec(),
+                create_revision: rev,
+                mod_revision: rev,
+                version: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let mut buf = Vec::new();
+        let events = vec![
+            ev(EventKind::Put, "a", b"1", 7),
+            ev(EventKind::Delete, "b", b"", 7),
+        ];
+        encode_record(&mut buf, 7, 6, &events);
+        let (rec, next) = parse_record(&buf, 0).expect("valid record");
+        assert_eq!(next, buf.len());
+        assert_eq!((rec.revision, rec.group_start), (7, 6));
+        assert_eq!(rec.ops, vec![Op::put("a", b"1".to_vec()), Op::delete("b")]);
+    }
+
+    #[test]
+    fn damaged_records_are_rejected_without_panic() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, 1, 1, &[ev(EventKind::Put, "k", b"v", 1)]);
+        for cut in 0..buf.len() {
+            assert!(
+                parse_record(&buf[..cut], 0).is_err(),
+                "prefix of {cut} bytes accepted"
+            );
+        }
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x40;
+            assert!(parse_record(&bad, 0).is_err(), "flip at byte {i} accepted");
+        }
+        assert!(decode_payload(&[]).is_none());
+        assert!(decode_payload(&[RECORD_FORMAT; 64]).is_none());
+    }
+
+    #[test]
+    fn snapshot_rejects_damage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = State::new(&EmbeddedOptions::default());
+        state.apply(1, vec![ev(EventKind::Put, "k", b"v", 1)]);
+        write_snapshot(dir.path(), &state).expect("snapshot");
+        let bytes = fs::read(dir.path().join(SNAPSHOT_FILE)).expect("read");
+        let mut loaded = State::new(&EmbeddedOptions::default());
+        load_snapshot(&bytes, &mut loaded).expect("load");
+        assert_eq!(loaded.revision, 1);
+        assert_eq!(loaded.data, state.data);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            let mut s = State::new(&EmbeddedOptions::default());
+            assert!(matches!(
+                load_snapshot(&bad, &mut s),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
+    }
+}

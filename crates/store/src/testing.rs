@@ -1,0 +1,236 @@
+//! Helpers for tests (this crate's and others'): a throwaway etcd server and throwaway
+//! embedded stores. They panic on setup failure, as test fixtures do.
+
+use crate::embedded::{EmbeddedOptions, EmbeddedStore};
+use crate::DynStore;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where Debian's `etcd-server` package puts the binary; `ISTHMUS_ETCD_BIN` overrides it.
+pub const ETCD_BIN: &str = "/usr/bin/etcd";
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const START_ATTEMPTS: usize = 5;
+
+/// A single-member etcd on loopback ports with its data in a temp dir. Dropping it kills the
+/// process, reaps it and removes the data.
+pub struct EtcdProcess {
+    child: Option<Child>,
+    client_port: u16,
+    peer_port: u16,
+    bin: PathBuf,
+    // Declared last: dropped after the process is gone.
+    dir: tempfile::TempDir,
+}
+
+fn etcd_bin() -> PathBuf {
+    std::env::var_os("ISTHMUS_ETCD_BIN").map_or_else(|| PathBuf::from(ETCD_BIN), PathBuf::from)
+}
+
+/// A port the kernel just handed out. Another process may grab it before etcd binds it; the
+/// caller retries with fresh ports when etcd fails to start.
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn healthy(port: u16) -> bool {
+    let probe = || -> std::io::Result<String> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    probe().is_ok_and(|body| body.contains("\"health\":\"true\""))
+}
+
+impl EtcdProcess {
+    /// Starts etcd and waits until it serves requests. Panics with the reason (including a
+    /// missing binary) if it cannot.
+    pub fn start() -> EtcdProcess {
+        match Self::try_start() {
+            Ok(p) => p,
+            Err(e) => panic!("cannot start etcd for tests: {e}"),
+        }
+    }
+
+    pub fn try_start() -> Result<EtcdProcess, String> {
+        let bin = etcd_bin();
+        if !bin.exists() {
+            return Err(format!(
+                "etcd binary not found at {} (install it: apt-get install -y etcd-server, or set \
+                 ISTHMUS_ETCD_BIN)",
+                bin.display()
+            ));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("isthmus-etcd-")
+            .tempdir()
+            .map_err(|e| format!("temp dir: {e}"))?;
+        let mut proc = EtcdProcess {
+            child: None,
+            client_port: 0,
+            peer_port: 0,
+            bin,
+            dir,
+        };
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let ports = free_port().and_then(|c| Ok((c, free_port()?)));
+            let (client, peer) = ports.map_err(|e| format!("picking ports: {e}"))?;
+            if client == peer {
+                continue;
+            }
+            // A failed attempt may have bootstrapped a member with other peer URLs.
+            let _ = std::fs::remove_dir_all(proc.dir.path().join("data"));
+            proc.client_port = client;
+            proc.peer_port = peer;
+            match proc.launch() {
+                Ok(()) => return Ok(proc),
+                // Most likely a port taken in between; try others.
+                Err(e) => last = e,
+            }
+        }
+        Err(format!(
+            "etcd did not start after {START_ATTEMPTS} attempts: {last}"
+        ))
+    }
+
+    /// Spawns etcd on the current ports and data dir and waits for health.
+    fn launch(&mut self) -> Result<(), String> {
+        let data = self.dir.path().join("data");
+        let log_path = self.dir.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| format!("log file: {e}"))?;
+        let log_err = log.try_clone().map_err(|e| format!("log file: {e}"))?;
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(&self.bin)
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"))
+            .arg("--quota-backend-bytes=1073741824")
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", self.bin.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if healthy(self.client_port) {
+                return Ok(());
+            }
+            let exited = match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => Some(status.to_string()),
+                Some(Err(e)) => Some(e.to_string()),
+                _ => None,
+            };
+            if let Some(status) = exited {
+                self.child = None;
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let start = log.len().saturating_sub(2000);
+                let start = (start..log.len())
+                    .find(|&i| log.is_char_boundary(i))
+                    .unwrap_or(start);
+                return Err(format!(
+                    "etcd exited ({status}): {}",
+                    log.get(start..).unwrap_or("")
+                ));
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!("etcd not healthy within {START_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Client URL, e.g. `http://127.0.0.1:40123`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills etcd (SIGKILL) and reaps it; data stays.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills etcd and starts it again on the same ports and data (to test reconnects).
+    pub fn restart(&mut self) {
+        self.kill();
+        // The ports were ours a moment ago; retry briefly in case the kernel lingers.
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            match self.launch() {
+                Ok(()) => return,
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("cannot restart etcd: {last}");
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An embedded store in a temp dir that lives as long as this value.
+pub struct TempEmbedded {
+    pub store: Arc<EmbeddedStore>,
+    // Declared last: the store (and its writer) go first.
+    pub dir: tempfile::TempDir,
+}
+
+impl TempEmbedded {
+    pub fn new() -> TempEmbedded {
+        Self::with_options(EmbeddedOptions::default())
+    }
+
+    pub fn with_options(opts: EmbeddedOptions) -> TempEmbedded {
+        let dir = tempfile::Builder::new()
+            .prefix("isthmus-store-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let store = EmbeddedStore::open_with(dir.path(), opts)
+            .unwrap_or_else(|e| panic!("open embedded store: {e}"));
+        TempEmbedded { store, dir }
+    }
+
+    pub fn dyn_store(&self) -> DynStore {
+        self.store.clone()
+    }
+}
+
+impl Default for TempEmbedded {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs `f` against a fresh embedded store in a temp dir, removed afterwards.
+pub async fn with_embedded_store<F, Fut, T>(f: F) -> T
+where
+    F: FnOnce(DynStore) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let tmp = TempEmbedded::new();
+    f(tmp.dyn_store()).await
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Runs OpenStack's tempest network API tests against a fresh `isthmus up`.
+#   scripts/tempest.sh [REGEX]
+# Needs python3-tempest and python3-openstackclient (scripts/setup.sh --test).
+# Prints "tempest: N passed, N failed, N skipped" last; exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+regex=${1:-'^tempest\.api\.network\.(test_networks|test_networks_negative|test_ports|test_security_groups|test_security_groups_negative|test_extensions|test_versions|test_tags)'}
+workers=${TEMPEST_WORKERS:-2}
+bin=$root/target/release/isthmus
+[ -x "$bin" ] || cargo build --release -p isthmus-cli
+export PATH=/usr/bin:$PATH   # Debian's python carries tempest
+
+ws=$(mktemp -d /tmp/isthmus-tempest.XXXXXX)
+data=$ws/data
+adminpw=admin-$RANDOM-$RANDOM
+id_port=${ISTHMUS_TEMPEST_ID_PORT:-5000}
+net_port=${ISTHMUS_TEMPEST_NET_PORT:-9696}
+auth=http://127.0.0.1:$id_port/v3
+
+ISTHMUS_LOG=${ISTHMUS_LOG:-warn} "$bin" up --data-dir "$data" --admin-password "$adminpw" \
+  --identity-listen 127.0.0.1:$id_port --network-listen 127.0.0.1:$net_port >"$ws/server.log" 2>&1 &
+server=$!
+cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; }
+trap cleanup EXIT
+for _ in $(seq 1 100); do
+  curl -sf "http://127.0.0.1:$id_port/v3" >/dev/null 2>&1 && break
+  kill -0 "$server" 2>/dev/null || { cat "$ws/server.log"; echo "tempest: server did not start"; exit 1; }
+  sleep 0.1
+done
+
+osc() {
+  openstack --os-auth-url "$auth" --os-identity-api-version 3 --os-username admin --os-password "$adminpw" \
+    --os-project-name admin --os-user-domain-name Default --os-project-domain-name Default "$@"
+}
+
+# Test accounts: tempest locks one per test class, so give it a few more than workers.
+pw=tempest-$RANDOM-$RANDOM
+acc=$ws/accounts.yaml
+: >"$acc"
+for i in $(seq 1 $((workers * 2 + 2))); do
+  osc project create --domain Default "tp$i" >/dev/null
+  osc user create --domain Default --project "tp$i" --password "$pw" "tu$i" >/dev/null
+  osc role add --project "tp$i" --user "tu$i" member >/dev/null
+  printf -- '- username: tu%s\n  project_name: tp%s\n  password: %s\n  domain_name: Default\n  roles: [member]\n' "$i" "$i" "$pw" >>"$acc"
+done
+for i in 1 2; do
+  osc user create --domain Default --project admin --password "$pw" "tadmin$i" >/dev/null
+  osc role add --project admin --user "tadmin$i" admin >/dev/null
+  printf -- '- username: tadmin%s\n  project_name: admin\n  password: %s\n  domain_name: Default\n  roles: [admin]\n' "$i" "$pw" >>"$acc"
+done
+
+# Tell tempest exactly the extensions the server advertises.
+token=$(osc token issue -f value -c id)
+exts=$(curl -sf -H "X-Auth-Token: $token" "http://127.0.0.1:$net_port/v2.0/extensions" |
+  python3 -c 'import json,sys; print(",".join(e["alias"] for e in json.load(sys.stdin)["extensions"]))')
+
+(cd "$ws" && tempest init tws >/dev/null 2>&1)
+cat >"$ws/tws/etc/tempest.conf" <<CONF
+[DEFAULT]
+log_dir = $ws/tws/logs
+log_file = tempest.log
+[auth]
+use_dynamic_credentials = false
+test_accounts_file = $acc
+default_credentials_domain_name = Default
+create_isolated_networks = false
+admin_username = admin
+admin_project_name = admin
+admin_password = $adminpw
+admin_domain_name = Default
+[identity]
+auth_version = v3
+uri_v3 = $auth
+region = RegionOne
+[identity-feature-enabled]
+api_v2 = false
+[service_available]
+neutron = true
+nova = false
+glance = false
+cinder = false
+swift = false
+[network]
+project_network_cidr = 10.100.0.0/16
+project_network_mask_bits = 28
+project_network_v6_cidr = 2001:db8::/48
+project_network_v6_mask_bits = 64
+project_networks_reachable = false
+public_network_id =
+[network-feature-enabled]
+ipv6 = true
+ipv6_subnet_attributes = true
+api_extensions = $exts
+[validation]
+run_validation = false
+CONF
+
+cd "$ws/tws"
+set +e
+TEMPEST_CONFIG_DIR=$ws/tws/etc tempest run --regex "$regex" --concurrency "$workers" >"$ws/run.log" 2>&1
+set -e
+grep -E '^\{[0-9]+\} .*(FAILED|ok|SKIPPED)' "$ws/run.log" | grep -v ' ok$' | tail -n 60 || true
+grep -A30 -E '^(FAIL|ERROR):|Traceback' "$ws/run.log" | head -n 200 || true
+num() { grep -Eo -- "- $1: [0-9]+" "$ws/run.log" | grep -Eo '[0-9]+' | tail -1; }
+p=$(num Passed); f=$(num Failed); s=$(num Skipped)
+echo "tempest workspace: $ws (run.log, tws/logs/tempest.log, server.log)"
+echo "tempest extensions: $exts"
+echo "tempest: ${p:-0} passed, ${f:-0} failed, ${s:-0} skipped"
+[ "${f:-1}" = 0 ] && [ "${p:-0}" -gt 0 ]
