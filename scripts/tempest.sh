@@ -56,7 +56,7 @@ token=$(osc token issue -f value -c id)
 exts=$(curl -sf -H "X-Auth-Token: $token" "http://127.0.0.1:$net_port/v2.0/extensions" |
   python3 -c 'import json,sys; print(",".join(e["alias"] for e in json.load(sys.stdin)["extensions"]))')
 
-(cd "$ws" && tempest init tws >/dev/null 2>&1)
+tempest init --workspace-path "$ws/workspaces.yaml" --name "isthmus-$(basename "$ws")" "$ws/tws" >"$ws/init.log" 2>&1 || { cat "$ws/init.log"; exit 1; }
 cat >"$ws/tws/etc/tempest.conf" <<CONF
 [DEFAULT]
 log_dir = $ws/tws/logs

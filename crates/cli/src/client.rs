@@ -50,14 +50,22 @@ struct Session {
 }
 
 async fn login(a: &AuthArgs) -> Result<Session> {
-    let password = a.os_password.clone().ok_or_else(|| anyhow!("no password: set OS_PASSWORD (or source the openrc that `isthmus up` wrote)"))?;
+    let password = a
+        .os_password
+        .clone()
+        .ok_or_else(|| anyhow!("no password: set OS_PASSWORD (or source the openrc that `isthmus up` wrote)"))?;
     let http = reqwest::Client::new();
     let body = json!({"auth": {
         "identity": {"methods": ["password"], "password": {"user": {
             "name": a.os_username, "domain": {"name": a.os_user_domain_name}, "password": password}}},
         "scope": {"project": {"name": a.os_project_name, "domain": {"name": a.os_project_domain_name}}}}});
     let url = format!("{}/auth/tokens", a.os_auth_url.trim_end_matches('/'));
-    let resp = http.post(&url).json(&body).send().await.with_context(|| format!("contacting identity at {url}"))?;
+    let resp = http
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("contacting identity at {url}"))?;
     let status = resp.status();
     if !status.is_success() {
         let text = resp.text().await.unwrap_or_default();
@@ -79,17 +87,30 @@ async fn login(a: &AuthArgs) -> Result<Session> {
         .ok_or_else(|| anyhow!("the catalog has no network endpoint"))?
         .trim_end_matches('/')
         .to_string();
-    Ok(Session { http, token, network_url })
+    Ok(Session {
+        http,
+        token,
+        network_url,
+    })
 }
 
 impl Session {
     async fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}/v2.0/{path}", self.network_url);
-        let resp = self.http.get(&url).header("X-Auth-Token", &self.token).send().await.with_context(|| format!("GET {url}"))?;
+        let resp = self
+            .http
+            .get(&url)
+            .header("X-Auth-Token", &self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            let msg = v["NeutronError"]["message"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            let msg = v["NeutronError"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
             bail!("{status}: {msg}");
         }
         Ok(v)
@@ -99,14 +120,30 @@ impl Session {
 fn summary(plural: &str, item: &Value) -> String {
     let s = |k: &str| item[k].as_str().unwrap_or("").to_string();
     match plural {
-        "networks" => format!("{}  {:<24} subnets={}", s("id"), s("name"), item["subnets"].as_array().map(|a| a.len()).unwrap_or(0)),
+        "networks" => format!(
+            "{}  {:<24} subnets={}",
+            s("id"),
+            s("name"),
+            item["subnets"].as_array().map(|a| a.len()).unwrap_or(0)
+        ),
         "subnets" => format!("{}  {:<24} {} net={}", s("id"), s("name"), s("cidr"), s("network_id")),
         _ => {
             let ips: Vec<String> = item["fixed_ips"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|f| f["ip_address"].as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|f| f["ip_address"].as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default();
-            format!("{}  {:<20} {} {:<6} {}", s("id"), s("name"), s("mac_address"), s("status"), ips.join(","))
+            format!(
+                "{}  {:<20} {} {:<6} {}",
+                s("id"),
+                s("name"),
+                s("mac_address"),
+                s("status"),
+                ips.join(",")
+            )
         }
     }
 }

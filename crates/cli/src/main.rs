@@ -38,7 +38,12 @@ struct StoreArgs {
     #[arg(long, env = "ISTHMUS_DATA_DIR", default_value = "/var/lib/isthmus")]
     data_dir: PathBuf,
     /// etcd endpoints, comma-separated (for --store etcd).
-    #[arg(long, env = "ISTHMUS_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "ISTHMUS_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     etcd_endpoints: Vec<String>,
 }
 
@@ -80,7 +85,10 @@ struct UpArgs {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ISTHMUS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn open_store(args: &StoreArgs) -> Result<DynStore> {
@@ -202,7 +210,10 @@ async fn run_up(args: UpArgs) -> Result<()> {
         .open(&openrc)
         .with_context(|| format!("writing {}", openrc.display()))?;
     std::io::Write::write_all(&mut f, rc.as_bytes())?;
-    println!("Isthmus is up (all-in-one, embedded store in {}).", args.data_dir.display());
+    println!(
+        "Isthmus is up (all-in-one, embedded store in {}).",
+        args.data_dir.display()
+    );
     println!("  identity: {}", handle.state.identity_url);
     println!("  network:  {}", handle.state.network_url);
     println!("Use it with the openstack CLI:");

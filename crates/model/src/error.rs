@@ -13,20 +13,32 @@ pub struct NeutronError {
 
 impl NeutronError {
     pub fn new(status: u16, kind: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { status, kind: kind.into(), message: message.into() }
+        Self {
+            status,
+            kind: kind.into(),
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "HTTPBadRequest", message)
     }
     pub fn invalid_input(message: impl Into<String>) -> Self {
-        Self::new(400, "InvalidInput", format!("Invalid input for operation: {}.", message.into()))
+        Self::new(
+            400,
+            "InvalidInput",
+            format!("Invalid input for operation: {}.", message.into()),
+        )
     }
     /// 400 for an attribute that fails validation, worded as Neutron words it.
     pub fn invalid_attr(attr: &str, reason: impl Into<String>) -> Self {
         Self::bad_request(format!("Invalid input for {attr}. Reason: {}.", reason.into()))
     }
     pub fn not_found(kind: &str, what: &str, id: &str) -> Self {
-        Self::new(404, format!("{kind}NotFound"), format!("{what} {id} could not be found."))
+        Self::new(
+            404,
+            format!("{kind}NotFound"),
+            format!("{what} {id} could not be found."),
+        )
     }
     pub fn conflict(kind: impl Into<String>, message: impl Into<String>) -> Self {
         Self::new(409, kind, message)
@@ -35,7 +47,11 @@ impl NeutronError {
         Self::new(403, "PolicyNotAuthorized", message)
     }
     pub fn unauthorized() -> Self {
-        Self::new(401, "HTTPUnauthorized", "The request you have made requires authentication.")
+        Self::new(
+            401,
+            "HTTPUnauthorized",
+            "The request you have made requires authentication.",
+        )
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "HTTPInternalServerError", message)

@@ -35,12 +35,18 @@ pub fn parse_cidr(s: &str, ip_version: u8) -> NResult<IpNet> {
     if net.trunc() != net {
         return Err(NeutronError::invalid_attr(
             "cidr",
-            format!("'{s}' isn't a recognized IP subnet cidr, '{}' is recommended", net.trunc()),
+            format!(
+                "'{s}' isn't a recognized IP subnet cidr, '{}' is recommended",
+                net.trunc()
+            ),
         ));
     }
     let max = if is_v6 { 128 } else { 32 };
     if net.prefix_len() == 0 || net.prefix_len() > max {
-        return Err(NeutronError::invalid_attr("cidr", format!("'{s}' is not a valid IP subnet")));
+        return Err(NeutronError::invalid_attr(
+            "cidr",
+            format!("'{s}' is not a valid IP subnet"),
+        ));
     }
     Ok(net)
 }
@@ -67,7 +73,10 @@ pub fn default_pools(net: &IpNet, gateway: Option<IpAddr>) -> Vec<AllocationPool
     let (first, last) = bounds(net);
     if first == last {
         let a = from_u128(first, v6).to_string();
-        return vec![AllocationPool { start: a.clone(), end: a }];
+        return vec![AllocationPool {
+            start: a.clone(),
+            end: a,
+        }];
     }
     let lo = first + 1;
     let hi = if v6 { last } else { last - 1 };
@@ -104,11 +113,7 @@ pub fn default_pools(net: &IpNet, gateway: Option<IpAddr>) -> Vec<AllocationPool
 }
 
 /// Parsed pools as integer ranges, validated against the subnet and the gateway.
-pub fn validate_pools(
-    net: &IpNet,
-    gateway: Option<IpAddr>,
-    pools: &[AllocationPool],
-) -> NResult<Vec<(u128, u128)>> {
+pub fn validate_pools(net: &IpNet, gateway: Option<IpAddr>, pools: &[AllocationPool]) -> NResult<Vec<(u128, u128)>> {
     let v6 = net_is_v6(net);
     let (first, last) = bounds(net);
     let mut ranges = Vec::with_capacity(pools.len());
@@ -130,7 +135,11 @@ pub fn validate_pools(
             return Err(bad());
         }
         // IPv4 pools may not include the network or broadcast address.
-        let (lo, hi) = if v6 || first == last { (first, last) } else { (first + 1, last - 1) };
+        let (lo, hi) = if v6 || first == last {
+            (first, last)
+        } else {
+            (first + 1, last - 1)
+        };
         if a < lo || b > hi {
             return Err(NeutronError::new(
                 400,
@@ -175,21 +184,17 @@ pub fn validate_pools(
 /// Whether `ip` falls in one of the pools.
 pub fn in_pools(pools: &[AllocationPool], ip: IpAddr) -> bool {
     let v = to_u128(ip);
-    pools.iter().any(|p| {
-        match (p.start.parse::<IpAddr>(), p.end.parse::<IpAddr>()) {
+    pools
+        .iter()
+        .any(|p| match (p.start.parse::<IpAddr>(), p.end.parse::<IpAddr>()) {
             (Ok(s), Ok(e)) => to_u128(s) <= v && v <= to_u128(e) && s.is_ipv6() == ip.is_ipv6(),
             _ => false,
-        }
-    })
+        })
 }
 
 /// Up to `want` free addresses from the pools, lowest first, skipping those `used` reports.
 /// Scans lazily so a large, mostly-free pool costs only `want` probes.
-pub fn free_candidates(
-    pools: &[AllocationPool],
-    want: usize,
-    mut used: impl FnMut(IpAddr) -> bool,
-) -> Vec<IpAddr> {
+pub fn free_candidates(pools: &[AllocationPool], want: usize, mut used: impl FnMut(IpAddr) -> bool) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for p in pools {
         let (Ok(s), Ok(e)) = (p.start.parse::<IpAddr>(), p.end.parse::<IpAddr>()) else {
@@ -260,7 +265,10 @@ pub fn normalize_mac(s: &str) -> Option<String> {
 }
 
 pub fn format_mac(b: [u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4], b[5]
+    )
 }
 
 /// A random MAC under Neutron's default base `fa:16:3e`.
@@ -282,7 +290,13 @@ mod tests {
         let gw = default_gateway(&n);
         assert_eq!(gw, Some("10.0.0.1".parse().unwrap()));
         let p = default_pools(&n, gw);
-        assert_eq!(p, vec![AllocationPool { start: "10.0.0.2".into(), end: "10.0.0.254".into() }]);
+        assert_eq!(
+            p,
+            vec![AllocationPool {
+                start: "10.0.0.2".into(),
+                end: "10.0.0.254".into()
+            }]
+        );
         let p6 = default_pools(&net("2001:db8::/64"), None);
         assert_eq!(p6[0].start, "2001:db8::1");
         assert_eq!(p6[0].end, "2001:db8::ffff:ffff:ffff:ffff");
@@ -309,22 +323,43 @@ mod tests {
     fn pools_validated() {
         let n = net("10.0.0.0/24");
         let gw = Some("10.0.0.1".parse().unwrap());
-        let ok = [AllocationPool { start: "10.0.0.10".into(), end: "10.0.0.20".into() }];
+        let ok = [AllocationPool {
+            start: "10.0.0.10".into(),
+            end: "10.0.0.20".into(),
+        }];
         assert!(validate_pools(&n, gw, &ok).is_ok());
         let overlap = [
-            AllocationPool { start: "10.0.0.10".into(), end: "10.0.0.20".into() },
-            AllocationPool { start: "10.0.0.20".into(), end: "10.0.0.30".into() },
+            AllocationPool {
+                start: "10.0.0.10".into(),
+                end: "10.0.0.20".into(),
+            },
+            AllocationPool {
+                start: "10.0.0.20".into(),
+                end: "10.0.0.30".into(),
+            },
         ];
         assert_eq!(validate_pools(&n, gw, &overlap).unwrap_err().status, 409);
-        let out = [AllocationPool { start: "10.0.0.10".into(), end: "10.0.1.20".into() }];
+        let out = [AllocationPool {
+            start: "10.0.0.10".into(),
+            end: "10.0.1.20".into(),
+        }];
         assert_eq!(validate_pools(&n, gw, &out).unwrap_err().status, 400);
-        let gwc = [AllocationPool { start: "10.0.0.1".into(), end: "10.0.0.20".into() }];
-        assert_eq!(validate_pools(&n, gw, &gwc).unwrap_err().kind, "GatewayConflictWithAllocationPools");
+        let gwc = [AllocationPool {
+            start: "10.0.0.1".into(),
+            end: "10.0.0.20".into(),
+        }];
+        assert_eq!(
+            validate_pools(&n, gw, &gwc).unwrap_err().kind,
+            "GatewayConflictWithAllocationPools"
+        );
     }
 
     #[test]
     fn candidates_skip_used_and_stop_early() {
-        let pools = [AllocationPool { start: "10.0.0.2".into(), end: "10.0.0.254".into() }];
+        let pools = [AllocationPool {
+            start: "10.0.0.2".into(),
+            end: "10.0.0.254".into(),
+        }];
         let c = free_candidates(&pools, 3, |ip| ip.to_string() == "10.0.0.3");
         let c: Vec<String> = c.iter().map(|i| i.to_string()).collect();
         assert_eq!(c, ["10.0.0.2", "10.0.0.4", "10.0.0.5"]);

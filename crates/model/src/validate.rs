@@ -96,7 +96,10 @@ impl Body {
                 .into_iter()
                 .map(|i| match i {
                     Value::String(s) => Ok(s),
-                    other => Err(NeutronError::invalid_attr(key, format!("'{other}' is not a valid string"))),
+                    other => Err(NeutronError::invalid_attr(
+                        key,
+                        format!("'{other}' is not a valid string"),
+                    )),
                 })
                 .collect::<NResult<Vec<_>>>()
                 .map(Some),
@@ -113,7 +116,10 @@ impl Body {
                 .into_iter()
                 .map(|i| match i {
                     Value::Object(m) => Ok(m),
-                    other => Err(NeutronError::invalid_attr(key, format!("'{other}' is not a dictionary"))),
+                    other => Err(NeutronError::invalid_attr(
+                        key,
+                        format!("'{other}' is not a dictionary"),
+                    )),
                 })
                 .collect::<NResult<Vec<_>>>()
                 .map(Some),

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Keystone-compatible identity listener.
@@ -53,6 +53,28 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             password_hash_kib: 19 * 1024,
         }
+    }
+}
+
+// Written by hand so the admin password never reaches a log line.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("identity_listen", &self.identity_listen)
+            .field("network_listen", &self.network_listen)
+            .field("network_public_url", &self.network_public_url)
+            .field("identity_public_url", &self.identity_public_url)
+            .field("token_ttl_secs", &self.token_ttl_secs)
+            .field("admin_user", &self.admin_user)
+            .field("admin_password", &self.admin_password.as_ref().map(|_| "<redacted>"))
+            .field("admin_project", &self.admin_project)
+            .field("region", &self.region)
+            .field("vni_min", &self.vni_min)
+            .field("vni_max", &self.vni_max)
+            .field("underlay_mtu", &self.underlay_mtu)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("password_hash_kib", &self.password_hash_kib)
+            .finish()
     }
 }
 

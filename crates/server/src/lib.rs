@@ -82,7 +82,10 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
     let id_router = identity::router(state.clone());
     let net_router = neutron::router(state.clone());
     let mut tasks = Vec::new();
-    for (listener, router, name) in [(id_listener, id_router, "identity"), (net_listener, net_router, "network")] {
+    for (listener, router, name) in [
+        (id_listener, id_router, "identity"),
+        (net_listener, net_router, "network"),
+    ] {
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let res = axum::serve(listener, router)
@@ -96,5 +99,11 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         }));
     }
     tracing::info!(%identity_addr, %network_addr, "isthmus server listening");
-    Ok(ServerHandle { identity_addr, network_addr, state, shutdown, tasks })
+    Ok(ServerHandle {
+        identity_addr,
+        network_addr,
+        state,
+        shutdown,
+        tasks,
+    })
 }

@@ -4,9 +4,7 @@
 //! steps and one compacts the store, so run the suite on a store nobody else writes to at the
 //! same time. Cases panic (assert) on a deviation, like test code.
 
-use crate::{
-    Compare, DynStore, Event, EventKind, KeyValue, Op, Revision, StoreError, Watch, WatchEvent,
-};
+use crate::{Compare, DynStore, Event, EventKind, KeyValue, Op, Revision, StoreError, Watch, WatchEvent};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -162,12 +160,7 @@ pub async fn crud(store: DynStore) {
     assert_eq!(r2, r1 + 1);
     let kv = must_get(&store, &k).await;
     assert_eq!(
-        (
-            kv.value.as_slice(),
-            kv.create_revision,
-            kv.mod_revision,
-            kv.version
-        ),
+        (kv.value.as_slice(), kv.create_revision, kv.mod_revision, kv.version),
         (&b"v2"[..], r1, r2, 2)
     );
 
@@ -183,12 +176,7 @@ pub async fn crud(store: DynStore) {
     assert_eq!(r4, r3 + 1);
     let kv = must_get(&store, &k).await;
     assert_eq!(
-        (
-            kv.value.len(),
-            kv.create_revision,
-            kv.mod_revision,
-            kv.version
-        ),
+        (kv.value.len(), kv.create_revision, kv.mod_revision, kv.version),
         (0, r4, r4, 1)
     );
 
@@ -205,10 +193,7 @@ pub async fn list_prefix(store: DynStore) {
         .iter()
         .enumerate()
     {
-        store
-            .put(&format!("{p}{k}"), vec![i as u8])
-            .await
-            .expect("put");
+        store.put(&format!("{p}{k}"), vec![i as u8]).await.expect("put");
     }
     let now = rev(&store).await;
 
@@ -243,10 +228,7 @@ pub async fn revisions(store: DynStore) {
     let p = fresh_prefix("rev");
     let mut last = rev(&store).await;
     for i in 0..5 {
-        let r = store
-            .put(&format!("{p}{i}"), b"x".to_vec())
-            .await
-            .expect("put");
+        let r = store.put(&format!("{p}{i}"), b"x".to_vec()).await.expect("put");
         assert_eq!(r, last + 1, "put {i}");
         last = r;
     }
@@ -268,11 +250,7 @@ pub async fn revisions(store: DynStore) {
         .txn(vec![], vec![Op::delete(format!("{p}absent"))])
         .await
         .expect("txn");
-    assert_eq!(
-        (res.succeeded, res.revision),
-        (true, last),
-        "delete of absent key"
-    );
+    assert_eq!((res.succeeded, res.revision), (true, last), "delete of absent key");
     let res = store
         .txn(
             vec![Compare::Exists(format!("{p}absent"))],
@@ -300,14 +278,8 @@ pub async fn compares(store: DynStore) {
     assert_eq!(created.mod_revision, res.revision);
 
     let cases: Vec<(Vec<Compare>, &str)> = vec![
-        (
-            vec![Compare::Absent(k.clone())],
-            "Absent on an existing key",
-        ),
-        (
-            vec![Compare::Exists(missing.clone())],
-            "Exists on a missing key",
-        ),
+        (vec![Compare::Absent(k.clone())], "Absent on an existing key"),
+        (vec![Compare::Exists(missing.clone())], "Exists on a missing key"),
         (
             vec![Compare::ModRevision(k.clone(), created.mod_revision - 1)],
             "stale ModRevision",
@@ -334,11 +306,7 @@ pub async fn compares(store: DynStore) {
         let res = store.txn(cmp, put("changed")).await.expect("txn");
         assert!(!res.succeeded, "{what} must fail");
         assert_eq!(res.revision, before, "{what}: revision");
-        assert_eq!(
-            must_get(&store, &k).await,
-            created,
-            "{what} changed the key"
-        );
+        assert_eq!(must_get(&store, &k).await, created, "{what} changed the key");
     }
 
     let res = store
@@ -367,22 +335,11 @@ pub async fn compares(store: DynStore) {
 /// All ops of a txn apply together at one revision, or none do.
 pub async fn atomicity(store: DynStore) {
     let p = fresh_prefix("atomic");
-    let (a, b, c, guard) = (
-        format!("{p}a"),
-        format!("{p}b"),
-        format!("{p}c"),
-        format!("{p}guard"),
-    );
+    let (a, b, c, guard) = (format!("{p}a"), format!("{p}b"), format!("{p}c"), format!("{p}guard"));
     store.put(&c, b"old".to_vec()).await.expect("put");
     store.put(&guard, b"g".to_vec()).await.expect("put");
 
-    let ops = || {
-        vec![
-            Op::put(a.clone(), "A"),
-            Op::put(b.clone(), "B"),
-            Op::delete(c.clone()),
-        ]
-    };
+    let ops = || vec![Op::put(a.clone(), "A"), Op::put(b.clone(), "B"), Op::delete(c.clone())];
     let before = rev(&store).await;
     let res = store
         .txn(vec![Compare::Absent(guard.clone())], ops())
@@ -442,10 +399,7 @@ pub async fn concurrent_cas(store: DynStore) {
     const EACH: usize = 2;
     let k = format!("{}counter", fresh_prefix("cas"));
     let res = store
-        .txn(
-            vec![Compare::Absent(k.clone())],
-            vec![Op::put(k.clone(), "0")],
-        )
+        .txn(vec![Compare::Absent(k.clone())], vec![Op::put(k.clone(), "0")])
         .await
         .expect("create");
     assert!(res.succeeded);
@@ -459,10 +413,7 @@ pub async fn concurrent_cas(store: DynStore) {
             for _ in 0..EACH {
                 loop {
                     let kv = must_get(&store, &k).await;
-                    let n: u64 = std::str::from_utf8(&kv.value)
-                        .expect("utf8")
-                        .parse()
-                        .expect("number");
+                    let n: u64 = std::str::from_utf8(&kv.value).expect("utf8").parse().expect("number");
                     let res = store
                         .txn(
                             vec![Compare::ModRevision(k.clone(), kv.mod_revision)],
@@ -486,11 +437,7 @@ pub async fn concurrent_cas(store: DynStore) {
     let total = (TASKS * EACH) as i64;
     assert_eq!(kv.value, total.to_string().into_bytes(), "lost updates");
     assert_eq!(kv.version, total + 1);
-    assert_eq!(
-        kv.mod_revision,
-        start + total,
-        "one revision per successful increment"
-    );
+    assert_eq!(kv.mod_revision, start + total, "one revision per successful increment");
     assert_eq!(
         rev(&store).await,
         start + total,
@@ -501,10 +448,7 @@ pub async fn concurrent_cas(store: DynStore) {
 /// Watch from 0 sees what happens after it started, not before.
 pub async fn watch_from_now(store: DynStore) {
     let p = fresh_prefix("wnow");
-    store
-        .put(&format!("{p}before"), b"0".to_vec())
-        .await
-        .expect("put");
+    store.put(&format!("{p}before"), b"0".to_vec()).await.expect("put");
     let mut w = store.watch(&p, 0).await.expect("watch");
     let k = format!("{p}after");
     store.put(&k, b"1".to_vec()).await.expect("put");
@@ -557,10 +501,7 @@ pub async fn watch_prefix_filter(store: DynStore) {
     let p = fresh_prefix("wprefix");
     let mut w = store.watch(&format!("{p}a/"), 0).await.expect("watch");
     for k in ["ab", "a", "b/a/", "ab/1"] {
-        store
-            .put(&format!("{p}{k}"), b"n".to_vec())
-            .await
-            .expect("put");
+        store.put(&format!("{p}{k}"), b"n".to_vec()).await.expect("put");
     }
     let inside = format!("{p}a/1");
     store.put(&inside, b"y".to_vec()).await.expect("put");
@@ -606,11 +547,7 @@ pub async fn watch_txn_batch(store: DynStore) {
         }
     }
     // collect_events checks no revision is split across batches.
-    let got: Vec<Event> = collect_events(&mut w, want.len())
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
+    let got: Vec<Event> = collect_events(&mut w, want.len()).await.into_iter().flatten().collect();
     assert_eq!(got, want);
 }
 
@@ -619,10 +556,7 @@ pub async fn watch_future_revision(store: DynStore) {
     let p = fresh_prefix("wfuture");
     let start = rev(&store).await + 2;
     let mut w = store.watch(&p, start).await.expect("watch");
-    store
-        .put(&format!("{p}first"), b"1".to_vec())
-        .await
-        .expect("put");
+    store.put(&format!("{p}first"), b"1".to_vec()).await.expect("put");
     let k = format!("{p}second");
     let r = store.put(&k, b"2".to_vec()).await.expect("put");
     assert_eq!(r, start);
@@ -635,18 +569,9 @@ pub async fn watch_future_revision(store: DynStore) {
 /// After compact(r), a watch from before r gets Compacted{r} and ends; from r it works.
 pub async fn watch_compacted(store: DynStore) {
     let p = fresh_prefix("wcompact");
-    let r1 = store
-        .put(&format!("{p}1"), b"1".to_vec())
-        .await
-        .expect("put");
-    let r2 = store
-        .put(&format!("{p}2"), b"2".to_vec())
-        .await
-        .expect("put");
-    store
-        .put(&format!("{p}3"), b"3".to_vec())
-        .await
-        .expect("put");
+    let r1 = store.put(&format!("{p}1"), b"1".to_vec()).await.expect("put");
+    let r2 = store.put(&format!("{p}2"), b"2".to_vec()).await.expect("put");
+    store.put(&format!("{p}3"), b"3".to_vec()).await.expect("put");
     store.compact(r2).await.expect("compact");
     // Idempotent for older revisions.
     store.compact(r1).await.expect("compact older");

@@ -9,21 +9,23 @@
 //! One writer thread owns the log. It takes every queued transaction at once (group commit),
 //! evaluates them in order against memory plus the not-yet-applied effects of the earlier ones,
 //! appends their records, calls `fdatasync` once, and only then applies them to memory and
-//! answers. A write is therefore acknowledged only once it is on disk.
+//! answers. A write is therefore acknowledged only once it is on disk. The log is zero-filled
+//! ahead of the writes, so a sync need not commit a new file size; zeros after the last
+//! record mark the log's end.
 //!
 //! Log record: `u32 payload length | u32 CRC32 of payload | payload`, little endian. Payload:
 //! `u8 format | i64 revision | i64 first revision of its group commit | u32 op count | ops`,
 //! an op being `u8 kind | u32 key length | key | (put only) u32 value length | value`.
 
 use crate::{
-    Compare, Event, EventKind, KeyValue, Op, Result, Revision, Store, StoreError, TxnResult, Watch,
-    WatchEvent,
+    Compare, Event, EventKind, KeyValue, Op, Result, Revision, Store, StoreError, TxnResult, Watch, WatchEvent,
 };
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc as std_mpsc, Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
@@ -52,6 +54,11 @@ const SNAPSHOT_TRAILER: usize = 8 + 4;
 
 /// Transactions taken into one group commit at most.
 const MAX_GROUP_TXNS: usize = 4096;
+/// Log preallocation step bounds.
+const PREALLOC_MIN: u64 = 1 << 20;
+const PREALLOC_MAX: u64 = 8 << 20;
+/// Payload bytes after which a group commit stops taking more (bounds the writer's buffer).
+const MAX_GROUP_BYTES: usize = 64 << 20;
 /// Events per watch message (a transaction is never split, so one may exceed it).
 const MAX_WATCH_BATCH_EVENTS: usize = 1000;
 
@@ -83,7 +90,7 @@ impl Default for EmbeddedOptions {
 /// releases the directory lock.
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
-    requests: Option<std_mpsc::Sender<TxnRequest>>,
+    requests: Option<std_mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     rev_rx: watch::Receiver<Revision>,
     watch_buffer: usize,
@@ -110,15 +117,37 @@ struct HistEntry {
     bytes: usize,
 }
 
+/// Work for the writer thread, in arrival order.
+enum Request {
+    Txn(TxnRequest),
+    // Through the writer so it waits behind a running snapshot (which holds the state's read
+    // lock) instead of blocking every reader behind its write-lock attempt.
+    Compact {
+        revision: Revision,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+impl Request {
+    fn bytes(&self) -> usize {
+        match self {
+            Request::Txn(t) => t.bytes,
+            Request::Compact { .. } => 0,
+        }
+    }
+}
+
 struct TxnRequest {
     compares: Vec<Compare>,
     ops: Vec<Op>,
+    /// Key and value bytes of the ops.
+    bytes: usize,
     reply: oneshot::Sender<Result<TxnResult>>,
 }
 
 fn read_lock(l: &RwLock<State>) -> RwLockReadGuard<'_, State> {
-    // A panic while holding the lock cannot leave State half-updated in a way reads care
-    // about more than a crash would; keep serving.
+    // Nothing under this lock can panic halfway through an update; do not turn a poisoned
+    // lock into a second panic.
     l.read().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -141,9 +170,7 @@ impl State {
 
     /// Oldest revision a watch may start from.
     fn compact_revision(&self) -> Revision {
-        self.history
-            .front()
-            .map_or(self.revision + 1, |e| e.revision)
+        self.history.front().map_or(self.revision + 1, |e| e.revision)
     }
 
     fn apply(&mut self, revision: Revision, events: Vec<Event>) {
@@ -158,10 +185,7 @@ impl State {
             }
         }
         self.revision = revision;
-        let bytes = events
-            .iter()
-            .map(|e| e.kv.key.len() + e.kv.value.len())
-            .sum();
+        let bytes = events.iter().map(|e| e.kv.key.len() + e.kv.value.len()).sum();
         self.history_events += events.len();
         self.history_bytes += bytes;
         self.history.push_back(HistEntry {
@@ -225,8 +249,7 @@ fn txn_events(
         let prev = lookup(overlay, data, op.key());
         match op {
             Op::Put { key, value } => {
-                let (create_revision, version) =
-                    prev.map_or((rev, 1), |p| (p.create_revision, p.version + 1));
+                let (create_revision, version) = prev.map_or((rev, 1), |p| (p.create_revision, p.version + 1));
                 events.push(Event {
                     kind: EventKind::Put,
                     kv: KeyValue {
@@ -257,8 +280,9 @@ fn txn_events(
     events
 }
 
-/// Checks shared by both backends' callers: etcd refuses the same cases.
-pub(crate) fn validate_txn(compares: &[Compare], ops: &[Op], max_bytes: usize) -> Result<()> {
+/// Checks shared by both backends: etcd refuses the same cases. Returns the key and value
+/// bytes of `ops`.
+pub(crate) fn validate_txn(compares: &[Compare], ops: &[Op], max_bytes: usize) -> Result<usize> {
     let mut seen = HashSet::with_capacity(ops.len());
     let mut bytes = 0usize;
     for op in ops {
@@ -267,9 +291,7 @@ pub(crate) fn validate_txn(compares: &[Compare], ops: &[Op], max_bytes: usize) -
             return Err(StoreError::Invalid("empty key".into()));
         }
         if !seen.insert(key) {
-            return Err(StoreError::Invalid(format!(
-                "key {key:?} appears twice in one txn"
-            )));
+            return Err(StoreError::Invalid(format!("key {key:?} appears twice in one txn")));
         }
         bytes += key.len();
         if let Op::Put { value, .. } = op {
@@ -284,7 +306,7 @@ pub(crate) fn validate_txn(compares: &[Compare], ops: &[Op], max_bytes: usize) -
     if compares.iter().any(|c| compare_key(c).is_empty()) {
         return Err(StoreError::Invalid("empty key in compare".into()));
     }
-    Ok(())
+    Ok(bytes)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,19 +362,13 @@ impl<'a> Reader<'a> {
         self.take(1).map(|b| b[0])
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
+        self.take(4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes)
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
+        self.take(8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
     }
     fn i64(&mut self) -> Option<i64> {
-        self.take(8)
-            .and_then(|b| b.try_into().ok())
-            .map(i64::from_le_bytes)
+        self.take(8).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes)
     }
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let n = self.u32()? as usize;
@@ -408,9 +424,7 @@ fn decode_payload(p: &[u8]) -> Option<LogRecord> {
 
 /// Parses the record at `off`; `Err` says why it is not a valid record.
 fn parse_record(buf: &[u8], off: usize) -> std::result::Result<(LogRecord, usize), &'static str> {
-    let header = buf
-        .get(off..off + RECORD_HEADER)
-        .ok_or("incomplete record header")?;
+    let header = buf.get(off..off + RECORD_HEADER).ok_or("incomplete record header")?;
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if !(MIN_PAYLOAD..=MAX_RECORD_BYTES).contains(&len) {
@@ -575,9 +589,13 @@ fn replay_log(buf: &[u8], state: &mut State) -> Result<usize> {
         let (rec, next) = match parse_record(buf, off) {
             Ok(r) => r,
             Err(why) => {
+                if buf[off..].iter().all(|&b| b == 0) {
+                    // Preallocated space never written to: the clean end of the log.
+                    return Ok(off);
+                }
                 // The damaged record belongs to a group that started at the latest at the
                 // revision after the last good record.
-                let torn_group = prev.map_or(state.revision, |p| p) + 1;
+                let torn_group = prev.unwrap_or(state.revision) + 1;
                 if let Some(pos) = later_group_after(buf, off, torn_group) {
                     return Err(StoreError::Corrupt(format!(
                         "log {why} at offset {off}, followed by a valid later record at offset \
@@ -654,8 +672,9 @@ impl EmbeddedStore {
         let created = !wal_path.exists();
         let mut wal = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
             .read(true)
+            .write(true)
             .open(&wal_path)?;
         if created {
             sync_dir(dir)?;
@@ -664,6 +683,7 @@ impl EmbeddedStore {
         wal.read_to_end(&mut buf)?;
         let valid = replay_log(&buf, &mut state)?;
         if valid < buf.len() {
+            // Drops a torn tail and unused preallocated space alike; writes reallocate.
             wal.set_len(valid as u64)?;
             wal.sync_all()?;
         }
@@ -687,6 +707,7 @@ impl EmbeddedStore {
             dir: dir.to_path_buf(),
             wal,
             wal_len: valid as u64,
+            wal_alloc: valid as u64,
             snapshot_len,
             snapshot_after: opts.snapshot_after_bytes,
             rev_tx,
@@ -723,7 +744,11 @@ struct Writer {
     shared: Arc<Shared>,
     dir: PathBuf,
     wal: File,
+    /// End of the last record.
     wal_len: u64,
+    /// File size: zeros from `wal_len` on, written ahead so that an fdatasync after a write
+    /// need not also commit a new file size (several times faster on ext4).
+    wal_alloc: u64,
     snapshot_len: u64,
     snapshot_after: u64,
     rev_tx: watch::Sender<Revision>,
@@ -733,21 +758,55 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: std_mpsc::Receiver<TxnRequest>) {
+    fn run(mut self, rx: std_mpsc::Receiver<Request>) {
         while let Ok(first) = rx.recv() {
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP_TXNS {
+            let mut bytes = first.bytes();
+            let mut queued = vec![first];
+            while queued.len() < MAX_GROUP_TXNS && bytes < MAX_GROUP_BYTES {
                 match rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(r) => {
+                        bytes += r.bytes();
+                        queued.push(r);
+                    }
                     Err(_) => break,
                 }
             }
-            self.commit(group);
+            let mut group = Vec::with_capacity(queued.len());
+            for req in queued {
+                match req {
+                    Request::Txn(t) => group.push(t),
+                    Request::Compact { revision, reply } => {
+                        // Keep arrival order: txns queued before the compaction go first.
+                        if !group.is_empty() {
+                            self.commit(std::mem::take(&mut group));
+                        }
+                        let _ = reply.send(self.compact(revision));
+                    }
+                }
+            }
+            if !group.is_empty() {
+                self.commit(group);
+            }
             if self.failed.is_none() && self.wal_len > self.snapshot_after.max(self.snapshot_len) {
                 self.rotate();
             }
         }
+        self.close();
         debug!("store writer stopped");
+    }
+
+    fn compact(&self, revision: Revision) -> Result<()> {
+        let mut state = write_lock(&self.shared.state);
+        if revision > state.revision {
+            return Err(StoreError::Invalid(format!(
+                "cannot compact to future revision {revision} (current {})",
+                state.revision
+            )));
+        }
+        while state.history.front().is_some_and(|e| e.revision < revision) {
+            state.pop_history();
+        }
+        Ok(())
     }
 
     fn commit(&mut self, group: Vec<TxnRequest>) {
@@ -810,13 +869,22 @@ impl Writer {
             }
         }
         if !buf.is_empty() {
+            let end = self.wal_len + buf.len() as u64;
+            if let Err(e) = self.preallocate(end) {
+                // Only zeros past the log's end were (maybe) written: the log is intact and a
+                // later group may succeed (e.g. once disk space is freed).
+                error!(error = %e, "store log preallocation failed");
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(StoreError::Io(io::Error::new(e.kind(), e.to_string()))));
+                }
+                return;
+            }
             if let Err(e) = self.append(&buf) {
                 // Results computed against unwritten txns are void too: fail the whole group.
                 error!(error = %e, "store log write failed; refusing further writes");
                 self.failed = Some(e.to_string());
                 for (reply, _) in replies {
-                    let _ =
-                        reply.send(Err(StoreError::Io(io::Error::new(e.kind(), e.to_string()))));
+                    let _ = reply.send(Err(StoreError::Io(io::Error::new(e.kind(), e.to_string()))));
                 }
                 return;
             }
@@ -836,10 +904,42 @@ impl Writer {
     }
 
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.wal.write_all(buf)?;
+        let end = self.wal_len + buf.len() as u64;
+        self.wal.write_all_at(buf, self.wal_len)?;
         self.wal.sync_data()?;
-        self.wal_len += buf.len() as u64;
+        self.wal_len = end;
         Ok(())
+    }
+
+    /// Zero-fills the log up to at least `need` bytes, in chunks growing with the log so small
+    /// stores stay small. Zeros, not fallocate: unwritten extents would still cost a metadata
+    /// commit on every later fdatasync.
+    fn preallocate(&mut self, need: u64) -> io::Result<()> {
+        if need <= self.wal_alloc {
+            return Ok(());
+        }
+        let chunk = self.wal_alloc.clamp(PREALLOC_MIN, PREALLOC_MAX);
+        let target = need.max(self.wal_alloc + chunk);
+        let zeros = vec![0u8; 1 << 20];
+        let mut pos = self.wal_alloc;
+        while pos < target {
+            let n = (target - pos).min(zeros.len() as u64) as usize;
+            self.wal.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        self.wal.sync_all()?;
+        self.wal_alloc = target;
+        Ok(())
+    }
+
+    /// Clean shutdown: leave no preallocated zeros behind.
+    fn close(&mut self) {
+        if self.failed.is_some() || self.wal_alloc == self.wal_len {
+            return;
+        }
+        if let Err(e) = self.wal.set_len(self.wal_len).and_then(|()| self.wal.sync_all()) {
+            warn!(error = %e, "could not trim the store log on close");
+        }
     }
 
     /// Snapshot the dataset and start an empty log.
@@ -863,6 +963,7 @@ impl Writer {
                 info!(revision = rev, snapshot_bytes = len, "store log rotated");
                 self.wal = wal;
                 self.wal_len = 0;
+                self.wal_alloc = 0;
                 self.snapshot_len = len;
             }
             Err(e) => {
@@ -881,10 +982,7 @@ impl Writer {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&tmp)?;
+        let file = OpenOptions::new().create_new(true).write(true).open(&tmp)?;
         file.sync_all()?;
         fs::rename(&tmp, self.dir.join(WAL_FILE))?;
         sync_dir(&self.dir)?;
@@ -905,22 +1003,13 @@ fn collect(state: &State, prefix: &str, next: &mut Revision) -> Step {
     }
     let mut events = Vec::new();
     while *next <= state.revision && events.len() < MAX_WATCH_BATCH_EVENTS {
-        let Some(entry) = usize::try_from(*next - compact)
-            .ok()
-            .and_then(|i| state.history.get(i))
-        else {
+        let Some(entry) = usize::try_from(*next - compact).ok().and_then(|i| state.history.get(i)) else {
             // Cannot happen while the history covers compact..=revision; end the watch cleanly
             // rather than skip events.
             return Step::Compacted(compact);
         };
         debug_assert_eq!(entry.revision, *next);
-        events.extend(
-            entry
-                .events
-                .iter()
-                .filter(|e| e.kv.key.starts_with(prefix))
-                .cloned(),
-        );
+        events.extend(entry.events.iter().filter(|e| e.kv.key.starts_with(prefix)).cloned());
         *next += 1;
     }
     Step::Events {
@@ -945,9 +1034,7 @@ async fn run_watcher(
         let step = collect(&read_lock(&shared.state), &prefix, &mut next);
         match step {
             Step::Compacted(compact_revision) => {
-                let _ = tx
-                    .send(Ok(WatchEvent::Compacted { compact_revision }))
-                    .await;
+                let _ = tx.send(Ok(WatchEvent::Compacted { compact_revision })).await;
                 return;
             }
             Step::Events { events, caught_up } => {
@@ -982,10 +1069,7 @@ impl Store for EmbeddedStore {
         let state = read_lock(&self.shared.state);
         let kvs = state
             .data
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix),
-                std::ops::Bound::Unbounded,
-            ))
+            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(_, v)| v.clone())
             .collect();
@@ -993,26 +1077,25 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
-        validate_txn(&compares, &ops, MAX_TXN_BYTES)?;
+        let bytes = validate_txn(&compares, &ops, MAX_TXN_BYTES)?;
         let stopped = || StoreError::Unavailable("store writer has stopped".into());
         let (reply, rx) = oneshot::channel();
         self.requests
             .as_ref()
             .ok_or_else(stopped)?
-            .send(TxnRequest {
+            .send(Request::Txn(TxnRequest {
                 compares,
                 ops,
+                bytes,
                 reply,
-            })
+            }))
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 
     async fn watch(&self, prefix: &str, from_revision: Revision) -> Result<Watch> {
         if from_revision < 0 {
-            return Err(StoreError::Invalid(format!(
-                "negative watch revision {from_revision}"
-            )));
+            return Err(StoreError::Invalid(format!("negative watch revision {from_revision}")));
         }
         let next = if from_revision == 0 {
             read_lock(&self.shared.state).revision + 1
@@ -1035,17 +1118,14 @@ impl Store for EmbeddedStore {
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
-        let mut state = write_lock(&self.shared.state);
-        if revision > state.revision {
-            return Err(StoreError::Invalid(format!(
-                "cannot compact to future revision {revision} (current {})",
-                state.revision
-            )));
-        }
-        while state.history.front().is_some_and(|e| e.revision < revision) {
-            state.pop_history();
-        }
-        Ok(())
+        let stopped = || StoreError::Unavailable("store writer has stopped".into());
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(Request::Compact { revision, reply })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 }
 
@@ -1069,10 +1149,7 @@ mod tests {
     #[test]
     fn record_round_trip() {
         let mut buf = Vec::new();
-        let events = vec![
-            ev(EventKind::Put, "a", b"1", 7),
-            ev(EventKind::Delete, "b", b"", 7),
-        ];
+        let events = vec![ev(EventKind::Put, "a", b"1", 7), ev(EventKind::Delete, "b", b"", 7)];
         encode_record(&mut buf, 7, 6, &events);
         let (rec, next) = parse_record(&buf, 0).expect("valid record");
         assert_eq!(next, buf.len());
@@ -1085,10 +1162,7 @@ mod tests {
         let mut buf = Vec::new();
         encode_record(&mut buf, 1, 1, &[ev(EventKind::Put, "k", b"v", 1)]);
         for cut in 0..buf.len() {
-            assert!(
-                parse_record(&buf[..cut], 0).is_err(),
-                "prefix of {cut} bytes accepted"
-            );
+            assert!(parse_record(&buf[..cut], 0).is_err(), "prefix of {cut} bytes accepted");
         }
         for i in 0..buf.len() {
             let mut bad = buf.clone();
@@ -1114,10 +1188,7 @@ mod tests {
             let mut bad = bytes.clone();
             bad[i] ^= 1;
             let mut s = State::new(&EmbeddedOptions::default());
-            assert!(matches!(
-                load_snapshot(&bad, &mut s),
-                Err(StoreError::Corrupt(_))
-            ));
+            assert!(matches!(load_snapshot(&bad, &mut s), Err(StoreError::Corrupt(_))));
         }
     }
 }

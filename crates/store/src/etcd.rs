@@ -6,8 +6,7 @@
 //! response (one JSON object per message) and resume transparently after a broken stream.
 
 use crate::{
-    Compare, Event, EventKind, KeyValue, Op, Result, Revision, Store, StoreError, TxnResult, Watch,
-    WatchEvent,
+    Compare, Event, EventKind, KeyValue, Op, Result, Revision, Store, StoreError, TxnResult, Watch, WatchEvent,
 };
 use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -72,9 +71,7 @@ impl From<CallError> for StoreError {
                 code: GRPC_INVALID_ARGUMENT,
                 message,
             } => StoreError::Invalid(message),
-            CallError::Grpc { code, message } => {
-                StoreError::Unavailable(format!("etcd: {message} (grpc code {code})"))
-            }
+            CallError::Grpc { code, message } => StoreError::Unavailable(format!("etcd: {message} (grpc code {code})")),
             CallError::Store(e) => e,
         }
     }
@@ -202,8 +199,7 @@ fn convert_kv(raw: RawKv) -> Result<KeyValue> {
     let key = B64
         .decode(raw.key.as_bytes())
         .map_err(|e| StoreError::Corrupt(format!("etcd key is not base64: {e}")))?;
-    let key = String::from_utf8(key)
-        .map_err(|e| StoreError::Corrupt(format!("etcd key is not UTF-8: {e}")))?;
+    let key = String::from_utf8(key).map_err(|e| StoreError::Corrupt(format!("etcd key is not UTF-8: {e}")))?;
     let value = B64
         .decode(raw.value.as_bytes())
         .map_err(|e| StoreError::Corrupt(format!("etcd value of {key:?} is not base64: {e}")))?;
@@ -220,11 +216,7 @@ fn convert_event(raw: RawEvent) -> Result<Event> {
     let kind = match raw.kind.as_str() {
         "" | "PUT" => EventKind::Put,
         "DELETE" => EventKind::Delete,
-        other => {
-            return Err(StoreError::Corrupt(format!(
-                "unknown etcd event type {other:?}"
-            )))
-        }
+        other => return Err(StoreError::Corrupt(format!("unknown etcd event type {other:?}"))),
     };
     let kv = raw
         .kv
@@ -350,9 +342,7 @@ impl Inner {
                 },
                 Err(_) => {
                     let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
-                    CallError::Store(StoreError::Unavailable(format!(
-                        "{url}: HTTP {status}: {text}"
-                    )))
+                    CallError::Store(StoreError::Unavailable(format!("{url}: HTTP {status}: {text}")))
                 }
             };
             // A member without a leader may be partitioned; another may serve the read.
@@ -387,17 +377,12 @@ impl Inner {
             .send(path, body, Some(self.opts.request_timeout), idempotent)
             .await?;
         let url = resp.url().to_string();
-        let bytes = resp.bytes().await.map_err(|e| {
-            CallError::Store(StoreError::Unavailable(format!(
-                "{url}: {}",
-                error_chain(&e)
-            )))
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            CallError::Store(StoreError::Unavailable(format!(
-                "malformed response from {url}: {e}"
-            )))
-        })
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| CallError::Store(StoreError::Unavailable(format!("{url}: {}", error_chain(&e)))))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| CallError::Store(StoreError::Unavailable(format!("malformed response from {url}: {e}"))))
     }
 
     /// Starts a watch stream and waits for etcd to confirm it, so that "from now" (0) really
@@ -409,12 +394,7 @@ impl Inner {
             create["start_revision"] = json!(from.to_string());
         }
         let resp = self
-            .send(
-                "/v3/watch",
-                &json!({ "create_request": create }),
-                None,
-                true,
-            )
+            .send("/v3/watch", &json!({ "create_request": create }), None, true)
             .await?;
         let mut stream = WatchStream {
             resp,
@@ -425,9 +405,7 @@ impl Inner {
             .await
             .map_err(|_| StoreError::Unavailable("etcd did not confirm the watch".into()))??;
         match first {
-            Some(WatchMessage {
-                result: Some(r), ..
-            }) if r.created => {
+            Some(WatchMessage { result: Some(r), .. }) if r.created => {
                 let rev = r.header.revision;
                 // It may also carry a cancellation; let the follower see it.
                 stream.pending.push_front(WatchMessage {
@@ -436,16 +414,11 @@ impl Inner {
                 });
                 Ok((stream, rev))
             }
-            Some(WatchMessage { error: Some(e), .. }) => Err(StoreError::Unavailable(format!(
-                "etcd watch failed: {}",
-                e.text()
-            ))),
-            Some(_) => Err(StoreError::Unavailable(
-                "unexpected first etcd watch message".into(),
-            )),
-            None => Err(StoreError::Unavailable(
-                "etcd closed the watch stream".into(),
-            )),
+            Some(WatchMessage { error: Some(e), .. }) => {
+                Err(StoreError::Unavailable(format!("etcd watch failed: {}", e.text())))
+            }
+            Some(_) => Err(StoreError::Unavailable("unexpected first etcd watch message".into())),
+            None => Err(StoreError::Unavailable("etcd closed the watch stream".into())),
         }
     }
 }
@@ -464,9 +437,11 @@ impl WatchStream {
             if let Some(m) = self.pending.pop_front() {
                 return Ok(Some(m));
             }
-            let chunk = self.resp.chunk().await.map_err(|e| {
-                StoreError::Unavailable(format!("etcd watch stream: {}", error_chain(&e)))
-            })?;
+            let chunk = self
+                .resp
+                .chunk()
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("etcd watch stream: {}", error_chain(&e))))?;
             let Some(chunk) = chunk else {
                 return Ok(None);
             };
@@ -481,11 +456,7 @@ impl WatchStream {
                     }
                     // An object cut between two chunks: wait for the rest.
                     Some(Err(e)) if e.is_eof() => break,
-                    Some(Err(e)) => {
-                        return Err(StoreError::Unavailable(format!(
-                            "malformed etcd watch message: {e}"
-                        )))
-                    }
+                    Some(Err(e)) => return Err(StoreError::Unavailable(format!("malformed etcd watch message: {e}"))),
                     None => {
                         consumed = values.byte_offset();
                         break;
@@ -504,11 +475,7 @@ enum FollowEnd {
     Broken(String),
 }
 
-async fn follow(
-    stream: &mut WatchStream,
-    next: &mut Revision,
-    tx: &mpsc::Sender<Result<WatchEvent>>,
-) -> FollowEnd {
+async fn follow(stream: &mut WatchStream, next: &mut Revision, tx: &mpsc::Sender<Result<WatchEvent>>) -> FollowEnd {
     loop {
         let msg = tokio::select! {
             m = stream.next_message() => m,
@@ -518,9 +485,7 @@ async fn follow(
             Err(e) => return FollowEnd::Broken(e.to_string()),
             Ok(None) => return FollowEnd::Broken("stream ended".into()),
             Ok(Some(WatchMessage { error: Some(e), .. })) => return FollowEnd::Broken(e.text()),
-            Ok(Some(WatchMessage {
-                result: Some(r), ..
-            })) => r,
+            Ok(Some(WatchMessage { result: Some(r), .. })) => r,
             Ok(Some(_)) => continue,
         };
         if r.compact_revision > 0 {
@@ -621,9 +586,7 @@ impl EtcdStore {
         for e in endpoints {
             let e = e.trim().trim_end_matches('/');
             if e.starts_with("https://") {
-                return Err(StoreError::Invalid(format!(
-                    "{e}: TLS endpoints are not supported"
-                )));
+                return Err(StoreError::Invalid(format!("{e}: TLS endpoints are not supported")));
             }
             norm.push(if e.starts_with("http://") {
                 e.to_string()
@@ -652,11 +615,7 @@ impl EtcdStore {
 
     async fn range(&self, body: Value) -> Result<(Vec<KeyValue>, Revision)> {
         let resp: RangeResponse = self.inner.call("/v3/kv/range", &body, true).await?;
-        let kvs = resp
-            .kvs
-            .into_iter()
-            .map(convert_kv)
-            .collect::<Result<Vec<_>>>()?;
+        let kvs = resp.kvs.into_iter().map(convert_kv).collect::<Result<Vec<_>>>()?;
         Ok((kvs, resp.header.revision))
     }
 }
@@ -674,8 +633,7 @@ impl Store for EtcdStore {
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
         let (key, range_end) = prefix_range(prefix);
         // etcd returns keys in byte order, which is what String ordering is.
-        self.range(json!({"key": key, "range_end": range_end}))
-            .await
+        self.range(json!({"key": key, "range_end": range_end})).await
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnResult> {
@@ -697,16 +655,10 @@ impl Store for EtcdStore {
 
     async fn watch(&self, prefix: &str, from_revision: Revision) -> Result<Watch> {
         if from_revision < 0 {
-            return Err(StoreError::Invalid(format!(
-                "negative watch revision {from_revision}"
-            )));
+            return Err(StoreError::Invalid(format!("negative watch revision {from_revision}")));
         }
         let (stream, created) = self.inner.open_watch(prefix, from_revision).await?;
-        let next = if from_revision == 0 {
-            created + 1
-        } else {
-            from_revision
-        };
+        let next = if from_revision == 0 { created + 1 } else { from_revision };
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         tokio::spawn(run_watch(
             self.inner.clone(),
@@ -720,9 +672,7 @@ impl Store for EtcdStore {
 
     async fn revision(&self) -> Result<Revision> {
         // A count-only range of one key: the cheapest linearizable read that carries a header.
-        let (_, rev) = self
-            .range(json!({"key": b64(&[0]), "count_only": true}))
-            .await?;
+        let (_, rev) = self.range(json!({"key": b64(&[0]), "count_only": true})).await?;
         Ok(rev)
     }
 
@@ -731,16 +681,10 @@ impl Store for EtcdStore {
             return Ok(());
         }
         let body = json!({"revision": revision.to_string()});
-        match self
-            .inner
-            .call::<IgnoredAny>("/v3/kv/compaction", &body, true)
-            .await
-        {
+        match self.inner.call::<IgnoredAny>("/v3/kv/compaction", &body, true).await {
             Ok(_) => Ok(()),
             // Idempotent like the embedded store: already compacted that far is fine.
-            Err(CallError::Grpc { message, .. }) if message.contains("has been compacted") => {
-                Ok(())
-            }
+            Err(CallError::Grpc { message, .. }) if message.contains("has been compacted") => Ok(()),
             Err(CallError::Grpc { message, .. }) if message.contains("future revision") => {
                 Err(StoreError::Invalid(message))
             }
@@ -771,11 +715,7 @@ mod tests {
         .expect("parse");
         let r = m.result.expect("result");
         assert_eq!(r.header.revision, 4);
-        let evs: Vec<Event> = r
-            .events
-            .into_iter()
-            .map(|e| convert_event(e).expect("event"))
-            .collect();
+        let evs: Vec<Event> = r.events.into_iter().map(|e| convert_event(e).expect("event")).collect();
         assert_eq!(evs[0].kind, EventKind::Delete);
         assert_eq!(evs[0].kv.key, "foo");
         assert_eq!(evs[1].kind, EventKind::Put);

@@ -97,9 +97,7 @@ impl EtcdProcess {
                 Err(e) => last = e,
             }
         }
-        Err(format!(
-            "etcd did not start after {START_ATTEMPTS} attempts: {last}"
-        ))
+        Err(format!("etcd did not start after {START_ATTEMPTS} attempts: {last}"))
     }
 
     /// Spawns etcd on the current ports and data dir and waits for health.
@@ -141,13 +139,8 @@ impl EtcdProcess {
                 self.child = None;
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 let start = log.len().saturating_sub(2000);
-                let start = (start..log.len())
-                    .find(|&i| log.is_char_boundary(i))
-                    .unwrap_or(start);
-                return Err(format!(
-                    "etcd exited ({status}): {}",
-                    log.get(start..).unwrap_or("")
-                ));
+                let start = (start..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(start);
+                return Err(format!("etcd exited ({status}): {}", log.get(start..).unwrap_or("")));
             }
             if Instant::now() > deadline {
                 self.kill();
@@ -209,8 +202,7 @@ impl TempEmbedded {
             .prefix("isthmus-store-")
             .tempdir()
             .unwrap_or_else(|e| panic!("temp dir: {e}"));
-        let store = EmbeddedStore::open_with(dir.path(), opts)
-            .unwrap_or_else(|e| panic!("open embedded store: {e}"));
+        let store = EmbeddedStore::open_with(dir.path(), opts).unwrap_or_else(|e| panic!("open embedded store: {e}"));
         TempEmbedded { store, dir }
     }
 

@@ -21,9 +21,7 @@ async fn embedded_conformance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_conformance() {
     let etcd = start_etcd().await;
-    let store: DynStore = EtcdStore::connect(vec![etcd.endpoint()])
-        .await
-        .expect("connect");
+    let store: DynStore = EtcdStore::connect(vec![etcd.endpoint()]).await.expect("connect");
     conformance::run_all(store).await;
 }
 
@@ -40,11 +38,7 @@ async fn etcd_fails_over_to_a_live_endpoint() {
         .expect("connect");
     let r = store.put("/failover/k", b"v".to_vec()).await.expect("put");
     assert_eq!(
-        store
-            .get("/failover/k")
-            .await
-            .expect("get")
-            .map(|kv| kv.mod_revision),
+        store.get("/failover/k").await.expect("get").map(|kv| kv.mod_revision),
         Some(r)
     );
 
@@ -58,9 +52,7 @@ async fn etcd_fails_over_to_a_live_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_watch_resumes_after_restart() {
     let mut etcd = start_etcd().await;
-    let store = EtcdStore::connect(vec![etcd.endpoint()])
-        .await
-        .expect("connect");
+    let store = EtcdStore::connect(vec![etcd.endpoint()]).await.expect("connect");
     let mut w = store.watch("/resume/", 0).await.expect("watch");
     let r1 = store.put("/resume/a", b"1".to_vec()).await.expect("put");
     let first = conformance::collect_events(&mut w, 1).await;
@@ -91,22 +83,12 @@ async fn etcd_watch_resumes_after_restart() {
         .into_iter()
         .flatten()
         .collect();
-    assert_eq!(
-        evs.len(),
-        1,
-        "no duplicate of the event before the restart: {evs:?}"
-    );
-    assert_eq!(
-        (evs[0].kv.key.as_str(), evs[0].kv.mod_revision),
-        ("/resume/b", r2)
-    );
+    assert_eq!(evs.len(), 1, "no duplicate of the event before the restart: {evs:?}");
+    assert_eq!((evs[0].kv.key.as_str(), evs[0].kv.mod_revision), ("/resume/b", r2));
 
     // Resuming from a compacted revision says so instead of skipping.
     let mut w2 = store.watch("/resume/", r1).await.expect("watch");
-    assert_eq!(
-        conformance::collect_events(&mut w2, 2).await.concat().len(),
-        2
-    );
+    assert_eq!(conformance::collect_events(&mut w2, 2).await.concat().len(), 2);
     store.compact(r2).await.expect("compact");
     let mut w3 = store.watch("/resume/", r1).await.expect("watch");
     match conformance::next_message(&mut w3).await {

@@ -20,7 +20,10 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v3/domains", get(list_domains))
         .route("/v3/domains/{id}", get(show_domain))
         .route("/v3/projects", get(list_projects).post(create_project))
-        .route("/v3/projects/{id}", get(show_project).patch(update_project).delete(delete_project))
+        .route(
+            "/v3/projects/{id}",
+            get(show_project).patch(update_project).delete(delete_project),
+        )
         .route("/v3/projects/{p}/users/{u}/roles", get(list_grants))
         .route(
             "/v3/projects/{p}/users/{u}/roles/{r}",
@@ -44,7 +47,9 @@ fn object(body: Value, key: &str) -> ApiResult<Map<String, Value>> {
     match body {
         Value::Object(mut m) => match m.remove(key) {
             Some(Value::Object(o)) => Ok(o),
-            _ => Err(ApiError::bad_request(format!("Expecting to find {key} in the request body."))),
+            _ => Err(ApiError::bad_request(format!(
+                "Expecting to find {key} in the request body."
+            ))),
         },
         _ => Err(ApiError::bad_request("The request body must be a JSON object.")),
     }
@@ -89,7 +94,12 @@ fn take_tags(m: &mut Map<String, Value>) -> ApiResult<Option<Vec<String>>> {
             for t in a {
                 match t {
                     Value::String(s) if !s.is_empty() && s.len() <= 255 && !s.contains(['/', ',']) => tags.push(s),
-                    _ => return Err(invalid("tags", "expected a list of non-empty strings without '/' or ','")),
+                    _ => {
+                        return Err(invalid(
+                            "tags",
+                            "expected a list of non-empty strings without '/' or ','",
+                        ))
+                    }
                 }
             }
             if tags.len() > 80 {
@@ -212,12 +222,17 @@ async fn list_domains(State(state): St, headers: HeaderMap, q: Params) -> ApiRes
         .filter(|_| enabled != Some(false))
         .map(|d| domain_view(&state, d))
         .collect();
-    Ok(Json(json!({"domains": domains, "links": collection_links(&state, "domains")})))
+    Ok(Json(
+        json!({"domains": domains, "links": collection_links(&state, "domains")}),
+    ))
 }
 
 async fn show_domain(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     authenticate(&state, &headers)?;
-    let d = state.identity.domain(&id).ok_or_else(|| ApiError::not_found("domain", &id))?;
+    let d = state
+        .identity
+        .domain(&id)
+        .ok_or_else(|| ApiError::not_found("domain", &id))?;
     Ok(Json(json!({"domain": domain_view(&state, &d)})))
 }
 
@@ -239,7 +254,9 @@ async fn list_projects(State(state): St, headers: HeaderMap, q: Params) -> ApiRe
         .filter(|_| is_domain != Some(true))
         .map(|p| project_view(&state, p))
         .collect();
-    Ok(Json(json!({"projects": projects, "links": collection_links(&state, "projects")})))
+    Ok(Json(
+        json!({"projects": projects, "links": collection_links(&state, "projects")}),
+    ))
 }
 
 async fn create_project(State(state): St, headers: HeaderMap, Body(body): Body<Value>) -> ApiResult<Created> {
@@ -261,7 +278,14 @@ async fn create_project(State(state): St, headers: HeaderMap, Body(body): Body<V
     }
     let p = state
         .identity
-        .create_project(NewProject { name, domain_id, description, enabled, tags, extra: extras(m) })
+        .create_project(NewProject {
+            name,
+            domain_id,
+            description,
+            enabled,
+            tags,
+            extra: extras(m),
+        })
         .await?;
     Ok((StatusCode::CREATED, Json(json!({"project": project_view(&state, &p)}))))
 }
@@ -271,7 +295,10 @@ async fn show_project(State(state): St, headers: HeaderMap, Path(id): Path<Strin
     if !caller.is_admin() && caller.project.as_ref().is_none_or(|p| p.id != id) {
         return Err(refuse(&caller, "show project"));
     }
-    let p = state.identity.project(&id).ok_or_else(|| ApiError::not_found("project", &id))?;
+    let p = state
+        .identity
+        .project(&id)
+        .ok_or_else(|| ApiError::not_found("project", &id))?;
     Ok(Json(json!({"project": project_view(&state, &p)})))
 }
 
@@ -283,7 +310,10 @@ async fn update_project(
 ) -> ApiResult<Json<Value>> {
     let caller = authenticate(&state, &headers)?;
     require_admin(&caller, "update project")?;
-    let current = state.identity.project(&id).ok_or_else(|| ApiError::not_found("project", &id))?;
+    let current = state
+        .identity
+        .project(&id)
+        .ok_or_else(|| ApiError::not_found("project", &id))?;
     let mut m = object(body, "project")?;
     domain_unchanged(&mut m, Some(&current.domain_id))?;
     let patch = ProjectPatch {
@@ -323,7 +353,9 @@ async fn list_users(State(state): St, headers: HeaderMap, q: Params) -> ApiResul
         .filter(|u| enabled.is_none_or(|e| e == u.enabled))
         .map(|u| user_view(&state, u))
         .collect();
-    Ok(Json(json!({"users": users, "links": collection_links(&state, "users")})))
+    Ok(Json(
+        json!({"users": users, "links": collection_links(&state, "users")}),
+    ))
 }
 
 async fn create_user(State(state): St, headers: HeaderMap, Body(body): Body<Value>) -> ApiResult<Created> {
@@ -338,7 +370,15 @@ async fn create_user(State(state): St, headers: HeaderMap, Body(body): Body<Valu
     let description = take_nullable_str(&mut m, "description")?.flatten();
     let u = state
         .identity
-        .create_user(NewUser { name, domain_id, password, default_project_id, enabled, description, extra: extras(m) })
+        .create_user(NewUser {
+            name,
+            domain_id,
+            password,
+            default_project_id,
+            enabled,
+            description,
+            extra: extras(m),
+        })
         .await?;
     Ok((StatusCode::CREATED, Json(json!({"user": user_view(&state, &u)}))))
 }
@@ -346,7 +386,10 @@ async fn create_user(State(state): St, headers: HeaderMap, Body(body): Body<Valu
 async fn show_user(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let caller = authenticate(&state, &headers)?;
     require_admin_or_self(&caller, &id, "show user")?;
-    let u = state.identity.user(&id).ok_or_else(|| ApiError::not_found("user", &id))?;
+    let u = state
+        .identity
+        .user(&id)
+        .ok_or_else(|| ApiError::not_found("user", &id))?;
     Ok(Json(json!({"user": user_view(&state, &u)})))
 }
 
@@ -358,7 +401,10 @@ async fn update_user(
 ) -> ApiResult<Json<Value>> {
     let caller = authenticate(&state, &headers)?;
     require_admin(&caller, "update user")?;
-    let current = state.identity.user(&id).ok_or_else(|| ApiError::not_found("user", &id))?;
+    let current = state
+        .identity
+        .user(&id)
+        .ok_or_else(|| ApiError::not_found("user", &id))?;
     let mut m = object(body, "user")?;
     domain_unchanged(&mut m, Some(&current.domain_id))?;
     let password = match take_nullable_str(&mut m, "password")? {
@@ -387,11 +433,7 @@ async fn delete_user(State(state): St, headers: HeaderMap, Path(id): Path<String
 
 /// `POST /v3/users/{id}/password`: authenticated by the original password, as in Keystone (so a
 /// user can change it without a token).
-async fn change_password(
-    State(state): St,
-    Path(id): Path<String>,
-    Body(body): Body<Value>,
-) -> ApiResult<StatusCode> {
+async fn change_password(State(state): St, Path(id): Path<String>, Body(body): Body<Value>) -> ApiResult<StatusCode> {
     let mut m = object(body, "user")?;
     let original = take_str(&mut m, "original_password")?
         .ok_or_else(|| invalid("original_password", "'original_password' is a required property"))?;
@@ -410,8 +452,15 @@ async fn user_projects(State(state): St, headers: HeaderMap, Path(id): Path<Stri
     if state.identity.user(&id).is_none() {
         return Err(ApiError::not_found("user", &id));
     }
-    let projects: Vec<Value> = state.identity.user_projects(&id).iter().map(|p| project_view(&state, p)).collect();
-    Ok(Json(json!({"projects": projects, "links": collection_links(&state, &format!("users/{id}/projects"))})))
+    let projects: Vec<Value> = state
+        .identity
+        .user_projects(&id)
+        .iter()
+        .map(|p| project_view(&state, p))
+        .collect();
+    Ok(Json(
+        json!({"projects": projects, "links": collection_links(&state, &format!("users/{id}/projects"))}),
+    ))
 }
 
 // ----- roles -----
@@ -429,7 +478,9 @@ async fn list_roles(State(state): St, headers: HeaderMap, q: Params) -> ApiResul
             .map(|r| role_view(&state, r))
             .collect()
     };
-    Ok(Json(json!({"roles": roles, "links": collection_links(&state, "roles")})))
+    Ok(Json(
+        json!({"roles": roles, "links": collection_links(&state, "roles")}),
+    ))
 }
 
 async fn create_role(State(state): St, headers: HeaderMap, Body(body): Body<Value>) -> ApiResult<Created> {
@@ -447,7 +498,10 @@ async fn create_role(State(state): St, headers: HeaderMap, Body(body): Body<Valu
 
 async fn show_role(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     authenticate(&state, &headers)?;
-    let r = state.identity.role(&id).ok_or_else(|| ApiError::not_found("role", &id))?;
+    let r = state
+        .identity
+        .role(&id)
+        .ok_or_else(|| ApiError::not_found("role", &id))?;
     Ok(Json(json!({"role": role_view(&state, &r)})))
 }
 
@@ -461,7 +515,10 @@ async fn update_role(
     require_admin(&caller, "update role")?;
     let mut m = object(body, "role")?;
     domain_unchanged(&mut m, None)?;
-    let patch = RolePatch { name: take_str(&mut m, "name")?, description: take_nullable_str(&mut m, "description")? };
+    let patch = RolePatch {
+        name: take_str(&mut m, "name")?,
+        description: take_nullable_str(&mut m, "description")?,
+    };
     let r = state.identity.update_role(&id, patch).await?;
     Ok(Json(json!({"role": role_view(&state, &r)})))
 }
@@ -493,8 +550,15 @@ async fn list_grants(
     let caller = authenticate(&state, &headers)?;
     require_admin_or_self(&caller, &u, "list role grants")?;
     grant_target(&state.identity, &p, &u)?;
-    let roles: Vec<Value> = state.identity.direct_roles(&u, &p).iter().map(|r| role_view(&state, r)).collect();
-    Ok(Json(json!({"roles": roles, "links": collection_links(&state, &format!("projects/{p}/users/{u}/roles"))})))
+    let roles: Vec<Value> = state
+        .identity
+        .direct_roles(&u, &p)
+        .iter()
+        .map(|r| role_view(&state, r))
+        .collect();
+    Ok(Json(
+        json!({"roles": roles, "links": collection_links(&state, &format!("projects/{p}/users/{u}/roles"))}),
+    ))
 }
 
 async fn check_grant(
@@ -508,7 +572,10 @@ async fn check_grant(
         grant_target(&state.identity, &p, &u)?;
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::not_found("role assignment", &format!("role {r}, user {u}, project {p}")))
+        Err(ApiError::not_found(
+            "role assignment",
+            &format!("role {r}, user {u}, project {p}"),
+        ))
     }
 }
 
@@ -551,9 +618,7 @@ async fn list_assignments(State(state): St, headers: HeaderMap, q: Params) -> Ap
     let mut triples: Vec<(String, String, String)> = identity
         .assignments()
         .into_iter()
-        .filter(|(p, u, _)| {
-            user_filter.is_none_or(|f| f == u) && q.get("scope.project.id").is_none_or(|f| f == p)
-        })
+        .filter(|(p, u, _)| user_filter.is_none_or(|f| f == u) && q.get("scope.project.id").is_none_or(|f| f == p))
         .collect();
     if effective {
         let mut pairs: Vec<(String, String)> = triples.iter().map(|(p, u, _)| (p.clone(), u.clone())).collect();
@@ -561,7 +626,10 @@ async fn list_assignments(State(state): St, headers: HeaderMap, q: Params) -> Ap
         triples = pairs
             .into_iter()
             .flat_map(|(p, u)| {
-                identity.effective_roles(&u, &p).into_iter().map(move |r| (p.clone(), u.clone(), r.id))
+                identity
+                    .effective_roles(&u, &p)
+                    .into_iter()
+                    .map(move |r| (p.clone(), u.clone(), r.id))
             })
             .collect();
     }

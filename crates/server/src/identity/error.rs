@@ -18,7 +18,10 @@ pub const UNAUTHORIZED_MESSAGE: &str = "The request you have made requires authe
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self {
+            status,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
@@ -27,7 +30,10 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, UNAUTHORIZED_MESSAGE)
     }
     pub fn forbidden() -> Self {
-        Self::new(StatusCode::FORBIDDEN, "You are not authorized to perform the requested action.")
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "You are not authorized to perform the requested action.",
+        )
     }
     pub fn not_found(kind: &str, id: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, format!("Could not find {kind}: {id}."))
@@ -64,7 +70,8 @@ impl IntoResponse for ApiError {
         });
         let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Keystone"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Keystone"));
         }
         resp
     }
@@ -76,14 +83,18 @@ impl From<IdentityError> for ApiError {
             IdentityError::Unauthorized => ApiError::unauthorized(),
             IdentityError::Cache(ref c) => {
                 tracing::error!(error = %c, "identity write not visible in the cache");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "The service is temporarily unavailable.")
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The service is temporarily unavailable.",
+                )
             }
             IdentityError::Store(ref s) => {
                 tracing::error!(error = %s, "identity store error");
                 match s {
-                    isthmus_store::StoreError::Unavailable(_) => {
-                        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "The service is temporarily unavailable.")
-                    }
+                    isthmus_store::StoreError::Unavailable(_) => ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "The service is temporarily unavailable.",
+                    ),
                     _ => ApiError::internal(),
                 }
             }
@@ -95,9 +106,10 @@ impl From<IdentityError> for ApiError {
             IdentityError::Conflict(m) => ApiError::conflict(m),
             IdentityError::Invalid(m) => ApiError::bad_request(m),
             IdentityError::Contention => ApiError::conflict("Conflicting concurrent update; retry the request."),
-            IdentityError::NotReady => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "The identity service is not bootstrapped yet.")
-            }
+            IdentityError::NotReady => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The identity service is not bootstrapped yet.",
+            ),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! (body/query extractors, token authentication, links).
 
 use super::error::{ApiError, ApiResult};
-use super::model::{self, Project};
+use super::model::{self, Project, User};
 use super::token::Payload;
 use super::{admin, Identity, IdentityError, TokenInfo};
 use crate::AppState;
@@ -27,7 +27,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(versions))
         .route("/v3", get(version_v3))
         .route("/v3/", get(version_v3))
-        .route("/v3/auth/tokens", get(validate_token).post(issue_token).delete(revoke_token))
+        .route(
+            "/v3/auth/tokens",
+            get(validate_token).post(issue_token).delete(revoke_token),
+        )
         .route("/v3/auth/projects", get(auth_projects))
         .route("/v3/auth/domains", get(auth_domains))
         .route("/v3/auth/catalog", get(auth_catalog))
@@ -43,7 +46,10 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "The method is not allowed for the requested URL.")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "The method is not allowed for the requested URL.",
+    )
 }
 
 // ----- extractors -----
@@ -55,7 +61,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
         serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| ApiError::bad_request(format!("The request body is not valid: {e}")))
@@ -92,7 +100,9 @@ impl Params {
             None => Ok(None),
             Some("true" | "1" | "yes" | "") => Ok(Some(true)),
             Some("false" | "0" | "no") => Ok(Some(false)),
-            Some(_) => Err(ApiError::bad_request(format!("Invalid value for query parameter '{k}'."))),
+            Some(_) => Err(ApiError::bad_request(format!(
+                "Invalid value for query parameter '{k}'."
+            ))),
         }
     }
 }
@@ -157,7 +167,11 @@ fn v3_document(state: &AppState) -> Value {
 }
 
 async fn versions(State(state): St) -> Response {
-    (StatusCode::MULTIPLE_CHOICES, Json(json!({"versions": {"values": [v3_document(&state)]}}))).into_response()
+    (
+        StatusCode::MULTIPLE_CHOICES,
+        Json(json!({"versions": {"values": [v3_document(&state)]}})),
+    )
+        .into_response()
 }
 
 async fn version_v3(State(state): St) -> Json<Value> {
@@ -204,7 +218,9 @@ fn domain_ref(id: &str, identity: &Identity) -> Value {
 }
 
 fn keystone_time(micros: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(micros).map(crate::time::keystone_format).unwrap_or_default()
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(crate::time::keystone_format)
+        .unwrap_or_default()
 }
 
 pub(crate) fn token_body(state: &AppState, info: &TokenInfo, with_catalog: bool) -> Value {
@@ -233,8 +249,6 @@ pub(crate) fn token_body(state: &AppState, info: &TokenInfo, with_catalog: bool)
         if with_catalog {
             token["catalog"] = catalog(state);
         }
-    } else if with_catalog {
-        token["catalog"] = json!([]);
     }
     json!({ "token": token })
 }
@@ -243,7 +257,8 @@ fn token_response(status: StatusCode, token: &str, body: Value) -> ApiResult<Res
     let mut resp = (status, Json(body)).into_response();
     let v = HeaderValue::from_str(token).map_err(|_| ApiError::internal())?;
     resp.headers_mut().insert("x-subject-token", v);
-    resp.headers_mut().insert(header::VARY, HeaderValue::from_static("X-Auth-Token"));
+    resp.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("X-Auth-Token"));
     Ok(resp)
 }
 
@@ -348,66 +363,111 @@ fn resolve_project_scope(identity: &Identity, scope: &Value, who: &str) -> ApiRe
     Err(ApiError::bad_request("Invalid scope in the authentication request."))
 }
 
+/// Who authenticated, and what the new token inherits.
+struct Authenticated {
+    user: User,
+    methods: Vec<String>,
+    expires_at: i64,
+    parent_audit: Option<String>,
+    password_version: u64,
+    /// For logs: how the user was named (never a secret).
+    who: String,
+}
+
+async fn password_method(state: &AppState, pw: Option<PasswordMethod>, started: i64) -> ApiResult<Authenticated> {
+    let identity = &state.identity;
+    let Some(pw) = pw else {
+        return Err(ApiError::bad_request("Expecting to find password in auth.identity."));
+    };
+    let u = pw.user;
+    let (user, who) = match (&u.id, &u.name) {
+        (Some(id), _) => (identity.user(id), format!("id={id}")),
+        (None, Some(name)) => {
+            let Some(d) = &u.domain else {
+                return Err(ApiError::bad_request("Expecting to find domain in user."));
+            };
+            let dname = d.id.clone().or_else(|| d.name.clone()).unwrap_or_default();
+            let user = resolve_domain(identity, d).and_then(|did| identity.user_by_name(did, name));
+            (user, format!("name={name} domain={dname}"))
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request("Expecting to find id or name in user."));
+        }
+    };
+    let ok = identity.verify_password(user.as_ref(), u.password).await;
+    let user = match user {
+        Some(user) if ok => user,
+        Some(_) => return Err(auth_failed("wrong password", &who)),
+        None => return Err(auth_failed("unknown user", &who)),
+    };
+    if !user.enabled {
+        return Err(auth_failed("user disabled", &who));
+    }
+    let ttl_micros = i64::try_from(state.config.token_ttl_secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000);
+    Ok(Authenticated {
+        password_version: user.password_version,
+        user,
+        methods: vec!["password".into()],
+        expires_at: started.saturating_add(ttl_micros),
+        parent_audit: None,
+        who,
+    })
+}
+
+/// Re-scoping: the new token keeps the old one's user, expiry and audit chain.
+fn token_method(state: &AppState, t: Option<TokenMethod>) -> ApiResult<Authenticated> {
+    let Some(t) = t else {
+        return Err(ApiError::bad_request("Expecting to find token in auth.identity."));
+    };
+    let parent = match state.identity.check_token(&t.id) {
+        Ok(p) => p,
+        Err(IdentityError::Unauthorized) => {
+            return Err(auth_failed("invalid token for re-scoping", "?"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let p = parent.payload;
+    let mut methods = vec!["token".to_string()];
+    methods.extend(p.m.into_iter().filter(|m| m != "token"));
+    Ok(Authenticated {
+        who: format!("id={}", parent.user.id),
+        user: parent.user,
+        methods,
+        expires_at: p.exp,
+        parent_audit: Some(p.pa.unwrap_or(p.a)),
+        password_version: p.pv,
+    })
+}
+
 async fn issue_token(State(state): St, params: Params, Body(raw): Body<Value>) -> ApiResult<Response> {
     // Parsed in two steps so that a shape error never echoes a password back.
     let req: AuthRequest = serde_json::from_value(raw).map_err(|_| {
-        ApiError::bad_request("Invalid authentication request: expecting auth.identity with methods and their credentials.")
+        ApiError::bad_request(
+            "Invalid authentication request: expecting auth.identity with methods and their \
+             credentials.",
+        )
     })?;
     let identity = &state.identity;
     let started = model::now_micros();
     let ident = req.auth.identity;
-    if ident.methods.is_empty() {
-        return Err(ApiError::bad_request("Expecting to find at least one method in auth.identity.methods."));
-    }
-
-    let (user, methods, expires_at, parent_audit, who) = if ident.methods.iter().any(|m| m == "password") {
-        let Some(pw) = ident.password else {
-            return Err(ApiError::bad_request("Expecting to find password in auth.identity."));
-        };
-        let u = pw.user;
-        let (user, who) = match (&u.id, &u.name) {
-            (Some(id), _) => (identity.user(id), format!("id={id}")),
-            (None, Some(name)) => {
-                let Some(d) = &u.domain else {
-                    return Err(ApiError::bad_request("Expecting to find domain in user."));
-                };
-                let dom = resolve_domain(identity, d);
-                let dname = d.id.clone().or_else(|| d.name.clone()).unwrap_or_default();
-                (dom.and_then(|did| identity.user_by_name(did, name)), format!("name={name} domain={dname}"))
-            }
-            (None, None) => return Err(ApiError::bad_request("Expecting to find id or name in user.")),
-        };
-        let ok = identity.verify_password(user.as_ref(), u.password).await;
-        let user = match user {
-            Some(user) if ok => user,
-            Some(_) => return Err(auth_failed("wrong password", &who)),
-            None => return Err(auth_failed("unknown user", &who)),
-        };
-        if !user.enabled {
-            return Err(auth_failed("user disabled", &who));
-        }
-        let ttl = i64::try_from(state.config.token_ttl_secs).unwrap_or(i64::MAX / 2_000_000).saturating_mul(1_000_000);
-        (user, vec!["password".to_string()], started.saturating_add(ttl), None, who)
+    let auth = if ident.methods.iter().any(|m| m == "password") {
+        password_method(&state, ident.password, started).await?
     } else if ident.methods.iter().any(|m| m == "token") {
-        let Some(t) = ident.token else {
-            return Err(ApiError::bad_request("Expecting to find token in auth.identity."));
-        };
-        let parent = match identity.check_token(&t.id) {
-            Ok(p) => p,
-            Err(IdentityError::Unauthorized) => return Err(auth_failed("invalid token for re-scoping", "?")),
-            Err(e) => return Err(e.into()),
-        };
-        let mut methods = vec!["token".to_string()];
-        methods.extend(parent.payload.m.iter().filter(|m| *m != "token").cloned());
-        let chain = parent.payload.pa.clone().unwrap_or_else(|| parent.payload.a.clone());
-        let who = format!("id={}", parent.user.id);
-        (parent.user, methods, parent.payload.exp, Some(chain), who)
+        token_method(&state, ident.token)?
+    } else if ident.methods.is_empty() {
+        return Err(ApiError::bad_request(
+            "Expecting to find at least one method in auth.identity.methods.",
+        ));
     } else {
         return Err(auth_failed("unsupported authentication method", "?"));
     };
+    let (user, who) = (&auth.user, &auth.who);
 
     let project = match &req.auth.scope {
-        Some(scope) => resolve_project_scope(identity, scope, &who)?,
+        Some(scope) => resolve_project_scope(identity, scope, who)?,
+        // Keystone scopes to the default project when the user has a role there.
         None => user
             .default_project_id
             .as_deref()
@@ -417,7 +477,7 @@ async fn issue_token(State(state): St, params: Params, Body(raw): Body<Value>) -
     let roles = match &project {
         Some(p) => {
             if !p.enabled {
-                return Err(auth_failed("project disabled", &who));
+                return Err(auth_failed("project disabled", who));
             }
             let roles = identity.effective_roles(&user.id, &p.id);
             if roles.is_empty() {
@@ -436,15 +496,26 @@ async fn issue_token(State(state): St, params: Params, Body(raw): Body<Value>) -
         v: 1,
         u: user.id.clone(),
         p: project.as_ref().map(|p| p.id.clone()),
-        m: methods,
+        m: auth.methods,
         iat: started,
-        exp: expires_at,
+        exp: auth.expires_at,
         a: super::token::new_audit_id(),
-        pa: parent_audit,
+        pv: auth.password_version,
+        pa: auth.parent_audit,
     };
     let token = identity.issue_token(&payload)?;
-    tracing::info!(user_id = %user.id, project_id = payload.p.as_deref().unwrap_or("-"), audit_id = %payload.a, "token issued");
-    let info = TokenInfo { payload, user, project, roles };
+    tracing::info!(
+        user_id = %user.id,
+        project_id = payload.p.as_deref().unwrap_or("-"),
+        audit_id = %payload.a,
+        "token issued"
+    );
+    let info = TokenInfo {
+        payload,
+        user: auth.user,
+        project,
+        roles,
+    };
     let body = token_body(&state, &info, !params.has("nocatalog"));
     token_response(StatusCode::CREATED, &token, body)
 }
@@ -453,7 +524,11 @@ async fn issue_token(State(state): St, params: Params, Body(raw): Body<Value>) -
 
 /// The subject token, validated: 404 when it is not (or no longer) valid.
 fn subject(state: &AppState, headers: &HeaderMap) -> ApiResult<(String, TokenInfo)> {
-    let Some(t) = headers.get("x-subject-token").and_then(|v| v.to_str().ok()).filter(|t| !t.is_empty()) else {
+    let Some(t) = headers
+        .get("x-subject-token")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty())
+    else {
         return Err(ApiError::bad_request("The X-Subject-Token header is required."));
     };
     match state.identity.check_token(t) {
@@ -490,13 +565,17 @@ async fn auth_projects(State(state): St, headers: HeaderMap) -> ApiResult<Json<V
         .filter(|p| p.enabled)
         .map(|p| admin::project_view(&state, p))
         .collect();
-    Ok(Json(json!({"projects": projects, "links": collection_links(&state, "auth/projects")})))
+    Ok(Json(
+        json!({"projects": projects, "links": collection_links(&state, "auth/projects")}),
+    ))
 }
 
 async fn auth_domains(State(state): St, headers: HeaderMap) -> ApiResult<Json<Value>> {
     authenticate(&state, &headers)?;
     // Roles are only ever assigned on projects, so no token can be scoped to a domain.
-    Ok(Json(json!({"domains": [], "links": collection_links(&state, "auth/domains")})))
+    Ok(Json(
+        json!({"domains": [], "links": collection_links(&state, "auth/domains")}),
+    ))
 }
 
 async fn auth_catalog(State(state): St, headers: HeaderMap) -> ApiResult<Json<Value>> {
@@ -504,5 +583,7 @@ async fn auth_catalog(State(state): St, headers: HeaderMap) -> ApiResult<Json<Va
     if caller.project.is_none() {
         return Err(refuse(&caller, "catalog for an unscoped token"));
     }
-    Ok(Json(json!({"catalog": catalog(&state), "links": collection_links(&state, "auth/catalog")})))
+    Ok(Json(
+        json!({"catalog": catalog(&state), "links": collection_links(&state, "auth/catalog")}),
+    ))
 }

@@ -58,7 +58,10 @@ pub enum IdentityError {
 
 impl IdentityError {
     fn not_found(kind: &'static str, id: &str) -> Self {
-        IdentityError::NotFound { kind, id: id.to_string() }
+        IdentityError::NotFound {
+            kind,
+            id: id.to_string(),
+        }
     }
 }
 
@@ -69,7 +72,10 @@ pub struct Domain {
     pub name: &'static str,
 }
 
-pub const DEFAULT_DOMAIN: Domain = Domain { id: model::DEFAULT_DOMAIN_ID, name: model::DEFAULT_DOMAIN_NAME };
+pub const DEFAULT_DOMAIN: Domain = Domain {
+    id: model::DEFAULT_DOMAIN_ID,
+    name: model::DEFAULT_DOMAIN_NAME,
+};
 
 /// Roles the built-in roles imply, as Keystone's bootstrap sets them up.
 fn implied_roles(name: &str) -> &'static [&'static str] {
@@ -106,7 +112,13 @@ pub struct Identity {
 impl Identity {
     pub fn new(store: DynStore, cache: Arc<Cache>, config: Arc<Config>) -> Self {
         let hasher = password::Hasher::new(config.password_hash_kib);
-        Self { store, cache, config, key: OnceLock::new(), hasher }
+        Self {
+            store,
+            cache,
+            config,
+            key: OnceLock::new(),
+            hasher,
+        }
     }
 
     /// Validates a project-scoped token for the network API. Unscoped tokens are refused (a
@@ -146,20 +158,28 @@ impl Identity {
         if payload.exp <= model::now_micros() {
             return Err(reject("expired"));
         }
-        if payload.audit_ids().iter().any(|a| self.cache.contains(&model::revoked(a))) {
+        if payload
+            .audit_ids()
+            .iter()
+            .any(|a| self.cache.contains(&model::revoked(a)))
+        {
             return Err(reject("revoked"));
         }
-        let Some(user) = self.user(&payload.u) else { return Err(reject("user no longer exists")) };
+        let Some(user) = self.user(&payload.u) else {
+            return Err(reject("user no longer exists"));
+        };
         if !user.enabled {
             return Err(reject("user disabled"));
         }
-        if payload.iat < user.tokens_valid_after {
+        if payload.iat < user.tokens_valid_after || payload.pv != user.password_version {
             return Err(reject("issued before the user's last password change"));
         }
         let (project, roles) = match &payload.p {
             None => (None, Vec::new()),
             Some(pid) => {
-                let Some(project) = self.project(pid) else { return Err(reject("project no longer exists")) };
+                let Some(project) = self.project(pid) else {
+                    return Err(reject("project no longer exists"));
+                };
                 if !project.enabled {
                     return Err(reject("project disabled"));
                 }
@@ -170,7 +190,12 @@ impl Identity {
                 (Some(project), roles)
             }
         };
-        Ok(TokenInfo { payload, user, project, roles })
+        Ok(TokenInfo {
+            payload,
+            user,
+            project,
+            roles,
+        })
     }
 
     /// Signs a token. `issued_at`/`expires_at` in µs.
@@ -202,7 +227,11 @@ impl Identity {
     }
     /// All projects, in id order.
     pub fn projects(&self) -> Vec<Project> {
-        self.cache.list_json::<Project>(&model::projects()).into_iter().map(|(p, _)| p).collect()
+        self.cache
+            .list_json::<Project>(&model::projects())
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
     }
     pub fn project_by_name(&self, domain_id: &str, name: &str) -> Option<Project> {
         let id = self.index(&model::project_name(domain_id, name))?;
@@ -215,7 +244,11 @@ impl Identity {
         self.cache.get_json::<User>(&model::user(id)).map(|(u, _)| u)
     }
     pub(crate) fn users(&self) -> Vec<User> {
-        self.cache.list_json::<User>(&model::users()).into_iter().map(|(u, _)| u).collect()
+        self.cache
+            .list_json::<User>(&model::users())
+            .into_iter()
+            .map(|(u, _)| u)
+            .collect()
     }
     pub(crate) fn user_by_name(&self, domain_id: &str, name: &str) -> Option<User> {
         let id = self.index(&model::user_name(domain_id, name))?;
@@ -228,7 +261,11 @@ impl Identity {
         self.cache.get_json::<Role>(&model::role(id)).map(|(r, _)| r)
     }
     pub fn roles(&self) -> Vec<Role> {
-        self.cache.list_json::<Role>(&model::roles()).into_iter().map(|(r, _)| r).collect()
+        self.cache
+            .list_json::<Role>(&model::roles())
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect()
     }
     pub fn role_by_name(&self, name: &str) -> Option<Role> {
         let id = self.index(&model::role_name(name))?;
@@ -283,7 +320,9 @@ impl Identity {
             .list(&prefix)
             .iter()
             .filter_map(|kv| model::split_assignment_key(&kv.key, &prefix))
-            .filter(|(p, u, r)| self.project_exists(p) && self.cache.contains(&model::user(u)) && self.role(r).is_some())
+            .filter(|(p, u, r)| {
+                self.project_exists(p) && self.cache.contains(&model::user(u)) && self.role(r).is_some()
+            })
             .map(|(p, u, r)| (p.to_string(), u.to_string(), r.to_string()))
             .collect()
     }
@@ -298,7 +337,12 @@ impl Identity {
             .cache
             .list(&prefix)
             .iter()
-            .filter_map(|kv| kv.key.strip_prefix(&prefix)?.split_once('/').map(|(p, _)| p.to_string()))
+            .filter_map(|kv| {
+                kv.key
+                    .strip_prefix(&prefix)?
+                    .split_once('/')
+                    .map(|(p, _)| p.to_string())
+            })
             .collect();
         ids.dedup();
         ids.iter().filter_map(|id| self.project(id)).collect()

@@ -66,6 +66,10 @@ pub fn project_assignments(project_id: &str) -> String {
 pub fn project_user_assignments(project_id: &str, user_id: &str) -> String {
     format!("{PREFIX}assignments/{project_id}/{user_id}/")
 }
+/// The whole user-major index.
+pub fn all_user_assignments() -> String {
+    format!("{PREFIX}user_assignments/")
+}
 /// Assignments of one user (user-major index).
 pub fn user_assignments(user_id: &str) -> String {
     format!("{PREFIX}user_assignments/{user_id}/")
@@ -142,9 +146,13 @@ pub struct User {
     /// Argon2 PHC string; `None` for a user without a password (cannot authenticate with one).
     #[serde(default)]
     pub password_hash: Option<String>,
-    /// Tokens issued before this (µs since epoch) are invalid: bumped on a password change.
+    /// Tokens issued before this (µs since epoch) are invalid: set on a password change.
     #[serde(default)]
     pub tokens_valid_after: i64,
+    /// Bumped on every password change. A token carries the version of the password it was
+    /// obtained with and dies when it differs, independent of clocks.
+    #[serde(default)]
+    pub password_version: u64,
     #[serde(default)]
     pub extra: Map<String, Value>,
 }

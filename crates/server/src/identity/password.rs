@@ -28,7 +28,11 @@ pub struct Hasher {
 impl Hasher {
     pub fn new(memory_kib: u32) -> Self {
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        Self { memory_kib: memory_kib.max(8), permits: Arc::new(Semaphore::new(cpus * 2)), dummy: Default::default() }
+        Self {
+            memory_kib: memory_kib.max(8),
+            permits: Arc::new(Semaphore::new(cpus * 2)),
+            dummy: Default::default(),
+        }
     }
 
     fn argon2(memory_kib: u32) -> Result<Argon2<'static>, HashError> {
@@ -57,7 +61,9 @@ impl Hasher {
     /// Whether `password` matches `hash` (the hash's own parameters are used). A malformed hash
     /// never matches.
     pub async fn verify(&self, password: String, hash: String) -> bool {
-        let Ok(_permit) = self.permits.acquire().await else { return false };
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
         tokio::task::spawn_blocking(move || match PasswordHash::new(&hash) {
             Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
             Err(_) => {

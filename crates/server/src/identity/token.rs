@@ -6,7 +6,7 @@
 //! it unforgeable. Everything else a token means (roles, whether the user still exists...) is
 //! looked up at validation time, so revoking access never needs a token list.
 
-use base64::engine::general_purpose::{URL_SAFE_NO_PAD, STANDARD};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,9 @@ pub struct Payload {
     pub exp: i64,
     /// This token's audit id.
     pub a: String,
+    /// The user's password version when the password was checked.
+    #[serde(default)]
+    pub pv: u64,
     /// The audit id of the token this one was re-scoped from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pa: Option<String>,
@@ -144,6 +147,7 @@ mod tests {
             iat: 1,
             exp: 2,
             a: new_audit_id(),
+            pv: 3,
             pa: None,
         }
     }

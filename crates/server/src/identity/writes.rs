@@ -72,13 +72,25 @@ fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, IdentityError> {
     serde_json::to_vec(v).map_err(|e| IdentityError::Store(StoreError::Invalid(format!("encoding a record: {e}"))))
 }
 
-pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), IdentityError> {
-    if name.trim().is_empty() {
-        return Err(IdentityError::Invalid(format!("Invalid input for field 'name': a {kind} name must not be empty.")));
+/// Longest names, as Keystone's schema has them.
+fn max_name_len(kind: &str) -> usize {
+    if kind == "project" {
+        64
+    } else {
+        MAX_NAME_LEN
     }
-    if name.chars().count() > MAX_NAME_LEN {
+}
+
+pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), IdentityError> {
+    let max = max_name_len(kind);
+    if name.trim().is_empty() {
         return Err(IdentityError::Invalid(format!(
-            "Invalid input for field 'name': a {kind} name is at most {MAX_NAME_LEN} characters."
+            "Invalid input for field 'name': a {kind} name must not be empty."
+        )));
+    }
+    if name.chars().count() > max {
+        return Err(IdentityError::Invalid(format!(
+            "Invalid input for field 'name': a {kind} name is at most {max} characters."
         )));
     }
     if name.chars().any(char::is_control) {
@@ -91,14 +103,18 @@ pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), IdentityError> {
 
 fn check_description(d: &str) -> Result<(), IdentityError> {
     if d.len() > MAX_DESCRIPTION_LEN {
-        return Err(IdentityError::Invalid("Invalid input for field 'description': too long.".into()));
+        return Err(IdentityError::Invalid(
+            "Invalid input for field 'description': too long.".into(),
+        ));
     }
     Ok(())
 }
 
 fn check_password(p: &str) -> Result<(), IdentityError> {
     if p.is_empty() {
-        return Err(IdentityError::Invalid("Invalid input for field 'password': must not be empty.".into()));
+        return Err(IdentityError::Invalid(
+            "Invalid input for field 'password': must not be empty.".into(),
+        ));
     }
     if p.len() > MAX_PASSWORD_LEN {
         return Err(IdentityError::Invalid(format!(
@@ -110,9 +126,9 @@ fn check_password(p: &str) -> Result<(), IdentityError> {
 
 fn check_optional_id(field: &str, id: &Option<String>) -> Result<(), IdentityError> {
     match id {
-        Some(id) if !model::is_valid_id(id) => {
-            Err(IdentityError::Invalid(format!("Invalid input for field '{field}': not a valid id.")))
-        }
+        Some(id) if !model::is_valid_id(id) => Err(IdentityError::Invalid(format!(
+            "Invalid input for field '{field}': not a valid id."
+        ))),
         _ => Ok(()),
     }
 }
@@ -128,10 +144,15 @@ impl Identity {
             roles.push(self.ensure_role(name).await.with_context(|| format!("role {name}"))?);
         }
         let admin_project = self
-            .ensure_project(&self.config.admin_project.clone(), "Bootstrap project for initializing the cloud.")
+            .ensure_project(
+                &self.config.admin_project.clone(),
+                "Bootstrap project for initializing the cloud.",
+            )
             .await
             .context("admin project")?;
-        self.ensure_project("service", "Project for service users.").await.context("service project")?;
+        self.ensure_project("service", "Project for service users.")
+            .await
+            .context("service project")?;
 
         let admin_name = self.config.admin_user.clone();
         let admin = match self.user_by_name(model::DEFAULT_DOMAIN_ID, &admin_name) {
@@ -177,7 +198,9 @@ impl Identity {
         };
         if let Some(admin_role) = roles.first() {
             if !self.has_assignment(&admin_project.id, &admin.id, &admin_role.id) {
-                self.grant(&admin_project.id, &admin.id, &admin_role.id).await.context("admin role assignment")?;
+                self.grant(&admin_project.id, &admin.id, &admin_role.id)
+                    .await
+                    .context("admin role assignment")?;
             }
         }
         if let Err(e) = self.prune_revocations().await {
@@ -197,8 +220,14 @@ impl Identity {
                 let _ = self.key.set(k);
                 return Ok(());
             }
-            let rec = SigningKeyRecord { key: SigningKey::generate().to_base64(), created_at: model::now_micros() };
-            if self.commit(vec![Compare::Absent(key.clone())], vec![Op::put(&key, to_json(&rec)?)]).await? {
+            let rec = SigningKeyRecord {
+                key: SigningKey::generate().to_base64(),
+                created_at: model::now_micros(),
+            };
+            if self
+                .commit(vec![Compare::Absent(key.clone())], vec![Op::put(&key, to_json(&rec)?)])
+                .await?
+            {
                 tracing::info!("generated the token signing key");
             }
             // Either way, read back the one that won.
@@ -213,7 +242,8 @@ impl Identity {
         match self.create_role(name.into(), None).await {
             Err(IdentityError::Conflict(_)) => {
                 self.catch_up().await?;
-                self.role_by_name(name).ok_or_else(|| IdentityError::not_found("role", name))
+                self.role_by_name(name)
+                    .ok_or_else(|| IdentityError::not_found("role", name))
             }
             other => other,
         }
@@ -244,7 +274,13 @@ impl Identity {
     }
 
     /// Read-modify-write of one record, guarded by its mod revision; `apply` may rename it.
-    async fn update_record<T, F>(&self, key: &str, kind: &'static str, id: &str, mut apply: F) -> Result<T, IdentityError>
+    async fn update_record<T, F>(
+        &self,
+        key: &str,
+        kind: &'static str,
+        id: &str,
+        mut apply: F,
+    ) -> Result<T, IdentityError>
     where
         T: Serialize + DeserializeOwned,
         F: FnMut(&mut T) -> Result<Option<Rename>, IdentityError>,
@@ -278,7 +314,13 @@ impl Identity {
     }
 
     /// Deletes a record, its name index and the given assignment keys (recomputed per try).
-    async fn delete_record<T, F>(&self, key: &str, kind: &'static str, id: &str, mut extra_ops: F) -> Result<T, IdentityError>
+    async fn delete_record<T, F>(
+        &self,
+        key: &str,
+        kind: &'static str,
+        id: &str,
+        mut extra_ops: F,
+    ) -> Result<T, IdentityError>
     where
         T: DeserializeOwned,
         F: FnMut(&T) -> Vec<Op>,
@@ -292,7 +334,10 @@ impl Identity {
             };
             let mut ops = vec![Op::delete(key)];
             ops.extend(extra_ops(&rec));
-            if self.commit(vec![Compare::ModRevision(key.to_string(), rev)], ops).await? {
+            if self
+                .commit(vec![Compare::ModRevision(key.to_string(), rev)], ops)
+                .await?
+            {
                 return Ok(rec);
             }
             self.catch_up().await?;
@@ -300,7 +345,7 @@ impl Identity {
         Err(IdentityError::Contention)
     }
 
-    /// Delete ops for every assignment key under `prefix` of the given index, both indexes.
+    /// Delete ops (both indexes) for every assignment `filter(project, user, role)` selects.
     fn assignment_delete_ops(&self, filter: impl Fn(&str, &str, &str) -> bool) -> Vec<Op> {
         let prefix = model::assignments();
         let mut ops = Vec::new();
@@ -313,7 +358,7 @@ impl Identity {
             }
         }
         // Mirror entries whose primary is already gone.
-        let uprefix = format!("{}user_assignments/", model::PREFIX);
+        let uprefix = model::all_user_assignments();
         for kv in self.cache.list(&uprefix) {
             if let Some((u, p, r)) = model::split_assignment_key(&kv.key, &uprefix) {
                 if filter(p, u, r) && !self.cache.contains(&model::assignment(p, u, r)) {
@@ -330,7 +375,7 @@ impl Identity {
         check_name("project", &new.name)?;
         check_description(&new.description)?;
         if self.domain(&new.domain_id).is_none() {
-            return Err(IdentityError::Invalid(format!("Could not find domain: {}.", new.domain_id)));
+            return Err(IdentityError::not_found("domain", &new.domain_id));
         }
         let p = Project {
             id: model::new_id(),
@@ -346,7 +391,10 @@ impl Identity {
         let ok = self
             .commit(
                 vec![Compare::Absent(key.clone()), Compare::Absent(name_key.clone())],
-                vec![Op::put(&key, to_json(&p)?), Op::put(&name_key, p.id.as_bytes().to_vec())],
+                vec![
+                    Op::put(&key, to_json(&p)?),
+                    Op::put(&name_key, p.id.as_bytes().to_vec()),
+                ],
             )
             .await?;
         if !ok {
@@ -420,7 +468,7 @@ impl Identity {
         }
         check_optional_id("default_project_id", &new.default_project_id)?;
         if self.domain(&new.domain_id).is_none() {
-            return Err(IdentityError::Invalid(format!("Could not find domain: {}.", new.domain_id)));
+            return Err(IdentityError::not_found("domain", &new.domain_id));
         }
         let password_hash = match new.password {
             Some(pw) => {
@@ -438,6 +486,7 @@ impl Identity {
             description: new.description,
             password_hash,
             tokens_valid_after: 0,
+            password_version: 0,
             extra: new.extra,
         };
         let key = model::user(&u.id);
@@ -445,7 +494,10 @@ impl Identity {
         let ok = self
             .commit(
                 vec![Compare::Absent(key.clone()), Compare::Absent(name_key.clone())],
-                vec![Op::put(&key, to_json(&u)?), Op::put(&name_key, u.id.as_bytes().to_vec())],
+                vec![
+                    Op::put(&key, to_json(&u)?),
+                    Op::put(&name_key, u.id.as_bytes().to_vec()),
+                ],
             )
             .await?;
         if !ok {
@@ -479,7 +531,6 @@ impl Identity {
             }
             None => None,
         };
-        let changed_at = model::now_micros();
         let u = self
             .update_record::<User, _>(&model::user(id), "user", id, |u| {
                 let mut rename = None;
@@ -498,7 +549,8 @@ impl Identity {
                 }
                 if let Some(h) = &new_hash {
                     u.password_hash = Some(h.clone());
-                    u.tokens_valid_after = u.tokens_valid_after.max(changed_at);
+                    u.tokens_valid_after = u.tokens_valid_after.max(model::now_micros());
+                    u.password_version = u.password_version.wrapping_add(1);
                 }
                 if let Some(dp) = &patch.default_project_id {
                     u.default_project_id = dp.clone();
@@ -524,7 +576,9 @@ impl Identity {
     /// A user changing their own password: the original must match.
     pub async fn change_password(&self, id: &str, original: String, new: String) -> Result<User, IdentityError> {
         check_password(&new)?;
-        let Some(user) = self.user(id) else { return Err(IdentityError::not_found("user", id)) };
+        let Some(user) = self.user(id) else {
+            return Err(IdentityError::not_found("user", id));
+        };
         let ok = match (&user.password_hash, original.len() <= MAX_PASSWORD_LEN) {
             (Some(h), true) => self.hasher.verify(original, h.clone()).await,
             _ => false,
@@ -533,7 +587,14 @@ impl Identity {
             tracing::info!(user_id = %id, "password change refused: original password does not match");
             return Err(IdentityError::Unauthorized);
         }
-        self.update_user(id, UserPatch { password: Some(new), ..Default::default() }).await
+        self.update_user(
+            id,
+            UserPatch {
+                password: Some(new),
+                ..Default::default()
+            },
+        )
+        .await
     }
 
     pub async fn delete_user(&self, id: &str) -> Result<(), IdentityError> {
@@ -567,13 +628,20 @@ impl Identity {
         if let Some(d) = &description {
             check_description(d)?;
         }
-        let r = Role { id: model::new_id(), name, description };
+        let r = Role {
+            id: model::new_id(),
+            name,
+            description,
+        };
         let key = model::role(&r.id);
         let name_key = model::role_name(&r.name);
         let ok = self
             .commit(
                 vec![Compare::Absent(key.clone()), Compare::Absent(name_key.clone())],
-                vec![Op::put(&key, to_json(&r)?), Op::put(&name_key, r.id.as_bytes().to_vec())],
+                vec![
+                    Op::put(&key, to_json(&r)?),
+                    Op::put(&name_key, r.id.as_bytes().to_vec()),
+                ],
             )
             .await?;
         if !ok {
@@ -639,7 +707,9 @@ impl Identity {
             if self.role(role_id).is_none() {
                 return Err(IdentityError::not_found("role", role_id));
             }
-            let rec = to_json(&AssignmentRecord { created_at: model::now_micros() })?;
+            let rec = to_json(&AssignmentRecord {
+                created_at: model::now_micros(),
+            })?;
             let ok = self
                 .commit(
                     vec![
@@ -665,7 +735,10 @@ impl Identity {
     /// Removes the role from the user on the project; 404 if it was not assigned.
     pub async fn revoke_grant(&self, project_id: &str, user_id: &str, role_id: &str) -> Result<(), IdentityError> {
         if !self.has_assignment(project_id, user_id, role_id) {
-            return Err(IdentityError::not_found("role assignment", &format!("{project_id}/{user_id}/{role_id}")));
+            return Err(IdentityError::not_found(
+                "role assignment",
+                &format!("{project_id}/{user_id}/{role_id}"),
+            ));
         }
         self.commit(
             vec![],
@@ -683,8 +756,11 @@ impl Identity {
 
     /// Revokes a token (and so every token re-scoped from it) until it would expire anyway.
     pub(crate) async fn revoke_token(&self, payload: &Payload) -> Result<(), IdentityError> {
-        let rec = to_json(&Revocation { expires_at: payload.exp })?;
-        self.commit(vec![], vec![Op::put(model::revoked(&payload.a), rec)]).await?;
+        let rec = to_json(&Revocation {
+            expires_at: payload.exp,
+        })?;
+        self.commit(vec![], vec![Op::put(model::revoked(&payload.a), rec)])
+            .await?;
         tracing::info!(user_id = %payload.u, audit_id = %payload.a, "token revoked");
         self.prune_revocations().await
     }
@@ -697,7 +773,9 @@ impl Identity {
             .list(&model::revocations())
             .iter()
             .filter(|kv| {
-                serde_json::from_slice::<Revocation>(&kv.value).map(|r| r.expires_at < now).unwrap_or(true)
+                serde_json::from_slice::<Revocation>(&kv.value)
+                    .map(|r| r.expires_at < now)
+                    .unwrap_or(true)
             })
             .take(256)
             .map(|kv| Op::delete(&kv.key))

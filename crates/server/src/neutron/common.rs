@@ -54,13 +54,17 @@ impl Ctx<'_> {
     pub fn subnet_visible(&self, s: &Subnet) -> bool {
         self.admin()
             || self.owns(&s.project_id)
-            || self.get::<Network>(Kind::Network, &s.network_id).is_some_and(|(n, _)| n.shared)
+            || self
+                .get::<Network>(Kind::Network, &s.network_id)
+                .is_some_and(|(n, _)| n.shared)
     }
 
     pub fn port_visible(&self, p: &Port) -> bool {
         self.admin()
             || self.owns(&p.project_id)
-            || self.get::<Network>(Kind::Network, &p.network_id).is_some_and(|(n, _)| self.owns(&n.project_id))
+            || self
+                .get::<Network>(Kind::Network, &p.network_id)
+                .is_some_and(|(n, _)| self.owns(&n.project_id))
     }
 
     /// The project a new resource belongs to: the caller's, or (admins only) the one named.
@@ -94,7 +98,11 @@ impl Ctx<'_> {
         if !res.succeeded {
             return Ok(None);
         }
-        self.state.cache.wait_for(res.revision).await.map_err(|e| NeutronError::unavailable(e.to_string()))?;
+        self.state
+            .cache
+            .wait_for(res.revision)
+            .await
+            .map_err(|e| NeutronError::unavailable(e.to_string()))?;
         Ok(Some(res.revision))
     }
 
@@ -102,7 +110,11 @@ impl Ctx<'_> {
     /// competing writers spread out.
     pub async fn resync(&self, attempt: usize) -> NResult<()> {
         let rev = self.state.store.revision().await.map_err(store_err)?;
-        self.state.cache.wait_for(rev).await.map_err(|e| NeutronError::unavailable(e.to_string()))?;
+        self.state
+            .cache
+            .wait_for(rev)
+            .await
+            .map_err(|e| NeutronError::unavailable(e.to_string()))?;
         if attempt > 2 {
             let ms = rand::random::<u64>() % (attempt as u64 * 2).min(20);
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -142,7 +154,11 @@ where
         }
         ctx.resync(attempt).await?;
     }
-    Err(NeutronError::new(409, "Conflict", "Too much concurrent change to this resource; retry the request"))
+    Err(NeutronError::new(
+        409,
+        "Conflict",
+        "Too much concurrent change to this resource; retry the request",
+    ))
 }
 
 /// Checks `If-Match: revision_number=N` against the current revision.
@@ -167,8 +183,11 @@ pub async fn visible_views(ctx: &Ctx<'_>, kind: Kind) -> NResult<Vec<Value>> {
             .map(|(n, _)| n.to_api(ctx.admin()))
             .collect(),
         Kind::Subnet => {
-            let shared: HashMap<String, bool> =
-                ctx.all::<Network>(Kind::Network).into_iter().map(|(n, _)| (n.id, n.shared)).collect();
+            let shared: HashMap<String, bool> = ctx
+                .all::<Network>(Kind::Network)
+                .into_iter()
+                .map(|(n, _)| (n.id, n.shared))
+                .collect();
             ctx.all::<Subnet>(kind)
                 .into_iter()
                 .filter(|(s, _)| {
@@ -178,14 +197,15 @@ pub async fn visible_views(ctx: &Ctx<'_>, kind: Kind) -> NResult<Vec<Value>> {
                 .collect()
         }
         Kind::Port => {
-            let owners: HashMap<String, String> =
-                ctx.all::<Network>(Kind::Network).into_iter().map(|(n, _)| (n.id, n.project_id)).collect();
+            let owners: HashMap<String, String> = ctx
+                .all::<Network>(Kind::Network)
+                .into_iter()
+                .map(|(n, _)| (n.id, n.project_id))
+                .collect();
             ctx.all::<Port>(kind)
                 .into_iter()
                 .filter(|(p, _)| {
-                    ctx.admin()
-                        || ctx.owns(&p.project_id)
-                        || owners.get(&p.network_id).is_some_and(|o| ctx.owns(o))
+                    ctx.admin() || ctx.owns(&p.project_id) || owners.get(&p.network_id).is_some_and(|o| ctx.owns(o))
                 })
                 .map(|(p, _)| p.to_api(ctx.admin()))
                 .collect()
@@ -222,11 +242,17 @@ pub fn show(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Value> {
     Ok(match kind {
         Kind::Network => ctx.visible_network(id)?.0.to_api(ctx.admin()),
         Kind::Subnet => {
-            let (s, _) = ctx.get::<Subnet>(kind, id).filter(|(s, _)| ctx.subnet_visible(s)).ok_or_else(nf)?;
+            let (s, _) = ctx
+                .get::<Subnet>(kind, id)
+                .filter(|(s, _)| ctx.subnet_visible(s))
+                .ok_or_else(nf)?;
             s.to_api()
         }
         Kind::Port => {
-            let (p, _) = ctx.get::<Port>(kind, id).filter(|(p, _)| ctx.port_visible(p)).ok_or_else(nf)?;
+            let (p, _) = ctx
+                .get::<Port>(kind, id)
+                .filter(|(p, _)| ctx.port_visible(p))
+                .ok_or_else(nf)?;
             p.to_api(ctx.admin())
         }
         Kind::SecurityGroup => {
@@ -314,7 +340,9 @@ pub async fn delete(ctx: &Ctx<'_>, kind: Kind, id: &str, if_match: Option<u64>) 
 
 /// Validates a list of tags given in a create or update body.
 pub fn tags_from(body: &mut Body) -> NResult<Option<Vec<String>>> {
-    let Some(tags) = body.string_list("tags")? else { return Ok(None) };
+    let Some(tags) = body.string_list("tags")? else {
+        return Ok(None);
+    };
     for t in &tags {
         isthmus_model::validate::validate_tag(t)?;
     }

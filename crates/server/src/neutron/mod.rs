@@ -35,21 +35,73 @@ pub struct NeutronState {
 
 /// Extensions this server really implements; tempest and clients decide what to test from this.
 pub const EXTENSIONS: &[(&str, &str, &str)] = &[
-    ("allowed-address-pairs", "Allowed Address Pairs", "Provides allowed address pairs"),
-    ("binding", "Port Binding", "Expose port bindings of a virtual port to external application"),
-    ("ip-substring-filtering", "IP address substring filtering", "Provides IP address substring filtering when listing ports"),
-    ("net-mtu", "Network MTU", "Provides MTU attribute for a network resource."),
-    ("pagination", "Pagination support", "Extension that indicates that pagination is enabled."),
+    (
+        "allowed-address-pairs",
+        "Allowed Address Pairs",
+        "Provides allowed address pairs",
+    ),
+    (
+        "binding",
+        "Port Binding",
+        "Expose port bindings of a virtual port to external application",
+    ),
+    (
+        "ip-substring-filtering",
+        "IP address substring filtering",
+        "Provides IP address substring filtering when listing ports",
+    ),
+    (
+        "net-mtu",
+        "Network MTU",
+        "Provides MTU attribute for a network resource.",
+    ),
+    (
+        "pagination",
+        "Pagination support",
+        "Extension that indicates that pagination is enabled.",
+    ),
     ("port-security", "Port Security", "Provides port security"),
-    ("project-id", "project_id field enabled", "Extension that indicates that project_id field is enabled."),
-    ("provider", "Provider Network", "Expose mapping of virtual networks to physical networks"),
-    ("revision-if-match", "If-Match constraints based on revision_number", "Extension indicating that If-Match based on revision_number is supported."),
+    (
+        "project-id",
+        "project_id field enabled",
+        "Extension that indicates that project_id field is enabled.",
+    ),
+    (
+        "provider",
+        "Provider Network",
+        "Expose mapping of virtual networks to physical networks",
+    ),
+    (
+        "revision-if-match",
+        "If-Match constraints based on revision_number",
+        "Extension indicating that If-Match based on revision_number is supported.",
+    ),
     ("security-group", "security-group", "The security groups extension."),
-    ("sorting", "Sorting support", "Extension that indicates that sorting is enabled."),
-    ("standard-attr-description", "standard-attr-description", "Extension to add descriptions to standard attributes"),
-    ("standard-attr-revisions", "Resource revision numbers", "This extension will display the revision number of neutron resources."),
-    ("standard-attr-timestamp", "Resource timestamps", "Adds created_at and updated_at fields to all Neutron resources that have Neutron standard attributes."),
-    ("stateful-security-group", "Stateful security group", "Indicates if the security group is stateful or not"),
+    (
+        "sorting",
+        "Sorting support",
+        "Extension that indicates that sorting is enabled.",
+    ),
+    (
+        "standard-attr-description",
+        "standard-attr-description",
+        "Extension to add descriptions to standard attributes",
+    ),
+    (
+        "standard-attr-revisions",
+        "Resource revision numbers",
+        "This extension will display the revision number of neutron resources.",
+    ),
+    (
+        "standard-attr-timestamp",
+        "Resource timestamps",
+        "Adds created_at and updated_at fields to all Neutron resources that have Neutron standard attributes.",
+    ),
+    (
+        "stateful-security-group",
+        "Stateful security group",
+        "Indicates if the security group is stateful or not",
+    ),
     ("tag", "Tag support", "Enables to set tag on resources."),
 ];
 
@@ -90,15 +142,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2.0/extensions/{alias}", get(show_extension))
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
-        .route("/v2.0/{collection}/{id}/tags", get(tags::all_tags).put(tags::all_tags).delete(tags::all_tags))
-        .route("/v2.0/{collection}/{id}/tags/{tag}", get(tags::one_tag).put(tags::one_tag).delete(tags::one_tag))
+        .route(
+            "/v2.0/{collection}/{id}/tags",
+            get(tags::all_tags).put(tags::all_tags).delete(tags::all_tags),
+        )
+        .route(
+            "/v2.0/{collection}/{id}/tags/{tag}",
+            get(tags::one_tag).put(tags::one_tag).delete(tags::one_tag),
+        )
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
 async fn not_found() -> ApiError {
-    ApiError(NeutronError::new(404, "HTTPNotFound", "The resource could not be found."))
+    ApiError(NeutronError::new(
+        404,
+        "HTTPNotFound",
+        "The resource could not be found.",
+    ))
 }
 
 async fn versions(State(state): State<Arc<AppState>>) -> Response {
@@ -144,8 +206,16 @@ async fn show_extension(
 ) -> ApiResult<Response> {
     authenticate(&state, &headers).await?;
     match EXTENSIONS.iter().find(|(a, _, _)| *a == alias) {
-        Some((a, n, d)) => Ok(json_response(StatusCode::OK, json!({"extension": extension_json(a, n, d)}))),
-        None => Err(NeutronError::new(404, "HTTPNotFound", format!("Extension with alias {alias} does not exist")).into()),
+        Some((a, n, d)) => Ok(json_response(
+            StatusCode::OK,
+            json!({"extension": extension_json(a, n, d)}),
+        )),
+        None => Err(NeutronError::new(
+            404,
+            "HTTPNotFound",
+            format!("Extension with alias {alias} does not exist"),
+        )
+        .into()),
     }
 }
 
@@ -169,7 +239,11 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AuthC
 pub fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, NeutronError> {
     let bytes = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            NeutronError::new(413, "HTTPRequestEntityTooLarge", "Request body is larger than the limit.")
+            NeutronError::new(
+                413,
+                "HTTPRequestEntityTooLarge",
+                "Request body is larger than the limit.",
+            )
         } else {
             NeutronError::bad_request(format!("Could not read the request body: {rej}"))
         }
@@ -182,8 +256,12 @@ pub fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, NeutronE
 
 /// `If-Match: revision_number=N`, if present.
 fn if_match(headers: &HeaderMap) -> Result<Option<u64>, NeutronError> {
-    let Some(v) = headers.get("if-match") else { return Ok(None) };
-    let s = v.to_str().map_err(|_| NeutronError::bad_request("Invalid If-Match header"))?;
+    let Some(v) = headers.get("if-match") else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| NeutronError::bad_request("Invalid If-Match header"))?;
     for part in s.split(',') {
         if let Some(n) = part.trim().strip_prefix("revision_number=") {
             return n
@@ -252,7 +330,11 @@ impl Kind {
 }
 
 fn unknown_collection(c: &str) -> ApiError {
-    ApiError(NeutronError::new(404, "HTTPNotFound", format!("The resource could not be found: {c}")))
+    ApiError(NeutronError::new(
+        404,
+        "HTTPNotFound",
+        format!("The resource could not be found: {c}"),
+    ))
 }
 
 async fn collection(
@@ -265,7 +347,10 @@ async fn collection(
 ) -> ApiResult<Response> {
     let kind = Kind::from_collection(&coll).ok_or_else(|| unknown_collection(&coll))?;
     let auth = authenticate(&state, &headers).await?;
-    let ctx = Ctx { state: &state, auth: &auth };
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
     if method == Method::GET {
         let q = query::Query::parse(q.as_deref().unwrap_or(""))?;
         let items = common::visible_views(&ctx, kind).await?;
@@ -288,12 +373,18 @@ async fn member(
 ) -> ApiResult<Response> {
     let kind = Kind::from_collection(&coll).ok_or_else(|| unknown_collection(&coll))?;
     let auth = authenticate(&state, &headers).await?;
-    let ctx = Ctx { state: &state, auth: &auth };
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
     match method {
         Method::GET => {
             let q = query::Query::parse(q.as_deref().unwrap_or(""))?;
             let view = common::show(&ctx, kind, &id)?;
-            Ok(json_response(StatusCode::OK, json!({ kind.singular(): q.select_fields(view) })))
+            Ok(json_response(
+                StatusCode::OK,
+                json!({ kind.singular(): q.select_fields(view) }),
+            ))
         }
         Method::PUT => {
             let body = parse_body(body)?;

@@ -39,7 +39,9 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let admin_state_up = body.boolean("admin_state_up")?.unwrap_or(true);
     let shared = body.boolean("shared")?.unwrap_or(false);
     if shared && !ctx.admin() {
-        return Err(NeutronError::forbidden("(rule:create_network and rule:create_network:shared) is disallowed by policy"));
+        return Err(NeutronError::forbidden(
+            "(rule:create_network and rule:create_network:shared) is disallowed by policy",
+        ));
     }
     let port_security_enabled = body.boolean("port_security_enabled")?.unwrap_or(true);
     let tenant_mtu = ctx.state.config.tenant_mtu();
@@ -55,22 +57,30 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let mut requested_vni = None;
     if let Some(t) = body.opt_string("provider:network_type")? {
         if !ctx.admin() {
-            return Err(NeutronError::forbidden("Setting provider attributes requires admin privileges"));
+            return Err(NeutronError::forbidden(
+                "Setting provider attributes requires admin privileges",
+            ));
         }
         if let Some(t) = t {
             if t != "vxlan" {
-                return Err(NeutronError::invalid_input(format!("network_type value '{t}' not supported")));
+                return Err(NeutronError::invalid_input(format!(
+                    "network_type value '{t}' not supported"
+                )));
             }
         }
     }
     if body.contains("provider:segmentation_id") {
         if !ctx.admin() {
-            return Err(NeutronError::forbidden("Setting provider attributes requires admin privileges"));
+            return Err(NeutronError::forbidden(
+                "Setting provider attributes requires admin privileges",
+            ));
         }
         if let Some(v) = body.integer("provider:segmentation_id")? {
             let (lo, hi) = (ctx.state.config.vni_min as i64, ctx.state.config.vni_max as i64);
             if !(1..=16_777_215).contains(&v) {
-                return Err(NeutronError::invalid_input(format!("segmentation_id {v} out of range (1-16777215)")));
+                return Err(NeutronError::invalid_input(format!(
+                    "segmentation_id {v} out of range (1-16777215)"
+                )));
             }
             let _ = (lo, hi);
             requested_vni = Some(v as u32);
@@ -78,7 +88,9 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     }
     if let Some(pn) = body.opt_string("provider:physical_network")? {
         if pn.is_some() {
-            return Err(NeutronError::invalid_input("provider:physical_network is not supported for vxlan networks"));
+            return Err(NeutronError::invalid_input(
+                "provider:physical_network is not supported for vxlan networks",
+            ));
         }
     }
     if let Some(hints) = body.string_list("availability_zone_hints")? {
@@ -122,10 +134,17 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             port_security_enabled,
             subnets: vec![],
             deleting: false,
-            std: StandardAttrs { description: description.clone(), tags: tags.clone(), ..StandardAttrs::new(&ts) },
+            std: StandardAttrs {
+                description: description.clone(),
+                tags: tags.clone(),
+                ..StandardAttrs::new(&ts)
+            },
         };
         let cmp = vec![Compare::Absent(keys::vni_alloc(vni)), Compare::Absent(key(&id))];
-        let ops = vec![Op::put(keys::vni_alloc(vni), id.clone()), Op::put(key(&id), json_bytes(&net))];
+        let ops = vec![
+            Op::put(keys::vni_alloc(vni), id.clone()),
+            Op::put(key(&id), json_bytes(&net)),
+        ];
         Ok((cmp, ops, net))
     })
     .await?;
@@ -138,7 +157,9 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
 fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Network, i64)> {
     let (n, r) = ctx.visible_network(id)?;
     if !ctx.admin() && !ctx.owns(&n.project_id) {
-        return Err(NeutronError::forbidden(format!("Modifying network {id} is not allowed by policy")));
+        return Err(NeutronError::forbidden(format!(
+            "Modifying network {id} is not allowed by policy"
+        )));
     }
     Ok((n, r))
 }
@@ -150,18 +171,30 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
     let admin_state_up = body.boolean("admin_state_up")?;
     let shared = body.boolean("shared")?;
     if shared.is_some() && !ctx.admin() {
-        return Err(NeutronError::forbidden("(rule:update_network and rule:update_network:shared) is disallowed by policy"));
+        return Err(NeutronError::forbidden(
+            "(rule:update_network and rule:update_network:shared) is disallowed by policy",
+        ));
     }
     let port_security_enabled = body.boolean("port_security_enabled")?;
     let tenant_mtu = ctx.state.config.tenant_mtu();
     let mtu = match body.integer("mtu")? {
         None => None,
         Some(m) if (68..=tenant_mtu as i64).contains(&m) => Some(m as u32),
-        Some(m) => return Err(NeutronError::invalid_input(format!("Requested MTU is too big, maximum is {tenant_mtu}; got {m}"))),
+        Some(m) => {
+            return Err(NeutronError::invalid_input(format!(
+                "Requested MTU is too big, maximum is {tenant_mtu}; got {m}"
+            )))
+        }
     };
-    for k in ["provider:network_type", "provider:segmentation_id", "provider:physical_network"] {
+    for k in [
+        "provider:network_type",
+        "provider:segmentation_id",
+        "provider:physical_network",
+    ] {
         if body.contains(k) {
-            return Err(NeutronError::invalid_input("Plugin does not support updating provider attributes"));
+            return Err(NeutronError::invalid_input(
+                "Plugin does not support updating provider attributes",
+            ));
         }
     }
     let tags = tags_from(&mut body)?;
@@ -188,7 +221,9 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
                 if foreign {
                     return Err(NeutronError::conflict(
                         "InvalidSharedSetting",
-                        format!("Unable to reconfigure sharing settings for network {id}. Multiple tenants are using it."),
+                        format!(
+                            "Unable to reconfigure sharing settings for network {id}. Multiple tenants are using it."
+                        ),
                     ));
                 }
             }
@@ -206,7 +241,11 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
         // An update also clears a deleting mark left by an interrupted delete.
         n.deleting = false;
         n.std.bump(&now());
-        Ok((vec![Compare::ModRevision(key(id), rev)], vec![Op::put(key(id), json_bytes(&n))], n))
+        Ok((
+            vec![Compare::ModRevision(key(id), rev)],
+            vec![Op::put(key(id), json_bytes(&n))],
+            n,
+        ))
     })
     .await?;
     Ok(net.to_api(ctx.admin()))
@@ -221,7 +260,13 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
             let (mut n, rev) = writable(ctx, id)?;
             check_if_match(if_match, n.std.revision_number)?;
             n.deleting = true;
-            if let Some(r) = ctx.commit(vec![Compare::ModRevision(key(id), rev)], vec![Op::put(key(id), json_bytes(&n))]).await? {
+            if let Some(r) = ctx
+                .commit(
+                    vec![Compare::ModRevision(key(id), rev)],
+                    vec![Op::put(key(id), json_bytes(&n))],
+                )
+                .await?
+            {
                 result = Some((n, r));
                 break;
             }
@@ -239,7 +284,14 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
     if !ports.is_empty() {
         let mut n = marked.clone();
         n.deleting = false;
-        if ctx.commit(vec![Compare::ModRevision(key(id), mark_rev)], vec![Op::put(key(id), json_bytes(&n))]).await?.is_none() {
+        if ctx
+            .commit(
+                vec![Compare::ModRevision(key(id), mark_rev)],
+                vec![Op::put(key(id), json_bytes(&n))],
+            )
+            .await?
+            .is_none()
+        {
             tracing::warn!(network = %id, "could not clear the deleting mark; it will be cleared by the next update");
         }
         return Err(NeutronError::conflict(
@@ -257,8 +309,16 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
     for s in &subnets {
         ops.push(Op::delete(keys::resource("subnets", &s.id)));
     }
-    if ctx.commit(vec![Compare::ModRevision(key(id), mark_rev)], ops).await?.is_none() {
-        return Err(NeutronError::new(409, "Conflict", "The network changed while it was being deleted; retry"));
+    if ctx
+        .commit(vec![Compare::ModRevision(key(id), mark_rev)], ops)
+        .await?
+        .is_none()
+    {
+        return Err(NeutronError::new(
+            409,
+            "Conflict",
+            "The network changed while it was being deleted; retry",
+        ));
     }
     tracing::info!(network = %id, subnets = subnets.len(), "network deleted");
     Ok(())

@@ -2,11 +2,11 @@
 
 use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
 use super::{security_groups, subnets, Kind};
+use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::{is_uuid, Body};
 use isthmus_model::{keys, AddressPair, FixedIp, Network, NeutronError, Port, StandardAttrs, Subnet};
 use isthmus_store::{Compare, Op, Revision};
-use ipnet::IpNet;
 use rand::seq::SliceRandom;
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
@@ -14,7 +14,15 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 
 const VNIC_TYPES: &[&str] = &[
-    "normal", "direct", "macvtap", "baremetal", "direct-physical", "virtio-forwarder", "smart-nic", "vdpa", "remote-managed",
+    "normal",
+    "direct",
+    "macvtap",
+    "baremetal",
+    "direct-physical",
+    "virtio-forwarder",
+    "smart-nic",
+    "vdpa",
+    "remote-managed",
 ];
 /// Candidates drawn per allocation; a random pick among them keeps concurrent servers apart.
 const CANDIDATES: usize = 16;
@@ -40,7 +48,11 @@ impl<'a> Reservation<'a> {
         self.set.keys.lock().unwrap_or_else(|p| p.into_inner()).contains(key)
     }
     fn take(&mut self, key: String) {
-        self.set.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
+        self.set
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
         self.held.push(key);
     }
     fn release(&mut self) {
@@ -71,13 +83,17 @@ fn parse_fixed_ips(items: Vec<Map<String, Value>>) -> NResult<Vec<FixedReq>> {
         let ip = b.string("ip_address")?;
         b.finish()?;
         let ip = match ip {
-            Some(s) => Some(s.parse::<IpAddr>().map_err(|_| {
-                NeutronError::invalid_attr("fixed_ips", format!("'{s}' is not a valid IP address"))
-            })?),
+            Some(s) => Some(
+                s.parse::<IpAddr>()
+                    .map_err(|_| NeutronError::invalid_attr("fixed_ips", format!("'{s}' is not a valid IP address")))?,
+            ),
             None => None,
         };
         if subnet_id.is_none() && ip.is_none() {
-            return Err(NeutronError::invalid_attr("fixed_ips", "each entry needs a subnet_id or an ip_address"));
+            return Err(NeutronError::invalid_attr(
+                "fixed_ips",
+                "each entry needs a subnet_id or an ip_address",
+            ));
         }
         out.push(FixedReq { subnet_id, ip });
     }
@@ -88,29 +104,36 @@ fn parse_pairs(items: Vec<Map<String, Value>>) -> NResult<Vec<(String, Option<St
     let mut out: Vec<(String, Option<String>)> = vec![];
     for m in items {
         let mut b = Body::from_map(m);
-        let ip = b
-            .string("ip_address")?
-            .ok_or_else(|| NeutronError::new(400, "AllowedAddressPairsMissingIP", "AllowedAddressPair must contain ip_address"))?;
+        let ip = b.string("ip_address")?.ok_or_else(|| {
+            NeutronError::new(
+                400,
+                "AllowedAddressPairsMissingIP",
+                "AllowedAddressPair must contain ip_address",
+            )
+        })?;
         let mac = b.string("mac_address")?;
         b.finish()?;
         let ip_norm = if ip.contains('/') {
-            ip.parse::<IpNet>()
-                .map(|n| n.to_string())
-                .map_err(|_| NeutronError::invalid_attr("allowed_address_pairs", format!("'{ip}' is not a valid IP address")))?
+            ip.parse::<IpNet>().map(|n| n.to_string()).map_err(|_| {
+                NeutronError::invalid_attr("allowed_address_pairs", format!("'{ip}' is not a valid IP address"))
+            })?
         } else {
-            ip.parse::<IpAddr>()
-                .map(|a| a.to_string())
-                .map_err(|_| NeutronError::invalid_attr("allowed_address_pairs", format!("'{ip}' is not a valid IP address")))?
+            ip.parse::<IpAddr>().map(|a| a.to_string()).map_err(|_| {
+                NeutronError::invalid_attr("allowed_address_pairs", format!("'{ip}' is not a valid IP address"))
+            })?
         };
         let mac = match mac {
-            Some(m) => Some(
-                ipam::normalize_mac(&m)
-                    .ok_or_else(|| NeutronError::invalid_attr("allowed_address_pairs", format!("'{m}' is not a valid MAC address")))?,
-            ),
+            Some(m) => Some(ipam::normalize_mac(&m).ok_or_else(|| {
+                NeutronError::invalid_attr("allowed_address_pairs", format!("'{m}' is not a valid MAC address"))
+            })?),
             None => None,
         };
         if out.iter().any(|(i, m)| *i == ip_norm && *m == mac) {
-            return Err(NeutronError::new(400, "DuplicateAddressPairInRequest", format!("Request contains duplicate address pair: mac_address {mac:?} ip_address {ip_norm}.")));
+            return Err(NeutronError::new(
+                400,
+                "DuplicateAddressPairInRequest",
+                format!("Request contains duplicate address pair: mac_address {mac:?} ip_address {ip_norm}."),
+            ));
         }
         out.push((ip_norm, mac));
     }
@@ -144,10 +167,10 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
         ..Default::default()
     };
     if let Some(m) = body.string("mac_address")? {
-        f.mac = Some(
-            ipam::normalize_mac(&m)
-                .ok_or_else(|| NeutronError::invalid_attr("mac_address", format!("'{m}' is not a valid MAC address")))?,
-        );
+        f.mac =
+            Some(ipam::normalize_mac(&m).ok_or_else(|| {
+                NeutronError::invalid_attr("mac_address", format!("'{m}' is not a valid MAC address"))
+            })?);
     }
     f.fixed_ips = body.object_list("fixed_ips")?.map(parse_fixed_ips).transpose()?;
     f.device_id = body.string("device_id")?;
@@ -157,19 +180,32 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
         match p {
             Value::Object(_) => f.profile = Some(p),
             Value::Null => f.profile = Some(json!({})),
-            other => return Err(NeutronError::invalid_attr("binding:profile", format!("'{other}' is not a dictionary"))),
+            other => {
+                return Err(NeutronError::invalid_attr(
+                    "binding:profile",
+                    format!("'{other}' is not a dictionary"),
+                ))
+            }
         }
     }
     if (f.host_id.is_some() || f.profile.is_some()) && !ctx.admin() {
-        return Err(NeutronError::forbidden("Setting binding:host_id or binding:profile requires admin privileges"));
+        return Err(NeutronError::forbidden(
+            "Setting binding:host_id or binding:profile requires admin privileges",
+        ));
     }
     if let Some(v) = body.string("binding:vnic_type")? {
         if !VNIC_TYPES.contains(&v.as_str()) {
-            return Err(NeutronError::invalid_attr("binding:vnic_type", format!("'{v}' is not in {VNIC_TYPES:?}")));
+            return Err(NeutronError::invalid_attr(
+                "binding:vnic_type",
+                format!("'{v}' is not in {VNIC_TYPES:?}"),
+            ));
         }
         f.vnic_type = Some(v);
     }
-    f.pairs = body.object_list("allowed_address_pairs")?.map(parse_pairs).transpose()?;
+    f.pairs = body
+        .object_list("allowed_address_pairs")?
+        .map(parse_pairs)
+        .transpose()?;
     f.port_security = body.boolean("port_security_enabled")?;
     if let Some(v) = body.take_raw("security_groups") {
         f.security_groups = Some(match v {
@@ -177,14 +213,21 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
             Value::Array(items) => {
                 let mut ids: Vec<String> = vec![];
                 for i in items {
-                    let s = i.as_str().ok_or_else(|| NeutronError::invalid_attr("security_groups", format!("'{i}' is not a valid UUID")))?;
+                    let s = i.as_str().ok_or_else(|| {
+                        NeutronError::invalid_attr("security_groups", format!("'{i}' is not a valid UUID"))
+                    })?;
                     if !ids.iter().any(|x| x == s) {
                         ids.push(s.to_string());
                     }
                 }
                 ids
             }
-            other => return Err(NeutronError::invalid_attr("security_groups", format!("'{other}' is not a list"))),
+            other => {
+                return Err(NeutronError::invalid_attr(
+                    "security_groups",
+                    format!("'{other}' is not a list"),
+                ))
+            }
         });
     }
     if let Some(v) = body.take_raw("extra_dhcp_opts") {
@@ -216,7 +259,10 @@ fn allocated_set(ctx: &Ctx<'_>, subnet_id: &str) -> HashSet<String> {
 }
 
 fn generation_failure(network_id: &str) -> NeutronError {
-    NeutronError::conflict("IpAddressGenerationFailure", format!("No more IP addresses available on network {network_id}."))
+    NeutronError::conflict(
+        "IpAddressGenerationFailure",
+        format!("No more IP addresses available on network {network_id}."),
+    )
 }
 
 /// Plans the port's addresses from the cache. `held` are the port's current addresses (update).
@@ -234,28 +280,36 @@ fn plan_ips(
         .into_iter()
         .filter(|(s, _)| s.network_id == network_id)
         .collect();
-    let mut plan = IpPlan { fixed_ips: vec![], claimed: vec![], subnets: vec![] };
+    let mut plan = IpPlan {
+        fixed_ips: vec![],
+        claimed: vec![],
+        subnets: vec![],
+    };
     let mut chosen: HashSet<(String, String)> = HashSet::new();
 
-    let mut claim = |plan: &mut IpPlan, s: &Subnet, rev: Revision, ip: IpAddr, res: &mut Reservation<'_>| -> NResult<()> {
-        let ip_s = ip.to_string();
-        if !chosen.insert((s.id.clone(), ip_s.clone())) {
-            return Err(NeutronError::invalid_input(format!("Duplicate IP address '{ip_s}'")));
-        }
-        let fip = FixedIp { subnet_id: s.id.clone(), ip_address: ip_s };
-        if !held.contains(&fip) {
-            if s.deleting {
-                return Err(Kind::Subnet.not_found(&s.id));
+    let mut claim =
+        |plan: &mut IpPlan, s: &Subnet, rev: Revision, ip: IpAddr, res: &mut Reservation<'_>| -> NResult<()> {
+            let ip_s = ip.to_string();
+            if !chosen.insert((s.id.clone(), ip_s.clone())) {
+                return Err(NeutronError::invalid_input(format!("Duplicate IP address '{ip_s}'")));
             }
-            res.take(keys::ip_alloc(&s.id, &fip.ip_address));
-            plan.claimed.push(fip.clone());
-            if !plan.subnets.iter().any(|(id, _)| *id == s.id) {
-                plan.subnets.push((s.id.clone(), rev));
+            let fip = FixedIp {
+                subnet_id: s.id.clone(),
+                ip_address: ip_s,
+            };
+            if !held.contains(&fip) {
+                if s.deleting {
+                    return Err(Kind::Subnet.not_found(&s.id));
+                }
+                res.take(keys::ip_alloc(&s.id, &fip.ip_address));
+                plan.claimed.push(fip.clone());
+                if !plan.subnets.iter().any(|(id, _)| *id == s.id) {
+                    plan.subnets.push((s.id.clone(), rev));
+                }
             }
-        }
-        plan.fixed_ips.push(fip);
-        Ok(())
-    };
+            plan.fixed_ips.push(fip);
+            Ok(())
+        };
 
     // A free address from the subnet's pools, avoiding what is allocated, in flight, or
     // already picked by this plan.
@@ -263,9 +317,7 @@ fn plan_ips(
         let used = allocated_set(ctx, &s.id);
         let cands = ipam::free_candidates(&s.allocation_pools, CANDIDATES, |ip| {
             let ip_s = ip.to_string();
-            used.contains(&ip_s)
-                || res.contains(&keys::ip_alloc(&s.id, &ip_s))
-                || taken.contains(&(s.id.clone(), ip_s))
+            used.contains(&ip_s) || res.contains(&keys::ip_alloc(&s.id, &ip_s)) || taken.contains(&(s.id.clone(), ip_s))
         });
         cands.choose(&mut rand::thread_rng()).copied()
     };
@@ -282,7 +334,10 @@ fn plan_ips(
                     continue;
                 }
                 if subnets::is_auto_address(s) {
-                    let net: IpNet = s.cidr.parse().map_err(|_| NeutronError::internal("stored subnet has an invalid CIDR"))?;
+                    let net: IpNet = s
+                        .cidr
+                        .parse()
+                        .map_err(|_| NeutronError::internal("stored subnet has an invalid CIDR"))?;
                     if let Some(ip) = ipam::eui64(&net, mac) {
                         claim(&mut plan, s, *rev, ip, res)?;
                     }
@@ -295,8 +350,11 @@ fn plan_ips(
                 if s.ip_version == 4 {
                     v4_tried = true;
                 }
-                let taken: HashSet<(String, String)> =
-                    plan.fixed_ips.iter().map(|f| (f.subnet_id.clone(), f.ip_address.clone())).collect();
+                let taken: HashSet<(String, String)> = plan
+                    .fixed_ips
+                    .iter()
+                    .map(|f| (f.subnet_id.clone(), f.ip_address.clone()))
+                    .collect();
                 if let Some(ip) = pick(s, res, &taken) {
                     claim(&mut plan, s, *rev, ip, res)?;
                     *done = true;
@@ -327,16 +385,26 @@ fn plan_ips(
                         })?,
                     (None, None) => unreachable!("parse_fixed_ips rejects empty entries"),
                 };
-                let net: IpNet = s.cidr.parse().map_err(|_| NeutronError::internal("stored subnet has an invalid CIDR"))?;
+                let net: IpNet = s
+                    .cidr
+                    .parse()
+                    .map_err(|_| NeutronError::internal("stored subnet has an invalid CIDR"))?;
                 match r.ip {
                     Some(ip) => {
                         let (first, last) = ipam::bounds(&net);
                         let v = ipam::to_u128(ip);
                         let edge = s.ip_version == 4 && last > first + 1 && (v == first || v == last);
                         if !net.contains(&ip) || edge {
-                            return Err(NeutronError::new(400, "InvalidIpForSubnet", format!("IP address {ip} is not a valid IP for the specified subnet.")));
+                            return Err(NeutronError::new(
+                                400,
+                                "InvalidIpForSubnet",
+                                format!("IP address {ip} is not a valid IP for the specified subnet."),
+                            ));
                         }
-                        let fip = FixedIp { subnet_id: s.id.clone(), ip_address: ip.to_string() };
+                        let fip = FixedIp {
+                            subnet_id: s.id.clone(),
+                            ip_address: ip.to_string(),
+                        };
                         if !held.contains(&fip) {
                             if let Some(owner) = ctx.state.cache.get(&keys::ip_alloc(&s.id, &fip.ip_address)) {
                                 if owner.value != port_id.as_bytes() {
@@ -350,19 +418,26 @@ fn plan_ips(
                         claim(&mut plan, &s, rev, ip, res)?;
                     }
                     None if subnets::is_auto_address(&s) => {
-                        let ip = ipam::eui64(&net, mac).ok_or_else(|| NeutronError::internal("cannot derive a SLAAC address"))?;
+                        let ip = ipam::eui64(&net, mac)
+                            .ok_or_else(|| NeutronError::internal("cannot derive a SLAAC address"))?;
                         claim(&mut plan, &s, rev, ip, res)?;
                     }
                     None => {
                         // Keep an address the port already has on this subnet, if still unused here.
-                        let keep = held.iter().find(|h| {
-                            h.subnet_id == s.id && !plan.fixed_ips.iter().any(|f| f == *h)
-                        });
+                        let keep = held
+                            .iter()
+                            .find(|h| h.subnet_id == s.id && !plan.fixed_ips.iter().any(|f| f == *h));
                         let ip = match keep {
-                            Some(h) => h.ip_address.parse().map_err(|_| NeutronError::internal("stored port has an invalid IP"))?,
+                            Some(h) => h
+                                .ip_address
+                                .parse()
+                                .map_err(|_| NeutronError::internal("stored port has an invalid IP"))?,
                             None => {
-                                let taken: HashSet<(String, String)> =
-                                    plan.fixed_ips.iter().map(|f| (f.subnet_id.clone(), f.ip_address.clone())).collect();
+                                let taken: HashSet<(String, String)> = plan
+                                    .fixed_ips
+                                    .iter()
+                                    .map(|f| (f.subnet_id.clone(), f.ip_address.clone()))
+                                    .collect();
                                 pick(&s, res, &taken).ok_or_else(|| generation_failure(network_id))?
                             }
                         };
@@ -393,7 +468,10 @@ fn check_groups(ctx: &Ctx<'_>, project_id: &str, ids: &[String]) -> NResult<()> 
 fn apply_pairs(pairs: &[(String, Option<String>)], mac: &str) -> Vec<AddressPair> {
     pairs
         .iter()
-        .map(|(ip, m)| AddressPair { ip_address: ip.clone(), mac_address: m.clone().unwrap_or_else(|| mac.to_string()) })
+        .map(|(ip, m)| AddressPair {
+            ip_address: ip.clone(),
+            mac_address: m.clone().unwrap_or_else(|| mac.to_string()),
+        })
         .collect()
 }
 
@@ -418,9 +496,9 @@ const VIF_UNBOUND: &str = "unbound";
 
 pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
-    let network_id = body
-        .string("network_id")?
-        .ok_or_else(|| NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified"))?;
+    let network_id = body.string("network_id")?.ok_or_else(|| {
+        NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified")
+    })?;
     if body.contains("status") && !ctx.admin() {
         return Err(NeutronError::forbidden("Setting status requires admin privileges"));
     }
@@ -449,7 +527,9 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
                 if ctx.state.cache.contains(&keys::mac_alloc(&network_id, m)) {
                     return Err(NeutronError::conflict(
                         "MacAddressInUse",
-                        format!("Unable to complete operation for network {network_id}. The mac address {m} is in use."),
+                        format!(
+                            "Unable to complete operation for network {network_id}. The mac address {m} is in use."
+                        ),
                     ));
                 }
                 m.clone()
@@ -466,7 +546,9 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         let ips = plan_ips(ctx, &network_id, &id, &mac, f.fixed_ips.as_deref(), &[], &mut res)?;
         let groups = match &f.security_groups {
             Some(g) => g.clone(),
-            None if port_security => security_groups::default_group_id(ctx, &project_id).into_iter().collect(),
+            None if port_security => security_groups::default_group_id(ctx, &project_id)
+                .into_iter()
+                .collect(),
             None => vec![],
         };
         check_groups(ctx, &project_id, &groups)?;
@@ -503,7 +585,10 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             Compare::ModRevision(keys::resource("networks", &network_id), nrev),
             Compare::Absent(keys::mac_alloc(&network_id, &mac)),
         ];
-        let mut ops = vec![Op::put(key(&id), json_bytes(&port)), Op::put(keys::mac_alloc(&network_id, &mac), id.clone())];
+        let mut ops = vec![
+            Op::put(key(&id), json_bytes(&port)),
+            Op::put(keys::mac_alloc(&network_id, &mac), id.clone()),
+        ];
         for (sid, srev) in &ips.subnets {
             cmp.push(Compare::ModRevision(subnets::key(sid), *srev));
         }
@@ -532,7 +617,9 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
     let (current, _) = writable(ctx, id)?;
     for ro in ["network_id", "project_id", "tenant_id"] {
         if body.contains(ro) {
-            return Err(NeutronError::bad_request(format!("Cannot update read-only attribute {ro}")));
+            return Err(NeutronError::bad_request(format!(
+                "Cannot update read-only attribute {ro}"
+            )));
         }
     }
     let status = body.string("status")?;
@@ -542,7 +629,9 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
     let f = parse_fields(ctx, &mut body)?;
     body.finish()?;
     if f.mac.is_some() && !ctx.admin() && f.mac.as_deref() != Some(current.mac_address.as_str()) {
-        return Err(NeutronError::forbidden("Changing mac_address requires admin privileges"));
+        return Err(NeutronError::forbidden(
+            "Changing mac_address requires admin privileges",
+        ));
     }
     let mut res = Reservation::new(&ctx.state.neutron.inflight);
     let port = retry(ctx, |ctx| {
@@ -644,7 +733,10 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
     retry(ctx, |ctx| {
         let (p, rev) = writable(ctx, id)?;
         check_if_match(if_match, p.std.revision_number)?;
-        let mut ops = vec![Op::delete(key(id)), Op::delete(keys::mac_alloc(&p.network_id, &p.mac_address))];
+        let mut ops = vec![
+            Op::delete(key(id)),
+            Op::delete(keys::mac_alloc(&p.network_id, &p.mac_address)),
+        ];
         for f in &p.fixed_ips {
             ops.push(Op::delete(keys::ip_alloc(&f.subnet_id, &f.ip_address)));
         }

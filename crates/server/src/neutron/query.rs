@@ -70,7 +70,9 @@ impl Query {
         let mut sort_dirs = vec![];
         for (k, v) in parse_pairs(raw) {
             match k.as_str() {
-                "fields" => q.fields.extend(v.split(',').filter(|f| !f.is_empty()).map(str::to_string)),
+                "fields" => q
+                    .fields
+                    .extend(v.split(',').filter(|f| !f.is_empty()).map(str::to_string)),
                 "limit" => {
                     let n: i64 = v.parse().map_err(|_| {
                         NeutronError::bad_request(format!("Limit must be an integer 0 or greater and not '{v}'"))
@@ -102,9 +104,9 @@ impl Query {
                 "not-tags" => q.not_tags_all.extend(split_tags(&v)),
                 "not-tags-any" => q.not_tags_any.extend(split_tags(&v)),
                 "fixed_ips" => {
-                    let (fk, fv) = v.split_once('=').ok_or_else(|| {
-                        NeutronError::bad_request(format!("Invalid fixed_ips filter: {v}"))
-                    })?;
+                    let (fk, fv) = v
+                        .split_once('=')
+                        .ok_or_else(|| NeutronError::bad_request(format!("Invalid fixed_ips filter: {v}")))?;
                     match fk {
                         "ip_address" | "subnet_id" | "ip_address_substr" => {
                             q.fixed_ips.push((fk.to_string(), fv.to_string()))
@@ -120,7 +122,9 @@ impl Query {
             }
         }
         if !sort_dirs.is_empty() && sort_dirs.len() != sort_keys.len() {
-            return Err(NeutronError::bad_request("The number of sort_keys and sort_dirs must be same"));
+            return Err(NeutronError::bad_request(
+                "The number of sort_keys and sort_dirs must be same",
+            ));
         }
         q.sort = sort_keys
             .into_iter()
@@ -140,7 +144,11 @@ impl Query {
                 return false;
             }
         }
-        if !self.tags_all.is_empty() || !self.tags_any.is_empty() || !self.not_tags_all.is_empty() || !self.not_tags_any.is_empty() {
+        if !self.tags_all.is_empty()
+            || !self.tags_any.is_empty()
+            || !self.not_tags_all.is_empty()
+            || !self.not_tags_any.is_empty()
+        {
             let tags: Vec<&str> = obj
                 .get("tags")
                 .and_then(|t| t.as_array())
@@ -161,11 +169,18 @@ impl Query {
             }
         }
         if !self.fixed_ips.is_empty() {
-            let ips = obj.get("fixed_ips").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+            let ips = obj
+                .get("fixed_ips")
+                .and_then(|v| v.as_array())
+                .cloned()
+                .unwrap_or_default();
             // Each criterion must be met by some fixed IP of the port.
             for (k, v) in &self.fixed_ips {
                 let hit = ips.iter().any(|ip| match k.as_str() {
-                    "ip_address_substr" => ip.get("ip_address").and_then(|a| a.as_str()).is_some_and(|a| a.contains(v.as_str())),
+                    "ip_address_substr" => ip
+                        .get("ip_address")
+                        .and_then(|a| a.as_str())
+                        .is_some_and(|a| a.contains(v.as_str())),
                     _ => ip.get(k).and_then(|a| a.as_str()) == Some(v.as_str()),
                 });
                 if !hit {
@@ -201,7 +216,9 @@ impl Query {
         for (k, _) in &self.sort {
             if let Some(first) = items.first() {
                 if first.get(k).is_none() {
-                    return Err(NeutronError::bad_request(format!("{k} is invalid attribute for sort_key")));
+                    return Err(NeutronError::bad_request(format!(
+                        "{k} is invalid attribute for sort_key"
+                    )));
                 }
             }
         }
@@ -217,7 +234,11 @@ impl Query {
         });
         let mut links = vec![];
         if self.limit.is_some() || self.marker.is_some() {
-            let pos = |id: &str| items.iter().position(|i| i.get("id").and_then(|v| v.as_str()) == Some(id));
+            let pos = |id: &str| {
+                items
+                    .iter()
+                    .position(|i| i.get("id").and_then(|v| v.as_str()) == Some(id))
+            };
             let (start, end) = if !self.page_reverse {
                 let start = match &self.marker {
                     Some(m) => pos(m).map(|p| p + 1).unwrap_or(0),
@@ -333,13 +354,23 @@ mod tests {
     fn sort_and_page() {
         let q = Query::parse("sort_key=name&sort_dir=asc&limit=2").unwrap();
         let out = q.apply(items(), "networks", "u").unwrap();
-        let names: Vec<&str> = out["networks"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = out["networks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["n0", "n1"]);
         let next = out["networks_links"][0]["href"].as_str().unwrap();
         assert!(next.contains("marker=id3"), "{next}");
         let q = Query::parse("sort_key=name&sort_dir=asc&limit=2&marker=id3").unwrap();
         let out = q.apply(items(), "networks", "u").unwrap();
-        let names: Vec<&str> = out["networks"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = out["networks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["n2", "n3"]);
     }
 
@@ -356,10 +387,13 @@ mod tests {
 
     #[test]
     fn decoding() {
-        assert_eq!(parse_pairs("fixed_ips=ip_address%3D10.0.0.2&a=b+c"), vec![
-            ("fixed_ips".to_string(), "ip_address=10.0.0.2".to_string()),
-            ("a".to_string(), "b c".to_string())
-        ]);
+        assert_eq!(
+            parse_pairs("fixed_ips=ip_address%3D10.0.0.2&a=b+c"),
+            vec![
+                ("fixed_ips".to_string(), "ip_address=10.0.0.2".to_string()),
+                ("a".to_string(), "b c".to_string())
+            ]
+        );
         assert_eq!(parse_pairs("x=%zz%4"), vec![("x".to_string(), "%zz%4".to_string())]);
     }
 }

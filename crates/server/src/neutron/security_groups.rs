@@ -2,18 +2,38 @@
 
 use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
 use super::Kind;
+use ipnet::IpNet;
 use isthmus_model::validate::{is_uuid, Body};
 use isthmus_model::{keys, NeutronError, Port, SecurityGroup, SecurityGroupRule, StandardAttrs};
 use isthmus_store::{Compare, Op, Revision};
-use ipnet::IpNet;
 use serde_json::Value;
 use std::net::IpAddr;
 
 const PROTOCOLS: &[(&str, u8)] = &[
-    ("ah", 51), ("dccp", 33), ("egp", 8), ("esp", 50), ("gre", 47), ("hopopt", 0), ("icmp", 1), ("igmp", 2),
-    ("ipip", 4), ("ipv6-encap", 41), ("ipv6-frag", 44), ("ipv6-icmp", 58), ("icmpv6", 58), ("ipv6-nonxt", 59),
-    ("ipv6-opts", 60), ("ipv6-route", 43), ("ospf", 89), ("pgm", 113), ("rsvp", 46), ("sctp", 132), ("tcp", 6),
-    ("udp", 17), ("udplite", 136), ("vrrp", 112),
+    ("ah", 51),
+    ("dccp", 33),
+    ("egp", 8),
+    ("esp", 50),
+    ("gre", 47),
+    ("hopopt", 0),
+    ("icmp", 1),
+    ("igmp", 2),
+    ("ipip", 4),
+    ("ipv6-encap", 41),
+    ("ipv6-frag", 44),
+    ("ipv6-icmp", 58),
+    ("icmpv6", 58),
+    ("ipv6-nonxt", 59),
+    ("ipv6-opts", 60),
+    ("ipv6-route", 43),
+    ("ospf", 89),
+    ("pgm", 113),
+    ("rsvp", 46),
+    ("sctp", 132),
+    ("tcp", 6),
+    ("udp", 17),
+    ("udplite", 136),
+    ("vrrp", 112),
 ];
 const PORT_PROTOCOLS: &[u8] = &[6, 17, 33, 132, 136];
 const ICMP_PROTOCOLS: &[u8] = &[1, 58];
@@ -47,7 +67,10 @@ pub fn rules_of(ctx: &Ctx<'_>, group_id: &str) -> Vec<Value> {
 }
 
 pub fn default_group_id(ctx: &Ctx<'_>, project: &str) -> Option<String> {
-    ctx.state.cache.get(&default_key(project)).and_then(|kv| String::from_utf8(kv.value.clone()).ok())
+    ctx.state
+        .cache
+        .get(&default_key(project))
+        .and_then(|kv| String::from_utf8(kv.value.clone()).ok())
 }
 
 fn egress_rules(project: &str, group: &str, ts: &str) -> Vec<SecurityGroupRule> {
@@ -82,7 +105,10 @@ pub async fn ensure_default(ctx: &Ctx<'_>, project: &str) -> NResult<()> {
         project_id: project.to_string(),
         name: "default".into(),
         stateful: true,
-        std: StandardAttrs { description: "Default security group".into(), ..StandardAttrs::new(&ts) },
+        std: StandardAttrs {
+            description: "Default security group".into(),
+            ..StandardAttrs::new(&ts)
+        },
     };
     let mut rules = egress_rules(project, &id, &ts);
     for et in ["IPv4", "IPv6"] {
@@ -93,11 +119,18 @@ pub async fn ensure_default(ctx: &Ctx<'_>, project: &str) -> NResult<()> {
         r.remote_group_id = Some(id.clone());
         rules.push(r);
     }
-    let mut ops = vec![Op::put(default_key(project), id.clone()), Op::put(group_key(&id), json_bytes(&g))];
+    let mut ops = vec![
+        Op::put(default_key(project), id.clone()),
+        Op::put(group_key(&id), json_bytes(&g)),
+    ];
     for r in &rules {
         ops.push(Op::put(rule_key(&r.id), json_bytes(r)));
     }
-    if ctx.commit(vec![Compare::Absent(default_key(project))], ops).await?.is_none() {
+    if ctx
+        .commit(vec![Compare::Absent(default_key(project))], ops)
+        .await?
+        .is_none()
+    {
         // Another request made it first; make sure we can see it.
         ctx.resync(0).await?;
     } else {
@@ -115,7 +148,10 @@ pub async fn create_group(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     body.finish()?;
     ensure_default(ctx, &project_id).await?;
     if name == "default" {
-        return Err(NeutronError::conflict("SecurityGroupDefaultAlreadyExists", "Default security group already exists."));
+        return Err(NeutronError::conflict(
+            "SecurityGroupDefaultAlreadyExists",
+            "Default security group already exists.",
+        ));
     }
     let ts = now();
     let id = new_id();
@@ -124,7 +160,11 @@ pub async fn create_group(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         project_id: project_id.clone(),
         name,
         stateful,
-        std: StandardAttrs { description, tags, ..StandardAttrs::new(&ts) },
+        std: StandardAttrs {
+            description,
+            tags,
+            ..StandardAttrs::new(&ts)
+        },
     };
     let rules = egress_rules(&project_id, &id, &ts);
     let mut ops = vec![Op::put(group_key(&id), json_bytes(&g))];
@@ -149,10 +189,16 @@ pub async fn update_group(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Opt
         check_if_match(if_match, g.std.revision_number)?;
         if let Some(n) = &name {
             if g.name == "default" && *n != "default" {
-                return Err(NeutronError::conflict("SecurityGroupCannotUpdateDefault", "Updating default security group not allowed."));
+                return Err(NeutronError::conflict(
+                    "SecurityGroupCannotUpdateDefault",
+                    "Updating default security group not allowed.",
+                ));
             }
             if *n == "default" && g.name != "default" {
-                return Err(NeutronError::conflict("SecurityGroupDefaultAlreadyExists", "Default security group already exists."));
+                return Err(NeutronError::conflict(
+                    "SecurityGroupDefaultAlreadyExists",
+                    "Default security group already exists.",
+                ));
             }
             g.name = n.clone();
         }
@@ -166,7 +212,11 @@ pub async fn update_group(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Opt
             g.std.tags = t.clone();
         }
         g.std.bump(&now());
-        Ok((vec![Compare::ModRevision(group_key(id), rev)], vec![Op::put(group_key(id), json_bytes(&g))], g))
+        Ok((
+            vec![Compare::ModRevision(group_key(id), rev)],
+            vec![Op::put(group_key(id), json_bytes(&g))],
+            g,
+        ))
     })
     .await?;
     Ok(g.to_api(rules_of(ctx, id)))
@@ -177,10 +227,20 @@ pub async fn delete_group(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NRe
         let (g, rev) = visible_group(ctx, id)?;
         check_if_match(if_match, g.std.revision_number)?;
         if default_group_id(ctx, &g.project_id).as_deref() == Some(id) && !ctx.admin() {
-            return Err(NeutronError::conflict("SecurityGroupCannotRemoveDefault", "Insufficient rights for removing default security group."));
+            return Err(NeutronError::conflict(
+                "SecurityGroupCannotRemoveDefault",
+                "Insufficient rights for removing default security group.",
+            ));
         }
-        if ctx.all::<Port>(Kind::Port).iter().any(|(p, _)| p.security_groups.iter().any(|s| s == id)) {
-            return Err(NeutronError::conflict("SecurityGroupInUse", format!("Security Group {id} in use.")));
+        if ctx
+            .all::<Port>(Kind::Port)
+            .iter()
+            .any(|(p, _)| p.security_groups.iter().any(|s| s == id))
+        {
+            return Err(NeutronError::conflict(
+                "SecurityGroupInUse",
+                format!("Security Group {id} in use."),
+            ));
         }
         let mut ops = vec![Op::delete(group_key(id))];
         for (r, _) in ctx.all::<SecurityGroupRule>(Kind::SecurityGroupRule) {
@@ -233,7 +293,14 @@ fn port_value(body: &mut Body, key: &str) -> NResult<Option<i64>> {
             };
             match n {
                 Some(n) if (0..=65535).contains(&n) => Ok(Some(n)),
-                _ => Err(NeutronError::new(400, "SecurityGroupInvalidPortValue", format!("Invalid value for port {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))),
+                _ => Err(NeutronError::new(
+                    400,
+                    "SecurityGroupInvalidPortValue",
+                    format!(
+                        "Invalid value for port {}",
+                        v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+                    ),
+                )),
             }
         }
     }
@@ -244,51 +311,84 @@ fn check_ports(proto: Option<u8>, min: Option<i64>, max: Option<i64>) -> NResult
         return Ok(());
     }
     let Some(p) = proto else {
-        return Err(NeutronError::new(400, "SecurityGroupProtocolRequiredWithPorts", "Must also specify protocol if port range is given."));
+        return Err(NeutronError::new(
+            400,
+            "SecurityGroupProtocolRequiredWithPorts",
+            "Must also specify protocol if port range is given.",
+        ));
     };
     if PORT_PROTOCOLS.contains(&p) {
         if min == Some(0) || max == Some(0) {
-            return Err(NeutronError::new(400, "SecurityGroupInvalidPortValue", "Invalid value for port 0"));
+            return Err(NeutronError::new(
+                400,
+                "SecurityGroupInvalidPortValue",
+                "Invalid value for port 0",
+            ));
         }
         match (min, max) {
             (Some(a), Some(b)) if a <= b => Ok(()),
-            _ => Err(NeutronError::new(400, "SecurityGroupInvalidPortRange", "For TCP/UDP protocols, port_range_min must be <= port_range_max")),
+            _ => Err(NeutronError::new(
+                400,
+                "SecurityGroupInvalidPortRange",
+                "For TCP/UDP protocols, port_range_min must be <= port_range_max",
+            )),
         }
     } else if ICMP_PROTOCOLS.contains(&p) {
         for (field, attr, v) in [("type", "port-range-min", min), ("code", "port-range-max", max)] {
             if let Some(v) = v {
                 if !(0..=255).contains(&v) {
-                    return Err(NeutronError::new(400, "SecurityGroupInvalidIcmpValue", format!("Invalid value for ICMP {field} ({attr}): {v}. It must be 0 to 255.")));
+                    return Err(NeutronError::new(
+                        400,
+                        "SecurityGroupInvalidIcmpValue",
+                        format!("Invalid value for ICMP {field} ({attr}): {v}. It must be 0 to 255."),
+                    ));
                 }
             }
         }
         if min.is_none() {
             if let Some(code) = max {
-                return Err(NeutronError::new(400, "SecurityGroupMissingIcmpType", format!("ICMP code (port-range-max) {code} is provided but ICMP type (port-range-min) is missing.")));
+                return Err(NeutronError::new(
+                    400,
+                    "SecurityGroupMissingIcmpType",
+                    format!("ICMP code (port-range-max) {code} is provided but ICMP type (port-range-min) is missing."),
+                ));
             }
         }
         Ok(())
     } else {
-        Err(NeutronError::new(400, "SecurityGroupInvalidProtocolForPort", format!("Invalid protocol {p} for port range, only supported for TCP, UDP, UDPLITE, SCTP and DCCP")))
+        Err(NeutronError::new(
+            400,
+            "SecurityGroupInvalidProtocolForPort",
+            format!("Invalid protocol {p} for port range, only supported for TCP, UDP, UDPLITE, SCTP and DCCP"),
+        ))
     }
 }
 
 pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
-    let sg_id = body
-        .string("security_group_id")?
-        .ok_or_else(|| NeutronError::bad_request("Failed to parse request. Required attribute 'security_group_id' not specified"))?;
-    let direction = body
-        .string("direction")?
-        .ok_or_else(|| NeutronError::bad_request("Failed to parse request. Required attribute 'direction' not specified"))?;
+    let sg_id = body.string("security_group_id")?.ok_or_else(|| {
+        NeutronError::bad_request("Failed to parse request. Required attribute 'security_group_id' not specified")
+    })?;
+    let direction = body.string("direction")?.ok_or_else(|| {
+        NeutronError::bad_request("Failed to parse request. Required attribute 'direction' not specified")
+    })?;
     if direction != "ingress" && direction != "egress" {
-        return Err(NeutronError::invalid_attr("direction", format!("'{direction}' is not in ['ingress', 'egress']")));
+        return Err(NeutronError::invalid_attr(
+            "direction",
+            format!("'{direction}' is not in ['ingress', 'egress']"),
+        ));
     }
     let ethertype = body.string("ethertype")?.unwrap_or_else(|| "IPv4".into());
     let ethertype = match ethertype.to_ascii_lowercase().as_str() {
         "ipv4" => "IPv4".to_string(),
         "ipv6" => "IPv6".to_string(),
-        _ => return Err(NeutronError::new(400, "SecurityGroupRuleInvalidEtherType", format!("Security group rule for ethertype '{ethertype}' not supported. Allowed values are ['IPv4', 'IPv6']."))),
+        _ => return Err(NeutronError::new(
+            400,
+            "SecurityGroupRuleInvalidEtherType",
+            format!(
+                "Security group rule for ethertype '{ethertype}' not supported. Allowed values are ['IPv4', 'IPv6']."
+            ),
+        )),
     };
     let protocol = parse_protocol(body.take_raw("protocol").unwrap_or(Value::Null))?;
     let min = port_value(&mut body, "port_range_min")?;
@@ -306,14 +406,20 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             };
             let v6 = matches!(net, IpNet::V6(_));
             if v6 != (ethertype == "IPv6") {
-                return Err(NeutronError::bad_request(format!("Conflicting value ethertype {ethertype} for CIDR {s}")));
+                return Err(NeutronError::bad_request(format!(
+                    "Conflicting value ethertype {ethertype} for CIDR {s}"
+                )));
             }
             Some(net.to_string())
         }
     };
     let remote_group = body.opt_string("remote_group_id")?.flatten();
     if remote_ip.is_some() && remote_group.is_some() {
-        return Err(NeutronError::new(400, "SecurityGroupRemoteGroupAndRemoteIpPrefix", "Only remote_ip_prefix or remote_group_id may be provided."));
+        return Err(NeutronError::new(
+            400,
+            "SecurityGroupRemoteGroupAndRemoteIpPrefix",
+            "Only remote_ip_prefix or remote_group_id may be provided.",
+        ));
     }
     if body.take_raw("remote_address_group_id").is_some_and(|v| !v.is_null()) {
         return Err(NeutronError::invalid_input("remote address groups are not supported"));
@@ -338,7 +444,10 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         port_range_max: max.map(|v| v as u32),
         remote_ip_prefix: remote_ip,
         remote_group_id: remote_group,
-        std: StandardAttrs { description, ..StandardAttrs::new(&ts) },
+        std: StandardAttrs {
+            description,
+            ..StandardAttrs::new(&ts)
+        },
     };
     // Duplicate detection is serialized through the group's revision.
     retry(ctx, |ctx| {
@@ -348,12 +457,21 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             .into_iter()
             .find(|(r, _)| r.identity() == rule.identity())
         {
-            return Err(NeutronError::conflict("SecurityGroupRuleExists", format!("Security group rule already exists. Rule id is {}.", dup.id)));
+            return Err(NeutronError::conflict(
+                "SecurityGroupRuleExists",
+                format!("Security group rule already exists. Rule id is {}.", dup.id),
+            ));
         }
         g.std.bump(&ts);
         Ok((
-            vec![Compare::ModRevision(group_key(&sg_id), grev), Compare::Absent(rule_key(&rule.id))],
-            vec![Op::put(rule_key(&rule.id), json_bytes(&rule)), Op::put(group_key(&sg_id), json_bytes(&g))],
+            vec![
+                Compare::ModRevision(group_key(&sg_id), grev),
+                Compare::Absent(rule_key(&rule.id)),
+            ],
+            vec![
+                Op::put(rule_key(&rule.id), json_bytes(&rule)),
+                Op::put(group_key(&sg_id), json_bytes(&g)),
+            ],
             (),
         ))
     })

@@ -2,11 +2,11 @@
 
 use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
 use super::Kind;
+use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::Body;
 use isthmus_model::{keys, AllocationPool, HostRoute, Network, NeutronError, StandardAttrs, Subnet};
 use isthmus_store::{Compare, Op};
-use ipnet::IpNet;
 use serde_json::{Map, Value};
 use std::net::IpAddr;
 
@@ -19,7 +19,8 @@ pub fn key(id: &str) -> String {
 }
 
 fn parse_ip(attr: &str, s: &str) -> NResult<IpAddr> {
-    s.parse().map_err(|_| NeutronError::invalid_attr(attr, format!("'{s}' is not a valid IP address")))
+    s.parse()
+        .map_err(|_| NeutronError::invalid_attr(attr, format!("'{s}' is not a valid IP address")))
 }
 
 fn parse_pools(items: Vec<Map<String, Value>>) -> NResult<Vec<AllocationPool>> {
@@ -32,7 +33,10 @@ fn parse_pools(items: Vec<Map<String, Value>>) -> NResult<Vec<AllocationPool>> {
             b.finish()?;
             match (start, end) {
                 (Some(start), Some(end)) => Ok(AllocationPool { start, end }),
-                _ => Err(NeutronError::invalid_attr("allocation_pools", "each pool needs 'start' and 'end'")),
+                _ => Err(NeutronError::invalid_attr(
+                    "allocation_pools",
+                    "each pool needs 'start' and 'end'",
+                )),
             }
         })
         .collect()
@@ -47,7 +51,10 @@ fn parse_dns(list: Vec<String>) -> NResult<Vec<String>> {
         let ip = parse_ip("dns_nameservers", &d)?;
         let s = ip.to_string();
         if out.contains(&s) {
-            return Err(NeutronError::invalid_attr("dns_nameservers", format!("Duplicate nameserver '{d}'")));
+            return Err(NeutronError::invalid_attr(
+                "dns_nameservers",
+                format!("Duplicate nameserver '{d}'"),
+            ));
         }
         out.push(s);
     }
@@ -65,18 +72,29 @@ fn parse_routes(items: Vec<Map<String, Value>>, v6: bool) -> NResult<Vec<HostRou
         let hop = b.string("nexthop")?;
         b.finish()?;
         let (Some(dest), Some(hop)) = (dest, hop) else {
-            return Err(NeutronError::invalid_attr("host_routes", "each route needs 'destination' and 'nexthop'"));
+            return Err(NeutronError::invalid_attr(
+                "host_routes",
+                "each route needs 'destination' and 'nexthop'",
+            ));
         };
         let d: IpNet = dest
             .parse()
             .map_err(|_| NeutronError::invalid_attr("host_routes", format!("'{dest}' is not a valid IP subnet")))?;
         let h = parse_ip("host_routes", &hop)?;
         if matches!(d, IpNet::V6(_)) != v6 || h.is_ipv6() != v6 {
-            return Err(NeutronError::invalid_input("host_routes must match the subnet's IP version"));
+            return Err(NeutronError::invalid_input(
+                "host_routes must match the subnet's IP version",
+            ));
         }
-        let r = HostRoute { destination: d.trunc().to_string(), nexthop: h.to_string() };
+        let r = HostRoute {
+            destination: d.trunc().to_string(),
+            nexthop: h.to_string(),
+        };
         if out.contains(&r) {
-            return Err(NeutronError::invalid_attr("host_routes", format!("Duplicate hostroute '{dest}'")));
+            return Err(NeutronError::invalid_attr(
+                "host_routes",
+                format!("Duplicate hostroute '{dest}'"),
+            ));
         }
         out.push(r);
     }
@@ -86,7 +104,9 @@ fn parse_routes(items: Vec<Map<String, Value>>, v6: bool) -> NResult<Vec<HostRou
 /// A gateway must be a usable address of the subnet (or an IPv6 link-local address).
 fn check_gateway(net: &IpNet, gw: IpAddr) -> NResult<()> {
     if gw.is_ipv6() != ipam::net_is_v6(net) {
-        return Err(NeutronError::invalid_input(format!("Gateway IP version {gw} does not match the subnet")));
+        return Err(NeutronError::invalid_input(format!(
+            "Gateway IP version {gw} does not match the subnet"
+        )));
     }
     let link_local = matches!(gw, IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80);
     if link_local {
@@ -96,7 +116,9 @@ fn check_gateway(net: &IpNet, gw: IpAddr) -> NResult<()> {
     let g = ipam::to_u128(gw);
     let v4_edge = !ipam::net_is_v6(net) && last > first + 1 && (g == first || g == last);
     if !net.contains(&gw) || v4_edge || (ipam::net_is_v6(net) && g == first && last > first) {
-        return Err(NeutronError::invalid_input(format!("Gateway is not valid on subnet: {gw} is not a usable address of {net}")));
+        return Err(NeutronError::invalid_input(format!(
+            "Gateway is not valid on subnet: {gw} is not a usable address of {net}"
+        )));
     }
     Ok(())
 }
@@ -105,10 +127,15 @@ fn ipv6_modes(v6: bool, ra: &Option<String>, addr: &Option<String>, net: &IpNet)
     for (attr, v) in [("ipv6_ra_mode", ra), ("ipv6_address_mode", addr)] {
         if let Some(v) = v {
             if !IPV6_MODES.contains(&v.as_str()) {
-                return Err(NeutronError::invalid_attr(attr, format!("'{v}' is not in {IPV6_MODES:?}")));
+                return Err(NeutronError::invalid_attr(
+                    attr,
+                    format!("'{v}' is not in {IPV6_MODES:?}"),
+                ));
             }
             if !v6 {
-                return Err(NeutronError::invalid_input(format!("{attr} is not valid when ip_version is 4")));
+                return Err(NeutronError::invalid_input(format!(
+                    "{attr} is not valid when ip_version is 4"
+                )));
             }
         }
     }
@@ -135,14 +162,23 @@ pub fn is_auto_address(s: &Subnet) -> bool {
 
 pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
-    let network_id = body
-        .string("network_id")?
-        .ok_or_else(|| NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified"))?;
+    let network_id = body.string("network_id")?.ok_or_else(|| {
+        NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified")
+    })?;
     let ip_version = match body.integer("ip_version")? {
         Some(4) => 4u8,
         Some(6) => 6u8,
-        Some(v) => return Err(NeutronError::invalid_attr("ip_version", format!("{v} is not in [4, 6]"))),
-        None => return Err(NeutronError::bad_request("Failed to parse request. Required attribute 'ip_version' not specified")),
+        Some(v) => {
+            return Err(NeutronError::invalid_attr(
+                "ip_version",
+                format!("{v} is not in [4, 6]"),
+            ))
+        }
+        None => {
+            return Err(NeutronError::bad_request(
+                "Failed to parse request. Required attribute 'ip_version' not specified",
+            ))
+        }
     };
     let v6 = ip_version == 6;
     if let Some(Some(_)) = body.opt_string("subnetpool_id")? {
@@ -200,10 +236,14 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
 
     let (n, _) = ctx.visible_network(&network_id)?;
     if !ctx.admin() && !ctx.owns(&n.project_id) && !ctx.owns(&project_id) {
-        return Err(NeutronError::forbidden("Creating a subnet on another project's network is not allowed"));
+        return Err(NeutronError::forbidden(
+            "Creating a subnet on another project's network is not allowed",
+        ));
     }
     if !ctx.admin() && !ctx.owns(&n.project_id) {
-        return Err(NeutronError::forbidden(format!("Adding a subnet to network {network_id} is not allowed by policy")));
+        return Err(NeutronError::forbidden(format!(
+            "Adding a subnet to network {network_id} is not allowed by policy"
+        )));
     }
     let id = new_id();
     let ts = now();
@@ -238,7 +278,11 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             ipv6_ra_mode: ra.clone(),
             ipv6_address_mode: addr_mode.clone(),
             deleting: false,
-            std: StandardAttrs { description: description.clone(), tags: tags.clone(), ..StandardAttrs::new(&ts) },
+            std: StandardAttrs {
+                description: description.clone(),
+                tags: tags.clone(),
+                ..StandardAttrs::new(&ts)
+            },
         };
         n.subnets.push(id.clone());
         n.std.bump(&ts);
@@ -260,16 +304,29 @@ fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Subnet, i64)> {
         .filter(|(s, _)| ctx.subnet_visible(s))
         .ok_or_else(|| Kind::Subnet.not_found(id))?;
     if !ctx.admin() && !ctx.owns(&s.project_id) {
-        return Err(NeutronError::forbidden(format!("Modifying subnet {id} is not allowed by policy")));
+        return Err(NeutronError::forbidden(format!(
+            "Modifying subnet {id} is not allowed by policy"
+        )));
     }
     Ok((s, r))
 }
 
 pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
     let (current, _) = writable(ctx, id)?;
-    for ro in ["cidr", "ip_version", "network_id", "project_id", "tenant_id", "ipv6_ra_mode", "ipv6_address_mode", "subnetpool_id"] {
+    for ro in [
+        "cidr",
+        "ip_version",
+        "network_id",
+        "project_id",
+        "tenant_id",
+        "ipv6_ra_mode",
+        "ipv6_address_mode",
+        "subnetpool_id",
+    ] {
         if body.contains(ro) {
-            return Err(NeutronError::bad_request(format!("Cannot update read-only attribute {ro}")));
+            return Err(NeutronError::bad_request(format!(
+                "Cannot update read-only attribute {ro}"
+            )));
         }
     }
     let v6 = current.ip_version == 6;
@@ -290,7 +347,10 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
     };
     let pools = body.object_list("allocation_pools")?.map(parse_pools).transpose()?;
     let dns = body.string_list("dns_nameservers")?.map(parse_dns).transpose()?;
-    let routes = body.object_list("host_routes")?.map(|r| parse_routes(r, v6)).transpose()?;
+    let routes = body
+        .object_list("host_routes")?
+        .map(|r| parse_routes(r, v6))
+        .transpose()?;
     let enable_dhcp = body.boolean("enable_dhcp")?;
     let tags = tags_from(&mut body)?;
     body.finish()?;
@@ -328,7 +388,11 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
         }
         s.deleting = false;
         s.std.bump(&now());
-        Ok((vec![Compare::ModRevision(key(id), rev)], vec![Op::put(key(id), json_bytes(&s))], s))
+        Ok((
+            vec![Compare::ModRevision(key(id), rev)],
+            vec![Op::put(key(id), json_bytes(&s))],
+            s,
+        ))
     })
     .await?;
     Ok(s.to_api())
@@ -341,17 +405,31 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
         let (mut s, rev) = writable(ctx, id)?;
         check_if_match(if_match, s.std.revision_number)?;
         s.deleting = true;
-        if let Some(r) = ctx.commit(vec![Compare::ModRevision(key(id), rev)], vec![Op::put(key(id), json_bytes(&s))]).await? {
+        if let Some(r) = ctx
+            .commit(
+                vec![Compare::ModRevision(key(id), rev)],
+                vec![Op::put(key(id), json_bytes(&s))],
+            )
+            .await?
+        {
             marked = Some((s, r));
             break;
         }
         ctx.resync(attempt).await?;
     }
-    let (s, mark_rev) = marked.ok_or_else(|| NeutronError::new(409, "Conflict", "Too much concurrent change to this subnet; retry"))?;
+    let (s, mark_rev) =
+        marked.ok_or_else(|| NeutronError::new(409, "Conflict", "Too much concurrent change to this subnet; retry"))?;
     if !ctx.state.cache.list(&keys::ip_alloc_prefix(id)).is_empty() {
         let mut back = s.clone();
         back.deleting = false;
-        if ctx.commit(vec![Compare::ModRevision(key(id), mark_rev)], vec![Op::put(key(id), json_bytes(&back))]).await?.is_none() {
+        if ctx
+            .commit(
+                vec![Compare::ModRevision(key(id), mark_rev)],
+                vec![Op::put(key(id), json_bytes(&back))],
+            )
+            .await?
+            .is_none()
+        {
             tracing::warn!(subnet = %id, "could not clear the deleting mark");
         }
         return Err(NeutronError::conflict(
@@ -374,9 +452,17 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
             return Ok(());
         }
         ctx.resync(attempt).await?;
-        if !ctx.state.cache.get(&key(id)).is_some_and(|kv| kv.mod_revision == mark_rev) {
-            return Err(NeutronError::new(409, "Conflict", "The subnet changed while it was being deleted; retry"));
+        if ctx.state.cache.get(&key(id)).is_none_or(|kv| kv.mod_revision != mark_rev) {
+            return Err(NeutronError::new(
+                409,
+                "Conflict",
+                "The subnet changed while it was being deleted; retry",
+            ));
         }
     }
-    Err(NeutronError::new(409, "Conflict", "Too much concurrent change to this subnet's network; retry"))
+    Err(NeutronError::new(
+        409,
+        "Conflict",
+        "Too much concurrent change to this subnet's network; retry",
+    ))
 }

@@ -17,7 +17,11 @@ use std::sync::Arc;
 fn kind_of(coll: &str) -> NResult<Kind> {
     match Kind::from_collection(coll) {
         Some(k) if k != Kind::SecurityGroupRule => Ok(k),
-        _ => Err(NeutronError::new(404, "HTTPNotFound", format!("Tags are not supported on {coll}"))),
+        _ => Err(NeutronError::new(
+            404,
+            "HTTPNotFound",
+            format!("Tags are not supported on {coll}"),
+        )),
     }
 }
 
@@ -32,13 +36,20 @@ fn current_tags(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Vec<String>> {
 }
 
 /// Rewrites the stored resource's tags with `f`, bumping its revision.
-async fn modify(ctx: &Ctx<'_>, kind: Kind, id: &str, f: impl Fn(&mut Vec<String>) -> NResult<()>) -> NResult<Vec<String>> {
+async fn modify(
+    ctx: &Ctx<'_>,
+    kind: Kind,
+    id: &str,
+    f: impl Fn(&mut Vec<String>) -> NResult<()>,
+) -> NResult<Vec<String>> {
     let key = keys::resource(kind.store_name(), id);
     retry(ctx, |ctx| {
         let view = show(ctx, kind, id)?;
         let owner = view.get("project_id").and_then(|p| p.as_str()).unwrap_or_default();
         if !ctx.admin() && !ctx.owns(owner) {
-            return Err(NeutronError::forbidden("Changing tags of another project's resource is not allowed"));
+            return Err(NeutronError::forbidden(
+                "Changing tags of another project's resource is not allowed",
+            ));
         }
         let kv = ctx.state.cache.get(&key).ok_or_else(|| kind.not_found(id))?;
         let mut stored: Value =
@@ -55,7 +66,11 @@ async fn modify(ctx: &Ctx<'_>, kind: Kind, id: &str, f: impl Fn(&mut Vec<String>
             obj.insert("revision_number".into(), json!(rev + 1));
             obj.insert("updated_at".into(), json!(now()));
         }
-        Ok((vec![Compare::ModRevision(key.clone(), kv.mod_revision)], vec![Op::put(key.clone(), json_bytes(&stored))], tags))
+        Ok((
+            vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+            vec![Op::put(key.clone(), json_bytes(&stored))],
+            tags,
+        ))
     })
     .await
 }
@@ -69,7 +84,10 @@ pub async fn all_tags(
 ) -> ApiResult<Response> {
     let kind = kind_of(&coll)?;
     let auth = authenticate(&state, &headers).await?;
-    let ctx = Ctx { state: &state, auth: &auth };
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
     match method {
         Method::GET => Ok(axum::Json(json!({"tags": current_tags(&ctx, kind, &id)?})).into_response()),
         Method::PUT => {
@@ -80,7 +98,9 @@ pub async fn all_tags(
                 .ok_or_else(|| NeutronError::bad_request("Invalid input: body must be {\"tags\": [...]}"))?;
             let mut new: Vec<String> = vec![];
             for t in list {
-                let t = t.as_str().ok_or_else(|| NeutronError::invalid_input(format!("'{t}' is not a valid tag")))?;
+                let t = t
+                    .as_str()
+                    .ok_or_else(|| NeutronError::invalid_input(format!("'{t}' is not a valid tag")))?;
                 validate_tag(t)?;
                 if !new.iter().any(|x| x == t) {
                     new.push(t.to_string());
@@ -112,8 +132,17 @@ pub async fn one_tag(
 ) -> ApiResult<Response> {
     let kind = kind_of(&coll)?;
     let auth = authenticate(&state, &headers).await?;
-    let ctx = Ctx { state: &state, auth: &auth };
-    let not_found = || NeutronError::new(404, "TagNotFound", format!("Tag {tag} could not be found for {} {id}.", kind.singular()));
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    let not_found = || {
+        NeutronError::new(
+            404,
+            "TagNotFound",
+            format!("Tag {tag} could not be found for {} {id}.", kind.singular()),
+        )
+    };
     match method {
         Method::GET => {
             if current_tags(&ctx, kind, &id)?.contains(&tag) {
