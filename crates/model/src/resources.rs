@@ -293,3 +293,36 @@ impl SecurityGroupRule {
         )
     }
 }
+
+/// A router. API only for now: interfaces are ports it owns; the datapath comes later.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Router {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub admin_state_up: bool,
+    pub status: String,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+impl Router {
+    pub fn to_api(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("name".into(), json!(self.name));
+        m.insert("project_id".into(), json!(self.project_id));
+        m.insert("tenant_id".into(), json!(self.project_id));
+        m.insert("admin_state_up".into(), json!(self.admin_state_up));
+        m.insert("status".into(), json!(self.status));
+        m.insert("external_gateway_info".into(), Value::Null);
+        m.insert("routes".into(), json!([]));
+        m.insert("availability_zone_hints".into(), json!([]));
+        m.insert("availability_zones".into(), json!([]));
+        m.insert("distributed".into(), json!(false));
+        m.insert("ha".into(), json!(false));
+        m.insert("flavor_id".into(), Value::Null);
+        self.std.render(&mut m);
+        Value::Object(m)
+    }
+}

@@ -1,12 +1,12 @@
 //! What every resource shares: the caller's context, visibility, rendering, and the
 //! plan-then-commit loop around compare-and-swap transactions.
 
-use super::{networks, ports, security_groups, subnets, Kind};
+use super::{networks, ports, routers, security_groups, subnets, Kind};
 use crate::identity::AuthContext;
 use crate::AppState;
 use isthmus_model::keys;
 use isthmus_model::validate::Body;
-use isthmus_model::{Network, NeutronError, Port, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::{Compare, Op, Revision};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -210,6 +210,12 @@ pub async fn visible_views(ctx: &Ctx<'_>, kind: Kind) -> NResult<Vec<Value>> {
                 .map(|(p, _)| p.to_api(ctx.admin()))
                 .collect()
         }
+        Kind::Router => ctx
+            .all::<Router>(kind)
+            .into_iter()
+            .filter(|(r, _)| ctx.admin() || ctx.owns(&r.project_id))
+            .map(|(r, _)| r.to_api())
+            .collect(),
         Kind::SecurityGroup => {
             security_groups::ensure_default(ctx, &ctx.auth.project_id).await?;
             let mut rules: HashMap<String, Vec<Value>> = HashMap::new();
@@ -255,6 +261,7 @@ pub fn show(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Value> {
                 .ok_or_else(nf)?;
             p.to_api(ctx.admin())
         }
+        Kind::Router => routers::visible(ctx, id)?.0.to_api(),
         Kind::SecurityGroup => {
             let (g, _) = security_groups::visible_group(ctx, id)?;
             g.to_api(security_groups::rules_of(ctx, &g.id))
@@ -307,7 +314,8 @@ async fn create_one(ctx: &Ctx<'_>, kind: Kind, body: Value) -> NResult<Value> {
     match kind {
         Kind::Network => networks::create(ctx, body).await,
         Kind::Subnet => subnets::create(ctx, body).await,
-        Kind::Port => ports::create(ctx, body).await,
+        Kind::Port => ports::create(ctx, body).await.map(|p| p.to_api(ctx.admin())),
+        Kind::Router => routers::create(ctx, body).await,
         Kind::SecurityGroup => security_groups::create_group(ctx, body).await,
         Kind::SecurityGroupRule => security_groups::create_rule(ctx, body).await,
     }
@@ -318,7 +326,10 @@ pub async fn update(ctx: &Ctx<'_>, kind: Kind, id: &str, body: Value, if_match: 
     match kind {
         Kind::Network => networks::update(ctx, id, body, if_match).await,
         Kind::Subnet => subnets::update(ctx, id, body, if_match).await,
-        Kind::Port => ports::update(ctx, id, body, if_match).await,
+        Kind::Port => ports::update(ctx, id, body, if_match)
+            .await
+            .map(|p| p.to_api(ctx.admin())),
+        Kind::Router => routers::update(ctx, id, body, if_match).await,
         Kind::SecurityGroup => security_groups::update_group(ctx, id, body, if_match).await,
         Kind::SecurityGroupRule => Err(NeutronError::new(
             400,
@@ -333,6 +344,7 @@ pub async fn delete(ctx: &Ctx<'_>, kind: Kind, id: &str, if_match: Option<u64>) 
         Kind::Network => networks::delete(ctx, id, if_match).await,
         Kind::Subnet => subnets::delete(ctx, id, if_match).await,
         Kind::Port => ports::delete(ctx, id, if_match).await,
+        Kind::Router => routers::delete(ctx, id, if_match).await,
         Kind::SecurityGroup => security_groups::delete_group(ctx, id, if_match).await,
         Kind::SecurityGroupRule => security_groups::delete_rule(ctx, id).await,
     }

@@ -7,6 +7,7 @@ mod common;
 mod networks;
 mod ports;
 pub mod query;
+mod routers;
 mod security_groups;
 mod subnets;
 mod tags;
@@ -18,7 +19,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::Router;
 use isthmus_model::NeutronError;
 use serde_json::{json, Value};
@@ -142,6 +143,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2.0/extensions/{alias}", get(show_extension))
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
+        .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))
+        .route("/v2.0/routers/{id}/remove_router_interface", put(router_interface))
         .route(
             "/v2.0/{collection}/{id}/tags",
             get(tags::all_tags).put(tags::all_tags).delete(tags::all_tags),
@@ -279,6 +282,7 @@ pub enum Kind {
     Network,
     Subnet,
     Port,
+    Router,
     SecurityGroup,
     SecurityGroupRule,
 }
@@ -289,6 +293,7 @@ impl Kind {
             "networks" => Kind::Network,
             "subnets" => Kind::Subnet,
             "ports" => Kind::Port,
+            "routers" => Kind::Router,
             "security-groups" => Kind::SecurityGroup,
             "security-group-rules" => Kind::SecurityGroupRule,
             _ => return None,
@@ -300,6 +305,7 @@ impl Kind {
             Kind::Network => "network",
             Kind::Subnet => "subnet",
             Kind::Port => "port",
+            Kind::Router => "router",
             Kind::SecurityGroup => "security_group",
             Kind::SecurityGroupRule => "security_group_rule",
         }
@@ -309,6 +315,7 @@ impl Kind {
             Kind::Network => "networks",
             Kind::Subnet => "subnets",
             Kind::Port => "ports",
+            Kind::Router => "routers",
             Kind::SecurityGroup => "security_groups",
             Kind::SecurityGroupRule => "security_group_rules",
         }
@@ -323,6 +330,7 @@ impl Kind {
             Kind::Network => NeutronError::not_found("Network", "Network", id),
             Kind::Subnet => NeutronError::not_found("Subnet", "Subnet", id),
             Kind::Port => NeutronError::not_found("Port", "Port", id),
+            Kind::Router => NeutronError::not_found("Router", "Router", id),
             Kind::SecurityGroup => NeutronError::not_found("SecurityGroup", "Security group", id),
             Kind::SecurityGroupRule => NeutronError::not_found("SecurityGroupRule", "Security group rule", id),
         }
@@ -396,4 +404,25 @@ async fn member(
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }
+}
+
+async fn router_interface(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    let body = parse_body(body)?;
+    let out = if uri.path().ends_with("/add_router_interface") {
+        routers::add_interface(&ctx, &id, body).await?
+    } else {
+        routers::remove_interface(&ctx, &id, body).await?
+    };
+    Ok(json_response(StatusCode::OK, out))
 }

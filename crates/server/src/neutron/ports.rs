@@ -494,7 +494,7 @@ fn security_conflicts(port_security: bool, groups: &[String], pairs: &[AddressPa
 /// Until a node agent binds the port, Neutron's word for its VIF type is "unbound".
 const VIF_UNBOUND: &str = "unbound";
 
-pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Port> {
     let project_id = ctx.target_project(&mut body)?;
     let network_id = body.string("network_id")?.ok_or_else(|| {
         NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified")
@@ -602,7 +602,7 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     .await?;
     drop(res);
     tracing::debug!(port = %port.id, network = %port.network_id, mac = %port.mac_address, "port created");
-    Ok(port.to_api(ctx.admin()))
+    Ok(port)
 }
 
 fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Port, Revision)> {
@@ -613,7 +613,7 @@ fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Port, Revision)> {
     Ok((p, r))
 }
 
-pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
+pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Port> {
     let (current, _) = writable(ctx, id)?;
     for ro in ["network_id", "project_id", "tenant_id"] {
         if body.contains(ro) {
@@ -634,7 +634,7 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
         ));
     }
     let mut res = Reservation::new(&ctx.state.neutron.inflight);
-    let port = retry(ctx, |ctx| {
+    retry(ctx, |ctx| {
         res.release();
         let (mut p, rev) = writable(ctx, id)?;
         check_if_match(if_match, p.std.revision_number)?;
@@ -725,8 +725,7 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
         ops.insert(0, Op::put(key(id), json_bytes(&p)));
         Ok((cmp, ops, p))
     })
-    .await?;
-    Ok(port.to_api(ctx.admin()))
+    .await
 }
 
 pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {

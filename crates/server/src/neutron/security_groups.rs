@@ -382,13 +382,15 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let ethertype = match ethertype.to_ascii_lowercase().as_str() {
         "ipv4" => "IPv4".to_string(),
         "ipv6" => "IPv6".to_string(),
-        _ => return Err(NeutronError::new(
-            400,
-            "SecurityGroupRuleInvalidEtherType",
-            format!(
+        _ => {
+            return Err(NeutronError::new(
+                400,
+                "SecurityGroupRuleInvalidEtherType",
+                format!(
                 "Security group rule for ethertype '{ethertype}' not supported. Allowed values are ['IPv4', 'IPv6']."
             ),
-        )),
+            ))
+        }
     };
     let protocol = parse_protocol(body.take_raw("protocol").unwrap_or(Value::Null))?;
     let min = port_value(&mut body, "port_range_min")?;

@@ -5,7 +5,7 @@ use super::Kind;
 use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::Body;
-use isthmus_model::{keys, AllocationPool, HostRoute, Network, NeutronError, StandardAttrs, Subnet};
+use isthmus_model::{keys, AllocationPool, HostRoute, Network, NeutronError, Port, StandardAttrs, Subnet};
 use isthmus_store::{Compare, Op};
 use serde_json::{Map, Value};
 use std::net::IpAddr;
@@ -419,7 +419,10 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
     }
     let (s, mark_rev) =
         marked.ok_or_else(|| NeutronError::new(409, "Conflict", "Too much concurrent change to this subnet; retry"))?;
-    if !ctx.state.cache.list(&keys::ip_alloc_prefix(id)).is_empty() {
+    // SLAAC addresses are derived, not handed out: like Neutron, deleting such a subnet takes
+    // them off the ports instead of refusing.
+    let auto = is_auto_address(&s);
+    if !auto && !ctx.state.cache.list(&keys::ip_alloc_prefix(id)).is_empty() {
         let mut back = s.clone();
         back.deleting = false;
         if ctx
@@ -441,6 +444,20 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
     for attempt in 0..30 {
         let mut cmp = vec![Compare::ModRevision(key(id), mark_rev)];
         let mut ops = vec![Op::delete(key(id))];
+        if auto {
+            for (mut p, prev) in ctx.all::<Port>(Kind::Port) {
+                if !p.fixed_ips.iter().any(|f| f.subnet_id == id) {
+                    continue;
+                }
+                for f in p.fixed_ips.iter().filter(|f| f.subnet_id == id) {
+                    ops.push(Op::delete(keys::ip_alloc(id, &f.ip_address)));
+                }
+                p.fixed_ips.retain(|f| f.subnet_id != id);
+                p.std.bump(&now());
+                cmp.push(Compare::ModRevision(keys::resource("ports", &p.id), prev));
+                ops.push(Op::put(keys::resource("ports", &p.id), json_bytes(&p)));
+            }
+        }
         if let Some((mut n, nrev)) = ctx.state.cache.get_json::<Network>(&nk) {
             n.subnets.retain(|x| x != id);
             n.std.bump(&now());
@@ -452,7 +469,12 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
             return Ok(());
         }
         ctx.resync(attempt).await?;
-        if ctx.state.cache.get(&key(id)).is_none_or(|kv| kv.mod_revision != mark_rev) {
+        if ctx
+            .state
+            .cache
+            .get(&key(id))
+            .is_none_or(|kv| kv.mod_revision != mark_rev)
+        {
             return Err(NeutronError::new(
                 409,
                 "Conflict",
