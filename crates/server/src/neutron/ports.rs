@@ -383,7 +383,9 @@ fn plan_ips(
                         .ok_or_else(|| {
                             NeutronError::new(400, "InvalidIpForNetwork", format!("IP address {ip} is not a valid IP for any of the subnets on the specified network."))
                         })?,
-                    (None, None) => unreachable!("parse_fixed_ips rejects empty entries"),
+                    (None, None) => {
+                        return Err(NeutronError::invalid_attr("fixed_ips", "each entry needs a subnet_id or an ip_address"))
+                    }
                 };
                 let net: IpNet = s
                     .cidr

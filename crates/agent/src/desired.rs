@@ -1,0 +1,195 @@
+//! The datapath a node must have, computed from its view and nothing else.
+
+use crate::names;
+use crate::view::{NodeView, PortKind};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bridge {
+    pub name: String,
+    pub mtu: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Vxlan {
+    pub name: String,
+    pub vni: u32,
+    pub local: IpAddr,
+    pub bridge: String,
+    pub mtu: u32,
+}
+
+/// A static forwarding entry on a VXLAN device. `mac` all zeros is the head-end replication
+/// entry: broadcast and unknown unicast go to every listed node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Fdb {
+    pub dev: String,
+    pub mac: String,
+    pub dst: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortDevice {
+    pub name: String,
+    pub bridge: String,
+    pub mtu: u32,
+    pub veth: bool,
+}
+
+pub const FLOOD_MAC: &str = "00:00:00:00:00:00";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Datapath {
+    pub bridges: BTreeMap<String, Bridge>,
+    pub vxlans: BTreeMap<String, Vxlan>,
+    pub fdb: BTreeSet<Fdb>,
+    pub ports: BTreeMap<String, PortDevice>,
+}
+
+/// Networks get state on this node only while it has a local port on them; remote ports of
+/// other networks are ignored even if the view carries them.
+pub fn compute(view: &NodeView) -> Datapath {
+    let mut dp = Datapath::default();
+    let Some(local_ip) = view.underlay_ip else { return dp };
+    for lp in &view.local_ports {
+        let Some(net) = view.networks.get(&lp.network_id) else {
+            continue;
+        };
+        let br = names::bridge(net.vni);
+        dp.bridges.entry(br.clone()).or_insert(Bridge {
+            name: br.clone(),
+            mtu: net.mtu,
+        });
+        let vx = names::vxlan(net.vni);
+        dp.vxlans.entry(vx.clone()).or_insert(Vxlan {
+            name: vx,
+            vni: net.vni,
+            local: local_ip,
+            bridge: br.clone(),
+            mtu: net.mtu,
+        });
+        let name = names::tap(&lp.id);
+        dp.ports.insert(
+            name.clone(),
+            PortDevice {
+                name,
+                bridge: br,
+                mtu: net.mtu,
+                veth: lp.kind == PortKind::Veth,
+            },
+        );
+    }
+    for rp in &view.remote_ports {
+        let Some(net) = view.networks.get(&rp.network_id) else {
+            continue;
+        };
+        let vx = names::vxlan(net.vni);
+        if !dp.vxlans.contains_key(&vx) || rp.node_ip == local_ip {
+            continue;
+        }
+        dp.fdb.insert(Fdb {
+            dev: vx.clone(),
+            mac: rp.mac.to_ascii_lowercase(),
+            dst: rp.node_ip,
+        });
+        dp.fdb.insert(Fdb {
+            dev: vx,
+            mac: FLOOD_MAC.into(),
+            dst: rp.node_ip,
+        });
+    }
+    dp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::{LocalPort, NetworkInfo, RemotePort};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn view() -> NodeView {
+        let mut v = NodeView {
+            underlay_ip: Some(ip("192.0.2.1")),
+            ..Default::default()
+        };
+        for (id, vni) in [("n1", 100), ("n2", 200)] {
+            v.networks.insert(
+                id.into(),
+                NetworkInfo {
+                    id: id.into(),
+                    vni,
+                    mtu: 1450,
+                },
+            );
+        }
+        v.local_ports.push(LocalPort {
+            id: "p1-aaaaaaaaaaaaaaaa".into(),
+            network_id: "n1".into(),
+            mac: "fa:16:3e:00:00:01".into(),
+            kind: PortKind::Veth,
+        });
+        v.remote_ports.push(RemotePort {
+            id: "p2".into(),
+            network_id: "n1".into(),
+            mac: "FA:16:3E:00:00:02".into(),
+            node_ip: ip("192.0.2.2"),
+        });
+        v.remote_ports.push(RemotePort {
+            id: "p3".into(),
+            network_id: "n1".into(),
+            mac: "fa:16:3e:00:00:03".into(),
+            node_ip: ip("192.0.2.2"),
+        });
+        // A port on a network this node has no port on: must leave no trace.
+        v.remote_ports.push(RemotePort {
+            id: "p4".into(),
+            network_id: "n2".into(),
+            mac: "fa:16:3e:00:00:04".into(),
+            node_ip: ip("192.0.2.3"),
+        });
+        v
+    }
+
+    #[test]
+    fn state_only_for_networks_with_local_ports() {
+        let dp = compute(&view());
+        assert_eq!(dp.bridges.keys().collect::<Vec<_>>(), ["isbr-100"]);
+        assert_eq!(dp.vxlans.keys().collect::<Vec<_>>(), ["isvx-100"]);
+        assert!(dp.fdb.iter().all(|f| f.dev == "isvx-100"));
+        assert_eq!(dp.ports.len(), 1);
+        assert!(dp.ports.contains_key("tapp1-aaaaaaaa"));
+    }
+
+    #[test]
+    fn one_flood_entry_per_remote_node_and_one_entry_per_remote_mac() {
+        let dp = compute(&view());
+        let flood: Vec<_> = dp.fdb.iter().filter(|f| f.mac == FLOOD_MAC).collect();
+        assert_eq!(flood.len(), 1);
+        assert_eq!(flood[0].dst, ip("192.0.2.2"));
+        let macs: Vec<_> = dp
+            .fdb
+            .iter()
+            .filter(|f| f.mac != FLOOD_MAC)
+            .map(|f| f.mac.as_str())
+            .collect();
+        assert_eq!(macs, ["fa:16:3e:00:00:02", "fa:16:3e:00:00:03"]);
+    }
+
+    #[test]
+    fn last_local_port_gone_means_no_state() {
+        let mut v = view();
+        v.local_ports.clear();
+        assert_eq!(compute(&v), Datapath::default());
+    }
+
+    #[test]
+    fn no_underlay_address_means_nothing_to_program() {
+        let mut v = view();
+        v.underlay_ip = None;
+        assert_eq!(compute(&v), Datapath::default());
+    }
+}

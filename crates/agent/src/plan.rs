@@ -1,0 +1,179 @@
+//! The difference between the datapath a node has and the one it must have, as ordered actions.
+//! Only what differs is touched, so running it again on a converged node does nothing.
+
+use crate::desired::{Bridge, Datapath, Fdb, PortDevice, Vxlan};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    CreateBridge(Bridge),
+    SetBridgeMtu(Bridge),
+    CreateVxlan(Vxlan),
+    /// The VXLAN device exists with other parameters (VNI, source, bridge): rebuild it.
+    ReplaceVxlan(Vxlan),
+    AddFdb(Fdb),
+    DelFdb(Fdb),
+    /// A port device exists but sits in the wrong bridge or with the wrong MTU.
+    FixPort(PortDevice),
+    DeletePort(String),
+    DeleteVxlan(String),
+    DeleteBridge(String),
+}
+
+/// Actions that take `actual` to `desired`, in an order the kernel accepts: bridges before the
+/// devices enslaved to them, and removals of devices before their bridges. Port devices are not
+/// created here (the attach path does, because it owns the workload side); ports that should
+/// not exist are removed.
+pub fn plan(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
+    let mut out = vec![];
+    for (name, b) in &desired.bridges {
+        match actual.bridges.get(name) {
+            None => out.push(Action::CreateBridge(b.clone())),
+            Some(a) if a.mtu != b.mtu => out.push(Action::SetBridgeMtu(b.clone())),
+            Some(_) => {}
+        }
+    }
+    for (name, v) in &desired.vxlans {
+        match actual.vxlans.get(name) {
+            None => out.push(Action::CreateVxlan(v.clone())),
+            Some(a) if a != v => out.push(Action::ReplaceVxlan(v.clone())),
+            Some(_) => {}
+        }
+    }
+    for (name, p) in &desired.ports {
+        if let Some(a) = actual.ports.get(name) {
+            if a.bridge != p.bridge || a.mtu != p.mtu {
+                out.push(Action::FixPort(p.clone()));
+            }
+        }
+    }
+    for f in desired.fdb.difference(&actual.fdb) {
+        out.push(Action::AddFdb(f.clone()));
+    }
+    for f in actual.fdb.difference(&desired.fdb) {
+        // Entries on a device that is going away vanish with it.
+        if desired.vxlans.contains_key(&f.dev) {
+            out.push(Action::DelFdb(f.clone()));
+        }
+    }
+    for name in actual.ports.keys() {
+        if !desired.ports.contains_key(name) {
+            out.push(Action::DeletePort(name.clone()));
+        }
+    }
+    for name in actual.vxlans.keys() {
+        if !desired.vxlans.contains_key(name) {
+            out.push(Action::DeleteVxlan(name.clone()));
+        }
+    }
+    for name in actual.bridges.keys() {
+        if !desired.bridges.contains_key(name) {
+            out.push(Action::DeleteBridge(name.clone()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::FLOOD_MAC;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn dp(vnis: &[u32], fdb: &[(&str, &str)]) -> Datapath {
+        let mut d = Datapath::default();
+        for v in vnis {
+            let br = format!("isbr-{v}");
+            d.bridges.insert(
+                br.clone(),
+                Bridge {
+                    name: br.clone(),
+                    mtu: 1450,
+                },
+            );
+            let vx = format!("isvx-{v}");
+            d.vxlans.insert(
+                vx.clone(),
+                Vxlan {
+                    name: vx,
+                    vni: *v,
+                    local: ip("192.0.2.1"),
+                    bridge: br,
+                    mtu: 1450,
+                },
+            );
+        }
+        for (mac, dst) in fdb {
+            d.fdb.insert(Fdb {
+                dev: format!("isvx-{}", vnis[0]),
+                mac: mac.to_string(),
+                dst: ip(dst),
+            });
+        }
+        d
+    }
+
+    #[test]
+    fn converged_node_needs_nothing() {
+        let d = dp(&[100], &[(FLOOD_MAC, "192.0.2.2")]);
+        assert!(plan(&d, &d).is_empty());
+    }
+
+    #[test]
+    fn creates_in_dependency_order() {
+        let want = dp(&[100], &[("fa:16:3e:00:00:02", "192.0.2.2")]);
+        let acts = plan(&Datapath::default(), &want);
+        assert!(matches!(acts[0], Action::CreateBridge(_)));
+        assert!(matches!(acts[1], Action::CreateVxlan(_)));
+        assert!(matches!(acts[2], Action::AddFdb(_)));
+        assert_eq!(acts.len(), 3);
+    }
+
+    #[test]
+    fn repairs_drift_without_touching_the_rest() {
+        let want = dp(
+            &[100, 200],
+            &[("fa:16:3e:00:00:02", "192.0.2.2"), (FLOOD_MAC, "192.0.2.2")],
+        );
+        let mut have = want.clone();
+        have.bridges.remove("isbr-200");
+        have.fdb.retain(|f| f.mac == FLOOD_MAC);
+        let acts = plan(&have, &want);
+        assert_eq!(acts.len(), 2, "{acts:?}");
+        assert!(acts.contains(&Action::CreateBridge(Bridge {
+            name: "isbr-200".into(),
+            mtu: 1450
+        })));
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, Action::AddFdb(f) if f.mac == "fa:16:3e:00:00:02")));
+    }
+
+    #[test]
+    fn removes_leftovers_devices_before_bridges() {
+        let have = dp(&[100, 200], &[]);
+        let want = dp(&[100], &[]);
+        let acts = plan(&have, &want);
+        assert_eq!(
+            acts,
+            vec![
+                Action::DeleteVxlan("isvx-200".into()),
+                Action::DeleteBridge("isbr-200".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn changed_vni_parameters_rebuild_the_vxlan() {
+        let want = dp(&[100], &[]);
+        let mut have = want.clone();
+        if let Some(v) = have.vxlans.get_mut("isvx-100") {
+            v.local = ip("192.0.2.9");
+        }
+        assert_eq!(plan(&have, &want).len(), 1);
+        assert!(matches!(plan(&have, &want)[0], Action::ReplaceVxlan(_)));
+    }
+}
