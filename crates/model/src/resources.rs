@@ -326,3 +326,101 @@ impl Router {
         Value::Object(m)
     }
 }
+
+/// A node running an agent: registered and kept alive by its heartbeats.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Node {
+    /// Agent id (what the agents API calls `id`).
+    pub id: String,
+    /// The node's name; ports are bound to it through `binding:host_id`.
+    pub host: String,
+    pub underlay_ip: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    pub admin_state_up: bool,
+    #[serde(default)]
+    pub description: String,
+    /// Seconds since the Unix epoch: registration, last agent start, last heartbeat.
+    pub created_unix: i64,
+    pub started_unix: i64,
+    pub heartbeat_unix: i64,
+}
+
+/// Neutron's agent timestamps: `2026-11-22 03:44:17`.
+fn agent_time(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Civil-from-days (proleptic Gregorian), so the model needs no clock crate.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+impl Node {
+    /// Alive while the last heartbeat is younger than `down_after` seconds.
+    pub fn alive(&self, now_unix: i64, down_after: i64) -> bool {
+        now_unix - self.heartbeat_unix < down_after
+    }
+
+    /// The Neutron agents-API view.
+    pub fn to_api(&self, now_unix: i64, down_after: i64) -> Value {
+        json!({
+            "id": self.id,
+            "agent_type": "Isthmus agent",
+            "binary": "isthmus-agent",
+            "host": self.host,
+            "topic": "isthmus",
+            "admin_state_up": self.admin_state_up,
+            "alive": self.alive(now_unix, down_after),
+            "availability_zone": Value::Null,
+            "description": self.description,
+            "configurations": {"underlay_ip": self.underlay_ip, "capabilities": self.capabilities},
+            "created_at": agent_time(self.created_unix),
+            "started_at": agent_time(self.started_unix),
+            "heartbeat_timestamp": agent_time(self.heartbeat_unix),
+            "resources_synced": Value::Null,
+        })
+    }
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    #[test]
+    fn agent_time_formats_civil_dates() {
+        assert_eq!(agent_time(0), "1970-01-01 00:00:00");
+        assert_eq!(agent_time(1_795_318_657), "2026-11-22 03:37:37");
+        assert_eq!(agent_time(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn liveness_follows_heartbeats() {
+        let n = Node {
+            id: "a".into(),
+            host: "h".into(),
+            underlay_ip: "192.0.2.1".into(),
+            capabilities: vec![],
+            admin_state_up: true,
+            description: String::new(),
+            created_unix: 900,
+            started_unix: 900,
+            heartbeat_unix: 1000,
+        };
+        assert!(n.alive(1010, 30));
+        assert!(!n.alive(1030, 30));
+        assert_eq!(n.to_api(1010, 30)["alive"], json!(true));
+    }
+}

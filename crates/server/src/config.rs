@@ -33,6 +33,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Argon2 memory cost in KiB for password hashes.
     pub password_hash_kib: u32,
+    /// A node whose last heartbeat is older than this is reported as not alive.
+    pub agent_down_secs: i64,
 }
 
 impl Default for Config {
@@ -52,6 +54,7 @@ impl Default for Config {
             underlay_mtu: 1500,
             max_body_bytes: 1024 * 1024,
             password_hash_kib: 19 * 1024,
+            agent_down_secs: 30,
         }
     }
 }
@@ -74,6 +77,7 @@ impl std::fmt::Debug for Config {
             .field("underlay_mtu", &self.underlay_mtu)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("password_hash_kib", &self.password_hash_kib)
+            .field("agent_down_secs", &self.agent_down_secs)
             .finish()
     }
 }

@@ -134,13 +134,13 @@ fn check_optional_id(field: &str, id: &Option<String>) -> Result<(), IdentityErr
 }
 
 impl Identity {
-    /// Idempotent: makes sure the signing key, the roles admin/member/reader, the admin and
+    /// Idempotent: makes sure the signing key, the roles admin/member/reader/node (node: what a node agent may do), the admin and
     /// service projects and the admin user (with role admin on the admin project) exist. An
     /// existing admin user keeps its password.
     pub async fn bootstrap(&self) -> anyhow::Result<()> {
         self.ensure_signing_key().await.context("token signing key")?;
         let mut roles = Vec::new();
-        for name in ["admin", "member", "reader"] {
+        for name in ["admin", "member", "reader", "node"] {
             roles.push(self.ensure_role(name).await.with_context(|| format!("role {name}"))?);
         }
         let admin_project = self

@@ -3,6 +3,7 @@
 //! Handlers parse and authorize, then call the resource modules, which read the cache and write
 //! with compare-and-swap transactions. Every error leaves as Neutron's `NeutronError` body.
 
+mod agents;
 mod common;
 mod networks;
 mod ports;
@@ -141,6 +142,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2.0/", get(v2_index))
         .route("/v2.0/extensions", get(list_extensions))
         .route("/v2.0/extensions/{alias}", get(show_extension))
+        .route("/v2.0/agents", get(agents::list))
+        .route(
+            "/v2.0/agents/{id}",
+            get(agents::member).put(agents::member).delete(agents::member),
+        )
+        .route("/isthmus/v1/nodes/{host}", put(agents::heartbeat))
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))

@@ -1,0 +1,202 @@
+//! Nodes: agents register and heartbeat here, and the Neutron agents API lists them
+//! (`openstack network agent list`).
+
+use super::common::{json_bytes, new_id, retry, Ctx, NResult};
+use super::{authenticate, json_response, parse_body, ApiResult};
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use isthmus_model::validate::Body;
+use isthmus_model::{keys, NeutronError, Node};
+use isthmus_store::{Compare, Op};
+use serde_json::{json, Value};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// The role a node agent's user holds; it may register and heartbeat only as itself.
+pub const NODE_ROLE: &str = "node";
+
+fn key(host: &str) -> String {
+    keys::resource("nodes", host)
+}
+
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+}
+
+fn nodes(ctx: &Ctx<'_>) -> Vec<Node> {
+    ctx.state
+        .cache
+        .list_json::<Node>(&keys::collection("nodes"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
+}
+
+fn find(ctx: &Ctx<'_>, id: &str) -> NResult<(Node, i64)> {
+    ctx.state
+        .cache
+        .list_json::<Node>(&keys::collection("nodes"))
+        .into_iter()
+        .find(|(n, _)| n.id == id)
+        .ok_or_else(|| NeutronError::new(404, "AgentNotFound", format!("Agent {id} could not be found.")))
+}
+
+fn require_admin(ctx: &Ctx<'_>) -> NResult<()> {
+    if ctx.admin() {
+        Ok(())
+    } else {
+        Err(NeutronError::forbidden("Agents can only be managed by admins"))
+    }
+}
+
+/// `PUT /isthmus/v1/nodes/{host}`: register or heartbeat. Body:
+/// `{"node": {"underlay_ip": "...", "capabilities": [...], "restarted": bool}}`.
+pub async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(host): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    if !valid_host(&host) {
+        return Err(NeutronError::invalid_attr("host", format!("'{host}' is not a valid host name")).into());
+    }
+    let as_itself = auth.roles.iter().any(|r| r == NODE_ROLE) && auth.user_name == host;
+    if !ctx.admin() && !as_itself {
+        return Err(NeutronError::forbidden(format!("Only node {host} (or an admin) may register as {host}")).into());
+    }
+    let mut body = Body::from_value(parse_body(body)?, "node")?;
+    let underlay = body
+        .string("underlay_ip")?
+        .ok_or_else(|| NeutronError::bad_request("Required attribute 'underlay_ip' not specified"))?;
+    let underlay: IpAddr = underlay
+        .parse()
+        .map_err(|_| NeutronError::invalid_attr("underlay_ip", format!("'{underlay}' is not a valid IP address")))?;
+    let capabilities = body.string_list("capabilities")?.unwrap_or_default();
+    let restarted = body.boolean("restarted")?.unwrap_or(false);
+    body.finish()?;
+    let ts = unix_now();
+    let node = retry(&ctx, |ctx| {
+        let k = key(&host);
+        let (mut n, cmp) = match ctx.state.cache.get_json::<Node>(&k) {
+            Some((n, rev)) => (n, Compare::ModRevision(k.clone(), rev)),
+            None => (
+                Node {
+                    id: new_id(),
+                    host: host.clone(),
+                    underlay_ip: String::new(),
+                    capabilities: vec![],
+                    admin_state_up: true,
+                    description: String::new(),
+                    created_unix: ts,
+                    started_unix: ts,
+                    heartbeat_unix: 0,
+                },
+                Compare::Absent(k.clone()),
+            ),
+        };
+        if restarted {
+            n.started_unix = ts;
+        }
+        if n.underlay_ip != underlay.to_string() && !n.underlay_ip.is_empty() {
+            tracing::warn!(host = %host, old = %n.underlay_ip, new = %underlay, "node changed its underlay address");
+        }
+        n.underlay_ip = underlay.to_string();
+        n.capabilities = capabilities.clone();
+        n.heartbeat_unix = unix_now();
+        Ok((vec![cmp], vec![Op::put(k, json_bytes(&n))], n))
+    })
+    .await?;
+    if restarted {
+        tracing::info!(host = %node.host, underlay = %node.underlay_ip, "node agent (re)started");
+    }
+    let down = state.config.agent_down_secs;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"node": node.to_api(unix_now(), down)}),
+    ))
+}
+
+/// `GET /v2.0/agents`.
+pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Response> {
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    require_admin(&ctx)?;
+    let (t, down) = (unix_now(), state.config.agent_down_secs);
+    let items: Vec<Value> = nodes(&ctx).iter().map(|n| n.to_api(t, down)).collect();
+    Ok(json_response(StatusCode::OK, json!({"agents": items})))
+}
+
+/// `GET/PUT/DELETE /v2.0/agents/{id}`.
+pub async fn member(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    require_admin(&ctx)?;
+    let (t, down) = (unix_now(), state.config.agent_down_secs);
+    match method {
+        Method::GET => Ok(json_response(
+            StatusCode::OK,
+            json!({"agent": find(&ctx, &id)?.0.to_api(t, down)}),
+        )),
+        Method::PUT => {
+            let mut body = Body::from_value(parse_body(body)?, "agent")?;
+            let admin_state_up = body.boolean("admin_state_up")?;
+            let description = body.string("description")?;
+            body.finish()?;
+            let n = retry(&ctx, |ctx| {
+                let (mut n, rev) = find(ctx, &id)?;
+                if let Some(v) = admin_state_up {
+                    n.admin_state_up = v;
+                }
+                if let Some(v) = &description {
+                    n.description = v.clone();
+                }
+                let k = key(&n.host);
+                Ok((
+                    vec![Compare::ModRevision(k.clone(), rev)],
+                    vec![Op::put(k, json_bytes(&n))],
+                    n,
+                ))
+            })
+            .await?;
+            Ok(json_response(StatusCode::OK, json!({"agent": n.to_api(t, down)})))
+        }
+        _ => {
+            retry(&ctx, |ctx| {
+                let (n, rev) = find(ctx, &id)?;
+                let k = key(&n.host);
+                Ok((vec![Compare::ModRevision(k.clone(), rev)], vec![Op::delete(k)], ()))
+            })
+            .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
+}
