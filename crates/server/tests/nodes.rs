@@ -1,0 +1,110 @@
+//! Nodes: an agent registers and heartbeats as itself; admins see it in the agents API.
+
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use support::{Backend, TestServer, MEMBER_PASSWORD};
+
+/// A user `name` with the `node` role on the service project, and its token.
+async fn node_token(server: &TestServer, name: &str) -> String {
+    let service = server
+        .identity(reqwest::Method::GET, "/projects?name=service", None)
+        .await
+        .1["projects"][0]["id"]
+        .as_str()
+        .expect("service project exists")
+        .to_string();
+    let user = server.create_user(name, MEMBER_PASSWORD).await;
+    server.grant(&service, &user, "node").await;
+    server.token(name, MEMBER_PASSWORD, "service").await
+}
+
+#[tokio::test]
+async fn node_registers_heartbeats_and_is_listed_as_an_agent() {
+    let server = TestServer::start_with(Backend::Embedded, |c| c.agent_down_secs = 2).await;
+    let node = server.api(&node_token(&server, "node-a").await);
+
+    let (s, b) = node
+        .put(
+            "/isthmus/v1/nodes/node-a",
+            json!({"node": {"underlay_ip": "192.0.2.10", "restarted": true}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["node"]["host"], "node-a");
+    assert_eq!(b["node"]["alive"], true);
+
+    // A node may not speak for another node, nor use the admin-only agents API.
+    let (s, _) = node
+        .put(
+            "/isthmus/v1/nodes/node-b",
+            json!({"node": {"underlay_ip": "192.0.2.11"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = node.get("/v2.0/agents").await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // Bad input: a clear 400, nothing stored.
+    let (s, _) = node
+        .put(
+            "/isthmus/v1/nodes/node-a",
+            json!({"node": {"underlay_ip": "not-an-ip"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = node.put("/isthmus/v1/nodes/node-a", json!({"node": {}})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    let agents = server.admin.list("/v2.0/agents", "agents").await;
+    assert_eq!(agents.len(), 1);
+    let a = &agents[0];
+    assert_eq!(a["host"], "node-a");
+    assert_eq!(a["configurations"]["underlay_ip"], "192.0.2.10");
+    assert_eq!(a["alive"], true);
+    let id = a["id"].as_str().expect("agent id").to_string();
+
+    // Without heartbeats it is reported dead; one heartbeat brings it back, same id.
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    let (_, b) = server.admin.get(&format!("/v2.0/agents/{id}")).await;
+    assert_eq!(b["agent"]["alive"], false, "{b}");
+    let (s, b) = node
+        .put(
+            "/isthmus/v1/nodes/node-a",
+            json!({"node": {"underlay_ip": "192.0.2.10"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["node"]["id"], id.as_str());
+    assert_eq!(b["node"]["alive"], true);
+
+    // Admins may disable and remove agents.
+    let (s, b) = server
+        .admin
+        .put(
+            &format!("/v2.0/agents/{id}"),
+            json!({"agent": {"admin_state_up": false}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["agent"]["admin_state_up"], false);
+    let (s, _) = server.admin.delete(&format!("/v2.0/agents/{id}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = server.admin.get(&format!("/v2.0/agents/{id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_member_cannot_register_a_node() {
+    let server = TestServer::start(Backend::Embedded).await;
+    let m = server.member("nodes").await;
+    let (s, _) = m
+        .api
+        .put(
+            &format!("/isthmus/v1/nodes/{}", m.user),
+            json!({"node": {"underlay_ip": "192.0.2.1"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
