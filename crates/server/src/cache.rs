@@ -95,6 +95,11 @@ impl Cache {
         self.revision.send_replace(max);
     }
 
+    /// Notified whenever the cache moves to a new revision.
+    pub fn subscribe(&self) -> watch::Receiver<Revision> {
+        self.revision.subscribe()
+    }
+
     pub fn revision(&self) -> Revision {
         *self.revision.borrow()
     }

@@ -6,6 +6,7 @@
 mod agents;
 mod common;
 mod networks;
+pub mod nodeview;
 mod ports;
 pub mod query;
 mod routers;
@@ -148,6 +149,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(agents::member).put(agents::member).delete(agents::member),
         )
         .route("/isthmus/v1/nodes/{host}", put(agents::heartbeat))
+        .route("/isthmus/v1/nodes/{host}/watch", get(nodeview::watch))
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))

@@ -1,0 +1,149 @@
+//! Selective distribution: a node's watch carries its own ports and, for the networks it has
+//! ports on, their subnets, other ports and hosting nodes — and nothing about other networks.
+
+mod support;
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::Duration;
+use support::{Backend, TestServer};
+
+/// Reads newline-delimited JSON messages off a streaming response, skipping pings.
+struct Lines {
+    stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    async fn next(&mut self) -> Value {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                let v: Value = serde_json::from_slice(&line).expect("a JSON line");
+                if v["type"] != "ping" {
+                    return v;
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(10), self.stream.next())
+                .await
+                .expect("a message within 10 s")
+                .expect("stream open")
+                .expect("chunk");
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+}
+
+async fn watch(server: &TestServer, host: &str) -> Lines {
+    let resp = server
+        .admin
+        .request(reqwest::Method::GET, &format!("/isthmus/v1/nodes/{host}/watch"))
+        .send()
+        .await
+        .expect("watch");
+    assert_eq!(resp.status(), StatusCode::OK);
+    Lines {
+        stream: Box::pin(resp.bytes_stream()),
+        buf: vec![],
+    }
+}
+
+fn keys_of(objects: &Value) -> Vec<String> {
+    objects
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["key"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn has(keys: &[String], kind: &str, id: &str) -> bool {
+    keys.iter().any(|k| k.ends_with(&format!("/{kind}/{id}")))
+}
+
+async fn bound_port(server: &TestServer, net: &str, host: &str) -> String {
+    let p = server
+        .admin
+        .create("ports", "port", json!({"network_id": net, "binding:host_id": host}))
+        .await;
+    p["id"].as_str().expect("port id").to_string()
+}
+
+#[tokio::test]
+async fn a_node_sees_only_the_networks_it_has_ports_on() {
+    let server = TestServer::start(Backend::Embedded).await;
+    for (h, ip) in [("n1", "192.0.2.1"), ("n2", "192.0.2.2"), ("n3", "192.0.2.3")] {
+        let (s, b) = server
+            .admin
+            .put(&format!("/isthmus/v1/nodes/{h}"), json!({"node": {"underlay_ip": ip}}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+    let a = server.admin.network("net-a").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let b = server.admin.network("net-b").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let sa = server.admin.subnet(&a, "10.0.0.0/24").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let sb = server.admin.subnet(&b, "10.0.0.0/24").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let p1 = bound_port(&server, &a, "n1").await;
+    let p2 = bound_port(&server, &a, "n2").await;
+    let p3 = bound_port(&server, &b, "n3").await;
+
+    let mut w = watch(&server, "n1").await;
+    let snap = w.next().await;
+    assert_eq!(snap["type"], "snapshot");
+    let k = keys_of(&snap["objects"]);
+    assert!(has(&k, "networks", &a) && has(&k, "subnets", &sa), "{k:?}");
+    assert!(has(&k, "ports", &p1) && has(&k, "ports", &p2), "{k:?}");
+    assert!(has(&k, "nodes", "n1") && has(&k, "nodes", "n2"), "{k:?}");
+    assert!(
+        !has(&k, "networks", &b) && !has(&k, "subnets", &sb) && !has(&k, "ports", &p3),
+        "{k:?}"
+    );
+    assert!(!has(&k, "nodes", "n3"), "n3 hosts nothing on net-a: {k:?}");
+
+    // A port on net-b changes nothing for n1; a port on net-a on n3 brings it and n3 in.
+    let p4 = bound_port(&server, &b, "n2").await;
+    let p5 = bound_port(&server, &a, "n3").await;
+    let up = w.next().await;
+    assert_eq!(up["type"], "update");
+    let k = keys_of(&up["put"]);
+    assert!(has(&k, "ports", &p5) && has(&k, "nodes", "n3"), "{up}");
+    assert!(
+        !has(&k, "ports", &p4) && k.iter().all(|k| !k.contains(&b)),
+        "net-b leaked into n1's view: {up}"
+    );
+
+    // n1's last port on net-a goes: everything about net-a leaves n1's view.
+    let (s, _) = server.admin.delete(&format!("/v2.0/ports/{p1}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let up = w.next().await;
+    let gone = up["delete"].as_array().expect("deletes").len();
+    assert!(gone >= 5, "expected net-a, its subnet, ports and nodes to go: {up}");
+    assert!(keys_of(&up["put"]).is_empty(), "{up}");
+}
+
+#[tokio::test]
+async fn only_the_node_itself_or_an_admin_may_watch() {
+    let server = TestServer::start(Backend::Embedded).await;
+    let m = server.member("watcher").await;
+    let resp = m
+        .api
+        .request(reqwest::Method::GET, "/isthmus/v1/nodes/n1/watch")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}
