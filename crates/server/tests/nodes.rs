@@ -108,3 +108,60 @@ async fn a_member_cannot_register_a_node() {
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn a_node_reports_status_of_its_own_ports_only() {
+    let server = TestServer::start(Backend::Embedded).await;
+    let node = server.api(&node_token(&server, "node-a").await);
+    let user = server.member("owner").await;
+    let net = user.api.network("n").await["id"].as_str().expect("id").to_string();
+    user.api.subnet(&net, "10.0.0.0/24").await;
+    let port = user.api.port(&net).await;
+    let pid = port["id"].as_str().expect("id").to_string();
+    assert_eq!(port["status"], "DOWN");
+
+    // Unbound: the node cannot claim it.
+    let report = json!({"port": {"status": "ACTIVE", "vif_type": "tap", "vif_details": {"bridge_name": "isbr-1"}}});
+    let (s, _) = node
+        .put(&format!("/isthmus/v1/nodes/node-a/ports/{pid}"), report.clone())
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Bound to node-a by an admin: now it can, and the owner sees ACTIVE.
+    let (s, b) = server
+        .admin
+        .put(
+            &format!("/v2.0/ports/{pid}"),
+            json!({"port": {"binding:host_id": "node-a"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = node
+        .put(&format!("/isthmus/v1/nodes/node-a/ports/{pid}"), report.clone())
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (_, b) = user.api.get(&format!("/v2.0/ports/{pid}")).await;
+    assert_eq!(b["port"]["status"], "ACTIVE");
+    let (_, b) = server.admin.get(&format!("/v2.0/ports/{pid}")).await;
+    assert_eq!(b["port"]["binding:vif_type"], "tap");
+    assert_eq!(b["port"]["binding:vif_details"]["bridge_name"], "isbr-1");
+
+    // Another node cannot report it; the owner cannot set status through the Neutron API.
+    let other = server.api(&node_token(&server, "node-b").await);
+    let (s, _) = other
+        .put(&format!("/isthmus/v1/nodes/node-b/ports/{pid}"), report)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = user
+        .api
+        .put(&format!("/v2.0/ports/{pid}"), json!({"port": {"status": "DOWN"}}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = node
+        .put(
+            &format!("/isthmus/v1/nodes/node-a/ports/{pid}"),
+            json!({"port": {"status": "WEIRD"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}

@@ -200,3 +200,73 @@ pub async fn member(
         }
     }
 }
+
+/// `PUT /isthmus/v1/nodes/{host}/ports/{id}`: the node reports a port's binding and status.
+/// Body: `{"port": {"status": "ACTIVE"|"DOWN", "vif_type": "...", "vif_details": {...}}}`.
+/// Only for ports bound to that node; users cannot set these (Neutron keeps them read-only).
+pub async fn port_status(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((host, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    let as_itself = auth.roles.iter().any(|r| r == NODE_ROLE) && auth.user_name == host;
+    if !ctx.admin() && !as_itself {
+        return Err(NeutronError::forbidden(format!("Only node {host} (or an admin) may report its ports")).into());
+    }
+    let mut body = Body::from_value(parse_body(body)?, "port")?;
+    let status = body.string("status")?;
+    if let Some(s) = &status {
+        if !["ACTIVE", "DOWN", "BUILD", "ERROR"].contains(&s.as_str()) {
+            return Err(NeutronError::invalid_attr("status", format!("'{s}' is not a port status")).into());
+        }
+    }
+    let vif_type = body.string("vif_type")?;
+    let vif_details = body.take_raw("vif_details");
+    if vif_details.as_ref().is_some_and(|v| !v.is_object()) {
+        return Err(NeutronError::invalid_attr("vif_details", "must be a dictionary").into());
+    }
+    body.finish()?;
+    let port = retry(&ctx, |ctx| {
+        let k = keys::resource("ports", &id);
+        let (mut p, rev) = ctx
+            .state
+            .cache
+            .get_json::<isthmus_model::Port>(&k)
+            .filter(|(p, _)| p.binding_host_id == host)
+            .ok_or_else(|| NeutronError::not_found("Port", "Port", &id))?;
+        let mut changed = false;
+        if let Some(s) = &status {
+            changed |= p.status != *s;
+            p.status = s.clone();
+        }
+        if let Some(v) = &vif_type {
+            changed |= p.binding_vif_type != *v;
+            p.binding_vif_type = v.clone();
+        }
+        if let Some(v) = &vif_details {
+            changed |= p.binding_vif_details != *v;
+            p.binding_vif_details = v.clone();
+        }
+        if !changed {
+            // Nothing to write: reports are repeated on every sync and must stay cheap.
+            return Ok((vec![Compare::ModRevision(k, rev)], vec![], p));
+        }
+        p.std.bump(&super::common::now());
+        Ok((
+            vec![Compare::ModRevision(k.clone(), rev)],
+            vec![Op::put(k, json_bytes(&p))],
+            p,
+        ))
+    })
+    .await?;
+    if let Some(s) = &status {
+        tracing::info!(port = %id, host = %host, status = %s, "port status reported");
+    }
+    Ok(json_response(StatusCode::OK, json!({"port": port.to_api(true)})))
+}

@@ -150,6 +150,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/isthmus/v1/nodes/{host}", put(agents::heartbeat))
         .route("/isthmus/v1/nodes/{host}/watch", get(nodeview::watch))
+        .route("/isthmus/v1/nodes/{host}/ports/{id}", put(agents::port_status))
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))
