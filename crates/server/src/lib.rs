@@ -2,6 +2,7 @@
 //! stateless over a [`isthmus_store::Store`]. Reads are served from a watch-fed cache; every
 //! write is a store transaction, so several servers can share one etcd cluster.
 
+mod access_log;
 pub mod cache;
 pub mod config;
 pub mod identity;
@@ -79,8 +80,8 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         config: config.clone(),
     });
 
-    let id_router = identity::router(state.clone());
-    let net_router = neutron::router(state.clone());
+    let id_router = identity::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
+    let net_router = neutron::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
     let mut tasks = Vec::new();
     for (listener, router, name) in [
         (id_listener, id_router, "identity"),
