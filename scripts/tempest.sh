@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 regex=${1:-'^tempest\.api\.network\.(test_networks|test_networks_negative|test_ports|test_security_groups|test_security_groups_negative|test_extensions|test_versions|test_tags)'}
-workers=${TEMPEST_WORKERS:-2}
+workers=${TEMPEST_WORKERS:-4}
 bin=$root/target/release/isthmus
 [ -x "$bin" ] || cargo build --release -p isthmus-cli
 export PATH=/usr/bin:$PATH   # Debian's python carries tempest
