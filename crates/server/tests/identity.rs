@@ -845,7 +845,7 @@ async fn roles_and_assignments() {
         .filter_map(|r| r["name"].as_str())
         .collect();
     names.sort_unstable();
-    assert_eq!(names, ["admin", "member", "reader"]);
+    assert_eq!(names, ["admin", "member", "node", "reader"]);
     let member = s.role_id(&admin, "member").await;
     let (st, b) = s.get(&format!("/v3/roles/{member}"), &admin).await;
     assert_eq!(st, StatusCode::OK);
@@ -1061,7 +1061,7 @@ async fn bootstrap_is_idempotent_and_keeps_passwords() {
     let (_, b) = s.get("/v3/users?name=admin", &admin).await;
     assert_eq!(b["users"].as_array().map(Vec::len), Some(1));
     let (_, b) = s.get("/v3/roles", &admin).await;
-    assert_eq!(b["roles"].as_array().map(Vec::len), Some(3));
+    assert_eq!(b["roles"].as_array().map(Vec::len), Some(4));
     let (_, b) = s.get("/v3/projects?name=service", &admin).await;
     assert_eq!(b["projects"].as_array().map(Vec::len), Some(1));
     // Both instances share the signing key: a token from one validates on the other.

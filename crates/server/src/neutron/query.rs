@@ -21,6 +21,8 @@ pub struct Query {
     not_tags_all: Vec<String>,
     not_tags_any: Vec<String>,
     fixed_ips: Vec<(String, String)>,
+    /// Everything asked for except the page position, for building page links.
+    carried: Vec<(String, String)>,
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -69,6 +71,9 @@ impl Query {
         let mut sort_keys = vec![];
         let mut sort_dirs = vec![];
         for (k, v) in parse_pairs(raw) {
+            if k != "marker" && k != "page_reverse" {
+                q.carried.push((k.clone(), v.clone()));
+            }
             match k.as_str() {
                 "fields" => q
                     .fields
@@ -285,24 +290,27 @@ impl Query {
         Ok(Value::Object(out))
     }
 
+    /// The request's own query (re-encoded), without marker and direction.
     fn link_base(&self, url: &str) -> String {
-        let mut parts = vec![];
-        if let Some(l) = self.limit {
-            parts.push(format!("limit={l}"));
-        }
-        for (k, asc) in &self.sort {
-            parts.push(format!("sort_key={k}&sort_dir={}", if *asc { "asc" } else { "desc" }));
-        }
-        for f in &self.fields {
-            parts.push(format!("fields={f}"));
-        }
-        for (k, vals) in &self.filters {
-            for v in vals {
-                parts.push(format!("{k}={v}"));
-            }
-        }
+        let parts: Vec<String> = self
+            .carried
+            .iter()
+            .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+            .collect();
         format!("{url}?{}", parts.join("&"))
     }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn value_matches(actual: &Value, wanted: &str) -> bool {
@@ -383,6 +391,23 @@ mod tests {
         assert_eq!(arr[0].as_object().unwrap().len(), 1);
         assert!(Query::parse("sort_dir=up&sort_key=name").is_err());
         assert!(Query::parse("limit=-1").is_err());
+    }
+
+    #[test]
+    fn page_links_carry_every_filter_encoded() {
+        let q = Query::parse("name=a%26b&tags=x&fixed_ips=ip_address%3D10.0.0.2&limit=1").unwrap();
+        let items: Vec<Value> = (0..3)
+            .map(|i| json!({"id": format!("id{i}"), "name": "a&b", "tags": ["x"], "fixed_ips": [{"ip_address": "10.0.0.2"}]}))
+            .collect();
+        let out = q.apply(items, "ports", "http://h/v2.0/ports").unwrap();
+        let next = out["ports_links"][0]["href"].as_str().unwrap();
+        assert!(next.contains("name=a%26b"), "{next}");
+        assert!(next.contains("tags=x"), "{next}");
+        assert!(next.contains("fixed_ips=ip_address%3D10.0.0.2"), "{next}");
+        let raw = next.split_once('?').unwrap().1;
+        let again = Query::parse(raw).unwrap();
+        assert_eq!(again.marker.as_deref(), Some("id0"));
+        assert_eq!(again.filters, vec![("name".to_string(), vec!["a&b".to_string()])]);
     }
 
     #[test]
