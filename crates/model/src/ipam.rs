@@ -194,26 +194,52 @@ pub fn in_pools(pools: &[AllocationPool], ip: IpAddr) -> bool {
 
 /// Up to `want` free addresses from the pools, lowest first, skipping those `used` reports.
 /// Scans lazily so a large, mostly-free pool costs only `want` probes.
-pub fn free_candidates(pools: &[AllocationPool], want: usize, mut used: impl FnMut(IpAddr) -> bool) -> Vec<IpAddr> {
+pub fn free_candidates(pools: &[AllocationPool], want: usize, used: impl FnMut(IpAddr) -> bool) -> Vec<IpAddr> {
+    free_candidates_from(pools, 0, want, used)
+}
+
+/// Like [`free_candidates`], but starting at address `start` (as an integer) and wrapping
+/// around to the beginning of the pools. Starting after the last allocation keeps the cost of
+/// an allocation independent of how many addresses are already taken.
+pub fn free_candidates_from(
+    pools: &[AllocationPool],
+    start: u128,
+    want: usize,
+    mut used: impl FnMut(IpAddr) -> bool,
+) -> Vec<IpAddr> {
+    let mut ranges: Vec<(u128, u128, bool)> = pools
+        .iter()
+        .filter_map(|p| match (p.start.parse::<IpAddr>(), p.end.parse::<IpAddr>()) {
+            (Ok(s), Ok(e)) if s.is_ipv6() == e.is_ipv6() && to_u128(s) <= to_u128(e) => {
+                Some((to_u128(s), to_u128(e), s.is_ipv6()))
+            }
+            _ => None,
+        })
+        .collect();
+    ranges.sort();
     let mut out = Vec::new();
-    for p in pools {
-        let (Ok(s), Ok(e)) = (p.start.parse::<IpAddr>(), p.end.parse::<IpAddr>()) else {
-            continue;
-        };
-        let v6 = s.is_ipv6();
-        let (mut a, b) = (to_u128(s), to_u128(e));
-        while a <= b {
-            let ip = from_u128(a, v6);
-            if !used(ip) {
-                out.push(ip);
-                if out.len() >= want {
-                    return out;
+    // First from `start` upwards, then the part below `start`.
+    let passes = [(start, u128::MAX), (0, start.saturating_sub(1))];
+    for (i, (lo, hi)) in passes.iter().enumerate() {
+        if i == 1 && start == 0 {
+            break;
+        }
+        for (a, b, v6) in &ranges {
+            let (from, to) = ((*a).max(*lo), (*b).min(*hi));
+            let mut x = from;
+            while x <= to {
+                let ip = from_u128(x, *v6);
+                if !used(ip) {
+                    out.push(ip);
+                    if out.len() >= want {
+                        return out;
+                    }
                 }
+                if x == u128::MAX {
+                    break;
+                }
+                x += 1;
             }
-            if a == u128::MAX {
-                break;
-            }
-            a += 1;
         }
     }
     out
@@ -364,6 +390,25 @@ mod tests {
         let c: Vec<String> = c.iter().map(|i| i.to_string()).collect();
         assert_eq!(c, ["10.0.0.2", "10.0.0.4", "10.0.0.5"]);
         assert!(free_candidates(&pools, 3, |_| true).is_empty());
+    }
+
+    #[test]
+    fn candidates_from_a_start_wrap_around() {
+        let pools = [AllocationPool {
+            start: "10.0.0.2".into(),
+            end: "10.0.0.6".into(),
+        }];
+        let start = to_u128("10.0.0.5".parse().unwrap());
+        let c: Vec<String> = free_candidates_from(&pools, start, 10, |ip| ip.to_string() == "10.0.0.3")
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(c, ["10.0.0.5", "10.0.0.6", "10.0.0.2", "10.0.0.4"]);
+        let past_end = to_u128("10.0.0.200".parse().unwrap());
+        assert_eq!(
+            free_candidates_from(&pools, past_end, 1, |_| false)[0].to_string(),
+            "10.0.0.2"
+        );
     }
 
     #[test]

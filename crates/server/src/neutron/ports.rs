@@ -9,7 +9,7 @@ use isthmus_model::{keys, AddressPair, FixedIp, Network, NeutronError, Port, Sta
 use isthmus_store::{Compare, Op, Revision};
 use rand::seq::SliceRandom;
 use serde_json::{json, Map, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
 
@@ -28,10 +28,28 @@ const VNIC_TYPES: &[&str] = &[
 const CANDIDATES: usize = 16;
 
 /// Addresses this server is trying to claim right now, so its own concurrent requests do not
-/// race each other for the same address.
+/// race each other for the same address; and where the next free address probably is.
 #[derive(Default)]
 pub struct InFlight {
     keys: Mutex<HashSet<String>>,
+    hints: Mutex<HashMap<String, u128>>,
+}
+
+impl InFlight {
+    fn hint(&self, subnet_id: &str) -> u128 {
+        self.hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(subnet_id)
+            .copied()
+            .unwrap_or(0)
+    }
+    fn set_hint(&self, subnet_id: &str, next: u128) {
+        self.hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(subnet_id.to_string(), next);
+    }
 }
 
 /// The in-flight keys one request holds; released when it ends, whatever the outcome.
@@ -248,16 +266,6 @@ struct IpPlan {
     subnets: Vec<(String, Revision)>,
 }
 
-fn allocated_set(ctx: &Ctx<'_>, subnet_id: &str) -> HashSet<String> {
-    let prefix = keys::ip_alloc_prefix(subnet_id);
-    ctx.state
-        .cache
-        .list(&prefix)
-        .iter()
-        .map(|kv| kv.key[prefix.len()..].to_string())
-        .collect()
-}
-
 fn generation_failure(network_id: &str) -> NeutronError {
     NeutronError::conflict(
         "IpAddressGenerationFailure",
@@ -313,13 +321,18 @@ fn plan_ips(
 
     // A free address from the subnet's pools, avoiding what is allocated, in flight, or
     // already picked by this plan.
+    // A free address from the subnet's pools, avoiding what is allocated, in flight, or
+    // already picked by this plan. The scan starts after this server's last pick on the subnet.
     let pick = |s: &Subnet, res: &Reservation<'_>, taken: &HashSet<(String, String)>| -> Option<IpAddr> {
-        let used = allocated_set(ctx, &s.id);
-        let cands = ipam::free_candidates(&s.allocation_pools, CANDIDATES, |ip| {
+        let start = ctx.state.neutron.inflight.hint(&s.id);
+        let cands = ipam::free_candidates_from(&s.allocation_pools, start, CANDIDATES, |ip| {
             let ip_s = ip.to_string();
-            used.contains(&ip_s) || res.contains(&keys::ip_alloc(&s.id, &ip_s)) || taken.contains(&(s.id.clone(), ip_s))
+            let k = keys::ip_alloc(&s.id, &ip_s);
+            ctx.state.cache.contains(&k) || res.contains(&k) || taken.contains(&(s.id.clone(), ip_s))
         });
-        cands.choose(&mut rand::thread_rng()).copied()
+        let ip = cands.choose(&mut rand::thread_rng()).copied()?;
+        ctx.state.neutron.inflight.set_hint(&s.id, ipam::to_u128(ip) + 1);
+        Some(ip)
     };
 
     match requested {
