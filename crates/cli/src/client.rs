@@ -148,6 +148,16 @@ fn summary(plural: &str, item: &Value) -> String {
     }
 }
 
+/// Prints one line. A closed pipe (`| head`) ends the output quietly instead of panicking.
+fn emit(line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        other => Ok(other?),
+    }
+}
+
 pub async fn run(plural: &str, cmd: ResourceCmd) -> Result<()> {
     let session = login(&cmd.auth).await?;
     let singular = plural.trim_end_matches('s');
@@ -156,10 +166,10 @@ pub async fn run(plural: &str, cmd: ResourceCmd) -> Result<()> {
             let q = filters.join("&");
             let v = session.get(&format!("{plural}?{q}")).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v[plural])?);
+                emit(&serde_json::to_string_pretty(&v[plural])?)?;
             } else {
                 for item in v[plural].as_array().into_iter().flatten() {
-                    println!("{}", summary(plural, item));
+                    emit(&summary(plural, item))?;
                 }
             }
         }
@@ -176,7 +186,7 @@ pub async fn run(plural: &str, cmd: ResourceCmd) -> Result<()> {
                     }
                 }
             };
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            emit(&serde_json::to_string_pretty(&v)?)?;
         }
     }
     Ok(())
