@@ -43,6 +43,7 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Allowed Address Pairs",
         "Provides allowed address pairs",
     ),
+    ("agent", "agent", "The agent management extension."),
     (
         "binding",
         "Port Binding",
