@@ -2,14 +2,19 @@
 //! Only what differs is touched, so running it again on a converged node does nothing.
 
 use crate::desired::{Bridge, Datapath, Fdb, PortDevice, Vxlan};
+use std::collections::BTreeSet;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     CreateBridge(Bridge),
     SetBridgeMtu(Bridge),
     CreateVxlan(Vxlan),
-    /// The VXLAN device exists with other parameters (VNI, source, bridge): rebuild it.
+    /// The VXLAN device exists with other tunnel parameters (VNI, source): rebuild it. Its
+    /// forwarding entries go with it, so the plan re-adds all of them afterwards.
     ReplaceVxlan(Vxlan),
+    /// The VXLAN device is right but sits outside its bridge or has the wrong MTU (e.g. its bridge
+    /// was deleted and recreated): re-enslave it in place, keeping its forwarding entries.
+    FixVxlan(Vxlan),
     AddFdb(Fdb),
     DelFdb(Fdb),
     /// A port device exists but sits in the wrong bridge or with the wrong MTU.
@@ -32,10 +37,19 @@ pub fn plan(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
             Some(_) => {}
         }
     }
+    // Devices (re)built by this plan start without forwarding entries.
+    let mut fresh = BTreeSet::new();
     for (name, v) in &desired.vxlans {
         match actual.vxlans.get(name) {
-            None => out.push(Action::CreateVxlan(v.clone())),
-            Some(a) if a != v => out.push(Action::ReplaceVxlan(v.clone())),
+            None => {
+                fresh.insert(name.as_str());
+                out.push(Action::CreateVxlan(v.clone()));
+            }
+            Some(a) if a.vni != v.vni || a.local != v.local => {
+                fresh.insert(name.as_str());
+                out.push(Action::ReplaceVxlan(v.clone()));
+            }
+            Some(a) if a != v => out.push(Action::FixVxlan(v.clone())),
             Some(_) => {}
         }
     }
@@ -46,12 +60,14 @@ pub fn plan(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
             }
         }
     }
-    for f in desired.fdb.difference(&actual.fdb) {
-        out.push(Action::AddFdb(f.clone()));
+    for f in &desired.fdb {
+        if !actual.fdb.contains(f) || fresh.contains(f.dev.as_str()) {
+            out.push(Action::AddFdb(f.clone()));
+        }
     }
     for f in actual.fdb.difference(&desired.fdb) {
-        // Entries on a device that is going away vanish with it.
-        if desired.vxlans.contains_key(&f.dev) {
+        // Entries on a device that is going away or being rebuilt vanish with it.
+        if desired.vxlans.contains_key(&f.dev) && !fresh.contains(f.dev.as_str()) {
             out.push(Action::DelFdb(f.clone()));
         }
     }
@@ -175,5 +191,39 @@ mod tests {
         }
         assert_eq!(plan(&have, &want).len(), 1);
         assert!(matches!(plan(&have, &want)[0], Action::ReplaceVxlan(_)));
+    }
+
+    #[test]
+    fn a_rebuilt_vxlan_gets_all_its_entries_back() {
+        let want = dp(&[100], &[("fa:16:3e:00:00:02", "192.0.2.2"), (FLOOD_MAC, "192.0.2.2")]);
+        let mut have = want.clone();
+        if let Some(v) = have.vxlans.get_mut("isvx-100") {
+            v.vni = 7;
+        }
+        have.fdb.insert(Fdb {
+            dev: "isvx-100".into(),
+            mac: "fa:16:3e:00:00:09".into(),
+            dst: ip("192.0.2.9"),
+        });
+        let acts = plan(&have, &want);
+        assert!(matches!(acts[0], Action::ReplaceVxlan(_)), "{acts:?}");
+        let added = acts.iter().filter(|a| matches!(a, Action::AddFdb(_))).count();
+        assert_eq!(added, 2, "{acts:?}");
+        // The stale entry dies with the old device; deleting it again would fail.
+        assert_eq!(acts.len(), 3, "{acts:?}");
+    }
+
+    #[test]
+    fn a_vxlan_outside_its_bridge_is_re_enslaved_not_rebuilt() {
+        let want = dp(&[100], &[(FLOOD_MAC, "192.0.2.2")]);
+        let mut have = want.clone();
+        have.bridges.clear();
+        if let Some(v) = have.vxlans.get_mut("isvx-100") {
+            v.bridge = String::new();
+        }
+        let acts = plan(&have, &want);
+        assert_eq!(acts.len(), 2, "{acts:?}");
+        assert!(matches!(acts[0], Action::CreateBridge(_)));
+        assert!(matches!(acts[1], Action::FixVxlan(_)));
     }
 }

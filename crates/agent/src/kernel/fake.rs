@@ -1,0 +1,245 @@
+//! An in-memory kernel for tests of everything above the kernel layer. It follows the kernel's
+//! rules that matter to the agent: enslaving needs the bridge, deleting a bridge frees its
+//! ports, forwarding entries live and die with their VXLAN device, devices keep their index
+//! unless rebuilt.
+
+use super::{check_ifname, Kernel, KernelError, MacAddr, VethAttach};
+use crate::desired::{Bridge, Datapath, Fdb, PortDevice, Vxlan};
+use crate::plan::Action;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+type FailFn = Box<dyn Fn(&Action) -> bool + Send + Sync>;
+
+#[derive(Default)]
+struct State {
+    dp: Datapath,
+    index: BTreeMap<String, u32>,
+    next_index: u32,
+    applied: Vec<Action>,
+    attached: Vec<VethAttach>,
+}
+
+impl State {
+    fn new_index(&mut self, name: &str) {
+        self.next_index += 1;
+        self.index.insert(name.to_string(), self.next_index);
+    }
+
+    fn need_bridge(&self, name: &str) -> Result<(), KernelError> {
+        if self.dp.bridges.contains_key(name) {
+            Ok(())
+        } else {
+            Err(KernelError::NoDevice(name.to_string()))
+        }
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// `ip link del`, with what the kernel does to related state.
+    fn remove(&mut self, name: &str) {
+        self.index.remove(name);
+        if self.dp.bridges.remove(name).is_some() {
+            for v in self.dp.vxlans.values_mut().filter(|v| v.bridge == name) {
+                v.bridge.clear();
+            }
+            for p in self.dp.ports.values_mut().filter(|p| p.bridge == name) {
+                p.bridge.clear();
+            }
+        }
+        if self.dp.vxlans.remove(name).is_some() {
+            self.dp.fdb.retain(|f| f.dev != name);
+        }
+        self.dp.ports.remove(name);
+    }
+
+    fn create_vxlan(&mut self, v: &Vxlan) -> Result<(), KernelError> {
+        self.need_bridge(&v.bridge)?;
+        let adopt = self
+            .dp
+            .vxlans
+            .get(&v.name)
+            .is_some_and(|a| a.vni == v.vni && a.local == v.local);
+        if !adopt {
+            self.remove(&v.name);
+            self.new_index(&v.name);
+        }
+        self.dp.vxlans.insert(v.name.clone(), v.clone());
+        Ok(())
+    }
+
+    fn apply(&mut self, action: &Action) -> Result<(), KernelError> {
+        match action {
+            Action::CreateBridge(b) => {
+                if !self.dp.bridges.contains_key(&b.name) {
+                    if self.exists(&b.name) {
+                        self.remove(&b.name);
+                    }
+                    self.new_index(&b.name);
+                }
+                self.dp.bridges.insert(b.name.clone(), b.clone());
+            }
+            Action::SetBridgeMtu(b) => {
+                let have = self
+                    .dp
+                    .bridges
+                    .get_mut(&b.name)
+                    .ok_or_else(|| KernelError::NoDevice(b.name.clone()))?;
+                have.mtu = b.mtu;
+            }
+            Action::CreateVxlan(v) => self.create_vxlan(v)?,
+            Action::ReplaceVxlan(v) => {
+                self.need_bridge(&v.bridge)?;
+                self.remove(&v.name);
+                self.create_vxlan(v)?;
+            }
+            Action::FixVxlan(v) => {
+                self.need_bridge(&v.bridge)?;
+                let have = self
+                    .dp
+                    .vxlans
+                    .get_mut(&v.name)
+                    .ok_or_else(|| KernelError::NoDevice(v.name.clone()))?;
+                have.bridge = v.bridge.clone();
+                have.mtu = v.mtu;
+            }
+            Action::AddFdb(f) => {
+                f.mac.parse::<MacAddr>()?;
+                if !self.dp.vxlans.contains_key(&f.dev) {
+                    return Err(KernelError::NoDevice(f.dev.clone()));
+                }
+                self.dp.fdb.insert(f.clone());
+            }
+            Action::DelFdb(f) => {
+                self.dp.fdb.remove(f);
+            }
+            Action::FixPort(p) => {
+                self.need_bridge(&p.bridge)?;
+                let have = self
+                    .dp
+                    .ports
+                    .get_mut(&p.name)
+                    .ok_or_else(|| KernelError::NoDevice(p.name.clone()))?;
+                have.bridge = p.bridge.clone();
+                have.mtu = p.mtu;
+            }
+            Action::DeletePort(n) | Action::DeleteVxlan(n) | Action::DeleteBridge(n) => self.remove(n),
+        }
+        Ok(())
+    }
+
+    fn add_port(&mut self, port: &PortDevice, veth: bool) -> Result<(), KernelError> {
+        check_ifname(&port.name)?;
+        self.need_bridge(&port.bridge)?;
+        self.remove(&port.name);
+        self.new_index(&port.name);
+        let mut p = port.clone();
+        p.veth = veth;
+        self.dp.ports.insert(p.name.clone(), p);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub struct FakeKernel {
+    state: Mutex<State>,
+    fail: Mutex<Option<FailFn>>,
+}
+
+impl FakeKernel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking test thread must not hide the state from the others.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `apply` fail (without effect) for every action `f` selects.
+    pub fn fail_on(&self, f: impl Fn(&Action) -> bool + Send + Sync + 'static) {
+        *self.fail.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    pub fn clear_failures(&self) {
+        *self.fail.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The current simulated state (what `observe` returns).
+    pub fn state(&self) -> Datapath {
+        self.lock().dp.clone()
+    }
+
+    /// Every action applied successfully, in order.
+    pub fn applied(&self) -> Vec<Action> {
+        self.lock().applied.clone()
+    }
+
+    /// Every successful `attach_veth` request, in order.
+    pub fn attached(&self) -> Vec<VethAttach> {
+        self.lock().attached.clone()
+    }
+
+    /// The simulated interface index, to tell adoption from rebuilding.
+    pub fn index_of(&self, name: &str) -> Option<u32> {
+        self.lock().index.get(name).copied()
+    }
+
+    /// Simulates `ip link del NAME` done behind the agent's back.
+    pub fn delete_by_hand(&self, name: &str) {
+        self.lock().remove(name);
+    }
+
+    /// Simulates state made by hand or by an earlier agent (e.g. leftovers).
+    pub fn add_bridge_by_hand(&self, b: Bridge) {
+        let mut s = self.lock();
+        s.new_index(&b.name);
+        s.dp.bridges.insert(b.name.clone(), b);
+    }
+
+    pub fn edit_fdb_by_hand(&self, f: impl FnOnce(&mut std::collections::BTreeSet<Fdb>)) {
+        f(&mut self.lock().dp.fdb);
+    }
+}
+
+impl Kernel for FakeKernel {
+    async fn observe(&self) -> Result<Datapath, KernelError> {
+        Ok(self.state())
+    }
+
+    async fn apply(&self, action: &Action) -> Result<(), KernelError> {
+        let injected = self
+            .fail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|f| f(action));
+        if injected {
+            return Err(KernelError::Simulated(format!("injected failure: {action:?}")));
+        }
+        let mut s = self.lock();
+        s.apply(action)?;
+        s.applied.push(action.clone());
+        Ok(())
+    }
+
+    async fn attach_veth(&self, req: &VethAttach) -> Result<(), KernelError> {
+        check_ifname(&req.ifname)?;
+        let mut s = self.lock();
+        s.add_port(&req.port, true)?;
+        s.attached.push(req.clone());
+        Ok(())
+    }
+
+    async fn create_tap(&self, port: &PortDevice, _mac: Option<MacAddr>) -> Result<(), KernelError> {
+        self.lock().add_port(port, false)
+    }
+
+    async fn detach(&self, name: &str) -> Result<(), KernelError> {
+        check_ifname(name)?;
+        self.lock().remove(name);
+        Ok(())
+    }
+}

@@ -1,0 +1,642 @@
+//! [`Kernel`] over route netlink (rtnetlink on tokio).
+
+use super::netns::{create_persistent_tap, route_handle, run_in_netns};
+use super::{check_ifname, Kernel, KernelError, MacAddr, VethAttach, PORT_ALIAS, VXLAN_PORT};
+use crate::desired::{Bridge, Datapath, Fdb, PortDevice, Vxlan};
+use crate::names;
+use crate::plan::Action;
+use futures::{Stream, StreamExt, TryStreamExt};
+use rtnetlink::packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
+};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::RouteType;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use tracing::{debug, warn};
+
+const EEXIST: i32 = libc::EEXIST;
+const ENOENT: i32 = libc::ENOENT;
+const ENODEV: i32 = libc::ENODEV;
+
+/// The real kernel, through a netlink socket bound to one network namespace: the agent's own
+/// ([`NetlinkKernel::current`]) or another one ([`NetlinkKernel::in_netns`], used when the
+/// node's datapath lives in a namespace the agent process is not in, e.g. in tests).
+pub struct NetlinkKernel {
+    handle: Handle,
+    /// Where TAP devices get created (an ioctl, so it needs a thread inside that netns).
+    netns: Option<PathBuf>,
+}
+
+/// The parts of a link message the agent cares about.
+#[derive(Debug, Clone)]
+struct Link {
+    index: u32,
+    name: String,
+    mtu: u32,
+    master: Option<u32>,
+    kind: Option<InfoKind>,
+    alias: Option<String>,
+    vxlan: Vec<InfoVxlan>,
+}
+
+impl Link {
+    fn parse(msg: LinkMessage) -> Option<Link> {
+        let mut name = None;
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            mtu: 0,
+            master: None,
+            kind: None,
+            alias: None,
+            vxlan: vec![],
+        };
+        for attr in msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name = Some(n),
+                LinkAttribute::Mtu(m) => link.mtu = m,
+                LinkAttribute::Controller(m) if m != 0 => link.master = Some(m),
+                LinkAttribute::IfAlias(a) => link.alias = Some(a),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        match info {
+                            LinkInfo::Kind(k) => link.kind = Some(k),
+                            LinkInfo::Data(InfoData::Vxlan(v)) => link.vxlan = v,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link.name = name?;
+        Some(link)
+    }
+
+    fn is(&self, kind: &InfoKind) -> bool {
+        self.kind.as_ref() == Some(kind)
+    }
+
+    /// VNI and source of a VXLAN device, with the source reported as unspecified when the
+    /// device has settings the agent never uses (another port, learning, a group/remote,
+    /// metadata mode): such a device cannot match a desired one, so the plan rebuilds it.
+    fn vxlan_params(&self) -> (u32, IpAddr) {
+        let mut vni = 0;
+        let mut local = None;
+        let mut port = None;
+        let mut learning = None;
+        let mut odd = false;
+        for i in &self.vxlan {
+            match i {
+                InfoVxlan::Id(v) => vni = *v,
+                InfoVxlan::Local(a) => local = Some(IpAddr::V4(*a)),
+                InfoVxlan::Local6(a) => local = Some(IpAddr::V6(*a)),
+                InfoVxlan::Port(p) => port = Some(*p),
+                InfoVxlan::Learning(l) => learning = Some(*l),
+                InfoVxlan::Group(a) if !a.is_unspecified() => odd = true,
+                InfoVxlan::Group6(a) if !a.is_unspecified() => odd = true,
+                InfoVxlan::CollectMetadata(true) => odd = true,
+                _ => {}
+            }
+        }
+        let conforming = !odd && port == Some(VXLAN_PORT) && learning == Some(false);
+        match local {
+            Some(ip) if conforming => (vni, ip),
+            _ => (vni, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        }
+    }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
+    let op = op.into();
+    move |source| KernelError::Netlink { op, source }
+}
+
+fn ip_of(addr: &NeighbourAddress) -> Option<IpAddr> {
+    match addr {
+        NeighbourAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        NeighbourAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        // AF_BRIDGE messages carry the VXLAN destination as raw bytes.
+        NeighbourAddress::Other(b) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice())
+                .ok()
+                .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+            16 => <[u8; 16]>::try_from(b.as_slice())
+                .ok()
+                .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+impl NetlinkKernel {
+    /// Bound to the calling thread's namespace. Must be called inside a tokio runtime, whose
+    /// tasks then carry the netlink traffic.
+    pub async fn current() -> Result<Self, KernelError> {
+        Ok(NetlinkKernel {
+            handle: route_handle(None).await?,
+            netns: None,
+        })
+    }
+
+    /// Bound to the namespace at `netns` (e.g. `/var/run/netns/X`). The socket is made on a
+    /// short-lived thread inside it; no tokio thread ever changes namespace.
+    pub async fn in_netns(netns: impl Into<PathBuf>) -> Result<Self, KernelError> {
+        let netns = netns.into();
+        Ok(NetlinkKernel {
+            handle: route_handle(Some(&netns)).await?,
+            netns: Some(netns),
+        })
+    }
+
+    /// One request that only needs an acknowledgement.
+    async fn request(&self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), rtnetlink::Error> {
+        request(&self.handle, msg, flags).await
+    }
+
+    async fn links(&self) -> Result<Vec<Link>, KernelError> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing links"))?;
+        Ok(msgs.into_iter().filter_map(Link::parse).collect())
+    }
+
+    async fn del_link(&self, name: &str) -> Result<bool, KernelError> {
+        del_link(&self.handle, name).await
+    }
+
+    async fn bridge_index(&self, name: &str) -> Result<u32, KernelError> {
+        let link = link_by_name(&self.handle, name)
+            .await?
+            .ok_or_else(|| KernelError::NoDevice(name.to_string()))?;
+        if !link.is(&InfoKind::Bridge) {
+            return Err(KernelError::WrongDevice {
+                name: name.to_string(),
+                what: format!("not a bridge ({:?})", link.kind),
+            });
+        }
+        Ok(link.index)
+    }
+
+    /// Creates a device; if one of that name exists and `fits` it, keeps it (adoption), else
+    /// replaces it (the name has our prefix, so the device is ours to replace).
+    async fn create_link(
+        &self,
+        name: &str,
+        build: impl Fn() -> LinkMessage,
+        fits: impl Fn(&Link) -> bool,
+    ) -> Result<(), KernelError> {
+        check_ifname(name)?;
+        let op = || format!("creating {name}");
+        match self
+            .request(RouteNetlinkMessage::NewLink(build()), NLM_F_CREATE | NLM_F_EXCL)
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => {}
+            Err(e) => return Err(nl(op())(e)),
+        }
+        match link_by_name(&self.handle, name).await? {
+            Some(l) if fits(&l) => {
+                debug!(name, "device exists as wanted, adopting it");
+                return Ok(());
+            }
+            Some(l) => warn!(name, kind = ?l.kind, "device exists with other settings, replacing it"),
+            None => {}
+        }
+        self.del_link(name).await?;
+        self.request(RouteNetlinkMessage::NewLink(build()), NLM_F_CREATE | NLM_F_EXCL)
+            .await
+            .map_err(nl(op()))
+    }
+
+    /// Sets MTU, master (when given), alias (when given) and up on an existing device.
+    async fn configure(
+        &self,
+        name: &str,
+        mtu: Option<u32>,
+        master: Option<u32>,
+        alias: Option<&str>,
+    ) -> Result<(), KernelError> {
+        configure(&self.handle, name, mtu, master, alias, None).await
+    }
+
+    async fn create_bridge(&self, b: &Bridge) -> Result<(), KernelError> {
+        self.create_link(
+            &b.name,
+            || LinkBridge::new(&b.name).build(),
+            |l| l.is(&InfoKind::Bridge),
+        )
+        .await?;
+        // Set the MTU after creation: set this way the bridge keeps it instead of following
+        // its ports' MTUs.
+        self.configure(&b.name, Some(b.mtu), None, None).await
+    }
+
+    async fn create_vxlan(&self, v: &Vxlan) -> Result<(), KernelError> {
+        let bridge = self.bridge_index(&v.bridge).await?;
+        let build = || {
+            let mut m = LinkVxlan::new(&v.name, v.vni)
+                .port(VXLAN_PORT)
+                .learning(false)
+                .mtu(v.mtu);
+            m = match v.local {
+                IpAddr::V4(a) => m.local(a),
+                IpAddr::V6(a) => m.local6(a),
+            };
+            m.build()
+        };
+        self.create_link(&v.name, build, |l| {
+            l.is(&InfoKind::Vxlan) && l.vxlan_params() == (v.vni, v.local)
+        })
+        .await?;
+        self.configure(&v.name, Some(v.mtu), Some(bridge), None).await
+    }
+
+    fn fdb_message(&self, f: &Fdb, index: u32) -> Result<NeighbourMessage, KernelError> {
+        let mac: MacAddr = f.mac.parse()?;
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        msg.header.state = NeighbourState::Permanent;
+        // NTF_SELF: the entry belongs to the VXLAN device itself, not to its bridge.
+        msg.header.flags = NeighbourFlags::Own;
+        msg.header.kind = RouteType::Unspec;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        msg.attributes.push(NeighbourAttribute::Destination(f.dst.into()));
+        Ok(msg)
+    }
+
+    async fn dev_index(&self, name: &str) -> Result<u32, KernelError> {
+        link_by_name(&self.handle, name)
+            .await?
+            .map(|l| l.index)
+            .ok_or_else(|| KernelError::NoDevice(name.to_string()))
+    }
+
+    async fn add_fdb(&self, f: &Fdb) -> Result<(), KernelError> {
+        let msg = self.fdb_message(f, self.dev_index(&f.dev).await?)?;
+        // Append, like `bridge fdb append`: one MAC may have several destinations (the flood
+        // entry has one per remote node), and appending an existing one is a no-op.
+        self.request(RouteNetlinkMessage::NewNeighbour(msg), NLM_F_CREATE | NLM_F_APPEND)
+            .await
+            .map_err(nl(format!("adding fdb {} dst {} on {}", f.mac, f.dst, f.dev)))
+    }
+
+    async fn del_fdb(&self, f: &Fdb) -> Result<(), KernelError> {
+        let index = match self.dev_index(&f.dev).await {
+            Ok(i) => i,
+            // The entry went with its device.
+            Err(KernelError::NoDevice(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let msg = self.fdb_message(f, index)?;
+        match self.request(RouteNetlinkMessage::DelNeighbour(msg), 0).await {
+            Err(e) if errno(&e) != Some(ENOENT) => {
+                Err(nl(format!("deleting fdb {} dst {} on {}", f.mac, f.dst, f.dev))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn fdb_entries(&self, vxlans: &HashMap<u32, String>) -> Result<Vec<Fdb>, KernelError> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("listing fdb"))?;
+        let mut out = vec![];
+        for m in msgs {
+            let Some(dev) = vxlans.get(&m.header.ifindex) else {
+                continue;
+            };
+            let mut mac = None;
+            let mut dst = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = MacAddr::try_from(l.as_slice()).ok(),
+                    NeighbourAttribute::Destination(d) => dst = ip_of(d),
+                    _ => {}
+                }
+            }
+            // Entries without a destination are the bridge's own view of the port.
+            if let (Some(mac), Some(dst)) = (mac, dst) {
+                out.push(Fdb {
+                    dev: dev.clone(),
+                    mac: mac.to_string(),
+                    dst,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn attach_inner(&self, req: &VethAttach, bridge: u32) -> Result<(), KernelError> {
+        self.configure(&req.port.name, Some(req.port.mtu), Some(bridge), Some(PORT_ALIAS))
+            .await?;
+        let inner = route_handle(Some(&req.netns)).await?;
+        setup_workload_side(&inner, req).await
+    }
+}
+
+async fn request(handle: &Handle, msg: RouteNetlinkMessage, flags: u16) -> Result<(), rtnetlink::Error> {
+    let mut req = NetlinkMessage::from(msg);
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+    let mut resp = handle.clone().request(req)?;
+    while let Some(m) = resp.next().await {
+        if let NetlinkPayload::Error(e) = m.payload {
+            if e.code.is_some() {
+                return Err(rtnetlink::Error::NetlinkError(e));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<Link>, KernelError> {
+    check_ifname(name)?;
+    let mut s = handle.link().get().match_name(name).execute();
+    match first(&mut s).await {
+        Ok(Some(m)) => Ok(Link::parse(m)),
+        Ok(None) => Ok(None),
+        Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+        Err(e) => Err(nl(format!("looking up {name}"))(e)),
+    }
+}
+
+async fn first<S>(s: &mut S) -> Result<Option<LinkMessage>, rtnetlink::Error>
+where
+    S: Stream<Item = Result<LinkMessage, rtnetlink::Error>> + Unpin,
+{
+    s.next().await.transpose()
+}
+
+async fn del_link(handle: &Handle, name: &str) -> Result<bool, KernelError> {
+    check_ifname(name)?;
+    let msg = LinkUnspec::new_with_name(name).build();
+    match handle.link().del_with_message(msg).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if errno(&e) == Some(ENODEV) => Ok(false),
+        Err(e) => Err(nl(format!("deleting {name}"))(e)),
+    }
+}
+
+async fn configure(
+    handle: &Handle,
+    name: &str,
+    mtu: Option<u32>,
+    master: Option<u32>,
+    alias: Option<&str>,
+    mac: Option<MacAddr>,
+) -> Result<(), KernelError> {
+    let index = link_by_name(handle, name)
+        .await?
+        .map(|l| l.index)
+        .ok_or_else(|| KernelError::NoDevice(name.to_string()))?;
+    let mut m = LinkUnspec::new_with_index(index).up();
+    if let Some(mtu) = mtu {
+        m = m.mtu(mtu);
+    }
+    if let Some(master) = master {
+        m = m.controller(master);
+    }
+    if let Some(alias) = alias {
+        m = m.alias(alias);
+    }
+    if let Some(mac) = mac {
+        m = m.address(mac.0.to_vec());
+    }
+    handle
+        .link()
+        .set(m.build())
+        .execute()
+        .await
+        .map_err(nl(format!("configuring {name}")))
+}
+
+/// Inside the workload's namespace: addresses, lo and the interface up, routes.
+async fn setup_workload_side(h: &Handle, req: &VethAttach) -> Result<(), KernelError> {
+    let ifname = &req.ifname;
+    let index = link_by_name(h, ifname)
+        .await?
+        .map(|l| l.index)
+        .ok_or_else(|| KernelError::NoDevice(format!("{ifname} in {}", req.netns.display())))?;
+    for a in &req.addresses {
+        match h.address().add(index, a.addr(), a.prefix_len()).execute().await {
+            Err(e) if errno(&e) != Some(EEXIST) => return Err(nl(format!("adding {a} to {ifname}"))(e)),
+            _ => {}
+        }
+    }
+    configure(h, "lo", None, None, None, None).await?;
+    configure(h, ifname, None, None, None, None).await?;
+    let mut routes: Vec<(IpAddr, u8, IpAddr)> = vec![];
+    if let Some(gw) = req.gateway {
+        let any = match gw {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        routes.push((any, 0, gw));
+    }
+    for r in &req.routes {
+        routes.push((r.destination.network(), r.destination.prefix_len(), r.nexthop));
+    }
+    for (dst, len, via) in routes {
+        let op = || format!("adding route {dst}/{len} via {via} in {}", req.netns.display());
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, len)
+            .and_then(|b| b.gateway(via))
+            .map_err(|e| KernelError::io(op(), std::io::Error::other(e.to_string())))?
+            .output_interface(index)
+            .build();
+        match h.route().add(msg).execute().await {
+            Err(e) if errno(&e) != Some(EEXIST) => return Err(nl(op())(e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl Kernel for NetlinkKernel {
+    async fn observe(&self) -> Result<Datapath, KernelError> {
+        let links = self.links().await?;
+        let by_index: HashMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
+        let master_name = |l: &Link| {
+            l.master
+                .and_then(|m| by_index.get(&m))
+                .map(|m| m.name.clone())
+                .unwrap_or_default()
+        };
+        let mut dp = Datapath::default();
+        let mut bridge_idx = HashSet::new();
+        for l in &links {
+            if l.name.starts_with(names::BRIDGE_PREFIX) && names::vni_of(&l.name).is_some() && l.is(&InfoKind::Bridge) {
+                bridge_idx.insert(l.index);
+                dp.bridges.insert(
+                    l.name.clone(),
+                    Bridge {
+                        name: l.name.clone(),
+                        mtu: l.mtu,
+                    },
+                );
+            }
+        }
+        let mut vxlan_idx = HashMap::new();
+        for l in &links {
+            if l.name.starts_with(names::VXLAN_PREFIX) && names::vni_of(&l.name).is_some() && l.is(&InfoKind::Vxlan) {
+                let (vni, local) = l.vxlan_params();
+                vxlan_idx.insert(l.index, l.name.clone());
+                dp.vxlans.insert(
+                    l.name.clone(),
+                    Vxlan {
+                        name: l.name.clone(),
+                        vni,
+                        local,
+                        bridge: master_name(l),
+                        mtu: l.mtu,
+                    },
+                );
+            }
+        }
+        for l in &links {
+            let in_ours = l.master.is_some_and(|m| bridge_idx.contains(&m));
+            let marked = l.alias.as_deref() == Some(PORT_ALIAS);
+            if l.name.starts_with(names::TAP_PREFIX) && (in_ours || marked) {
+                dp.ports.insert(
+                    l.name.clone(),
+                    PortDevice {
+                        name: l.name.clone(),
+                        bridge: master_name(l),
+                        mtu: l.mtu,
+                        veth: l.is(&InfoKind::Veth),
+                    },
+                );
+            }
+        }
+        dp.fdb = self.fdb_entries(&vxlan_idx).await?.into_iter().collect();
+        Ok(dp)
+    }
+
+    async fn apply(&self, action: &Action) -> Result<(), KernelError> {
+        match action {
+            Action::CreateBridge(b) => self.create_bridge(b).await,
+            Action::SetBridgeMtu(b) => self.configure(&b.name, Some(b.mtu), None, None).await,
+            Action::CreateVxlan(v) => self.create_vxlan(v).await,
+            Action::ReplaceVxlan(v) => {
+                self.del_link(&v.name).await?;
+                self.create_vxlan(v).await
+            }
+            Action::FixVxlan(v) => {
+                let bridge = self.bridge_index(&v.bridge).await?;
+                self.configure(&v.name, Some(v.mtu), Some(bridge), None).await
+            }
+            Action::AddFdb(f) => self.add_fdb(f).await,
+            Action::DelFdb(f) => self.del_fdb(f).await,
+            Action::FixPort(p) => {
+                let bridge = self.bridge_index(&p.bridge).await?;
+                self.configure(&p.name, Some(p.mtu), Some(bridge), Some(PORT_ALIAS))
+                    .await
+            }
+            Action::DeletePort(name) | Action::DeleteVxlan(name) | Action::DeleteBridge(name) => {
+                self.del_link(name).await.map(|_| ())
+            }
+        }
+    }
+
+    async fn attach_veth(&self, req: &VethAttach) -> Result<(), KernelError> {
+        let host = &req.port.name;
+        check_ifname(host)?;
+        check_ifname(&req.ifname)?;
+        let bridge = self.bridge_index(&req.port.bridge).await?;
+        let ns = std::fs::File::open(&req.netns)
+            .map_err(|e| KernelError::io(format!("opening netns {}", req.netns.display()), e))?;
+        // A host end left from an earlier attach of this port would block the new pair.
+        if self.del_link(host).await? {
+            warn!(dev = %host, "replaced a stale port device");
+        }
+        // The workload end is born inside the workload's namespace with its final name, MAC
+        // and MTU, so it never exists in the node's namespace (no clash with the node's own
+        // interfaces, nothing stray left there if we fail halfway).
+        let peer = LinkUnspec::new_with_name(&req.ifname)
+            .mtu(req.mtu)
+            .address(req.mac.0.to_vec())
+            .setns_by_fd(ns.as_raw_fd())
+            .build();
+        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host.clone())
+            .mtu(req.port.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        let created = self
+            .request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+            .await;
+        drop(ns);
+        created.map_err(nl(format!(
+            "creating veth {host} / {} in {}",
+            req.ifname,
+            req.netns.display()
+        )))?;
+        if let Err(e) = self.attach_inner(req, bridge).await {
+            // Deleting one end removes the pair.
+            if let Err(e2) = self.del_link(host).await {
+                warn!(dev = %host, error = %e2, "cleanup after failed attach");
+            }
+            return Err(e);
+        }
+        debug!(dev = %host, netns = %req.netns.display(), "veth attached");
+        Ok(())
+    }
+
+    async fn create_tap(&self, port: &PortDevice, mac: Option<MacAddr>) -> Result<(), KernelError> {
+        let name = port.name.clone();
+        check_ifname(&name)?;
+        let bridge = self.bridge_index(&port.bridge).await?;
+        // TUNSETIFF creates the device in the netns of the calling thread.
+        run_in_netns(self.netns.as_deref(), move || create_persistent_tap(&name)).await?;
+        let res = configure(
+            &self.handle,
+            &port.name,
+            Some(port.mtu),
+            Some(bridge),
+            Some(PORT_ALIAS),
+            mac,
+        )
+        .await;
+        if let Err(e) = res {
+            if let Err(e2) = self.del_link(&port.name).await {
+                warn!(dev = %port.name, error = %e2, "cleanup after failed tap creation");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn detach(&self, name: &str) -> Result<(), KernelError> {
+        self.del_link(name).await.map(|_| ())
+    }
+}

@@ -1,0 +1,135 @@
+//! Work in other network namespaces without ever moving a tokio worker.
+//!
+//! `setns` changes the namespace of the calling thread only. A tokio worker that did so would
+//! run every later task in that namespace, so namespace switches happen only on a dedicated,
+//! short-lived OS thread that exits when its work is done. Netlink sockets stay bound to the
+//! namespace they were created in, so such a thread only needs to create the socket; all the
+//! netlink traffic then runs on the caller's runtime from whatever thread.
+
+use super::KernelError;
+use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, TokioSocket};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::path::{Path, PathBuf};
+
+/// Runs `f` on a fresh OS thread that first enters the network namespace at `netns` (when
+/// given), and waits for it without blocking the runtime.
+pub async fn run_in_netns<T, F>(netns: Option<&Path>, f: F) -> Result<T, KernelError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, KernelError> + Send + 'static,
+{
+    let ns = match netns {
+        Some(p) => Some(open_netns(p)?),
+        None => None,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("isthmus-netns".into())
+        .spawn(move || {
+            let res = match &ns {
+                Some((path, file)) => enter(path, file).and_then(|()| f()),
+                None => f(),
+            };
+            // The receiver may have given up; nothing to do then.
+            let _ = tx.send(res);
+        })
+        .map_err(|e| KernelError::io("spawning a netns worker thread", e))?;
+    rx.await
+        .map_err(|_| KernelError::io("netns worker thread", std::io::Error::other("it panicked")))?
+}
+
+fn open_netns(path: &Path) -> Result<(PathBuf, File), KernelError> {
+    let file = File::open(path).map_err(|e| KernelError::io(format!("opening netns {}", path.display()), e))?;
+    Ok((path.to_path_buf(), file))
+}
+
+fn enter(path: &Path, ns: &File) -> Result<(), KernelError> {
+    // SAFETY: plain syscall on an fd we own; it only changes this (dedicated) thread.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(KernelError::io(
+            format!("entering netns {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// A route-netlink socket in `netns` (the caller's own namespace when `None`), ready for the
+/// current tokio runtime.
+pub async fn route_socket(netns: Option<&Path>) -> Result<TokioSocket, KernelError> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(KernelError::io(
+            "netlink socket",
+            std::io::Error::other("must be created inside a tokio runtime"),
+        ));
+    }
+    let sock = match netns {
+        None => Socket::new(NETLINK_ROUTE).map_err(|e| KernelError::io("opening netlink socket", e))?,
+        Some(_) => {
+            run_in_netns(netns, || {
+                Socket::new(NETLINK_ROUTE).map_err(|e| KernelError::io("opening netlink socket", e))
+            })
+            .await?
+        }
+    };
+    // Fail here with an error rather than inside `from_raw_fd`, which unwraps.
+    sock.set_non_blocking(true)
+        .map_err(|e| KernelError::io("netlink socket non-blocking", e))?;
+    // SAFETY: the fd comes from a socket we own and is handed over exactly once.
+    Ok(unsafe { TokioSocket::from_raw_fd(sock.into_raw_fd()) })
+}
+
+/// A netlink handle on a socket in `netns`. Its connection task ends once the handle and all
+/// its clones are dropped.
+pub async fn route_handle(netns: Option<&Path>) -> Result<rtnetlink::Handle, KernelError> {
+    let sock = route_socket(netns).await?;
+    let (conn, handle, _unsolicited) = rtnetlink::from_socket(sock);
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+// linux/if_tun.h
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// `struct ifreq` with the flags member of its union; 40 bytes like the kernel's.
+#[repr(C)]
+struct IfReqFlags {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Creates (or re-opens) a persistent TAP device named `name` in the calling thread's netns,
+/// like `ip tuntap add mode tap`. Blocking; run it through [`run_in_netns`].
+pub fn create_persistent_tap(name: &str) -> Result<(), KernelError> {
+    super::check_ifname(name)?;
+    let ctx = |what: &str| format!("creating tap {name}: {what}");
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| KernelError::io(ctx("/dev/net/tun"), e))?;
+    let mut req = IfReqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    // check_ifname guarantees at most 15 bytes, leaving the terminating NUL.
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` lays out exactly.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReqFlags) };
+    if rc != 0 {
+        return Err(KernelError::io(ctx("TUNSETIFF"), std::io::Error::last_os_error()));
+    }
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) };
+    if rc != 0 {
+        return Err(KernelError::io(ctx("TUNSETPERSIST"), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
