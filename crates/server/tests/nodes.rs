@@ -127,6 +127,32 @@ async fn a_node_reports_status_of_its_own_ports_only() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
+    // A node may claim an unbound port explicitly (the attach path)...
+    let (s, b) = node
+        .put(
+            &format!("/isthmus/v1/nodes/node-a/ports/{pid}"),
+            json!({"port": {"bind": true}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["port"]["binding:host_id"], "node-a");
+    // ...but not one bound elsewhere.
+    let (s, _) = server
+        .admin
+        .put(
+            &format!("/v2.0/ports/{pid}"),
+            json!({"port": {"binding:host_id": "node-z"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = node
+        .put(
+            &format!("/isthmus/v1/nodes/node-a/ports/{pid}"),
+            json!({"port": {"bind": true}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
     // Bound to node-a by an admin: now it can, and the owner sees ACTIVE.
     let (s, b) = server
         .admin

@@ -201,9 +201,11 @@ pub async fn member(
     }
 }
 
-/// `PUT /isthmus/v1/nodes/{host}/ports/{id}`: the node reports a port's binding and status.
-/// Body: `{"port": {"status": "ACTIVE"|"DOWN", "vif_type": "...", "vif_details": {...}}}`.
-/// Only for ports bound to that node; users cannot set these (Neutron keeps them read-only).
+/// `PUT /isthmus/v1/nodes/{host}/ports/{id}`: the node binds a port to itself and reports its
+/// binding and status. Body: `{"port": {"bind": true, "status": "ACTIVE"|"DOWN",
+/// "vif_type": "...", "vif_details": {...}}}`. `bind` claims an unbound port (the attach path);
+/// otherwise only ports already bound to that node are accepted. Users cannot set these fields
+/// (Neutron keeps them read-only).
 pub async fn port_status(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -220,6 +222,7 @@ pub async fn port_status(
         return Err(NeutronError::forbidden(format!("Only node {host} (or an admin) may report its ports")).into());
     }
     let mut body = Body::from_value(parse_body(body)?, "port")?;
+    let bind = body.boolean("bind")?.unwrap_or(false);
     let status = body.string("status")?;
     if let Some(s) = &status {
         if !["ACTIVE", "DOWN", "BUILD", "ERROR"].contains(&s.as_str()) {
@@ -238,9 +241,13 @@ pub async fn port_status(
             .state
             .cache
             .get_json::<isthmus_model::Port>(&k)
-            .filter(|(p, _)| p.binding_host_id == host)
+            .filter(|(p, _)| p.binding_host_id == host || (bind && p.binding_host_id.is_empty()))
             .ok_or_else(|| NeutronError::not_found("Port", "Port", &id))?;
         let mut changed = false;
+        if p.binding_host_id.is_empty() {
+            p.binding_host_id = host.clone();
+            changed = true;
+        }
         if let Some(s) = &status {
             changed |= p.status != *s;
             p.status = s.clone();
