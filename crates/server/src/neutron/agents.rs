@@ -19,6 +19,18 @@ use std::sync::Arc;
 /// The role a node agent's user holds; it may register and heartbeat only as itself.
 pub const NODE_ROLE: &str = "node";
 
+/// Admins, or the node `host` itself: a user of that name holding the node role.
+pub fn require_node(auth: &crate::identity::AuthContext, host: &str, what: &str) -> NResult<()> {
+    let as_itself = auth.roles.iter().any(|r| r == NODE_ROLE) && auth.user_name == host;
+    if auth.is_admin || as_itself {
+        Ok(())
+    } else {
+        Err(NeutronError::forbidden(format!(
+            "Only node {host} (or an admin) may {what}"
+        )))
+    }
+}
+
 fn key(host: &str) -> String {
     keys::resource("nodes", host)
 }
@@ -77,10 +89,7 @@ pub async fn heartbeat(
     if !valid_host(&host) {
         return Err(NeutronError::invalid_attr("host", format!("'{host}' is not a valid host name")).into());
     }
-    let as_itself = auth.roles.iter().any(|r| r == NODE_ROLE) && auth.user_name == host;
-    if !ctx.admin() && !as_itself {
-        return Err(NeutronError::forbidden(format!("Only node {host} (or an admin) may register as {host}")).into());
-    }
+    require_node(&auth, &host, &format!("register as {host}"))?;
     let mut body = Body::from_value(parse_body(body)?, "node")?;
     let underlay = body
         .string("underlay_ip")?
@@ -217,10 +226,7 @@ pub async fn port_status(
         state: &state,
         auth: &auth,
     };
-    let as_itself = auth.roles.iter().any(|r| r == NODE_ROLE) && auth.user_name == host;
-    if !ctx.admin() && !as_itself {
-        return Err(NeutronError::forbidden(format!("Only node {host} (or an admin) may report its ports")).into());
-    }
+    require_node(&auth, &host, "report its ports")?;
     let mut body = Body::from_value(parse_body(body)?, "port")?;
     let bind = body.boolean("bind")?.unwrap_or(false);
     let status = body.string("status")?;

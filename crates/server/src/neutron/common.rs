@@ -143,14 +143,22 @@ pub fn now() -> String {
 
 /// Runs `plan` until its transaction commits, re-planning after each lost race.
 /// `plan` returns the comparisons, the operations and the value to hand back on success.
-pub async fn retry<T, F>(ctx: &Ctx<'_>, mut plan: F) -> NResult<T>
+pub async fn retry<T, F>(ctx: &Ctx<'_>, plan: F) -> NResult<T>
+where
+    F: FnMut(&Ctx<'_>) -> NResult<(Vec<Compare>, Vec<Op>, T)>,
+{
+    Ok(retry_rev(ctx, plan).await?.0)
+}
+
+/// [`retry`], also returning the revision the transaction committed at.
+pub async fn retry_rev<T, F>(ctx: &Ctx<'_>, mut plan: F) -> NResult<(T, Revision)>
 where
     F: FnMut(&Ctx<'_>) -> NResult<(Vec<Compare>, Vec<Op>, T)>,
 {
     for attempt in 0..MAX_ATTEMPTS {
         let (cmp, ops, out) = plan(ctx)?;
-        if ctx.commit(cmp, ops).await?.is_some() {
-            return Ok(out);
+        if let Some(rev) = ctx.commit(cmp, ops).await? {
+            return Ok((out, rev));
         }
         ctx.resync(attempt).await?;
     }

@@ -1,6 +1,8 @@
 //! Networks, with their segmentation ids (VXLAN VNIs).
 
-use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
+use super::common::{
+    check_if_match, description_from, json_bytes, new_id, now, retry, retry_rev, tags_from, Ctx, NResult,
+};
 use super::Kind;
 use isthmus_model::validate::Body;
 use isthmus_model::{keys, Network, NeutronError, Port, StandardAttrs, Subnet};
@@ -254,26 +256,17 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
 pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     // Phase 1: mark the network as being deleted. Port and subnet creates compare the
     // network's revision, so none can slip in once the mark is committed.
-    let (marked, mark_rev) = {
-        let mut result = None;
-        for attempt in 0..30 {
-            let (mut n, rev) = writable(ctx, id)?;
-            check_if_match(if_match, n.std.revision_number)?;
-            n.deleting = true;
-            if let Some(r) = ctx
-                .commit(
-                    vec![Compare::ModRevision(key(id), rev)],
-                    vec![Op::put(key(id), json_bytes(&n))],
-                )
-                .await?
-            {
-                result = Some((n, r));
-                break;
-            }
-            ctx.resync(attempt).await?;
-        }
-        result.ok_or_else(|| NeutronError::new(409, "Conflict", "Too much concurrent change to this network; retry"))?
-    };
+    let (marked, mark_rev) = retry_rev(ctx, |ctx| {
+        let (mut n, rev) = writable(ctx, id)?;
+        check_if_match(if_match, n.std.revision_number)?;
+        n.deleting = true;
+        Ok((
+            vec![Compare::ModRevision(key(id), rev)],
+            vec![Op::put(key(id), json_bytes(&n))],
+            n,
+        ))
+    })
+    .await?;
     // Phase 2: with the mark in place, the cache is complete for this network.
     let ports: Vec<Port> = ctx
         .all::<Port>(Kind::Port)

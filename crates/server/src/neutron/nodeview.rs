@@ -9,7 +9,7 @@
 //! `{"type":"ping"}` every few seconds so either side notices a dead connection. After a
 //! disconnect the agent reconnects and gets a fresh snapshot, which it reconciles against.
 
-use super::agents::NODE_ROLE;
+use super::agents::require_node;
 use super::{authenticate, ApiResult};
 use crate::cache::Cache;
 use crate::AppState;
@@ -17,7 +17,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use isthmus_model::{keys, Network, NeutronError, Node, Port, Subnet};
+use isthmus_model::{keys, Network, Node, Port, Subnet};
 use isthmus_store::Revision;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -142,10 +142,7 @@ pub async fn watch(
     Path(host): Path<String>,
 ) -> ApiResult<Response> {
     let auth = authenticate(&state, &headers).await?;
-    let as_itself = auth.roles.iter().any(|r| r == NODE_ROLE) && auth.user_name == host;
-    if !auth.is_admin && !as_itself {
-        return Err(NeutronError::forbidden(format!("Only node {host} (or an admin) may watch {host}'s view")).into());
-    }
+    require_node(&auth, &host, &format!("watch {host}'s view"))?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     let cache = state.cache.clone();
     tokio::spawn(async move {

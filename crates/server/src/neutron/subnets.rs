@@ -1,6 +1,8 @@
 //! Subnets: CIDR, gateway, allocation pools, routes, DNS, IPv6 modes.
 
-use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
+use super::common::{
+    check_if_match, description_from, json_bytes, new_id, now, retry, retry_rev, tags_from, Ctx, NResult,
+};
 use super::Kind;
 use ipnet::IpNet;
 use isthmus_model::ipam;
@@ -400,25 +402,17 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
 
 pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     // Mark first (see networks::delete): port creates compare the subnet's revision.
-    let mut marked = None;
-    for attempt in 0..30 {
+    let (s, mark_rev) = retry_rev(ctx, |ctx| {
         let (mut s, rev) = writable(ctx, id)?;
         check_if_match(if_match, s.std.revision_number)?;
         s.deleting = true;
-        if let Some(r) = ctx
-            .commit(
-                vec![Compare::ModRevision(key(id), rev)],
-                vec![Op::put(key(id), json_bytes(&s))],
-            )
-            .await?
-        {
-            marked = Some((s, r));
-            break;
-        }
-        ctx.resync(attempt).await?;
-    }
-    let (s, mark_rev) =
-        marked.ok_or_else(|| NeutronError::new(409, "Conflict", "Too much concurrent change to this subnet; retry"))?;
+        Ok((
+            vec![Compare::ModRevision(key(id), rev)],
+            vec![Op::put(key(id), json_bytes(&s))],
+            s,
+        ))
+    })
+    .await?;
     // SLAAC addresses are derived, not handed out: like Neutron, deleting such a subnet takes
     // them off the ports instead of refusing.
     let auto = is_auto_address(&s);
