@@ -39,6 +39,16 @@ impl StandardAttrs {
     }
 }
 
+/// The attributes every project-owned resource starts with (`tenant_id` is the old name).
+fn owned(id: &str, name: &str, project_id: &str) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("id".into(), json!(id));
+    m.insert("name".into(), json!(name));
+    m.insert("project_id".into(), json!(project_id));
+    m.insert("tenant_id".into(), json!(project_id));
+    m
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Network {
     pub id: String,
@@ -63,11 +73,7 @@ pub struct Network {
 impl Network {
     /// The API view. Provider attributes only for admins.
     pub fn to_api(&self, admin: bool) -> Value {
-        let mut m = serde_json::Map::new();
-        m.insert("id".into(), json!(self.id));
-        m.insert("name".into(), json!(self.name));
-        m.insert("project_id".into(), json!(self.project_id));
-        m.insert("tenant_id".into(), json!(self.project_id));
+        let mut m = owned(&self.id, &self.name, &self.project_id);
         m.insert("admin_state_up".into(), json!(self.admin_state_up));
         m.insert("shared".into(), json!(self.shared));
         m.insert("router:external".into(), json!(self.external));
@@ -125,11 +131,7 @@ pub struct Subnet {
 
 impl Subnet {
     pub fn to_api(&self) -> Value {
-        let mut m = serde_json::Map::new();
-        m.insert("id".into(), json!(self.id));
-        m.insert("name".into(), json!(self.name));
-        m.insert("project_id".into(), json!(self.project_id));
-        m.insert("tenant_id".into(), json!(self.project_id));
+        let mut m = owned(&self.id, &self.name, &self.project_id);
         m.insert("network_id".into(), json!(self.network_id));
         m.insert("ip_version".into(), json!(self.ip_version));
         m.insert("cidr".into(), json!(self.cidr));
@@ -187,11 +189,7 @@ pub struct Port {
 impl Port {
     /// The API view. Binding attributes only for admins (Neutron's default policy).
     pub fn to_api(&self, admin: bool) -> Value {
-        let mut m = serde_json::Map::new();
-        m.insert("id".into(), json!(self.id));
-        m.insert("name".into(), json!(self.name));
-        m.insert("project_id".into(), json!(self.project_id));
-        m.insert("tenant_id".into(), json!(self.project_id));
+        let mut m = owned(&self.id, &self.name, &self.project_id);
         m.insert("network_id".into(), json!(self.network_id));
         m.insert("admin_state_up".into(), json!(self.admin_state_up));
         m.insert("mac_address".into(), json!(self.mac_address));
@@ -228,11 +226,7 @@ pub struct SecurityGroup {
 impl SecurityGroup {
     /// The API view; rules are passed in because they are stored separately.
     pub fn to_api(&self, rules: Vec<Value>) -> Value {
-        let mut m = serde_json::Map::new();
-        m.insert("id".into(), json!(self.id));
-        m.insert("name".into(), json!(self.name));
-        m.insert("project_id".into(), json!(self.project_id));
-        m.insert("tenant_id".into(), json!(self.project_id));
+        let mut m = owned(&self.id, &self.name, &self.project_id);
         m.insert("stateful".into(), json!(self.stateful));
         m.insert("security_group_rules".into(), Value::Array(rules));
         self.std.render(&mut m);
@@ -308,11 +302,7 @@ pub struct Router {
 
 impl Router {
     pub fn to_api(&self) -> Value {
-        let mut m = serde_json::Map::new();
-        m.insert("id".into(), json!(self.id));
-        m.insert("name".into(), json!(self.name));
-        m.insert("project_id".into(), json!(self.project_id));
-        m.insert("tenant_id".into(), json!(self.project_id));
+        let mut m = owned(&self.id, &self.name, &self.project_id);
         m.insert("admin_state_up".into(), json!(self.admin_state_up));
         m.insert("status".into(), json!(self.status));
         m.insert("external_gateway_info".into(), Value::Null);
