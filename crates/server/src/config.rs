@@ -83,6 +83,35 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
+    /// Refuses settings that would only fail later, with a message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.vni_min == 0 || self.vni_max > 16_777_215 || self.vni_min > self.vni_max {
+            return Err(format!(
+                "vni_min/vni_max must be a range within 1..=16777215 (got {}..={})",
+                self.vni_min, self.vni_max
+            ));
+        }
+        if self.underlay_mtu < 576 + 50 || self.underlay_mtu > 65_535 {
+            return Err(format!(
+                "underlay_mtu {} is out of range (626..=65535)",
+                self.underlay_mtu
+            ));
+        }
+        if self.token_ttl_secs == 0 {
+            return Err("token_ttl_secs must be positive".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(format!(
+                "max_body_bytes {} is too small (at least 1024)",
+                self.max_body_bytes
+            ));
+        }
+        if self.agent_down_secs <= 0 {
+            return Err("agent_down_secs must be positive".into());
+        }
+        Ok(())
+    }
+
     pub fn network_url(&self, bound: Option<SocketAddr>) -> String {
         self.network_public_url
             .clone()
@@ -95,5 +124,46 @@ impl Config {
     }
     pub fn tenant_mtu(&self) -> u32 {
         self.underlay_mtu.saturating_sub(50)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_nonsense_is_refused() {
+        assert!(Config::default().validate().is_ok());
+        let bad = [
+            Config {
+                vni_min: 10,
+                vni_max: 5,
+                ..Config::default()
+            },
+            Config {
+                vni_max: 16_777_216,
+                ..Config::default()
+            },
+            Config {
+                underlay_mtu: 100,
+                ..Config::default()
+            },
+            Config {
+                token_ttl_secs: 0,
+                ..Config::default()
+            },
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_admin_password() {
+        let c = Config {
+            admin_password: Some("s3cret-value".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{c:?}").contains("s3cret-value"));
     }
 }

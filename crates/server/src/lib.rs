@@ -54,6 +54,9 @@ impl ServerHandle {
 
 /// Starts the cache, bootstraps identity and serves both APIs.
 pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Result<ServerHandle> {
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let config = Arc::new(config);
     let cache = cache::Cache::start(store.clone())
         .await
