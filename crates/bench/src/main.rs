@@ -4,6 +4,7 @@
 mod api;
 mod ports;
 mod proc;
+mod resync;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,8 @@ struct Cli {
 enum Cmd {
     /// Port creation throughput and latency (POST /v2.0/ports), per store backend and client count.
     Ports(ports::PortsArgs),
+    /// Agent datapath sync with many remote ports, against iproute2 batch mode (root).
+    Resync(resync::ResyncArgs),
 }
 
 /// Signals that stop the benchmark. Registered before any child process starts, so the default
@@ -68,6 +71,7 @@ async fn main() -> ExitCode {
     let run = async {
         match cli.cmd {
             Cmd::Ports(args) => ports::run(&args).await,
+            Cmd::Resync(args) => resync::run_bench(&args).await.map(|()| true),
         }
     };
     // Leaving the select drops the benchmark future, and with it every server and etcd.
