@@ -43,8 +43,10 @@ async fn node_registers_heartbeats_and_is_listed_as_an_agent() {
         )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, _) = node.get("/v2.0/agents").await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
+    // The admin-only agents API shows a node nothing.
+    let (s, b) = node.get("/v2.0/agents").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["agents"], json!([]));
 
     // Bad input: a clear 400, nothing stored.
     let (s, _) = node
@@ -78,6 +80,12 @@ async fn node_registers_heartbeats_and_is_listed_as_an_agent() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(b["node"]["id"], id.as_str());
     assert_eq!(b["node"]["alive"], true);
+
+    // To anyone but an admin, agents do not exist.
+    let (s, _) = node.get(&format!("/v2.0/agents/{id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = node.delete(&format!("/v2.0/agents/{id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 
     // Admins may disable and remove agents.
     let (s, b) = server

@@ -65,11 +65,16 @@ fn find(ctx: &Ctx<'_>, id: &str) -> NResult<(Node, i64)> {
         .ok_or_else(|| NeutronError::new(404, "AgentNotFound", format!("Agent {id} could not be found.")))
 }
 
-fn require_admin(ctx: &Ctx<'_>) -> NResult<()> {
+/// Agents are admin-only; to anyone else they do not exist (Neutron filters them out).
+fn require_admin(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
     if ctx.admin() {
         Ok(())
     } else {
-        Err(NeutronError::forbidden("Agents can only be managed by admins"))
+        Err(NeutronError::new(
+            404,
+            "AgentNotFound",
+            format!("Agent {id} could not be found."),
+        ))
     }
 }
 
@@ -149,9 +154,12 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Api
         state: &state,
         auth: &auth,
     };
-    require_admin(&ctx)?;
     let (t, down) = (unix_now(), state.config.agent_down_secs);
-    let items: Vec<Value> = nodes(&ctx).iter().map(|n| n.to_api(t, down)).collect();
+    let items: Vec<Value> = if ctx.admin() {
+        nodes(&ctx).iter().map(|n| n.to_api(t, down)).collect()
+    } else {
+        vec![]
+    };
     Ok(json_response(StatusCode::OK, json!({"agents": items})))
 }
 
@@ -168,7 +176,7 @@ pub async fn member(
         state: &state,
         auth: &auth,
     };
-    require_admin(&ctx)?;
+    require_admin(&ctx, &id)?;
     let (t, down) = (unix_now(), state.config.agent_down_secs);
     match method {
         Method::GET => Ok(json_response(
