@@ -5,6 +5,13 @@ use crate::kernel::{Kernel, KernelError};
 use crate::plan::{plan, Action};
 use tracing::{debug, info, warn};
 
+/// Forwarding-entry changes kept in flight at once.
+const FDB_IN_FLIGHT: usize = 64;
+
+fn is_fdb(a: &Action) -> bool {
+    matches!(a, Action::AddFdb(_) | Action::DelFdb(_))
+}
+
 /// What one pass did. A failed action does not stop the pass (later actions may not depend on
 /// it); the next pass plans it again from what the kernel then has.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,18 +49,38 @@ pub async fn reconcile<K: Kernel>(kernel: &K, desired: &Datapath) -> Result<Repo
         debug!("datapath converged, nothing to do");
         return Ok(report);
     }
-    for action in actions {
-        match kernel.apply(&action).await {
-            Ok(()) => {
-                info!(?action, "applied");
-                report.applied += 1;
+    let mut rest = actions.as_slice();
+    while let Some(first) = rest.first() {
+        // Forwarding entries are independent of each other once their devices exist (the plan
+        // orders device changes first), so a run of them is sent with many in flight.
+        let run = if is_fdb(first) {
+            rest.iter().position(|a| !is_fdb(a)).unwrap_or(rest.len())
+        } else {
+            1
+        };
+        let (now, later) = rest.split_at(run);
+        rest = later;
+        let mut results: Vec<(&Action, Result<(), KernelError>)> = Vec::with_capacity(now.len());
+        for chunk in now.chunks(FDB_IN_FLIGHT) {
+            let mut pending = Vec::with_capacity(chunk.len());
+            for a in chunk {
+                pending.push(kernel.apply(a));
             }
-            Err(e) => {
-                warn!(?action, error = %e, "action failed");
-                report.failed.push(Failure {
-                    action,
-                    error: e.to_string(),
-                });
+            results.extend(chunk.iter().zip(futures::future::join_all(pending).await));
+        }
+        for (action, result) in results {
+            match result {
+                Ok(()) => {
+                    debug!(?action, "applied");
+                    report.applied += 1;
+                }
+                Err(e) => {
+                    warn!(?action, error = %e, "action failed");
+                    report.failed.push(Failure {
+                        action: action.clone(),
+                        error: e.to_string(),
+                    });
+                }
             }
         }
     }

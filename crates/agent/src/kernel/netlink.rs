@@ -33,6 +33,10 @@ pub struct NetlinkKernel {
     handle: Handle,
     /// Where TAP devices get created (an ioctl, so it needs a thread inside that netns).
     netns: Option<PathBuf>,
+    /// Interface indexes of VXLAN devices, so a burst of forwarding-entry changes does not look
+    /// each device up again. Cleared by every action that may create or delete a device; a
+    /// stale entry (a device rebuilt by hand) shows up as ENODEV and is looked up afresh.
+    fdb_devs: std::sync::Mutex<HashMap<String, u32>>,
 }
 
 /// The parts of a link message the agent cares about.
@@ -152,6 +156,7 @@ impl NetlinkKernel {
         Ok(NetlinkKernel {
             handle: route_handle(None).await?,
             netns: None,
+            fdb_devs: Default::default(),
         })
     }
 
@@ -162,6 +167,7 @@ impl NetlinkKernel {
         Ok(NetlinkKernel {
             handle: route_handle(Some(&netns)).await?,
             netns: Some(netns),
+            fdb_devs: Default::default(),
         })
     }
 
@@ -296,13 +302,35 @@ impl NetlinkKernel {
             .ok_or_else(|| KernelError::NoDevice(name.to_string()))
     }
 
+    async fn fdb_dev_index(&self, name: &str) -> Result<u32, KernelError> {
+        if let Some(i) = self.fdb_devs.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return Ok(*i);
+        }
+        let i = self.dev_index(name).await?;
+        self.fdb_devs.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), i);
+        Ok(i)
+    }
+
+    fn forget_devs(&self) {
+        self.fdb_devs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     async fn add_fdb(&self, f: &Fdb) -> Result<(), KernelError> {
-        let msg = self.fdb_message(f, self.dev_index(&f.dev).await?)?;
         // Append, like `bridge fdb append`: one MAC may have several destinations (the flood
         // entry has one per remote node), and appending an existing one is a no-op.
-        self.request(RouteNetlinkMessage::NewNeighbour(msg), NLM_F_CREATE | NLM_F_APPEND)
-            .await
-            .map_err(nl(format!("adding fdb {} dst {} on {}", f.mac, f.dst, f.dev)))
+        let flags = NLM_F_CREATE | NLM_F_APPEND;
+        let msg = self.fdb_message(f, self.fdb_dev_index(&f.dev).await?)?;
+        match self.request(RouteNetlinkMessage::NewNeighbour(msg), flags).await {
+            Err(e) if errno(&e) == Some(ENODEV) => {
+                // The cached index went stale: look the device up again, once.
+                self.forget_devs();
+                let msg = self.fdb_message(f, self.fdb_dev_index(&f.dev).await?)?;
+                self.request(RouteNetlinkMessage::NewNeighbour(msg), flags)
+                    .await
+                    .map_err(nl(format!("adding fdb {} dst {} on {}", f.mac, f.dst, f.dev)))
+            }
+            other => other.map_err(nl(format!("adding fdb {} dst {} on {}", f.mac, f.dst, f.dev))),
+        }
     }
 
     async fn del_fdb(&self, f: &Fdb) -> Result<(), KernelError> {
@@ -543,6 +571,9 @@ impl Kernel for NetlinkKernel {
     }
 
     async fn apply(&self, action: &Action) -> Result<(), KernelError> {
+        if !matches!(action, Action::AddFdb(_) | Action::DelFdb(_)) {
+            self.forget_devs();
+        }
         match action {
             Action::CreateBridge(b) => self.create_bridge(b).await,
             Action::SetBridgeMtu(b) => self.configure(&b.name, Some(b.mtu), None, None).await,
