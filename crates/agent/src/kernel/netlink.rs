@@ -307,7 +307,10 @@ impl NetlinkKernel {
             return Ok(*i);
         }
         let i = self.dev_index(name).await?;
-        self.fdb_devs.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), i);
+        self.fdb_devs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), i);
         Ok(i)
     }
 
