@@ -3,10 +3,20 @@
 //!
 //! The side-effecting parts build on this: [`kernel`] reads and changes the node's datapath
 //! (netlink), [`reconcile`] drives it to the desired state.
+//!
+//! The running agent (`isthmus agent`): [`client`] talks to the server (identity, heartbeats,
+//! port binding and status, the node stream), [`objects`] keeps the node's slice of the
+//! topology and turns it into a [`view::NodeView`] (pure), [`runtime`] ties it together
+//! (reconcile on every change and periodically, never tearing down because the server is
+//! gone), and [`socket`] is the local attach API on a unix socket.
 
+pub mod client;
 pub mod desired;
 pub mod kernel;
 pub mod names;
+pub mod objects;
 pub mod plan;
 pub mod reconcile;
+pub mod runtime;
+pub mod socket;
 pub mod view;

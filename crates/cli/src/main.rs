@@ -27,6 +27,54 @@ enum Cmd {
     Subnet(client::ResourceCmd),
     /// Ports.
     Port(client::ResourceCmd),
+    /// Run the node agent: programs this node's datapath and serves the local attach socket.
+    Agent(AgentArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// This node's name (its user's name, and the ports' binding:host_id).
+    #[arg(long, env = "ISTHMUS_NODE")]
+    node: String,
+    /// This node's underlay address (VXLAN source).
+    #[arg(long, env = "ISTHMUS_UNDERLAY_IP")]
+    underlay_ip: std::net::IpAddr,
+    /// Identity v3 URL.
+    #[arg(long, env = "ISTHMUS_AUTH_URL", default_value = "http://127.0.0.1:5000/v3")]
+    auth_url: String,
+    /// Network API URL (unversioned); by default the one in the identity catalog.
+    #[arg(long, env = "ISTHMUS_NETWORK_URL")]
+    network_url: Option<String>,
+    /// The node user's password (prefer the environment variable).
+    #[arg(long, env = "ISTHMUS_NODE_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Project the node user is scoped to.
+    #[arg(long, env = "ISTHMUS_NODE_PROJECT", default_value = "service")]
+    project: String,
+    /// Local attach socket.
+    #[arg(long, env = "ISTHMUS_SOCKET", default_value = "/run/isthmus/agent.sock")]
+    socket: PathBuf,
+    /// Seconds between full syncs of the datapath (drift repair).
+    #[arg(long, env = "ISTHMUS_RESYNC_SECS", default_value_t = 30)]
+    resync_secs: u64,
+    /// Seconds between heartbeats.
+    #[arg(long, env = "ISTHMUS_HEARTBEAT_SECS", default_value_t = 10)]
+    heartbeat_secs: u64,
+}
+
+async fn run_agent(a: AgentArgs) -> Result<()> {
+    let mut c = isthmus_agent::runtime::AgentConfig::new(
+        &a.node,
+        a.network_url.as_deref().unwrap_or(""),
+        &a.auth_url,
+        &a.password,
+        a.underlay_ip,
+    );
+    c.project = a.project;
+    c.socket = a.socket;
+    c.resync = std::time::Duration::from_secs(a.resync_secs.max(1));
+    c.heartbeat = std::time::Duration::from_secs(a.heartbeat_secs.max(1));
+    isthmus_agent::runtime::run(c, shutdown_signal()).await
 }
 
 #[derive(Args, Clone)]
@@ -231,7 +279,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let needs_logs = matches!(cli.cmd, Cmd::Server(_) | Cmd::Up(_));
+    let needs_logs = matches!(cli.cmd, Cmd::Server(_) | Cmd::Up(_) | Cmd::Agent(_));
     if needs_logs {
         init_logging();
     }
@@ -241,6 +289,7 @@ async fn main() {
         Cmd::Network(c) => client::run("networks", c).await,
         Cmd::Subnet(c) => client::run("subnets", c).await,
         Cmd::Port(c) => client::run("ports", c).await,
+        Cmd::Agent(a) => run_agent(a).await,
     };
     if let Err(e) = res {
         eprintln!("isthmus: {e:#}");

@@ -38,10 +38,19 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
+    /// Stops accepting, lets requests in flight finish, and gives up on long-lived streams
+    /// (node watches never end by themselves) after a short grace period.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        for mut t in self.tasks {
+            if tokio::time::timeout(std::time::Duration::from_secs(3), &mut t)
+                .await
+                .is_err()
+            {
+                tracing::info!("closing connections that outlived the shutdown grace period");
+                t.abort();
+                let _ = t.await;
+            }
         }
     }
     /// Waits until the server stops by itself (it normally does not).

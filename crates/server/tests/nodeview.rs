@@ -147,3 +147,12 @@ async fn only_the_node_itself_or_an_admin_may_watch() {
         .expect("request");
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn the_server_stops_even_with_node_watches_open() {
+    let mut server = TestServer::start(Backend::Embedded).await;
+    let mut w = watch(&server, "n1").await;
+    assert_eq!(w.next().await["type"], "snapshot");
+    let stopped = tokio::time::timeout(Duration::from_secs(10), server.stop()).await;
+    assert!(stopped.is_ok(), "server did not stop while a node watch was open");
+}

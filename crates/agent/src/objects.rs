@@ -1,0 +1,520 @@
+//! The node's copy of its slice of the topology, as the server's node stream delivers it, and
+//! the pure functions that turn it into a [`NodeView`] and into what attaching a port needs.
+//!
+//! Values are the Neutron API JSON the server sends; anything malformed is skipped (with the
+//! rest of the view still usable) rather than failing the whole view.
+
+use crate::kernel::HostRoute;
+use crate::view::{LocalPort, NetworkInfo, NodeView, PortKind, RemotePort};
+use ipnet::IpNet;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// One object of the node's view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object {
+    pub kind: String,
+    pub revision: i64,
+    pub value: Value,
+}
+
+/// The node's objects by store key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Objects {
+    pub by_key: BTreeMap<String, Object>,
+    /// Revision of the last snapshot or update applied.
+    pub revision: i64,
+}
+
+/// A stream message that could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed stream message: {0}")]
+pub struct BadMessage(pub String);
+
+/// What one stream message means for the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Snapshot,
+    Update,
+    Ping,
+}
+
+fn parse_object(v: &Value) -> Result<(String, Object), BadMessage> {
+    let key = v["key"]
+        .as_str()
+        .ok_or_else(|| BadMessage(format!("object without key: {v}")))?;
+    let kind = v["kind"]
+        .as_str()
+        .ok_or_else(|| BadMessage(format!("object without kind: {v}")))?;
+    Ok((
+        key.to_string(),
+        Object {
+            kind: kind.to_string(),
+            revision: v["revision"].as_i64().unwrap_or(0),
+            value: v["value"].clone(),
+        },
+    ))
+}
+
+impl Objects {
+    /// Applies one message of the node stream. A snapshot replaces everything.
+    pub fn apply(&mut self, msg: &Value) -> Result<Applied, BadMessage> {
+        let rev = msg["revision"].as_i64();
+        match msg["type"].as_str() {
+            Some("snapshot") => {
+                let objs = msg["objects"]
+                    .as_array()
+                    .ok_or_else(|| BadMessage("snapshot without objects".into()))?;
+                let mut by_key = BTreeMap::new();
+                for o in objs {
+                    let (k, o) = parse_object(o)?;
+                    by_key.insert(k, o);
+                }
+                self.by_key = by_key;
+                self.revision = rev.unwrap_or(0);
+                Ok(Applied::Snapshot)
+            }
+            Some("update") => {
+                let mut puts = vec![];
+                for o in msg["put"].as_array().into_iter().flatten() {
+                    puts.push(parse_object(o)?);
+                }
+                let mut dels = vec![];
+                for d in msg["delete"].as_array().into_iter().flatten() {
+                    dels.push(
+                        d.as_str()
+                            .ok_or_else(|| BadMessage(format!("delete of a non-string key {d}")))?
+                            .to_string(),
+                    );
+                }
+                for k in dels {
+                    self.by_key.remove(&k);
+                }
+                for (k, o) in puts {
+                    self.by_key.insert(k, o);
+                }
+                if let Some(r) = rev {
+                    self.revision = r;
+                }
+                Ok(Applied::Update)
+            }
+            Some("ping") => Ok(Applied::Ping),
+            _ => Err(BadMessage(format!("unknown message type in {msg}"))),
+        }
+    }
+
+    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.by_key.values().filter(move |o| o.kind == kind).map(|o| &o.value)
+    }
+
+    pub fn port(&self, id: &str) -> Option<&Value> {
+        self.of_kind("port").find(|p| p["id"].as_str() == Some(id))
+    }
+
+    pub fn network(&self, id: &str) -> Option<&Value> {
+        self.of_kind("network").find(|n| n["id"].as_str() == Some(id))
+    }
+
+    pub fn subnet(&self, id: &str) -> Option<&Value> {
+        self.of_kind("subnet").find(|s| s["id"].as_str() == Some(id))
+    }
+
+    /// Underlay addresses of the nodes in the view, by host name.
+    pub fn node_ips(&self) -> BTreeMap<String, IpAddr> {
+        self.of_kind("node")
+            .filter_map(|n| {
+                Some((
+                    n["host"].as_str()?.to_string(),
+                    n["underlay_ip"].as_str()?.parse().ok()?,
+                ))
+            })
+            .collect()
+    }
+}
+
+fn str_of<'a>(v: &'a Value, field: &str) -> &'a str {
+    v[field].as_str().unwrap_or("")
+}
+
+fn network_info(n: &Value) -> Option<NetworkInfo> {
+    let id = n["id"].as_str()?;
+    let vni = u32::try_from(n["provider:segmentation_id"].as_u64()?).ok()?;
+    let mtu = n["mtu"].as_u64().and_then(|m| u32::try_from(m).ok()).unwrap_or(1450);
+    Some(NetworkInfo {
+        id: id.to_string(),
+        vni,
+        mtu,
+    })
+}
+
+/// Neutron's convention: ports owned by Nova (`compute:*`) are VMs (tap devices); everything
+/// else plugged by the agent is a container (veth pair).
+pub fn port_kind(device_owner: &str) -> PortKind {
+    if device_owner.starts_with("compute:") {
+        PortKind::Tap
+    } else {
+        PortKind::Veth
+    }
+}
+
+/// The node's view: its own ports (bound to `node`), the networks they are on, and the other
+/// ports of those networks with the underlay address of the node hosting each. Ports of other
+/// nodes whose address is not known, and ports without a MAC, are left out.
+pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> NodeView {
+    let mut view = NodeView {
+        underlay_ip,
+        ..Default::default()
+    };
+    let node_ips = objects.node_ips();
+    let mut local_nets = std::collections::BTreeSet::new();
+    for p in objects.of_kind("port") {
+        let (id, net, mac, host) = (
+            str_of(p, "id"),
+            str_of(p, "network_id"),
+            str_of(p, "mac_address"),
+            str_of(p, "binding:host_id"),
+        );
+        if id.is_empty() || net.is_empty() || mac.is_empty() || host != node {
+            continue;
+        }
+        local_nets.insert(net.to_string());
+        view.local_ports.push(LocalPort {
+            id: id.into(),
+            network_id: net.into(),
+            mac: mac.to_ascii_lowercase(),
+            kind: port_kind(str_of(p, "device_owner")),
+        });
+    }
+    for net in &local_nets {
+        if let Some(info) = objects.network(net).and_then(network_info) {
+            view.networks.insert(net.clone(), info);
+        }
+    }
+    for p in objects.of_kind("port") {
+        let (id, net, mac, host) = (
+            str_of(p, "id"),
+            str_of(p, "network_id"),
+            str_of(p, "mac_address"),
+            str_of(p, "binding:host_id"),
+        );
+        if id.is_empty() || mac.is_empty() || host.is_empty() || host == node || !local_nets.contains(net) {
+            continue;
+        }
+        let Some(ip) = node_ips.get(host) else { continue };
+        view.remote_ports.push(RemotePort {
+            id: id.into(),
+            network_id: net.into(),
+            mac: mac.to_ascii_lowercase(),
+            node_ip: *ip,
+        });
+    }
+    view
+}
+
+/// Status corrections for this node's ports: a port whose host device exists should be ACTIVE,
+/// one whose device is gone (detached, its workload namespace vanished) DOWN. `devices` are the
+/// port devices present on the node.
+pub fn status_fixes(
+    objects: &Objects,
+    node: &str,
+    devices: &std::collections::BTreeSet<String>,
+) -> Vec<(String, &'static str)> {
+    let mut out = vec![];
+    for p in objects.of_kind("port") {
+        let id = str_of(p, "id");
+        if id.is_empty() || str_of(p, "binding:host_id") != node {
+            continue;
+        }
+        let present = devices.contains(&crate::names::tap(id));
+        let status = str_of(p, "status");
+        if present && status != "ACTIVE" {
+            out.push((id.to_string(), "ACTIVE"));
+        } else if !present && status == "ACTIVE" {
+            out.push((id.to_string(), "DOWN"));
+        }
+    }
+    out
+}
+
+/// An address of a port as the workload gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortAddress {
+    /// With the subnet's prefix length, e.g. `10.0.0.5/24`.
+    pub address: IpNet,
+    pub gateway: Option<IpAddr>,
+}
+
+/// What attaching a port needs from the view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPlan {
+    pub port_id: String,
+    pub network_id: String,
+    pub mac: String,
+    pub mtu: u32,
+    pub vni: u32,
+    pub addresses: Vec<PortAddress>,
+    /// The default route: the gateway of the first subnet that has one.
+    pub gateway: Option<IpAddr>,
+    pub routes: Vec<HostRoute>,
+    pub dns: Vec<String>,
+}
+
+/// Why a port cannot be planned (yet).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("port {0} is not in this node's view")]
+    NoPort(String),
+    #[error("port {port} is bound to {host:?}, not to this node")]
+    NotOurs { port: String, host: String },
+    #[error("network {0} of the port is not in this node's view yet")]
+    NoNetwork(String),
+    #[error("subnet {0} of the port is not in this node's view yet")]
+    NoSubnet(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl PlanError {
+    /// The view may still catch up (worth waiting for).
+    pub fn transient(&self) -> bool {
+        !matches!(self, PlanError::Invalid(_))
+    }
+}
+
+/// Everything needed to plug port `port_id` (bound to `node`) into a workload.
+pub fn port_plan(objects: &Objects, node: &str, port_id: &str) -> Result<PortPlan, PlanError> {
+    let p = objects
+        .port(port_id)
+        .ok_or_else(|| PlanError::NoPort(port_id.to_string()))?;
+    let host = str_of(p, "binding:host_id");
+    if host != node {
+        return Err(PlanError::NotOurs {
+            port: port_id.into(),
+            host: host.into(),
+        });
+    }
+    let net_id = str_of(p, "network_id");
+    let net = objects
+        .network(net_id)
+        .and_then(network_info)
+        .ok_or_else(|| PlanError::NoNetwork(net_id.to_string()))?;
+    let mac = str_of(p, "mac_address").to_ascii_lowercase();
+    if mac.is_empty() {
+        return Err(PlanError::Invalid(format!("port {port_id} has no MAC address")));
+    }
+    let mut plan = PortPlan {
+        port_id: port_id.into(),
+        network_id: net_id.into(),
+        mac,
+        mtu: net.mtu,
+        vni: net.vni,
+        addresses: vec![],
+        gateway: None,
+        routes: vec![],
+        dns: vec![],
+    };
+    for fip in p["fixed_ips"].as_array().into_iter().flatten() {
+        let sid = str_of(fip, "subnet_id");
+        let s = objects
+            .subnet(sid)
+            .ok_or_else(|| PlanError::NoSubnet(sid.to_string()))?;
+        let addr: IpAddr = str_of(fip, "ip_address")
+            .parse()
+            .map_err(|_| PlanError::Invalid(format!("port {port_id} has a bad address {fip}")))?;
+        let cidr: IpNet = str_of(s, "cidr")
+            .parse()
+            .map_err(|_| PlanError::Invalid(format!("subnet {sid} has a bad CIDR {}", s["cidr"])))?;
+        let address =
+            IpNet::new(addr, cidr.prefix_len()).map_err(|_| PlanError::Invalid(format!("bad prefix for {addr}")))?;
+        let gateway = s["gateway_ip"].as_str().and_then(|g| g.parse::<IpAddr>().ok());
+        // Only a gateway of the same family can be a default route for this address.
+        if plan.gateway.is_none() && addr.is_ipv4() {
+            plan.gateway = gateway.filter(|g| g.is_ipv4());
+        }
+        plan.addresses.push(PortAddress { address, gateway });
+        for r in s["host_routes"].as_array().into_iter().flatten() {
+            let (Ok(destination), Ok(nexthop)) = (
+                str_of(r, "destination").parse::<IpNet>(),
+                str_of(r, "nexthop").parse::<IpAddr>(),
+            ) else {
+                continue;
+            };
+            let route = HostRoute { destination, nexthop };
+            if !plan.routes.contains(&route) {
+                plan.routes.push(route);
+            }
+        }
+        for d in s["dns_nameservers"].as_array().into_iter().flatten() {
+            if let Some(d) = d.as_str() {
+                plan.dns.push(d.to_string());
+            }
+        }
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn port(id: &str, net: &str, host: &str, mac: &str, owner: &str, ips: Value) -> Value {
+        json!({"key": format!("/isthmus/ports/{id}"), "kind": "port", "revision": 5, "value": {
+            "id": id, "network_id": net, "binding:host_id": host, "mac_address": mac,
+            "device_owner": owner, "fixed_ips": ips}})
+    }
+
+    fn snapshot() -> Value {
+        json!({"type": "snapshot", "revision": 9, "objects": [
+            {"key": "/isthmus/networks/na", "kind": "network", "revision": 1,
+             "value": {"id": "na", "provider:segmentation_id": 1001, "mtu": 1450}},
+            {"key": "/isthmus/subnets/sa", "kind": "subnet", "revision": 2,
+             "value": {"id": "sa", "network_id": "na", "cidr": "10.0.0.0/24", "gateway_ip": "10.0.0.1",
+                       "host_routes": [{"destination": "172.16.0.0/16", "nexthop": "10.0.0.254"}],
+                       "dns_nameservers": ["10.0.0.53"]}},
+            {"key": "/isthmus/nodes/n1", "kind": "node", "revision": 3,
+             "value": {"host": "n1", "underlay_ip": "192.0.2.1", "capabilities": []}},
+            {"key": "/isthmus/nodes/n2", "kind": "node", "revision": 3,
+             "value": {"host": "n2", "underlay_ip": "192.0.2.2", "capabilities": []}},
+            port("p1", "na", "n1", "FA:16:3E:00:00:01", "", json!([{"subnet_id": "sa", "ip_address": "10.0.0.5"}])),
+            port("p2", "na", "n2", "fa:16:3e:00:00:02", "compute:nova", json!([])),
+            port("p3", "na", "", "fa:16:3e:00:00:03", "", json!([])),
+            port("p4", "na", "n1", "fa:16:3e:00:00:04", "compute:az1", json!([])),
+            port("p5", "na", "n9", "fa:16:3e:00:00:05", "", json!([])),
+        ]})
+    }
+
+    fn objects() -> Objects {
+        let mut o = Objects::default();
+        assert_eq!(o.apply(&snapshot()), Ok(Applied::Snapshot));
+        o
+    }
+
+    #[test]
+    fn view_has_local_and_remote_ports() {
+        let v = to_view(&objects(), "n1", Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(
+            v.networks["na"],
+            NetworkInfo {
+                id: "na".into(),
+                vni: 1001,
+                mtu: 1450
+            }
+        );
+        let local: Vec<_> = v.local_ports.iter().map(|p| (p.id.as_str(), p.kind.clone())).collect();
+        assert_eq!(local, [("p1", PortKind::Veth), ("p4", PortKind::Tap)]);
+        assert_eq!(v.local_ports[0].mac, "fa:16:3e:00:00:01");
+        // p3 is unbound, p5's node is unknown: neither is reachable.
+        assert_eq!(v.remote_ports.len(), 1);
+        assert_eq!(v.remote_ports[0].id, "p2");
+        assert_eq!(v.remote_ports[0].node_ip, "192.0.2.2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_node_without_local_ports_gets_an_empty_view() {
+        let v = to_view(&objects(), "n2x", None);
+        assert!(v.networks.is_empty() && v.local_ports.is_empty() && v.remote_ports.is_empty());
+    }
+
+    #[test]
+    fn updates_put_and_delete_and_snapshots_replace() {
+        let mut o = objects();
+        let up = json!({"type": "update", "revision": 12,
+            "put": [port("p6", "na", "n2", "fa:16:3e:00:00:06", "", json!([]))],
+            "delete": ["/isthmus/ports/p2"]});
+        assert_eq!(o.apply(&up), Ok(Applied::Update));
+        assert_eq!(o.revision, 12);
+        let v = to_view(&o, "n1", None);
+        let remote: Vec<_> = v.remote_ports.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(remote, ["p6"]);
+        assert_eq!(o.apply(&json!({"type": "ping"})), Ok(Applied::Ping));
+        let snap = json!({"type": "snapshot", "revision": 20, "objects": []});
+        o.apply(&snap).unwrap();
+        assert!(o.by_key.is_empty());
+        assert_eq!(o.revision, 20);
+    }
+
+    #[test]
+    fn garbage_is_rejected_without_changing_the_map() {
+        let mut o = objects();
+        let before = o.clone();
+        for bad in [
+            json!({}),
+            json!({"type": "weird"}),
+            json!({"type": "snapshot"}),
+            json!({"type": "update", "put": [{"kind": "port"}]}),
+            json!({"type": "update", "delete": [1]}),
+        ] {
+            assert!(o.apply(&bad).is_err(), "{bad}");
+        }
+        assert_eq!(o, before);
+    }
+
+    #[test]
+    fn networks_without_a_vni_are_left_out() {
+        let mut o = objects();
+        o.apply(
+            &json!({"type": "update", "put": [{"key": "/isthmus/networks/na", "kind": "network",
+            "revision": 30, "value": {"id": "na", "mtu": 1450}}], "delete": []}),
+        )
+        .unwrap();
+        let v = to_view(&o, "n1", Some("192.0.2.1".parse().unwrap()));
+        assert!(v.networks.is_empty());
+        assert!(crate::desired::compute(&v).bridges.is_empty());
+    }
+
+    #[test]
+    fn statuses_follow_the_devices() {
+        let mut o = objects();
+        o.apply(&json!({"type": "update", "put": [
+            {"key": "/isthmus/ports/p7", "kind": "port", "revision": 40, "value": {
+                "id": "p7", "network_id": "na", "binding:host_id": "n1", "mac_address": "fa:16:3e:00:00:07",
+                "device_owner": "", "status": "ACTIVE", "fixed_ips": []}}], "delete": []}))
+            .unwrap();
+        // p1 (no status yet) has a device, p7 (ACTIVE) lost its; p4 (a VM port) has its tap;
+        // p2 is remote.
+        let devices = [
+            crate::names::tap("p1"),
+            crate::names::tap("p2"),
+            crate::names::tap("p4"),
+        ]
+        .into_iter()
+        .collect();
+        let fixes = status_fixes(&o, "n1", &devices);
+        let want = [("p1", "ACTIVE"), ("p4", "ACTIVE"), ("p7", "DOWN")].map(|(p, s)| (p.to_string(), s));
+        assert_eq!(fixes, want);
+    }
+
+    #[test]
+    fn port_plan_has_addresses_routes_and_mtu() {
+        let plan = port_plan(&objects(), "n1", "p1").unwrap();
+        assert_eq!(plan.mac, "fa:16:3e:00:00:01");
+        assert_eq!((plan.mtu, plan.vni), (1450, 1001));
+        assert_eq!(plan.addresses.len(), 1);
+        assert_eq!(plan.addresses[0].address.to_string(), "10.0.0.5/24");
+        assert_eq!(plan.gateway, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(plan.routes.len(), 1);
+        assert_eq!(plan.routes[0].destination.to_string(), "172.16.0.0/16");
+        assert_eq!(plan.dns, ["10.0.0.53"]);
+    }
+
+    #[test]
+    fn port_plan_errors() {
+        let o = objects();
+        assert_eq!(port_plan(&o, "n1", "nope"), Err(PlanError::NoPort("nope".into())));
+        assert!(matches!(port_plan(&o, "n1", "p2"), Err(PlanError::NotOurs { .. })));
+        let mut o2 = o.clone();
+        o2.apply(&json!({"type": "update", "put": [], "delete": ["/isthmus/subnets/sa"]}))
+            .unwrap();
+        assert_eq!(port_plan(&o2, "n1", "p1"), Err(PlanError::NoSubnet("sa".into())));
+        assert!(PlanError::NoSubnet("sa".into()).transient());
+        let mut o3 = o.clone();
+        o3.apply(&json!({"type": "update", "put": [
+            port("p1", "na", "n1", "fa:16:3e:00:00:01", "", json!([{"subnet_id": "sa", "ip_address": "bogus"}]))],
+            "delete": []}))
+            .unwrap();
+        let e = port_plan(&o3, "n1", "p1").unwrap_err();
+        assert!(!e.transient(), "{e}");
+    }
+}

@@ -1,0 +1,617 @@
+//! The running agent: heartbeats, the node stream feeding the node's object map, reconciling
+//! the datapath on every change (bursts coalesced) and periodically (drift repair), and the
+//! attach/detach operations behind the local socket.
+//!
+//! The datapath is only ever changed from a view the server sent. Before the first snapshot
+//! nothing is reconciled (what exists is kept), and while the server is unreachable the last
+//! view stays in force: a lost server never tears anything down.
+
+use crate::client::{ApiError, Client, Credentials};
+use crate::desired::{compute, Datapath};
+use crate::kernel::{Kernel, KernelError, MacAddr, VethAttach};
+use crate::names;
+use crate::objects::{port_plan, status_fixes, to_view, Applied, Objects, PlanError, PortPlan};
+use crate::reconcile::{reconcile, Report};
+use crate::view::{NodeView, PortKind};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// This node's name (its ports' `binding:host_id`, and its user's name).
+    pub node: String,
+    /// Unversioned network API URL, e.g. `http://192.0.2.254:9696`; empty: the network
+    /// endpoint of the identity catalog.
+    pub network_url: String,
+    /// Identity v3 URL, e.g. `http://192.0.2.254:5000/v3`.
+    pub auth_url: String,
+    /// Never logged.
+    pub password: String,
+    pub project: String,
+    pub underlay_ip: IpAddr,
+    pub socket: PathBuf,
+    pub resync: Duration,
+    pub heartbeat: Duration,
+    /// How long an attach waits for the port to show up in the node's view.
+    pub attach_timeout: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(node: &str, network_url: &str, auth_url: &str, password: &str, underlay_ip: IpAddr) -> Self {
+        AgentConfig {
+            node: node.into(),
+            network_url: network_url.into(),
+            auth_url: auth_url.into(),
+            password: password.into(),
+            project: "service".into(),
+            underlay_ip,
+            socket: PathBuf::from("/run/isthmus/agent.sock"),
+            resync: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            attach_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("node", &self.node)
+            .field("network_url", &self.network_url)
+            .field("auth_url", &self.auth_url)
+            .field("password", &"<redacted>")
+            .field("project", &self.project)
+            .field("underlay_ip", &self.underlay_ip)
+            .field("socket", &self.socket)
+            .field("resync", &self.resync)
+            .field("heartbeat", &self.heartbeat)
+            .finish()
+    }
+}
+
+struct ViewState {
+    objects: Objects,
+    /// A snapshot arrived at least once: the map is the server's word, not just empty.
+    synced: bool,
+}
+
+/// An error of an attach or detach, with an HTTP-like code for the socket's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    pub code: u16,
+    pub message: String,
+}
+
+impl OpError {
+    pub fn new(code: u16, message: impl Into<String>) -> Self {
+        OpError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ApiError> for OpError {
+    fn from(e: ApiError) -> Self {
+        match e.status() {
+            None => OpError::new(503, e.to_string()),
+            Some(s) => OpError::new(if s >= 500 { 502 } else { s }, e.to_string()),
+        }
+    }
+}
+
+impl From<KernelError> for OpError {
+    fn from(e: KernelError) -> Self {
+        OpError::new(500, format!("datapath: {e}"))
+    }
+}
+
+/// What an attach request asks for.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    pub port_id: String,
+    pub netns: PathBuf,
+    pub ifname: String,
+}
+
+/// A port id as it may appear in an API path.
+pub fn valid_port_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+pub struct Agent<K: Kernel> {
+    pub config: AgentConfig,
+    client: Client,
+    kernel: K,
+    view: Mutex<ViewState>,
+    /// Bumped whenever the object map changes.
+    generation: watch::Sender<u64>,
+    changed: Notify,
+    /// Serialises datapath changes: reconcile passes, attaches, detaches.
+    datapath: tokio::sync::Mutex<()>,
+}
+
+impl<K: Kernel + 'static> Agent<K> {
+    pub fn new(config: AgentConfig, kernel: K) -> Result<Arc<Self>, ApiError> {
+        let client = Client::new(
+            &config.network_url,
+            &config.auth_url,
+            &config.node,
+            Credentials {
+                user: config.node.clone(),
+                password: config.password.clone(),
+                project: config.project.clone(),
+            },
+        )?;
+        Ok(Arc::new(Agent {
+            config,
+            client,
+            kernel,
+            view: Mutex::new(ViewState {
+                objects: Objects::default(),
+                synced: false,
+            }),
+            generation: watch::channel(0).0,
+            changed: Notify::new(),
+            datapath: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The kernel the agent drives.
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    fn lock_view(&self) -> std::sync::MutexGuard<'_, ViewState> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies one message of the node stream to the object map.
+    pub fn apply_message(&self, msg: &Value) -> Result<Applied, crate::objects::BadMessage> {
+        let applied = {
+            let mut v = self.lock_view();
+            let a = v.objects.apply(msg)?;
+            if a == Applied::Snapshot {
+                v.synced = true;
+            }
+            a
+        };
+        if applied != Applied::Ping {
+            self.generation.send_modify(|g| *g += 1);
+            self.changed.notify_one();
+        }
+        Ok(applied)
+    }
+
+    /// What the agent knows, for the socket's `status` op: whether it has the server's view
+    /// yet, at which revision, and this node's ports and networks.
+    pub fn status(&self) -> Value {
+        let (synced, revision) = {
+            let v = self.lock_view();
+            (v.synced, v.objects.revision)
+        };
+        let view = self.view().unwrap_or_default();
+        let ports: Vec<&str> = view.local_ports.iter().map(|p| p.id.as_str()).collect();
+        let networks: Vec<&str> = view.networks.keys().map(String::as_str).collect();
+        json!({
+            "ok": true,
+            "node": self.config.node,
+            "underlay_ip": self.config.underlay_ip.to_string(),
+            "synced": synced,
+            "revision": revision,
+            "local_ports": ports,
+            "networks": networks,
+            "remote_ports": view.remote_ports.len(),
+        })
+    }
+
+    /// The node's view; `None` before the first snapshot.
+    pub fn view(&self) -> Option<NodeView> {
+        let v = self.lock_view();
+        v.synced
+            .then(|| to_view(&v.objects, &self.config.node, Some(self.config.underlay_ip)))
+    }
+
+    /// The datapath the current view asks for; `None` before the first snapshot.
+    pub fn desired(&self) -> Option<Datapath> {
+        self.view().map(|v| compute(&v))
+    }
+
+    /// One reconciliation pass against the current view (nothing before the first snapshot).
+    pub async fn sync(&self) -> Result<Option<Report>, KernelError> {
+        let _g = self.datapath.lock().await;
+        let Some(want) = self.desired() else {
+            debug!("no snapshot yet, keeping the datapath as it is");
+            return Ok(None);
+        };
+        reconcile(&self.kernel, &want).await.map(Some)
+    }
+
+    /// A reconcile pass, TAP devices for this node's VM ports, then port statuses brought in
+    /// line with the devices present.
+    async fn sync_and_report(&self) {
+        // Held through the reports too, so an attach or detach cannot slip in between what was
+        // observed and what gets reported (the reports are bounded in time below).
+        let _g = self.datapath.lock().await;
+        let fixes = {
+            let Some(view) = self.view() else {
+                debug!("no snapshot yet, keeping the datapath as it is");
+                return;
+            };
+            let want = compute(&view);
+            match reconcile(&self.kernel, &want).await {
+                Ok(r) if !r.ok() => warn!(failed = r.failed.len(), "reconcile pass had failures"),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "reconcile failed: cannot read the datapath");
+                    return;
+                }
+            }
+            let Ok(observed) = self.kernel.observe().await else {
+                return;
+            };
+            let mut devices: std::collections::BTreeSet<String> = observed.ports.into_keys().collect();
+            // VM ports: the TAP device a hypervisor opens by name, created here.
+            for lp in view.local_ports.iter().filter(|p| p.kind == PortKind::Tap) {
+                let name = names::tap(&lp.id);
+                let Some(dev) = want.ports.get(&name) else { continue };
+                if devices.contains(&name) {
+                    continue;
+                }
+                match self.kernel.create_tap(dev, tap_mac(&lp.mac)).await {
+                    Ok(()) => {
+                        info!(port = %lp.id, dev = %name, "tap device created");
+                        devices.insert(name);
+                    }
+                    Err(e) => warn!(port = %lp.id, dev = %name, error = %e, "creating the tap device failed"),
+                }
+            }
+            let v = self.lock_view();
+            status_fixes(&v.objects, &self.config.node, &devices)
+        };
+        if fixes.is_empty() {
+            return;
+        }
+        let report = async {
+            for (port, status) in fixes {
+                match self.client.report_port(&port, json!({ "status": status })).await {
+                    Ok(_) => info!(port = %port, status, "port status corrected"),
+                    Err(e) => debug!(port = %port, error = %e, "could not report port status"),
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), report).await.is_err() {
+            debug!("status reports cut short; the next sync retries");
+        }
+    }
+
+    /// Runs everything until `shutdown` completes.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        info!(node = %self.config.node, underlay = %self.config.underlay_ip, "agent starting");
+        let listener = crate::socket::bind(&self.config.socket)?;
+        let tasks = [
+            tokio::spawn(self.clone().heartbeat_loop()),
+            tokio::spawn(self.clone().watch_loop()),
+            tokio::spawn(self.clone().reconcile_loop()),
+            tokio::spawn(crate::socket::serve(self.clone(), listener)),
+        ];
+        shutdown.await;
+        info!("agent stopping (the datapath stays as it is)");
+        for t in &tasks {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.config.socket);
+        Ok(())
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut restarted = true;
+        loop {
+            match self.client.heartbeat(self.config.underlay_ip, &[], restarted).await {
+                Ok(()) => {
+                    if restarted {
+                        info!("registered with the server");
+                    }
+                    restarted = false;
+                }
+                Err(e) => warn!(error = %e, "heartbeat failed"),
+            }
+            // Until registered, retry sooner.
+            let wait = if restarted {
+                Duration::from_secs(1).min(self.config.heartbeat)
+            } else {
+                self.config.heartbeat
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn watch_loop(self: Arc<Self>) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            match self.watch_once(&mut backoff).await {
+                Ok(()) => warn!("node stream ended, reconnecting"),
+                Err(e) => warn!(error = %e, "node stream failed, reconnecting"),
+            }
+            let wait = backoff.next_wait();
+            debug!(?wait, "backing off");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One connection of the node stream, until it ends or fails.
+    async fn watch_once(&self, backoff: &mut Backoff) -> anyhow::Result<()> {
+        let resp = self.client.watch().await?;
+        info!("node stream connected");
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        // The server pings every 5 s; silence for much longer means a dead connection.
+        let silence = Duration::from_secs(15);
+        loop {
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let line = &line[..line.len() - 1];
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let msg: Value =
+                    serde_json::from_slice(line).map_err(|e| anyhow::anyhow!("node stream: not JSON: {e}"))?;
+                match self.apply_message(&msg)? {
+                    Applied::Snapshot => {
+                        info!(revision = msg["revision"].as_i64(), "snapshot received");
+                        backoff.reset();
+                    }
+                    Applied::Update => debug!(revision = msg["revision"].as_i64(), "update received"),
+                    Applied::Ping => {}
+                }
+            }
+            if buf.len() > 64 << 20 {
+                anyhow::bail!("node stream: a line longer than 64 MiB");
+            }
+            match tokio::time::timeout(silence, stream.next()).await {
+                Err(_) => anyhow::bail!("node stream silent for {silence:?}"),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => anyhow::bail!("node stream: {}", e.without_url()),
+                Ok(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
+            }
+        }
+    }
+
+    async fn reconcile_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.changed.notified() => {
+                    // Let a burst of updates land, then reconcile once.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ = tokio::time::sleep(self.config.resync) => debug!("periodic full sync"),
+            }
+            self.sync_and_report().await;
+        }
+    }
+
+    /// Waits until the port, its network and subnets are in the view.
+    async fn wait_for_plan(&self, port_id: &str) -> Result<PortPlan, OpError> {
+        let mut gen = self.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + self.config.attach_timeout;
+        loop {
+            let res = {
+                let v = self.lock_view();
+                port_plan(&v.objects, &self.config.node, port_id)
+            };
+            match res {
+                Ok(p) => return Ok(p),
+                Err(e) if !e.transient() => return Err(OpError::new(422, e.to_string())),
+                Err(e) => {
+                    gen.borrow_and_update();
+                    if tokio::time::timeout_at(deadline, gen.changed()).await.is_err() {
+                        return Err(OpError::new(504, format!("timed out waiting for the node's view: {e}")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Plugs port `req.port_id` into the workload namespace `req.netns`.
+    pub async fn attach(&self, req: &AttachRequest) -> Result<Value, OpError> {
+        if !valid_port_id(&req.port_id) {
+            return Err(OpError::new(400, format!("invalid port_id {:?}", req.port_id)));
+        }
+        if !crate::kernel::valid_ifname(&req.ifname) {
+            return Err(OpError::new(400, format!("invalid ifname {:?}", req.ifname)));
+        }
+        if !req.netns.is_absolute() || !req.netns.exists() {
+            return Err(OpError::new(
+                400,
+                format!("netns {} is not an existing absolute path", req.netns.display()),
+            ));
+        }
+        // Claim the port (or confirm it is ours).
+        match self.client.report_port(&req.port_id, json!({"bind": true})).await {
+            Ok(_) => {}
+            Err(e) if e.status() == Some(404) => {
+                return Err(OpError::new(
+                    404,
+                    format!("port {} does not exist or is bound to another node", req.port_id),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let plan = self.wait_for_plan(&req.port_id).await?;
+        let mac: MacAddr = plan
+            .mac
+            .parse()
+            .map_err(|_| OpError::new(422, format!("port has an invalid MAC {}", plan.mac)))?;
+        let dev = names::tap(&req.port_id);
+        let bridge = names::bridge(plan.vni);
+        {
+            let _g = self.datapath.lock().await;
+            let want = self
+                .desired()
+                .ok_or_else(|| OpError::new(503, "no view from the server yet"))?;
+            let report = reconcile(&self.kernel, &want).await?;
+            if !report.ok() {
+                warn!(failed = ?report.failed, "reconcile before attach had failures");
+            }
+            let port = want
+                .ports
+                .get(&dev)
+                .cloned()
+                .ok_or_else(|| OpError::new(500, format!("port device {dev} is not in the desired datapath")))?;
+            let va = VethAttach {
+                port,
+                mac,
+                netns: req.netns.clone(),
+                ifname: req.ifname.clone(),
+                addresses: plan.addresses.iter().map(|a| a.address).collect(),
+                gateway: plan.gateway,
+                routes: plan.routes.clone(),
+                mtu: plan.mtu,
+            };
+            self.kernel.attach_veth(&va).await?;
+        }
+        info!(port = %req.port_id, dev = %dev, netns = %req.netns.display(), "port attached");
+        let details = json!({"bridge_name": bridge, "mtu": plan.mtu});
+        let report = json!({"status": "ACTIVE", "vif_type": "veth", "vif_details": details});
+        if let Err(e) = self.client.report_port(&req.port_id, report).await {
+            // The workload is plumbed; the status catches up with the next attach or sync.
+            warn!(port = %req.port_id, error = %e, "could not report the port ACTIVE");
+        }
+        let ips: Vec<Value> = plan
+            .addresses
+            .iter()
+            .map(|a| json!({"address": a.address.to_string(), "gateway": a.gateway.map(|g| g.to_string())}))
+            .collect();
+        let routes: Vec<Value> = plan
+            .routes
+            .iter()
+            .map(|r| json!({"destination": r.destination.to_string(), "nexthop": r.nexthop.to_string()}))
+            .collect();
+        Ok(json!({
+            "ok": true,
+            "port_id": req.port_id,
+            "interface": req.ifname,
+            "host_interface": dev,
+            "mac": plan.mac,
+            "ips": ips,
+            "gateway": plan.gateway.map(|g| g.to_string()),
+            "mtu": plan.mtu,
+            "routes": routes,
+            "dns_nameservers": plan.dns,
+        }))
+    }
+
+    /// Unplugs a port: its host device goes (with the workload end), its status goes DOWN.
+    /// Idempotent; a port already deleted from the API is fine.
+    pub async fn detach(&self, port_id: &str) -> Result<Value, OpError> {
+        if !valid_port_id(port_id) {
+            return Err(OpError::new(400, format!("invalid port_id {port_id:?}")));
+        }
+        let dev = names::tap(port_id);
+        {
+            let _g = self.datapath.lock().await;
+            self.kernel.detach(&dev).await?;
+        }
+        info!(port = %port_id, dev = %dev, "port detached");
+        match self.client.report_port(port_id, json!({"status": "DOWN"})).await {
+            Ok(_) => {}
+            Err(e) if e.status() == Some(404) => debug!(port = %port_id, "port gone from the API already"),
+            Err(e) => warn!(port = %port_id, error = %e, "could not report the port DOWN"),
+        }
+        Ok(json!({"ok": true, "port_id": port_id, "host_interface": dev}))
+    }
+}
+
+/// The host-side MAC of a VM's TAP device: the VM's MAC with the first byte `fe` (libvirt's
+/// convention), so the bridge never confuses the two.
+pub fn tap_mac(vm_mac: &str) -> Option<MacAddr> {
+    let mut m: MacAddr = vm_mac.parse().ok()?;
+    m.0[0] = 0xfe;
+    Some(m)
+}
+
+/// Runs the agent on this process's network namespace until `shutdown` completes.
+pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let kernel = crate::kernel::NetlinkKernel::current()
+        .await
+        .map_err(|e| anyhow::anyhow!("opening netlink: {e}"))?;
+    let agent = Agent::new(config, kernel)?;
+    agent.run(shutdown).await
+}
+
+/// Bounded exponential backoff.
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Backoff {
+            first,
+            max,
+            next: first,
+        }
+    }
+    pub fn next_wait(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+impl From<PlanError> for OpError {
+    fn from(e: PlanError) -> Self {
+        OpError::new(if e.transient() { 409 } else { 422 }, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_bound_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+        let got: Vec<_> = (0..5).map(|_| b.next_wait().as_millis()).collect();
+        assert_eq!(got, [100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next_wait().as_millis(), 100);
+    }
+
+    #[test]
+    fn tap_macs_are_the_vm_mac_with_fe() {
+        assert_eq!(tap_mac("FA:16:3e:01:02:03").unwrap().to_string(), "fe:16:3e:01:02:03");
+        assert_eq!(tap_mac("bogus"), None);
+    }
+
+    #[test]
+    fn port_ids_are_checked() {
+        assert!(valid_port_id("0b7e0f4c-2a6e-4b8e-9d3f-3c7f6e2a1b00"));
+        for bad in ["", "../x", "a b", "a/b", &"x".repeat(65)] {
+            assert!(!valid_port_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_password_is_never_in_debug_output() {
+        let c = AgentConfig::new(
+            "n1",
+            "http://x",
+            "http://y/v3",
+            "s3cret-pw",
+            "192.0.2.1".parse().unwrap(),
+        );
+        assert!(!format!("{c:?}").contains("s3cret-pw"));
+    }
+}

@@ -1,0 +1,237 @@
+//! The local attach API: newline-delimited JSON on a unix socket (0600, so root only).
+//!
+//! Requests, one per line:
+//! `{"op":"attach","port_id":ID,"netns":PATH,"ifname":"eth0"}`, `{"op":"detach","port_id":ID}`
+//! and `{"op":"status"}` (whether the agent has the server's view, its ports and networks).
+//! Each gets one line back: `{"ok":true,...}` or `{"ok":false,"code":N,"message":"..."}`.
+
+use crate::kernel::Kernel;
+use crate::runtime::{Agent, AttachRequest, OpError};
+use serde_json::{json, Value};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+/// Longest accepted request line.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Binds the socket: parent directory created, a stale socket replaced, mode 0600.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?
+        }
+        Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
+        Err(_) => {}
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(l)
+}
+
+pub async fn serve<K: Kernel + 'static>(agent: Arc<Agent<K>>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(agent, stream).await {
+                        debug!(error = %e, "socket connection ended with an error");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn error(e: OpError) -> Value {
+    json!({"ok": false, "code": e.code, "message": e.message})
+}
+
+async fn connection<K: Kernel + 'static>(agent: Arc<Agent<K>>, stream: UnixStream) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    loop {
+        let mut line = Vec::new();
+        let n = (&mut reader)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let too_long = line.last() != Some(&b'\n') && line.len() > MAX_REQUEST;
+        let answer = if too_long {
+            error(OpError::new(413, format!("request longer than {MAX_REQUEST} bytes")))
+        } else if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        } else {
+            match handle(&agent, &line).await {
+                Ok(v) => v,
+                Err(e) => error(e),
+            }
+        };
+        let mut out = answer.to_string();
+        out.push('\n');
+        w.write_all(out.as_bytes()).await?;
+        if too_long {
+            return Ok(());
+        }
+    }
+}
+
+fn field<'a>(req: &'a Value, name: &str) -> Result<Option<&'a str>, OpError> {
+    match &req[name] {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        other => Err(OpError::new(400, format!("'{name}' must be a string, not {other}"))),
+    }
+}
+
+fn required<'a>(req: &'a Value, name: &str) -> Result<&'a str, OpError> {
+    field(req, name)?.ok_or_else(|| OpError::new(400, format!("'{name}' is required")))
+}
+
+/// Parses and performs one request.
+pub async fn handle<K: Kernel + 'static>(agent: &Agent<K>, line: &[u8]) -> Result<Value, OpError> {
+    let req: Value =
+        serde_json::from_slice(line).map_err(|e| OpError::new(400, format!("request is not valid JSON: {e}")))?;
+    if !req.is_object() {
+        return Err(OpError::new(400, "request must be a JSON object"));
+    }
+    match field(&req, "op")? {
+        Some("attach") => {
+            let r = AttachRequest {
+                port_id: required(&req, "port_id")?.to_string(),
+                netns: PathBuf::from(required(&req, "netns")?),
+                ifname: field(&req, "ifname")?.unwrap_or("eth0").to_string(),
+            };
+            agent.attach(&r).await
+        }
+        Some("detach") => agent.detach(required(&req, "port_id")?).await,
+        Some("status") => Ok(agent.status()),
+        Some(op) => Err(OpError::new(
+            400,
+            format!("unknown op {op:?} (use attach, detach or status)"),
+        )),
+        None => Err(OpError::new(400, "'op' is required")),
+    }
+}
+
+/// A client for the socket: sends one request, returns the answer (tests and tools).
+pub async fn request(path: &Path, req: &Value) -> std::io::Result<Value> {
+    let mut s = UnixStream::connect(path).await?;
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).await?;
+    let mut reader = BufReader::new(s);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).await?;
+    serde_json::from_str(&answer).map_err(|e| std::io::Error::other(format!("bad answer {answer:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::FakeKernel;
+    use crate::runtime::AgentConfig;
+
+    fn agent(dir: &Path) -> Arc<Agent<FakeKernel>> {
+        let mut c = AgentConfig::new(
+            "n1",
+            "http://127.0.0.1:9",
+            "http://127.0.0.1:9/v3",
+            "pw",
+            "192.0.2.1".parse().unwrap(),
+        );
+        c.socket = dir.join("agent.sock");
+        Agent::new(c, FakeKernel::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_clear_errors_on_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let path = a.config.socket.clone();
+        let l = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        tokio::spawn(serve(a.clone(), l));
+        for (req, code, needle) in [
+            (json!("x"), 400, "JSON object"),
+            (json!({}), 400, "'op' is required"),
+            (json!({"op": 5}), 400, "must be a string"),
+            (json!({"op": "fly"}), 400, "unknown op"),
+            (json!({"op": "attach"}), 400, "'port_id' is required"),
+            (json!({"op": "attach", "port_id": "p1"}), 400, "'netns' is required"),
+            (
+                json!({"op": "attach", "port_id": "../p", "netns": "/proc/self/ns/net"}),
+                400,
+                "invalid port_id",
+            ),
+            (json!({"op": "attach", "port_id": "p1", "netns": "rel"}), 400, "netns"),
+            (
+                json!({"op": "attach", "port_id": "p1", "netns": "/proc/self/ns/net", "ifname": "a/b"}),
+                400,
+                "ifname",
+            ),
+            (json!({"op": "detach", "port_id": "a b"}), 400, "invalid port_id"),
+            // Valid, but the server is not there.
+            (
+                json!({"op": "attach", "port_id": "p1", "netns": "/proc/self/ns/net"}),
+                503,
+                "unreachable",
+            ),
+        ] {
+            let got = request(&path, &req).await.unwrap();
+            assert_eq!(got["ok"], json!(false), "{req}: {got}");
+            assert_eq!(got["code"], json!(code), "{req}: {got}");
+            assert!(got["message"].as_str().unwrap().contains(needle), "{req}: {got}");
+        }
+        // Not JSON at all, then a second request on the same connection.
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"garbage\n{\"op\":\"nope\"}\n").await.unwrap();
+        let mut r = BufReader::new(s);
+        for needle in ["not valid JSON", "unknown op"] {
+            let mut l = String::new();
+            r.read_line(&mut l).await.unwrap();
+            assert!(l.contains(needle), "{l}");
+        }
+    }
+
+    #[tokio::test]
+    async fn detach_is_idempotent_without_a_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        for _ in 0..2 {
+            let v = handle(&a, br#"{"op":"detach","port_id":"p1"}"#).await.unwrap();
+            assert_eq!(v["ok"], json!(true));
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_is_reconciled_before_the_first_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        assert_eq!(a.sync().await.unwrap(), None);
+        let st = handle(&a, br#"{"op":"status"}"#).await.unwrap();
+        assert_eq!((st["synced"].clone(), st["node"].clone()), (json!(false), json!("n1")));
+        a.apply_message(&json!({"type": "snapshot", "revision": 7, "objects": []}))
+            .unwrap();
+        assert!(a.sync().await.unwrap().is_some());
+        let st = handle(&a, br#"{"op":"status"}"#).await.unwrap();
+        assert_eq!((st["synced"].clone(), st["revision"].clone()), (json!(true), json!(7)));
+    }
+}

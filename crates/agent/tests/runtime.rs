@@ -1,0 +1,258 @@
+//! The agent runtime against an in-process server, with the fake kernel: no root needed.
+//! Binding, the wait for the node's view, status reports, token expiry, foreign ports.
+
+use isthmus_agent::kernel::FakeKernel;
+use isthmus_agent::runtime::{Agent, AgentConfig};
+use isthmus_agent::socket::request;
+use isthmus_server::Config;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const ADMIN_PASSWORD: &str = "admin-secret-Pw1";
+const NODE_PASSWORD: &str = "node-secret-Pw1";
+
+async fn call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = http.request(method, url).header("X-Auth-Token", token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn token(http: &reqwest::Client, identity_url: &str, user: &str, password: &str, project: &str) -> String {
+    let body = json!({"auth": {
+        "identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "domain": {"name": "Default"}, "password": password}}},
+        "scope": {"project": {"name": project, "domain": {"name": "Default"}}}}});
+    let resp = http
+        .post(format!("{identity_url}/auth/tokens"))
+        .json(&body)
+        .send()
+        .await
+        .expect("token");
+    assert_eq!(resp.status().as_u16(), 201);
+    resp.headers()["x-subject-token"].to_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_and_detach_through_the_socket_with_expiring_tokens() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("isthmus_agent=debug"))
+        .with_test_writer()
+        .try_init();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            identity_listen: "127.0.0.1:0".parse().unwrap(),
+            network_listen: "127.0.0.1:0".parse().unwrap(),
+            admin_password: Some(ADMIN_PASSWORD.into()),
+            password_hash_kib: 64,
+            // Tokens expire during the test: the agent must re-authenticate.
+            token_ttl_secs: 2,
+            ..Config::default()
+        };
+        let store = isthmus_store::embedded::EmbeddedStore::open(&dir.path().join("store")).unwrap();
+        let server = isthmus_server::start(config, store).await.unwrap();
+        let net_url = format!("http://{}", server.network_addr);
+        let id_url = format!("http://{}/v3", server.identity_addr);
+        let http = reqwest::Client::new();
+        let admin = || token(&http, &id_url, "admin", ADMIN_PASSWORD, "admin");
+        let t = admin().await;
+        // The node user.
+        let (s, b) = call(
+            &http,
+            reqwest::Method::POST,
+            &format!("{id_url}/users"),
+            &t,
+            Some(json!({"user": {"name": "n1", "password": NODE_PASSWORD, "domain_id": "default"}})),
+        )
+        .await;
+        assert_eq!(s, 201, "{b}");
+        let uid = b["user"]["id"].as_str().unwrap().to_string();
+        let (_, b) = call(
+            &http,
+            reqwest::Method::GET,
+            &format!("{id_url}/projects?name=service"),
+            &t,
+            None,
+        )
+        .await;
+        let service = b["projects"][0]["id"].as_str().unwrap().to_string();
+        let (_, b) = call(
+            &http,
+            reqwest::Method::GET,
+            &format!("{id_url}/roles?name=node"),
+            &t,
+            None,
+        )
+        .await;
+        let role = b["roles"][0]["id"].as_str().unwrap().to_string();
+        let (s, b) = call(
+            &http,
+            reqwest::Method::PUT,
+            &format!("{id_url}/projects/{service}/users/{uid}/roles/{role}"),
+            &t,
+            None,
+        )
+        .await;
+        assert_eq!(s, 204, "{b}");
+        // A network, a subnet with a host route, a port, and a port bound elsewhere.
+        let post = |path: &'static str, body: Value| {
+            let (http, t, url) = (http.clone(), t.clone(), format!("{net_url}{path}"));
+            async move { call(&http, reqwest::Method::POST, &url, &t, Some(body)).await }
+        };
+        let (s, n) = post("/v2.0/networks", json!({"network": {"name": "n"}})).await;
+        assert_eq!(s, 201, "{n}");
+        let net = n["network"]["id"].as_str().unwrap().to_string();
+        let vni = n["network"]["provider:segmentation_id"].as_u64().unwrap();
+        let (s, b) = post(
+            "/v2.0/subnets",
+            json!({"subnet": {"network_id": net, "cidr": "10.5.0.0/24", "ip_version": 4,
+                "host_routes": [{"destination": "172.16.0.0/16", "nexthop": "10.5.0.254"}]}}),
+        )
+        .await;
+        assert_eq!(s, 201, "{b}");
+        let (s, p) = post("/v2.0/ports", json!({"port": {"network_id": net}})).await;
+        assert_eq!(s, 201, "{p}");
+        let port = p["port"]["id"].as_str().unwrap().to_string();
+        let (s, other) = post(
+            "/v2.0/ports",
+            json!({"port": {"network_id": net, "binding:host_id": "elsewhere"}}),
+        )
+        .await;
+        assert_eq!(s, 201, "{other}");
+        let other = other["port"]["id"].as_str().unwrap().to_string();
+
+        let mut cfg = AgentConfig::new("n1", &net_url, &id_url, NODE_PASSWORD, "192.0.2.1".parse().unwrap());
+        cfg.socket = dir.path().join("agent.sock");
+        cfg.resync = Duration::from_secs(1);
+        cfg.heartbeat = Duration::from_secs(1);
+        let sock = cfg.socket.clone();
+        let agent = Agent::new(cfg, FakeKernel::new()).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(agent.clone().run(async {
+            let _ = stop_rx.await;
+        }));
+        while tokio::net::UnixStream::connect(&sock).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let attach = json!({"op": "attach", "port_id": port, "netns": "/proc/self/ns/net", "ifname": "eth1"});
+        let a = request(&sock, &attach).await.unwrap();
+        assert_eq!(a["ok"], json!(true), "{a}");
+        assert_eq!(a["interface"], json!("eth1"));
+        assert_eq!(a["mtu"], json!(1450));
+        assert_eq!(a["ips"][0]["gateway"], json!("10.5.0.1"), "{a}");
+        assert!(a["ips"][0]["address"].as_str().unwrap().ends_with("/24"), "{a}");
+        assert_eq!(
+            a["routes"],
+            json!([{"destination": "172.16.0.0/16", "nexthop": "10.5.0.254"}])
+        );
+        let state = agent.kernel().state();
+        assert!(state.bridges.contains_key(&format!("isbr-{vni}")), "{state:?}");
+        assert!(state.ports.contains_key(&isthmus_agent::names::tap(&port)), "{state:?}");
+        let attached = agent.kernel().attached();
+        assert_eq!(attached.len(), 1);
+        assert_eq!(attached[0].routes.len(), 1);
+        assert_eq!(attached[0].gateway, Some("10.5.0.1".parse().unwrap()));
+
+        let get_port = |id: String| {
+            let (http, url) = (http.clone(), format!("{net_url}/v2.0/ports/{id}"));
+            let admin_tok = admin();
+            async move {
+                let t = admin_tok.await;
+                call(&http, reqwest::Method::GET, &url, &t, None).await.1["port"].clone()
+            }
+        };
+        let p = get_port(port.clone()).await;
+        assert_eq!(
+            (p["status"].clone(), p["binding:host_id"].clone()),
+            (json!("ACTIVE"), json!("n1")),
+            "{p}"
+        );
+        assert_eq!(
+            p["binding:vif_details"]["bridge_name"],
+            json!(format!("isbr-{vni}")),
+            "{p}"
+        );
+
+        // A port bound to another node cannot be claimed.
+        let e = request(
+            &sock,
+            &json!({"op": "attach", "port_id": other, "netns": "/proc/self/ns/net"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!((e["ok"].clone(), e["code"].clone()), (json!(false), json!(404)), "{e}");
+
+        // Past the token lifetime: the agent re-authenticates for its reports.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let d = request(&sock, &json!({"op": "detach", "port_id": port})).await.unwrap();
+        assert_eq!(d["ok"], json!(true), "{d}");
+        assert_eq!(get_port(port.clone()).await["status"], json!("DOWN"));
+        assert!(agent.kernel().state().ports.is_empty());
+        // Heartbeats kept going: the node is alive.
+        let t = admin().await;
+        let (_, b) = call(&http, reqwest::Method::GET, &format!("{net_url}/v2.0/agents"), &t, None).await;
+        assert_eq!(b["agents"][0]["alive"], json!(true), "{b}");
+
+        // A VM port bound to this node (as Nova does): the agent creates its TAP device and
+        // reports it ACTIVE; deleting the port removes the device.
+        let t = admin().await;
+        let (s, vm) = call(
+            &http,
+            reqwest::Method::POST,
+            &format!("{net_url}/v2.0/ports"),
+            &t,
+            Some(json!({"port": {"network_id": net, "device_owner": "compute:nova", "binding:host_id": "n1"}})),
+        )
+        .await;
+        assert_eq!(s, 201, "{vm}");
+        let vm = vm["port"]["id"].as_str().unwrap().to_string();
+        let tap = isthmus_agent::names::tap(&vm);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while get_port(vm.clone()).await["status"] != json!("ACTIVE") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the VM port never went ACTIVE: {:?} {}",
+                agent.kernel().state(),
+                get_port(vm.clone()).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let dev = agent.kernel().state().ports.get(&tap).cloned();
+        assert!(dev.is_some_and(|d| !d.veth), "no tap device for the VM port");
+        let (s, _) = call(
+            &http,
+            reqwest::Method::DELETE,
+            &format!("{net_url}/v2.0/ports/{vm}"),
+            &t,
+            None,
+        )
+        .await;
+        assert_eq!(s, 204);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while agent.kernel().state().ports.contains_key(&tap) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the VM port's tap outlived the port"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let _ = stop_tx.send(());
+        run.await.unwrap().unwrap();
+        assert!(!sock.exists(), "the socket is removed on shutdown");
+    })
+    .await
+    .expect("test timed out");
+}

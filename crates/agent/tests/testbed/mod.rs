@@ -1,0 +1,703 @@
+//! A test bed for end-to-end tests: an in-process API server, N "node" network namespaces on
+//! an underlay bridge, one real `isthmus agent` process per node (inside its namespace), and
+//! workload namespaces attached through each agent's socket.
+//!
+//! The underlay is a bridge in the root namespace with a per-test /24 out of 198.18.0.0/15
+//! (the benchmarking range); the server listens on the bridge's .254 address only. Everything
+//! else lives in namespaces named uniquely per test. Dropping the bed kills the agents, deletes
+//! the namespaces (with every device in them) and the bridge, also when a test fails; agent
+//! logs are printed when a test fails.
+//!
+//! Which binary: `$ISTHMUS_BIN` if set, else `cargo build -p isthmus-cli --bin isthmus` (a
+//! no-op when up to date) in the test's profile.
+#![allow(dead_code)]
+
+use crate::support::{must, run, Ns};
+use isthmus_server::{Config, ServerHandle};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ADMIN_PASSWORD: &str = "admin-secret-Pw1";
+pub const NODE_PASSWORD: &str = "node-secret-Pw1";
+pub const MEMBER_PASSWORD: &str = "member-secret-Pw1";
+
+/// The `isthmus` executable (see the module docs).
+pub fn isthmus_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ISTHMUS_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "ISTHMUS_BIN={} does not exist", p.display());
+        return p;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(&workspace)
+        .args([
+            "build",
+            "-p",
+            "isthmus-cli",
+            "--bin",
+            "isthmus",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cargo:?} build -p isthmus-cli: {e} (or set ISTHMUS_BIN)"));
+    assert!(
+        out.status.success(),
+        "cargo build -p isthmus-cli failed ({})",
+        out.status
+    );
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "isthmus")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported no isthmus executable");
+    assert!(exe.is_file(), "{} missing after the build", exe.display());
+    exe
+}
+
+/// The root-namespace underlay bridge; deleted on drop.
+pub struct Underlay {
+    pub bridge: String,
+    /// First three octets, e.g. `198.18.37`.
+    pub prefix: String,
+}
+
+static UNDERLAYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Underlay {
+    /// A /24 out of 198.18.0.0/15 that no interface of the host uses yet, starting from one
+    /// derived from the pid (so concurrent test processes start apart).
+    fn new() -> Underlay {
+        let n = UNDERLAYS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let pid = std::process::id() as usize;
+        let bridge = format!("isu{}x{}", pid % 10_000_000, n % 100);
+        // A fixed address: otherwise the bridge takes the lowest address of its ports and
+        // changes it as nodes join, leaving the nodes with a stale neighbour entry for the
+        // server (seconds of silence until it expires).
+        let mac = format!(
+            "02:15:{:02x}:{:02x}:{:02x}:{:02x}",
+            (pid >> 16) & 0xff,
+            (pid >> 8) & 0xff,
+            pid & 0xff,
+            n & 0xff
+        );
+        must(&["ip", "link", "add", &bridge, "address", &mac, "type", "bridge"]);
+        let mut u = Underlay {
+            bridge,
+            prefix: String::new(),
+        };
+        let start = (pid % 128) * 4 + n;
+        for i in 0..512 {
+            let k = (start + i * 7) % 512;
+            let prefix = format!("198.{}.{}", 18 + k / 256, k % 256);
+            let used = must(&["ip", "-4", "-o", "addr", "show"]);
+            if used.contains(&format!(" {prefix}.")) {
+                continue;
+            }
+            u.prefix = prefix;
+            break;
+        }
+        assert!(!u.prefix.is_empty(), "no free /24 in 198.18.0.0/15");
+        must(&["ip", "addr", "add", &format!("{}/24", u.server_ip()), "dev", &u.bridge]);
+        must(&["ip", "link", "set", &u.bridge, "up"]);
+        u
+    }
+
+    pub fn server_ip(&self) -> String {
+        format!("{}.254", self.prefix)
+    }
+}
+
+impl Drop for Underlay {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for args in [
+                vec!["ip", "-br", "addr"],
+                vec!["ip", "neigh", "show", "dev", &self.bridge],
+                vec!["bridge", "fdb", "show", "br", &self.bridge],
+            ] {
+                let (_, out, err) = run(&args);
+                eprintln!("{args:?}:\n{out}{err}");
+            }
+        }
+        let _ = run(&["ip", "link", "del", &self.bridge]);
+    }
+}
+
+/// One node: its namespace on the underlay and its agent process.
+pub struct Node {
+    pub name: String,
+    pub underlay_ip: String,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    /// The root-namespace end of the node's underlay link.
+    root_end: String,
+    child: Option<Child>,
+    args: Vec<String>,
+    // Last: the namespace goes after the agent is killed.
+    pub ns: Ns,
+}
+
+impl Node {
+    /// Starts (or restarts) the agent process.
+    pub fn start_agent(&mut self) {
+        assert!(self.child.is_none(), "agent of {} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .args(&self.args)
+            .env("ISTHMUS_NODE_PASSWORD", NODE_PASSWORD)
+            .env("ISTHMUS_LOG", "info,isthmus_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning the agent");
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs the agent (the datapath stays).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the agent's socket to accept connections.
+    pub async fn wait_socket(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent of {} never opened its socket",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One request on the agent's socket.
+    pub async fn request(&self, req: Value) -> Value {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            isthmus_agent::socket::request(&self.socket, &req),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{req} on {} timed out", self.name))
+        .unwrap_or_else(|e| panic!("{req} on {}: {e}", self.name))
+    }
+
+    /// A new workload namespace with `port_id` attached as eth0; the attach answer must be ok.
+    pub async fn attach(&self, port_id: &str) -> (Ns, Value) {
+        let wl = Ns::new();
+        let path = wl.path();
+        let answer = self
+            .request(json!({"op": "attach", "port_id": port_id, "netns": path, "ifname": "eth0"}))
+            .await;
+        assert_eq!(answer["ok"], json!(true), "attach {port_id} on {}: {answer}", self.name);
+        (wl, answer)
+    }
+
+    pub async fn detach(&self, port_id: &str) -> Value {
+        self.request(json!({"op": "detach", "port_id": port_id})).await
+    }
+
+    /// How many lines of the agent's log contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn has_link(&self, dev: &str) -> bool {
+        self.ns.link(dev).is_some()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_agent();
+        if std::thread::panicking() {
+            for args in [
+                vec!["ip", "-n", &self.ns.name, "-br", "addr"],
+                vec!["ip", "-n", &self.ns.name, "neigh"],
+                vec!["ip", "-n", &self.ns.name, "route"],
+                vec!["ip", "-d", "link", "show", &self.root_end],
+            ] {
+                let (_, out, err) = run(&args);
+                eprintln!("{args:?}:\n{out}{err}");
+            }
+        }
+        // Deleting the namespace would take this link along, but only once the kernel lets the
+        // namespace go, which lingering sockets can delay; delete it now.
+        let _ = run(&["ip", "link", "del", &self.root_end]);
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("----- agent log of {} (last lines) -----", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// The API server: in this process, or a real `isthmus server` process (which a test can
+/// SIGKILL and restart on the same data directory and addresses).
+pub enum Server {
+    InProcess(InProcess),
+    Process(ServerProcess),
+    Stopped,
+}
+
+/// A server in this process, on a runtime of its own: the test's own runtime may block its
+/// threads (namespace helpers, echo probes) without ever stalling the server.
+pub struct InProcess {
+    pub handle: ServerHandle,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl InProcess {
+    async fn start(config: Config, store: isthmus_store::DynStore) -> InProcess {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("testbed-server")
+            .enable_all()
+            .build()
+            .expect("server runtime");
+        let handle = runtime
+            .spawn(isthmus_server::start(config, store))
+            .await
+            .expect("server start task")
+            .expect("server starts");
+        InProcess {
+            handle,
+            runtime: Some(runtime),
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            // Allowed inside async code, unlike dropping the runtime.
+            rt.shutdown_background();
+        }
+    }
+}
+
+pub struct ServerProcess {
+    child: Child,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    fn spawn(args: &[String], log: &Path) -> ServerProcess {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("server log");
+        let child = Command::new(&args[0])
+            .args(&args[1..])
+            .env("ISTHMUS_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out)
+            .spawn()
+            .expect("spawning the server");
+        ServerProcess {
+            child,
+            args: args.to_vec(),
+            log: log.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub struct Testbed {
+    // Drop order matters: nodes (agents, namespaces), then the bridge, the server, the store.
+    pub nodes: Vec<Node>,
+    pub underlay: Underlay,
+    pub server: Server,
+    pub http: reqwest::Client,
+    pub network_url: String,
+    pub identity_url: String,
+    pub admin_token: String,
+    pub dir: tempfile::TempDir,
+    /// How to start the server process again (process mode).
+    server_args: Vec<String>,
+}
+
+impl Testbed {
+    /// An in-process server and `n` nodes with running, registered agents.
+    pub async fn start(n: usize) -> Testbed {
+        Self::start_with(n, false).await
+    }
+
+    /// Like [`Testbed::start`]; with `server_process` the server is a real process.
+    pub async fn start_with(n: usize, server_process: bool) -> Testbed {
+        crate::support::require_root();
+        let bin = tokio::task::spawn_blocking(isthmus_bin).await.expect("build task");
+        let underlay = Underlay::new();
+        let dir = tempfile::Builder::new()
+            .prefix("isthmus-testbed-")
+            .tempdir()
+            .expect("tempdir");
+        let http = reqwest::Client::new();
+        let (server, network_url, identity_url, server_args) = if server_process {
+            let ip = underlay.server_ip();
+            let (id_port, net_port) = (free_port(&ip), free_port(&ip));
+            let config = dir.path().join("server.toml");
+            std::fs::write(&config, "password_hash_kib = 64\n").expect("server config");
+            let args: Vec<String> = [
+                bin.to_str().unwrap(),
+                "server",
+                "--config",
+                config.to_str().unwrap(),
+                "--store",
+                "embedded",
+                "--data-dir",
+                dir.path().join("data").to_str().unwrap(),
+                "--identity-listen",
+                &format!("{ip}:{id_port}"),
+                "--network-listen",
+                &format!("{ip}:{net_port}"),
+                "--admin-password",
+                ADMIN_PASSWORD,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let p = ServerProcess::spawn(&args, &dir.path().join("server.log"));
+            (
+                Server::Process(p),
+                format!("http://{ip}:{net_port}"),
+                format!("http://{ip}:{id_port}/v3"),
+                args,
+            )
+        } else {
+            let listen: std::net::SocketAddr = format!("{}:0", underlay.server_ip()).parse().unwrap();
+            let config = Config {
+                identity_listen: listen,
+                network_listen: listen,
+                admin_password: Some(ADMIN_PASSWORD.into()),
+                password_hash_kib: 64,
+                ..Config::default()
+            };
+            let store = isthmus_store::embedded::EmbeddedStore::open(&dir.path().join("store")).expect("store");
+            let h = InProcess::start(config, store).await;
+            let urls = (
+                format!("http://{}", h.handle.network_addr),
+                format!("http://{}/v3", h.handle.identity_addr),
+            );
+            (Server::InProcess(h), urls.0, urls.1, vec![])
+        };
+        wait_ready(&http, &identity_url, &network_url).await;
+        let admin_token = token(&http, &identity_url, "admin", ADMIN_PASSWORD, "admin").await;
+        let mut tb = Testbed {
+            nodes: vec![],
+            underlay,
+            server,
+            http,
+            network_url,
+            identity_url,
+            admin_token,
+            dir,
+            server_args,
+        };
+        let service = tb.id_of("/projects?name=service", "projects").await;
+        let role = tb.id_of("/roles?name=node", "roles").await;
+        for i in 0..n {
+            let name = format!("node{i}");
+            let (s, b) = tb
+                .identity(
+                    Method::POST,
+                    "/users",
+                    Some(json!({"user": {"name": name, "password": NODE_PASSWORD, "domain_id": "default"}})),
+                )
+                .await;
+            assert_eq!(s, 201, "{b}");
+            let uid = b["user"]["id"].as_str().unwrap().to_string();
+            let (s, b) = tb
+                .identity(
+                    Method::PUT,
+                    &format!("/projects/{service}/users/{uid}/roles/{role}"),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 204, "{b}");
+            let ns = Ns::new();
+            let root_end = format!("{}n{i}", tb.underlay.bridge);
+            must(&[
+                "ip", "link", "add", &root_end, "type", "veth", "peer", "name", "und0", "netns", &ns.name,
+            ]);
+            must(&["ip", "link", "set", &root_end, "master", &tb.underlay.bridge]);
+            must(&["ip", "link", "set", &root_end, "up"]);
+            let ip = format!("{}.{}", tb.underlay.prefix, i + 1);
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "und0"]);
+            ns.ip(&["link", "set", "und0", "up"]);
+            let socket = tb.dir.path().join(format!("{name}.sock"));
+            let mut args: Vec<String> = [
+                bin.to_str().unwrap(),
+                "agent",
+                "--node",
+                &name,
+                "--underlay-ip",
+                &ip,
+                "--auth-url",
+                &tb.identity_url,
+                "--socket",
+                socket.to_str().unwrap(),
+                "--resync-secs",
+                "3",
+                "--heartbeat-secs",
+                "2",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            // With the in-process server the agents find the network API in the identity
+            // catalog; with a server process they are told.
+            if server_process {
+                args.extend(["--network-url".to_string(), tb.network_url.clone()]);
+            }
+            let mut node = Node {
+                root_end,
+                log: tb.dir.path().join(format!("{name}.log")),
+                name,
+                underlay_ip: ip,
+                socket,
+                child: None,
+                args,
+                ns,
+            };
+            node.start_agent();
+            tb.nodes.push(node);
+        }
+        for node in &tb.nodes {
+            node.wait_socket().await;
+        }
+        tb.wait_registered().await;
+        tb
+    }
+
+    /// Waits until every node is listed as an alive agent.
+    pub async fn wait_registered(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (s, b) = self.net(Method::GET, "/v2.0/agents", None).await;
+            assert_eq!(s, 200, "{b}");
+            let alive = b["agents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["alive"] == json!(true))
+                .count();
+            if alive >= self.nodes.len() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "agents did not register: {b}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn id_of(&self, path: &str, plural: &str) -> String {
+        let (s, b) = self.identity(Method::GET, path, None).await;
+        assert_eq!(s, 200, "{b}");
+        b[plural][0]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{path}: {b}"))
+            .to_string()
+    }
+
+    pub async fn identity(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        call(
+            &self.http,
+            method,
+            &format!("{}{path}", self.identity_url),
+            &self.admin_token,
+            body,
+        )
+        .await
+    }
+
+    /// The network API as the admin.
+    pub async fn net(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.net_as(&self.admin_token, method, path, body).await
+    }
+
+    pub async fn net_as(&self, token: &str, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        call(&self.http, method, &format!("{}{path}", self.network_url), token, body).await
+    }
+
+    /// A project `tag` with a member user; returns that user's token.
+    pub async fn member(&self, tag: &str) -> String {
+        let (s, b) = self
+            .identity(
+                Method::POST,
+                "/projects",
+                Some(json!({"project": {"name": tag, "domain_id": "default"}})),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        let pid = b["project"]["id"].as_str().unwrap().to_string();
+        let user = format!("user-{tag}");
+        let (s, b) = self
+            .identity(
+                Method::POST,
+                "/users",
+                Some(json!({"user": {"name": user, "password": MEMBER_PASSWORD, "domain_id": "default"}})),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        let uid = b["user"]["id"].as_str().unwrap().to_string();
+        let role = self.id_of("/roles?name=member", "roles").await;
+        let (s, b) = self
+            .identity(Method::PUT, &format!("/projects/{pid}/users/{uid}/roles/{role}"), None)
+            .await;
+        assert_eq!(s, 204, "{b}");
+        token(&self.http, &self.identity_url, &user, MEMBER_PASSWORD, tag).await
+    }
+
+    /// Creates `singular` in `collection` with `token`; asserts 201.
+    pub async fn create(&self, token: &str, collection: &str, singular: &str, attrs: Value) -> Value {
+        let (s, b) = self
+            .net_as(
+                token,
+                Method::POST,
+                &format!("/v2.0/{collection}"),
+                Some(json!({ singular: attrs })),
+            )
+            .await;
+        assert_eq!(s, 201, "create {singular} {attrs}: {b}");
+        b[singular].clone()
+    }
+
+    /// A port as the admin sees it (binding attributes included).
+    pub async fn port(&self, id: &str) -> Value {
+        let (s, b) = self.net(Method::GET, &format!("/v2.0/ports/{id}"), None).await;
+        assert_eq!(s, 200, "{b}");
+        b["port"].clone()
+    }
+
+    /// SIGKILLs the server process (process mode); agents keep running.
+    pub fn kill_server(&mut self) {
+        assert!(
+            matches!(self.server, Server::Process(_)),
+            "kill_server needs a server process"
+        );
+        self.server = Server::Stopped;
+    }
+
+    /// Starts the server process again on the same data directory and addresses.
+    pub async fn restart_server(&mut self) {
+        assert!(matches!(self.server, Server::Stopped), "the server is running");
+        let p = ServerProcess::spawn(&self.server_args, &self.dir.path().join("server.log"));
+        self.server = Server::Process(p);
+        wait_ready(&self.http, &self.identity_url, &self.network_url).await;
+        self.admin_token = token(&self.http, &self.identity_url, "admin", ADMIN_PASSWORD, "admin").await;
+    }
+}
+
+async fn wait_ready(http: &reqwest::Client, identity_url: &str, network_url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let id_ok = http.get(format!("{identity_url}/")).send().await.is_ok();
+        let net_ok = http
+            .get(format!("{network_url}/"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if id_ok && net_ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the server did not come up within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `f` every 100 ms until it holds; panics with `what` after `secs`.
+pub async fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn token(http: &reqwest::Client, identity_url: &str, user: &str, password: &str, project: &str) -> String {
+    let body = json!({"auth": {
+        "identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "domain": {"name": "Default"}, "password": password}}},
+        "scope": {"project": {"name": project, "domain": {"name": "Default"}}}}});
+    let resp = http
+        .post(format!("{identity_url}/auth/tokens"))
+        .json(&body)
+        .send()
+        .await
+        .expect("token request");
+    assert_eq!(resp.status().as_u16(), 201, "token for {user}/{project}");
+    resp.headers()
+        .get("x-subject-token")
+        .and_then(|v| v.to_str().ok())
+        .expect("X-Subject-Token")
+        .to_string()
+}
+
+pub async fn call(http: &reqwest::Client, method: Method, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = http
+        .request(method.clone(), url)
+        .header("X-Auth-Token", token)
+        .timeout(Duration::from_secs(10));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    let v = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, v)
+}
