@@ -11,6 +11,7 @@
 
 mod support;
 
+use isthmus_store::testing::isthmus_bin;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -23,48 +24,6 @@ use support::{id_of, issue_token, send, ADMIN_PASSWORD, ADMIN_PROJECT, ADMIN_USE
 
 const CLIENTS: usize = 4;
 const RUN_BEFORE_KILL: Duration = Duration::from_millis(1500);
-
-/// The `isthmus` executable to test (see the module docs).
-fn isthmus_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ISTHMUS_BIN") {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "ISTHMUS_BIN={} does not exist", p.display());
-        return p;
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut cmd = Command::new(&cargo);
-    cmd.current_dir(&workspace)
-        .args([
-            "build",
-            "-p",
-            "isthmus-cli",
-            "--bin",
-            "isthmus",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit());
-    if !cfg!(debug_assertions) {
-        cmd.arg("--release");
-    }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cargo:?} build -p isthmus-cli: {e} (or set ISTHMUS_BIN)"));
-    assert!(
-        out.status.success(),
-        "cargo build -p isthmus-cli failed ({}); set ISTHMUS_BIN to test a prebuilt binary",
-        out.status
-    );
-    let exe = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "isthmus")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reported no isthmus executable");
-    assert!(exe.is_file(), "{} missing after the build", exe.display());
-    exe
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -6,7 +6,7 @@ use crate::DynStore;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -225,4 +225,48 @@ where
 {
     let tmp = TempEmbedded::new();
     f(tmp.dyn_store()).await
+}
+
+/// The `isthmus` executable for tests that run it as a process: `$ISTHMUS_BIN` if set, else
+/// `cargo build -p isthmus-cli --bin isthmus` in the caller's profile (a no-op when up to date;
+/// follows `CARGO_TARGET_DIR`) and the executable cargo reports.
+pub fn isthmus_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ISTHMUS_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "ISTHMUS_BIN={} does not exist", p.display());
+        return p;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(&workspace)
+        .args([
+            "build",
+            "-p",
+            "isthmus-cli",
+            "--bin",
+            "isthmus",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cargo:?} build -p isthmus-cli: {e} (or set ISTHMUS_BIN)"));
+    assert!(
+        out.status.success(),
+        "cargo build -p isthmus-cli failed ({}); set ISTHMUS_BIN to test a prebuilt binary",
+        out.status
+    );
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "isthmus")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported no isthmus executable");
+    assert!(exe.is_file(), "{} missing after the build", exe.display());
+    exe
 }

@@ -24,47 +24,7 @@ pub const ADMIN_PASSWORD: &str = "admin-secret-Pw1";
 pub const NODE_PASSWORD: &str = "node-secret-Pw1";
 pub const MEMBER_PASSWORD: &str = "member-secret-Pw1";
 
-/// The `isthmus` executable (see the module docs).
-pub fn isthmus_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ISTHMUS_BIN") {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "ISTHMUS_BIN={} does not exist", p.display());
-        return p;
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut cmd = Command::new(&cargo);
-    cmd.current_dir(&workspace)
-        .args([
-            "build",
-            "-p",
-            "isthmus-cli",
-            "--bin",
-            "isthmus",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit());
-    if !cfg!(debug_assertions) {
-        cmd.arg("--release");
-    }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cargo:?} build -p isthmus-cli: {e} (or set ISTHMUS_BIN)"));
-    assert!(
-        out.status.success(),
-        "cargo build -p isthmus-cli failed ({})",
-        out.status
-    );
-    let exe = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "isthmus")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reported no isthmus executable");
-    assert!(exe.is_file(), "{} missing after the build", exe.display());
-    exe
-}
+pub use isthmus_store::testing::isthmus_bin;
 
 /// The root-namespace underlay bridge; deleted on drop.
 pub struct Underlay {
