@@ -199,3 +199,125 @@ async fn a_node_reports_status_of_its_own_ports_only() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn a_node_creates_and_deletes_ports_bound_to_itself_in_a_named_project() {
+    let server = TestServer::start(Backend::Embedded).await;
+    let node = server.api(&node_token(&server, "node-a").await);
+    let owner = server.member("owner").await;
+    let stranger = server.member("stranger").await;
+    let net = owner.api.network("blue").await["id"].as_str().expect("id").to_string();
+    owner.api.subnet(&net, "10.0.0.0/24").await;
+    let other = stranger.api.network("blue").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    stranger.api.subnet(&other, "10.0.0.0/24").await;
+
+    // Project and network by name; a requested address and MAC are honoured.
+    let (s, b) = node
+        .post(
+            "/isthmus/v1/nodes/node-a/ports",
+            json!({"port": {"project": owner.project, "network": "blue", "device_owner": "isthmus:cni",
+                   "fixed_ips": [{"ip_address": "10.0.0.42"}], "mac_address": "fa:16:3e:00:00:42",
+                   "binding:profile": {"cni": {"container_id": "c1", "ifname": "eth0"}}}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let pid = b["port"]["id"].as_str().expect("id").to_string();
+    assert_eq!(b["port"]["network_id"], net.as_str());
+    assert_eq!(b["port"]["binding:host_id"], "node-a");
+    assert_eq!(b["port"]["fixed_ips"][0]["ip_address"], "10.0.0.42");
+    assert_eq!(b["port"]["mac_address"], "fa:16:3e:00:00:42");
+    // The owner sees it as its own; the other project does not.
+    let (s, b) = owner.api.get(&format!("/v2.0/ports/{pid}")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["port"]["project_id"], owner.project_id.as_str());
+    let (s, _) = stranger.api.get(&format!("/v2.0/ports/{pid}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // The same address again: Neutron's conflict, nothing created.
+    let (s, b) = node
+        .post(
+            "/isthmus/v1/nodes/node-a/ports",
+            json!({"port": {"project": owner.project_id, "network": net, "fixed_ips": [{"ip_address": "10.0.0.42"}]}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert_eq!(owner.api.list("/v2.0/ports", "ports").await.len(), 1);
+
+    // Another project's network is not there for this project, by id or by name.
+    let (s, _) = node
+        .post(
+            "/isthmus/v1/nodes/node-a/ports",
+            json!({"port": {"project": owner.project, "network": other}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = node
+        .post(
+            "/isthmus/v1/nodes/node-a/ports",
+            json!({"port": {"project": "no-such-project", "network": "blue"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Bad input: clear 400s.
+    for bad in [
+        json!({"port": {"network": "blue"}}),
+        json!({"port": {"project": owner.project}}),
+        json!({"port": {"project": owner.project, "network": "blue", "binding:host_id": "node-b"}}),
+        json!({"port": {"project": owner.project, "network": "blue", "binding:profile": "x"}}),
+        json!({"nope": {}}),
+    ] {
+        let (s, b) = node.post("/isthmus/v1/nodes/node-a/ports", bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {b}");
+    }
+
+    // Only as itself; members cannot use the node API at all.
+    let (s, _) = node
+        .post(
+            "/isthmus/v1/nodes/node-b/ports",
+            json!({"port": {"project": owner.project, "network": "blue"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = owner
+        .api
+        .post(
+            &format!("/isthmus/v1/nodes/{}/ports", owner.user),
+            json!({"port": {"project": owner.project, "network": "blue"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // The node updates the attachment record of its own port.
+    let (s, b) = node
+        .put(
+            &format!("/isthmus/v1/nodes/node-a/ports/{pid}"),
+            json!({"port": {"device_id": "c2", "name": "c2-eth0", "binding:profile": {"cni": {"container_id": "c2"}}}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["port"]["device_id"], "c2");
+    assert_eq!(b["port"]["binding:profile"]["cni"]["container_id"], "c2");
+
+    // Deleting: another node cannot; this node can, once; the address is free again.
+    let other_node = server.api(&node_token(&server, "node-b").await);
+    let (s, _) = other_node
+        .delete(&format!("/isthmus/v1/nodes/node-b/ports/{pid}"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = node.delete(&format!("/isthmus/v1/nodes/node-a/ports/{pid}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = node.delete(&format!("/isthmus/v1/nodes/node-a/ports/{pid}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = owner.api.get(&format!("/v2.0/ports/{pid}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, b) = node
+        .post(
+            "/isthmus/v1/nodes/node-a/ports",
+            json!({"port": {"project": owner.project, "network": "blue", "fixed_ips": [{"ip_address": "10.0.0.42"}]}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+}

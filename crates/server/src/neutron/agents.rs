@@ -220,7 +220,8 @@ pub async fn member(
 
 /// `PUT /isthmus/v1/nodes/{host}/ports/{id}`: the node binds a port to itself and reports its
 /// binding and status. Body: `{"port": {"bind": true, "status": "ACTIVE"|"DOWN",
-/// "vif_type": "...", "vif_details": {...}}}`. `bind` claims an unbound port (the attach path);
+/// "vif_type": "...", "vif_details": {...}, "device_id": "...", "name": "...",
+/// "binding:profile": {...}}}`. `bind` claims an unbound port (the attach path);
 /// otherwise only ports already bound to that node are accepted. Users cannot set these fields
 /// (Neutron keeps them read-only).
 pub async fn port_status(
@@ -244,6 +245,12 @@ pub async fn port_status(
         }
     }
     let vif_type = body.string("vif_type")?;
+    let device_id = body.string("device_id")?;
+    let name = body.string("name")?;
+    let profile = body.take_raw("binding:profile");
+    if profile.as_ref().is_some_and(|v| !v.is_object()) {
+        return Err(NeutronError::invalid_attr("binding:profile", "must be a dictionary").into());
+    }
     let vif_details = body.take_raw("vif_details");
     if vif_details.as_ref().is_some_and(|v| !v.is_object()) {
         return Err(NeutronError::invalid_attr("vif_details", "must be a dictionary").into());
@@ -273,6 +280,18 @@ pub async fn port_status(
         if let Some(v) = &vif_details {
             changed |= p.binding_vif_details != *v;
             p.binding_vif_details = v.clone();
+        }
+        if let Some(v) = &device_id {
+            changed |= p.device_id != *v;
+            p.device_id = v.clone();
+        }
+        if let Some(v) = &name {
+            changed |= p.name != *v;
+            p.name = v.clone();
+        }
+        if let Some(v) = &profile {
+            changed |= p.binding_profile != *v;
+            p.binding_profile = v.clone();
         }
         if !changed {
             // Nothing to write: reports are repeated on every sync and must stay cheap.

@@ -6,6 +6,7 @@
 mod agents;
 mod common;
 mod networks;
+mod nodeports;
 pub mod nodeview;
 mod ports;
 pub mod query;
@@ -21,7 +22,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::Router;
 use isthmus_model::NeutronError;
 use serde_json::{json, Value};
@@ -151,7 +152,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/isthmus/v1/nodes/{host}", put(agents::heartbeat))
         .route("/isthmus/v1/nodes/{host}/watch", get(nodeview::watch))
-        .route("/isthmus/v1/nodes/{host}/ports/{id}", put(agents::port_status))
+        .route("/isthmus/v1/nodes/{host}/ports", post(nodeports::create))
+        .route(
+            "/isthmus/v1/nodes/{host}/ports/{id}",
+            put(agents::port_status).delete(nodeports::delete),
+        )
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))

@@ -509,7 +509,18 @@ fn security_conflicts(port_security: bool, groups: &[String], pairs: &[AddressPa
 /// Until a node agent binds the port, Neutron's word for its VIF type is "unbound".
 const VIF_UNBOUND: &str = "unbound";
 
-pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Port> {
+pub async fn create(ctx: &Ctx<'_>, body: Body) -> NResult<Port> {
+    create_bound(ctx, body, None).await
+}
+
+/// A port a node creates for itself (the node API): bound to `host` from the start, with the
+/// binding profile the node gives. The caller's context is the owning project's.
+pub struct NodeBinding {
+    pub host: String,
+    pub profile: Value,
+}
+
+pub async fn create_bound(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>) -> NResult<Port> {
     let project_id = ctx.target_project(&mut body)?;
     let network_id = body.string("network_id")?.ok_or_else(|| {
         NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified")
@@ -569,7 +580,14 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Port> {
         check_groups(ctx, &project_id, &groups)?;
         let pairs = apply_pairs(f.pairs.as_deref().unwrap_or(&[]), &mac);
         security_conflicts(port_security, &groups, &pairs)?;
-        let host = f.host_id.clone().unwrap_or_default();
+        let host = match &node {
+            Some(n) => n.host.clone(),
+            None => f.host_id.clone().unwrap_or_default(),
+        };
+        let profile = match &node {
+            Some(n) => n.profile.clone(),
+            None => f.profile.clone().unwrap_or_else(|| json!({})),
+        };
         let port = Port {
             id: id.clone(),
             project_id: project_id.clone(),
@@ -584,7 +602,7 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Port> {
             binding_vif_type: VIF_UNBOUND.into(),
             binding_host_id: host,
             binding_vif_details: json!({}),
-            binding_profile: f.profile.clone().unwrap_or_else(|| json!({})),
+            binding_profile: profile,
             binding_vnic_type: f.vnic_type.clone().unwrap_or_else(|| "normal".into()),
             allowed_address_pairs: pairs,
             port_security_enabled: port_security,
