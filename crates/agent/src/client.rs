@@ -231,12 +231,42 @@ impl Client {
         Ok(v["port"].clone())
     }
 
-    /// Opens the node stream (NDJSON). No overall timeout: the caller watches for pings.
-    pub async fn watch(&self) -> Result<reqwest::Response, ApiError> {
+    /// Creates a port bound to this node. `port` carries `project` and `network` (names or
+    /// ids) and optional Neutron port fields. Returns the port.
+    pub async fn create_port(&self, port: Value) -> Result<Value, ApiError> {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/isthmus/v1/nodes/{}/ports", self.node),
+                &json!({ "port": port }),
+            )
+            .await?;
+        Ok(v["port"].clone())
+    }
+
+    /// Deletes a port bound to this node; one already gone counts as deleted.
+    pub async fn delete_port(&self, port_id: &str) -> Result<(), ApiError> {
+        match self
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/isthmus/v1/nodes/{}/ports/{port_id}", self.node),
+                &Value::Null,
+            )
+            .await
+        {
+            Err(e) if e.status() == Some(404) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
+    /// Opens the node stream (NDJSON), resuming after revision `since` when given. No overall
+    /// timeout: the caller watches for pings.
+    pub async fn watch(&self, since: Option<i64>) -> Result<reqwest::Response, ApiError> {
+        let q = since.map(|r| format!("?since={r}")).unwrap_or_default();
         let resp = self
             .send(
                 reqwest::Method::GET,
-                &format!("/isthmus/v1/nodes/{}/watch", self.node),
+                &format!("/isthmus/v1/nodes/{}/watch{q}", self.node),
                 None,
                 None,
             )

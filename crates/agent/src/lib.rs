@@ -8,9 +8,11 @@
 //! port binding and status, the node stream), [`objects`] keeps the node's slice of the
 //! topology and turns it into a [`view::NodeView`] (pure), [`runtime`] ties it together
 //! (reconcile on every change and periodically, never tearing down because the server is
-//! gone), and [`socket`] is the local attach API on a unix socket.
+//! gone), [`socket`] is the local attach API on a unix socket, and [`cni`] is the agent's half of
+//! the CNI plugin (attachments as ports, port pools).
 
 pub mod client;
+pub mod cni;
 pub mod desired;
 pub mod kernel;
 pub mod names;

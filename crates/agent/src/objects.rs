@@ -37,6 +37,8 @@ pub struct BadMessage(pub String);
 pub enum Applied {
     Snapshot,
     Update,
+    /// The first message after a reconnect with `since`: only what changed meanwhile.
+    Resume,
     Ping,
 }
 
@@ -75,7 +77,7 @@ impl Objects {
                 self.revision = rev.unwrap_or(0);
                 Ok(Applied::Snapshot)
             }
-            Some("update") => {
+            Some(t @ ("update" | "resume")) => {
                 let mut puts = vec![];
                 for o in msg["put"].as_array().into_iter().flatten() {
                     puts.push(parse_object(o)?);
@@ -97,9 +99,19 @@ impl Objects {
                 if let Some(r) = rev {
                     self.revision = r;
                 }
-                Ok(Applied::Update)
+                Ok(if t == "resume" {
+                    Applied::Resume
+                } else {
+                    Applied::Update
+                })
             }
-            Some("ping") => Ok(Applied::Ping),
+            Some("ping") => {
+                // Everything up to the ping's revision was sent before it.
+                if let Some(r) = rev {
+                    self.revision = self.revision.max(r);
+                }
+                Ok(Applied::Ping)
+            }
             _ => Err(BadMessage(format!("unknown message type in {msg}"))),
         }
     }
@@ -429,6 +441,12 @@ mod tests {
         let remote: Vec<_> = v.remote_ports.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(remote, ["p6"]);
         assert_eq!(o.apply(&json!({"type": "ping"})), Ok(Applied::Ping));
+        assert_eq!(o.apply(&json!({"type": "ping", "revision": 14})), Ok(Applied::Ping));
+        assert_eq!(o.revision, 14, "a ping vouches for everything before it");
+        let resume = json!({"type": "resume", "since": 14, "revision": 17, "put": [], "delete": ["/isthmus/ports/p6"]});
+        assert_eq!(o.apply(&resume), Ok(Applied::Resume));
+        assert_eq!(o.revision, 17);
+        assert!(to_view(&o, "n1", None).remote_ports.is_empty());
         let snap = json!({"type": "snapshot", "revision": 20, "objects": []});
         o.apply(&snap).unwrap();
         assert!(o.by_key.is_empty());

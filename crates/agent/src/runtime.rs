@@ -40,6 +40,10 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// How long an attach waits for the port to show up in the node's view.
     pub attach_timeout: Duration,
+    /// Ready ports kept per network in use for CNI ADD; 0 turns pools off.
+    pub pool_size: usize,
+    /// A network's pool is drained after this long without an ADD or attachment.
+    pub pool_idle: Duration,
 }
 
 impl AgentConfig {
@@ -55,6 +59,8 @@ impl AgentConfig {
             resync: Duration::from_secs(30),
             heartbeat: Duration::from_secs(10),
             attach_timeout: Duration::from_secs(20),
+            pool_size: 3,
+            pool_idle: Duration::from_secs(600),
         }
     }
 }
@@ -71,14 +77,15 @@ impl std::fmt::Debug for AgentConfig {
             .field("socket", &self.socket)
             .field("resync", &self.resync)
             .field("heartbeat", &self.heartbeat)
+            .field("pool_size", &self.pool_size)
             .finish()
     }
 }
 
-struct ViewState {
-    objects: Objects,
+pub(crate) struct ViewState {
+    pub(crate) objects: Objects,
     /// A snapshot arrived at least once: the map is the server's word, not just empty.
-    synced: bool,
+    pub(crate) synced: bool,
 }
 
 /// An error of an attach or detach, with an HTTP-like code for the socket's answer.
@@ -86,6 +93,8 @@ struct ViewState {
 pub struct OpError {
     pub code: u16,
     pub message: String,
+    /// The CNI error code, for requests from the CNI plugin.
+    pub cni: Option<u32>,
 }
 
 impl OpError {
@@ -93,15 +102,30 @@ impl OpError {
         OpError {
             code,
             message: message.into(),
+            cni: None,
         }
+    }
+
+    pub fn with_cni(mut self, code: u32) -> Self {
+        self.cni = Some(code);
+        self
     }
 }
 
 impl From<ApiError> for OpError {
     fn from(e: ApiError) -> Self {
+        // Neutron's own message says it best ("IP address 10.0.0.7 already allocated ...").
+        let neutron = match &e {
+            ApiError::Status { status, body } => serde_json::from_str::<Value>(body)
+                .ok()
+                .and_then(|v| v["NeutronError"]["message"].as_str().map(str::to_string))
+                .map(|m| format!("server answered {status}: {m}")),
+            _ => None,
+        };
+        let msg = neutron.unwrap_or_else(|| e.to_string());
         match e.status() {
-            None => OpError::new(503, e.to_string()),
-            Some(s) => OpError::new(if s >= 500 { 502 } else { s }, e.to_string()),
+            None => OpError::new(503, msg),
+            Some(s) => OpError::new(if s >= 500 { 502 } else { s }, msg),
         }
     }
 }
@@ -127,14 +151,17 @@ pub fn valid_port_id(id: &str) -> bool {
 
 pub struct Agent<K: Kernel> {
     pub config: AgentConfig,
-    client: Client,
+    pub(crate) client: Client,
     kernel: K,
     view: Mutex<ViewState>,
     /// Bumped whenever the object map changes.
-    generation: watch::Sender<u64>,
+    pub(crate) generation: watch::Sender<u64>,
     changed: Notify,
     /// Serialises datapath changes: reconcile passes, attaches, detaches.
-    datapath: tokio::sync::Mutex<()>,
+    pub(crate) datapath: tokio::sync::Mutex<()>,
+    pub(crate) pools: crate::cni::Pools,
+    /// The node stream is up (a message arrived on the current connection).
+    connected: std::sync::atomic::AtomicBool,
 }
 
 impl<K: Kernel + 'static> Agent<K> {
@@ -160,6 +187,8 @@ impl<K: Kernel + 'static> Agent<K> {
             generation: watch::channel(0).0,
             changed: Notify::new(),
             datapath: tokio::sync::Mutex::new(()),
+            pools: crate::cni::Pools::default(),
+            connected: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -168,7 +197,12 @@ impl<K: Kernel + 'static> Agent<K> {
         &self.kernel
     }
 
-    fn lock_view(&self) -> std::sync::MutexGuard<'_, ViewState> {
+    /// Whether the agent currently hears from the server.
+    pub fn connected(&self) -> bool {
+        self.connected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn lock_view(&self) -> std::sync::MutexGuard<'_, ViewState> {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -299,6 +333,10 @@ impl<K: Kernel + 'static> Agent<K> {
             tokio::spawn(self.clone().heartbeat_loop()),
             tokio::spawn(self.clone().watch_loop()),
             tokio::spawn(self.clone().reconcile_loop()),
+            tokio::spawn({
+                let a = self.clone();
+                async move { a.pool_loop().await }
+            }),
             tokio::spawn(crate::socket::serve(self.clone(), listener)),
         ];
         shutdown.await;
@@ -335,7 +373,9 @@ impl<K: Kernel + 'static> Agent<K> {
     async fn watch_loop(self: Arc<Self>) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            match self.watch_once(&mut backoff).await {
+            let res = self.watch_once(&mut backoff).await;
+            self.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+            match res {
                 Ok(()) => warn!("node stream ended, reconnecting"),
                 Err(e) => warn!(error = %e, "node stream failed, reconnecting"),
             }
@@ -347,8 +387,12 @@ impl<K: Kernel + 'static> Agent<K> {
 
     /// One connection of the node stream, until it ends or fails.
     async fn watch_once(&self, backoff: &mut Backoff) -> anyhow::Result<()> {
-        let resp = self.client.watch().await?;
-        info!("node stream connected");
+        let since = {
+            let v = self.lock_view();
+            v.synced.then_some(v.objects.revision)
+        };
+        let resp = self.client.watch(since).await?;
+        info!(?since, "node stream connected");
         let mut stream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         // The server pings every 5 s; silence for much longer means a dead connection.
@@ -362,9 +406,20 @@ impl<K: Kernel + 'static> Agent<K> {
                 }
                 let msg: Value =
                     serde_json::from_slice(line).map_err(|e| anyhow::anyhow!("node stream: not JSON: {e}"))?;
+                self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                 match self.apply_message(&msg)? {
                     Applied::Snapshot => {
                         info!(revision = msg["revision"].as_i64(), "snapshot received");
+                        backoff.reset();
+                    }
+                    Applied::Resume => {
+                        info!(
+                            since = msg["since"].as_i64(),
+                            revision = msg["revision"].as_i64(),
+                            put = msg["put"].as_array().map_or(0, Vec::len),
+                            delete = msg["delete"].as_array().map_or(0, Vec::len),
+                            "node stream resumed"
+                        );
                         backoff.reset();
                     }
                     Applied::Update => debug!(revision = msg["revision"].as_i64(), "update received"),

@@ -3,6 +3,8 @@
 //! Requests, one per line:
 //! `{"op":"attach","port_id":ID,"netns":PATH,"ifname":"eth0"}`, `{"op":"detach","port_id":ID}`
 //! and `{"op":"status"}` (whether the agent has the server's view, its ports and networks).
+//! The CNI plugin's requests: `cni_add`, `cni_del`, `cni_check`, `cni_gc`, `cni_status`
+//! (see [`crate::cni`]); their errors also carry `cni_code`, the CNI error code.
 //! Each gets one line back: `{"ok":true,...}` or `{"ok":false,"code":N,"message":"..."}`.
 
 use crate::kernel::Kernel;
@@ -57,7 +59,11 @@ pub async fn serve<K: Kernel + 'static>(agent: Arc<Agent<K>>, listener: UnixList
 }
 
 fn error(e: OpError) -> Value {
-    json!({"ok": false, "code": e.code, "message": e.message})
+    let mut v = json!({"ok": false, "code": e.code, "message": e.message});
+    if let Some(c) = e.cni {
+        v["cni_code"] = json!(c);
+    }
+    v
 }
 
 async fn connection<K: Kernel + 'static>(agent: Arc<Agent<K>>, stream: UnixStream) -> std::io::Result<()> {
@@ -122,12 +128,74 @@ pub async fn handle<K: Kernel + 'static>(agent: &Agent<K>, line: &[u8]) -> Resul
         }
         Some("detach") => agent.detach(required(&req, "port_id")?).await,
         Some("status") => Ok(agent.status()),
+        Some("cni_add") => {
+            let r = cni_request(&req)?;
+            agent.cni_add(&r).await
+        }
+        Some("cni_del") => {
+            let (cid, ifname) = attachment(&req)?;
+            agent.cni_del(cid, ifname).await
+        }
+        Some("cni_check") => {
+            let (cid, ifname) = attachment(&req)?;
+            let netns = PathBuf::from(required(&req, "netns").map_err(cni_config)?);
+            agent.cni_check(cid, ifname, &netns).await
+        }
+        Some("cni_gc") => {
+            let network = required(&req, "network").map_err(cni_config)?;
+            let mut valid = std::collections::HashSet::new();
+            for v in req["valid"].as_array().into_iter().flatten() {
+                let (cid, ifname) = attachment(v)?;
+                valid.insert((cid.to_string(), ifname.to_string()));
+            }
+            agent.cni_gc(network, &valid).await
+        }
+        Some("cni_status") => agent.cni_status(),
         Some(op) => Err(OpError::new(
             400,
-            format!("unknown op {op:?} (use attach, detach or status)"),
+            format!(
+                "unknown op {op:?} (use attach, detach, status or cni_add, cni_del, cni_check, cni_gc, cni_status)"
+            ),
         )),
         None => Err(OpError::new(400, "'op' is required")),
     }
+}
+
+fn cni_config(e: OpError) -> OpError {
+    e.with_cni(crate::cni::code::INVALID_CONFIG)
+}
+
+/// The (container id, interface) an attachment is known by.
+fn attachment(req: &Value) -> Result<(&str, &str), OpError> {
+    let cid = required(req, "container_id").map_err(cni_config)?;
+    let ifname = field(req, "ifname").map_err(cni_config)?.unwrap_or("eth0");
+    Ok((cid, ifname))
+}
+
+fn cni_request(req: &Value) -> Result<crate::cni::AddRequest, OpError> {
+    let (cid, ifname) = attachment(req)?;
+    if !crate::kernel::valid_ifname(ifname) {
+        return Err(cni_config(OpError::new(400, format!("invalid ifname {ifname:?}"))));
+    }
+    let netns = PathBuf::from(required(req, "netns").map_err(cni_config)?);
+    if !netns.is_absolute() || !netns.exists() {
+        return Err(OpError::new(400, format!("netns {} does not exist", netns.display()))
+            .with_cni(crate::cni::code::UNKNOWN_CONTAINER));
+    }
+    let mut ips = vec![];
+    for ip in req["ips"].as_array().into_iter().flatten() {
+        let parsed = ip.as_str().and_then(|s| s.parse().ok());
+        ips.push(parsed.ok_or_else(|| cni_config(OpError::new(400, format!("{ip} is not an IP address"))))?);
+    }
+    Ok(crate::cni::AddRequest {
+        container_id: cid.to_string(),
+        ifname: ifname.to_string(),
+        netns,
+        network: required(req, "network").map_err(cni_config)?.to_string(),
+        project: required(req, "project").map_err(cni_config)?.to_string(),
+        ips,
+        mac: field(req, "mac").map_err(cni_config)?.map(str::to_string),
+    })
 }
 
 /// A client for the socket: sends one request, returns the answer (tests and tools).

@@ -393,11 +393,13 @@ async fn throughput() {
         ] {
             println!("{what:<58} {x:>8.2}");
         }
+        // Like for like: the hand-built path on the same (bridged) underlay as the test bed's
+        // nodes, so the ratio measures the datapath Isthmus builds, not the test bed.
         println!(
-            "ratio isthmus / hand-built:         {:.3} (target >= 0.95)",
-            m[0] / m[1]
+            "ratio isthmus / hand-built, same underlay: {:.3} (target >= 0.95)",
+            m[0] / m[2]
         );
-        println!("ratio isthmus / hand-built/bridged: {:.3}", m[0] / m[2]);
+        println!("ratio isthmus / hand-built, veth underlay: {:.3}", m[0] / m[1]);
         println!("ratio isthmus / bare:               {:.3}", m[0] / m[3]);
         println!(
             "BENCH_JSON {}",

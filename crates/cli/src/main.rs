@@ -60,6 +60,9 @@ struct AgentArgs {
     /// Seconds between heartbeats.
     #[arg(long, env = "ISTHMUS_HEARTBEAT_SECS", default_value_t = 10)]
     heartbeat_secs: u64,
+    /// Ready ports kept per network in use, so CNI ADD need not create one (0: no pools).
+    #[arg(long, env = "ISTHMUS_POOL_SIZE", default_value_t = 3)]
+    pool_size: usize,
 }
 
 async fn run_agent(a: AgentArgs) -> Result<()> {
@@ -74,6 +77,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     c.socket = a.socket;
     c.resync = std::time::Duration::from_secs(a.resync_secs.max(1));
     c.heartbeat = std::time::Duration::from_secs(a.heartbeat_secs.max(1));
+    c.pool_size = a.pool_size.min(64);
     isthmus_agent::runtime::run(c, shutdown_signal()).await
 }
 

@@ -37,9 +37,14 @@ impl Lines {
 }
 
 async fn watch(server: &TestServer, host: &str) -> Lines {
+    watch_from(server, host, None).await
+}
+
+async fn watch_from(server: &TestServer, host: &str, since: Option<i64>) -> Lines {
+    let q = since.map(|r| format!("?since={r}")).unwrap_or_default();
     let resp = server
         .admin
-        .request(reqwest::Method::GET, &format!("/isthmus/v1/nodes/{host}/watch"))
+        .request(reqwest::Method::GET, &format!("/isthmus/v1/nodes/{host}/watch{q}"))
         .send()
         .await
         .expect("watch");
@@ -155,4 +160,91 @@ async fn the_server_stops_even_with_node_watches_open() {
     assert_eq!(w.next().await["type"], "snapshot");
     let stopped = tokio::time::timeout(Duration::from_secs(10), server.stop()).await;
     assert!(stopped.is_ok(), "server did not stop while a node watch was open");
+}
+
+#[tokio::test]
+async fn a_reconnecting_node_resumes_with_only_what_changed() {
+    let server = TestServer::start(Backend::Embedded).await;
+    for (h, ip) in [("n1", "192.0.2.1"), ("n2", "192.0.2.2")] {
+        let (s, b) = server
+            .admin
+            .put(&format!("/isthmus/v1/nodes/{h}"), json!({"node": {"underlay_ip": ip}}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+    let a = server.admin.network("net-a").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let b = server.admin.network("net-b").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    server.admin.subnet(&a, "10.0.0.0/24").await;
+    server.admin.subnet(&b, "10.0.0.0/24").await;
+    let keep = bound_port(&server, &a, "n1").await;
+    let gone = bound_port(&server, &a, "n2").await;
+    for _ in 0..20 {
+        bound_port(&server, &a, "n2").await;
+    }
+
+    let mut w = watch(&server, "n1").await;
+    let snap = w.next().await;
+    assert_eq!(snap["type"], "snapshot");
+    let snap_rev = snap["revision"].as_i64().expect("revision");
+    let snap_len = keys_of(&snap["objects"]).len();
+    assert!(snap_len >= 25, "{snap_len}");
+    drop(w);
+
+    // While n1 is away: one port goes, one arrives, another network changes.
+    let (s, _) = server.admin.delete(&format!("/v2.0/ports/{gone}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let new = bound_port(&server, &a, "n2").await;
+    bound_port(&server, &b, "n2").await;
+
+    let mut w = watch_from(&server, "n1", Some(snap_rev)).await;
+    let r = w.next().await;
+    assert_eq!(r["type"], "resume", "{r}");
+    assert_eq!(r["since"], snap_rev);
+    let put = keys_of(&r["put"]);
+    assert_eq!(put.len(), 1, "only the new port is sent again: {r}");
+    assert!(has(&put, "ports", &new), "{r}");
+    let del: Vec<String> = r["delete"]
+        .as_array()
+        .expect("delete")
+        .iter()
+        .filter_map(|k| k.as_str().map(str::to_string))
+        .collect();
+    assert!(has(&del, "ports", &gone) && del.len() == 1, "{r}");
+    let rev2 = r["revision"].as_i64().expect("revision");
+
+    // Live updates continue on the resumed stream, and a later resume covers them too.
+    let (s, _) = server.admin.delete(&format!("/v2.0/ports/{keep}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let up = w.next().await;
+    assert_eq!(up["type"], "update");
+    drop(w);
+    let mut w = watch_from(&server, "n1", Some(rev2)).await;
+    let r = w.next().await;
+    assert_eq!(r["type"], "resume", "{r}");
+    assert!(keys_of(&r["put"]).is_empty(), "{r}");
+    assert!(
+        r["delete"].as_array().expect("delete").len() >= 20,
+        "n1 left net-a: {r}"
+    );
+    drop(w);
+
+    // A revision the server has no record reaching back to: a full snapshot (relist).
+    let mut w = watch_from(&server, "n1", Some(1)).await;
+    assert_eq!(w.next().await["type"], "snapshot");
+    drop(w);
+    let mut w = watch_from(&server, "n2", Some(snap_rev)).await;
+    assert_eq!(w.next().await["type"], "snapshot", "n2 never watched before");
+    let resp = server
+        .admin
+        .request(reqwest::Method::GET, "/isthmus/v1/nodes/n1/watch?since=yesterday")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
 }

@@ -228,12 +228,23 @@ where
 }
 
 /// The `isthmus` executable for tests that run it as a process: `$ISTHMUS_BIN` if set, else
-/// `cargo build -p isthmus-cli --bin isthmus` in the caller's profile (a no-op when up to date;
-/// follows `CARGO_TARGET_DIR`) and the executable cargo reports.
+/// built by [`workspace_bin`].
 pub fn isthmus_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ISTHMUS_BIN") {
+    workspace_bin("isthmus-cli", "isthmus", "ISTHMUS_BIN")
+}
+
+/// The `isthmus-cni` plugin executable: `$ISTHMUS_CNI_BIN` if set, else built.
+pub fn cni_bin() -> PathBuf {
+    workspace_bin("isthmus-cni", "isthmus-cni", "ISTHMUS_CNI_BIN")
+}
+
+/// A workspace executable: `$env` if set, else `cargo build -p package --bin bin` in the
+/// caller's profile (a no-op when up to date; follows `CARGO_TARGET_DIR`) and the executable
+/// cargo reports.
+pub fn workspace_bin(package: &str, bin: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
-        assert!(p.is_file(), "ISTHMUS_BIN={} does not exist", p.display());
+        assert!(p.is_file(), "{env}={} does not exist", p.display());
         return p;
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -243,9 +254,9 @@ pub fn isthmus_bin() -> PathBuf {
         .args([
             "build",
             "-p",
-            "isthmus-cli",
+            package,
             "--bin",
-            "isthmus",
+            bin,
             "--message-format=json-render-diagnostics",
         ])
         .stdin(Stdio::null())
@@ -255,18 +266,18 @@ pub fn isthmus_bin() -> PathBuf {
     }
     let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("running {cargo:?} build -p isthmus-cli: {e} (or set ISTHMUS_BIN)"));
+        .unwrap_or_else(|e| panic!("running {cargo:?} build -p {package}: {e} (or set {env})"));
     assert!(
         out.status.success(),
-        "cargo build -p isthmus-cli failed ({}); set ISTHMUS_BIN to test a prebuilt binary",
+        "cargo build -p {package} failed ({}); set {env} to test a prebuilt binary",
         out.status
     );
     let exe = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "isthmus")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reported no isthmus executable");
+        .unwrap_or_else(|| panic!("cargo reported no {bin} executable"));
     assert!(exe.is_file(), "{} missing after the build", exe.display());
     exe
 }

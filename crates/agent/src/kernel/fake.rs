@@ -239,7 +239,20 @@ impl Kernel for FakeKernel {
 
     async fn detach(&self, name: &str) -> Result<(), KernelError> {
         check_ifname(name)?;
-        self.lock().remove(name);
+        let mut s = self.lock();
+        s.remove(name);
+        s.attached.retain(|a| a.port.name != name);
         Ok(())
+    }
+
+    async fn inspect(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<super::Inspected>, KernelError> {
+        let s = self.lock();
+        Ok(s.attached
+            .iter()
+            .find(|a| a.netns == netns && a.ifname == ifname)
+            .map(|a| super::Inspected {
+                mac: a.mac,
+                addresses: a.addresses.clone(),
+            }))
     }
 }

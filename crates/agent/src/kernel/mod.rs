@@ -159,6 +159,21 @@ pub trait Kernel: Send + Sync {
 
     /// Deletes a port's host device (for a veth, the pair). Absent already is success.
     fn detach(&self, name: &str) -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// The MAC and addresses of interface `ifname` inside `netns`; `None` if there is no such
+    /// interface (CNI CHECK).
+    fn inspect(
+        &self,
+        netns: &std::path::Path,
+        ifname: &str,
+    ) -> impl Future<Output = Result<Option<Inspected>, KernelError>> + Send;
+}
+
+/// What a workload interface looks like from inside its namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    pub mac: MacAddr,
+    pub addresses: Vec<ipnet::IpNet>,
 }
 
 /// Linux interface names: 1 to 15 bytes, no `/`, whitespace or `:`, not `.` or `..`.

@@ -646,6 +646,48 @@ impl Kernel for NetlinkKernel {
         Ok(())
     }
 
+    async fn inspect(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<super::Inspected>, KernelError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        check_ifname(ifname)?;
+        if !netns.exists() {
+            return Ok(None);
+        }
+        let h = route_handle(Some(netns)).await?;
+        let mut links = h.link().get().match_name(ifname.to_string()).execute();
+        let msg = match links.next().await.transpose() {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(e) if errno(&e) == Some(ENODEV) => return Ok(None),
+            Err(e) => return Err(nl(format!("looking up {ifname} in {}", netns.display()))(e)),
+        };
+        let index = msg.header.index;
+        let mac = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(b) => MacAddr::try_from(b.as_slice()).ok(),
+                _ => None,
+            })
+            .unwrap_or(MacAddr([0; 6]));
+        let mut addrs = h.address().get().set_link_index_filter(index).execute();
+        let mut addresses = vec![];
+        while let Some(a) = addrs
+            .try_next()
+            .await
+            .map_err(nl(format!("listing addresses of {ifname}")))?
+        {
+            let prefix = a.header.prefix_len;
+            for attr in &a.attributes {
+                if let AddressAttribute::Address(ip) = attr {
+                    if let Ok(n) = ipnet::IpNet::new(*ip, prefix) {
+                        addresses.push(n);
+                    }
+                }
+            }
+        }
+        Ok(Some(super::Inspected { mac, addresses }))
+    }
+
     async fn create_tap(&self, port: &PortDevice, mac: Option<MacAddr>) -> Result<(), KernelError> {
         let name = port.name.clone();
         check_ifname(&name)?;

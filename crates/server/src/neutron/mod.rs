@@ -35,6 +35,8 @@ pub use common::Ctx;
 pub struct NeutronState {
     /// Addresses being claimed by requests in flight on this server.
     pub inflight: ports::InFlight,
+    /// What each node's stream last sent, for resuming.
+    pub node_sessions: nodeview::Sessions,
 }
 
 /// Extensions this server really implements; tempest and clients decide what to test from this.

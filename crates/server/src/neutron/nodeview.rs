@@ -6,26 +6,152 @@
 //! `GET /isthmus/v1/nodes/{host}/watch` answers newline-delimited JSON: first
 //! `{"type":"snapshot","revision":R,"objects":[...]}` with every object the node needs, then
 //! `{"type":"update","revision":R,"put":[...],"delete":[keys]}` whenever that set changes, and
-//! `{"type":"ping"}` every few seconds so either side notices a dead connection. After a
-//! disconnect the agent reconnects and gets a fresh snapshot, which it reconciles against.
+//! `{"type":"ping","revision":R}` every few seconds so either side notices a dead connection.
+//!
+//! Resuming: the agent reconnects with `?since=R`, the last revision it applied. The server
+//! remembers, per node, what it last sent and which keys each recent update touched; if that
+//! record reaches back to R, it answers `{"type":"resume","since":R,"revision":R2,"put":[...],
+//! "delete":[...]}` with only the keys that changed for this node since R. Otherwise (a server
+//! restart, another server, or R older than the last 1,024 updates: the analogue of etcd's
+//! compaction) it answers with a full snapshot, and the agent relists.
 
 use super::agents::require_node;
 use super::{authenticate, ApiResult};
 use crate::cache::Cache;
 use crate::AppState;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use isthmus_model::{keys, Network, Node, Port, Subnet};
 use isthmus_store::Revision;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const PING_EVERY: Duration = Duration::from_secs(5);
+/// Updates remembered per node for resuming; older revisions get a snapshot instead.
+const RESUME_LOG: usize = 1024;
+
+/// What the server last sent each node, so a reconnect can resume instead of relisting.
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<HashMap<String, Session>>,
+    next_gen: std::sync::atomic::AtomicU64,
+}
+
+struct Session {
+    /// The stream that owns this record; an older stream of the same node must not write.
+    gen: u64,
+    /// Key → revision of everything sent, as of `revision`.
+    view: BTreeMap<String, Revision>,
+    revision: Revision,
+    /// The oldest revision a resume can start from.
+    floor: Revision,
+    /// Keys each update touched, oldest first.
+    log: VecDeque<(Revision, Vec<String>)>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keys that may differ between what the node had at `since` and `now`, if the record
+    /// reaches back that far.
+    fn changed_since(
+        &self,
+        host: &str,
+        since: Revision,
+        now: &BTreeMap<String, ViewObject>,
+    ) -> Option<BTreeSet<String>> {
+        let m = self.lock();
+        let s = m.get(host)?;
+        if since < s.floor || since > s.revision {
+            return None;
+        }
+        let mut touched: BTreeSet<String> = s
+            .log
+            .iter()
+            .filter(|(r, _)| *r > since)
+            .flat_map(|(_, ks)| ks.iter().cloned())
+            .collect();
+        for (k, o) in now {
+            if s.view.get(k) != Some(&o.revision) {
+                touched.insert(k.clone());
+            }
+        }
+        touched.extend(s.view.keys().filter(|k| !now.contains_key(*k)).cloned());
+        Some(touched)
+    }
+
+    /// A new stream for `host` took over: it owns the record from now on.
+    /// `resumed` carries the keys the resume message touched; `None` after a snapshot.
+    fn start(
+        &self,
+        host: &str,
+        view: &BTreeMap<String, ViewObject>,
+        revision: Revision,
+        resumed: Option<Vec<String>>,
+    ) -> u64 {
+        let gen = self.next_gen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut m = self.lock();
+        let keys = view.iter().map(|(k, o)| (k.clone(), o.revision)).collect();
+        match (m.get_mut(host), resumed) {
+            (Some(s), Some(touched)) => {
+                // Keep the log: the new stream continues the old one's history.
+                s.log.push_back((revision, touched));
+                s.gen = gen;
+                s.view = keys;
+                s.revision = revision;
+                trim(s);
+            }
+            _ => {
+                m.insert(
+                    host.to_string(),
+                    Session {
+                        gen,
+                        view: keys,
+                        revision,
+                        floor: revision,
+                        log: VecDeque::new(),
+                    },
+                );
+            }
+        }
+        gen
+    }
+
+    fn record(
+        &self,
+        host: &str,
+        gen: u64,
+        view: &BTreeMap<String, ViewObject>,
+        revision: Revision,
+        touched: Vec<String>,
+    ) {
+        let mut m = self.lock();
+        let Some(s) = m.get_mut(host).filter(|s| s.gen == gen) else {
+            return;
+        };
+        if !touched.is_empty() {
+            s.log.push_back((revision, touched));
+            s.view = view.iter().map(|(k, o)| (k.clone(), o.revision)).collect();
+        }
+        s.revision = revision;
+        trim(s);
+    }
+}
+
+fn trim(s: &mut Session) {
+    while s.log.len() > RESUME_LOG {
+        if let Some((r, _)) = s.log.pop_front() {
+            s.floor = s.floor.max(r);
+        }
+    }
+}
 
 /// One object of a node's view: its store key, the revision it was written at, and its value.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,26 +262,59 @@ fn line(v: &Value) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(s))
 }
 
+/// The first message of a stream: a resume if the node's record reaches back to `since`,
+/// else a snapshot. Returns the message, the keys it touched (for a resume) and a log line.
+fn first_message(
+    sessions: &Sessions,
+    host: &str,
+    since: Option<Revision>,
+    rev: Revision,
+    now: &BTreeMap<String, ViewObject>,
+) -> (Value, Option<Vec<String>>) {
+    if let Some(since) = since {
+        if let Some(touched) = sessions.changed_since(host, since, now) {
+            let put: Vec<Value> = touched
+                .iter()
+                .filter_map(|k| now.get(k).map(|o| object_json(k, o)))
+                .collect();
+            let delete: Vec<&String> = touched.iter().filter(|k| !now.contains_key(*k)).collect();
+            tracing::info!(host = %host, since, revision = rev, put = put.len(), delete = delete.len(), "node watch resumed");
+            let msg = json!({"type": "resume", "since": since, "revision": rev, "put": put, "delete": delete});
+            return (msg, Some(touched.into_iter().collect()));
+        }
+        tracing::info!(host = %host, since, "cannot resume from that revision; sending a snapshot");
+    }
+    let objects: Vec<Value> = now.iter().map(|(k, o)| object_json(k, o)).collect();
+    tracing::info!(host = %host, objects = objects.len(), revision = rev, "node watch started");
+    (json!({"type": "snapshot", "revision": rev, "objects": objects}), None)
+}
+
 pub async fn watch(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(host): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let auth = authenticate(&state, &headers).await?;
     require_node(&auth, &host, &format!("watch {host}'s view"))?;
+    let since = match query.get("since") {
+        None => None,
+        Some(s) => Some(
+            s.parse::<Revision>()
+                .map_err(|_| isthmus_model::NeutronError::invalid_attr("since", format!("'{s}' is not a revision")))?,
+        ),
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     let cache = state.cache.clone();
+    let st = state.clone();
     tokio::spawn(async move {
+        let sessions = &st.neutron.node_sessions;
         let mut changes = cache.subscribe();
         let mut rev = *changes.borrow_and_update();
         let mut sent = compute(&cache, &host);
-        let objects: Vec<Value> = sent.iter().map(|(k, o)| object_json(k, o)).collect();
-        tracing::info!(host = %host, objects = objects.len(), revision = rev, "node watch started");
-        if tx
-            .send(line(&json!({"type": "snapshot", "revision": rev, "objects": objects})))
-            .await
-            .is_err()
-        {
+        let (first, touched) = first_message(sessions, &host, since, rev, &sent);
+        let gen = sessions.start(&host, &sent, rev, touched);
+        if tx.send(line(&first)).await.is_err() {
             return;
         }
         loop {
@@ -171,15 +330,22 @@ pub async fn watch(
                     if put.is_empty() && delete.is_empty() {
                         continue;
                     }
+                    let touched: Vec<String> = put
+                        .iter()
+                        .filter_map(|o| o["key"].as_str().map(str::to_string))
+                        .chain(delete.iter().cloned())
+                        .collect();
                     let msg = json!({"type": "update", "revision": rev, "put": put, "delete": delete});
                     if tx.send(line(&msg)).await.is_err() {
                         break;
                     }
+                    sessions.record(&host, gen, &sent, rev, touched);
                 }
                 _ = tokio::time::sleep(PING_EVERY) => {
                     if tx.send(line(&json!({"type": "ping", "revision": rev}))).await.is_err() {
                         break;
                     }
+                    sessions.record(&host, gen, &sent, rev, vec![]);
                 }
             }
         }

@@ -1,0 +1,550 @@
+//! The agent's half of CNI: ADD, DEL, CHECK, GC and STATUS as the `isthmus-cni` plugin
+//! forwards them over the local socket, and the per-network pools of ready ports.
+//!
+//! An attachment is a port bound to this node with `device_owner` [`CNI_OWNER`], `device_id`
+//! the container id, and `binding:profile.cni` recording the interface name and namespace.
+//! The API is the record: after a restart the agent finds its attachments and pool ports in
+//! its view, so nothing leaks and nothing is kept in local files.
+//!
+//! Pools: a pool port is a [`CNI_OWNER`] port with an empty `device_id`, created and bound
+//! ahead of time (so remote nodes already have its forwarding entry). ADD claims one by writing
+//! the container id on it, then plumbs it. A background task tops pools up in bounded batches
+//! with backoff, for networks used recently, and drains pools of networks left idle.
+
+use crate::kernel::{Kernel, MacAddr};
+use crate::objects::Objects;
+use crate::runtime::{Agent, AttachRequest, OpError};
+use serde_json::{json, Value};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+pub const CNI_OWNER: &str = "isthmus:cni";
+
+/// CNI error codes the agent gives (the plugin passes them on).
+pub mod code {
+    /// The container or attachment is unknown.
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    pub const NOT_AVAILABLE: u32 = 50;
+    /// Plugin-specific: the attachment does not look as recorded (CHECK).
+    pub const CHECK_FAILED: u32 = 100;
+    /// Plugin-specific: the interface could not be set up (it exists already, ...).
+    pub const ATTACH_FAILED: u32 = 101;
+}
+
+/// An ADD as the plugin forwards it.
+#[derive(Debug, Clone)]
+pub struct AddRequest {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: PathBuf,
+    pub network: String,
+    pub project: String,
+    pub ips: Vec<IpAddr>,
+    pub mac: Option<String>,
+}
+
+/// One CNI-owned port of this node, as the view shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniPort {
+    pub id: String,
+    pub network_id: String,
+    pub project_id: String,
+    /// Empty for a free pool port.
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub mac: String,
+    pub ips: Vec<String>,
+}
+
+/// This node's CNI ports in the view.
+pub fn cni_ports(objects: &Objects, node: &str) -> Vec<CniPort> {
+    objects
+        .by_key
+        .values()
+        .filter(|o| o.kind == "port")
+        .map(|o| &o.value)
+        .filter(|p| p["binding:host_id"] == node && p["device_owner"] == CNI_OWNER)
+        .filter_map(|p| {
+            let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+            Some(CniPort {
+                id: p["id"].as_str()?.to_string(),
+                network_id: s(&p["network_id"]),
+                project_id: s(&p["project_id"]),
+                container_id: s(&p["device_id"]),
+                ifname: s(&p["binding:profile"]["cni"]["ifname"]),
+                netns: s(&p["binding:profile"]["cni"]["netns"]),
+                mac: s(&p["mac_address"]),
+                ips: p["fixed_ips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f["ip_address"].as_str().map(str::to_string))
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// Network ids in the view that a config's `network` (a name or an id) may mean.
+pub fn networks_named(objects: &Objects, network: &str) -> BTreeSet<String> {
+    objects
+        .by_key
+        .values()
+        .filter(|o| o.kind == "network")
+        .filter(|o| o.value["id"] == network || o.value["name"] == network)
+        .filter_map(|o| o.value["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Pool bookkeeping that is not in the API: what is being claimed right now, which
+/// (project, network) names mean which ids, and when each network was last used.
+#[derive(Default)]
+pub struct Pools {
+    inner: Mutex<PoolsInner>,
+    pub(crate) wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct PoolsInner {
+    claiming: HashSet<String>,
+    names: HashMap<(String, String), (String, String)>,
+    last_used: HashMap<(String, String), Instant>,
+    backoff: HashMap<(String, String), (Instant, Duration)>,
+}
+
+impl Pools {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn used(&self, ids: (String, String)) {
+        self.lock().last_used.insert(ids, Instant::now());
+        self.wake.notify_one();
+    }
+}
+
+fn attach_error(e: OpError) -> OpError {
+    if e.cni.is_some() {
+        return e;
+    }
+    let cni = match e.code {
+        400 | 404 | 409 | 422 => code::INVALID_CONFIG,
+        503 | 504 => code::TRY_AGAIN_LATER,
+        _ => code::ATTACH_FAILED,
+    };
+    e.with_cni(cni)
+}
+
+impl<K: Kernel + 'static> Agent<K> {
+    /// Takes a free pool port of (project, network) and writes the attachment on it.
+    async fn claim_from_pool(&self, req: &AddRequest, profile: &Value) -> Option<String> {
+        if self.config.pool_size == 0 || !req.ips.is_empty() || req.mac.is_some() {
+            return None;
+        }
+        let ids = self
+            .pools
+            .lock()
+            .names
+            .get(&(req.project.clone(), req.network.clone()))
+            .cloned()?;
+        loop {
+            let candidate = {
+                let v = self.lock_view();
+                let mut pools = self.pools.lock();
+                let c = cni_ports(&v.objects, &self.config.node).into_iter().find(|p| {
+                    p.container_id.is_empty()
+                        && p.project_id == ids.0
+                        && p.network_id == ids.1
+                        && !pools.claiming.contains(&p.id)
+                })?;
+                pools.claiming.insert(c.id.clone());
+                c
+            };
+            let body = json!({"device_id": req.container_id, "name": port_name(req), "binding:profile": profile});
+            let res = self.client.report_port(&candidate.id, body).await;
+            self.pools.lock().claiming.remove(&candidate.id);
+            match res {
+                Ok(_) => {
+                    self.pools.used(ids.clone());
+                    return Some(candidate.id);
+                }
+                Err(e) => {
+                    debug!(port = %candidate.id, error = %e, "pool port could not be claimed; trying another");
+                    if e.status() != Some(404) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// CNI ADD: a port (from the pool, else created bound to this node), plumbed into the
+    /// container, ACTIVE before this returns.
+    pub async fn cni_add(&self, req: &AddRequest) -> Result<Value, OpError> {
+        if req.container_id.is_empty() {
+            return Err(OpError::new(400, "container_id is required").with_cni(code::INVALID_CONFIG));
+        }
+        let profile = json!({"cni": {"ifname": req.ifname, "netns": req.netns.to_string_lossy()}});
+        let started = Instant::now();
+        let (port_id, pooled) = match self.claim_from_pool(req, &profile).await {
+            Some(id) => (id, true),
+            None => {
+                let mut body = json!({
+                    "project": req.project, "network": req.network, "device_owner": CNI_OWNER,
+                    "device_id": req.container_id, "name": port_name(req), "binding:profile": profile,
+                });
+                if !req.ips.is_empty() {
+                    body["fixed_ips"] = req.ips.iter().map(|ip| json!({"ip_address": ip.to_string()})).collect();
+                }
+                if let Some(m) = &req.mac {
+                    body["mac_address"] = json!(m);
+                }
+                let port = self
+                    .client
+                    .create_port(body)
+                    .await
+                    .map_err(|e| attach_error(e.into()))?;
+                let id = port["id"].as_str().unwrap_or("").to_string();
+                let ids = (
+                    port["project_id"].as_str().unwrap_or("").to_string(),
+                    port["network_id"].as_str().unwrap_or("").to_string(),
+                );
+                self.pools
+                    .lock()
+                    .names
+                    .insert((req.project.clone(), req.network.clone()), ids.clone());
+                self.pools.used(ids);
+                (id, false)
+            }
+        };
+        let attach = AttachRequest {
+            port_id: port_id.clone(),
+            netns: req.netns.clone(),
+            ifname: req.ifname.clone(),
+        };
+        match self.attach(&attach).await {
+            Ok(mut v) => {
+                v["sandbox"] = json!(req.netns.to_string_lossy());
+                info!(container = %req.container_id, port = %port_id, pooled, ms = started.elapsed().as_millis() as u64, "CNI ADD done");
+                Ok(v)
+            }
+            Err(e) => {
+                warn!(container = %req.container_id, port = %port_id, error = %e.message, "CNI ADD failed; releasing the port");
+                if let Err(e2) = self.client.delete_port(&port_id).await {
+                    warn!(port = %port_id, error = %e2, "could not delete the port of a failed ADD");
+                }
+                Err(attach_error(e))
+            }
+        }
+    }
+
+    /// The CNI ports of this node that belong to (container, ifname).
+    fn attachments_of(&self, container_id: &str, ifname: &str) -> Vec<CniPort> {
+        let v = self.lock_view();
+        cni_ports(&v.objects, &self.config.node)
+            .into_iter()
+            .filter(|p| !container_id.is_empty() && p.container_id == container_id && p.ifname == ifname)
+            .collect()
+    }
+
+    /// Unplugs and deletes one attachment's port.
+    async fn release(&self, p: &CniPort) -> Result<(), OpError> {
+        let dev = crate::names::tap(&p.id);
+        {
+            let _g = self.datapath.lock().await;
+            self.kernel().detach(&dev).await.map_err(OpError::from)?;
+        }
+        self.client.delete_port(&p.id).await.map_err(OpError::from)?;
+        info!(port = %p.id, container = %p.container_id, ifname = %p.ifname, "CNI attachment released");
+        Ok(())
+    }
+
+    /// CNI DEL: idempotent, and fine when the namespace is already gone.
+    pub async fn cni_del(&self, container_id: &str, ifname: &str) -> Result<Value, OpError> {
+        let found = self.attachments_of(container_id, ifname);
+        if found.is_empty() {
+            debug!(container = %container_id, ifname, "CNI DEL: nothing attached");
+        }
+        for p in &found {
+            self.release(p).await.map_err(|e| {
+                let c = if e.code >= 500 {
+                    code::TRY_AGAIN_LATER
+                } else {
+                    code::ATTACH_FAILED
+                };
+                e.with_cni(c)
+            })?;
+        }
+        Ok(json!({"ok": true, "released": found.iter().map(|p| p.id.clone()).collect::<Vec<_>>()}))
+    }
+
+    /// CNI CHECK: the interface is there with the port's MAC and addresses.
+    pub async fn cni_check(&self, container_id: &str, ifname: &str, netns: &std::path::Path) -> Result<Value, OpError> {
+        let Some(p) = self.attachments_of(container_id, ifname).into_iter().next() else {
+            return Err(OpError::new(
+                404,
+                format!("no attachment for container {container_id} interface {ifname}"),
+            )
+            .with_cni(code::UNKNOWN_CONTAINER));
+        };
+        let failed = |m: String| OpError::new(409, m).with_cni(code::CHECK_FAILED);
+        let seen = self
+            .kernel()
+            .inspect(netns, ifname)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .ok_or_else(|| failed(format!("interface {ifname} is missing from {}", netns.display())))?;
+        if p.mac.parse::<MacAddr>().ok() != Some(seen.mac) {
+            return Err(failed(format!(
+                "interface {ifname} has MAC {}, the port has {}",
+                seen.mac, p.mac
+            )));
+        }
+        for ip in &p.ips {
+            if !seen.addresses.iter().any(|a| a.addr().to_string() == *ip) {
+                return Err(failed(format!("interface {ifname} lacks the port's address {ip}")));
+            }
+        }
+        let dev = crate::names::tap(&p.id);
+        let observed = self.kernel().observe().await.map_err(|e| failed(e.to_string()))?;
+        if !observed.ports.contains_key(&dev) {
+            return Err(failed(format!("host device {dev} of port {} is missing", p.id)));
+        }
+        Ok(json!({"ok": true, "port_id": p.id}))
+    }
+
+    /// CNI GC: releases this network's attachments that are not in `valid`.
+    pub async fn cni_gc(&self, network: &str, valid: &HashSet<(String, String)>) -> Result<Value, OpError> {
+        let stale: Vec<CniPort> = {
+            let v = self.lock_view();
+            let nets = networks_named(&v.objects, network);
+            cni_ports(&v.objects, &self.config.node)
+                .into_iter()
+                .filter(|p| !p.container_id.is_empty() && nets.contains(&p.network_id))
+                .filter(|p| !valid.contains(&(p.container_id.clone(), p.ifname.clone())))
+                .collect()
+        };
+        let mut removed = vec![];
+        for p in &stale {
+            self.release(p).await.map_err(|e| e.with_cni(code::TRY_AGAIN_LATER))?;
+            removed.push(json!({"port_id": p.id, "container_id": p.container_id, "ifname": p.ifname}));
+        }
+        if !removed.is_empty() {
+            info!(network, removed = removed.len(), "CNI GC released stale attachments");
+        }
+        Ok(json!({"ok": true, "removed": removed}))
+    }
+
+    /// CNI STATUS: ready only with a live stream from the server.
+    pub fn cni_status(&self) -> Result<Value, OpError> {
+        if self.connected() {
+            Ok(json!({"ok": true}))
+        } else {
+            Err(OpError::new(503, "the agent cannot reach the Isthmus server").with_cni(code::NOT_AVAILABLE))
+        }
+    }
+
+    /// Keeps pools topped up for networks used recently and drains the others. Runs forever.
+    pub async fn pool_loop(&self) {
+        if self.config.pool_size == 0 {
+            return;
+        }
+        // After a restart, networks with attachments here count as in use.
+        let mut seeded = false;
+        loop {
+            tokio::select! {
+                _ = self.pools.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+            let ports = {
+                let v = self.lock_view();
+                if !v.synced {
+                    continue;
+                }
+                cni_ports(&v.objects, &self.config.node)
+            };
+            if !seeded {
+                let mut pools = self.pools.lock();
+                for p in ports.iter().filter(|p| !p.container_id.is_empty()) {
+                    pools
+                        .last_used
+                        .insert((p.project_id.clone(), p.network_id.clone()), Instant::now());
+                }
+                seeded = true;
+            }
+            self.pool_round(&ports).await;
+        }
+    }
+
+    async fn pool_round(&self, ports: &[CniPort]) {
+        let now = Instant::now();
+        let (wanted, idle): (Vec<(String, String)>, Vec<(String, String)>) = {
+            let mut pools = self.pools.lock();
+            // Networks with attachments stay in use.
+            for p in ports.iter().filter(|p| !p.container_id.is_empty()) {
+                pools
+                    .last_used
+                    .insert((p.project_id.clone(), p.network_id.clone()), now);
+            }
+            let keys: Vec<_> = pools.last_used.keys().cloned().collect();
+            let (w, i): (Vec<_>, Vec<_>) = keys
+                .into_iter()
+                .partition(|k| now.duration_since(pools.last_used[k]) < self.config.pool_idle);
+            (w, i)
+        };
+        for key in idle {
+            let free: Vec<&CniPort> = ports
+                .iter()
+                .filter(|p| p.container_id.is_empty() && (p.project_id.clone(), p.network_id.clone()) == key)
+                .collect();
+            for p in &free {
+                if let Err(e) = self.client.delete_port(&p.id).await {
+                    debug!(port = %p.id, error = %e, "draining an idle pool failed; retrying later");
+                    break;
+                }
+            }
+            if !free.is_empty() {
+                info!(project = %key.0, network = %key.1, drained = free.len(), "pool drained: network idle");
+            }
+            self.pools.lock().last_used.remove(&key);
+        }
+        for key in wanted {
+            let waiting = self
+                .pools
+                .lock()
+                .backoff
+                .get(&key)
+                .is_some_and(|(until, _)| now < *until);
+            if waiting {
+                continue;
+            }
+            let free = ports
+                .iter()
+                .filter(|p| p.container_id.is_empty() && p.project_id == key.0 && p.network_id == key.1)
+                .count();
+            let missing = self.config.pool_size.saturating_sub(free);
+            if missing == 0 {
+                continue;
+            }
+            let mut created = vec![];
+            let mut failed = None;
+            for _ in 0..missing {
+                let body =
+                    json!({"project": key.0, "network": key.1, "device_owner": CNI_OWNER, "name": "isthmus-pool"});
+                match self.client.create_port(body).await {
+                    Ok(p) => created.push(p["id"].as_str().unwrap_or("").to_string()),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            {
+                let mut pools = self.pools.lock();
+                match failed {
+                    Some(e) => {
+                        let wait = pools
+                            .backoff
+                            .get(&key)
+                            .map_or(Duration::from_secs(1), |(_, d)| (*d * 2).min(Duration::from_secs(60)));
+                        warn!(network = %key.1, error = %e, retry_in = ?wait, "pool refill failed");
+                        pools.backoff.insert(key.clone(), (now + wait, wait));
+                    }
+                    None => {
+                        pools.backoff.remove(&key);
+                    }
+                }
+            }
+            if !created.is_empty() {
+                debug!(network = %key.1, created = created.len(), "pool refilled");
+                // Count them only once the view shows them, so the next round does not
+                // create them again.
+                self.wait_for_ports(&created, Duration::from_secs(5)).await;
+            }
+        }
+    }
+
+    async fn wait_for_ports(&self, ids: &[String], timeout: Duration) {
+        let mut gen = self.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let all = {
+                let v = self.lock_view();
+                ids.iter().all(|id| v.objects.port(id).is_some())
+            };
+            if all {
+                return;
+            }
+            gen.borrow_and_update();
+            if tokio::time::timeout_at(deadline, gen.changed()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn port_name(req: &AddRequest) -> String {
+    let short: String = req.container_id.chars().take(12).collect();
+    format!("cni-{short}-{}", req.ifname)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objects() -> Objects {
+        let mut o = Objects::default();
+        let port = |id: &str, host: &str, owner: &str, dev: &str, ifname: &str| {
+            json!({"key": format!("/p/{id}"), "kind": "port", "revision": 1, "value": {
+                "id": id, "network_id": "n1", "project_id": "pr", "binding:host_id": host,
+                "device_owner": owner, "device_id": dev, "mac_address": "fa:16:3e:00:00:01",
+                "fixed_ips": [{"ip_address": "10.0.0.5"}],
+                "binding:profile": {"cni": {"ifname": ifname, "netns": "/run/netns/x"}}}})
+        };
+        o.apply(&json!({"type": "snapshot", "revision": 3, "objects": [
+            {"key": "/n/n1", "kind": "network", "revision": 1, "value": {"id": "n1", "name": "blue"}},
+            port("a", "me", CNI_OWNER, "c1", "eth0"),
+            port("b", "me", CNI_OWNER, "", ""),
+            port("c", "other", CNI_OWNER, "c2", "eth0"),
+            port("d", "me", "compute:nova", "vm", ""),
+        ]}))
+        .unwrap();
+        o
+    }
+
+    #[test]
+    fn only_this_nodes_cni_ports_count_and_free_ones_are_the_pool() {
+        let ports = cni_ports(&objects(), "me");
+        let ids: Vec<&str> = ports.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(ports[0].container_id, "c1");
+        assert_eq!(ports[0].ifname, "eth0");
+        assert_eq!(ports[0].ips, ["10.0.0.5"]);
+        assert!(ports[1].container_id.is_empty());
+    }
+
+    #[test]
+    fn networks_are_found_by_name_or_id() {
+        let o = objects();
+        assert_eq!(networks_named(&o, "blue").into_iter().collect::<Vec<_>>(), ["n1"]);
+        assert_eq!(networks_named(&o, "n1").len(), 1);
+        assert!(networks_named(&o, "red").is_empty());
+    }
+
+    #[test]
+    fn errors_map_to_cni_codes() {
+        assert_eq!(attach_error(OpError::new(404, "x")).cni, Some(code::INVALID_CONFIG));
+        assert_eq!(attach_error(OpError::new(503, "x")).cni, Some(code::TRY_AGAIN_LATER));
+        assert_eq!(attach_error(OpError::new(500, "x")).cni, Some(code::ATTACH_FAILED));
+        // An explicit code survives.
+        let e = OpError::new(500, "x").with_cni(code::CHECK_FAILED);
+        assert_eq!(attach_error(e).cni, Some(code::CHECK_FAILED));
+    }
+}
