@@ -111,12 +111,15 @@ pub struct Pools {
     pub(crate) wake: tokio::sync::Notify,
 }
 
+/// (project id, network id); in `names`, the config's (project, network) strings.
+type PoolKey = (String, String);
+
 #[derive(Default)]
 struct PoolsInner {
     claiming: HashSet<String>,
-    names: HashMap<(String, String), (String, String)>,
-    last_used: HashMap<(String, String), Instant>,
-    backoff: HashMap<(String, String), (Instant, Duration)>,
+    names: HashMap<PoolKey, PoolKey>,
+    last_used: HashMap<PoolKey, Instant>,
+    backoff: HashMap<PoolKey, (Instant, Duration)>,
 }
 
 impl Pools {
@@ -124,7 +127,7 @@ impl Pools {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn used(&self, ids: (String, String)) {
+    fn used(&self, ids: PoolKey) {
         self.lock().last_used.insert(ids, Instant::now());
         self.wake.notify_one();
     }
@@ -385,7 +388,7 @@ impl<K: Kernel + 'static> Agent<K> {
 
     async fn pool_round(&self, ports: &[CniPort]) {
         let now = Instant::now();
-        let (wanted, idle): (Vec<(String, String)>, Vec<(String, String)>) = {
+        let (wanted, idle): (Vec<PoolKey>, Vec<PoolKey>) = {
             let mut pools = self.pools.lock();
             // Networks with attachments stay in use.
             for p in ports.iter().filter(|p| !p.container_id.is_empty()) {

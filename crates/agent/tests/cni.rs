@@ -405,11 +405,7 @@ async fn pools_serve_adds_and_do_not_leak_across_restarts() {
         tb.nodes[0].start_agent();
         tb.nodes[0].wait_socket().await;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(
-            all_ports(&tb).await.len(),
-            5,
-            "ports leaked or lost across a restart"
-        );
+        assert_eq!(all_ports(&tb).await.len(), 5, "ports leaked or lost across a restart");
         // Node 1 (no pool yet) and node 0 containers reach each other and a directly attached
         // workload.
         let c = Ns::new();
