@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what Isthmus needs on Debian 12 (as root) and builds it.
 #   scripts/setup.sh            runtime + build
-#   scripts/setup.sh --test     also the test peers (etcd, openstack CLI, tempest)
+#   scripts/setup.sh --test     also the test peers (etcd, openstack CLI, tempest, podman,
+#                               the reference CNI plugins, busybox for test images)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want=(ca-certificates gcc libc6-dev iproute2)
 if [ "${1:-}" = "--test" ]; then
-  want+=(etcd-server etcd-client python3-openstackclient python3-tempest)
+  want+=(etcd-server etcd-client python3-openstackclient python3-tempest
+         podman runc containernetworking-plugins busybox-static iputils-ping)
 fi
 missing=()
 for p in "${want[@]}"; do

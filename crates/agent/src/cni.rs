@@ -42,7 +42,10 @@ pub mod code {
 pub struct AddRequest {
     pub container_id: String,
     pub ifname: String,
+    /// Where to plumb (may be a `/proc/<pid>/fd/<n>` path from the plugin).
     pub netns: PathBuf,
+    /// The runtime's own name for the namespace, recorded on the port.
+    pub recorded_netns: String,
     pub network: String,
     pub project: String,
     pub ips: Vec<IpAddr>,
@@ -194,7 +197,7 @@ impl<K: Kernel + 'static> Agent<K> {
         if req.container_id.is_empty() {
             return Err(OpError::new(400, "container_id is required").with_cni(code::INVALID_CONFIG));
         }
-        let profile = json!({"cni": {"ifname": req.ifname, "netns": req.netns.to_string_lossy()}});
+        let profile = json!({"cni": {"ifname": req.ifname, "netns": req.recorded_netns}});
         let started = Instant::now();
         let (port_id, pooled) = match self.claim_from_pool(req, &profile).await {
             Some(id) => (id, true),
@@ -234,7 +237,7 @@ impl<K: Kernel + 'static> Agent<K> {
         };
         match self.attach(&attach).await {
             Ok(mut v) => {
-                v["sandbox"] = json!(req.netns.to_string_lossy());
+                v["sandbox"] = json!(req.recorded_netns);
                 info!(container = %req.container_id, port = %port_id, pooled, ms = started.elapsed().as_millis() as u64, "CNI ADD done");
                 Ok(v)
             }

@@ -138,7 +138,7 @@ pub async fn handle<K: Kernel + 'static>(agent: &Agent<K>, line: &[u8]) -> Resul
         }
         Some("cni_check") => {
             let (cid, ifname) = attachment(&req)?;
-            let netns = PathBuf::from(required(&req, "netns").map_err(cni_config)?);
+            let (netns, _) = cni_netns(&req)?;
             agent.cni_check(cid, ifname, &netns).await
         }
         Some("cni_gc") => {
@@ -172,16 +172,25 @@ fn attachment(req: &Value) -> Result<(&str, &str), OpError> {
     Ok((cid, ifname))
 }
 
+/// The namespace to work in — `netns_fd` (the plugin's `/proc/<pid>/fd/<n>`, valid whatever
+/// mount namespace this agent is in) if given, else `netns` — and the path to record.
+fn cni_netns(req: &Value) -> Result<(PathBuf, String), OpError> {
+    let recorded = required(req, "netns").map_err(cni_config)?.to_string();
+    let netns = PathBuf::from(field(req, "netns_fd").map_err(cni_config)?.unwrap_or(&recorded));
+    if !netns.is_absolute() || !netns.exists() {
+        return Err(
+            OpError::new(400, format!("netns {recorded} does not exist")).with_cni(crate::cni::code::UNKNOWN_CONTAINER)
+        );
+    }
+    Ok((netns, recorded))
+}
+
 fn cni_request(req: &Value) -> Result<crate::cni::AddRequest, OpError> {
     let (cid, ifname) = attachment(req)?;
     if !crate::kernel::valid_ifname(ifname) {
         return Err(cni_config(OpError::new(400, format!("invalid ifname {ifname:?}"))));
     }
-    let netns = PathBuf::from(required(req, "netns").map_err(cni_config)?);
-    if !netns.is_absolute() || !netns.exists() {
-        return Err(OpError::new(400, format!("netns {} does not exist", netns.display()))
-            .with_cni(crate::cni::code::UNKNOWN_CONTAINER));
-    }
+    let (netns, recorded) = cni_netns(req)?;
     let mut ips = vec![];
     for ip in req["ips"].as_array().into_iter().flatten() {
         let parsed = ip.as_str().and_then(|s| s.parse().ok());
@@ -191,6 +200,7 @@ fn cni_request(req: &Value) -> Result<crate::cni::AddRequest, OpError> {
         container_id: cid.to_string(),
         ifname: ifname.to_string(),
         netns,
+        recorded_netns: recorded,
         network: required(req, "network").map_err(cni_config)?.to_string(),
         project: required(req, "project").map_err(cni_config)?.to_string(),
         ips,

@@ -11,7 +11,11 @@ fn main() {
     let outcome = match read_stdin(&env) {
         Ok(stdin) => match start(&env, &stdin) {
             Step::Done(outcome) => outcome,
-            Step::Call(call) => finish(&call, exchange(&call)),
+            Step::Call(mut call) => {
+                // Held open until the reply is in: the agent opens it through /proc.
+                let _ns = pass_netns(&mut call);
+                finish(&call, exchange(&call))
+            }
         },
         Err(e) => CniError::new(code::IO_FAILURE, "cannot read the network config from stdin")
             .with_details(e.to_string())
@@ -30,6 +34,21 @@ fn read_stdin(env: &Env) -> std::io::Result<Vec<u8>> {
     }
     stdin.lock().read_to_end(&mut buf)?;
     Ok(buf)
+}
+
+/// The agent may run in another mount namespace (started by `ip netns exec`, say), where the
+/// runtime's `/run/netns/...` bind mount is not visible. So the plugin opens the namespace and
+/// adds `netns_fd`, a `/proc/<pid>/fd/<n>` path that reaches it through this process.
+fn pass_netns(call: &mut Call) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let mut req: serde_json::Value = serde_json::from_str(&call.request).ok()?;
+    if !matches!(req["op"].as_str(), Some("cni_add" | "cni_check")) {
+        return None;
+    }
+    let file = std::fs::File::open(req["netns"].as_str()?).ok()?;
+    req["netns_fd"] = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()).into();
+    call.request = format!("{req}\n");
+    Some(file)
 }
 
 /// The only socket I/O: connect, send the request line, read one reply line (bounded by timeout and size).
