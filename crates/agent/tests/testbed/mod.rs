@@ -105,6 +105,8 @@ pub struct Node {
     root_end: String,
     child: Option<Child>,
     args: Vec<String>,
+    /// Extra environment for the agent process (e.g. `ISTHMUS_POOL_SIZE`), applied on restart.
+    pub env: Vec<(String, String)>,
     // Last: the namespace goes after the agent is killed.
     pub ns: Ns,
 }
@@ -123,6 +125,7 @@ impl Node {
             .args(&self.args)
             .env("ISTHMUS_NODE_PASSWORD", NODE_PASSWORD)
             .env("ISTHMUS_LOG", "info,isthmus_agent=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -465,6 +468,7 @@ impl Testbed {
                 socket,
                 child: None,
                 args,
+                env: vec![],
                 ns,
             };
             node.start_agent();
