@@ -112,6 +112,24 @@ pub fn networks_named(objects: &Objects, network: &str) -> BTreeSet<String> {
 pub struct Pools {
     inner: Mutex<PoolsInner>,
     pub(crate) wake: tokio::sync::Notify,
+    /// ADDs running now; refills give way to them while the pool still has ports.
+    adds: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts an ADD in flight for as long as it lives.
+struct AddGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> AddGuard<'a> {
+    fn new(c: &'a std::sync::atomic::AtomicUsize) -> Self {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        AddGuard(c)
+    }
+}
+
+impl Drop for AddGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// (project id, network id); in `names`, the config's (project, network) strings.
@@ -119,7 +137,10 @@ type PoolKey = (String, String);
 
 #[derive(Default)]
 struct PoolsInner {
+    /// Pool ports being attached right now.
     claiming: HashSet<String>,
+    /// Pool ports this process attached (never mistaken for a crashed ADD's leftovers).
+    mine: HashSet<String>,
     names: HashMap<PoolKey, PoolKey>,
     last_used: HashMap<PoolKey, Instant>,
     backoff: HashMap<PoolKey, (Instant, Duration)>,
@@ -149,46 +170,26 @@ fn attach_error(e: OpError) -> OpError {
 }
 
 impl<K: Kernel + 'static> Agent<K> {
-    /// Takes a free pool port of (project, network) and writes the attachment on it.
-    async fn claim_from_pool(&self, req: &AddRequest, profile: &Value) -> Option<String> {
+    /// Reserves a free pool port of (project, network). The attachment is written on it
+    /// together with the ACTIVE report, once plumbed.
+    fn reserve_from_pool(&self, req: &AddRequest) -> Option<String> {
         if self.config.pool_size == 0 || !req.ips.is_empty() || req.mac.is_some() {
             return None;
         }
-        let ids = self
-            .pools
-            .lock()
-            .names
-            .get(&(req.project.clone(), req.network.clone()))
-            .cloned()?;
-        loop {
-            let candidate = {
-                let v = self.lock_view();
-                let mut pools = self.pools.lock();
-                let c = cni_ports(&v.objects, &self.config.node).into_iter().find(|p| {
-                    p.container_id.is_empty()
-                        && p.project_id == ids.0
-                        && p.network_id == ids.1
-                        && !pools.claiming.contains(&p.id)
-                })?;
-                pools.claiming.insert(c.id.clone());
-                c
-            };
-            let body = json!({"device_id": req.container_id, "name": port_name(req), "binding:profile": profile});
-            let res = self.client.report_port(&candidate.id, body).await;
-            self.pools.lock().claiming.remove(&candidate.id);
-            match res {
-                Ok(_) => {
-                    self.pools.used(ids.clone());
-                    return Some(candidate.id);
-                }
-                Err(e) => {
-                    debug!(port = %candidate.id, error = %e, "pool port could not be claimed; trying another");
-                    if e.status() != Some(404) {
-                        return None;
-                    }
-                }
-            }
-        }
+        let v = self.lock_view();
+        let mut pools = self.pools.lock();
+        let ids = pools.names.get(&(req.project.clone(), req.network.clone())).cloned()?;
+        let c = cni_ports(&v.objects, &self.config.node).into_iter().find(|p| {
+            p.container_id.is_empty()
+                && p.project_id == ids.0
+                && p.network_id == ids.1
+                && !pools.claiming.contains(&p.id)
+        })?;
+        pools.claiming.insert(c.id.clone());
+        pools.mine.insert(c.id.clone());
+        pools.last_used.insert(ids, Instant::now());
+        self.pools.wake.notify_one();
+        Some(c.id)
     }
 
     /// CNI ADD: a port (from the pool, else created bound to this node), plumbed into the
@@ -197,9 +198,11 @@ impl<K: Kernel + 'static> Agent<K> {
         if req.container_id.is_empty() {
             return Err(OpError::new(400, "container_id is required").with_cni(code::INVALID_CONFIG));
         }
+        let _busy = AddGuard::new(&self.pools.adds);
         let profile = json!({"cni": {"ifname": req.ifname, "netns": req.recorded_netns}});
         let started = Instant::now();
-        let (port_id, pooled) = match self.claim_from_pool(req, &profile).await {
+        let record = json!({"device_id": req.container_id, "name": port_name(req), "binding:profile": profile});
+        let (port_id, pooled) = match self.reserve_from_pool(req) {
             Some(id) => (id, true),
             None => {
                 let mut body = json!({
@@ -234,8 +237,13 @@ impl<K: Kernel + 'static> Agent<K> {
             port_id: port_id.clone(),
             netns: req.netns.clone(),
             ifname: req.ifname.clone(),
+            // Bound here already (pool or node API).
+            bind: false,
+            record: pooled.then_some(record),
         };
-        match self.attach(&attach).await {
+        let res = self.attach(&attach).await;
+        self.pools.lock().claiming.remove(&port_id);
+        match res {
             Ok(mut v) => {
                 v["sandbox"] = json!(req.recorded_netns);
                 info!(container = %req.container_id, port = %port_id, pooled, ms = started.elapsed().as_millis() as u64, "CNI ADD done");
@@ -319,7 +327,10 @@ impl<K: Kernel + 'static> Agent<K> {
             }
         }
         let dev = crate::names::tap(&p.id);
-        let observed = self.kernel().observe().await.map_err(|e| failed(e.to_string()))?;
+        let observed = {
+            let _g = self.datapath.lock().await;
+            self.kernel().observe().await.map_err(|e| failed(e.to_string()))?
+        };
         if !observed.ports.contains_key(&dev) {
             return Err(failed(format!("host device {dev} of port {} is missing", p.id)));
         }
@@ -359,10 +370,6 @@ impl<K: Kernel + 'static> Agent<K> {
 
     /// Keeps pools topped up for networks used recently and drains the others. Runs forever.
     pub async fn pool_loop(&self) {
-        if self.config.pool_size == 0 {
-            return;
-        }
-        // After a restart, networks with attachments here count as in use.
         let mut seeded = false;
         loop {
             tokio::select! {
@@ -377,15 +384,48 @@ impl<K: Kernel + 'static> Agent<K> {
                 cni_ports(&v.objects, &self.config.node)
             };
             if !seeded {
-                let mut pools = self.pools.lock();
-                for p in ports.iter().filter(|p| !p.container_id.is_empty()) {
-                    pools
-                        .last_used
-                        .insert((p.project_id.clone(), p.network_id.clone()), Instant::now());
+                // After a restart: every network with CNI ports here counts as just used (so
+                // pools left from before are kept, or drained once idle), and pool ports an
+                // interrupted ADD left plumbed are released.
+                {
+                    let mut pools = self.pools.lock();
+                    for p in &ports {
+                        pools
+                            .last_used
+                            .insert((p.project_id.clone(), p.network_id.clone()), Instant::now());
+                    }
                 }
+                self.sweep_orphans(&ports).await;
                 seeded = true;
             }
             self.pool_round(&ports).await;
+        }
+    }
+
+    /// Free pool ports with a host device: an ADD was cut short by a crash (its caller got an
+    /// error), so the port and device go.
+    async fn sweep_orphans(&self, ports: &[CniPort]) {
+        // Under the datapath lock: netlink allows one dump at a time per socket.
+        let observed = {
+            let _g = self.datapath.lock().await;
+            self.kernel().observe().await
+        };
+        let Ok(observed) = observed else {
+            return;
+        };
+        let orphans: Vec<&CniPort> = {
+            let pools = self.pools.lock();
+            ports
+                .iter()
+                .filter(|p| p.container_id.is_empty() && observed.ports.contains_key(&crate::names::tap(&p.id)))
+                .filter(|p| !pools.claiming.contains(&p.id) && !pools.mine.contains(&p.id))
+                .collect()
+        };
+        for p in orphans {
+            warn!(port = %p.id, "pool port left plumbed by an interrupted ADD; releasing it");
+            if let Err(e) = self.release(p).await {
+                warn!(port = %p.id, error = %e.message, "releasing an orphaned pool port failed");
+            }
         }
     }
 
@@ -441,7 +481,16 @@ impl<K: Kernel + 'static> Agent<K> {
             }
             let mut created = vec![];
             let mut failed = None;
-            for _ in 0..missing {
+            for i in 0..missing {
+                // Give way to ADDs in flight while the pool still has ports to give them.
+                let mut waited = Duration::ZERO;
+                while free + i > 0
+                    && self.pools.adds.load(std::sync::atomic::Ordering::Relaxed) > 0
+                    && waited < Duration::from_millis(500)
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    waited += Duration::from_millis(10);
+                }
                 let body =
                     json!({"project": key.0, "network": key.1, "device_owner": CNI_OWNER, "name": "isthmus-pool"});
                 match self.client.create_port(body).await {

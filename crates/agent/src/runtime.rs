@@ -142,6 +142,24 @@ pub struct AttachRequest {
     pub port_id: String,
     pub netns: PathBuf,
     pub ifname: String,
+    /// Claim the port for this node first (an unbound port). False when it is bound here
+    /// already (CNI), which saves a round trip.
+    pub bind: bool,
+    /// Extra port fields written with the ACTIVE report (a CNI attachment's record), so a
+    /// pooled port costs one write.
+    pub record: Option<Value>,
+}
+
+impl AttachRequest {
+    pub fn new(port_id: &str, netns: PathBuf, ifname: &str) -> Self {
+        AttachRequest {
+            port_id: port_id.to_string(),
+            netns,
+            ifname: ifname.to_string(),
+            bind: true,
+            record: None,
+        }
+    }
 }
 
 /// A port id as it may appear in an API path.
@@ -488,15 +506,17 @@ impl<K: Kernel + 'static> Agent<K> {
             ));
         }
         // Claim the port (or confirm it is ours).
-        match self.client.report_port(&req.port_id, json!({"bind": true})).await {
-            Ok(_) => {}
-            Err(e) if e.status() == Some(404) => {
-                return Err(OpError::new(
-                    404,
-                    format!("port {} does not exist or is bound to another node", req.port_id),
-                ))
+        if req.bind {
+            match self.client.report_port(&req.port_id, json!({"bind": true})).await {
+                Ok(_) => {}
+                Err(e) if e.status() == Some(404) => {
+                    return Err(OpError::new(
+                        404,
+                        format!("port {} does not exist or is bound to another node", req.port_id),
+                    ))
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         }
         let plan = self.wait_for_plan(&req.port_id).await?;
         let mac: MacAddr = plan
@@ -533,8 +553,14 @@ impl<K: Kernel + 'static> Agent<K> {
         }
         info!(port = %req.port_id, dev = %dev, netns = %req.netns.display(), "port attached");
         let details = json!({"bridge_name": bridge, "mtu": plan.mtu});
-        let report = json!({"status": "ACTIVE", "vif_type": "veth", "vif_details": details});
-        if let Err(e) = self.client.report_port(&req.port_id, report).await {
+        let mut report = json!({"status": "ACTIVE", "vif_type": "veth", "vif_details": details});
+        if let Some(Value::Object(extra)) = &req.record {
+            for (k, v) in extra {
+                report[k] = v.clone();
+            }
+            // The record must land: without it the port would look free (pool) or unowned.
+            self.client.report_port(&req.port_id, report).await?;
+        } else if let Err(e) = self.client.report_port(&req.port_id, report).await {
             // The workload is plumbed; the status catches up with the next attach or sync.
             warn!(port = %req.port_id, error = %e, "could not report the port ACTIVE");
         }

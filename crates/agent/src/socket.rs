@@ -119,11 +119,11 @@ pub async fn handle<K: Kernel + 'static>(agent: &Agent<K>, line: &[u8]) -> Resul
     }
     match field(&req, "op")? {
         Some("attach") => {
-            let r = AttachRequest {
-                port_id: required(&req, "port_id")?.to_string(),
-                netns: PathBuf::from(required(&req, "netns")?),
-                ifname: field(&req, "ifname")?.unwrap_or("eth0").to_string(),
-            };
+            let r = AttachRequest::new(
+                required(&req, "port_id")?,
+                PathBuf::from(required(&req, "netns")?),
+                field(&req, "ifname")?.unwrap_or("eth0"),
+            );
             agent.attach(&r).await
         }
         Some("detach") => agent.detach(required(&req, "port_id")?).await,

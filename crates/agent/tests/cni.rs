@@ -406,6 +406,25 @@ async fn pools_serve_adds_and_do_not_leak_across_restarts() {
         tb.nodes[0].wait_socket().await;
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(all_ports(&tb).await.len(), 5, "ports leaked or lost across a restart");
+        // An ADD cut short by a crash leaves a pool port plumbed but unrecorded (simulated:
+        // plumbed through the attach op, then the agent killed). The restarted agent releases
+        // it and refills the pool.
+        let orphan = free(&all_ports(&tb).await)[0].clone();
+        let (_orphan_ns, _) = tb.nodes[0].attach(&orphan).await;
+        tb.nodes[0].kill_agent();
+        tb.nodes[0].start_agent();
+        tb.nodes[0].wait_socket().await;
+        let mut swept = false;
+        for _ in 0..100 {
+            let ports = all_ports(&tb).await;
+            if ports.iter().all(|x| x["id"] != orphan.as_str()) && free(&ports).len() == 3 && ports.len() == 5 {
+                swept = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(swept, "the orphaned pool port was not released and replaced");
+        assert!(!tb.nodes[0].has_link(&isthmus_agent::names::tap(&orphan)));
         // Node 1 (no pool yet) and node 0 containers reach each other and a directly attached
         // workload.
         let c = Ns::new();

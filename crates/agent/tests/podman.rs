@@ -53,7 +53,8 @@ impl NodePodman {
         std::fs::copy(cni_bin, bin.join("isthmus-cni")).expect("plugin copy");
         let name = format!("isthmus-{network}-{}", unique());
         let conflist = json!({"cniVersion": "1.0.0", "name": name, "plugins": [
-            {"type": "isthmus-cni", "network": network, "project": project, "socket": socket}]});
+            {"type": "isthmus-cni", "network": network, "project": project, "socket": socket,
+             "capabilities": {"ips": true, "mac": true}}]});
         std::fs::write(net_d.join(format!("{name}.conflist")), conflist.to_string()).expect("conflist");
         let conf = conf_dir.join("containers.conf");
         std::fs::write(
@@ -82,27 +83,14 @@ impl NodePodman {
         run(&full)
     }
 
-    /// Starts a container on the Isthmus network; returns its id.
-    fn start(&mut self, name: &str) -> String {
-        let (ok, out, err) = self.podman(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--runtime",
-            "/usr/sbin/runc",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1000:1000",
-            "--cap-add",
-            "NET_RAW",
-            "--network",
-            &self.network,
-            IMAGE,
-            "sleep",
-            "600",
-        ]);
+    /// Starts a container on the Isthmus network (with extra `podman run` flags); returns its id.
+    fn start(&mut self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec!["run", "-d", "--name", name, "--runtime", "/usr/sbin/runc"];
+        args.extend(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000"]);
+        args.extend(["--cap-add", "NET_RAW", "--network", &self.network]);
+        args.extend_from_slice(extra);
+        args.extend([IMAGE, "sleep", "600"]);
+        let (ok, out, err) = self.podman(&args);
         // Even a failed run may leave a created container behind.
         self.containers.push(name.to_string());
         assert!(ok, "podman run {name}: {err}");
@@ -180,13 +168,16 @@ async fn podman_containers_on_two_nodes_talk_over_isthmus() {
             .collect();
         let tag = format!("{}-{}", std::process::id(), unique());
         let (a, b) = (format!("isthmus-a-{tag}"), format!("isthmus-b-{tag}"));
-        let id_a = tokio::task::block_in_place(|| pm[0].start(&a));
-        let id_b = tokio::task::block_in_place(|| pm[1].start(&b));
+        let id_a = tokio::task::block_in_place(|| pm[0].start(&a, &[]));
+        // b asks for its address and MAC (podman's --ip/--mac-address: the CNI capabilities).
+        let id_b = tokio::task::block_in_place(|| {
+            pm[1].start(&b, &["--ip", "10.40.0.77", "--mac-address", "fa:16:3e:40:00:77"])
+        });
         let (ip_a, ip_b) = (pm[0].ipv4(&a), pm[1].ipv4(&b));
-        assert!(
-            ip_a.starts_with("10.40.0.") && ip_b.starts_with("10.40.0."),
-            "{ip_a} {ip_b}"
-        );
+        assert!(ip_a.starts_with("10.40.0."), "{ip_a}");
+        assert_eq!(ip_b, "10.40.0.77");
+        let (_, link) = pm[1].exec(&b, &["ip", "link", "show", "eth0"]);
+        assert!(link.contains("fa:16:3e:40:00:77"), "{link}");
 
         // The API shows each container's port, ACTIVE, bound to its node, with its address.
         let all = ports(&tb).await;
@@ -248,7 +239,7 @@ async fn podman_containers_on_two_nodes_talk_over_isthmus() {
             &other,
         );
         let c = format!("isthmus-c-{tag}");
-        tokio::task::block_in_place(|| pm2.start(&c));
+        tokio::task::block_in_place(|| pm2.start(&c, &[]));
         assert!(
             !tokio::task::block_in_place(|| pm2.pings(&c, &ip_a)),
             "another project's container reached a"
