@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CNI ADD latency on one test-bed node (needs root): isthmus-cni with and without the agent's
 # port pool, against the reference bridge + host-local plugins, 100 sequential and 20 parallel
-# ADDs each. See docs/benchmarks.md.   Knob: ISTHMUS_BENCH_POOL (pool size, default 24).
+# ADDs each. See docs/benchmarks.md.   Knobs: ISTHMUS_BENCH_POOL (pool size, default 24),
+# ISTHMUS_BENCH_SAMPLES=1 (also print every sequential sample).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then

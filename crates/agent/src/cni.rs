@@ -132,6 +132,9 @@ impl Drop for AddGuard<'_> {
     }
 }
 
+/// ADDs closer together than this count as a burst that refills wait out.
+const LULL: Duration = Duration::from_millis(100);
+
 /// (project id, network id); in `names`, the config's (project, network) strings.
 type PoolKey = (String, String);
 
@@ -144,11 +147,18 @@ struct PoolsInner {
     names: HashMap<PoolKey, PoolKey>,
     last_used: HashMap<PoolKey, Instant>,
     backoff: HashMap<PoolKey, (Instant, Duration)>,
+    last_add: Option<Instant>,
 }
 
 impl Pools {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolsInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An ADD is running or ran within the last [`LULL`].
+    fn busy(&self) -> bool {
+        self.adds.load(std::sync::atomic::Ordering::Relaxed) > 0
+            || self.lock().last_add.is_some_and(|t| t.elapsed() < LULL)
     }
 
     fn used(&self, ids: PoolKey) {
@@ -199,6 +209,7 @@ impl<K: Kernel + 'static> Agent<K> {
             return Err(OpError::new(400, "container_id is required").with_cni(code::INVALID_CONFIG));
         }
         let _busy = AddGuard::new(&self.pools.adds);
+        self.pools.lock().last_add = Some(Instant::now());
         let profile = json!({"cni": {"ifname": req.ifname, "netns": req.recorded_netns}});
         let started = Instant::now();
         let record = json!({"device_id": req.container_id, "name": port_name(req), "binding:profile": profile});
@@ -481,15 +492,13 @@ impl<K: Kernel + 'static> Agent<K> {
             }
             let mut created = vec![];
             let mut failed = None;
-            for i in 0..missing {
-                // Give way to ADDs in flight while the pool still has ports to give them.
+            for _ in 0..missing {
+                // Refills wait for a lull in ADDs (bounded): on a busy node they would
+                // otherwise compete with the very ADDs they are meant to speed up.
                 let mut waited = Duration::ZERO;
-                while free + i > 0
-                    && self.pools.adds.load(std::sync::atomic::Ordering::Relaxed) > 0
-                    && waited < Duration::from_millis(500)
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    waited += Duration::from_millis(10);
+                while self.pools.busy() && waited < Duration::from_secs(2) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    waited += Duration::from_millis(20);
                 }
                 let body =
                     json!({"project": key.0, "network": key.1, "device_owner": CNI_OWNER, "name": "isthmus-pool"});

@@ -122,6 +122,12 @@ fn measure(s: &Setup, tag: &str, before_phase: &dyn Fn()) -> (Vec<f64>, Vec<f64>
         .enumerate()
         .map(|(i, ns)| add_ok(s, &format!("{tag}-s-{i}"), ns))
         .collect();
+    if std::env::var_os("ISTHMUS_BENCH_SAMPLES").is_some() {
+        println!(
+            "{tag} sequential samples (ms): {:?}",
+            seq.iter().map(|x| x.round() as u64).collect::<Vec<_>>()
+        );
+    }
     del_all(s, &format!("{tag}-s"), &nss);
     drop(nss);
     before_phase();
