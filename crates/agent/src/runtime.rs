@@ -518,19 +518,24 @@ impl<K: Kernel + 'static> Agent<K> {
                 Err(e) => return Err(e.into()),
             }
         }
+        let t0 = std::time::Instant::now();
         let plan = self.wait_for_plan(&req.port_id).await?;
+        let t_plan = t0.elapsed();
         let mac: MacAddr = plan
             .mac
             .parse()
             .map_err(|_| OpError::new(422, format!("port has an invalid MAC {}", plan.mac)))?;
         let dev = names::tap(&req.port_id);
         let bridge = names::bridge(plan.vni);
+        let (t_lock, t_reconcile);
         {
             let _g = self.datapath.lock().await;
+            t_lock = t0.elapsed();
             let want = self
                 .desired()
                 .ok_or_else(|| OpError::new(503, "no view from the server yet"))?;
             let report = reconcile(&self.kernel, &want).await?;
+            t_reconcile = t0.elapsed();
             if !report.ok() {
                 warn!(failed = ?report.failed, "reconcile before attach had failures");
             }
@@ -551,7 +556,7 @@ impl<K: Kernel + 'static> Agent<K> {
             };
             self.kernel.attach_veth(&va).await?;
         }
-        info!(port = %req.port_id, dev = %dev, netns = %req.netns.display(), "port attached");
+        let t_veth = t0.elapsed();
         let details = json!({"bridge_name": bridge, "mtu": plan.mtu});
         let mut report = json!({"status": "ACTIVE", "vif_type": "veth", "vif_details": details});
         if let Some(Value::Object(extra)) = &req.record {
@@ -564,6 +569,11 @@ impl<K: Kernel + 'static> Agent<K> {
             // The workload is plumbed; the status catches up with the next attach or sync.
             warn!(port = %req.port_id, error = %e, "could not report the port ACTIVE");
         }
+        // Cumulative milliseconds, so a slow attach shows where it waited.
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        info!(port = %req.port_id, dev = %dev, netns = %req.netns.display(),
+            plan_ms = ms(t_plan), lock_ms = ms(t_lock), reconcile_ms = ms(t_reconcile),
+            veth_ms = ms(t_veth), reported_ms = ms(t0.elapsed()), "port attached");
         let ips: Vec<Value> = plan
             .addresses
             .iter()

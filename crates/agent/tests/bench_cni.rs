@@ -216,6 +216,21 @@ async fn cni_add_latency() {
     };
     let (seq, par) = tokio::task::block_in_place(|| measure(&isthmus, "pool", &fill));
     rows.push(("isthmus, pool", seq, par));
+    if std::env::var_os("ISTHMUS_BENCH_SAMPLES").is_some() {
+        // The agent's own account of its slowest attaches.
+        let log = std::fs::read_to_string(&tb.nodes[0].log).unwrap_or_default();
+        for l in log.lines().filter(|l| l.contains("port attached")) {
+            let total = l
+                .split("reported_ms=")
+                .nth(1)
+                .and_then(|x| x.split_whitespace().next())
+                .and_then(|x| x.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if total > 12.0 {
+                println!("slow attach: {}", l.split("isthmus_agent").nth(1).unwrap_or(l));
+            }
+        }
+    }
     // Pool off.
     tb.nodes[0].kill_agent();
     tb.nodes[0].env = vec![("ISTHMUS_POOL_SIZE".into(), "0".into())];

@@ -137,8 +137,11 @@ struct UpArgs {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ISTHMUS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: log files and journals get plain text.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
