@@ -14,6 +14,7 @@
 pub mod client;
 pub mod cni;
 pub mod desired;
+pub mod dhcp;
 pub mod kernel;
 pub mod names;
 pub mod objects;

@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub pool_size: usize,
     /// A network's pool is drained after this long without an ADD or attachment.
     pub pool_idle: Duration,
+    /// Lease time the node's DHCP service gives VM ports.
+    pub dhcp_lease_secs: u32,
 }
 
 impl AgentConfig {
@@ -61,6 +63,7 @@ impl AgentConfig {
             attach_timeout: Duration::from_secs(20),
             pool_size: 3,
             pool_idle: Duration::from_secs(600),
+            dhcp_lease_secs: 86400,
         }
     }
 }
@@ -178,6 +181,7 @@ pub struct Agent<K: Kernel> {
     /// Serialises datapath changes: reconcile passes, attaches, detaches.
     pub(crate) datapath: tokio::sync::Mutex<()>,
     pub(crate) pools: crate::cni::Pools,
+    pub(crate) dhcp: crate::dhcp::DhcpState,
     /// The node stream is up (a message arrived on the current connection).
     connected: std::sync::atomic::AtomicBool,
 }
@@ -206,6 +210,7 @@ impl<K: Kernel + 'static> Agent<K> {
             changed: Notify::new(),
             datapath: tokio::sync::Mutex::new(()),
             pools: crate::cni::Pools::default(),
+            dhcp: crate::dhcp::DhcpState::default(),
             connected: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -355,6 +360,7 @@ impl<K: Kernel + 'static> Agent<K> {
                 let a = self.clone();
                 async move { a.pool_loop().await }
             }),
+            tokio::spawn(self.clone().dhcp_loop()),
             tokio::spawn(crate::socket::serve(self.clone(), listener)),
         ];
         shutdown.await;
@@ -452,6 +458,36 @@ impl<K: Kernel + 'static> Agent<K> {
                 Ok(None) => return Ok(()),
                 Ok(Some(Err(e))) => anyhow::bail!("node stream: {}", e.without_url()),
                 Ok(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
+            }
+        }
+    }
+
+    /// Keeps DHCP served on exactly the VM ports that need it (on change, and every few
+    /// seconds for taps that appear later).
+    async fn dhcp_loop(self: Arc<Self>) {
+        let mut gen = self.generation.subscribe();
+        loop {
+            let wanted: Vec<(String, String)> = {
+                let v = self.lock_view();
+                if v.synced {
+                    to_view(&v.objects, &self.config.node, None)
+                        .local_ports
+                        .iter()
+                        .filter(|p| p.kind == PortKind::Tap)
+                        .filter(|p| {
+                            crate::dhcp::lease_for(&v.objects, &self.config.node, &p.id, self.config.dhcp_lease_secs)
+                                .is_some()
+                        })
+                        .map(|p| (names::tap(&p.id), p.id.clone()))
+                        .collect()
+                } else {
+                    vec![]
+                }
+            };
+            self.sync_dhcp(wanted).await;
+            tokio::select! {
+                _ = gen.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }
     }

@@ -245,6 +245,13 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
+    async fn dhcp_socket(&self, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
+        Err(KernelError::io(
+            format!("dhcp socket for {dev}"),
+            std::io::Error::other("the fake kernel has no packet sockets"),
+        ))
+    }
+
     async fn inspect(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<super::Inspected>, KernelError> {
         let s = self.lock();
         Ok(s.attached

@@ -160,6 +160,10 @@ pub trait Kernel: Send + Sync {
     /// Deletes a port's host device (for a veth, the pair). Absent already is success.
     fn detach(&self, name: &str) -> impl Future<Output = Result<(), KernelError>> + Send;
 
+    /// A raw packet socket on port device `dev` that receives the guest's DHCP requests and
+    /// sends answers straight back to it (distributed DHCP). Returns it with `dev`'s ifindex.
+    fn dhcp_socket(&self, dev: &str) -> impl Future<Output = Result<(std::os::fd::OwnedFd, u32), KernelError>> + Send;
+
     /// The MAC and addresses of interface `ifname` inside `netns`; `None` if there is no such
     /// interface (CNI CHECK).
     fn inspect(

@@ -646,6 +646,12 @@ impl Kernel for NetlinkKernel {
         Ok(())
     }
 
+    async fn dhcp_socket(&self, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
+        check_ifname(dev)?;
+        let dev = dev.to_string();
+        run_in_netns(self.netns.as_deref(), move || super::netns::dhcp_packet_socket(&dev)).await
+    }
+
     async fn inspect(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<super::Inspected>, KernelError> {
         use rtnetlink::packet_route::address::AddressAttribute;
         check_ifname(ifname)?;

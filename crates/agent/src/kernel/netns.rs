@@ -133,3 +133,113 @@ pub fn create_persistent_tap(name: &str) -> Result<(), KernelError> {
     }
     Ok(())
 }
+
+/// Opens the guest side of the existing TAP device `name` (what a hypervisor does), in the
+/// calling thread's netns: frames written to the file enter the node as if the guest sent them.
+/// Blocking; for tests and tools.
+pub fn open_tap(name: &str) -> Result<File, KernelError> {
+    super::check_ifname(name)?;
+    let ctx = |what: &str| format!("opening tap {name}: {what}");
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| KernelError::io(ctx("/dev/net/tun"), e))?;
+    let mut req = IfReqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` lays out exactly.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReqFlags) };
+    if rc != 0 {
+        return Err(KernelError::io(ctx("TUNSETIFF"), std::io::Error::last_os_error()));
+    }
+    Ok(tun)
+}
+
+/// A raw packet socket bound to interface `dev`, receiving only IPv4 UDP to port 67 (a classic
+/// BPF filter in the kernel, so the guest's other traffic never reaches userspace). Created in
+/// the calling thread's namespace. Returns the socket (non-blocking) and the interface index.
+pub fn dhcp_packet_socket(dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
+    use std::os::fd::OwnedFd;
+    let err = |what: &str| KernelError::io(format!("{what} for {dev}"), std::io::Error::last_os_error());
+    let cname =
+        std::ffi::CString::new(dev).map_err(|_| KernelError::io("interface name", std::io::Error::other("NUL")))?;
+    // SAFETY: plain syscalls with valid arguments; results are checked.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(err("if_nametoindex"));
+    }
+    // ETH_P_ALL, not ETH_P_IP: the tap is a bridge port, and the bridge consumes its frames
+    // before protocol-specific sockets would see them; "all" sockets see them first. The
+    // filter below does the selecting.
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: as above.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
+    if fd < 0 {
+        return Err(err("socket(AF_PACKET)"));
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // IPv4, UDP, not a fragment, destination port 67 (tcpdump's `udp dst port 67`, IPv4 part).
+    let code: [libc::sock_filter; 10] = [
+        bpf(0x28, 0, 0, 12),          // ldh [12]
+        bpf(0x15, 0, 8, 0x0800),      // jeq IPv4, else drop
+        bpf(0x30, 0, 0, 23),          // ldb [23]
+        bpf(0x15, 0, 6, 17),          // jeq UDP, else drop
+        bpf(0x28, 0, 0, 20),          // ldh [20]
+        bpf(0x45, 4, 0, 0x1fff),      // jset fragment offset → drop
+        bpf(0xb1, 0, 0, 14),          // ldxb 4*([14]&0xf)
+        bpf(0x48, 0, 0, 16),          // ldh [x+16]
+        bpf(0x15, 0, 1, 67),          // jeq 67, else drop
+        bpf(0x06, 0, 0, 0x0004_0000), // accept
+    ];
+    let mut code = code.to_vec();
+    code.push(bpf(0x06, 0, 0, 0)); // drop
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: prog points at `code`, alive across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            &prog as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(err("SO_ATTACH_FILTER"));
+    }
+    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: sll is a valid sockaddr_ll of the given size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(err("bind(AF_PACKET)"));
+    }
+    Ok((fd, ifindex))
+}
+
+fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}

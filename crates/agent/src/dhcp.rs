@@ -1,0 +1,295 @@
+//! Distributed DHCP: every agent answers the DHCP requests of its own VM ports, on their tap
+//! devices, from the node's view. No central server, no lease database: a port's address is its
+//! fixed IP.
+//!
+//! One raw packet socket per served tap, with a kernel filter that passes only IPv4 UDP to port
+//! 67, so the guest's other traffic never reaches the agent. Answers are written to the same tap
+//! (straight to the guest), so they never enter the bridge or reach another node. Frames whose
+//! source MAC is not the port's get nothing, nor do subnets with `enable_dhcp` false.
+
+use crate::kernel::{Kernel, MacAddr};
+use crate::objects::Objects;
+use crate::runtime::Agent;
+use isthmus_dhcp::{build, decide, parse, Lease};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, info, warn};
+
+/// The server identifier when a subnet has no gateway: link-local, never a guest's address.
+const NO_GATEWAY_SERVER_ID: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// The lease of VM port `port_id` (bound to `node`), if it has an IPv4 address on a subnet
+/// with DHCP enabled. Pure.
+pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) -> Option<Lease> {
+    let p = objects.port(port_id)?;
+    if p["binding:host_id"] != node {
+        return None;
+    }
+    let net = objects.network(p["network_id"].as_str()?)?;
+    let mtu = net["mtu"].as_u64().and_then(|m| u16::try_from(m).ok()).unwrap_or(1450);
+    let mac: MacAddr = p["mac_address"].as_str()?.parse().ok()?;
+    for f in p["fixed_ips"].as_array()? {
+        let Some(ip) = f["ip_address"].as_str().and_then(|s| s.parse::<Ipv4Addr>().ok()) else {
+            continue;
+        };
+        let Some(s) = f["subnet_id"].as_str().and_then(|id| objects.subnet(id)) else {
+            continue;
+        };
+        if s["enable_dhcp"] == false {
+            continue;
+        }
+        let Some(cidr) = s["cidr"].as_str().and_then(|c| c.parse::<ipnet::Ipv4Net>().ok()) else {
+            continue;
+        };
+        let router = s["gateway_ip"].as_str().and_then(|g| g.parse::<Ipv4Addr>().ok());
+        let v4 = |v: &Value| v.as_str().and_then(|x| x.parse::<Ipv4Addr>().ok());
+        let dns = s["dns_nameservers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(v4)
+            .collect();
+        let routes = s["host_routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                let dst = r["destination"].as_str()?.parse::<ipnet::Ipv4Net>().ok()?;
+                Some((dst.network(), dst.prefix_len(), v4(&r["nexthop"])?))
+            })
+            .collect();
+        let mut server_mac = mac.0;
+        // The host side of the tap (libvirt's convention), never the guest's own MAC.
+        server_mac[0] = 0xfe;
+        return Some(Lease {
+            ip,
+            prefix_len: cidr.prefix_len(),
+            router,
+            dns,
+            mtu,
+            routes,
+            lease_secs,
+            server_id: router.unwrap_or(NO_GATEWAY_SERVER_ID),
+            server_mac,
+            domain: None,
+        });
+    }
+    None
+}
+
+/// One served tap: its port, interface index and task.
+pub(crate) struct Served {
+    ifindex: u32,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Served taps by device name.
+#[derive(Default)]
+pub(crate) struct DhcpState {
+    pub(crate) served: std::sync::Mutex<HashMap<String, (String, Served)>>,
+}
+
+impl<K: Kernel + 'static> Agent<K> {
+    /// Starts serving the VM ports that need it and stops the rest. Safe to call repeatedly.
+    pub(crate) async fn sync_dhcp(self: &Arc<Self>, wanted: Vec<(String, String)>) {
+        let wanted: HashMap<String, String> = wanted.into_iter().collect();
+        {
+            let mut served = self.dhcp.served.lock().unwrap_or_else(|p| p.into_inner());
+            served.retain(|dev, (port, s)| {
+                let keep = wanted.get(dev) == Some(port) && !s.task.is_finished();
+                if !keep {
+                    debug!(dev = %dev, "DHCP: no longer serving");
+                }
+                keep
+            });
+        }
+        for (dev, port) in wanted {
+            let have = {
+                let served = self.dhcp.served.lock().unwrap_or_else(|p| p.into_inner());
+                served.get(&dev).map(|(_, s)| s.ifindex)
+            };
+            let (fd, ifindex) = match self.kernel().dhcp_socket(&dev).await {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(dev = %dev, error = %e, "DHCP: tap not ready");
+                    continue;
+                }
+            };
+            if have == Some(ifindex) {
+                continue; // Already served on this very device.
+            }
+            let agent = self.clone();
+            let (p, d) = (port.clone(), dev.clone());
+            let task = tokio::spawn(async move {
+                if let Err(e) = agent.serve_dhcp(&p, &d, fd, ifindex).await {
+                    warn!(dev = %d, port = %p, error = %e, "DHCP service on tap stopped");
+                }
+            });
+            info!(dev = %dev, port = %port, "DHCP: serving");
+            let mut served = self.dhcp.served.lock().unwrap_or_else(|p| p.into_inner());
+            served.insert(dev, (port, Served { ifindex, task }));
+        }
+    }
+
+    async fn serve_dhcp(&self, port_id: &str, dev: &str, fd: OwnedFd, ifindex: u32) -> std::io::Result<()> {
+        // SAFETY: the AsyncFd owns `fd` (an OwnedFd) for its whole life, so the descriptor stays
+        // open and the same.
+        let afd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let mut guard = afd.readable().await?;
+            loop {
+                match recv(afd.get_ref(), &mut buf) {
+                    Ok((n, pkttype, from_if)) => {
+                        // Frames the bridge sends to the guest pass by too; only the guest's count.
+                        if pkttype == libc::PACKET_OUTGOING || from_if != ifindex {
+                            continue;
+                        }
+                        if let Some(answer) = self.answer(port_id, dev, &buf[..n]) {
+                            if let Err(e) = send(afd.get_ref(), ifindex, &answer) {
+                                warn!(dev, error = %e, "DHCP: sending the answer failed");
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        guard.clear_ready();
+                        break;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// The answer frame to one frame from the guest, if it deserves one.
+    fn answer(&self, port_id: &str, dev: &str, frame: &[u8]) -> Option<Vec<u8>> {
+        let req = match parse(frame) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(dev, error = %e, "DHCP: ignoring a frame");
+                return None;
+            }
+        };
+        let lease = {
+            let v = self.lock_view();
+            let l = lease_for(&v.objects, &self.config.node, port_id, self.config.dhcp_lease_secs);
+            let mac = v
+                .objects
+                .port(port_id)
+                .and_then(|p| p["mac_address"].as_str()?.parse::<MacAddr>().ok());
+            match (l, mac) {
+                (Some(l), Some(m)) if req.src_mac == m.0 && req.chaddr == m.0 => l,
+                (_, m) => {
+                    debug!(dev, src = %MacAddr(req.src_mac), port_mac = ?m.map(|m| m.to_string()),
+                        "DHCP: no lease for this client (unknown MAC or no DHCP subnet)");
+                    return None;
+                }
+            }
+        };
+        let answer = decide(&req, &lease)?;
+        debug!(dev, kind = ?req.kind, ?answer, ip = %lease.ip, xid = req.xid, "DHCP: answering");
+        Some(build(answer, &req, &lease))
+    }
+}
+
+/// One frame: (length, packet type, interface index).
+fn recv(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<(usize, u8, u32)> {
+    // SAFETY: zeroed sockaddr_ll is valid; recvfrom writes at most `len` bytes into each.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    let n = unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            0,
+            &mut sll as *mut _ as *mut libc::sockaddr,
+            &mut len,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((n as usize, sll.sll_pkttype, sll.sll_ifindex as u32))
+}
+
+fn send(fd: &OwnedFd, ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
+    // SAFETY: as in `recv`; the frame carries its own Ethernet header.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr() as *const libc::c_void,
+            frame.len(),
+            0,
+            &sll as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn objects(enable_dhcp: bool, host: &str) -> Objects {
+        let mut o = Objects::default();
+        o.apply(&json!({"type": "snapshot", "revision": 1, "objects": [
+            {"key": "/n/n1", "kind": "network", "revision": 1, "value": {"id": "n1", "mtu": 1450}},
+            {"key": "/s/s1", "kind": "subnet", "revision": 1, "value": {"id": "s1", "network_id": "n1",
+                "cidr": "10.0.0.0/24", "gateway_ip": "10.0.0.1", "enable_dhcp": enable_dhcp, "ip_version": 4,
+                "dns_nameservers": ["10.1.1.1"], "host_routes": [{"destination": "172.16.0.0/12", "nexthop": "10.0.0.254"}]}},
+            {"key": "/p/p1", "kind": "port", "revision": 1, "value": {"id": "p1", "network_id": "n1",
+                "binding:host_id": host, "device_owner": "compute:nova", "mac_address": "fa:16:3e:00:00:07",
+                "fixed_ips": [{"subnet_id": "s1", "ip_address": "10.0.0.7"}]}},
+        ]}))
+        .unwrap();
+        o
+    }
+
+    #[test]
+    fn a_vm_port_gets_its_fixed_ip_and_the_subnet_options() {
+        let l = lease_for(&objects(true, "me"), "me", "p1", 600).expect("a lease");
+        assert_eq!(l.ip, Ipv4Addr::new(10, 0, 0, 7));
+        assert_eq!(l.prefix_len, 24);
+        assert_eq!(l.router, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(l.dns, vec![Ipv4Addr::new(10, 1, 1, 1)]);
+        assert_eq!(
+            l.routes,
+            vec![(Ipv4Addr::new(172, 16, 0, 0), 12, Ipv4Addr::new(10, 0, 0, 254))]
+        );
+        assert_eq!((l.mtu, l.lease_secs), (1450, 600));
+        assert_eq!(l.server_mac, [0xfe, 0x16, 0x3e, 0, 0, 7]);
+    }
+
+    #[test]
+    fn no_lease_without_dhcp_or_for_another_node() {
+        assert_eq!(lease_for(&objects(false, "me"), "me", "p1", 600), None);
+        assert_eq!(lease_for(&objects(true, "other"), "me", "p1", 600), None);
+        assert_eq!(lease_for(&objects(true, "me"), "me", "nope", 600), None);
+    }
+}

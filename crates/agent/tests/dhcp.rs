@@ -1,0 +1,326 @@
+//! Distributed DHCP end to end: VM ports bound to test-bed nodes, their taps made by the real
+//! agents, and a DHCP client speaking through the tap exactly as a guest would (the test opens
+//! the tap's guest side, like QEMU). Needs root.
+//!
+//! Also `dhcp_latency` (`#[ignore]`d, `scripts/bench-dhcp.sh`): 1,000 DISCOVER/REQUEST
+//! exchanges, p50/p99.
+
+mod support;
+mod testbed;
+
+use isthmus_dhcp::{client_frame, parse_reply, MessageType, Reply};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::in_ns;
+use testbed::{eventually, Testbed};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The guest side of a tap, in a node namespace.
+struct Guest {
+    tap: std::fs::File,
+    mac: [u8; 6],
+}
+
+impl Guest {
+    fn open(node_ns: &Path, tap: &str, mac: &str) -> Guest {
+        let name = tap.to_string();
+        let file = in_ns(node_ns, move || isthmus_agent::kernel::netns::open_tap(&name)).expect("open tap");
+        let m: isthmus_agent::kernel::MacAddr = mac.parse().expect("mac");
+        Guest { tap: file, mac: m.0 }
+    }
+
+    fn send(&mut self, frame: &[u8]) {
+        self.tap.write_all(frame).expect("write to tap");
+    }
+
+    /// The next DHCP reply for `xid` within `timeout`; other frames are skipped.
+    fn reply(&mut self, xid: u32, timeout: Duration) -> Option<Reply> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+            if n <= 0 {
+                continue;
+            }
+            let len = self.tap.read(&mut buf).expect("read tap");
+            if let Some(r) = parse_reply(&buf[..len]) {
+                if r.xid == xid {
+                    return Some(r);
+                }
+            }
+        }
+    }
+
+    fn exchange(
+        &mut self,
+        kind: MessageType,
+        xid: u32,
+        requested: Option<Ipv4Addr>,
+        ciaddr: Ipv4Addr,
+    ) -> Option<Reply> {
+        let frame = client_frame(kind, xid, self.mac, requested, ciaddr);
+        self.send(&frame);
+        self.reply(xid, Duration::from_secs(2))
+    }
+}
+
+struct Setup {
+    tb: Testbed,
+    net: String,
+    dhcp_subnet: String,
+    nodhcp_net: String,
+    nodhcp_subnet: String,
+}
+
+async fn setup(nodes: usize) -> Setup {
+    let tb = Testbed::start(nodes).await;
+    let t = tb.member("dhcp").await;
+    let net = tb.create(&t, "networks", "network", json!({"name": "vms"})).await;
+    let net = net["id"].as_str().expect("id").to_string();
+    let s = tb
+        .create(
+            &t,
+            "subnets",
+            "subnet",
+            json!({"network_id": net, "cidr": "10.70.0.0/24", "ip_version": 4,
+                   "dns_nameservers": ["10.1.1.1", "10.1.1.2"],
+                   "host_routes": [{"destination": "172.16.0.0/12", "nexthop": "10.70.0.254"}]}),
+        )
+        .await;
+    let n2 = tb.create(&t, "networks", "network", json!({"name": "static"})).await;
+    let n2 = n2["id"].as_str().expect("id").to_string();
+    let s2 = tb
+        .create(
+            &t,
+            "subnets",
+            "subnet",
+            json!({"network_id": n2, "cidr": "10.71.0.0/24", "ip_version": 4, "enable_dhcp": false}),
+        )
+        .await;
+    Setup {
+        tb,
+        net,
+        dhcp_subnet: s["id"].as_str().expect("id").to_string(),
+        nodhcp_net: n2,
+        nodhcp_subnet: s2["id"].as_str().expect("id").to_string(),
+    }
+}
+
+/// A VM port bound to node `node` (as Nova would: admin sets the host), with its tap made.
+async fn vm_port(tb: &Testbed, net: &str, subnet: &str, ip: &str, node: usize) -> Value {
+    let (s, b) = tb
+        .net(
+            reqwest::Method::POST,
+            "/v2.0/ports",
+            Some(json!({"port": {"network_id": net, "device_owner": "compute:nova",
+                "binding:host_id": tb.nodes[node].name, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}]}})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let port = b["port"].clone();
+    let tap = isthmus_agent::names::tap(port["id"].as_str().expect("id"));
+    let n = &tb.nodes[node];
+    eventually(15, "the agent makes the VM's tap", || n.has_link(&tap)).await;
+    port
+}
+
+fn tap_of(port: &Value) -> String {
+    isthmus_agent::names::tap(port["id"].as_str().expect("id"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_ports_get_their_address_and_options_from_their_own_node() {
+    support::require_root();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let s = setup(2).await;
+        let tb = &s.tb;
+        let a = vm_port(tb, &s.net, &s.dhcp_subnet, "10.70.0.10", 0).await;
+        let b = vm_port(tb, &s.net, &s.dhcp_subnet, "10.70.0.11", 1).await;
+        let c = vm_port(tb, &s.nodhcp_net, &s.nodhcp_subnet, "10.71.0.10", 0).await;
+        let node0 = tb.nodes[0].ns.path();
+        let node1 = tb.nodes[1].ns.path();
+        let mut ga = Guest::open(&node0, &tap_of(&a), a["mac_address"].as_str().expect("mac"));
+        let mut gb = Guest::open(&node1, &tap_of(&b), b["mac_address"].as_str().expect("mac"));
+        let mut gc = Guest::open(&node0, &tap_of(&c), c["mac_address"].as_str().expect("mac"));
+        let ip = Ipv4Addr::new(10, 70, 0, 10);
+
+        // DISCOVER → OFFER of the port's fixed IP with every option (the agent may still be
+        // opening its socket on the new tap: retry for a while).
+        let mut offer = None;
+        for i in 0..50 {
+            offer = ga.exchange(MessageType::Discover, 100 + i, None, Ipv4Addr::UNSPECIFIED);
+            if offer.is_some() {
+                break;
+            }
+        }
+        let Some(offer) = offer else {
+            let log = std::fs::read_to_string(&tb.nodes[0].log).unwrap_or_default();
+            let dhcp: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("DHCP") || l.contains("tap"))
+                .collect();
+            panic!("no OFFER for a VM port; agent log:\n{}", dhcp.join("\n"));
+        };
+        assert_eq!(offer.kind, MessageType::Offer);
+        assert_eq!(offer.yiaddr, ip);
+        assert_eq!(offer.option(1), Some(&[255, 255, 255, 0][..]), "mask");
+        assert_eq!(offer.option(3), Some(&[10, 70, 0, 1][..]), "router");
+        assert_eq!(offer.option(6), Some(&[10, 1, 1, 1, 10, 1, 1, 2][..]), "dns");
+        assert_eq!(offer.option(26), Some(&1450u16.to_be_bytes()[..]), "mtu");
+        assert_eq!(offer.option(51), Some(&86400u32.to_be_bytes()[..]), "lease");
+        assert_eq!(
+            offer.option(121),
+            Some(&[12, 172, 16, 10, 70, 0, 254, 0, 10, 70, 0, 1][..]),
+            "classless routes"
+        );
+        // REQUEST → ACK; a renewal (ciaddr) → ACK; another address → NAK.
+        let ack = ga
+            .exchange(MessageType::Request, 200, Some(ip), Ipv4Addr::UNSPECIFIED)
+            .expect("ACK");
+        assert_eq!((ack.kind, ack.yiaddr), (MessageType::Ack, ip));
+        let renew = ga.exchange(MessageType::Request, 201, None, ip).expect("renewal ACK");
+        assert_eq!((renew.kind, renew.yiaddr), (MessageType::Ack, ip));
+        let nak = ga
+            .exchange(
+                MessageType::Request,
+                202,
+                Some(Ipv4Addr::new(10, 70, 0, 99)),
+                Ipv4Addr::UNSPECIFIED,
+            )
+            .expect("NAK");
+        assert_eq!(nak.kind, MessageType::Nak);
+
+        // The VM on node 1 gets its own address from node 1's agent.
+        let mut offer_b = None;
+        for i in 0..50 {
+            offer_b = gb.exchange(MessageType::Discover, 300 + i, None, Ipv4Addr::UNSPECIFIED);
+            if offer_b.is_some() {
+                break;
+            }
+        }
+        assert_eq!(offer_b.expect("OFFER on node 1").yiaddr, Ipv4Addr::new(10, 70, 0, 11));
+
+        // An unknown MAC on the tap gets nothing; a subnet without DHCP gets nothing.
+        let stranger = client_frame(
+            MessageType::Discover,
+            400,
+            [0x02, 0, 0, 0, 0, 9],
+            None,
+            Ipv4Addr::UNSPECIFIED,
+        );
+        ga.send(&stranger);
+        assert!(
+            ga.reply(400, Duration::from_secs(1)).is_none(),
+            "an unknown MAC got an answer"
+        );
+        assert!(
+            gc.exchange(MessageType::Discover, 500, None, Ipv4Addr::UNSPECIFIED)
+                .is_none(),
+            "a subnet with DHCP disabled got an answer"
+        );
+        // Nothing leaks: node 1's guest never saw an answer meant for node 0's (xids 100–202),
+        // and node 1's agent did not answer node 0's guest (it would have used node 1's tap).
+        ga.exchange(MessageType::Discover, 600, None, Ipv4Addr::UNSPECIFIED)
+            .expect("OFFER");
+        assert!(
+            gb.reply(600, Duration::from_millis(500)).is_none(),
+            "an answer for node 0's VM reached node 1"
+        );
+
+        // Deleting the port stops the service (the tap goes with it).
+        let (st, _) = tb
+            .net(
+                reqwest::Method::DELETE,
+                &format!("/v2.0/ports/{}", a["id"].as_str().expect("id")),
+                None,
+            )
+            .await;
+        assert_eq!(st, 204);
+        let n0 = &tb.nodes[0];
+        let tap = tap_of(&a);
+        eventually(15, "the VM's tap is removed", || !n0.has_link(&tap)).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    s[rank.min(s.len()) - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: scripts/bench-dhcp.sh"]
+async fn dhcp_latency() {
+    support::require_root();
+    let n: u32 = std::env::var("ISTHMUS_BENCH_EXCHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let s = setup(1).await;
+    let a = vm_port(&s.tb, &s.net, &s.dhcp_subnet, "10.70.0.10", 0).await;
+    let mut g = Guest::open(
+        &s.tb.nodes[0].ns.path(),
+        &tap_of(&a),
+        a["mac_address"].as_str().expect("mac"),
+    );
+    let ip = Ipv4Addr::new(10, 70, 0, 10);
+    for i in 0..100 {
+        if g.exchange(MessageType::Discover, i, None, Ipv4Addr::UNSPECIFIED)
+            .is_some()
+        {
+            break;
+        }
+    }
+    let (mut discover, mut request, mut both) = (vec![], vec![], vec![]);
+    let r = tokio::task::block_in_place(|| {
+        for i in 0..n {
+            let t0 = Instant::now();
+            let o = g.exchange(MessageType::Discover, 10_000 + 2 * i, None, Ipv4Addr::UNSPECIFIED);
+            let t1 = Instant::now();
+            let a = g.exchange(MessageType::Request, 10_001 + 2 * i, Some(ip), Ipv4Addr::UNSPECIFIED);
+            let t2 = Instant::now();
+            if o.map(|o| o.kind) != Some(MessageType::Offer) || a.map(|a| a.kind) != Some(MessageType::Ack) {
+                return Err(i);
+            }
+            discover.push((t1 - t0).as_secs_f64() * 1e3);
+            request.push((t2 - t1).as_secs_f64() * 1e3);
+            both.push((t2 - t0).as_secs_f64() * 1e3);
+        }
+        Ok(())
+    });
+    assert_eq!(r, Ok(()), "an exchange got no answer");
+    println!();
+    println!("DHCP latency over {n} DISCOVER/REQUEST exchanges on a VM tap, ms (frame written → answer read)");
+    println!("{:<22} {:>8} {:>8} {:>8}", "", "p50", "p99", "max");
+    for (name, v) in [
+        ("DISCOVER → OFFER", &discover),
+        ("REQUEST → ACK", &request),
+        ("whole exchange", &both),
+    ] {
+        println!(
+            "{:<22} {:>8.3} {:>8.3} {:>8.3}",
+            name,
+            pct(v, 50.0),
+            pct(v, 99.0),
+            pct(v, 100.0)
+        );
+    }
+}
