@@ -2,14 +2,14 @@
 # Installs what Isthmus needs on Debian 12 (as root) and builds it.
 #   scripts/setup.sh            runtime + build
 #   scripts/setup.sh --test     also the test peers (etcd, openstack CLI, tempest, podman,
-#                               the reference CNI plugins, busybox for test images)
+#                               the reference CNI plugins, busybox and QEMU for test images and VMs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want=(ca-certificates gcc libc6-dev iproute2)
 if [ "${1:-}" = "--test" ]; then
   want+=(etcd-server etcd-client python3-openstackclient python3-tempest
-         podman runc containernetworking-plugins busybox-static iputils-ping)
+         podman runc containernetworking-plugins busybox-static iputils-ping qemu-system-x86)
 fi
 missing=()
 for p in "${want[@]}"; do

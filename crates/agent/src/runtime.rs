@@ -329,16 +329,45 @@ impl<K: Kernel + 'static> Agent<K> {
                     Err(e) => warn!(port = %lp.id, dev = %name, error = %e, "creating the tap device failed"),
                 }
             }
+            // VM ports are bound as taps: the hypervisor needs the bridge and MTU.
             let v = self.lock_view();
-            status_fixes(&v.objects, &self.config.node, &devices)
+            let mut reports: Vec<(String, Value)> = vec![];
+            let mut taps: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
+            for lp in view.local_ports.iter().filter(|p| p.kind == PortKind::Tap) {
+                let name = names::tap(&lp.id);
+                let (Some(dev), true) = (want.ports.get(&name), devices.contains(&name)) else {
+                    continue;
+                };
+                let binding = json!({"vif_type": "tap", "vif_details": {"bridge_name": dev.bridge, "mtu": dev.mtu}});
+                let current = v.objects.port(&lp.id);
+                let bound = current.is_some_and(|p| {
+                    p["binding:vif_type"] == "tap" && p["binding:vif_details"] == binding["vif_details"]
+                });
+                if !bound {
+                    reports.push((lp.id.clone(), binding.clone()));
+                }
+                taps.insert(lp.id.clone(), binding);
+            }
+            for (port, status) in status_fixes(&v.objects, &self.config.node, &devices) {
+                let mut body = json!({ "status": status });
+                if status == "ACTIVE" {
+                    if let Some(b) = taps.get(&port) {
+                        body["vif_type"] = b["vif_type"].clone();
+                        body["vif_details"] = b["vif_details"].clone();
+                    }
+                }
+                reports.retain(|(p, _)| *p != port);
+                reports.push((port, body));
+            }
+            reports
         };
         if fixes.is_empty() {
             return;
         }
         let report = async {
-            for (port, status) in fixes {
-                match self.client.report_port(&port, json!({ "status": status })).await {
-                    Ok(_) => info!(port = %port, status, "port status corrected"),
+            for (port, body) in fixes {
+                match self.client.report_port(&port, body.clone()).await {
+                    Ok(_) => info!(port = %port, report = %body, "port status/binding reported"),
                     Err(e) => debug!(port = %port, error = %e, "could not report port status"),
                 }
             }

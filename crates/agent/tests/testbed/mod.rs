@@ -217,6 +217,12 @@ impl Drop for Node {
         let _ = run(&["ip", "link", "del", &self.root_end]);
         if std::thread::panicking() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            // Keep the whole log of a failed test; the tail below is only the start of a story.
+            let keep = std::env::temp_dir().join("isthmus-test-logs");
+            let kept = keep.join(format!("{}-{}.log", self.name, std::process::id()));
+            if std::fs::create_dir_all(&keep).is_ok() && std::fs::write(&kept, &log).is_ok() {
+                eprintln!("full agent log of {} kept in {}", self.name, kept.display());
+            }
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             eprintln!("----- agent log of {} (last lines) -----", self.name);
             for l in tail.iter().rev() {

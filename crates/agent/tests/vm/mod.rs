@@ -1,0 +1,135 @@
+//! The test VM: QEMU (`-accel tcg`) booting Debian's kernel with the busybox initramfs that
+//! `scripts/vm-image.sh` builds, its NIC on a port's tap in a node namespace, with the port's
+//! MAC, its serial console in a file. The guest runs udhcpc, prints what it got between
+//! `ISTHMUS-STATE-BEGIN`/`-END`, runs the given command, and powers off.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Kernel and initramfs, built once per test process.
+fn image() -> &'static (PathBuf, PathBuf) {
+    static IMAGE: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = root.join("target/vm");
+        let st = Command::new("bash")
+            .arg(root.join("scripts/vm-image.sh"))
+            .arg(&out)
+            .stdin(Stdio::null())
+            .status()
+            .expect("running scripts/vm-image.sh");
+        assert!(st.success(), "scripts/vm-image.sh failed");
+        (out.join("vmlinuz"), out.join("initramfs.gz"))
+    })
+}
+
+pub struct Vm {
+    child: Option<Child>,
+    pub console: PathBuf,
+    pub started: Instant,
+    _dir: tempfile::TempDir,
+}
+
+impl Vm {
+    /// Boots a VM in node namespace `node_ns` on tap `tap` with MAC `mac`, running `cmd` (a
+    /// shell command line) after DHCP; `dhcp_tries` DISCOVERs, one a second.
+    pub fn start(node_ns: &str, tap: &str, mac: &str, cmd: &str, dhcp_tries: u32) -> Vm {
+        let (kernel, initrd) = image();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let console = dir.path().join("console.log");
+        let b64 = base64_encode(cmd.as_bytes());
+        let append = format!("console=ttyS0 quiet panic=-1 isthmus.tries={dhcp_tries} isthmus.cmd={b64}");
+        let started = Instant::now();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                node_ns,
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-m",
+                "192",
+            ])
+            .args(["-nographic", "-no-reboot", "-display", "none", "-monitor", "none"])
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", &append])
+            .args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+            .args(["-serial", &format!("file:{}", console.display())])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning qemu-system-x86_64 (is qemu-system-x86 installed?)");
+        Vm {
+            child: Some(child),
+            console,
+            started,
+            _dir: dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `needle`; returns the time since start. Panics with the
+    /// console on timeout.
+    pub async fn wait_for(&self, needle: &str, timeout: Duration) -> Duration {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return self.started.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VM console never showed {needle:?} within {timeout:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What the guest reported after DHCP (between the state markers).
+    pub fn state(&self) -> String {
+        let log = self.log();
+        let start = log.find("ISTHMUS-STATE-BEGIN").map(|i| i + "ISTHMUS-STATE-BEGIN".len());
+        let end = log.find("ISTHMUS-STATE-END");
+        match (start, end) {
+            (Some(s), Some(e)) if s <= e => log[s..e].to_string(),
+            _ => String::new(),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,226 @@
+//! VMs and containers on one network: real QEMU guests (TCG) on VM ports of test-bed nodes get
+//! their address from their node's agent by DHCP and talk to a container attached through the
+//! CNI plugin on another node. Needs root, qemu-system-x86 and busybox-static
+//! (`scripts/setup.sh --test`); the guest image comes from `scripts/vm-image.sh`.
+//!
+//! Also `vm_boot_to_ip` (`#[ignore]`d, `scripts/bench-vm.sh`).
+
+mod support;
+mod testbed;
+mod vm;
+
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::{run, Ns};
+use testbed::{eventually, Testbed};
+use vm::Vm;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(240);
+
+async fn network(tb: &Testbed, token: &str, name: &str, cidr: &str, dhcp: bool) -> (String, String) {
+    let n = tb.create(token, "networks", "network", json!({"name": name})).await;
+    let id = n["id"].as_str().expect("id").to_string();
+    let s = tb
+        .create(
+            token,
+            "subnets",
+            "subnet",
+            json!({"network_id": id, "cidr": cidr, "ip_version": 4, "enable_dhcp": dhcp,
+                   "dns_nameservers": ["10.1.1.1"],
+                   "host_routes": [{"destination": "172.16.0.0/12", "nexthop": "10.80.0.254"}]}),
+        )
+        .await;
+    (id, s["id"].as_str().expect("id").to_string())
+}
+
+/// A VM port bound to `node`, as a compute service would create it; waits for its tap.
+async fn vm_port(tb: &Testbed, net: &str, subnet: &str, ip: &str, node: usize) -> Value {
+    let (s, b) = tb
+        .net(
+            reqwest::Method::POST,
+            "/v2.0/ports",
+            Some(json!({"port": {"network_id": net, "device_owner": "compute:nova",
+                "binding:host_id": tb.nodes[node].name, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}]}})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let port = b["port"].clone();
+    let tap = isthmus_agent::names::tap(port["id"].as_str().expect("id"));
+    let n = &tb.nodes[node];
+    eventually(15, "the agent makes the VM's tap", || n.has_link(&tap)).await;
+    port
+}
+
+fn start_vm(tb: &Testbed, node: usize, port: &Value, mac: Option<&str>, cmd: &str, tries: u32) -> Vm {
+    let tap = isthmus_agent::names::tap(port["id"].as_str().expect("id"));
+    let mac = mac.unwrap_or_else(|| port["mac_address"].as_str().expect("mac"));
+    Vm::start(&tb.nodes[node].ns.name, &tap, mac, cmd, tries)
+}
+
+/// A container on `node`, attached through the real CNI plugin with a requested address.
+fn cni_container(tb: &Testbed, node: usize, project: &str, network: &str, ip: &str) -> Ns {
+    let ns = Ns::new();
+    let bin = isthmus_store::testing::cni_bin();
+    let conf = json!({"cniVersion": "1.0.0", "name": "vmtest", "type": "isthmus-cni", "network": network,
+                      "project": project, "socket": tb.nodes[node].socket});
+    let mut child = Command::new(bin)
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", format!("ctr-{}", ns.name))
+        .env("CNI_NETNS", ns.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env("CNI_ARGS", format!("IP={ip}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("isthmus-cni");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("stdin");
+    let out = child.wait_with_output().expect("output");
+    assert!(
+        out.status.success(),
+        "CNI ADD: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ns
+}
+
+fn ping_from(ns: &Ns, ip: &str) -> bool {
+    run(&["ip", "netns", "exec", &ns.name, "ping", "-c", "2", "-W", "2", ip]).0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_and_containers_share_a_network() {
+    support::require_root();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut tb = Testbed::start(2).await;
+        let t = tb.member("mixed").await;
+        let (net1, sub1) = network(&tb, &t, "mixed", "10.80.0.0/24", true).await;
+        let (net2, sub2) = network(&tb, &t, "other", "10.80.0.0/24", true).await;
+        let (net3, sub3) = network(&tb, &t, "static", "10.82.0.0/24", false).await;
+        let (tb_ref, t_ref) = (&tb, &t);
+        let _ = t_ref;
+
+        // The container on node 1.
+        let c = tokio::task::block_in_place(|| cni_container(tb_ref, 1, "mixed", "mixed", "10.80.0.50"));
+
+        // VM a on node 0 (the container's network), VM b on node 0 on another network with the
+        // same CIDR, VM d on a subnet without DHCP, VM e with a MAC that is not its port's.
+        let a = vm_port(&tb, &net1, &sub1, "10.80.0.10", 0).await;
+        let b = vm_port(&tb, &net2, &sub2, "10.80.0.11", 0).await;
+        let d = vm_port(&tb, &net3, &sub3, "10.82.0.10", 1).await;
+        let e = vm_port(&tb, &net1, &sub1, "10.80.0.12", 1).await;
+        let cmd_a = "ping -c 3 -W 3 10.80.0.50 >/dev/null && echo REACH-OK || echo REACH-FAIL; \
+                     echo STREAM-START; ping -c 60 -i 0.2 -W 2 10.80.0.50 | grep transmitted; sleep 60";
+        let cmd_b = "ping -c 3 -W 2 10.80.0.50 >/dev/null && echo REACH-OK || echo REACH-FAIL; sleep 30";
+        let vm_a = start_vm(&tb, 0, &a, None, cmd_a, 20);
+        let vm_b = start_vm(&tb, 0, &b, None, cmd_b, 20);
+        let vm_d = start_vm(&tb, 1, &d, None, "true", 4);
+        let vm_e = start_vm(&tb, 1, &e, Some("02:00:00:80:00:12"), "true", 4);
+
+        // a gets its port's address by DHCP, with the subnet's options, MTU 1450.
+        let boot_to_ip = vm_a.wait_for("ISTHMUS-LEASE bound", Duration::from_secs(120)).await;
+        vm_a.wait_for("ISTHMUS-STATE-END", Duration::from_secs(30)).await;
+        let st = vm_a.state();
+        assert!(st.contains("inet 10.80.0.10/24"), "{st}");
+        assert!(st.contains("mtu 1450"), "{st}");
+        assert!(st.contains("default via 10.80.0.1"), "{st}");
+        assert!(st.contains("172.16.0.0/12 via 10.80.0.254"), "{st}");
+        assert!(st.contains("nameserver 10.1.1.1"), "{st}");
+        println!("VM a: boot to IP {:.1} s", boot_to_ip.as_secs_f64());
+
+        // a and the container on the other node reach each other.
+        vm_a.wait_for("REACH-", Duration::from_secs(60)).await;
+        assert!(
+            vm_a.log().contains("REACH-OK"),
+            "VM a cannot ping the container:\n{}",
+            vm_a.log()
+        );
+        assert!(ping_from(&c, "10.80.0.10"), "the container cannot ping VM a");
+
+        // Agent restarts while a pings the container every 200 ms: no reply lost.
+        vm_a.wait_for("STREAM-START", Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for i in [0, 1] {
+            tb.nodes[i].kill_agent();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tb.nodes[i].start_agent();
+            tb.nodes[i].wait_socket().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        vm_a.wait_for("packets transmitted", Duration::from_secs(60)).await;
+        assert!(
+            vm_a.log().contains("60 packets transmitted, 60 packets received"),
+            "replies lost across agent restarts:\n{}",
+            vm_a.log()
+        );
+
+        // b has its lease on its own network, and cannot reach the container.
+        vm_b.wait_for("REACH-", Duration::from_secs(120)).await;
+        assert!(vm_b.state().contains("inet 10.80.0.11/24"), "{}", vm_b.state());
+        assert!(
+            vm_b.log().contains("REACH-FAIL"),
+            "VM b reached another network:\n{}",
+            vm_b.log()
+        );
+        // No DHCP subnet, unknown MAC: no lease.
+        vm_d.wait_for("ISTHMUS-DHCP", Duration::from_secs(120)).await;
+        assert!(vm_d.log().contains("ISTHMUS-DHCP failed"), "{}", vm_d.log());
+        vm_e.wait_for("ISTHMUS-DHCP", Duration::from_secs(120)).await;
+        assert!(vm_e.log().contains("ISTHMUS-DHCP failed"), "{}", vm_e.log());
+        // Ports report ACTIVE once plumbed, with the tap binding.
+        let (_, port) = tb
+            .net(
+                reqwest::Method::GET,
+                &format!("/v2.0/ports/{}", a["id"].as_str().expect("id")),
+                None,
+            )
+            .await;
+        assert_eq!(port["port"]["status"], "ACTIVE", "{port}");
+        assert_eq!(port["port"]["binding:vif_type"], "tap", "{port}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: scripts/bench-vm.sh"]
+async fn vm_boot_to_ip() {
+    support::require_root();
+    let rounds: usize = std::env::var("ISTHMUS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let tb = Testbed::start(1).await;
+    let t = tb.member("boot").await;
+    let (net, sub) = network(&tb, &t, "boot", "10.80.0.0/24", true).await;
+    let mut boots = vec![];
+    let mut leases = vec![];
+    for i in 0..rounds {
+        let p = vm_port(&tb, &net, &sub, &format!("10.80.0.{}", 20 + i), 0).await;
+        let vm = start_vm(&tb, 0, &p, None, "true", 20);
+        let booted = vm.wait_for("ISTHMUS-BOOTED", Duration::from_secs(120)).await;
+        let leased = vm.wait_for("ISTHMUS-LEASE bound", Duration::from_secs(60)).await;
+        boots.push(booted.as_secs_f64());
+        leases.push(leased.as_secs_f64());
+        vm.wait_for("ISTHMUS-DONE", Duration::from_secs(30)).await;
+    }
+    println!();
+    println!("VM boot to IP (QEMU -accel tcg, 1 vCPU, 192 MiB; s from spawning QEMU)");
+    for (i, (b, l)) in boots.iter().zip(&leases).enumerate() {
+        println!(
+            "run {}: init started {:.2} s, DHCP lease applied {:.2} s (DHCP part {:.2} s)",
+            i + 1,
+            b,
+            l,
+            l - b
+        );
+    }
+}

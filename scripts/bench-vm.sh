@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# VM boot-to-IP time (needs root, qemu-system-x86): a QEMU guest (-accel tcg) on a VM port of a
+# test-bed node, from spawning QEMU to the DHCP lease applied in the guest. See
+# docs/benchmarks.md.   Knob: ISTHMUS_BENCH_ROUNDS (3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+    echo "bench-vm: needs root (network namespaces)" >&2
+    exit 1
+fi
+scripts/vm-image.sh
+cargo build --release -p isthmus-cli --bin isthmus
+export ISTHMUS_BIN="$PWD/target/release/isthmus"
+echo "machine: $(nproc) CPUs, $(uname -sr); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+exec cargo test --release -p isthmus-agent --test vm_e2e -- --ignored --nocapture --test-threads=1 vm_boot_to_ip "$@"

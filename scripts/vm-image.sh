@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Builds the test VM: Debian's kernel and a busybox initramfs, from Debian packages.
+#   scripts/vm-image.sh [OUT_DIR]        (default: target/vm; skips the work if already built)
+# Produces OUT_DIR/vmlinuz and OUT_DIR/initramfs.gz. The guest loads virtio-net, runs udhcpc
+# on eth0, prints what it got between markers on its serial console, then runs the command
+# given on the kernel command line (isthmus.cmd=<base64>) and powers off. isthmus.tries=N sets
+# how many DISCOVERs udhcpc sends (default 20, one a second).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-target/vm}
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ] && [ "$out/initramfs.gz" -nt scripts/vm-image.sh ]; then
+    exit 0
+fi
+mkdir -p "$out"
+need=()
+command -v busybox >/dev/null && [ -x /bin/busybox ] || need+=(busybox-static)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+if [ ${#need[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+        || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# The kernel package linux-image-amd64 points at, downloaded and unpacked (not installed).
+pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+[ -n "$pkg" ] || { echo "vm-image: cannot resolve linux-image-amd64" >&2; exit 1; }
+(cd "$work" && { apt-get download "$pkg" >/dev/null 2>&1 || { apt-get update -qq && apt-get download "$pkg" >/dev/null; }; })
+dpkg-deb -x "$work"/"$pkg"_*.deb "$work/k"
+cp "$work"/k/boot/vmlinuz-* "$out/vmlinuz"
+kver=$(basename "$work"/k/lib/modules/*)
+
+root="$work/root"
+mkdir -p "$root"/{bin,dev,proc,sys,etc,tmp,run,modules,usr/share/udhcpc}
+cp /bin/busybox "$root/bin/busybox"
+for tool in sh ip ping udhcpc insmod cat echo sleep mount base64 poweroff ifconfig route hostname nc; do
+    ln -s busybox "$root/bin/$tool"
+done
+# virtio-net is a module in Debian's kernel; these are its dependencies, in load order.
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+    f=$(find "$work/k/lib/modules/$kver" -name "$m.ko*" | head -1)
+    [ -n "$f" ] || { echo "vm-image: module $m not found in $pkg" >&2; exit 1; }
+    case "$f" in
+        *.xz) xz -dc "$f" >"$root/modules/$m.ko" ;;
+        *.zst) zstd -qdc "$f" >"$root/modules/$m.ko" ;;
+        *) cp "$f" "$root/modules/$m.ko" ;;
+    esac
+done
+
+cat >"$root/usr/share/udhcpc/default.script" <<'EOS'
+#!/bin/sh
+# udhcpc hook: apply the lease (address, MTU, routes incl. option 121, DNS).
+action=$1
+case "$action" in
+    deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+    bound|renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/$mask" dev "$interface"
+        [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+        if [ -n "$staticroutes" ]; then
+            set -- $staticroutes
+            while [ $# -ge 2 ]; do ip route add "$1" via "$2" dev "$interface"; shift 2; done
+        elif [ -n "$router" ]; then
+            for r in $router; do ip route add default via "$r" dev "$interface"; break; done
+        fi
+        : >/etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+        echo "ISTHMUS-LEASE $action ip=$ip mask=$mask mtu=$mtu router=$router lease=$lease"
+        ;;
+esac
+exit 0
+EOS
+chmod +x "$root/usr/share/udhcpc/default.script"
+
+cat >"$root/init" <<'EOS'
+#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+    insmod /modules/$m.ko
+done
+ip link set lo up
+ip link set eth0 up
+echo "ISTHMUS-BOOTED"
+tries=$(sed -n 's/.*isthmus\.tries=\([0-9]*\).*/\1/p' /proc/cmdline)
+if udhcpc -i eth0 -s /usr/share/udhcpc/default.script -t "${tries:-20}" -T 1 -A 1 -n; then echo "ISTHMUS-DHCP ok"; else echo "ISTHMUS-DHCP failed"; fi
+echo "ISTHMUS-STATE-BEGIN"
+ip -4 addr show dev eth0
+ip -4 route
+cat /sys/class/net/eth0/mtu | sed 's/^/mtu /'
+cat /etc/resolv.conf
+echo "ISTHMUS-STATE-END"
+cmd=$(sed -n 's/.*isthmus\.cmd=\([^ ]*\).*/\1/p' /proc/cmdline | base64 -d 2>/dev/null)
+if [ -n "$cmd" ]; then
+    echo "ISTHMUS-CMD-BEGIN"
+    sh -c "$cmd"
+    echo "ISTHMUS-CMD-END rc=$?"
+fi
+echo "ISTHMUS-DONE"
+poweroff -f
+EOS
+chmod +x "$root/init"
+
+(cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$out/initramfs.gz.tmp"
+mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
+echo "vm-image: $out/vmlinuz ($pkg) and $out/initramfs.gz"
