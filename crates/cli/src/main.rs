@@ -1,6 +1,7 @@
 //! `isthmus`: the server, the all-in-one `up`, and client commands for daily use.
 
 mod client;
+mod local_node;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -132,6 +133,15 @@ struct UpArgs {
     identity_listen: std::net::SocketAddr,
     #[arg(long, env = "ISTHMUS_NETWORK_LISTEN", default_value = "127.0.0.1:9696")]
     network_listen: std::net::SocketAddr,
+    /// Do not run a node agent for this machine (by default, as root, `up` runs one).
+    #[arg(long)]
+    no_agent: bool,
+    /// This machine's node name (its ports' binding:host_id).
+    #[arg(long, env = "ISTHMUS_NODE", default_value = "local")]
+    node: String,
+    /// The agent's socket, for the CNI plugin and attach requests.
+    #[arg(long, env = "ISTHMUS_SOCKET", default_value = "/run/isthmus/agent.sock")]
+    socket: PathBuf,
 }
 
 fn init_logging() {
@@ -211,12 +221,16 @@ async fn shutdown_signal() {
 
 /// The admin password for `up`: given, or generated once and kept (0600) in the data dir.
 fn up_password(data_dir: &Path, given: Option<String>) -> Result<String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = data_dir.join("admin-password");
-    if let Some(p) = given {
-        return Ok(p);
+    match given {
+        Some(p) => Ok(p),
+        None => secret_file(&data_dir.join("admin-password")),
     }
-    if let Ok(p) = std::fs::read_to_string(&file) {
+}
+
+/// A secret kept in `file` (0600): read if present, else generated and written.
+pub(crate) fn secret_file(file: &Path) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(p) = std::fs::read_to_string(file) {
         let p = p.trim().to_string();
         if !p.is_empty() {
             return Ok(p);
@@ -228,7 +242,7 @@ fn up_password(data_dir: &Path, given: Option<String>) -> Result<String> {
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&file)
+        .open(file)
         .with_context(|| format!("writing {}", file.display()))?;
     std::io::Write::write_all(&mut f, p.as_bytes())?;
     Ok(p)
@@ -277,8 +291,43 @@ async fn run_up(args: UpArgs) -> Result<()> {
     println!("  openstack subnet create --network demo --subnet-range 10.0.0.0/24 demo-subnet");
     println!("  openstack port create --network demo demo-port");
     println!("Or with this binary: isthmus network list (same environment). Ctrl-C stops it.");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let agent = if args.no_agent || !root {
+        if !args.no_agent {
+            println!("Not root: no node agent (workloads on this machine get no datapath).");
+        }
+        None
+    } else {
+        let pw = local_node::ensure_node_user(&handle.state.identity_url, &password, &args.node, &args.data_dir)
+            .await
+            .context("creating this machine's node user")?;
+        let mut c = isthmus_agent::runtime::AgentConfig::new(
+            &args.node,
+            &handle.state.network_url,
+            &handle.state.identity_url,
+            &pw,
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        );
+        c.socket = args.socket.clone();
+        println!("Node agent: node {:?}, socket {}.", args.node, args.socket.display());
+        let mut rx = stop_rx.clone();
+        Some(tokio::spawn(async move {
+            let stopped = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = isthmus_agent::runtime::run(c, stopped).await {
+                tracing::error!(error = %e, "node agent failed");
+            }
+        }))
+    };
     shutdown_signal().await;
     tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Some(a) = agent {
+        let _ = a.await;
+    }
     handle.stop().await;
     Ok(())
 }
