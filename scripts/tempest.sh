@@ -19,7 +19,8 @@ id_port=${ISTHMUS_TEMPEST_ID_PORT:-5000}
 net_port=${ISTHMUS_TEMPEST_NET_PORT:-9696}
 auth=http://127.0.0.1:$id_port/v3
 
-ISTHMUS_LOG=${ISTHMUS_LOG:-warn} "$bin" up --data-dir "$data" --admin-password "$adminpw" \
+# API tests only: no node agent (nothing of the host's own network is touched).
+ISTHMUS_LOG=${ISTHMUS_LOG:-warn} "$bin" up --data-dir "$data" --admin-password "$adminpw" --no-agent \
   --identity-listen 127.0.0.1:$id_port --network-listen 127.0.0.1:$net_port >"$ws/server.log" 2>&1 &
 server=$!
 cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; }
