@@ -513,6 +513,12 @@ impl<K: Kernel + 'static> Agent<K> {
             {
                 let mut pools = self.pools.lock();
                 match failed {
+                    Some(e) if e.status() == Some(404) => {
+                        // The network (or project) is gone: nothing to keep a pool for.
+                        info!(network = %key.1, "pool dropped: the network no longer exists");
+                        pools.last_used.remove(&key);
+                        pools.backoff.remove(&key);
+                    }
                     Some(e) => {
                         let wait = pools
                             .backoff

@@ -321,3 +321,35 @@ async fn a_node_creates_and_deletes_ports_bound_to_itself_in_a_named_project() {
         .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
 }
+
+#[tokio::test]
+async fn deleting_a_network_takes_its_unused_pool_ports_but_not_attachments() {
+    let server = TestServer::start(Backend::Embedded).await;
+    let node = server.api(&node_token(&server, "node-a").await);
+    let owner = server.member("pools").await;
+    let net = owner.api.network("p").await["id"].as_str().expect("id").to_string();
+    owner.api.subnet(&net, "10.0.0.0/24").await;
+    let pool_port = |device_id: &'static str| {
+        json!({"port": {"project": owner.project, "network": "p", "device_owner": "isthmus:cni",
+               "device_id": device_id}})
+    };
+    let (s, free) = node.post("/isthmus/v1/nodes/node-a/ports", pool_port("")).await;
+    assert_eq!(s, StatusCode::CREATED, "{free}");
+    let (s, used) = node
+        .post("/isthmus/v1/nodes/node-a/ports", pool_port("container-1"))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{used}");
+    // A port given to a container keeps the network in use.
+    let (s, _) = owner.api.delete(&format!("/v2.0/networks/{net}")).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let used_id = used["port"]["id"].as_str().expect("id");
+    let (s, _) = node.delete(&format!("/isthmus/v1/nodes/node-a/ports/{used_id}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // Only the unused pool port is left: it goes with the network, addresses and all.
+    let (s, b) = owner.api.delete(&format!("/v2.0/networks/{net}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    let free_id = free["port"]["id"].as_str().expect("id");
+    let (s, _) = owner.api.get(&format!("/v2.0/ports/{free_id}")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(owner.api.list("/v2.0/ports", "ports").await.is_empty());
+}

@@ -253,6 +253,11 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
     Ok(net.to_api(ctx.admin()))
 }
 
+/// A node's pool port not yet given to a workload (see the agent's CNI pools).
+fn is_free_pool_port(p: &Port) -> bool {
+    p.device_owner == "isthmus:cni" && p.device_id.is_empty()
+}
+
 pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     // Phase 1: mark the network as being deleted. Port and subnet creates compare the
     // network's revision, so none can slip in once the mark is committed.
@@ -268,12 +273,11 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
     })
     .await?;
     // Phase 2: with the mark in place, the cache is complete for this network.
-    let ports: Vec<Port> = ctx
+    let (ports, pool): (Vec<(Port, isthmus_store::Revision)>, Vec<_>) = ctx
         .all::<Port>(Kind::Port)
         .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| p.network_id == id)
-        .collect();
+        .filter(|(p, _)| p.network_id == id)
+        .partition(|(p, _)| !is_free_pool_port(p));
     if !ports.is_empty() {
         let mut n = marked.clone();
         n.deleting = false;
@@ -302,17 +306,24 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
     for s in &subnets {
         ops.push(Op::delete(keys::resource("subnets", &s.id)));
     }
-    if ctx
-        .commit(vec![Compare::ModRevision(key(id), mark_rev)], ops)
-        .await?
-        .is_none()
-    {
+    // Nodes' ready-but-unused container ports go with the network (as Neutron's DHCP ports
+    // do); a node claiming one meanwhile changes its revision and fails this delete.
+    let mut cmp = vec![Compare::ModRevision(key(id), mark_rev)];
+    for (p, rev) in &pool {
+        cmp.push(Compare::ModRevision(keys::resource("ports", &p.id), *rev));
+        ops.push(Op::delete(keys::resource("ports", &p.id)));
+        ops.push(Op::delete(keys::mac_alloc(id, &p.mac_address)));
+        for f in &p.fixed_ips {
+            ops.push(Op::delete(keys::ip_alloc(&f.subnet_id, &f.ip_address)));
+        }
+    }
+    if ctx.commit(cmp, ops).await?.is_none() {
         return Err(NeutronError::new(
             409,
             "Conflict",
             "The network changed while it was being deleted; retry",
         ));
     }
-    tracing::info!(network = %id, subnets = subnets.len(), "network deleted");
+    tracing::info!(network = %id, subnets = subnets.len(), pool_ports = pool.len(), "network deleted");
     Ok(())
 }
