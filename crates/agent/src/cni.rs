@@ -62,6 +62,8 @@ pub struct CniPort {
     pub container_id: String,
     pub ifname: String,
     pub netns: String,
+    /// The CNI config's `project` and `network` strings, as recorded at ADD.
+    pub config: (String, String),
     pub mac: String,
     pub ips: Vec<String>,
 }
@@ -83,6 +85,10 @@ pub fn cni_ports(objects: &Objects, node: &str) -> Vec<CniPort> {
                 container_id: s(&p["device_id"]),
                 ifname: s(&p["binding:profile"]["cni"]["ifname"]),
                 netns: s(&p["binding:profile"]["cni"]["netns"]),
+                config: (
+                    s(&p["binding:profile"]["cni"]["project"]),
+                    s(&p["binding:profile"]["cni"]["network"]),
+                ),
                 mac: s(&p["mac_address"]),
                 ips: p["fixed_ips"]
                     .as_array()
@@ -142,7 +148,9 @@ type PoolKey = (String, String);
 struct PoolsInner {
     /// Pool ports being attached right now.
     claiming: HashSet<String>,
-    /// Pool ports this process attached (never mistaken for a crashed ADD's leftovers).
+    /// Pool ports this process handed out. A pool port is handed out once (it is deleted when
+    /// its container goes), and the view may lag behind the write that records its new owner,
+    /// so these are never free again — nor mistaken for a crashed ADD's leftovers.
     mine: HashSet<String>,
     names: HashMap<PoolKey, PoolKey>,
     last_used: HashMap<PoolKey, Instant>,
@@ -194,6 +202,7 @@ impl<K: Kernel + 'static> Agent<K> {
                 && p.project_id == ids.0
                 && p.network_id == ids.1
                 && !pools.claiming.contains(&p.id)
+                && !pools.mine.contains(&p.id)
         })?;
         pools.claiming.insert(c.id.clone());
         pools.mine.insert(c.id.clone());
@@ -210,7 +219,10 @@ impl<K: Kernel + 'static> Agent<K> {
         }
         let _busy = AddGuard::new(&self.pools.adds);
         self.pools.lock().last_add = Some(Instant::now());
-        let profile = json!({"cni": {"ifname": req.ifname, "netns": req.recorded_netns}});
+        // The config's own words for project and network, so GC of one config never touches
+        // another's attachments (same network name in another project, or named by id).
+        let profile = json!({"cni": {"ifname": req.ifname, "netns": req.recorded_netns,
+                                     "project": req.project, "network": req.network}});
         let started = Instant::now();
         let record = json!({"device_id": req.container_id, "name": port_name(req), "binding:profile": profile});
         let (port_id, pooled) = match self.reserve_from_pool(req) {
@@ -293,6 +305,12 @@ impl<K: Kernel + 'static> Agent<K> {
 
     /// CNI DEL: idempotent, and fine when the namespace is already gone.
     pub async fn cni_del(&self, container_id: &str, ifname: &str) -> Result<Value, OpError> {
+        if !self.lock_view().synced {
+            // Without the server's view "nothing attached" would be a guess that leaks ports.
+            return Err(
+                OpError::new(503, "the agent has no view from the server yet; retry").with_cni(code::TRY_AGAIN_LATER)
+            );
+        }
         let found = self.attachments_of(container_id, ifname);
         if found.is_empty() {
             debug!(container = %container_id, ifname, "CNI DEL: nothing attached");
@@ -349,13 +367,22 @@ impl<K: Kernel + 'static> Agent<K> {
     }
 
     /// CNI GC: releases this network's attachments that are not in `valid`.
-    pub async fn cni_gc(&self, network: &str, valid: &HashSet<(String, String)>) -> Result<Value, OpError> {
+    pub async fn cni_gc(
+        &self,
+        project: &str,
+        network: &str,
+        valid: &HashSet<(String, String)>,
+    ) -> Result<Value, OpError> {
+        if !self.lock_view().synced {
+            return Err(
+                OpError::new(503, "the agent has no view from the server yet; retry").with_cni(code::TRY_AGAIN_LATER)
+            );
+        }
         let stale: Vec<CniPort> = {
             let v = self.lock_view();
-            let nets = networks_named(&v.objects, network);
             cni_ports(&v.objects, &self.config.node)
                 .into_iter()
-                .filter(|p| !p.container_id.is_empty() && nets.contains(&p.network_id))
+                .filter(|p| !p.container_id.is_empty() && p.config == (project.to_string(), network.to_string()))
                 .filter(|p| !valid.contains(&(p.container_id.clone(), p.ifname.clone())))
                 .collect()
         };
@@ -457,20 +484,32 @@ impl<K: Kernel + 'static> Agent<K> {
             (w, i)
         };
         for key in idle {
-            let free: Vec<&CniPort> = ports
-                .iter()
-                .filter(|p| p.container_id.is_empty() && (p.project_id.clone(), p.network_id.clone()) == key)
-                .collect();
+            let free: Vec<&CniPort> = {
+                let pools = self.pools.lock();
+                ports
+                    .iter()
+                    .filter(|p| p.container_id.is_empty() && (p.project_id.clone(), p.network_id.clone()) == key)
+                    .filter(|p| !pools.claiming.contains(&p.id) && !pools.mine.contains(&p.id))
+                    .collect()
+            };
+            let mut all_gone = true;
             for p in &free {
                 if let Err(e) = self.client.delete_port(&p.id).await {
                     debug!(port = %p.id, error = %e, "draining an idle pool failed; retrying later");
+                    all_gone = false;
                     break;
                 }
             }
-            if !free.is_empty() {
+            if !free.is_empty() && all_gone {
                 info!(project = %key.0, network = %key.1, drained = free.len(), "pool drained: network idle");
             }
-            self.pools.lock().last_used.remove(&key);
+            if all_gone {
+                self.pools.lock().last_used.remove(&key);
+            }
+        }
+        // A stale view would make every pool look empty: refill only while the stream is up.
+        if !self.connected() {
+            return;
         }
         for key in wanted {
             let waiting = self
@@ -482,10 +521,14 @@ impl<K: Kernel + 'static> Agent<K> {
             if waiting {
                 continue;
             }
-            let free = ports
-                .iter()
-                .filter(|p| p.container_id.is_empty() && p.project_id == key.0 && p.network_id == key.1)
-                .count();
+            let free = {
+                let pools = self.pools.lock();
+                ports
+                    .iter()
+                    .filter(|p| p.container_id.is_empty() && p.project_id == key.0 && p.network_id == key.1)
+                    .filter(|p| !pools.mine.contains(&p.id))
+                    .count()
+            };
             let missing = self.config.pool_size.saturating_sub(free);
             if missing == 0 {
                 continue;

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
@@ -82,9 +81,8 @@ pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) 
     None
 }
 
-/// One served tap: its port, interface index and task.
+/// One served tap's task.
 pub(crate) struct Served {
-    ifindex: u32,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -115,10 +113,17 @@ impl<K: Kernel + 'static> Agent<K> {
             });
         }
         for (dev, port) in wanted {
-            let have = {
-                let served = self.dhcp.served.lock().unwrap_or_else(|p| p.into_inner());
-                served.get(&dev).map(|(_, s)| s.ifindex)
-            };
+            // A served tap keeps its task; if the device goes (or is rebuilt), the task ends
+            // on the socket error and the next pass opens a new one.
+            if self
+                .dhcp
+                .served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&dev)
+            {
+                continue;
+            }
             let (fd, ifindex) = match self.kernel().dhcp_socket(&dev).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -126,9 +131,6 @@ impl<K: Kernel + 'static> Agent<K> {
                     continue;
                 }
             };
-            if have == Some(ifindex) {
-                continue; // Already served on this very device.
-            }
             let agent = self.clone();
             let (p, d) = (port.clone(), dev.clone());
             let task = tokio::spawn(async move {
@@ -138,7 +140,7 @@ impl<K: Kernel + 'static> Agent<K> {
             });
             info!(dev = %dev, port = %port, "DHCP: serving");
             let mut served = self.dhcp.served.lock().unwrap_or_else(|p| p.into_inner());
-            served.insert(dev, (port, Served { ifindex, task }));
+            served.insert(dev, (port, Served { task }));
         }
     }
 
@@ -166,10 +168,7 @@ impl<K: Kernel + 'static> Agent<K> {
                         guard.clear_ready();
                         break;
                     }
-                    Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        break;
-                    }
+                    // The device went down or away: end here, the next sync starts afresh.
                     Err(e) => return Err(e),
                 }
             }

@@ -143,12 +143,13 @@ pub async fn handle<K: Kernel + 'static>(agent: &Agent<K>, line: &[u8]) -> Resul
         }
         Some("cni_gc") => {
             let network = required(&req, "network").map_err(cni_config)?;
+            let project = required(&req, "project").map_err(cni_config)?;
             let mut valid = std::collections::HashSet::new();
             for v in req["valid"].as_array().into_iter().flatten() {
                 let (cid, ifname) = attachment(v)?;
                 valid.insert((cid.to_string(), ifname.to_string()));
             }
-            agent.cni_gc(network, &valid).await
+            agent.cni_gc(project, network, &valid).await
         }
         Some("cni_status") => agent.cni_status(),
         Some(op) => Err(OpError::new(

@@ -251,6 +251,21 @@ async fn cni_spec_behaviour_over_the_version_matrix() {
             .filter(|x| x["device_id"] == "")
             .map(|x| x["id"].as_str().unwrap_or("").to_string())
             .collect();
+        // Another config (same network name, another project) never touches these attachments.
+        let mut other = p.config("1.1.0");
+        other["project"] = json!("someone-else");
+        other["cni.dev/valid-attachments"] = json!([]);
+        ok(
+            &p.run_raw(&[("CNI_COMMAND", "GC".into())], other.to_string().as_bytes()),
+            "GC other",
+        );
+        assert!(
+            ports_of(&tb, &token)
+                .await
+                .iter()
+                .any(|x| x["id"] == stale_port.as_str()),
+            "GC of another config removed this config's attachment"
+        );
         let mut conf = p.config("1.1.0");
         conf["cni.dev/valid-attachments"] = json!([{"containerID": "c-110", "ifname": "eth0"},
                                                    {"containerID": "c-040", "ifname": "eth0"}]);

@@ -294,7 +294,10 @@ pub fn build(answer: Answer, req: &Request, lease: &Lease) -> Vec<u8> {
     if matches!(answer, Answer::Offer | Answer::Ack) {
         b[16..20].copy_from_slice(&lease.ip.octets());
     }
-    b[20..24].copy_from_slice(&lease.server_id.octets());
+    // siaddr: zero in a NAK (RFC 2131, table 3).
+    if answer != Answer::Nak {
+        b[20..24].copy_from_slice(&lease.server_id.octets());
+    }
     b[28..34].copy_from_slice(&req.chaddr);
     b.extend_from_slice(&MAGIC);
     push_opt(&mut b, 53, &[kind.code()]);

@@ -176,12 +176,14 @@ pub fn dhcp_packet_socket(dev: &str) -> Result<(std::os::fd::OwnedFd, u32), Kern
     // before protocol-specific sockets would see them; "all" sockets see them first. The
     // filter below does the selecting.
     let proto = (libc::ETH_P_ALL as u16).to_be();
+    // Protocol 0 first: the socket receives nothing until bound, so no frame of another
+    // interface is queued before the filter and the binding are in place.
     // SAFETY: as above.
     let fd = unsafe {
         libc::socket(
             libc::AF_PACKET,
             libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            i32::from(proto),
+            0,
         )
     };
     if fd < 0 {

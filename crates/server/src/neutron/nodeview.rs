@@ -249,7 +249,9 @@ fn object_json(key: &str, o: &ViewObject) -> Value {
 pub fn diff(old: &BTreeMap<String, ViewObject>, new: &BTreeMap<String, ViewObject>) -> (Vec<Value>, Vec<String>) {
     let put = new
         .iter()
-        .filter(|(k, o)| old.get(*k).is_none_or(|x| x.revision != o.revision))
+        // By value: a node's heartbeat rewrites its record (new revision) without changing
+        // what a peer sees of it, and that must not reach every peer.
+        .filter(|(k, o)| old.get(*k).is_none_or(|x| x.value != o.value))
         .map(|(k, o)| object_json(k, o))
         .collect();
     let delete = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
@@ -317,6 +319,9 @@ pub async fn watch(
         if tx.send(line(&first)).await.is_err() {
             return;
         }
+        // One ticker for the stream's life: a busy cache must not keep postponing pings.
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 changed = changes.changed() => {
@@ -341,7 +346,7 @@ pub async fn watch(
                     }
                     sessions.record(&host, gen, &sent, rev, touched);
                 }
-                _ = tokio::time::sleep(PING_EVERY) => {
+                _ = ping.tick() => {
                     if tx.send(line(&json!({"type": "ping", "revision": rev}))).await.is_err() {
                         break;
                     }
