@@ -96,6 +96,8 @@ impl Drop for Served {
 #[derive(Default)]
 pub(crate) struct DhcpState {
     pub(crate) served: std::sync::Mutex<HashMap<String, (String, Served)>>,
+    /// The node's DHCP bridge filter is in place (installed once per agent run).
+    pub(crate) guarded: std::sync::atomic::AtomicBool,
 }
 
 impl<K: Kernel + 'static> Agent<K> {
@@ -131,6 +133,16 @@ impl<K: Kernel + 'static> Agent<K> {
                     continue;
                 }
             };
+            // The node's bridge filter, once per run, after a served tap (and so its bridge)
+            // exists: a bridge-family table made before the namespace's first bridge never
+            // sees that namespace's bridged frames.
+            if !self.dhcp.guarded.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                match self.kernel().ensure_dhcp_guard().await {
+                    Ok(()) => info!("DHCP guard installed: workloads' DHCP stays on this node"),
+                    // Answers still never leave the node; only the guests' requests would.
+                    Err(e) => warn!(error = %e, "DHCP guard not installed: guests' DHCP requests reach other nodes"),
+                }
+            }
             let agent = self.clone();
             let (p, d) = (port.clone(), dev.clone());
             let task = tokio::spawn(async move {

@@ -66,6 +66,28 @@ impl Guest {
         }
     }
 
+    /// Whether a DHCP request with `xid` shows up on this tap within `timeout`.
+    fn sees_request(&mut self, xid: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        while !deadline.saturating_duration_since(Instant::now()).is_zero() {
+            let mut pfd = libc::pollfd {
+                fd: self.tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+                continue;
+            }
+            let len = self.tap.read(&mut buf).expect("read tap");
+            if isthmus_dhcp::parse(&buf[..len]).is_ok_and(|r| r.xid == xid) {
+                return true;
+            }
+        }
+        false
+    }
+
     fn exchange(
         &mut self,
         kind: MessageType,
@@ -241,6 +263,34 @@ async fn vm_ports_get_their_address_and_options_from_their_own_node() {
             gb.reply(600, Duration::from_millis(500)).is_none(),
             "an answer for node 0's VM reached node 1"
         );
+        // Nor do the guest's requests: the node's bridge filter keeps them local.
+        ga.send(&client_frame(MessageType::Discover, 601, ga.mac, None, Ipv4Addr::UNSPECIFIED));
+        if gb.sees_request(601, Duration::from_millis(700)) {
+            let rules = support::run(&["ip", "netns", "exec", &tb.nodes[0].ns.name, "nft", "list", "ruleset"]).1;
+            let rules1 = support::run(&["ip", "netns", "exec", &tb.nodes[1].ns.name, "nft", "list", "ruleset"]).1;
+            let links = support::run(&["bridge", "-n", &tb.nodes[0].ns.name, "link"]).1;
+            let links1 = support::run(&["bridge", "-n", &tb.nodes[1].ns.name, "link"]).1;
+            panic!("node 0's DHCP request reached node 1's VM; node 0's rules:\n{rules}\nnode1:\n{rules1}\n{links}\n{links1}");
+        }
+        // A guest posing as a DHCP server reaches nobody: the bridge drops its answer.
+        let bogus = isthmus_dhcp::Lease {
+            ip: Ipv4Addr::new(10, 70, 0, 99),
+            prefix_len: 24,
+            router: None,
+            dns: vec![],
+            mtu: 1450,
+            routes: vec![],
+            lease_secs: 60,
+            server_id: Ipv4Addr::new(10, 70, 0, 10),
+            server_mac: ga.mac,
+            domain: None,
+        };
+        let asked = isthmus_dhcp::parse(&client_frame(MessageType::Discover, 602, gb.mac, None, Ipv4Addr::UNSPECIFIED))
+            .expect("parse");
+        let mut fake = isthmus_dhcp::build(isthmus_dhcp::Answer::Offer, &asked, &bogus);
+        fake[..6].copy_from_slice(&[0xff; 6]);
+        ga.send(&fake);
+        assert!(gb.reply(602, Duration::from_millis(700)).is_none(), "a guest's fake DHCP answer reached another guest");
 
         // Deleting the port stops the service (the tap goes with it).
         let (st, _) = tb

@@ -164,6 +164,11 @@ pub trait Kernel: Send + Sync {
     /// sends answers straight back to it (distributed DHCP). Returns it with `dev`'s ifindex.
     fn dhcp_socket(&self, dev: &str) -> impl Future<Output = Result<(std::os::fd::OwnedFd, u32), KernelError>> + Send;
 
+    /// Installs (idempotently, atomically) the node's bridge filter that keeps DHCP local:
+    /// requests from workloads are answered on the node and never forwarded, and workloads
+    /// cannot answer DHCP for others.
+    fn ensure_dhcp_guard(&self) -> impl Future<Output = Result<(), KernelError>> + Send;
+
     /// The MAC and addresses of interface `ifname` inside `netns`; `None` if there is no such
     /// interface (CNI CHECK).
     fn inspect(

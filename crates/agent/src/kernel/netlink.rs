@@ -646,6 +646,10 @@ impl Kernel for NetlinkKernel {
         Ok(())
     }
 
+    async fn ensure_dhcp_guard(&self) -> Result<(), KernelError> {
+        run_in_netns(self.netns.as_deref(), super::netns::apply_dhcp_guard).await
+    }
+
     async fn dhcp_socket(&self, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
         check_ifname(dev)?;
         let dev = dev.to_string();

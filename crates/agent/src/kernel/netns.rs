@@ -245,3 +245,44 @@ pub fn dhcp_packet_socket(dev: &str) -> Result<(std::os::fd::OwnedFd, u32), Kern
 fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
+
+/// The bridge-family nftables table the agent owns. Replaced as a whole in one transaction, so
+/// applying it again changes nothing and never opens a gap.
+const DHCP_GUARD: &str = r#"table bridge isthmus
+delete table bridge isthmus
+table bridge isthmus {
+    chain forward {
+        type filter hook forward priority 0; policy accept;
+        iifname "tap*" udp dport 67 counter drop comment "DHCP requests are answered on the node"
+        iifname "tap*" udp sport 67 counter drop comment "workloads do not serve DHCP"
+    }
+}
+"#;
+
+/// Applies [`DHCP_GUARD`] with `nft` in the calling thread's namespace (a child process
+/// inherits the thread's namespaces). Blocking; run it through [`run_in_netns`].
+pub fn apply_dhcp_guard() -> Result<(), KernelError> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| KernelError::io("running nft (is nftables installed?)", e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(DHCP_GUARD.as_bytes())
+            .map_err(|e| KernelError::io("writing to nft", e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| KernelError::io("waiting for nft", e))?;
+    if !out.status.success() {
+        return Err(KernelError::io(
+            "nft -f (DHCP guard)",
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    Ok(())
+}
