@@ -143,24 +143,6 @@ async fn setup(nodes: usize) -> Setup {
     }
 }
 
-/// A VM port bound to node `node` (as Nova would: admin sets the host), with its tap made.
-async fn vm_port(tb: &Testbed, net: &str, subnet: &str, ip: &str, node: usize) -> Value {
-    let (s, b) = tb
-        .net(
-            reqwest::Method::POST,
-            "/v2.0/ports",
-            Some(json!({"port": {"network_id": net, "device_owner": "compute:nova",
-                "binding:host_id": tb.nodes[node].name, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}]}})),
-        )
-        .await;
-    assert_eq!(s, 201, "{b}");
-    let port = b["port"].clone();
-    let tap = isthmus_agent::names::tap(port["id"].as_str().expect("id"));
-    let n = &tb.nodes[node];
-    eventually(15, "the agent makes the VM's tap", || n.has_link(&tap)).await;
-    port
-}
-
 fn tap_of(port: &Value) -> String {
     isthmus_agent::names::tap(port["id"].as_str().expect("id"))
 }
@@ -171,9 +153,9 @@ async fn vm_ports_get_their_address_and_options_from_their_own_node() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let s = setup(2).await;
         let tb = &s.tb;
-        let a = vm_port(tb, &s.net, &s.dhcp_subnet, "10.70.0.10", 0).await;
-        let b = vm_port(tb, &s.net, &s.dhcp_subnet, "10.70.0.11", 1).await;
-        let c = vm_port(tb, &s.nodhcp_net, &s.nodhcp_subnet, "10.71.0.10", 0).await;
+        let a = tb.vm_port(&s.net, &s.dhcp_subnet, "10.70.0.10", 0).await;
+        let b = tb.vm_port(&s.net, &s.dhcp_subnet, "10.70.0.11", 1).await;
+        let c = tb.vm_port(&s.nodhcp_net, &s.nodhcp_subnet, "10.71.0.10", 0).await;
         let node0 = tb.nodes[0].ns.path();
         let node1 = tb.nodes[1].ns.path();
         let mut ga = Guest::open(&node0, &tap_of(&a), a["mac_address"].as_str().expect("mac"));
@@ -325,7 +307,7 @@ async fn dhcp_latency() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     let s = setup(1).await;
-    let a = vm_port(&s.tb, &s.net, &s.dhcp_subnet, "10.70.0.10", 0).await;
+    let a = s.tb.vm_port(&s.net, &s.dhcp_subnet, "10.70.0.10", 0).await;
     let mut g = Guest::open(
         &s.tb.nodes[0].ns.path(),
         &tap_of(&a),

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::{run, Ns};
-use testbed::{eventually, Testbed};
+use testbed::Testbed;
 use vm::Vm;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
@@ -33,24 +33,6 @@ async fn network(tb: &Testbed, token: &str, name: &str, cidr: &str, dhcp: bool) 
         )
         .await;
     (id, s["id"].as_str().expect("id").to_string())
-}
-
-/// A VM port bound to `node`, as a compute service would create it; waits for its tap.
-async fn vm_port(tb: &Testbed, net: &str, subnet: &str, ip: &str, node: usize) -> Value {
-    let (s, b) = tb
-        .net(
-            reqwest::Method::POST,
-            "/v2.0/ports",
-            Some(json!({"port": {"network_id": net, "device_owner": "compute:nova",
-                "binding:host_id": tb.nodes[node].name, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}]}})),
-        )
-        .await;
-    assert_eq!(s, 201, "{b}");
-    let port = b["port"].clone();
-    let tap = isthmus_agent::names::tap(port["id"].as_str().expect("id"));
-    let n = &tb.nodes[node];
-    eventually(15, "the agent makes the VM's tap", || n.has_link(&tap)).await;
-    port
 }
 
 fn start_vm(tb: &Testbed, node: usize, port: &Value, mac: Option<&str>, cmd: &str, tries: u32) -> Vm {
@@ -105,18 +87,16 @@ async fn vms_and_containers_share_a_network() {
         let (net1, sub1) = network(&tb, &t, "mixed", "10.80.0.0/24", true).await;
         let (net2, sub2) = network(&tb, &t, "other", "10.80.0.0/24", true).await;
         let (net3, sub3) = network(&tb, &t, "static", "10.82.0.0/24", false).await;
-        let (tb_ref, t_ref) = (&tb, &t);
-        let _ = t_ref;
 
         // The container on node 1.
-        let c = tokio::task::block_in_place(|| cni_container(tb_ref, 1, "mixed", "mixed", "10.80.0.50"));
+        let c = tokio::task::block_in_place(|| cni_container(&tb, 1, "mixed", "mixed", "10.80.0.50"));
 
         // VM a on node 0 (the container's network), VM b on node 0 on another network with the
         // same CIDR, VM d on a subnet without DHCP, VM e with a MAC that is not its port's.
-        let a = vm_port(&tb, &net1, &sub1, "10.80.0.10", 0).await;
-        let b = vm_port(&tb, &net2, &sub2, "10.80.0.11", 0).await;
-        let d = vm_port(&tb, &net3, &sub3, "10.82.0.10", 1).await;
-        let e = vm_port(&tb, &net1, &sub1, "10.80.0.12", 1).await;
+        let a = tb.vm_port(&net1, &sub1, "10.80.0.10", 0).await;
+        let b = tb.vm_port(&net2, &sub2, "10.80.0.11", 0).await;
+        let d = tb.vm_port(&net3, &sub3, "10.82.0.10", 1).await;
+        let e = tb.vm_port(&net1, &sub1, "10.80.0.12", 1).await;
         let cmd_a = "ping -c 3 -W 3 10.80.0.50 >/dev/null && echo REACH-OK || echo REACH-FAIL; \
                      echo STREAM-START; ping -c 60 -i 0.2 -W 2 10.80.0.50 | grep transmitted; sleep 60";
         let cmd_b = "ping -c 3 -W 2 10.80.0.50 >/dev/null && echo REACH-OK || echo REACH-FAIL; sleep 30";
@@ -204,7 +184,7 @@ async fn vm_boot_to_ip() {
     let mut boots = vec![];
     let mut leases = vec![];
     for i in 0..rounds {
-        let p = vm_port(&tb, &net, &sub, &format!("10.80.0.{}", 20 + i), 0).await;
+        let p = tb.vm_port(&net, &sub, &format!("10.80.0.{}", 20 + i), 0).await;
         let vm = start_vm(&tb, 0, &p, None, "true", 20);
         let booted = vm.wait_for("ISTHMUS-BOOTED", Duration::from_secs(120)).await;
         let leased = vm.wait_for("ISTHMUS-LEASE bound", Duration::from_secs(60)).await;

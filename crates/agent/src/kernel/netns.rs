@@ -107,36 +107,21 @@ struct IfReqFlags {
 /// Creates (or re-opens) a persistent TAP device named `name` in the calling thread's netns,
 /// like `ip tuntap add mode tap`. Blocking; run it through [`run_in_netns`].
 pub fn create_persistent_tap(name: &str) -> Result<(), KernelError> {
-    super::check_ifname(name)?;
-    let ctx = |what: &str| format!("creating tap {name}: {what}");
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(|e| KernelError::io(ctx("/dev/net/tun"), e))?;
-    let mut req = IfReqFlags {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI,
-        _pad: [0; 22],
-    };
-    // check_ifname guarantees at most 15 bytes, leaving the terminating NUL.
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` lays out exactly.
-    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReqFlags) };
-    if rc != 0 {
-        return Err(KernelError::io(ctx("TUNSETIFF"), std::io::Error::last_os_error()));
-    }
+    let tun = open_tap(name)?;
     // SAFETY: TUNSETPERSIST takes an integer argument.
     let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) };
     if rc != 0 {
-        return Err(KernelError::io(ctx("TUNSETPERSIST"), std::io::Error::last_os_error()));
+        return Err(KernelError::io(
+            format!("creating tap {name}: TUNSETPERSIST"),
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
 
-/// Opens the guest side of the existing TAP device `name` (what a hypervisor does), in the
-/// calling thread's netns: frames written to the file enter the node as if the guest sent them.
-/// Blocking; for tests and tools.
+/// Opens (creating it if absent) TAP device `name` in the calling thread's netns and attaches
+/// to it as its guest side, as a hypervisor does: frames written to the file enter the node as
+/// if the guest sent them. Blocking.
 pub fn open_tap(name: &str) -> Result<File, KernelError> {
     super::check_ifname(name)?;
     let ctx = |what: &str| format!("opening tap {name}: {what}");
@@ -150,6 +135,7 @@ pub fn open_tap(name: &str) -> Result<File, KernelError> {
         flags: IFF_TAP | IFF_NO_PI,
         _pad: [0; 22],
     };
+    // check_ifname guarantees at most 15 bytes, leaving the terminating NUL.
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` lays out exactly.
     let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReqFlags) };

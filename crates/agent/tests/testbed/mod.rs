@@ -536,6 +536,20 @@ impl Testbed {
         call(&self.http, method, &format!("{}{path}", self.network_url), token, body).await
     }
 
+    /// A VM port on `net` with fixed IP `ip` bound to node `node`, as a compute service makes
+    /// it (admin sets the host); returns once the node's agent has made its tap.
+    pub async fn vm_port(&self, net: &str, subnet: &str, ip: &str, node: usize) -> Value {
+        let body = json!({"port": {"network_id": net, "device_owner": "compute:nova",
+            "binding:host_id": self.nodes[node].name, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}]}});
+        let (s, b) = self.net(Method::POST, "/v2.0/ports", Some(body)).await;
+        assert_eq!(s, 201, "{b}");
+        let port = b["port"].clone();
+        let tap = isthmus_agent::names::tap(port["id"].as_str().expect("id"));
+        let n = &self.nodes[node];
+        eventually(15, "the agent makes the VM's tap", || n.has_link(&tap)).await;
+        port
+    }
+
     /// A project `tag` with a member user; returns that user's token.
     pub async fn member(&self, tag: &str) -> String {
         let (s, b) = self
