@@ -88,15 +88,15 @@ async fn vms_and_containers_share_a_network() {
         let (net2, sub2) = network(&tb, &t, "other", "10.80.0.0/24", true).await;
         let (net3, sub3) = network(&tb, &t, "static", "10.82.0.0/24", false).await;
 
-        // The container on node 1.
-        let c = tokio::task::block_in_place(|| cni_container(&tb, 1, "mixed", "mixed", "10.80.0.50"));
-
         // VM a on node 0 (the container's network), VM b on node 0 on another network with the
         // same CIDR, VM d on a subnet without DHCP, VM e with a MAC that is not its port's.
         let a = tb.vm_port(&net1, &sub1, "10.80.0.10", 0).await;
         let b = tb.vm_port(&net2, &sub2, "10.80.0.11", 0).await;
         let d = tb.vm_port(&net3, &sub3, "10.82.0.10", 1).await;
         let e = tb.vm_port(&net1, &sub1, "10.80.0.12", 1).await;
+        // The container on node 1, after the VM ports: its node then fills a pool of ready
+        // ports on the network, which must not take the addresses fixed above.
+        let c = tokio::task::block_in_place(|| cni_container(&tb, 1, "mixed", "mixed", "10.80.0.50"));
         let cmd_a = "ping -c 3 -W 3 10.80.0.50 >/dev/null && echo REACH-OK || echo REACH-FAIL; \
                      echo STREAM-START; ping -c 60 -i 0.2 -W 2 10.80.0.50 | grep transmitted; sleep 60";
         let cmd_b = "ping -c 3 -W 2 10.80.0.50 >/dev/null && echo REACH-OK || echo REACH-FAIL; sleep 30";
