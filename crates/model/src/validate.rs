@@ -2,6 +2,7 @@
 
 use crate::error::{NResult, NeutronError};
 use serde_json::{Map, Value};
+use std::collections::HashSet;
 
 /// A request body for one resource, consumed attribute by attribute so that whatever is left
 /// at the end is an unrecognized attribute.
@@ -165,12 +166,45 @@ pub fn is_uuid(s: &str) -> bool {
     uuid::Uuid::try_parse(s).is_ok()
 }
 
-/// Tags: at most 255 characters, no commas or slashes (they break the tags URL and filters).
-pub fn validate_tag(tag: &str) -> NResult<()> {
-    if tag.is_empty() || tag.chars().count() > 255 || tag.contains(',') || tag.contains('/') {
+/// Tags: at most `max_len` characters, no commas or slashes (they break the tags URL and
+/// filters).
+pub fn validate_tag(tag: &str, max_len: usize) -> NResult<()> {
+    if tag.is_empty() || tag.contains(',') || tag.contains('/') {
         return Err(NeutronError::invalid_input(format!("'{tag}' is not a valid tag")));
     }
+    if tag.chars().count() > max_len {
+        return Err(NeutronError::invalid_input(format!(
+            "'{tag}' exceeds maximum length of {max_len}"
+        )));
+    }
     Ok(())
+}
+
+/// 400 for more tags on one resource than `max` (checked on the distinct tags).
+pub fn too_many_tags(max: usize) -> NeutronError {
+    NeutronError::new(
+        400,
+        "TagLimitExceeded",
+        format!("The number of tags exceeds the maximum {max}."),
+    )
+}
+
+/// A tag list as stored: each tag valid, duplicates dropped (first one kept, order kept), at
+/// most `max_tags` distinct tags. Linear in the list (a set remembers what was seen), and an
+/// over-long list fails as soon as the limit is crossed.
+pub fn unique_tags(tags: Vec<String>, max_tags: usize, max_len: usize) -> NResult<Vec<String>> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut out = Vec::new();
+    for t in tags {
+        validate_tag(&t, max_len)?;
+        if seen.insert(t.clone()) {
+            if out.len() >= max_tags {
+                return Err(too_many_tags(max_tags));
+            }
+            out.push(t);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -201,5 +235,22 @@ mod tests {
         assert_eq!(parse_bool(&json!("True")), Some(true));
         assert_eq!(parse_bool(&json!(false)), Some(false));
         assert_eq!(parse_bool(&json!("nope")), None);
+    }
+
+    #[test]
+    fn tags_dedup_in_order_and_limits_hold() {
+        let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            unique_tags(t(&["b", "a", "b", "c", "a"]), 3, 60).unwrap(),
+            t(&["b", "a", "c"])
+        );
+        // The limit counts distinct tags: duplicates of an accepted one never trip it.
+        assert_eq!(unique_tags(t(&["a"; 200]), 1, 60).unwrap(), t(&["a"]));
+        let e = unique_tags(t(&["a", "b", "c"]), 2, 60).unwrap_err();
+        assert_eq!((e.status, e.kind.as_str()), (400, "TagLimitExceeded"));
+        assert!(unique_tags(vec!["x".repeat(60)], 1, 60).is_ok());
+        let e = unique_tags(vec!["x".repeat(61)], 1, 60).unwrap_err();
+        assert_eq!((e.status, e.kind.as_str()), (400, "InvalidInput"));
+        assert!(unique_tags(t(&["a,b"]), 5, 60).is_err());
     }
 }

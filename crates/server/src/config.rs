@@ -35,6 +35,14 @@ pub struct Config {
     pub password_hash_kib: u32,
     /// A node whose last heartbeat is older than this is reported as not alive.
     pub agent_down_secs: i64,
+    /// Most fixed IPs one port may ask for (Neutron's `max_fixed_ips_per_port`).
+    pub max_fixed_ips_per_port: usize,
+    /// Most allowed address pairs on one port (Neutron's `max_allowed_address_pair`).
+    pub max_allowed_address_pair: usize,
+    /// Most tags on one resource.
+    pub max_tags_per_resource: usize,
+    /// Longest tag, in characters.
+    pub max_tag_length: usize,
 }
 
 impl Default for Config {
@@ -55,6 +63,10 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             password_hash_kib: 19 * 1024,
             agent_down_secs: 30,
+            max_fixed_ips_per_port: 5,
+            max_allowed_address_pair: 10,
+            max_tags_per_resource: 50,
+            max_tag_length: 60,
         }
     }
 }
@@ -78,6 +90,10 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("password_hash_kib", &self.password_hash_kib)
             .field("agent_down_secs", &self.agent_down_secs)
+            .field("max_fixed_ips_per_port", &self.max_fixed_ips_per_port)
+            .field("max_allowed_address_pair", &self.max_allowed_address_pair)
+            .field("max_tags_per_resource", &self.max_tags_per_resource)
+            .field("max_tag_length", &self.max_tag_length)
             .finish()
     }
 }

@@ -31,6 +31,23 @@ impl Ctx<'_> {
     pub fn owns(&self, project_id: &str) -> bool {
         self.auth.project_id == project_id
     }
+    /// May write in its own project: Neutron's `member` role (admin implies it). A `reader`, or
+    /// a node's user (role `node` only), may read but not write.
+    pub fn member(&self) -> bool {
+        self.admin() || self.auth.roles.iter().any(|r| r == MEMBER_ROLE)
+    }
+    /// Neutron's 403 for a write the caller's roles do not allow (`rule` e.g. `create_network`).
+    pub fn require_member(&self, rule: &str) -> NResult<()> {
+        if self.member() {
+            Ok(())
+        } else {
+            Err(policy_denied(&format!("rule:{rule}")))
+        }
+    }
+    /// Neutron's ADMIN_OR_NET_OWNER_MEMBER: an admin, or a member of the network's project.
+    pub fn net_owner_member(&self, network_project: &str) -> bool {
+        self.admin() || (self.member() && self.owns(network_project))
+    }
 
     pub fn get<T: DeserializeOwned>(&self, kind: Kind, id: &str) -> Option<(T, Revision)> {
         self.state.cache.get_json(&keys::resource(kind.store_name(), id))
@@ -121,6 +138,14 @@ impl Ctx<'_> {
         }
         Ok(())
     }
+}
+
+/// The role that may write in its project.
+const MEMBER_ROLE: &str = "member";
+
+/// Neutron's PolicyNotAuthorized, worded as oslo.policy words it: `<check> is disallowed by policy`.
+pub fn policy_denied(check: &str) -> NeutronError {
+    NeutronError::forbidden(format!("{check} is disallowed by policy"))
 }
 
 pub fn store_err(e: isthmus_store::StoreError) -> NeutronError {
@@ -286,6 +311,7 @@ pub fn show(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Value> {
 
 /// POST on a collection: one resource or a bulk list (`{"<plural>": [...]}`).
 pub async fn create(ctx: &Ctx<'_>, kind: Kind, body: Value) -> NResult<Value> {
+    ctx.require_member(&format!("create_{}", kind.singular()))?;
     let plural = kind.plural();
     if let Some(Value::Array(items)) = body.get(plural) {
         // Bulk: each item is created in turn; on a failure the ones already made are removed,
@@ -330,6 +356,10 @@ async fn create_one(ctx: &Ctx<'_>, kind: Kind, body: Value) -> NResult<Value> {
 }
 
 pub async fn update(ctx: &Ctx<'_>, kind: Kind, id: &str, body: Value, if_match: Option<u64>) -> NResult<Value> {
+    // Neutron hides what the caller may not see (404) and refuses what it sees but may not
+    // change (403).
+    show(ctx, kind, id)?;
+    ctx.require_member(&format!("update_{}", kind.singular()))?;
     let body = Body::from_value(body, kind.singular())?;
     match kind {
         Kind::Network => networks::update(ctx, id, body, if_match).await,
@@ -348,6 +378,8 @@ pub async fn update(ctx: &Ctx<'_>, kind: Kind, id: &str, body: Value, if_match: 
 }
 
 pub async fn delete(ctx: &Ctx<'_>, kind: Kind, id: &str, if_match: Option<u64>) -> NResult<()> {
+    show(ctx, kind, id)?;
+    ctx.require_member(&format!("delete_{}", kind.singular()))?;
     match kind {
         Kind::Network => networks::delete(ctx, id, if_match).await,
         Kind::Subnet => subnets::delete(ctx, id, if_match).await,
@@ -358,21 +390,13 @@ pub async fn delete(ctx: &Ctx<'_>, kind: Kind, id: &str, if_match: Option<u64>) 
     }
 }
 
-/// Validates a list of tags given in a create or update body.
-pub fn tags_from(body: &mut Body) -> NResult<Option<Vec<String>>> {
+/// Validates a list of tags given in a create or update body, within the configured limits.
+pub fn tags_from(ctx: &Ctx<'_>, body: &mut Body) -> NResult<Option<Vec<String>>> {
     let Some(tags) = body.string_list("tags")? else {
         return Ok(None);
     };
-    for t in &tags {
-        isthmus_model::validate::validate_tag(t)?;
-    }
-    let mut out: Vec<String> = vec![];
-    for t in tags {
-        if !out.contains(&t) {
-            out.push(t);
-        }
-    }
-    Ok(Some(out))
+    let c = &ctx.state.config;
+    isthmus_model::validate::unique_tags(tags, c.max_tags_per_resource, c.max_tag_length).map(Some)
 }
 
 /// Description, limited as Neutron limits it.

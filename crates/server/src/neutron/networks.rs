@@ -100,7 +100,7 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             return Err(NeutronError::invalid_input("availability zones are not supported"));
         }
     }
-    let tags = tags_from(&mut body)?.unwrap_or_default();
+    let tags = tags_from(ctx, &mut body)?.unwrap_or_default();
     body.finish()?;
 
     let id = new_id();
@@ -199,7 +199,7 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
             ));
         }
     }
-    let tags = tags_from(&mut body)?;
+    let tags = tags_from(ctx, &mut body)?;
     body.finish()?;
     let net = retry(ctx, |ctx| {
         let (mut n, rev) = writable(ctx, id)?;

@@ -123,10 +123,10 @@ pub async fn create(
     let port = ports::create_bound(
         &ctx,
         Body::from_map(fields),
-        Some(NodeBinding {
+        NodeBinding {
             host: host.clone(),
             profile,
-        }),
+        },
     )
     .await?;
     tracing::info!(port = %port.id, host = %host, network = %net.id, project = %project_id, "node created a port");

@@ -1,6 +1,8 @@
 //! Ports: fixed IPs and MACs (unique by store transaction), binding, port security, address pairs.
 
-use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
+use super::common::{
+    check_if_match, description_from, json_bytes, new_id, now, policy_denied, retry, tags_from, Ctx, NResult,
+};
 use super::{security_groups, subnets, Kind};
 use ipnet::IpNet;
 use isthmus_model::ipam;
@@ -118,8 +120,17 @@ fn parse_fixed_ips(items: Vec<Map<String, Value>>) -> NResult<Vec<FixedReq>> {
     Ok(out)
 }
 
-fn parse_pairs(items: Vec<Map<String, Value>>) -> NResult<Vec<(String, Option<String>)>> {
+fn parse_pairs(items: Vec<Map<String, Value>>, max: usize) -> NResult<Vec<(String, Option<String>)>> {
+    // Counted before anything else, as Neutron does, so a huge list costs nothing more.
+    if items.len() > max {
+        return Err(NeutronError::new(
+            400,
+            "AllowedAddressPairExhausted",
+            format!("The number of allowed address pair exceeds the maximum {max}."),
+        ));
+    }
     let mut out: Vec<(String, Option<String>)> = vec![];
+    let mut seen: HashSet<(String, Option<String>)> = HashSet::new();
     for m in items {
         let mut b = Body::from_map(m);
         let ip = b.string("ip_address")?.ok_or_else(|| {
@@ -146,7 +157,7 @@ fn parse_pairs(items: Vec<Map<String, Value>>) -> NResult<Vec<(String, Option<St
             })?),
             None => None,
         };
-        if out.iter().any(|(i, m)| *i == ip_norm && *m == mac) {
+        if !seen.insert((ip_norm.clone(), mac.clone())) {
             return Err(NeutronError::new(
                 400,
                 "DuplicateAddressPairInRequest",
@@ -190,7 +201,15 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
                 NeutronError::invalid_attr("mac_address", format!("'{m}' is not a valid MAC address"))
             })?);
     }
-    f.fixed_ips = body.object_list("fixed_ips")?.map(parse_fixed_ips).transpose()?;
+    let limits = &ctx.state.config;
+    if let Some(items) = body.object_list("fixed_ips")? {
+        if items.len() > limits.max_fixed_ips_per_port {
+            return Err(NeutronError::invalid_input(
+                "Exceeded maximum amount of fixed ips per port.",
+            ));
+        }
+        f.fixed_ips = Some(parse_fixed_ips(items)?);
+    }
     f.device_id = body.string("device_id")?;
     f.device_owner = body.string("device_owner")?;
     f.host_id = body.string("binding:host_id")?;
@@ -222,7 +241,7 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
     }
     f.pairs = body
         .object_list("allowed_address_pairs")?
-        .map(parse_pairs)
+        .map(|items| parse_pairs(items, limits.max_allowed_address_pair))
         .transpose()?;
     f.port_security = body.boolean("port_security_enabled")?;
     if let Some(v) = body.take_raw("security_groups") {
@@ -230,11 +249,12 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
             Value::Null => vec![],
             Value::Array(items) => {
                 let mut ids: Vec<String> = vec![];
+                let mut seen: HashSet<String> = HashSet::new();
                 for i in items {
                     let s = i.as_str().ok_or_else(|| {
                         NeutronError::invalid_attr("security_groups", format!("'{i}' is not a valid UUID"))
                     })?;
-                    if !ids.iter().any(|x| x == s) {
+                    if seen.insert(s.to_string()) {
                         ids.push(s.to_string());
                     }
                 }
@@ -253,7 +273,7 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
             return Err(NeutronError::invalid_input("extra_dhcp_opts are not supported"));
         }
     }
-    f.tags = tags_from(body)?;
+    f.tags = tags_from(ctx, body)?;
     Ok(f)
 }
 
@@ -509,8 +529,49 @@ fn security_conflicts(port_security: bool, groups: &[String], pairs: &[AddressPa
 /// Until a node agent binds the port, Neutron's word for its VIF type is "unbound".
 const VIF_UNBOUND: &str = "unbound";
 
+/// Neutron's attribute policies on ports (neutron/conf/policies/port.py): only an admin or a
+/// member of the network's project may pick a port's addresses (`fixed_ips` with
+/// `ip_address`; a `subnet_id` alone is fine on a shared network), its MAC, address pairs or
+/// port security, or give it a `network:*` owner. Otherwise a project on someone else's
+/// shared network could take the gateway's address or turn off spoofing protection.
+/// `action` is `create_port` or `update_port`; a MAC change on update is admin-only and
+/// checked by the update itself.
+fn check_attributes(ctx: &Ctx<'_>, action: &str, network_project: &str, f: &PortFields) -> NResult<()> {
+    if ctx.net_owner_member(network_project) {
+        return Ok(());
+    }
+    let deny = |attr: &str| Err(policy_denied(&format!("(rule:{action} and rule:{action}:{attr})")));
+    if f.fixed_ips
+        .as_ref()
+        .is_some_and(|ips| ips.iter().any(|r| r.ip.is_some()))
+    {
+        return deny("fixed_ips:ip_address");
+    }
+    if f.mac.is_some() && action == "create_port" {
+        return deny("mac_address");
+    }
+    if f.pairs.is_some() {
+        return deny("allowed_address_pairs");
+    }
+    if f.port_security.is_some() {
+        return deny("port_security_enabled");
+    }
+    if f.device_owner.as_deref().is_some_and(|o| o.starts_with("network:")) {
+        return deny("device_owner");
+    }
+    Ok(())
+}
+
+/// A port created through the Neutron API, under the caller's policy.
 pub async fn create(ctx: &Ctx<'_>, body: Body) -> NResult<Port> {
-    create_bound(ctx, body, None).await
+    create_port(ctx, body, None, true).await
+}
+
+/// A port the server makes on the caller's behalf (a router interface on the gateway
+/// address), as Neutron's plugins do with an elevated context: attribute policy is the
+/// calling operation's business.
+pub async fn create_internal(ctx: &Ctx<'_>, body: Body) -> NResult<Port> {
+    create_port(ctx, body, None, false).await
 }
 
 /// A port a node creates for itself (the node API): bound to `host` from the start, with the
@@ -520,7 +581,11 @@ pub struct NodeBinding {
     pub profile: Value,
 }
 
-pub async fn create_bound(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>) -> NResult<Port> {
+pub async fn create_bound(ctx: &Ctx<'_>, body: Body, node: NodeBinding) -> NResult<Port> {
+    create_port(ctx, body, Some(node), true).await
+}
+
+async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, checked: bool) -> NResult<Port> {
     let project_id = ctx.target_project(&mut body)?;
     let network_id = body.string("network_id")?.ok_or_else(|| {
         NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified")
@@ -534,6 +599,9 @@ pub async fn create_bound(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBindin
     let (net, _) = ctx.visible_network(&network_id)?;
     if !ctx.admin() && !ctx.owns(&net.project_id) && !net.shared {
         return Err(Kind::Network.not_found(&network_id));
+    }
+    if checked {
+        check_attributes(ctx, "create_port", &net.project_id, &f)?;
     }
     let port_security = f.port_security.unwrap_or(net.port_security_enabled);
     if f.security_groups.is_none() && port_security {
@@ -646,8 +714,22 @@ fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Port, Revision)> {
     Ok((p, r))
 }
 
-pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Port> {
+/// A port update through the Neutron API: only the port's own project (or an admin) may
+/// change it; the network's owner sees it but gets 403, as from Neutron.
+pub async fn update(ctx: &Ctx<'_>, id: &str, body: Body, if_match: Option<u64>) -> NResult<Port> {
+    update_port(ctx, id, body, if_match, true).await
+}
+
+/// An update the server makes on the caller's behalf (attaching a router interface).
+pub async fn update_internal(ctx: &Ctx<'_>, id: &str, body: Body) -> NResult<Port> {
+    update_port(ctx, id, body, None, false).await
+}
+
+async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>, checked: bool) -> NResult<Port> {
     let (current, _) = writable(ctx, id)?;
+    if checked && !ctx.admin() && !(ctx.member() && ctx.owns(&current.project_id)) {
+        return Err(policy_denied("rule:update_port"));
+    }
     for ro in ["network_id", "project_id", "tenant_id"] {
         if body.contains(ro) {
             return Err(NeutronError::bad_request(format!(
@@ -661,10 +743,15 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
     }
     let f = parse_fields(ctx, &mut body)?;
     body.finish()?;
+    if checked {
+        let net_project = ctx
+            .get::<Network>(Kind::Network, &current.network_id)
+            .map(|(n, _)| n.project_id)
+            .unwrap_or_default();
+        check_attributes(ctx, "update_port", &net_project, &f)?;
+    }
     if f.mac.is_some() && !ctx.admin() && f.mac.as_deref() != Some(current.mac_address.as_str()) {
-        return Err(NeutronError::forbidden(
-            "Changing mac_address requires admin privileges",
-        ));
+        return Err(policy_denied("(rule:update_port and rule:update_port:mac_address)"));
     }
     let mut res = Reservation::new(&ctx.state.neutron.inflight);
     retry(ctx, |ctx| {

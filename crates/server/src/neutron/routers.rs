@@ -48,7 +48,7 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             }
         }
     }
-    let tags = tags_from(&mut body)?.unwrap_or_default();
+    let tags = tags_from(ctx, &mut body)?.unwrap_or_default();
     body.finish()?;
     let ts = now();
     let r = Router {
@@ -91,7 +91,7 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
             return Err(NeutronError::invalid_input("extra routes are not supported yet"));
         }
     }
-    let tags = tags_from(&mut body)?;
+    let tags = tags_from(ctx, &mut body)?;
     body.finish()?;
     let r = retry(ctx, |ctx| {
         let (mut r, rev) = visible(ctx, id)?;
@@ -171,6 +171,7 @@ fn target(body: &Value) -> NResult<Target> {
 
 pub async fn add_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Value> {
     let (router, _) = visible(ctx, id)?;
+    ctx.require_member("add_router_interface")?;
     let port = match target(&body)? {
         Target::Port(pid) => {
             let (p, _) = ctx
@@ -194,13 +195,21 @@ pub async fn add_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Valu
                     .cloned()
                     .unwrap_or_default(),
             );
-            ports::update(ctx, &pid, b, None).await?
+            ports::update_internal(ctx, &pid, b).await?
         }
         Target::Subnet(sid) => {
             let (s, _) = ctx
                 .get::<Subnet>(Kind::Subnet, &sid)
                 .filter(|(s, _)| ctx.subnet_visible(s))
                 .ok_or_else(|| Kind::Subnet.not_found(&sid))?;
+            // The interface takes the subnet's gateway address: on another project's shared
+            // network that would hijack its gateway (Neutron bug 1757482), so only the
+            // subnet's project or an admin may.
+            if !ctx.admin() && !ctx.owns(&s.project_id) {
+                return Err(NeutronError::bad_request(format!(
+                    "Bad router request: Cannot add interface to router because subnet {sid} is not owned by project making the request."
+                )));
+            }
             let gw = s.gateway_ip.clone().ok_or_else(|| {
                 NeutronError::bad_request(format!(
                     "Bad router request: Subnet {sid} for router interface must have a gateway IP"
@@ -219,7 +228,7 @@ pub async fn add_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Valu
                 "fixed_ips": [{"subnet_id": sid, "ip_address": gw}], "port_security_enabled": false,
                 "project_id": router.project_id,
             });
-            ports::create(ctx, Body::from_map(body.as_object().cloned().unwrap_or_default())).await?
+            ports::create_internal(ctx, Body::from_map(body.as_object().cloned().unwrap_or_default())).await?
         }
     };
     Ok(interface_info(&router, &port))
@@ -227,6 +236,7 @@ pub async fn add_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Valu
 
 pub async fn remove_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Value> {
     let (router, _) = visible(ctx, id)?;
+    ctx.require_member("remove_router_interface")?;
     let ifaces = interfaces(ctx, id);
     let port = match target(&body)? {
         Target::Port(pid) => ifaces.into_iter().find(|p| p.id == pid).ok_or_else(|| {

@@ -144,7 +144,7 @@ pub async fn create_group(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let name = body.string("name")?.unwrap_or_default();
     let description = description_from(&mut body)?.unwrap_or_default();
     let stateful = body.boolean("stateful")?.unwrap_or(true);
-    let tags = tags_from(&mut body)?.unwrap_or_default();
+    let tags = tags_from(ctx, &mut body)?.unwrap_or_default();
     body.finish()?;
     ensure_default(ctx, &project_id).await?;
     if name == "default" {
@@ -182,7 +182,7 @@ pub async fn update_group(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Opt
     let name = body.string("name")?;
     let description = description_from(&mut body)?;
     let stateful = body.boolean("stateful")?;
-    let tags = tags_from(&mut body)?;
+    let tags = tags_from(ctx, &mut body)?;
     body.finish()?;
     let g = retry(ctx, |ctx| {
         let (mut g, rev) = visible_group(ctx, id)?;

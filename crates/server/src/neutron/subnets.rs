@@ -233,7 +233,7 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let ra = body.opt_string("ipv6_ra_mode")?.flatten();
     let addr_mode = body.opt_string("ipv6_address_mode")?.flatten();
     ipv6_modes(v6, &ra, &addr_mode, &net)?;
-    let tags = tags_from(&mut body)?.unwrap_or_default();
+    let tags = tags_from(ctx, &mut body)?.unwrap_or_default();
     body.finish()?;
 
     let (n, _) = ctx.visible_network(&network_id)?;
@@ -354,7 +354,7 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
         .map(|r| parse_routes(r, v6))
         .transpose()?;
     let enable_dhcp = body.boolean("enable_dhcp")?;
-    let tags = tags_from(&mut body)?;
+    let tags = tags_from(ctx, &mut body)?;
     body.finish()?;
     let s = retry(ctx, |ctx| {
         let (mut s, rev) = writable(ctx, id)?;

@@ -8,7 +8,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use isthmus_model::validate::validate_tag;
+use isthmus_model::validate::{too_many_tags, unique_tags, validate_tag};
 use isthmus_model::{keys, NeutronError};
 use isthmus_store::{Compare, Op};
 use serde_json::{json, Value};
@@ -35,16 +35,19 @@ fn current_tags(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Vec<String>> {
         .unwrap_or_default())
 }
 
-/// Rewrites the stored resource's tags with `f`, bumping its revision.
+/// Rewrites the stored resource's tags with `f`, bumping its revision. `action` names
+/// Neutron's policy rule (`update` gives `update_networks_tags`).
 async fn modify(
     ctx: &Ctx<'_>,
     kind: Kind,
     id: &str,
+    action: &str,
     f: impl Fn(&mut Vec<String>) -> NResult<()>,
 ) -> NResult<Vec<String>> {
     let key = keys::resource(kind.store_name(), id);
     retry(ctx, |ctx| {
         let view = show(ctx, kind, id)?;
+        ctx.require_member(&format!("{action}_{}_tags", kind.plural()))?;
         let owner = view.get("project_id").and_then(|p| p.as_str()).unwrap_or_default();
         if !ctx.admin() && !ctx.owns(owner) {
             return Err(NeutronError::forbidden(
@@ -96,17 +99,17 @@ pub async fn all_tags(
                 .get("tags")
                 .and_then(|t| t.as_array())
                 .ok_or_else(|| NeutronError::bad_request("Invalid input: body must be {\"tags\": [...]}"))?;
-            let mut new: Vec<String> = vec![];
-            for t in list {
-                let t = t
-                    .as_str()
-                    .ok_or_else(|| NeutronError::invalid_input(format!("'{t}' is not a valid tag")))?;
-                validate_tag(t)?;
-                if !new.iter().any(|x| x == t) {
-                    new.push(t.to_string());
-                }
-            }
-            let tags = modify(&ctx, kind, &id, |tags| {
+            let list = list
+                .iter()
+                .map(|t| {
+                    t.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| NeutronError::invalid_input(format!("'{t}' is not a valid tag")))
+                })
+                .collect::<NResult<Vec<String>>>()?;
+            let c = &state.config;
+            let new = unique_tags(list, c.max_tags_per_resource, c.max_tag_length)?;
+            let tags = modify(&ctx, kind, &id, "update", |tags| {
                 *tags = new.clone();
                 Ok(())
             })
@@ -114,7 +117,7 @@ pub async fn all_tags(
             Ok(axum::Json(json!({"tags": tags})).into_response())
         }
         _ => {
-            modify(&ctx, kind, &id, |tags| {
+            modify(&ctx, kind, &id, "delete", |tags| {
                 tags.clear();
                 Ok(())
             })
@@ -152,9 +155,13 @@ pub async fn one_tag(
             }
         }
         Method::PUT => {
-            validate_tag(&tag)?;
-            modify(&ctx, kind, &id, |tags| {
+            validate_tag(&tag, state.config.max_tag_length)?;
+            let max = state.config.max_tags_per_resource;
+            modify(&ctx, kind, &id, "update", |tags| {
                 if !tags.contains(&tag) {
+                    if tags.len() >= max {
+                        return Err(too_many_tags(max));
+                    }
                     tags.push(tag.clone());
                 }
                 Ok(())
@@ -163,7 +170,7 @@ pub async fn one_tag(
             Ok(StatusCode::CREATED.into_response())
         }
         _ => {
-            modify(&ctx, kind, &id, |tags| {
+            modify(&ctx, kind, &id, "delete", |tags| {
                 let before = tags.len();
                 tags.retain(|t| *t != tag);
                 if tags.len() == before {
