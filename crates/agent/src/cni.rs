@@ -28,6 +28,8 @@ pub const CNI_OWNER: &str = "isthmus:cni";
 pub mod code {
     /// The container or attachment is unknown.
     pub const UNKNOWN_CONTAINER: u32 = 3;
+    /// CNI_NETNS (or another variable) is not what it must be.
+    pub const INVALID_ENV: u32 = 4;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
     pub const NOT_AVAILABLE: u32 = 50;
