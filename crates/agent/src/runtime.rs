@@ -353,6 +353,11 @@ impl<K: Kernel + 'static> Agent<K> {
                 taps.insert(lp.id.clone(), binding);
             }
             for (port, status) in status_fixes(&v.objects, &self.config.node, &devices) {
+                // A failed ADD's port is being deleted: nothing is reported for it.
+                if self.pools.doomed(&port) {
+                    reports.retain(|(p, _)| *p != port);
+                    continue;
+                }
                 let mut body = json!({ "status": status });
                 if status == "ACTIVE" {
                     if let Some(b) = taps.get(&port) {
@@ -500,11 +505,13 @@ impl<K: Kernel + 'static> Agent<K> {
     async fn dhcp_loop(self: Arc<Self>) {
         let mut gen = self.generation.subscribe();
         loop {
+            let mut empty = false;
             let wanted: Vec<(String, String)> = {
                 let v = self.lock_view();
                 if v.synced {
-                    to_view(&v.objects, &self.config.node, None)
-                        .local_ports
+                    let view = to_view(&v.objects, &self.config.node, None);
+                    empty = view.local_ports.is_empty() && view.networks.is_empty();
+                    view.local_ports
                         .iter()
                         .filter(|p| p.kind == PortKind::Tap)
                         .filter(|p| {
@@ -518,6 +525,9 @@ impl<K: Kernel + 'static> Agent<K> {
                 }
             };
             self.sync_dhcp(wanted).await;
+            if empty {
+                self.drop_dhcp_guard().await;
+            }
             tokio::select! {
                 _ = gen.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}

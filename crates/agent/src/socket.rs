@@ -235,6 +235,15 @@ fn cni_request(req: &Value) -> Result<crate::cni::AddRequest, OpError> {
         project: required(req, "project").map_err(cni_config)?.to_string(),
         ips,
         mac: field(req, "mac").map_err(cni_config)?.map(str::to_string),
+        pool_size: match &req["pool_size"] {
+            Value::Null => None,
+            v => Some(
+                v.as_u64()
+                    .filter(|n| *n <= 64)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| cni_config(OpError::new(400, format!("pool_size must be 0 to 64, not {v}"))))?,
+            ),
+        },
     })
 }
 
