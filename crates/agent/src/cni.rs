@@ -28,6 +28,8 @@ pub const CNI_OWNER: &str = "isthmus:cni";
 pub mod code {
     /// The container or attachment is unknown.
     pub const UNKNOWN_CONTAINER: u32 = 3;
+    /// CNI_NETNS (or another variable) is not what it must be.
+    pub const INVALID_ENV: u32 = 4;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
     pub const NOT_AVAILABLE: u32 = 50;
@@ -50,6 +52,9 @@ pub struct AddRequest {
     pub project: String,
     pub ips: Vec<IpAddr>,
     pub mac: Option<String>,
+    /// The config's `poolSize`: ready ports kept for this network (0: none); `None`: the
+    /// agent's `--pool-size`.
+    pub pool_size: Option<usize>,
 }
 
 /// One CNI-owned port of this node, as the view shows it.
@@ -66,6 +71,8 @@ pub struct CniPort {
     pub config: (String, String),
     pub mac: String,
     pub ips: Vec<String>,
+    /// The `poolSize` the attachment's config asked for, if any.
+    pub pool_size: Option<usize>,
 }
 
 /// This node's CNI ports in the view.
@@ -96,6 +103,9 @@ pub fn cni_ports(objects: &Objects, node: &str) -> Vec<CniPort> {
                     .flatten()
                     .filter_map(|f| f["ip_address"].as_str().map(str::to_string))
                     .collect(),
+                pool_size: p["binding:profile"]["cni"]["pool_size"]
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok()),
             })
         })
         .collect()
@@ -156,7 +166,31 @@ struct PoolsInner {
     last_used: HashMap<PoolKey, Instant>,
     backoff: HashMap<PoolKey, (Instant, Duration)>,
     last_add: Option<Instant>,
+    /// Pool sizes the configs asked for (`poolSize`), per network; others get the default.
+    sizes: HashMap<PoolKey, usize>,
+    /// ADDs running now, by (container, ifname).
+    adding: HashSet<(String, String)>,
+    /// What failed ADDs may have left in the API, until it is gone.
+    failed: Vec<Failed>,
+    last_sweep: Option<Instant>,
 }
+
+/// A failed ADD's leftover: its port (deleted as soon as the server answers), or — when a
+/// create went unanswered and may still land — any port recorded for (container, ifname).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failed {
+    container_id: String,
+    ifname: String,
+    port: Option<String>,
+    since: Instant,
+}
+
+/// How long an unanswered create is watched for: a server that was stopped may still commit
+/// it when it resumes.
+const UNANSWERED_CREATE_TTL: Duration = Duration::from_secs(600);
+
+/// How long a failed ADD waits for its port's deletion before leaving it to the sweep.
+const INLINE_DELETE: Duration = Duration::from_secs(3);
 
 impl Pools {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolsInner> {
@@ -172,6 +206,23 @@ impl Pools {
     fn used(&self, ids: PoolKey) {
         self.lock().last_used.insert(ids, Instant::now());
         self.wake.notify_one();
+    }
+
+    /// The port belongs to a failed ADD and is on its way out: no status is reported for it.
+    pub(crate) fn doomed(&self, port_id: &str) -> bool {
+        self.lock().failed.iter().any(|f| f.port.as_deref() == Some(port_id))
+    }
+}
+
+/// Marks (container, ifname) as being added for as long as it lives.
+struct Adding<'a> {
+    pools: &'a Pools,
+    key: (String, String),
+}
+
+impl Drop for Adding<'_> {
+    fn drop(&mut self) {
+        self.pools.lock().adding.remove(&self.key);
     }
 }
 
@@ -191,12 +242,15 @@ impl<K: Kernel + 'static> Agent<K> {
     /// Reserves a free pool port of (project, network). The attachment is written on it
     /// together with the ACTIVE report, once plumbed.
     fn reserve_from_pool(&self, req: &AddRequest) -> Option<String> {
-        if self.config.pool_size == 0 || !req.ips.is_empty() || req.mac.is_some() {
+        if self.pool_size(req) == 0 || !req.ips.is_empty() || req.mac.is_some() {
             return None;
         }
         let v = self.lock_view();
         let mut pools = self.pools.lock();
         let ids = pools.names.get(&(req.project.clone(), req.network.clone())).cloned()?;
+        if let Some(n) = req.pool_size {
+            pools.sizes.insert(ids.clone(), n);
+        }
         let c = cni_ports(&v.objects, &self.config.node).into_iter().find(|p| {
             p.container_id.is_empty()
                 && p.project_id == ids.0
@@ -218,11 +272,29 @@ impl<K: Kernel + 'static> Agent<K> {
             return Err(OpError::new(400, "container_id is required").with_cni(code::INVALID_CONFIG));
         }
         let _busy = AddGuard::new(&self.pools.adds);
-        self.pools.lock().last_add = Some(Instant::now());
+        let key = (req.container_id.clone(), req.ifname.clone());
+        {
+            let mut pools = self.pools.lock();
+            pools.last_add = Some(Instant::now());
+            pools.adding.insert(key.clone());
+            // A retried ADD: ports recorded for it from now on are its own (an earlier failed
+            // ADD's port with a known id is still deleted).
+            pools
+                .failed
+                .retain(|f| f.port.is_some() || (&f.container_id, &f.ifname) != (&key.0, &key.1));
+        }
+        let _adding = Adding {
+            pools: &self.pools,
+            key: key.clone(),
+        };
         // The config's own words for project and network, so GC of one config never touches
         // another's attachments (same network name in another project, or named by id).
-        let profile = json!({"cni": {"ifname": req.ifname, "netns": req.recorded_netns,
-                                     "project": req.project, "network": req.network}});
+        let mut profile = json!({"cni": {"ifname": req.ifname, "netns": req.recorded_netns,
+                                         "project": req.project, "network": req.network}});
+        if let Some(n) = req.pool_size {
+            // Recorded, so a restarted agent keeps this network's pool at the asked size.
+            profile["cni"]["pool_size"] = json!(n);
+        }
         let started = Instant::now();
         let record = json!({"device_id": req.container_id, "name": port_name(req), "binding:profile": profile});
         let (port_id, pooled) = match self.reserve_from_pool(req) {
@@ -238,20 +310,30 @@ impl<K: Kernel + 'static> Agent<K> {
                 if let Some(m) = &req.mac {
                     body["mac_address"] = json!(m);
                 }
-                let port = self
-                    .client
-                    .create_port(body)
-                    .await
-                    .map_err(|e| attach_error(e.into()))?;
+                let port = match self.client.create_port(body).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // No answer (or a server error): the create may still be committed.
+                        if e.status().is_none_or(|s| s >= 500) {
+                            self.remember_failed(&key, None);
+                        }
+                        return Err(attach_error(e.into()));
+                    }
+                };
                 let id = port["id"].as_str().unwrap_or("").to_string();
                 let ids = (
                     port["project_id"].as_str().unwrap_or("").to_string(),
                     port["network_id"].as_str().unwrap_or("").to_string(),
                 );
-                self.pools
-                    .lock()
-                    .names
-                    .insert((req.project.clone(), req.network.clone()), ids.clone());
+                {
+                    let mut pools = self.pools.lock();
+                    pools
+                        .names
+                        .insert((req.project.clone(), req.network.clone()), ids.clone());
+                    if let Some(n) = req.pool_size {
+                        pools.sizes.insert(ids.clone(), n);
+                    }
+                }
                 self.pools.used(ids);
                 (id, false)
             }
@@ -274,12 +356,112 @@ impl<K: Kernel + 'static> Agent<K> {
             }
             Err(e) => {
                 warn!(container = %req.container_id, port = %port_id, error = %e.message, "CNI ADD failed; releasing the port");
-                if let Err(e2) = self.client.delete_port(&port_id).await {
-                    warn!(port = %port_id, error = %e2, "could not delete the port of a failed ADD");
-                }
+                self.undo_add(&key, &port_id).await;
                 Err(attach_error(e))
             }
         }
+    }
+
+    /// What an ADD that failed after its port existed leaves: nothing. The host device goes
+    /// (and the container's end with it), then the port; if the server does not answer, the
+    /// port is remembered and deleted by DEL or the sweep once it does (the ACTIVE report with
+    /// the attachment may still land when a stopped server resumes; the delete wins).
+    async fn undo_add(&self, key: &(String, String), port_id: &str) {
+        let dev = crate::names::tap(port_id);
+        {
+            let _g = self.datapath.lock().await;
+            if let Err(e) = self.kernel().detach(&dev).await {
+                warn!(dev = %dev, error = %e, "could not unplug a failed ADD");
+            }
+        }
+        match tokio::time::timeout(INLINE_DELETE, self.client.delete_port(port_id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(port = %port_id, error = %e, "could not delete the port of a failed ADD; retrying later");
+                self.remember_failed(key, Some(port_id));
+            }
+            Err(_) => {
+                warn!(port = %port_id, "deleting the port of a failed ADD timed out; retrying later");
+                self.remember_failed(key, Some(port_id));
+            }
+        }
+    }
+
+    fn remember_failed(&self, key: &(String, String), port: Option<&str>) {
+        let mut pools = self.pools.lock();
+        let f = Failed {
+            container_id: key.0.clone(),
+            ifname: key.1.clone(),
+            port: port.map(str::to_string),
+            since: Instant::now(),
+        };
+        if !pools
+            .failed
+            .iter()
+            .any(|x| (&x.container_id, &x.ifname, &x.port) == (&f.container_id, &f.ifname, &f.port))
+        {
+            pools.failed.push(f);
+        }
+        self.pools.wake.notify_one();
+    }
+
+    /// Deletes what failed ADDs left (all of them, or those of one (container, ifname)): host
+    /// devices, then ports. A leftover is forgotten once its port is gone — or, for an
+    /// unanswered create, once it has had time to land. Errs if some port could not be deleted.
+    async fn clean_failed(&self, only: Option<(&str, &str)>) -> Result<(), OpError> {
+        let now = Instant::now();
+        let (work, busy): (Vec<Failed>, HashSet<(String, String)>) = {
+            let pools = self.pools.lock();
+            let work = pools
+                .failed
+                .iter()
+                .filter(|f| only.is_none_or(|(c, i)| f.container_id == c && f.ifname == i))
+                .cloned()
+                .collect();
+            (work, pools.adding.clone())
+        };
+        let mut result = Ok(());
+        for f in work {
+            let key = (f.container_id.clone(), f.ifname.clone());
+            let targets: Vec<String> = match &f.port {
+                Some(id) => vec![id.clone()],
+                // A new ADD of the same attachment owns what is recorded for it.
+                None if busy.contains(&key) => vec![],
+                None => self
+                    .attachments_of(&f.container_id, &f.ifname)
+                    .into_iter()
+                    .map(|p| p.id)
+                    .collect(),
+            };
+            let mut gone = true;
+            for id in &targets {
+                let dev = crate::names::tap(id);
+                {
+                    let _g = self.datapath.lock().await;
+                    if let Err(e) = self.kernel().detach(&dev).await {
+                        warn!(dev = %dev, error = %e, "could not unplug a failed ADD's device");
+                    }
+                }
+                match self.client.delete_port(id).await {
+                    Ok(()) => info!(port = %id, container = %f.container_id, "port of a failed ADD deleted"),
+                    Err(e) => {
+                        debug!(port = %id, error = %e, "port of a failed ADD not deleted yet");
+                        gone = false;
+                        result = Err(OpError::from(e));
+                    }
+                }
+            }
+            let done = gone && (f.port.is_some() || now.duration_since(f.since) > UNANSWERED_CREATE_TTL);
+            if done {
+                self.pools.lock().failed.retain(|x| *x != f);
+            }
+        }
+        result
+    }
+
+    /// The pool size for a request's network: the config's `poolSize`, else the agent's.
+    fn pool_size(&self, req: &AddRequest) -> usize {
+        req.pool_size.unwrap_or(self.config.pool_size)
     }
 
     /// The CNI ports of this node that belong to (container, ifname).
@@ -311,6 +493,11 @@ impl<K: Kernel + 'static> Agent<K> {
                 OpError::new(503, "the agent has no view from the server yet; retry").with_cni(code::TRY_AGAIN_LATER)
             );
         }
+        // What a failed ADD of this attachment left goes first; if the server cannot be
+        // told yet, the runtime retries (and the sweep keeps at it meanwhile).
+        self.clean_failed(Some((container_id, ifname)))
+            .await
+            .map_err(|e| e.with_cni(code::TRY_AGAIN_LATER))?;
         let found = self.attachments_of(container_id, ifname);
         if found.is_empty() {
             debug!(container = %container_id, ifname, "CNI DEL: nothing attached");
@@ -423,18 +610,30 @@ impl<K: Kernel + 'static> Agent<K> {
             };
             if !seeded {
                 // After a restart: every network with CNI ports here counts as just used (so
-                // pools left from before are kept, or drained once idle), and pool ports an
-                // interrupted ADD left plumbed are released.
-                {
-                    let mut pools = self.pools.lock();
-                    for p in &ports {
-                        pools
-                            .last_used
-                            .insert((p.project_id.clone(), p.network_id.clone()), Instant::now());
-                    }
+                // pools left from before are kept, or drained once idle).
+                let mut pools = self.pools.lock();
+                for p in &ports {
+                    pools
+                        .last_used
+                        .insert((p.project_id.clone(), p.network_id.clone()), Instant::now());
                 }
-                self.sweep_orphans(&ports).await;
                 seeded = true;
+            }
+            // Leftovers are looked for at start and then periodically, not only after a
+            // restart: an ADD can fail while the agent keeps running. Deletes need the server.
+            if self.connected() {
+                let due = self
+                    .pools
+                    .lock()
+                    .last_sweep
+                    .is_none_or(|t| t.elapsed() >= self.config.orphan_sweep);
+                if due {
+                    self.pools.lock().last_sweep = Some(Instant::now());
+                    self.sweep_orphans(&ports).await;
+                }
+                if !self.pools.lock().failed.is_empty() {
+                    let _ = self.clean_failed(None).await;
+                }
             }
             self.pool_round(&ports).await;
         }
@@ -471,16 +670,21 @@ impl<K: Kernel + 'static> Agent<K> {
         let now = Instant::now();
         let (wanted, idle): (Vec<PoolKey>, Vec<PoolKey>) = {
             let mut pools = self.pools.lock();
-            // Networks with attachments stay in use.
+            // Networks with attachments stay in use, with the pool size their configs asked
+            // for (recorded on the attachments, so it survives a restart).
             for p in ports.iter().filter(|p| !p.container_id.is_empty()) {
-                pools
-                    .last_used
-                    .insert((p.project_id.clone(), p.network_id.clone()), now);
+                let key = (p.project_id.clone(), p.network_id.clone());
+                if let Some(n) = p.pool_size {
+                    pools.sizes.entry(key.clone()).or_insert(n);
+                }
+                pools.last_used.insert(key, now);
             }
             let keys: Vec<_> = pools.last_used.keys().cloned().collect();
-            let (w, i): (Vec<_>, Vec<_>) = keys
-                .into_iter()
-                .partition(|k| now.duration_since(pools.last_used[k]) < self.config.pool_idle);
+            // A network whose config turned its pool off drains like an idle one.
+            let (w, i): (Vec<_>, Vec<_>) = keys.into_iter().partition(|k| {
+                now.duration_since(pools.last_used[k]) < self.config.pool_idle
+                    && pools.sizes.get(k).copied().unwrap_or(self.config.pool_size) > 0
+            });
             (w, i)
         };
         for key in idle {
@@ -529,7 +733,14 @@ impl<K: Kernel + 'static> Agent<K> {
                     .filter(|p| !pools.mine.contains(&p.id))
                     .count()
             };
-            let missing = self.config.pool_size.saturating_sub(free);
+            let size = self
+                .pools
+                .lock()
+                .sizes
+                .get(&key)
+                .copied()
+                .unwrap_or(self.config.pool_size);
+            let missing = size.saturating_sub(free);
             if missing == 0 {
                 continue;
             }
@@ -543,8 +754,9 @@ impl<K: Kernel + 'static> Agent<K> {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     waited += Duration::from_millis(20);
                 }
-                let body =
-                    json!({"project": key.0, "network": key.1, "device_owner": CNI_OWNER, "name": "isthmus-pool"});
+                // Named for the node that keeps it, so tenants can tell what these ports are.
+                let body = json!({"project": key.0, "network": key.1, "device_owner": CNI_OWNER,
+                                  "name": pool_port_name(&self.config.node)});
                 match self.client.create_port(body).await {
                     Ok(p) => created.push(p["id"].as_str().unwrap_or("").to_string()),
                     Err(e) => {
@@ -601,6 +813,11 @@ impl<K: Kernel + 'static> Agent<K> {
             }
         }
     }
+}
+
+/// The name of a pool port kept by `node`.
+pub fn pool_port_name(node: &str) -> String {
+    format!("isthmus-pool-{node}")
 }
 
 fn port_name(req: &AddRequest) -> String {

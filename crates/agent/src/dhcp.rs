@@ -98,6 +98,9 @@ pub(crate) struct DhcpState {
     pub(crate) served: std::sync::Mutex<HashMap<String, (String, Served)>>,
     /// The node's DHCP bridge filter is in place (installed once per agent run).
     pub(crate) guarded: std::sync::atomic::AtomicBool,
+    /// The filter was found unneeded and removed at least once this run (one an earlier run
+    /// left is removed too).
+    pub(crate) unguarded_once: std::sync::atomic::AtomicBool,
 }
 
 impl<K: Kernel + 'static> Agent<K> {
@@ -153,6 +156,27 @@ impl<K: Kernel + 'static> Agent<K> {
             info!(dev = %dev, port = %port, "DHCP: serving");
             let mut served = self.dhcp.served.lock().unwrap_or_else(|p| p.into_inner());
             served.insert(dev, (port, Served { task }));
+        }
+    }
+
+    /// The node has no port and no network left: its bridge filter goes too (it comes back
+    /// with the next served tap).
+    pub(crate) async fn drop_dhcp_guard(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let was = self.dhcp.guarded.swap(false, Relaxed);
+        // Not installed by this run: removed once (best effort), then left alone.
+        if !was && self.dhcp.unguarded_once.swap(true, Relaxed) {
+            return;
+        }
+        match self.kernel().remove_dhcp_guard().await {
+            Ok(()) if was => info!("DHCP guard removed: no network left on this node"),
+            Ok(()) => {}
+            Err(e) => {
+                warn!(error = %e, "removing the DHCP guard failed");
+                if was {
+                    self.dhcp.guarded.store(true, Relaxed);
+                }
+            }
         }
     }
 

@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub pool_idle: Duration,
     /// Lease time the node's DHCP service gives VM ports.
     pub dhcp_lease_secs: u32,
+    /// How often CNI leftovers (pool ports left plumbed, ports of failed ADDs) are swept.
+    pub orphan_sweep: Duration,
 }
 
 impl AgentConfig {
@@ -64,6 +66,7 @@ impl AgentConfig {
             pool_size: 3,
             pool_idle: Duration::from_secs(600),
             dhcp_lease_secs: 86400,
+            orphan_sweep: Duration::from_secs(60),
         }
     }
 }
@@ -81,6 +84,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("resync", &self.resync)
             .field("heartbeat", &self.heartbeat)
             .field("pool_size", &self.pool_size)
+            .field("orphan_sweep", &self.orphan_sweep)
             .finish()
     }
 }
@@ -349,6 +353,11 @@ impl<K: Kernel + 'static> Agent<K> {
                 taps.insert(lp.id.clone(), binding);
             }
             for (port, status) in status_fixes(&v.objects, &self.config.node, &devices) {
+                // A failed ADD's port is being deleted: nothing is reported for it.
+                if self.pools.doomed(&port) {
+                    reports.retain(|(p, _)| *p != port);
+                    continue;
+                }
                 let mut body = json!({ "status": status });
                 if status == "ACTIVE" {
                     if let Some(b) = taps.get(&port) {
@@ -496,11 +505,13 @@ impl<K: Kernel + 'static> Agent<K> {
     async fn dhcp_loop(self: Arc<Self>) {
         let mut gen = self.generation.subscribe();
         loop {
+            let mut empty = false;
             let wanted: Vec<(String, String)> = {
                 let v = self.lock_view();
                 if v.synced {
-                    to_view(&v.objects, &self.config.node, None)
-                        .local_ports
+                    let view = to_view(&v.objects, &self.config.node, None);
+                    empty = view.local_ports.is_empty() && view.networks.is_empty();
+                    view.local_ports
                         .iter()
                         .filter(|p| p.kind == PortKind::Tap)
                         .filter(|p| {
@@ -514,6 +525,9 @@ impl<K: Kernel + 'static> Agent<K> {
                 }
             };
             self.sync_dhcp(wanted).await;
+            if empty {
+                self.drop_dhcp_guard().await;
+            }
             tokio::select! {
                 _ = gen.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -564,12 +578,7 @@ impl<K: Kernel + 'static> Agent<K> {
         if !crate::kernel::valid_ifname(&req.ifname) {
             return Err(OpError::new(400, format!("invalid ifname {:?}", req.ifname)));
         }
-        if !req.netns.is_absolute() || !req.netns.exists() {
-            return Err(OpError::new(
-                400,
-                format!("netns {} is not an existing absolute path", req.netns.display()),
-            ));
-        }
+        check_netns(&req.netns)?;
         // Claim the port (or confirm it is ours).
         if req.bind {
             match self.client.report_port(&req.port_id, json!({"bind": true})).await {
@@ -681,6 +690,27 @@ impl<K: Kernel + 'static> Agent<K> {
             Err(e) => warn!(port = %port_id, error = %e, "could not report the port DOWN"),
         }
         Ok(json!({"ok": true, "port_id": port_id, "host_interface": dev}))
+    }
+}
+
+/// Checks, without blocking, that `path` is an absolute path to a network namespace. A missing
+/// one is an unknown container (CNI 3); anything else there (FIFO, device, file) is refused
+/// as an invalid CNI_NETNS (CNI 4) before any port is taken or created.
+pub(crate) fn check_netns(path: &std::path::Path) -> Result<(), OpError> {
+    if !path.is_absolute() {
+        return Err(OpError::new(
+            400,
+            format!("netns {} is not an existing absolute path", path.display()),
+        )
+        .with_cni(crate::cni::code::INVALID_ENV));
+    }
+    match crate::kernel::netns::open_netns_file(path) {
+        Ok(_) => Ok(()),
+        Err(KernelError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(OpError::new(400, format!("netns {} does not exist", path.display()))
+                .with_cni(crate::cni::code::UNKNOWN_CONTAINER))
+        }
+        Err(e) => Err(OpError::new(400, e.to_string()).with_cni(crate::cni::code::INVALID_ENV)),
     }
 }
 

@@ -20,23 +20,53 @@ use tracing::{debug, warn};
 /// Longest accepted request line.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
-/// Binds the socket: parent directory created, a stale socket replaced, mode 0600.
+/// Binds the socket: parent directory created (0700), a stale socket replaced, mode 0600.
+///
+/// The socket never exists at `path` with a wider mode: it is bound inside a private 0700
+/// directory next to `path`, restricted there, then renamed into place (the listener follows
+/// the inode). No process-wide umask is touched.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     use anyhow::Context;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?
-        }
+        Ok(m) if m.file_type().is_socket() => {}
         Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
         Err(_) => {}
     }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
-    Ok(l)
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?
+        .to_string_lossy();
+    let private = dir.join(format!(".{name}.{}.bind", std::process::id()));
+    // A leftover of an earlier run with this pid (only ever our own socket inside).
+    let _ = std::fs::remove_file(private.join("s"));
+    let _ = std::fs::remove_dir(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("creating {}", private.display()))?;
+    let bound = (|| {
+        let tmp = private.join("s");
+        let l = UnixListener::bind(&tmp).with_context(|| format!("binding {}", path.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("moving the socket to {}", path.display()))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(private.join("s"));
+    let _ = std::fs::remove_dir(&private);
+    bound
 }
 
 pub async fn serve<K: Kernel + 'static>(agent: Arc<Agent<K>>, listener: UnixListener) {
@@ -178,11 +208,10 @@ fn attachment(req: &Value) -> Result<(&str, &str), OpError> {
 fn cni_netns(req: &Value) -> Result<(PathBuf, String), OpError> {
     let recorded = required(req, "netns").map_err(cni_config)?.to_string();
     let netns = PathBuf::from(field(req, "netns_fd").map_err(cni_config)?.unwrap_or(&recorded));
-    if !netns.is_absolute() || !netns.exists() {
-        return Err(
-            OpError::new(400, format!("netns {recorded} does not exist")).with_cni(crate::cni::code::UNKNOWN_CONTAINER)
-        );
-    }
+    crate::runtime::check_netns(&netns).map_err(|e| OpError {
+        message: e.message.replace(&netns.display().to_string(), &recorded),
+        ..e
+    })?;
     Ok((netns, recorded))
 }
 
@@ -206,6 +235,15 @@ fn cni_request(req: &Value) -> Result<crate::cni::AddRequest, OpError> {
         project: required(req, "project").map_err(cni_config)?.to_string(),
         ips,
         mac: field(req, "mac").map_err(cni_config)?.map(str::to_string),
+        pool_size: match &req["pool_size"] {
+            Value::Null => None,
+            v => Some(
+                v.as_u64()
+                    .filter(|n| *n <= 64)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| cni_config(OpError::new(400, format!("pool_size must be 0 to 64, not {v}"))))?,
+            ),
+        },
     })
 }
 
@@ -288,6 +326,99 @@ mod tests {
             r.read_line(&mut l).await.unwrap();
             assert!(l.contains(needle), "{l}");
         }
+    }
+
+    /// The socket is 0600 from the moment it appears at its path, in a directory the agent
+    /// made 0700; a stale socket is replaced.
+    #[tokio::test]
+    async fn the_socket_is_never_open_to_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("run").join("isthmus");
+        let path = parent.join("agent.sock");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (path, stop) = (path.clone(), stop.clone());
+            // Stats the path as fast as it can: the first mode seen is the one others could use.
+            std::thread::spawn(move || loop {
+                if let Ok(m) = std::fs::symlink_metadata(&path) {
+                    return Some(m.permissions().mode() & 0o777);
+                }
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return None;
+                }
+            })
+        };
+        let l = bind(&path).unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            watcher.join().unwrap(),
+            Some(0o600),
+            "first mode seen at the socket path"
+        );
+        for d in [&parent, &dir.path().join("run")] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        // Nothing else is left in the directory, and the listener is reachable at the path.
+        let names: Vec<_> = std::fs::read_dir(&parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("agent.sock")]);
+        let (accepted, connected) = tokio::join!(l.accept(), UnixStream::connect(&path));
+        accepted.unwrap();
+        connected.unwrap();
+        // Rebinding over the stale socket works and keeps the mode.
+        drop(l);
+        let _l = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A file that is not a socket is never replaced.
+        let file = parent.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(bind(&file).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+
+    /// A namespace path that is a FIFO, a device, a directory or a plain file is refused at
+    /// once (CNI 4), before any port is taken: opening a FIFO used to block the agent.
+    #[tokio::test]
+    async fn netns_paths_that_are_not_namespaces_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(dir.path());
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let paths = [
+            fifo.clone(),
+            plain,
+            dir.path().to_path_buf(),
+            PathBuf::from("/dev/null"),
+        ];
+        for p in &paths {
+            for req in [
+                json!({"op": "cni_add", "container_id": "c1", "ifname": "eth0", "netns": p,
+                       "network": "n", "project": "p"}),
+                json!({"op": "cni_add", "container_id": "c1", "ifname": "eth0", "netns": "/run/netns/x",
+                       "netns_fd": p, "network": "n", "project": "p"}),
+                json!({"op": "attach", "port_id": "p1", "netns": p}),
+            ] {
+                let line = req.to_string();
+                let got = tokio::time::timeout(std::time::Duration::from_secs(5), handle(&a, line.as_bytes()))
+                    .await
+                    .unwrap_or_else(|_| panic!("{req} blocked"));
+                let e = got.expect_err(&req.to_string());
+                assert_eq!((e.code, e.cni), (400, Some(4)), "{req}: {e:?}");
+                assert!(e.message.contains("not a network namespace"), "{req}: {e:?}");
+            }
+        }
+        let missing = json!({"op": "cni_add", "container_id": "c1", "ifname": "eth0",
+                             "netns": dir.path().join("gone"), "network": "n", "project": "p"});
+        let e = handle(&a, missing.to_string().as_bytes()).await.unwrap_err();
+        assert_eq!((e.code, e.cni), (400, Some(3)), "{e:?}");
     }
 
     #[tokio::test]

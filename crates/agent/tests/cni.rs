@@ -503,3 +503,205 @@ fn ports_to_result(ports: &[Value], container: &str) -> Value {
         .expect("port of container");
     json!({"ips": [{"address": p["fixed_ips"][0]["ip_address"]}]})
 }
+
+/// Free pool ports of `node` on network `net_id`, as the API shows them.
+async fn pool_of(tb: &Testbed, node: &str, net_id: &str) -> Vec<Value> {
+    all_ports(tb)
+        .await
+        .into_iter()
+        .filter(|x| x["device_id"] == "" && x["binding:host_id"] == node && x["network_id"] == net_id)
+        .collect()
+}
+
+/// Waits until `node` keeps `n` free pool ports on `net_id`; returns them.
+async fn pool_filled(tb: &Testbed, node: &str, net_id: &str, n: usize) -> Vec<Value> {
+    for _ in 0..150 {
+        let pool = pool_of(tb, node, net_id).await;
+        if pool.len() == n {
+            return pool;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the pool of {net_id} on {node} never reached {n}");
+}
+
+/// What a failed ADD of `cid` left, as the API shows it: ports recorded for it, and pool
+/// ports reported ACTIVE (plugged somewhere).
+async fn leftovers(tb: &Testbed, node: &str, cid: &str) -> Vec<Value> {
+    all_ports(tb)
+        .await
+        .into_iter()
+        .filter(|x| x["binding:host_id"] == node)
+        .filter(|x| x["device_id"] == cid || (x["device_id"] == "" && x["status"] == "ACTIVE"))
+        .collect()
+}
+
+/// An ADD that fails because the server stops answering (SIGSTOP) or cannot be reached (the
+/// node's underlay link down) mid-ADD leaves nothing: no interface in the container, no
+/// plugged host device, and once the server is back no port claimed by the container or
+/// ACTIVE in the pool; DEL then answers 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_add_leaves_nothing_behind() {
+    support::require_root();
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let tb = Testbed::start_with(1, true).await;
+        let token = project_net(&tb, "fail", "red", "10.32.0.0/24").await;
+        let p = Plugin {
+            bin: tokio::task::spawn_blocking(isthmus_store::testing::cni_bin)
+                .await
+                .expect("build"),
+            socket: tb.nodes[0].socket.clone(),
+            project: "fail".into(),
+            network: "red".into(),
+        };
+        let node = tb.nodes[0].name.clone();
+        let first = Ns::new();
+        ok(
+            &p.run("ADD", "c-first", Some(&first.path()), &p.config("1.1.0")),
+            "ADD c-first",
+        );
+        let net_id = ports_of(&tb, &token).await[0]["network_id"]
+            .as_str()
+            .expect("network id")
+            .to_string();
+
+        for (cid, how) in [("c-stopped", "server stopped"), ("c-unreachable", "underlay down")] {
+            // The ADD will take a pool port: the node has its view, the server just cannot
+            // record the attachment.
+            let pool: Vec<String> = pool_filled(&tb, &node, &net_id, 3)
+                .await
+                .iter()
+                .filter_map(|x| x["id"].as_str().map(str::to_string))
+                .collect();
+            let ns = Ns::new();
+            match how {
+                "server stopped" => tb.pause_server(true),
+                _ => drop(tb.nodes[0].ns.ip(&["link", "set", "und0", "down"])),
+            }
+            let r = tokio::task::block_in_place(|| p.run("ADD", cid, Some(&ns.path()), &p.config("1.1.0")));
+            let code = err_code(&r);
+            assert_eq!(code, 11, "{how}: {}", r.out);
+            assert!(
+                ns.link("eth0").is_none(),
+                "{how}: the failed ADD left eth0 in the container"
+            );
+            for id in &pool {
+                assert!(
+                    !tb.nodes[0].has_link(&isthmus_agent::names::tap(id)),
+                    "{how}: the failed ADD left pool port {id} plugged"
+                );
+            }
+            match how {
+                "server stopped" => tb.pause_server(false),
+                _ => drop(tb.nodes[0].ns.ip(&["link", "set", "und0", "up"])),
+            }
+            // Whatever the stopped server still had queued lands now; the agent's delete wins.
+            let mut clean = false;
+            for _ in 0..300 {
+                if leftovers(&tb, &node, cid).await.is_empty() {
+                    clean = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(clean, "{how}: {:?}", leftovers(&tb, &node, cid).await);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(
+                leftovers(&tb, &node, cid).await,
+                Vec::<Value>::new(),
+                "{how}: came back"
+            );
+            ok(
+                &p.run("DEL", cid, Some(&ns.path()), &p.config("1.1.0")),
+                "DEL after a failed ADD",
+            );
+            ok(&p.run("DEL", cid, None, &p.config("1.1.0")), "DEL again");
+            assert!(ns.link("eth0").is_none());
+        }
+        // The first container was never touched.
+        let r = p.run("DEL", "c-first", Some(&first.path()), &p.config("1.1.0"));
+        ok(&r, "DEL c-first");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// `poolSize` in the network config: 0 keeps no pool ports for that network; other networks
+/// keep theirs, named after the node. Pool ports left plumbed are swept periodically (here
+/// every 2 s), not only when the agent starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_size_per_network_names_and_periodic_sweep() {
+    support::require_root();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let mut tb = Testbed::start(1).await;
+        tb.nodes[0].env.push(("ISTHMUS_ORPHAN_SWEEP_SECS".into(), "2".into()));
+        tb.nodes[0].kill_agent();
+        tb.nodes[0].start_agent();
+        tb.nodes[0].wait_socket().await;
+        let token = project_net(&tb, "sizes", "pooled", "10.33.0.0/24").await;
+        let t2 = tb.member("sizes2").await;
+        let n = tb.create(&t2, "networks", "network", json!({"name": "unpooled"})).await;
+        let unpooled = n["id"].as_str().expect("id").to_string();
+        tb.create(
+            &t2,
+            "subnets",
+            "subnet",
+            json!({"network_id": unpooled, "cidr": "10.34.0.0/24", "ip_version": 4}),
+        )
+        .await;
+        let bin = tokio::task::spawn_blocking(isthmus_store::testing::cni_bin)
+            .await
+            .expect("build");
+        let node = tb.nodes[0].name.clone();
+        let plugin = |project: &str, network: &str| Plugin {
+            bin: bin.clone(),
+            socket: tb.nodes[0].socket.clone(),
+            project: project.into(),
+            network: network.into(),
+        };
+        let off = plugin("sizes2", "unpooled");
+        let mut conf = off.config("1.1.0");
+        conf["poolSize"] = json!(0);
+        let a = Ns::new();
+        ok(&off.run("ADD", "c-off", Some(&a.path()), &conf), "ADD with poolSize 0");
+        let on = plugin("sizes", "pooled");
+        let b = Ns::new();
+        ok(&on.run("ADD", "c-on", Some(&b.path()), &on.config("1.1.0")), "ADD");
+        let pooled = ports_of(&tb, &token).await[0]["network_id"]
+            .as_str()
+            .expect("network id")
+            .to_string();
+        let pool = pool_filled(&tb, &node, &pooled, 3).await;
+        for x in &pool {
+            assert_eq!(x["name"], format!("isthmus-pool-{node}"), "{x}");
+            assert_eq!(x["device_owner"], "isthmus:cni", "{x}");
+        }
+        // Several pool rounds later, still none on the network that turned its pool off.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(pool_of(&tb, &node, &unpooled).await, Vec::<Value>::new());
+        let b = Ns::new();
+        ok(
+            &off.run("ADD", "c-off2", Some(&b.path()), &conf),
+            "second ADD with poolSize 0",
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(pool_of(&tb, &node, &unpooled).await, Vec::<Value>::new());
+        // A pool port left plumbed while the agent runs (as by an ADD cut short) is released
+        // by the periodic sweep, and the pool refilled.
+        let orphan = pool[0]["id"].as_str().expect("id").to_string();
+        let (_orphan_ns, _) = tb.nodes[0].attach(&orphan).await;
+        let mut swept = false;
+        for _ in 0..150 {
+            let ports = pool_of(&tb, &node, &pooled).await;
+            if ports.iter().all(|x| x["id"] != orphan.as_str()) && ports.len() == 3 {
+                swept = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(swept, "the plumbed pool port was not swept while the agent ran");
+        assert!(!tb.nodes[0].has_link(&isthmus_agent::names::tap(&orphan)));
+    })
+    .await
+    .expect("test timed out");
+}

@@ -356,3 +356,32 @@ async fn dhcp_latency() {
         );
     }
 }
+
+/// The node's bridge-family `isthmus` table (the DHCP guard) is there while the node has a VM
+/// port, and goes once its last port and network are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dhcp_guard_goes_with_the_last_network() {
+    support::require_root();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let s = setup(1).await;
+        let tb = &s.tb;
+        let ns = tb.nodes[0].ns.name.clone();
+        let has_table =
+            move || support::run(&["ip", "netns", "exec", &ns, "nft", "list", "table", "bridge", "isthmus"]).0;
+        let port = tb.vm_port(&s.net, &s.dhcp_subnet, "10.70.0.40", 0).await;
+        eventually(15, "the DHCP guard is installed", has_table.clone()).await;
+        let id = port["id"].as_str().expect("id");
+        let (st, b) = tb
+            .net(reqwest::Method::DELETE, &format!("/v2.0/ports/{id}"), None)
+            .await;
+        assert_eq!(st, 204, "{b}");
+        // The node's view drops the network with its last port there; the network goes too.
+        let (st, b) = tb
+            .net(reqwest::Method::DELETE, &format!("/v2.0/networks/{}", s.net), None)
+            .await;
+        assert_eq!(st, 204, "{b}");
+        eventually(15, "the DHCP guard is removed", || !has_table()).await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -64,6 +64,9 @@ struct AgentArgs {
     /// Ready ports kept per network in use, so CNI ADD need not create one (0: no pools).
     #[arg(long, env = "ISTHMUS_POOL_SIZE", default_value_t = 3)]
     pool_size: usize,
+    /// Seconds between sweeps for CNI leftovers (pool ports left plumbed, ports of failed ADDs).
+    #[arg(long, env = "ISTHMUS_ORPHAN_SWEEP_SECS", default_value_t = 60)]
+    orphan_sweep_secs: u64,
 }
 
 async fn run_agent(a: AgentArgs) -> Result<()> {
@@ -79,6 +82,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     c.resync = std::time::Duration::from_secs(a.resync_secs.max(1));
     c.heartbeat = std::time::Duration::from_secs(a.heartbeat_secs.max(1));
     c.pool_size = a.pool_size.min(64);
+    c.orphan_sweep = std::time::Duration::from_secs(a.orphan_sweep_secs.max(1));
     isthmus_agent::runtime::run(c, shutdown_signal()).await
 }
 

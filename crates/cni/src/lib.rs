@@ -21,6 +21,10 @@ pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "
 pub const CURRENT_VERSION: &str = "1.1.0";
 pub const DEFAULT_SOCKET: &str = "/run/isthmus/agent.sock";
 pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
+/// Longest `timeout_secs` accepted: a runtime must get an answer from every call in bounded time.
+pub const MAX_TIMEOUT_SECS: u64 = 300;
+/// Largest `poolSize` accepted (the agent's own `--pool-size` is capped the same way).
+pub const MAX_POOL_SIZE: u64 = 64;
 /// Longest reply line read from the agent; a longer one is a broken agent, not a result.
 pub const MAX_REPLY: u64 = 1024 * 1024;
 
@@ -330,6 +334,8 @@ pub struct Config {
     pub project: String,
     pub socket: PathBuf,
     pub timeout: Duration,
+    /// `poolSize`: ready ports the agent keeps for this network (0: none); `None`: the agent's default.
+    pub pool_size: Option<u64>,
     /// The whole object, for the optional keys each command reads.
     pub raw: Map<String, Value>,
 }
@@ -375,11 +381,22 @@ pub fn parse_config(stdin: &[u8]) -> Result<Config, CniError> {
     };
     let timeout_secs = match raw.get("timeout_secs") {
         None | Some(Value::Null) => DEFAULT_TIMEOUT_SECS,
-        Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=MAX_TIMEOUT_SECS).contains(n))
+            .ok_or_else(|| {
+                invalid_config(format!(
+                    "network config 'timeout_secs' must be an integer from 1 to {MAX_TIMEOUT_SECS}, not {v}"
+                ))
+            })?,
+    };
+    let pool_size = match raw.get("poolSize") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().filter(|n| *n <= MAX_POOL_SIZE).ok_or_else(|| {
             invalid_config(format!(
-                "network config 'timeout_secs' must be a positive integer, not {v}"
+                "network config 'poolSize' must be an integer from 0 to {MAX_POOL_SIZE}, not {v}"
             ))
-        })?,
+        })?),
     };
     Ok(Config {
         cni_version,
@@ -388,6 +405,7 @@ pub fn parse_config(stdin: &[u8]) -> Result<Config, CniError> {
         project,
         socket,
         timeout: Duration::from_secs(timeout_secs),
+        pool_size,
         raw,
     })
 }
@@ -536,6 +554,8 @@ pub enum Request {
         ips: Vec<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         mac: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pool_size: Option<u64>,
     },
     #[serde(rename = "cni_del")]
     Del {
@@ -587,6 +607,7 @@ pub fn build_request(command: &Command, config: &Config) -> Result<Request, CniE
             project,
             ips: requested_ips(config, cni_args)?.iter().map(IpAddr::to_string).collect(),
             mac: requested_mac(config, cni_args)?,
+            pool_size: config.pool_size,
         },
         Command::Del {
             container_id,
@@ -1265,6 +1286,30 @@ mod tests {
         let mut c = conf("1.0.0");
         c["timeout_secs"] = json!(0);
         assert_eq!(failure(&env("ADD"), &bytes(&c)).0, 7);
+        // No unbounded waits: a huge timeout is refused, the largest allowed one is taken.
+        for huge in [json!(301), json!(u64::MAX), json!(1e30), json!(-1)] {
+            c["timeout_secs"] = huge.clone();
+            let (code, v) = failure(&env("ADD"), &bytes(&c));
+            assert_eq!(code, 7, "{huge}");
+            assert!(v["msg"].as_str().unwrap().contains("timeout_secs"), "{v}");
+        }
+        c["timeout_secs"] = json!(300);
+        assert_eq!(parse_config(&bytes(&c)).unwrap().timeout, Duration::from_secs(300));
+        for bad in [json!(-1), json!(65), json!("3"), json!(1.5)] {
+            let mut c = conf("1.0.0");
+            c["poolSize"] = bad.clone();
+            assert_eq!(failure(&env("ADD"), &bytes(&c)).0, 7, "poolSize {bad}");
+        }
+    }
+
+    #[test]
+    fn pool_size_is_passed_with_add() {
+        let mut c = conf("1.1.0");
+        assert_eq!(request(&env("ADD"), &c).get("pool_size"), None);
+        c["poolSize"] = json!(0);
+        assert_eq!(request(&env("ADD"), &c)["pool_size"], json!(0));
+        c["poolSize"] = json!(5);
+        assert_eq!(request(&env("ADD"), &c)["pool_size"], json!(5));
     }
 
     #[test]

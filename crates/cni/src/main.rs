@@ -1,10 +1,16 @@
 //! `isthmus-cni` binary: environment + stdin in, one exchange with the agent socket, CNI result out.
 
 use isthmus_cni::{
-    code, finish, start, Call, CniError, Env, Outcome, Step, TransportError, CURRENT_VERSION, MAX_REPLY,
+    code, finish, start, transport_error, Call, CniError, Env, Outcome, Step, TransportError, CURRENT_VERSION,
+    MAX_REPLY,
 };
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Set by whichever thread prints the outcome first: the main thread or the deadline watchdog.
+static DECIDED: AtomicBool = AtomicBool::new(false);
 
 fn main() {
     let env = Env::from_os();
@@ -12,17 +18,49 @@ fn main() {
         Ok(stdin) => match start(&env, &stdin) {
             Step::Done(outcome) => outcome,
             Step::Call(mut call) => {
-                // Held open until the reply is in: the agent opens it through /proc.
-                let _ns = pass_netns(&mut call);
-                finish(&call, exchange(&call))
+                watchdog(&call);
+                let deadline = Instant::now() + call.timeout;
+                match pass_netns(&mut call) {
+                    // Held open until the reply is in: the agent opens it through /proc.
+                    Ok(_ns) => finish(&call, exchange(&call, deadline)),
+                    Err(e) => e.outcome(call.version.as_str()),
+                }
             }
         },
         Err(e) => CniError::new(code::IO_FAILURE, "cannot read the network config from stdin")
             .with_details(e.to_string())
             .outcome(CURRENT_VERSION),
     };
+    if DECIDED.swap(true, Ordering::SeqCst) {
+        // The watchdog has answered and is exiting the process.
+        loop {
+            std::thread::park();
+        }
+    }
     emit(&outcome);
     std::process::exit(outcome.exit_code);
+}
+
+/// Whatever blocks (a namespace path that is a FIFO on a stuck filesystem, a connect to a
+/// stopped agent whose backlog is full, a reply trickling in), the runtime gets the spec's
+/// error JSON once the config's timeout has passed.
+fn watchdog(call: &Call) {
+    let call = call.clone();
+    let spawned = std::thread::Builder::new().name("deadline".into()).spawn(move || {
+        std::thread::sleep(call.timeout);
+        if DECIDED.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let e = TransportError::exchange(&std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no complete reply before the deadline",
+        ));
+        let outcome = transport_error(&call, &e).outcome(call.version.as_str());
+        emit(&outcome);
+        std::process::exit(outcome.exit_code);
+    });
+    // Without the thread the socket timeouts still bound each step.
+    drop(spawned);
 }
 
 fn read_stdin(env: &Env) -> std::io::Result<Vec<u8>> {
@@ -36,32 +74,109 @@ fn read_stdin(env: &Env) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// `O_NONBLOCK` (std already opens with `O_CLOEXEC`): opening a FIFO must not wait for a writer.
+#[cfg(any(target_arch = "mips", target_arch = "mips64"))]
+const O_NONBLOCK: i32 = 0o200;
+#[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
+const O_NONBLOCK: i32 = 0x4000;
+#[cfg(not(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+)))]
+const O_NONBLOCK: i32 = 0o4000;
+
+/// Opens CNI_NETNS without blocking and checks that it is a namespace: a regular file on nsfs
+/// (the file system of `/proc/self/ns/*`, one superblock, so the same device). A FIFO, a
+/// device, a directory or an ordinary file is refused here; that it is a *network* namespace
+/// the agent checks (`NS_GET_NSTYPE`), which needs no more than std here.
+fn open_netns(path: &str) -> Result<std::fs::File, CniError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let io_error = |what: &str, e: std::io::Error| {
+        CniError::new(code::IO_FAILURE, format!("cannot {what} CNI_NETNS {path}")).with_details(e.to_string())
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                CniError::new(code::UNKNOWN_CONTAINER, format!("CNI_NETNS {path} does not exist"))
+            }
+            _ => io_error("open", e),
+        })?;
+    let meta = file.metadata().map_err(|e| io_error("stat", e))?;
+    let nsfs = std::fs::metadata("/proc/self/ns/net").map_err(|e| io_error("compare with /proc/self/ns/net", e))?;
+    if !meta.file_type().is_file() || meta.dev() != nsfs.dev() {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS {path} is not a network namespace"),
+        )
+        .with_details(format!("it is a {:?}, not a namespace file", meta.file_type())));
+    }
+    Ok(file)
+}
+
 /// The agent may run in another mount namespace (started by `ip netns exec`, say), where the
 /// runtime's `/run/netns/...` bind mount is not visible. So the plugin opens the namespace and
 /// adds `netns_fd`, a `/proc/<pid>/fd/<n>` path that reaches it through this process.
-fn pass_netns(call: &mut Call) -> Option<std::fs::File> {
+fn pass_netns(call: &mut Call) -> Result<Option<std::fs::File>, CniError> {
     use std::os::fd::AsRawFd;
-    let mut req: serde_json::Value = serde_json::from_str(&call.request).ok()?;
+    let Ok(mut req) = serde_json::from_str::<serde_json::Value>(&call.request) else {
+        return Ok(None);
+    };
     if !matches!(req["op"].as_str(), Some("cni_add" | "cni_check")) {
-        return None;
+        return Ok(None);
     }
-    let file = std::fs::File::open(req["netns"].as_str()?).ok()?;
+    let Some(path) = req["netns"].as_str() else {
+        return Ok(None);
+    };
+    let file = open_netns(path)?;
     req["netns_fd"] = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()).into();
     call.request = format!("{req}\n");
-    Some(file)
+    Ok(Some(file))
 }
 
-/// The only socket I/O: connect, send the request line, read one reply line (bounded by timeout and size).
-fn exchange(call: &Call) -> Result<String, TransportError> {
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed")
+}
+
+/// The only socket I/O: connect, send the request line, read one reply line (bounded by the
+/// deadline and size).
+fn exchange(call: &Call, deadline: Instant) -> Result<String, TransportError> {
     let stream = UnixStream::connect(&call.socket).map_err(|e| TransportError::connect(&e))?;
     let io = |e: std::io::Error| TransportError::exchange(&e);
-    stream.set_read_timeout(Some(call.timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(call.timeout)).map_err(io)?;
+    // Each read and write gets what is left of the deadline, so a slow trickle cannot extend it.
+    let left = || {
+        let d = deadline.saturating_duration_since(Instant::now());
+        if d < Duration::from_millis(1) {
+            Err(timed_out())
+        } else {
+            Ok(d)
+        }
+    };
+    stream.set_write_timeout(Some(left().map_err(io)?)).map_err(io)?;
     (&stream).write_all(call.request.as_bytes()).map_err(io)?;
+    let mut reader = BufReader::new((&stream).take(MAX_REPLY));
     let mut line = Vec::new();
-    BufReader::new((&stream).take(MAX_REPLY))
-        .read_until(b'\n', &mut line)
-        .map_err(io)?;
+    loop {
+        stream.set_read_timeout(Some(left().map_err(io)?)).map_err(io)?;
+        let buf = reader.fill_buf().map_err(io)?;
+        if buf.is_empty() {
+            break;
+        }
+        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        line.extend_from_slice(chunk);
+        let n = chunk.len();
+        reader.consume(n);
+        if done {
+            break;
+        }
+    }
     String::from_utf8(line)
         .map_err(|e| TransportError::exchange(&std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error())))
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// A scratch directory removed on drop (std only, to keep the crate's dependencies minimal).
 struct Scratch(PathBuf);
@@ -48,7 +49,13 @@ fn fake_agent(socket: &Path, reply: Value) -> JoinHandle<Value> {
             "request must be one newline-terminated line: {line:?}"
         );
         (&stream).write_all(format!("{reply}\n").as_bytes()).unwrap();
-        serde_json::from_str(&line).unwrap()
+        let mut req: Value = serde_json::from_str(&line).unwrap();
+        // ADD and CHECK pass the opened namespace as /proc/<plugin pid>/fd/<n>.
+        if let Some(fd) = req.as_object_mut().and_then(|o| o.remove("netns_fd")) {
+            assert!(fd.as_str().is_some_and(|f| f.starts_with("/proc/")), "{fd}");
+            assert!(matches!(req["op"].as_str(), Some("cni_add" | "cni_check")), "{req}");
+        }
+        req
     })
 }
 
@@ -57,6 +64,9 @@ fn config(version: &str, socket: &Path) -> Value {
            "socket": socket, "timeout_secs": 5,
            "runtimeConfig": {"ips": ["10.0.0.7/24"], "mac": "fa:16:3e:00:00:01"}})
 }
+
+/// Longest any plugin run may take in these tests (their configs say 5 s at most).
+const RUN_BOUND: Duration = Duration::from_secs(10);
 
 fn run(command: &str, env: &[(&str, &str)], stdin: &Value) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus-cni"))
@@ -75,6 +85,15 @@ fn run(command: &str, env: &[(&str, &str)], stdin: &Value) -> Output {
         .unwrap()
         .write_all(stdin.to_string().as_bytes())
         .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > RUN_BOUND {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("isthmus-cni {command} still running after {RUN_BOUND:?}: {out:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     child.wait_with_output().unwrap()
 }
 
@@ -82,7 +101,8 @@ type Var = (&'static str, &'static str);
 
 const ATTACH: [Var; 4] = [
     ("CNI_CONTAINERID", "c0ffee"),
-    ("CNI_NETNS", "/var/run/netns/x"),
+    // A real network namespace (the plugin's own), which the plugin opens and checks.
+    ("CNI_NETNS", "/proc/self/ns/net"),
     ("CNI_IFNAME", "eth0"),
     ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=web-0"),
 ];
@@ -98,7 +118,7 @@ fn add_prints_a_result() {
     let agent = fake_agent(
         &dir.socket(),
         json!({"ok": true, "port_id": "p1", "interface": "eth0", "host_interface": "tap1234567890a",
-               "mac": "fa:16:3e:00:00:01", "sandbox": "/var/run/netns/x",
+               "mac": "fa:16:3e:00:00:01", "sandbox": "/proc/self/ns/net",
                "ips": [{"address": "10.0.0.7/24", "gateway": "10.0.0.1"}],
                "routes": [{"destination": "0.0.0.0/0", "nexthop": "10.0.0.1"}],
                "dns_nameservers": ["8.8.8.8"], "mtu": 1450}),
@@ -107,7 +127,7 @@ fn add_prints_a_result() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         agent.join().unwrap(),
-        json!({"op": "cni_add", "container_id": "c0ffee", "ifname": "eth0", "netns": "/var/run/netns/x",
+        json!({"op": "cni_add", "container_id": "c0ffee", "ifname": "eth0", "netns": "/proc/self/ns/net",
                "network": "net1", "project": "demo", "ips": ["10.0.0.7"], "mac": "fa:16:3e:00:00:01"})
     );
     assert_eq!(
@@ -116,7 +136,7 @@ fn add_prints_a_result() {
             "cniVersion": "1.1.0",
             "interfaces": [
                 {"name": "tap1234567890a"},
-                {"name": "eth0", "mac": "fa:16:3e:00:00:01", "mtu": 1450, "sandbox": "/var/run/netns/x"}
+                {"name": "eth0", "mac": "fa:16:3e:00:00:01", "mtu": 1450, "sandbox": "/proc/self/ns/net"}
             ],
             "ips": [{"address": "10.0.0.7/24", "gateway": "10.0.0.1", "interface": 1}],
             "routes": [{"dst": "0.0.0.0/0", "gw": "10.0.0.1"}],
@@ -257,4 +277,98 @@ fn version_and_bad_input_need_no_agent() {
     assert_eq!(stdout_json(&out)["code"], 4);
     let out = run("ADD", &ATTACH, &config("0.2.0", Path::new("/nonexistent")));
     assert_eq!(stdout_json(&out)["code"], 1);
+}
+
+/// ADD and CHECK with a CNI_NETNS that is no network namespace: the spec's error JSON (code 4,
+/// naming the variable) in bounded time, and the agent is never asked. A FIFO used to block the
+/// plugin forever in open().
+#[test]
+fn netns_that_is_not_a_network_namespace_is_refused() {
+    let dir = Scratch::new();
+    let fifo = dir.0.join("fifo");
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success(), "mkfifo");
+    let file = dir.0.join("plain");
+    std::fs::write(&file, b"not a namespace").unwrap();
+    let subdir = dir.0.join("dir");
+    std::fs::create_dir(&subdir).unwrap();
+    // No agent listens: a request sent anyway would answer 11, not 4.
+    let conf = config("1.1.0", &dir.socket());
+    let mut check = conf.clone();
+    check["prevResult"] = json!({"cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}]});
+    for path in [&fifo, &file, &subdir, Path::new("/dev/null")] {
+        let p = path.display().to_string();
+        let env = [
+            ("CNI_CONTAINERID", "c0ffee"),
+            ("CNI_NETNS", p.as_str()),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        for (command, stdin) in [("ADD", &conf), ("CHECK", &check)] {
+            let started = Instant::now();
+            let out = run(command, &env, stdin);
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{command} {p} took {:?}",
+                started.elapsed()
+            );
+            assert_eq!(out.status.code(), Some(1), "{command} {p}: {out:?}");
+            let e = stdout_json(&out);
+            assert_eq!(e["cniVersion"], "1.1.0", "{e}");
+            assert_eq!(e["code"], 4, "{command} {p}: {e}");
+            assert!(e["msg"].as_str().unwrap().contains("CNI_NETNS"), "{e}");
+        }
+    }
+    // A path that does not exist: the container is unknown.
+    let gone = dir.0.join("gone").display().to_string();
+    let env = [
+        ("CNI_CONTAINERID", "c0ffee"),
+        ("CNI_NETNS", gone.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let out = run("ADD", &env, &conf);
+    assert_eq!(stdout_json(&out)["code"], 3, "{out:?}");
+}
+
+/// An agent that answers a byte at a time never resets the plugin's clock: the whole exchange
+/// ends at the config's timeout with a retryable error.
+#[test]
+fn a_trickling_agent_is_cut_off_at_the_timeout() {
+    let dir = Scratch::new();
+    let listener = UnixListener::bind(dir.socket()).unwrap();
+    let agent = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).unwrap();
+        for _ in 0..60 {
+            if (&stream).write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let mut conf = config("1.1.0", &dir.socket());
+    conf["timeout_secs"] = json!(1);
+    let started = Instant::now();
+    let out = run("ADD", &ATTACH, &conf);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the plugin took {took:?} with a 1 s timeout"
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(stdout_json(&out)["code"], 11);
+    agent.join().unwrap();
+}
+
+/// A timeout beyond the bound is a config error, before any socket is touched.
+#[test]
+fn a_huge_timeout_is_refused() {
+    let dir = Scratch::new();
+    let mut conf = config("1.1.0", &dir.socket());
+    conf["timeout_secs"] = json!(100_000);
+    let out = run("ADD", &ATTACH, &conf);
+    assert_eq!(out.status.code(), Some(1));
+    let e = stdout_json(&out);
+    assert_eq!(e["code"], 7, "{e}");
+    assert!(e["msg"].as_str().unwrap().contains("timeout_secs"), "{e}");
 }

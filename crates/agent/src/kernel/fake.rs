@@ -249,6 +249,10 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
+    async fn remove_dhcp_guard(&self) -> Result<(), KernelError> {
+        Ok(())
+    }
+
     async fn dhcp_socket(&self, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
         Err(KernelError::io(
             format!("dhcp socket for {dev}"),

@@ -169,6 +169,9 @@ pub trait Kernel: Send + Sync {
     /// cannot answer DHCP for others.
     fn ensure_dhcp_guard(&self) -> impl Future<Output = Result<(), KernelError>> + Send;
 
+    /// Removes that filter (absent already is success): the node has no network left.
+    fn remove_dhcp_guard(&self) -> impl Future<Output = Result<(), KernelError>> + Send;
+
     /// The MAC and addresses of interface `ifname` inside `netns`; `None` if there is no such
     /// interface (CNI CHECK).
     fn inspect(

@@ -607,8 +607,7 @@ impl Kernel for NetlinkKernel {
         check_ifname(host)?;
         check_ifname(&req.ifname)?;
         let bridge = self.bridge_index(&req.port.bridge).await?;
-        let ns = std::fs::File::open(&req.netns)
-            .map_err(|e| KernelError::io(format!("opening netns {}", req.netns.display()), e))?;
+        let ns = super::netns::open_netns_file(&req.netns)?;
         // A host end left from an earlier attach of this port would block the new pair.
         if self.del_link(host).await? {
             warn!(dev = %host, "replaced a stale port device");
@@ -648,6 +647,10 @@ impl Kernel for NetlinkKernel {
 
     async fn ensure_dhcp_guard(&self) -> Result<(), KernelError> {
         run_in_netns(self.netns.as_deref(), super::netns::apply_dhcp_guard).await
+    }
+
+    async fn remove_dhcp_guard(&self) -> Result<(), KernelError> {
+        run_in_netns(self.netns.as_deref(), super::netns::remove_dhcp_guard).await
     }
 
     async fn dhcp_socket(&self, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {

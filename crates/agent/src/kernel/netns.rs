@@ -40,8 +40,55 @@ where
 }
 
 fn open_netns(path: &Path) -> Result<(PathBuf, File), KernelError> {
-    let file = File::open(path).map_err(|e| KernelError::io(format!("opening netns {}", path.display()), e))?;
-    Ok((path.to_path_buf(), file))
+    Ok((path.to_path_buf(), open_netns_file(path)?))
+}
+
+/// nsfs's `statfs` magic (linux/magic.h).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+/// `NS_GET_NSTYPE`, `_IO(0xb7, 0x3)` (linux/nsfs.h).
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// Opens a network namespace file without ever blocking (a FIFO or device at that path must
+/// not hang the caller) and checks that it is one: a regular file on nsfs whose namespace
+/// type is `CLONE_NEWNET`. Anything else is an `InvalidInput` error; a missing path keeps its
+/// `NotFound`.
+pub fn open_netns_file(path: &Path) -> Result<File, KernelError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let ctx = || format!("opening netns {}", path.display());
+    let not_netns = |why: &str| {
+        KernelError::io(
+            ctx(),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("not a network namespace ({why})"),
+            ),
+        )
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| KernelError::io(ctx(), e))?;
+    let meta = file.metadata().map_err(|e| KernelError::io(ctx(), e))?;
+    if !meta.file_type().is_file() {
+        return Err(not_netns("not a regular file"));
+    }
+    // SAFETY: zeroed statfs is valid; fstatfs fills it for an fd we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(KernelError::io(ctx(), std::io::Error::last_os_error()));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    if st.f_type as i64 != NSFS_MAGIC {
+        return Err(not_netns("not on nsfs"));
+    }
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(not_netns("another kind of namespace"));
+    }
+    Ok(file)
 }
 
 fn enter(path: &Path, ns: &File) -> Result<(), KernelError> {
@@ -245,9 +292,21 @@ table bridge isthmus {
 }
 "#;
 
+/// Removes the table (creating it first, so removing an absent one is not an error).
+const NO_DHCP_GUARD: &str = "table bridge isthmus\ndelete table bridge isthmus\n";
+
 /// Applies [`DHCP_GUARD`] with `nft` in the calling thread's namespace (a child process
 /// inherits the thread's namespaces). Blocking; run it through [`run_in_netns`].
 pub fn apply_dhcp_guard() -> Result<(), KernelError> {
+    nft(DHCP_GUARD)
+}
+
+/// Removes the DHCP guard table, if there is one. Blocking; run it through [`run_in_netns`].
+pub fn remove_dhcp_guard() -> Result<(), KernelError> {
+    nft(NO_DHCP_GUARD)
+}
+
+fn nft(script: &str) -> Result<(), KernelError> {
     use std::io::Write;
     let mut child = std::process::Command::new("nft")
         .args(["-f", "-"])
@@ -258,7 +317,7 @@ pub fn apply_dhcp_guard() -> Result<(), KernelError> {
         .map_err(|e| KernelError::io("running nft (is nftables installed?)", e))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
-            .write_all(DHCP_GUARD.as_bytes())
+            .write_all(script.as_bytes())
             .map_err(|e| KernelError::io("writing to nft", e))?;
     }
     let out = child

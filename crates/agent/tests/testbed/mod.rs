@@ -609,6 +609,18 @@ impl Testbed {
         self.server = Server::Stopped;
     }
 
+    /// SIGSTOPs (`true`) or SIGCONTs (`false`) the server process: it keeps its sockets, so
+    /// clients connect and send, and get no answer until it resumes.
+    pub fn pause_server(&self, pause: bool) {
+        let Server::Process(p) = &self.server else {
+            panic!("pause_server needs a server process");
+        };
+        let sig = if pause { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: plain syscall on our own child's pid.
+        let rc = unsafe { libc::kill(p.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "signalling the server");
+    }
+
     /// Starts the server process again on the same data directory and addresses.
     pub async fn restart_server(&mut self) {
         assert!(matches!(self.server, Server::Stopped), "the server is running");
