@@ -185,3 +185,36 @@ async fn events_reach_every_server() {
     .await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
 }
+
+/// Events live one token lifetime: once every token they could match has expired, the next
+/// event write prunes them from the store.
+#[tokio::test]
+async fn events_are_pruned_after_a_token_lifetime() {
+    use isthmus_store::Store;
+    let s = TestServer::start_with(Backend::Etcd, |c| c.token_ttl_secs = 1).await;
+    let etcd = s.etcd().expect("etcd backend");
+    let store = isthmus_store::etcd::EtcdStore::connect(vec![etcd.endpoint()])
+        .await
+        .expect("connect to etcd");
+    let events = || async {
+        let (kvs, _) = store
+            .list("/isthmus/v1/identity/revoke_events/")
+            .await
+            .expect("list events");
+        kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>()
+    };
+    let first = s.create_user("prune-1", MEMBER_PASSWORD).await;
+    let second = s.create_user("prune-2", MEMBER_PASSWORD).await;
+    patch(&s, &format!("/users/{first}"), json!({"user": {"enabled": false}})).await;
+    assert_eq!(
+        events().await,
+        vec![format!("/isthmus/v1/identity/revoke_events/users/{first}")]
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    patch(&s, &format!("/users/{second}"), json!({"user": {"enabled": false}})).await;
+    assert_eq!(
+        events().await,
+        vec![format!("/isthmus/v1/identity/revoke_events/users/{second}")],
+        "the expired event was kept, or the fresh one dropped"
+    );
+}
