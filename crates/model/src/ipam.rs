@@ -42,13 +42,62 @@ pub fn parse_cidr(s: &str, ip_version: u8) -> NResult<IpNet> {
         ));
     }
     let max = if is_v6 { 128 } else { 32 };
-    if net.prefix_len() == 0 || net.prefix_len() > max {
+    if net.prefix_len() > max {
         return Err(NeutronError::invalid_attr(
             "cidr",
             format!("'{s}' is not a valid IP subnet"),
         ));
     }
     Ok(net)
+}
+
+/// The CIDR checks Neutron makes on a new subnet (or when DHCP is turned on), in its order and
+/// words. `dhcp_check`: DHCP is enabled and was not before, which is when DHCP's constraints
+/// (no loopback, multicast or 0.0.0.0 range, room for a DHCP port) apply.
+pub fn check_subnet_cidr(net: &IpNet, dhcp_check: bool, creating: bool) -> NResult<()> {
+    let v6 = net_is_v6(net);
+    if creating && v6 && net.network() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        return Err(NeutronError::invalid_input("IPv6 subnet '::' is not supported"));
+    }
+    if dhcp_check {
+        if (!v6 && net.prefix_len() > 30) || (v6 && net.prefix_len() > 126) {
+            return Err(NeutronError::invalid_input(
+                "Subnet has a prefix length that is incompatible with DHCP service enabled",
+            ));
+        }
+        let (multicast, loopback) = if v6 {
+            (is_within(net, "ff00::/8"), is_within(net, "::1/128"))
+        } else {
+            (is_within(net, "224.0.0.0/4"), is_within(net, "127.0.0.0/8"))
+        };
+        if multicast {
+            return Err(NeutronError::invalid_input(
+                "Multicast IP subnet is not supported if enable_dhcp is True",
+            ));
+        }
+        if loopback {
+            return Err(NeutronError::invalid_input(
+                "Loopback IP subnet is not supported if enable_dhcp is True",
+            ));
+        }
+        if !v6 && to_u128(net.network()) == 0 {
+            // Neutron's message ends with its own full stop.
+            return Err(NeutronError::new(
+                400,
+                "InvalidInput",
+                "Invalid input for operation: First IP '0.0.0.0' of network is not supported if enable_dhcp is True.",
+            ));
+        }
+    }
+    if creating && net.prefix_len() == 0 {
+        return Err(NeutronError::invalid_input("0 is not allowed as CIDR prefix length"));
+    }
+    Ok(())
+}
+
+/// Whether `net` lies entirely inside the block `within`.
+fn is_within(net: &IpNet, within: &str) -> bool {
+    within.parse::<IpNet>().is_ok_and(|w| w.contains(net))
 }
 
 /// First and last address of a network, as integers.
@@ -343,6 +392,37 @@ mod tests {
         assert!(parse_cidr("10.0.0.0/33", 4).is_err());
         assert!(parse_cidr("10.0.0.0/24", 6).is_err());
         assert!(parse_cidr("10.0.0.0/24", 4).is_ok());
+    }
+
+    #[test]
+    fn subnet_cidr_checks_follow_neutron() {
+        let check = |c: &str, dhcp: bool| check_subnet_cidr(&c.parse().unwrap(), dhcp, true).map_err(|e| e.message);
+        for (c, why) in [
+            ("127.0.0.0/8", "Loopback"),
+            ("127.1.0.0/16", "Loopback"),
+            ("224.0.0.0/4", "Multicast"),
+            ("239.1.0.0/16", "Multicast"),
+            ("ff00::/8", "Multicast"),
+            ("ff02::/64", "Multicast"),
+            ("::1/128", "prefix length"),
+            ("10.0.0.0/31", "prefix length"),
+            ("0.0.0.0/8", "First IP '0.0.0.0'"),
+            ("0.0.0.0/0", "First IP '0.0.0.0'"),
+            ("::/0", "IPv6 subnet '::'"),
+        ] {
+            let msg = check(c, true).expect_err(c);
+            assert!(msg.starts_with("Invalid input for operation: "), "{c}: {msg}");
+            assert!(msg.contains(why), "{c}: {msg}");
+        }
+        assert!(check("0.0.0.0/0", false)
+            .unwrap_err()
+            .contains("0 is not allowed as CIDR prefix length"));
+        for ok in ["127.0.0.0/8", "224.0.0.0/4", "10.0.0.0/31"] {
+            assert!(check(ok, false).is_ok(), "{ok} without DHCP");
+        }
+        for ok in ["10.0.0.0/24", "2001:db8::/64", "126.0.0.0/8", "fe80::/64"] {
+            assert!(check(ok, true).is_ok(), "{ok}");
+        }
     }
 
     #[test]

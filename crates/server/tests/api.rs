@@ -1087,11 +1087,20 @@ async fn pagination(b: Backend) {
         .await;
     let ids: Vec<String> = body["ports"].as_array().expect("ports").iter().map(id_of).collect();
     assert_eq!(ids, all[2..5]);
+    // A full page links on, as Neutron's do, even when nothing follows: to an empty page.
+    let next = body["ports_links"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["rel"] == "next"))
+        .and_then(|l| l["href"].as_str())
+        .unwrap_or_else(|| panic!("no next link on a full page: {body}"))
+        .to_string();
+    let (_, body) = send(&s.http, Method::GET, &next, Some(&m.token), None).await;
+    assert_eq!(body["ports"].as_array().map(Vec::len), Some(0), "{body}");
     assert!(
         body["ports_links"]
             .as_array()
             .is_none_or(|l| l.iter().all(|l| l["rel"] != "next")),
-        "no next link on the last page: {body}"
+        "no next link after the last page: {body}"
     );
     let (st, body) = m.api.get("/v2.0/ports?limit=-1").await;
     assert_neutron_error(st, &body, StatusCode::BAD_REQUEST, None);

@@ -439,6 +439,29 @@ fn parse_record(buf: &[u8], off: usize) -> std::result::Result<(LogRecord, usize
     Ok((rec, start + len))
 }
 
+/// The revision a damaged record at `off` claims, if its payload gets that far (unverified).
+fn claimed_revision(buf: &[u8], off: usize) -> Option<Revision> {
+    let start = off.checked_add(RECORD_HEADER + 1)?;
+    let b = buf.get(start..start.checked_add(8)?)?;
+    let r = i64::from_le_bytes(b.try_into().ok()?);
+    (r >= 1).then_some(r)
+}
+
+/// How many bytes the damaged record at `off` spans: as far as its header's length says when
+/// that is plausible, else up to the zero-filled (never written) space after it.
+fn damaged_record_len(buf: &[u8], off: usize) -> usize {
+    let rest = buf.len() - off;
+    let header_len = buf
+        .get(off..off + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(|b| u32::from_le_bytes(b) as usize)
+        .filter(|l| (MIN_PAYLOAD..=MAX_RECORD_BYTES).contains(l));
+    match header_len {
+        Some(l) => (RECORD_HEADER + l).min(rest),
+        None => buf.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1 - off),
+    }
+}
+
 /// After a bad record at `off` whose group commit started at or before `torn_group`, is there
 /// a valid record from a *later* group commit? Such a record was written after the damaged
 /// one had been synced and acknowledged, so the damage is not an unacknowledged torn tail.
@@ -602,12 +625,38 @@ fn replay_log(buf: &[u8], state: &mut State) -> Result<usize> {
                          {pos}"
                     )));
                 }
-                warn!(
-                    offset = off,
-                    dropped_bytes = buf.len() - off,
-                    reason = why,
-                    "truncating torn tail of the store log (an unacknowledged write)"
-                );
+                // A write cut short by a crash was never acknowledged, but a record damaged
+                // after its sync was: the log cannot tell which, so say what is known. The
+                // record is the one after the last good one.
+                let dropped = damaged_record_len(buf, off);
+                let revision = torn_group;
+                let claimed = claimed_revision(buf, off)
+                    .filter(|r| *r != revision)
+                    .map(|r| format!("; its damaged header says {r}"))
+                    .unwrap_or_default();
+                if revision <= state.revision {
+                    warn!(
+                        offset = off,
+                        revision,
+                        dropped_bytes = dropped,
+                        reason = why,
+                        "dropping the damaged end of the store log: record at offset {off} \
+                         (revision {revision}{claimed}, already in the snapshot), {dropped} bytes \
+                         dropped; nothing is lost"
+                    );
+                } else {
+                    warn!(
+                        offset = off,
+                        revision,
+                        dropped_bytes = dropped,
+                        reason = why,
+                        "dropping the damaged last record of the store log: record at offset \
+                         {off} (revision {revision}{claimed}), {dropped} bytes dropped; the store \
+                         opens at revision {}. If that write had been acknowledged before the \
+                         damage, it is lost",
+                        revision - 1
+                    );
+                }
                 return Ok(off);
             }
         };
@@ -670,6 +719,16 @@ impl EmbeddedStore {
 
         let wal_path = dir.join(WAL_FILE);
         let created = !wal_path.exists();
+        if created && snap_path.exists() {
+            // The log is only ever replaced by rename, never removed: a snapshot without one
+            // means the writes after the snapshot were lost outside the store.
+            return Err(StoreError::Corrupt(format!(
+                "{} has a snapshot (revision {snapshot_rev}) but no log ({WAL_FILE}): the writes \
+                 after the snapshot are missing; refusing to open it. Restore the log, or move \
+                 the snapshot away to start empty",
+                dir.display()
+            )));
+        }
         let mut wal = OpenOptions::new()
             .create(true)
             .truncate(false)

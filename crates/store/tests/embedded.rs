@@ -162,7 +162,7 @@ async fn torn_tail_is_truncated() {
         assert!(now == clean, "{what}: tail not cut off");
     }
 
-    // A last record with a bad checksum: it was never acknowledged, drop it.
+    // A last record with a bad checksum: dropped (it may or may not have been acknowledged).
     let last = *record_offsets(&clean).last().expect("records");
     let mut bad = clean.clone();
     let n = bad.len();
@@ -178,6 +178,103 @@ async fn torn_tail_is_truncated() {
     let store = EmbeddedStore::open(dir.path()).expect("reopen after new write");
     assert_eq!(store.revision().await.expect("rev"), 10);
     assert!(store.get("k/new").await.expect("get").is_some());
+}
+
+/// What `f` logs at warning level and above, as an operator would read it.
+fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let out = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || out.clone())
+        .finish();
+    let v = tracing::subscriber::with_default(sub, f);
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    (v, text)
+}
+
+#[tokio::test]
+async fn damaged_last_record_is_reported_as_possibly_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal_path = dir.path().join(WAL_FILE);
+    {
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        put_n(&store, "k/", 10).await;
+    }
+    let clean = std::fs::read(&wal_path).expect("read");
+    let last = *record_offsets(&clean).last().expect("records");
+    let record_len = clean.len() - last;
+    // A bit flip in the value of the last record, which had been synced and acknowledged.
+    let mut bad = clean.clone();
+    let n = bad.len();
+    bad[n - 1] ^= 0x01;
+    std::fs::write(&wal_path, &bad).expect("write");
+    let (store, log) = logged(|| EmbeddedStore::open(dir.path()));
+    let store = store.expect("open with a damaged last record");
+    assert_eq!(store.revision().await.expect("rev"), 9);
+    assert!(
+        !log.contains("unacknowledged"),
+        "claims the write was unacknowledged: {log}"
+    );
+    for want in [
+        format!("record at offset {last}"),
+        "revision 10".to_string(),
+        format!("{record_len} bytes dropped"),
+        "acknowledged".to_string(),
+        "lost".to_string(),
+    ] {
+        assert!(log.contains(&want), "warning lacks {want:?}: {log}");
+    }
+    drop(store);
+
+    // A torn write at the end (a crash mid-append): the same facts, the bytes that were there.
+    let mut torn = clean[..last].to_vec();
+    torn.extend_from_slice(&clean[last..last + 20]);
+    std::fs::write(&wal_path, &torn).expect("write");
+    let (store, log) = logged(|| EmbeddedStore::open(dir.path()));
+    store.expect("open with a torn tail");
+    assert!(log.contains(&format!("record at offset {last}")), "{log}");
+    assert!(log.contains("revision 10"), "{log}");
+    assert!(log.contains("20 bytes dropped"), "{log}");
+}
+
+#[tokio::test]
+async fn snapshot_without_log_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let opts = EmbeddedOptions {
+            snapshot_after_bytes: 1,
+            ..Default::default()
+        };
+        let store = EmbeddedStore::open_with(dir.path(), opts).expect("open");
+        put_n(&store, "k/", 5).await;
+    }
+    assert!(dir.path().join(SNAPSHOT_FILE).exists(), "no snapshot written");
+    std::fs::remove_file(dir.path().join(WAL_FILE)).expect("remove log");
+    match EmbeddedStore::open(dir.path()) {
+        Err(StoreError::Corrupt(msg)) => {
+            assert!(msg.contains("snapshot") && msg.contains("no log"), "{msg}");
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("a data dir with a snapshot but no log was opened"),
+    }
+    assert!(!dir.path().join(WAL_FILE).exists(), "refusing must not create a log");
+    assert!(
+        dir.path().join(SNAPSHOT_FILE).exists(),
+        "refusing must keep the snapshot"
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,8 @@
 //! - `assignments/<project>/<user>/<role>` and `user_assignments/<user>/<project>/<role>`: role
 //!   assignments, indexed both ways (written and deleted together).
 //! - `revoked/<audit_id>`: revoked tokens, until they would have expired anyway.
+//! - `revoke_events/{users/<user>,projects/<project>,grants/<project>/<user>}`: Keystone-style
+//!   revocation events (disable, role removal) with their time, kept for one token lifetime.
 //! - `signing_key`: the token signing secret, created once.
 
 use serde::{Deserialize, Serialize};
@@ -79,6 +81,21 @@ pub fn revoked(audit_id: &str) -> String {
 }
 pub fn revocations() -> String {
     format!("{PREFIX}revoked/")
+}
+/// Revocation event for every token of a user issued until then (user disabled).
+pub fn user_revoke_event(user_id: &str) -> String {
+    format!("{PREFIX}revoke_events/users/{user_id}")
+}
+/// Revocation event for every token scoped to a project (project disabled).
+pub fn project_revoke_event(project_id: &str) -> String {
+    format!("{PREFIX}revoke_events/projects/{project_id}")
+}
+/// Revocation event for a user's tokens on one project (a role removed there).
+pub fn grant_revoke_event(project_id: &str, user_id: &str) -> String {
+    format!("{PREFIX}revoke_events/grants/{project_id}/{user_id}")
+}
+pub fn revoke_events() -> String {
+    format!("{PREFIX}revoke_events/")
 }
 
 /// Splits an assignment key (either index) into its three trailing components.
@@ -188,6 +205,14 @@ pub struct AssignmentRecord {
 pub struct Revocation {
     /// When the revoked token expires (µs); the entry can go after that.
     pub expires_at: i64,
+}
+
+/// Value of a revocation event key: tokens matching it issued at or before `issued_before`
+/// (µs) are invalid for good, whatever happens to the user, project or role afterwards. One
+/// key per subject; a later event moves the time forward.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeEvent {
+    pub issued_before: i64,
 }
 
 /// Value of the signing-key key. The secret is base64 (standard) encoded.

@@ -2,7 +2,7 @@
 //! assignments and token revocations. Every write is one store transaction guarded by compares
 //! (`Absent` for new names, `ModRevision` for read-modify-write), retried on contention.
 
-use super::model::{self, AssignmentRecord, Project, Revocation, Role, SigningKeyRecord, User};
+use super::model::{self, AssignmentRecord, Project, Revocation, RevokeEvent, Role, SigningKeyRecord, User};
 use super::password::MAX_PASSWORD_LEN;
 use super::token::{Payload, SigningKey};
 use super::{Identity, IdentityError};
@@ -274,11 +274,13 @@ impl Identity {
     }
 
     /// Read-modify-write of one record, guarded by its mod revision; `apply` may rename it.
+    /// `events`: revocation events to record in the same transaction (see [`Self::event_op`]).
     async fn update_record<T, F>(
         &self,
         key: &str,
         kind: &'static str,
         id: &str,
+        events: &[String],
         mut apply: F,
     ) -> Result<T, IdentityError>
     where
@@ -295,6 +297,9 @@ impl Identity {
             let rename = apply(&mut rec)?;
             let mut compares = vec![Compare::ModRevision(key.to_string(), rev)];
             let mut ops = vec![Op::put(key, to_json(&rec)?)];
+            for e in events {
+                ops.push(self.event_op(e)?);
+            }
             if let Some(r) = &rename {
                 compares.push(Compare::Absent(r.new_key.clone()));
                 ops.push(Op::delete(&r.old_key));
@@ -414,7 +419,14 @@ impl Identity {
         if let Some(d) = &patch.description {
             check_description(d)?;
         }
-        self.update_record::<Project, _>(&model::project(id), "project", id, |p| {
+        // Disabling a project ends its tokens for good, as Keystone's revocation event does:
+        // enabling it again must not bring them back.
+        let events = match patch.enabled {
+            Some(false) => vec![model::project_revoke_event(id)],
+            _ => vec![],
+        };
+        let p = self
+            .update_record::<Project, _>(&model::project(id), "project", id, &events, |p| {
             let mut rename = None;
             if let Some(n) = &patch.name {
                 if *n != p.name {
@@ -443,7 +455,12 @@ impl Identity {
             }
             Ok(rename)
         })
-        .await
+            .await?;
+        if !events.is_empty() {
+            tracing::info!(project_id = %p.id, "project disabled; its tokens revoked");
+            self.prune_revocations_logged().await;
+        }
+        Ok(p)
     }
 
     pub async fn delete_project(&self, id: &str) -> Result<(), IdentityError> {
@@ -531,8 +548,13 @@ impl Identity {
             }
             None => None,
         };
+        // Disabling a user ends their tokens for good (Keystone's revocation event).
+        let events = match patch.enabled {
+            Some(false) => vec![model::user_revoke_event(id)],
+            _ => vec![],
+        };
         let u = self
-            .update_record::<User, _>(&model::user(id), "user", id, |u| {
+            .update_record::<User, _>(&model::user(id), "user", id, &events, |u| {
                 let mut rename = None;
                 if let Some(n) = &patch.name {
                     if *n != u.name {
@@ -569,6 +591,10 @@ impl Identity {
             .await?;
         if new_hash.is_some() {
             tracing::info!(user_id = %u.id, "user password changed; earlier tokens revoked");
+        }
+        if !events.is_empty() {
+            tracing::info!(user_id = %u.id, "user disabled; their tokens revoked");
+            self.prune_revocations_logged().await;
         }
         Ok(u)
     }
@@ -658,7 +684,7 @@ impl Identity {
         if let Some(n) = &patch.name {
             check_name("role", n)?;
         }
-        self.update_record::<Role, _>(&model::role(id), "role", id, |r| {
+        self.update_record::<Role, _>(&model::role(id), "role", id, &[], |r| {
             let mut rename = None;
             if let Some(n) = &patch.name {
                 if *n != r.name {
@@ -686,9 +712,25 @@ impl Identity {
             .delete_record(&model::role(id), "role", id, |r: &Role| {
                 let mut ops = vec![Op::delete(model::role_name(&r.name))];
                 ops.extend(self.assignment_delete_ops(|_, _, ar| ar == rid));
+                // Each (project, user) losing the role: their tokens there end, as for an
+                // unassignment, so a new role given later does not revive them.
+                let mut pairs: Vec<(String, String)> = self
+                    .assignments()
+                    .into_iter()
+                    .filter(|(_, _, ar)| *ar == rid)
+                    .map(|(p, u, _)| (p, u))
+                    .collect();
+                pairs.dedup();
+                for (p, u) in pairs {
+                    match self.event_op(&model::grant_revoke_event(&p, &u)) {
+                        Ok(op) => ops.push(op),
+                        Err(e) => tracing::error!(error = %e, "could not encode a revocation event"),
+                    }
+                }
                 ops
             })
             .await?;
+        self.prune_revocations_logged().await;
         tracing::info!(role_id = %r.id, name = %r.name, "role deleted");
         Ok(())
     }
@@ -740,15 +782,24 @@ impl Identity {
                 &format!("{project_id}/{user_id}/{role_id}"),
             ));
         }
+        // Keystone records a revocation event with the unassignment: the user's tokens on the
+        // project end for good, and assigning a role again does not revive them.
         self.commit(
             vec![],
             vec![
                 Op::delete(model::assignment(project_id, user_id, role_id)),
                 Op::delete(model::user_assignment(user_id, project_id, role_id)),
+                self.event_op(&model::grant_revoke_event(project_id, user_id))?,
             ],
         )
         .await?;
-        tracing::info!(project_id, user_id, role_id, "role revoked");
+        tracing::info!(
+            project_id,
+            user_id,
+            role_id,
+            "role revoked; the user's tokens on the project revoked"
+        );
+        self.prune_revocations_logged().await;
         Ok(())
     }
 
@@ -765,24 +816,54 @@ impl Identity {
         self.prune_revocations().await
     }
 
-    /// Drops revocations of tokens that have expired by now.
+    /// The put of a revocation event at `key`, dated now (or later, if an event there already
+    /// is: its time only moves forward, so an event never un-revokes a token).
+    fn event_op(&self, key: &str) -> Result<Op, IdentityError> {
+        let earlier = self
+            .cache
+            .get_json::<RevokeEvent>(key)
+            .map(|(e, _)| e.issued_before)
+            .unwrap_or(0);
+        let ev = RevokeEvent {
+            issued_before: model::now_micros().max(earlier),
+        };
+        Ok(Op::put(key, to_json(&ev)?))
+    }
+
+    async fn prune_revocations_logged(&self) {
+        if let Err(e) = self.prune_revocations().await {
+            tracing::warn!(error = %e, "pruning old token revocations failed");
+        }
+    }
+
+    /// Drops revocations of tokens that have expired by now, and revocation events older than
+    /// the longest token lifetime (every token they could match has expired).
     async fn prune_revocations(&self) -> Result<(), IdentityError> {
         let now = model::now_micros();
-        let ops: Vec<Op> = self
-            .cache
-            .list(&model::revocations())
-            .iter()
-            .filter(|kv| {
-                serde_json::from_slice::<Revocation>(&kv.value)
-                    .map(|r| r.expires_at < now)
-                    .unwrap_or(true)
-            })
-            .take(256)
-            .map(|kv| Op::delete(&kv.key))
-            .collect();
-        if !ops.is_empty() {
-            self.commit(vec![], ops).await?;
+        let lifetime = i64::try_from(self.config.token_ttl_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1_000_000);
+        let expired_tokens = self.cache.list(&model::revocations()).into_iter().filter(|kv| {
+            serde_json::from_slice::<Revocation>(&kv.value)
+                .map(|r| r.expires_at < now)
+                .unwrap_or(true)
+        });
+        let old_events = self.cache.list(&model::revoke_events()).into_iter().filter(|kv| {
+            serde_json::from_slice::<RevokeEvent>(&kv.value)
+                .map(|e| e.issued_before.saturating_add(lifetime) < now)
+                .unwrap_or(true)
+        });
+        let old: Vec<_> = expired_tokens.chain(old_events).take(256).collect();
+        if old.is_empty() {
+            return Ok(());
         }
+        // Only if unchanged since read: a fresh event written there meanwhile must stay.
+        let compares = old
+            .iter()
+            .map(|kv| Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+            .collect();
+        let ops = old.iter().map(|kv| Op::delete(&kv.key)).collect();
+        self.commit(compares, ops).await?;
         Ok(())
     }
 }

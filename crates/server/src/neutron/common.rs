@@ -84,28 +84,53 @@ impl Ctx<'_> {
                 .is_some_and(|(n, _)| self.owns(&n.project_id))
     }
 
-    /// The project a new resource belongs to: the caller's, or (admins only) the one named.
+    /// The project a new resource belongs to: the caller's, or (admins only) the one named,
+    /// which must exist. As in Neutron, `null` is a value (not "absent") and is refused.
     pub fn target_project(&self, body: &mut Body) -> NResult<String> {
-        let p = body.string("project_id")?;
-        let t = body.string("tenant_id")?;
+        let p = body.take_raw("project_id");
+        let t = body.take_raw("tenant_id");
         if let (Some(p), Some(t)) = (&p, &t) {
             if p != t {
                 return Err(NeutronError::bad_request("'project_id' and 'tenant_id' do not match"));
             }
         }
-        match p.or(t) {
-            None => Ok(self.auth.project_id.clone()),
-            Some(p) if p == self.auth.project_id => Ok(p),
-            Some(p) if self.admin() => {
-                if p.is_empty() {
-                    return Err(NeutronError::invalid_attr("project_id", "'' is not a valid project id"));
-                }
-                Ok(p)
+        let given = match p.or(t) {
+            None => return Ok(self.auth.project_id.clone()),
+            Some(Value::String(s)) => s,
+            Some(other) => {
+                let shown = match &other {
+                    Value::Null => "None".to_string(),
+                    v => v.to_string(),
+                };
+                // Neutron validates tenant_id first, whichever of the two was sent.
+                return Err(NeutronError::invalid_attr(
+                    "tenant_id",
+                    format!("'{shown}' is not a valid string"),
+                ));
             }
-            Some(_) => Err(NeutronError::forbidden(
-                "Specifying 'project_id' or 'tenant_id' other than the authenticated project in request requires admin privileges",
-            )),
+        };
+        if given.chars().count() > 255 {
+            return Err(NeutronError::invalid_attr(
+                "tenant_id",
+                format!("'{given}' exceeds maximum length of 255"),
+            ));
         }
+        if given == self.auth.project_id {
+            return Ok(given);
+        }
+        if !self.admin() {
+            return Err(NeutronError::bad_request(
+                "Specifying 'project_id' other than the authenticated project in request is not allowed for the current user.",
+            ));
+        }
+        // Resources of a project identity does not know would belong to nobody.
+        if !self.state.identity.project_exists(&given) {
+            return Err(NeutronError::invalid_attr(
+                "project_id",
+                format!("project '{given}' does not exist"),
+            ));
+        }
+        Ok(given)
     }
 
     /// Commits a transaction and waits until this server's cache shows it.
@@ -226,7 +251,12 @@ pub async fn visible_views(ctx: &Ctx<'_>, kind: Kind) -> NResult<Vec<Value>> {
                 .filter(|(s, _)| {
                     ctx.admin() || ctx.owns(&s.project_id) || shared.get(&s.network_id).copied().unwrap_or(false)
                 })
-                .map(|(s, _)| s.to_api())
+                .map(|(s, _)| {
+                    let mut v = s.to_api();
+                    // Filter-only (hidden by the query): the network's shared flag.
+                    v["shared"] = Value::Bool(shared.get(&s.network_id).copied().unwrap_or(false));
+                    v
+                })
                 .collect()
         }
         Kind::Port => {
@@ -314,12 +344,23 @@ pub async fn create(ctx: &Ctx<'_>, kind: Kind, body: Value) -> NResult<Value> {
     ctx.require_member(&format!("create_{}", kind.singular()))?;
     let plural = kind.plural();
     if let Some(Value::Array(items)) = body.get(plural) {
+        // Neutron registers the L3 resources without bulk support.
+        if kind == Kind::Router {
+            return Err(NeutronError::bad_request("Bulk operation not supported"));
+        }
+        if items.is_empty() {
+            return Err(NeutronError::bad_request("Resources required"));
+        }
         // Bulk: each item is created in turn; on a failure the ones already made are removed,
         // so the request is all-or-nothing as Neutron's native bulk is.
         let mut made: Vec<String> = vec![];
         let mut out = vec![];
         for item in items.clone() {
-            let wrapped = serde_json::json!({ kind.singular(): item });
+            // Items may come bare or wrapped in their singular name, as Neutron takes them.
+            let wrapped = match item {
+                Value::Object(m) if m.contains_key(kind.singular()) => Value::Object(m),
+                other => serde_json::json!({ kind.singular(): other }),
+            };
             match create_one(ctx, kind, wrapped).await {
                 Ok(v) => {
                     if let Some(id) = v.get("id").and_then(|i| i.as_str()) {

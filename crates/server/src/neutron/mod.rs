@@ -53,6 +53,11 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Expose port bindings of a virtual port to external application",
     ),
     (
+        "filter-validation",
+        "Filter parameters validation",
+        "Provides validation on filter parameters.",
+    ),
+    (
         "ip-substring-filtering",
         "IP address substring filtering",
         "Provides IP address substring filtering when listing ports",

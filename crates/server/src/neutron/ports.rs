@@ -254,9 +254,14 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
                     let s = i.as_str().ok_or_else(|| {
                         NeutronError::invalid_attr("security_groups", format!("'{i}' is not a valid UUID"))
                     })?;
-                    if seen.insert(s.to_string()) {
-                        ids.push(s.to_string());
+                    // Neutron's uuid_list validator refuses duplicates.
+                    if !seen.insert(s.to_string()) {
+                        return Err(NeutronError::invalid_attr(
+                            "security_groups",
+                            format!("Duplicate items in the list: '{s}'"),
+                        ));
                     }
+                    ids.push(s.to_string());
                 }
                 ids
             }

@@ -139,11 +139,32 @@ impl Query {
         Ok(q)
     }
 
+    /// Neutron's filter validation (on by default): a filter on an attribute the resource
+    /// does not have is a 400.
+    fn check_filters(&self, plural: &str) -> Result<(), NeutronError> {
+        let Some(known) = filter_attributes(plural) else {
+            return Ok(());
+        };
+        let invalid: Vec<String> = self
+            .filters
+            .iter()
+            .filter(|(k, _)| !STANDARD_FILTERS.contains(&k.as_str()) && !known.contains(&k.as_str()))
+            .map(|(k, _)| format!("'{k}'"))
+            .collect();
+        if invalid.is_empty() {
+            return Ok(());
+        }
+        Err(NeutronError::bad_request(format!(
+            "[{}] is invalid attribute for filtering",
+            invalid.join(", ")
+        )))
+    }
+
     fn matches(&self, item: &Value) -> bool {
         let Some(obj) = item.as_object() else { return false };
         for (key, wanted) in &self.filters {
-            // Filters on attributes the resource does not have are ignored, as Neutron does
-            // without the filter-validation extension.
+            // A valid filter on an attribute this caller's view lacks (admin-only ones) is
+            // ignored.
             let Some(actual) = obj.get(key) else { continue };
             if !wanted.iter().any(|w| value_matches(actual, w)) {
                 return false;
@@ -217,7 +238,20 @@ impl Query {
 
     /// Filters, sorts, pages and trims `items`; returns the collection body.
     pub fn apply(&self, items: Vec<Value>, plural: &str, url: &str) -> Result<Value, NeutronError> {
-        let mut items: Vec<Value> = items.into_iter().filter(|i| self.matches(i)).collect();
+        self.check_filters(plural)?;
+        let hidden = hidden_attributes(plural);
+        let mut items: Vec<Value> = items
+            .into_iter()
+            .filter(|i| self.matches(i))
+            .map(|mut i| {
+                if let Some(m) = i.as_object_mut() {
+                    for h in hidden {
+                        m.remove(*h);
+                    }
+                }
+                i
+            })
+            .collect();
         for (k, _) in &self.sort {
             if let Some(first) = items.first() {
                 if first.get(k).is_none() {
@@ -259,25 +293,9 @@ impl Query {
                 let start = self.limit.map(|l| end.saturating_sub(l)).unwrap_or(0);
                 (start, end)
             };
-            let has_more_after = end < items.len();
-            let has_more_before = start > 0;
             let page: Vec<Value> = items[start..end].to_vec();
-            let base = self.link_base(url);
-            let id_of = |v: Option<&Value>| v.and_then(|i| i.get("id")).and_then(|i| i.as_str()).map(str::to_string);
-            let (next_ok, prev_ok) = if self.page_reverse {
-                (self.marker.is_some(), has_more_before)
-            } else {
-                (has_more_after, self.marker.is_some())
-            };
-            if next_ok && self.limit.is_some() {
-                if let Some(id) = id_of(page.last()) {
-                    links.push(json!({"rel": "next", "href": format!("{base}&marker={id}")}));
-                }
-            }
-            if prev_ok {
-                if let Some(id) = id_of(page.first()) {
-                    links.push(json!({"rel": "previous", "href": format!("{base}&marker={id}&page_reverse=True")}));
-                }
+            if let Some(limit) = self.limit {
+                links = self.page_links(&page, limit, url);
             }
             items = page;
         }
@@ -290,6 +308,29 @@ impl Query {
         Ok(Value::Object(out))
     }
 
+    /// Links as Neutron makes them: going forward, `next` whenever the page is full (so the
+    /// last full page has one, leading to an empty page) and `previous` always; going
+    /// backward, `next` always and `previous` whenever the page is full. Clients such as
+    /// tempest walk the pages both ways relying on exactly this.
+    fn page_links(&self, page: &[Value], limit: usize, url: &str) -> Vec<Value> {
+        let base = self.link_base(url);
+        let id_of = |v: Option<&Value>| {
+            v.and_then(|i| i.get("id"))
+                .and_then(|i| i.as_str())
+                .map(|id| format!("&marker={}", percent_encode(id)))
+                .unwrap_or_default()
+        };
+        let full = page.len() >= limit;
+        let mut links = vec![];
+        if full || self.page_reverse {
+            links.push(json!({"rel": "next", "href": format!("{base}{}", id_of(page.last()))}));
+        }
+        if full || !self.page_reverse {
+            links.push(json!({"rel": "previous", "href": format!("{base}{}&page_reverse=True", id_of(page.first()))}));
+        }
+        links
+    }
+
     /// The request's own query (re-encoded), without marker and direction.
     fn link_base(&self, url: &str) -> String {
         let parts: Vec<String> = self
@@ -298,6 +339,113 @@ impl Query {
             .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
             .collect();
         format!("{url}?{}", parts.join("&"))
+    }
+}
+
+/// Filters that apply to every resource: the standard attributes and the owner.
+const STANDARD_FILTERS: &[&str] = &[
+    "id",
+    "project_id",
+    "tenant_id",
+    "description",
+    "created_at",
+    "updated_at",
+    "revision_number",
+];
+
+/// The attributes each collection can be filtered on (Neutron's `is_filter` ones we render),
+/// or `None` for collections without filter validation.
+fn filter_attributes(plural: &str) -> Option<&'static [&'static str]> {
+    Some(match plural {
+        "networks" => &[
+            "name",
+            "admin_state_up",
+            "shared",
+            "router:external",
+            "mtu",
+            "status",
+            "subnets",
+            "port_security_enabled",
+            "availability_zone_hints",
+            "availability_zones",
+            "ipv4_address_scope",
+            "ipv6_address_scope",
+            "is_default",
+            "provider:network_type",
+            "provider:segmentation_id",
+            "provider:physical_network",
+        ],
+        "subnets" => &[
+            "name",
+            "network_id",
+            "ip_version",
+            "cidr",
+            "gateway_ip",
+            "allocation_pools",
+            "host_routes",
+            "dns_nameservers",
+            "enable_dhcp",
+            "ipv6_ra_mode",
+            "ipv6_address_mode",
+            "subnetpool_id",
+            "service_types",
+            "segment_id",
+            "shared",
+        ],
+        "ports" => &[
+            "name",
+            "network_id",
+            "admin_state_up",
+            "mac_address",
+            "device_id",
+            "device_owner",
+            "status",
+            "allowed_address_pairs",
+            "port_security_enabled",
+            "security_groups",
+            "extra_dhcp_opts",
+            "binding:vnic_type",
+            "binding:host_id",
+            "binding:vif_type",
+            "binding:vif_details",
+            "binding:profile",
+        ],
+        "routers" => &[
+            "name",
+            "admin_state_up",
+            "status",
+            "external_gateway_info",
+            "routes",
+            "availability_zone_hints",
+            "availability_zones",
+            "distributed",
+            "ha",
+            "flavor_id",
+        ],
+        "security_groups" => &["name", "stateful", "security_group_rules"],
+        "security_group_rules" => &[
+            "security_group_id",
+            "direction",
+            "ethertype",
+            "protocol",
+            "port_range_min",
+            "port_range_max",
+            "remote_ip_prefix",
+            "remote_group_id",
+            "remote_address_group_id",
+            "normalized_cidr",
+            "belongs_to_default_sg",
+        ],
+        _ => return None,
+    })
+}
+
+/// Attributes rendered for filtering only: Neutron filters on them but does not show them
+/// (a subnet's `shared` is its network's).
+fn hidden_attributes(plural: &str) -> &'static [&'static str] {
+    match plural {
+        "subnets" => &["shared"],
+        _ => &[],
     }
 }
 

@@ -18,6 +18,7 @@ const PROTOCOLS: &[(&str, u8)] = &[
     ("hopopt", 0),
     ("icmp", 1),
     ("igmp", 2),
+    ("ip", 0),
     ("ipip", 4),
     ("ipv6-encap", 41),
     ("ipv6-frag", 44),
@@ -36,6 +37,22 @@ const PROTOCOLS: &[(&str, u8)] = &[
     ("vrrp", 112),
 ];
 const PORT_PROTOCOLS: &[u8] = &[6, 17, 33, 132, 136];
+/// Protocols that only exist over IPv6 (names and numbers), refused on IPv4 rules.
+const IPV6_ONLY: &[&str] = &[
+    "ipv6-encap",
+    "ipv6-frag",
+    "ipv6-icmp",
+    "icmpv6",
+    "ipv6-nonxt",
+    "ipv6-opts",
+    "ipv6-route",
+    "41",
+    "44",
+    "58",
+    "59",
+    "60",
+    "43",
+];
 const ICMP_PROTOCOLS: &[u8] = &[1, 58];
 
 fn group_key(id: &str) -> String {
@@ -282,6 +299,48 @@ fn parse_protocol(v: Value) -> NResult<Option<(String, u8)>> {
     }
 }
 
+/// Neutron's canonical form on IPv6 rules: the legacy ICMP spellings become `ipv6-icmp`, and
+/// protocol 1 becomes 58.
+fn canonical_protocol(p: Option<(String, u8)>, ethertype: &str) -> Option<(String, u8)> {
+    match p {
+        Some((name, _)) if ethertype == "IPv6" && (name == "icmp" || name == "icmpv6") => {
+            Some(("ipv6-icmp".into(), 58))
+        }
+        Some((name, 1)) if ethertype == "IPv6" && name == "1" => Some(("58".into(), 58)),
+        other => other,
+    }
+}
+
+/// The protocol number a stored protocol stands for (names and numbers alike).
+fn protocol_number(p: &str) -> Option<u8> {
+    PROTOCOLS
+        .iter()
+        .find(|(n, _)| *n == p)
+        .map(|(_, num)| *num)
+        .or_else(|| p.parse().ok())
+}
+
+/// What makes two rules the same for Neutron's duplicate check: the protocol by number, and
+/// "anywhere" however it is spelled (no prefix, 0.0.0.0/0, ::/0).
+fn same_rule_key(r: &SecurityGroupRule) -> impl PartialEq {
+    let anywhere = |p: &Option<String>| match p.as_deref() {
+        None | Some("0.0.0.0/0") | Some("::/0") => None,
+        Some(other) => Some(other.to_string()),
+    };
+    (
+        r.security_group_id.clone(),
+        r.direction.clone(),
+        r.ethertype.clone(),
+        r.protocol
+            .as_deref()
+            .map(|p| protocol_number(p).map(u16::from).unwrap_or(u16::MAX)),
+        r.port_range_min,
+        r.port_range_max,
+        anywhere(&r.remote_ip_prefix),
+        r.remote_group_id.clone(),
+    )
+}
+
 fn port_value(body: &mut Body, key: &str) -> NResult<Option<i64>> {
     match body.take_raw(key) {
         None | Some(Value::Null) => Ok(None),
@@ -392,9 +451,16 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             ))
         }
     };
-    let protocol = parse_protocol(body.take_raw("protocol").unwrap_or(Value::Null))?;
-    let min = port_value(&mut body, "port_range_min")?;
-    let max = port_value(&mut body, "port_range_max")?;
+    let protocol = canonical_protocol(
+        parse_protocol(body.take_raw("protocol").unwrap_or(Value::Null))?,
+        &ethertype,
+    );
+    let mut min = port_value(&mut body, "port_range_min")?;
+    let mut max = port_value(&mut body, "port_range_max")?;
+    // The whole range is no range (Neutron stores it so).
+    if min == Some(1) && max == Some(65535) {
+        (min, max) = (None, None);
+    }
     check_ports(protocol.as_ref().map(|p| p.1), min, max)?;
     let remote_ip = match body.opt_string("remote_ip_prefix")?.flatten() {
         None => None,
@@ -415,6 +481,15 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             Some(net.to_string())
         }
     };
+    if let Some((p, _)) = &protocol {
+        if ethertype == "IPv4" && IPV6_ONLY.contains(&p.as_str()) {
+            return Err(NeutronError::new(
+                400,
+                "SecurityGroupEthertypeConflictWithProtocol",
+                format!("Invalid ethertype {ethertype} for protocol {p}."),
+            ));
+        }
+    }
     let remote_group = body.opt_string("remote_group_id")?.flatten();
     if remote_ip.is_some() && remote_group.is_some() {
         return Err(NeutronError::new(
@@ -457,7 +532,7 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         if let Some((dup, _)) = ctx
             .all::<SecurityGroupRule>(Kind::SecurityGroupRule)
             .into_iter()
-            .find(|(r, _)| r.identity() == rule.identity())
+            .find(|(r, _)| same_rule_key(r) == same_rule_key(&rule))
         {
             return Err(NeutronError::conflict(
                 "SecurityGroupRuleExists",

@@ -235,6 +235,7 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     ipv6_modes(v6, &ra, &addr_mode, &net)?;
     let tags = tags_from(ctx, &mut body)?.unwrap_or_default();
     body.finish()?;
+    ipam::check_subnet_cidr(&net, enable_dhcp, true)?;
 
     let (n, _) = ctx.visible_network(&network_id)?;
     if !ctx.admin() && !ctx.owns(&n.project_id) && !ctx.owns(&project_id) {
@@ -383,6 +384,10 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
             s.host_routes = v.clone();
         }
         if let Some(v) = enable_dhcp {
+            // Turning DHCP on brings its constraints on the CIDR, as in Neutron.
+            if v && !s.enable_dhcp {
+                ipam::check_subnet_cidr(&net, true, false)?;
+            }
             s.enable_dhcp = v;
         }
         if let Some(v) = &tags {
