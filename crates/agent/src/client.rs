@@ -1,6 +1,8 @@
 //! The agent's side of the node API: identity (password, project scope; re-authenticates when
 //! the token is refused), heartbeats, port binding and status reports, the node stream.
 
+use isthmus_wire::node::{Heartbeat, HeartbeatBody, PortBody, PortCreate, PortReport};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::net::IpAddr;
 use std::time::Duration;
@@ -166,7 +168,7 @@ impl Client {
         &self,
         method: reqwest::Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&(impl Serialize + ?Sized)>,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, ApiError> {
         let mut stale: Option<String> = None;
@@ -195,7 +197,12 @@ impl Client {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: &Value) -> Result<Value, ApiError> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<Value, ApiError> {
         let resp = self.send(method, path, Some(body), Some(CALL_TIMEOUT)).await?;
         let status = resp.status().as_u16();
         let text = resp.text().await.map_err(unreachable)?;
@@ -212,15 +219,21 @@ impl Client {
         capabilities: &[String],
         restarted: bool,
     ) -> Result<(), ApiError> {
-        let body = json!({"node": {"underlay_ip": underlay_ip.to_string(), "capabilities": capabilities, "restarted": restarted}});
+        let body = HeartbeatBody {
+            node: Heartbeat {
+                underlay_ip: underlay_ip.to_string(),
+                capabilities: capabilities.to_vec(),
+                restarted,
+            },
+        };
         self.call(reqwest::Method::PUT, &format!("/isthmus/v1/nodes/{}", self.node), &body)
             .await
             .map(|_| ())
     }
 
     /// Binds a port to this node and/or reports its status and binding. Returns the port.
-    pub async fn report_port(&self, port_id: &str, port: Value) -> Result<Value, ApiError> {
-        let body = json!({ "port": port });
+    pub async fn report_port(&self, port_id: &str, port: &PortReport) -> Result<Value, ApiError> {
+        let body = PortBody { port };
         let v = self
             .call(
                 reqwest::Method::PUT,
@@ -231,14 +244,13 @@ impl Client {
         Ok(v["port"].clone())
     }
 
-    /// Creates a port bound to this node. `port` carries `project` and `network` (names or
-    /// ids) and optional Neutron port fields. Returns the port.
-    pub async fn create_port(&self, port: Value) -> Result<Value, ApiError> {
+    /// Creates a port bound to this node in `port.project`'s `port.network`. Returns the port.
+    pub async fn create_port(&self, port: &PortCreate) -> Result<Value, ApiError> {
         let v = self
             .call(
                 reqwest::Method::POST,
                 &format!("/isthmus/v1/nodes/{}/ports", self.node),
-                &json!({ "port": port }),
+                &PortBody { port },
             )
             .await?;
         Ok(v["port"].clone())
@@ -267,7 +279,7 @@ impl Client {
             .send(
                 reqwest::Method::GET,
                 &format!("/isthmus/v1/nodes/{}/watch{q}", self.node),
-                None,
+                None::<&()>,
                 None,
             )
             .await?;

@@ -14,7 +14,11 @@
 use crate::kernel::{Kernel, MacAddr};
 use crate::objects::Objects;
 use crate::runtime::{Agent, AttachRequest, OpError};
-use serde_json::{json, Value};
+use isthmus_wire::node::{PortCreate, PortReport, RequestedIp};
+use isthmus_wire::socket::{AttachReply, CheckReply, DelReply, GcReply, OkReply, Removed};
+use isthmus_wire::stream::CniProfile;
+#[cfg(test)]
+use serde_json::json;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -25,19 +29,7 @@ use tracing::{debug, info, warn};
 pub const CNI_OWNER: &str = "isthmus:cni";
 
 /// CNI error codes the agent gives (the plugin passes them on).
-pub mod code {
-    /// The container or attachment is unknown.
-    pub const UNKNOWN_CONTAINER: u32 = 3;
-    /// CNI_NETNS (or another variable) is not what it must be.
-    pub const INVALID_ENV: u32 = 4;
-    pub const INVALID_CONFIG: u32 = 7;
-    pub const TRY_AGAIN_LATER: u32 = 11;
-    pub const NOT_AVAILABLE: u32 = 50;
-    /// Plugin-specific: the attachment does not look as recorded (CHECK).
-    pub const CHECK_FAILED: u32 = 100;
-    /// Plugin-specific: the interface could not be set up (it exists already, ...).
-    pub const ATTACH_FAILED: u32 = 101;
-}
+pub use isthmus_wire::cni_code as code;
 
 /// An ADD as the plugin forwards it.
 #[derive(Debug, Clone)]
@@ -78,35 +70,23 @@ pub struct CniPort {
 /// This node's CNI ports in the view.
 pub fn cni_ports(objects: &Objects, node: &str) -> Vec<CniPort> {
     objects
-        .by_key
-        .values()
-        .filter(|o| o.kind == "port")
-        .map(|o| &o.value)
-        .filter(|p| p["binding:host_id"] == node && p["device_owner"] == CNI_OWNER)
-        .filter_map(|p| {
-            let s = |v: &Value| v.as_str().unwrap_or("").to_string();
-            Some(CniPort {
-                id: p["id"].as_str()?.to_string(),
-                network_id: s(&p["network_id"]),
-                project_id: s(&p["project_id"]),
-                container_id: s(&p["device_id"]),
-                ifname: s(&p["binding:profile"]["cni"]["ifname"]),
-                netns: s(&p["binding:profile"]["cni"]["netns"]),
-                config: (
-                    s(&p["binding:profile"]["cni"]["project"]),
-                    s(&p["binding:profile"]["cni"]["network"]),
-                ),
-                mac: s(&p["mac_address"]),
-                ips: p["fixed_ips"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|f| f["ip_address"].as_str().map(str::to_string))
-                    .collect(),
-                pool_size: p["binding:profile"]["cni"]["pool_size"]
-                    .as_u64()
-                    .and_then(|n| usize::try_from(n).ok()),
-            })
+        .ports()
+        .filter(|p| p.host_id == node && p.device_owner == CNI_OWNER)
+        .filter(|p| !p.id.is_empty())
+        .map(|p| {
+            let cni = p.cni_profile();
+            CniPort {
+                id: p.id.clone(),
+                network_id: p.network_id.clone(),
+                project_id: p.project_id.clone(),
+                container_id: p.device_id.clone(),
+                ifname: cni.ifname,
+                netns: cni.netns,
+                config: (cni.project, cni.network),
+                mac: p.mac_address.clone(),
+                ips: p.fixed_ips.iter().map(|f| f.ip_address.clone()).collect(),
+                pool_size: cni.pool_size.and_then(|n| usize::try_from(n).ok()),
+            }
         })
         .collect()
 }
@@ -114,11 +94,9 @@ pub fn cni_ports(objects: &Objects, node: &str) -> Vec<CniPort> {
 /// Network ids in the view that a config's `network` (a name or an id) may mean.
 pub fn networks_named(objects: &Objects, network: &str) -> BTreeSet<String> {
     objects
-        .by_key
-        .values()
-        .filter(|o| o.kind == "network")
-        .filter(|o| o.value["id"] == network || o.value["name"] == network)
-        .filter_map(|o| o.value["id"].as_str().map(str::to_string))
+        .networks()
+        .filter(|n| !n.id.is_empty() && (n.id == network || n.name == network))
+        .map(|n| n.id.clone())
         .collect()
 }
 
@@ -267,7 +245,7 @@ impl<K: Kernel + 'static> Agent<K> {
 
     /// CNI ADD: a port (from the pool, else created bound to this node), plumbed into the
     /// container, ACTIVE before this returns.
-    pub async fn cni_add(&self, req: &AddRequest) -> Result<Value, OpError> {
+    pub async fn cni_add(&self, req: &AddRequest) -> Result<AttachReply, OpError> {
         if req.container_id.is_empty() {
             return Err(OpError::new(400, "container_id is required").with_cni(code::INVALID_CONFIG));
         }
@@ -289,28 +267,43 @@ impl<K: Kernel + 'static> Agent<K> {
         };
         // The config's own words for project and network, so GC of one config never touches
         // another's attachments (same network name in another project, or named by id).
-        let mut profile = json!({"cni": {"ifname": req.ifname, "netns": req.recorded_netns,
-                                         "project": req.project, "network": req.network}});
-        if let Some(n) = req.pool_size {
+        let cni = CniProfile {
+            ifname: req.ifname.clone(),
+            netns: req.recorded_netns.clone(),
+            project: req.project.clone(),
+            network: req.network.clone(),
             // Recorded, so a restarted agent keeps this network's pool at the asked size.
-            profile["cni"]["pool_size"] = json!(n);
-        }
+            pool_size: req.pool_size.map(|n| n as u64),
+        };
+        let profile = serde_json::json!({ "cni": cni });
         let started = Instant::now();
-        let record = json!({"device_id": req.container_id, "name": port_name(req), "binding:profile": profile});
+        let record = PortReport {
+            device_id: Some(req.container_id.clone()),
+            name: Some(port_name(req)),
+            profile: Some(profile.clone()),
+            ..Default::default()
+        };
         let (port_id, pooled) = match self.reserve_from_pool(req) {
             Some(id) => (id, true),
             None => {
-                let mut body = json!({
-                    "project": req.project, "network": req.network, "device_owner": CNI_OWNER,
-                    "device_id": req.container_id, "name": port_name(req), "binding:profile": profile,
-                });
-                if !req.ips.is_empty() {
-                    body["fixed_ips"] = req.ips.iter().map(|ip| json!({"ip_address": ip.to_string()})).collect();
-                }
-                if let Some(m) = &req.mac {
-                    body["mac_address"] = json!(m);
-                }
-                let port = match self.client.create_port(body).await {
+                let body = PortCreate {
+                    project: req.project.clone(),
+                    network: req.network.clone(),
+                    device_owner: Some(CNI_OWNER.into()),
+                    device_id: Some(req.container_id.clone()),
+                    name: Some(port_name(req)),
+                    profile: Some(profile),
+                    fixed_ips: (!req.ips.is_empty()).then(|| {
+                        req.ips
+                            .iter()
+                            .map(|ip| RequestedIp {
+                                ip_address: ip.to_string(),
+                            })
+                            .collect()
+                    }),
+                    mac_address: req.mac.clone(),
+                };
+                let port = match self.client.create_port(&body).await {
                     Ok(p) => p,
                     Err(e) => {
                         // No answer (or a server error): the create may still be committed.
@@ -350,7 +343,7 @@ impl<K: Kernel + 'static> Agent<K> {
         self.pools.lock().claiming.remove(&port_id);
         match res {
             Ok(mut v) => {
-                v["sandbox"] = json!(req.recorded_netns);
+                v.sandbox = Some(req.recorded_netns.clone());
                 info!(container = %req.container_id, port = %port_id, pooled, ms = started.elapsed().as_millis() as u64, "CNI ADD done");
                 Ok(v)
             }
@@ -486,7 +479,7 @@ impl<K: Kernel + 'static> Agent<K> {
     }
 
     /// CNI DEL: idempotent, and fine when the namespace is already gone.
-    pub async fn cni_del(&self, container_id: &str, ifname: &str) -> Result<Value, OpError> {
+    pub async fn cni_del(&self, container_id: &str, ifname: &str) -> Result<DelReply, OpError> {
         if !self.lock_view().synced {
             // Without the server's view "nothing attached" would be a guess that leaks ports.
             return Err(
@@ -512,11 +505,19 @@ impl<K: Kernel + 'static> Agent<K> {
                 e.with_cni(c)
             })?;
         }
-        Ok(json!({"ok": true, "released": found.iter().map(|p| p.id.clone()).collect::<Vec<_>>()}))
+        Ok(DelReply {
+            ok: true,
+            released: found.iter().map(|p| p.id.clone()).collect(),
+        })
     }
 
     /// CNI CHECK: the interface is there with the port's MAC and addresses.
-    pub async fn cni_check(&self, container_id: &str, ifname: &str, netns: &std::path::Path) -> Result<Value, OpError> {
+    pub async fn cni_check(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        netns: &std::path::Path,
+    ) -> Result<CheckReply, OpError> {
         let Some(p) = self.attachments_of(container_id, ifname).into_iter().next() else {
             return Err(OpError::new(
                 404,
@@ -550,7 +551,10 @@ impl<K: Kernel + 'static> Agent<K> {
         if !observed.ports.contains_key(&dev) {
             return Err(failed(format!("host device {dev} of port {} is missing", p.id)));
         }
-        Ok(json!({"ok": true, "port_id": p.id}))
+        Ok(CheckReply {
+            ok: true,
+            port_id: p.id,
+        })
     }
 
     /// CNI GC: releases this network's attachments that are not in `valid`.
@@ -559,7 +563,7 @@ impl<K: Kernel + 'static> Agent<K> {
         project: &str,
         network: &str,
         valid: &HashSet<(String, String)>,
-    ) -> Result<Value, OpError> {
+    ) -> Result<GcReply, OpError> {
         if !self.lock_view().synced {
             return Err(
                 OpError::new(503, "the agent has no view from the server yet; retry").with_cni(code::TRY_AGAIN_LATER)
@@ -576,18 +580,22 @@ impl<K: Kernel + 'static> Agent<K> {
         let mut removed = vec![];
         for p in &stale {
             self.release(p).await.map_err(|e| e.with_cni(code::TRY_AGAIN_LATER))?;
-            removed.push(json!({"port_id": p.id, "container_id": p.container_id, "ifname": p.ifname}));
+            removed.push(Removed {
+                port_id: p.id.clone(),
+                container_id: p.container_id.clone(),
+                ifname: p.ifname.clone(),
+            });
         }
         if !removed.is_empty() {
             info!(network, removed = removed.len(), "CNI GC released stale attachments");
         }
-        Ok(json!({"ok": true, "removed": removed}))
+        Ok(GcReply { ok: true, removed })
     }
 
     /// CNI STATUS: ready only with a live stream from the server.
-    pub fn cni_status(&self) -> Result<Value, OpError> {
+    pub fn cni_status(&self) -> Result<OkReply, OpError> {
         if self.connected() {
-            Ok(json!({"ok": true}))
+            Ok(OkReply { ok: true })
         } else {
             Err(OpError::new(503, "the agent cannot reach the Isthmus server").with_cni(code::NOT_AVAILABLE))
         }
@@ -755,9 +763,14 @@ impl<K: Kernel + 'static> Agent<K> {
                     waited += Duration::from_millis(20);
                 }
                 // Named for the node that keeps it, so tenants can tell what these ports are.
-                let body = json!({"project": key.0, "network": key.1, "device_owner": CNI_OWNER,
-                                  "name": pool_port_name(&self.config.node)});
-                match self.client.create_port(body).await {
+                let body = PortCreate {
+                    project: key.0.clone(),
+                    network: key.1.clone(),
+                    device_owner: Some(CNI_OWNER.into()),
+                    name: Some(pool_port_name(&self.config.node)),
+                    ..Default::default()
+                };
+                match self.client.create_port(&body).await {
                     Ok(p) => created.push(p["id"].as_str().unwrap_or("").to_string()),
                     Err(e) => {
                         failed = Some(e);
@@ -838,7 +851,7 @@ mod tests {
                 "fixed_ips": [{"ip_address": "10.0.0.5"}],
                 "binding:profile": {"cni": {"ifname": ifname, "netns": "/run/netns/x"}}}})
         };
-        o.apply(&json!({"type": "snapshot", "revision": 3, "objects": [
+        o.apply_json(&json!({"type": "snapshot", "revision": 3, "objects": [
             {"key": "/n/n1", "kind": "network", "revision": 1, "value": {"id": "n1", "name": "blue"}},
             port("a", "me", CNI_OWNER, "c1", "eth0"),
             port("b", "me", CNI_OWNER, "", ""),

@@ -11,7 +11,6 @@ use crate::kernel::{Kernel, MacAddr};
 use crate::objects::Objects;
 use crate::runtime::Agent;
 use isthmus_dhcp::{build, decide, parse, Lease};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -26,40 +25,34 @@ const NO_GATEWAY_SERVER_ID: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// with DHCP enabled. Pure.
 pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) -> Option<Lease> {
     let p = objects.port(port_id)?;
-    if p["binding:host_id"] != node {
+    if p.host_id != node {
         return None;
     }
-    let net = objects.network(p["network_id"].as_str()?)?;
-    let mtu = net["mtu"].as_u64().and_then(|m| u16::try_from(m).ok()).unwrap_or(1450);
-    let mac: MacAddr = p["mac_address"].as_str()?.parse().ok()?;
-    for f in p["fixed_ips"].as_array()? {
-        let Some(ip) = f["ip_address"].as_str().and_then(|s| s.parse::<Ipv4Addr>().ok()) else {
+    let net = objects.network(&p.network_id)?;
+    let mtu = net.mtu.and_then(|m| u16::try_from(m).ok()).unwrap_or(1450);
+    let mac: MacAddr = p.mac_address.parse().ok()?;
+    for f in &p.fixed_ips {
+        let Ok(ip) = f.ip_address.parse::<Ipv4Addr>() else {
             continue;
         };
-        let Some(s) = f["subnet_id"].as_str().and_then(|id| objects.subnet(id)) else {
+        let Some(s) = objects.subnet(&f.subnet_id) else {
             continue;
         };
-        if s["enable_dhcp"] == false {
+        if s.enable_dhcp == Some(false) {
             continue;
         }
-        let Some(cidr) = s["cidr"].as_str().and_then(|c| c.parse::<ipnet::Ipv4Net>().ok()) else {
+        let Ok(cidr) = s.cidr.parse::<ipnet::Ipv4Net>() else {
             continue;
         };
-        let router = s["gateway_ip"].as_str().and_then(|g| g.parse::<Ipv4Addr>().ok());
-        let v4 = |v: &Value| v.as_str().and_then(|x| x.parse::<Ipv4Addr>().ok());
-        let dns = s["dns_nameservers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(v4)
-            .collect();
-        let routes = s["host_routes"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let router = s.gateway_ip.as_deref().and_then(|g| g.parse::<Ipv4Addr>().ok());
+        let v4 = |v: &str| v.parse::<Ipv4Addr>().ok();
+        let dns = s.dns_nameservers.iter().filter_map(|d| v4(d)).collect();
+        let routes = s
+            .host_routes
+            .iter()
             .filter_map(|r| {
-                let dst = r["destination"].as_str()?.parse::<ipnet::Ipv4Net>().ok()?;
-                Some((dst.network(), dst.prefix_len(), v4(&r["nexthop"])?))
+                let dst = r.destination.parse::<ipnet::Ipv4Net>().ok()?;
+                Some((dst.network(), dst.prefix_len(), v4(&r.nexthop)?))
             })
             .collect();
         let mut server_mac = mac.0;
@@ -226,7 +219,7 @@ impl<K: Kernel + 'static> Agent<K> {
             let mac = v
                 .objects
                 .port(port_id)
-                .and_then(|p| p["mac_address"].as_str()?.parse::<MacAddr>().ok());
+                .and_then(|p| p.mac_address.parse::<MacAddr>().ok());
             match (l, mac) {
                 (Some(l), Some(m)) if req.src_mac == m.0 && req.chaddr == m.0 => l,
                 (_, m) => {
@@ -293,7 +286,7 @@ mod tests {
 
     fn objects(enable_dhcp: bool, host: &str) -> Objects {
         let mut o = Objects::default();
-        o.apply(&json!({"type": "snapshot", "revision": 1, "objects": [
+        o.apply_json(&json!({"type": "snapshot", "revision": 1, "objects": [
             {"key": "/n/n1", "kind": "network", "revision": 1, "value": {"id": "n1", "mtu": 1450}},
             {"key": "/s/s1", "kind": "subnet", "revision": 1, "value": {"id": "s1", "network_id": "n1",
                 "cidr": "10.0.0.0/24", "gateway_ip": "10.0.0.1", "enable_dhcp": enable_dhcp, "ip_version": 4,

@@ -7,6 +7,8 @@
 use crate::kernel::HostRoute;
 use crate::view::{LocalPort, NetworkInfo, NodeView, PortKind, RemotePort};
 use ipnet::IpNet;
+use isthmus_wire::stream::{self, Message, ObjectValue};
+pub use isthmus_wire::stream::{Network, NodeInfo, Port, Subnet};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -14,9 +16,8 @@ use std::net::IpAddr;
 /// One object of the node's view.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Object {
-    pub kind: String,
     pub revision: i64,
-    pub value: Value,
+    pub value: ObjectValue,
 }
 
 /// The node's objects by store key.
@@ -42,119 +43,123 @@ pub enum Applied {
     Ping,
 }
 
-fn parse_object(v: &Value) -> Result<(String, Object), BadMessage> {
-    let key = v["key"]
-        .as_str()
-        .ok_or_else(|| BadMessage(format!("object without key: {v}")))?;
-    let kind = v["kind"]
-        .as_str()
-        .ok_or_else(|| BadMessage(format!("object without kind: {v}")))?;
-    Ok((
-        key.to_string(),
+/// Reads one line of the node stream.
+pub fn parse_message(line: &[u8]) -> Result<Message, BadMessage> {
+    serde_json::from_slice(line).map_err(|e| BadMessage(e.to_string()))
+}
+
+fn entry(o: stream::Object) -> (String, Object) {
+    (
+        o.key,
         Object {
-            kind: kind.to_string(),
-            revision: v["revision"].as_i64().unwrap_or(0),
-            value: v["value"].clone(),
+            revision: o.revision,
+            value: o.value,
         },
-    ))
+    )
 }
 
 impl Objects {
     /// Applies one message of the node stream. A snapshot replaces everything.
-    pub fn apply(&mut self, msg: &Value) -> Result<Applied, BadMessage> {
-        let rev = msg["revision"].as_i64();
-        match msg["type"].as_str() {
-            Some("snapshot") => {
-                let objs = msg["objects"]
-                    .as_array()
-                    .ok_or_else(|| BadMessage("snapshot without objects".into()))?;
-                let mut by_key = BTreeMap::new();
-                for o in objs {
-                    let (k, o) = parse_object(o)?;
-                    by_key.insert(k, o);
-                }
-                self.by_key = by_key;
-                self.revision = rev.unwrap_or(0);
-                Ok(Applied::Snapshot)
+    pub fn apply(&mut self, msg: Message) -> Applied {
+        match msg {
+            Message::Snapshot { revision, objects } => {
+                self.by_key = objects.into_iter().map(entry).collect();
+                self.revision = revision;
+                Applied::Snapshot
             }
-            Some(t @ ("update" | "resume")) => {
-                let mut puts = vec![];
-                for o in msg["put"].as_array().into_iter().flatten() {
-                    puts.push(parse_object(o)?);
-                }
-                let mut dels = vec![];
-                for d in msg["delete"].as_array().into_iter().flatten() {
-                    dels.push(
-                        d.as_str()
-                            .ok_or_else(|| BadMessage(format!("delete of a non-string key {d}")))?
-                            .to_string(),
-                    );
-                }
-                for k in dels {
-                    self.by_key.remove(&k);
-                }
-                for (k, o) in puts {
-                    self.by_key.insert(k, o);
-                }
-                if let Some(r) = rev {
-                    self.revision = r;
-                }
-                Ok(if t == "resume" {
-                    Applied::Resume
-                } else {
-                    Applied::Update
-                })
+            Message::Update { revision, put, delete } => {
+                self.put_delete(revision, put, delete);
+                Applied::Update
             }
-            Some("ping") => {
+            Message::Resume {
+                revision, put, delete, ..
+            } => {
+                self.put_delete(revision, put, delete);
+                Applied::Resume
+            }
+            Message::Ping { revision } => {
                 // Everything up to the ping's revision was sent before it.
-                if let Some(r) = rev {
+                if let Some(r) = revision {
                     self.revision = self.revision.max(r);
                 }
-                Ok(Applied::Ping)
+                Applied::Ping
             }
-            _ => Err(BadMessage(format!("unknown message type in {msg}"))),
         }
     }
 
-    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.by_key.values().filter(move |o| o.kind == kind).map(|o| &o.value)
+    fn put_delete(&mut self, revision: Option<i64>, put: Vec<stream::Object>, delete: Vec<String>) {
+        for k in delete {
+            self.by_key.remove(&k);
+        }
+        self.by_key.extend(put.into_iter().map(entry));
+        if let Some(r) = revision {
+            self.revision = r;
+        }
     }
 
-    pub fn port(&self, id: &str) -> Option<&Value> {
-        self.of_kind("port").find(|p| p["id"].as_str() == Some(id))
+    /// Applies one message given as JSON; a malformed one changes nothing.
+    pub fn apply_json(&mut self, msg: &Value) -> Result<Applied, BadMessage> {
+        let m = <Message as serde::Deserialize>::deserialize(msg).map_err(|e| BadMessage(format!("{e} in {msg}")))?;
+        Ok(self.apply(m))
     }
 
-    pub fn network(&self, id: &str) -> Option<&Value> {
-        self.of_kind("network").find(|n| n["id"].as_str() == Some(id))
+    pub fn ports(&self) -> impl Iterator<Item = &Port> {
+        self.by_key.values().filter_map(|o| match &o.value {
+            ObjectValue::Port(p) => Some(p),
+            _ => None,
+        })
     }
 
-    pub fn subnet(&self, id: &str) -> Option<&Value> {
-        self.of_kind("subnet").find(|s| s["id"].as_str() == Some(id))
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.by_key.values().filter_map(|o| match &o.value {
+            ObjectValue::Network(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    fn subnets(&self) -> impl Iterator<Item = &Subnet> {
+        self.by_key.values().filter_map(|o| match &o.value {
+            ObjectValue::Subnet(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.by_key.values().filter_map(|o| match &o.value {
+            ObjectValue::Node(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    pub fn port(&self, id: &str) -> Option<&Port> {
+        self.ports().find(|p| p.id == id)
+    }
+
+    pub fn network(&self, id: &str) -> Option<&Network> {
+        self.networks().find(|n| n.id == id)
+    }
+
+    pub fn subnet(&self, id: &str) -> Option<&Subnet> {
+        self.subnets().find(|s| s.id == id)
     }
 
     /// Underlay addresses of the nodes in the view, by host name.
     pub fn node_ips(&self) -> BTreeMap<String, IpAddr> {
-        self.of_kind("node")
-            .filter_map(|n| {
-                Some((
-                    n["host"].as_str()?.to_string(),
-                    n["underlay_ip"].as_str()?.parse().ok()?,
-                ))
-            })
+        self.nodes()
+            .filter(|n| !n.host.is_empty())
+            .filter_map(|n| Some((n.host.clone(), n.underlay_ip.parse().ok()?)))
             .collect()
     }
 }
 
-fn str_of<'a>(v: &'a Value, field: &str) -> &'a str {
-    v[field].as_str().unwrap_or("")
-}
-
-fn network_info(n: &Value) -> Option<NetworkInfo> {
-    let id = n["id"].as_str()?;
-    let vni = u32::try_from(n["provider:segmentation_id"].as_u64()?).ok()?;
-    let mtu = n["mtu"].as_u64().and_then(|m| u32::try_from(m).ok()).unwrap_or(1450);
+fn network_info(n: &Network) -> Option<NetworkInfo> {
+    if n.id.is_empty() {
+        return None;
+    }
+    let vni = u32::try_from(n.segmentation_id?).ok()?;
+    let mtu = n.mtu.and_then(|m| u32::try_from(m).ok()).unwrap_or(1450);
     Some(NetworkInfo {
-        id: id.to_string(),
+        id: n.id.clone(),
         vni,
         mtu,
     })
@@ -180,22 +185,17 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
     };
     let node_ips = objects.node_ips();
     let mut local_nets = std::collections::BTreeSet::new();
-    for p in objects.of_kind("port") {
-        let (id, net, mac, host) = (
-            str_of(p, "id"),
-            str_of(p, "network_id"),
-            str_of(p, "mac_address"),
-            str_of(p, "binding:host_id"),
-        );
+    for p in objects.ports() {
+        let (id, net, mac, host) = (&p.id, &p.network_id, &p.mac_address, &p.host_id);
         if id.is_empty() || net.is_empty() || mac.is_empty() || host != node {
             continue;
         }
         local_nets.insert(net.to_string());
         view.local_ports.push(LocalPort {
-            id: id.into(),
-            network_id: net.into(),
+            id: id.clone(),
+            network_id: net.clone(),
             mac: mac.to_ascii_lowercase(),
-            kind: port_kind(str_of(p, "device_owner")),
+            kind: port_kind(&p.device_owner),
         });
     }
     for net in &local_nets {
@@ -203,20 +203,15 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
             view.networks.insert(net.clone(), info);
         }
     }
-    for p in objects.of_kind("port") {
-        let (id, net, mac, host) = (
-            str_of(p, "id"),
-            str_of(p, "network_id"),
-            str_of(p, "mac_address"),
-            str_of(p, "binding:host_id"),
-        );
+    for p in objects.ports() {
+        let (id, net, mac, host) = (&p.id, &p.network_id, &p.mac_address, &p.host_id);
         if id.is_empty() || mac.is_empty() || host.is_empty() || host == node || !local_nets.contains(net) {
             continue;
         }
         let Some(ip) = node_ips.get(host) else { continue };
         view.remote_ports.push(RemotePort {
-            id: id.into(),
-            network_id: net.into(),
+            id: id.clone(),
+            network_id: net.clone(),
             mac: mac.to_ascii_lowercase(),
             node_ip: *ip,
         });
@@ -233,13 +228,13 @@ pub fn status_fixes(
     devices: &std::collections::BTreeSet<String>,
 ) -> Vec<(String, &'static str)> {
     let mut out = vec![];
-    for p in objects.of_kind("port") {
-        let id = str_of(p, "id");
-        if id.is_empty() || str_of(p, "binding:host_id") != node {
+    for p in objects.ports() {
+        let id = p.id.as_str();
+        if id.is_empty() || p.host_id != node {
             continue;
         }
         let present = devices.contains(&crate::names::tap(id));
-        let status = str_of(p, "status");
+        let status = p.status.as_str();
         if present && status != "ACTIVE" {
             out.push((id.to_string(), "ACTIVE"));
         } else if !present && status == "ACTIVE" {
@@ -299,19 +294,19 @@ pub fn port_plan(objects: &Objects, node: &str, port_id: &str) -> Result<PortPla
     let p = objects
         .port(port_id)
         .ok_or_else(|| PlanError::NoPort(port_id.to_string()))?;
-    let host = str_of(p, "binding:host_id");
+    let host = p.host_id.as_str();
     if host != node {
         return Err(PlanError::NotOurs {
             port: port_id.into(),
             host: host.into(),
         });
     }
-    let net_id = str_of(p, "network_id");
+    let net_id = p.network_id.as_str();
     let net = objects
         .network(net_id)
         .and_then(network_info)
         .ok_or_else(|| PlanError::NoNetwork(net_id.to_string()))?;
-    let mac = str_of(p, "mac_address").to_ascii_lowercase();
+    let mac = p.mac_address.to_ascii_lowercase();
     if mac.is_empty() {
         return Err(PlanError::Invalid(format!("port {port_id} has no MAC address")));
     }
@@ -326,30 +321,29 @@ pub fn port_plan(objects: &Objects, node: &str, port_id: &str) -> Result<PortPla
         routes: vec![],
         dns: vec![],
     };
-    for fip in p["fixed_ips"].as_array().into_iter().flatten() {
-        let sid = str_of(fip, "subnet_id");
+    for fip in &p.fixed_ips {
+        let sid = fip.subnet_id.as_str();
         let s = objects
             .subnet(sid)
             .ok_or_else(|| PlanError::NoSubnet(sid.to_string()))?;
-        let addr: IpAddr = str_of(fip, "ip_address")
+        let addr: IpAddr = fip.ip_address.parse().map_err(|_| {
+            let fip = serde_json::to_string(fip).unwrap_or_default();
+            PlanError::Invalid(format!("port {port_id} has a bad address {fip}"))
+        })?;
+        let cidr: IpNet = s
+            .cidr
             .parse()
-            .map_err(|_| PlanError::Invalid(format!("port {port_id} has a bad address {fip}")))?;
-        let cidr: IpNet = str_of(s, "cidr")
-            .parse()
-            .map_err(|_| PlanError::Invalid(format!("subnet {sid} has a bad CIDR {}", s["cidr"])))?;
+            .map_err(|_| PlanError::Invalid(format!("subnet {sid} has a bad CIDR {}", Value::from(s.cidr.as_str()))))?;
         let address =
             IpNet::new(addr, cidr.prefix_len()).map_err(|_| PlanError::Invalid(format!("bad prefix for {addr}")))?;
-        let gateway = s["gateway_ip"].as_str().and_then(|g| g.parse::<IpAddr>().ok());
+        let gateway = s.gateway_ip.as_deref().and_then(|g| g.parse::<IpAddr>().ok());
         // Only a gateway of the same family can be a default route for this address.
         if plan.gateway.is_none() && addr.is_ipv4() {
             plan.gateway = gateway.filter(|g| g.is_ipv4());
         }
         plan.addresses.push(PortAddress { address, gateway });
-        for r in s["host_routes"].as_array().into_iter().flatten() {
-            let (Ok(destination), Ok(nexthop)) = (
-                str_of(r, "destination").parse::<IpNet>(),
-                str_of(r, "nexthop").parse::<IpAddr>(),
-            ) else {
+        for r in &s.host_routes {
+            let (Ok(destination), Ok(nexthop)) = (r.destination.parse::<IpNet>(), r.nexthop.parse::<IpAddr>()) else {
                 continue;
             };
             let route = HostRoute { destination, nexthop };
@@ -357,11 +351,7 @@ pub fn port_plan(objects: &Objects, node: &str, port_id: &str) -> Result<PortPla
                 plan.routes.push(route);
             }
         }
-        for d in s["dns_nameservers"].as_array().into_iter().flatten() {
-            if let Some(d) = d.as_str() {
-                plan.dns.push(d.to_string());
-            }
-        }
+        plan.dns.extend(s.dns_nameservers.iter().cloned());
     }
     Ok(plan)
 }
@@ -399,7 +389,7 @@ mod tests {
 
     fn objects() -> Objects {
         let mut o = Objects::default();
-        assert_eq!(o.apply(&snapshot()), Ok(Applied::Snapshot));
+        assert_eq!(o.apply_json(&snapshot()), Ok(Applied::Snapshot));
         o
     }
 
@@ -435,20 +425,23 @@ mod tests {
         let up = json!({"type": "update", "revision": 12,
             "put": [port("p6", "na", "n2", "fa:16:3e:00:00:06", "", json!([]))],
             "delete": ["/isthmus/ports/p2"]});
-        assert_eq!(o.apply(&up), Ok(Applied::Update));
+        assert_eq!(o.apply_json(&up), Ok(Applied::Update));
         assert_eq!(o.revision, 12);
         let v = to_view(&o, "n1", None);
         let remote: Vec<_> = v.remote_ports.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(remote, ["p6"]);
-        assert_eq!(o.apply(&json!({"type": "ping"})), Ok(Applied::Ping));
-        assert_eq!(o.apply(&json!({"type": "ping", "revision": 14})), Ok(Applied::Ping));
+        assert_eq!(o.apply_json(&json!({"type": "ping"})), Ok(Applied::Ping));
+        assert_eq!(
+            o.apply_json(&json!({"type": "ping", "revision": 14})),
+            Ok(Applied::Ping)
+        );
         assert_eq!(o.revision, 14, "a ping vouches for everything before it");
         let resume = json!({"type": "resume", "since": 14, "revision": 17, "put": [], "delete": ["/isthmus/ports/p6"]});
-        assert_eq!(o.apply(&resume), Ok(Applied::Resume));
+        assert_eq!(o.apply_json(&resume), Ok(Applied::Resume));
         assert_eq!(o.revision, 17);
         assert!(to_view(&o, "n1", None).remote_ports.is_empty());
         let snap = json!({"type": "snapshot", "revision": 20, "objects": []});
-        o.apply(&snap).unwrap();
+        o.apply_json(&snap).unwrap();
         assert!(o.by_key.is_empty());
         assert_eq!(o.revision, 20);
     }
@@ -464,7 +457,7 @@ mod tests {
             json!({"type": "update", "put": [{"kind": "port"}]}),
             json!({"type": "update", "delete": [1]}),
         ] {
-            assert!(o.apply(&bad).is_err(), "{bad}");
+            assert!(o.apply_json(&bad).is_err(), "{bad}");
         }
         assert_eq!(o, before);
     }
@@ -472,7 +465,7 @@ mod tests {
     #[test]
     fn networks_without_a_vni_are_left_out() {
         let mut o = objects();
-        o.apply(
+        o.apply_json(
             &json!({"type": "update", "put": [{"key": "/isthmus/networks/na", "kind": "network",
             "revision": 30, "value": {"id": "na", "mtu": 1450}}], "delete": []}),
         )
@@ -485,7 +478,7 @@ mod tests {
     #[test]
     fn statuses_follow_the_devices() {
         let mut o = objects();
-        o.apply(&json!({"type": "update", "put": [
+        o.apply_json(&json!({"type": "update", "put": [
             {"key": "/isthmus/ports/p7", "kind": "port", "revision": 40, "value": {
                 "id": "p7", "network_id": "na", "binding:host_id": "n1", "mac_address": "fa:16:3e:00:00:07",
                 "device_owner": "", "status": "ACTIVE", "fixed_ips": []}}], "delete": []}))
@@ -523,12 +516,12 @@ mod tests {
         assert_eq!(port_plan(&o, "n1", "nope"), Err(PlanError::NoPort("nope".into())));
         assert!(matches!(port_plan(&o, "n1", "p2"), Err(PlanError::NotOurs { .. })));
         let mut o2 = o.clone();
-        o2.apply(&json!({"type": "update", "put": [], "delete": ["/isthmus/subnets/sa"]}))
+        o2.apply_json(&json!({"type": "update", "put": [], "delete": ["/isthmus/subnets/sa"]}))
             .unwrap();
         assert_eq!(port_plan(&o2, "n1", "p1"), Err(PlanError::NoSubnet("sa".into())));
         assert!(PlanError::NoSubnet("sa".into()).transient());
         let mut o3 = o.clone();
-        o3.apply(&json!({"type": "update", "put": [
+        o3.apply_json(&json!({"type": "update", "put": [
             port("p1", "na", "n1", "fa:16:3e:00:00:01", "", json!([{"subnet_id": "sa", "ip_address": "bogus"}]))],
             "delete": []}))
             .unwrap();

@@ -10,10 +10,13 @@ use crate::client::{ApiError, Client, Credentials};
 use crate::desired::{compute, Datapath};
 use crate::kernel::{Kernel, KernelError, MacAddr, VethAttach};
 use crate::names;
-use crate::objects::{port_plan, status_fixes, to_view, Applied, Objects, PlanError, PortPlan};
+use crate::objects::{parse_message, port_plan, status_fixes, to_view, Applied, Objects, PlanError, PortPlan};
 use crate::reconcile::{reconcile, Report};
 use crate::view::{NodeView, PortKind};
 use futures::StreamExt;
+use isthmus_wire::node::PortReport;
+use isthmus_wire::socket::{AttachReply, DetachReply, ReplyIp, ReplyRoute, StatusReply};
+use isthmus_wire::stream::Message;
 use serde_json::{json, Value};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -154,7 +157,7 @@ pub struct AttachRequest {
     pub bind: bool,
     /// Extra port fields written with the ACTIVE report (a CNI attachment's record), so a
     /// pooled port costs one write.
-    pub record: Option<Value>,
+    pub record: Option<PortReport>,
 }
 
 impl AttachRequest {
@@ -235,9 +238,16 @@ impl<K: Kernel + 'static> Agent<K> {
 
     /// Applies one message of the node stream to the object map.
     pub fn apply_message(&self, msg: &Value) -> Result<Applied, crate::objects::BadMessage> {
+        let msg = <Message as serde::Deserialize>::deserialize(msg)
+            .map_err(|e| crate::objects::BadMessage(format!("{e} in {msg}")))?;
+        Ok(self.apply(msg))
+    }
+
+    /// Applies one typed message of the node stream to the object map.
+    pub fn apply(&self, msg: Message) -> Applied {
         let applied = {
             let mut v = self.lock_view();
-            let a = v.objects.apply(msg)?;
+            let a = v.objects.apply(msg);
             if a == Applied::Snapshot {
                 v.synced = true;
             }
@@ -247,29 +257,27 @@ impl<K: Kernel + 'static> Agent<K> {
             self.generation.send_modify(|g| *g += 1);
             self.changed.notify_one();
         }
-        Ok(applied)
+        applied
     }
 
     /// What the agent knows, for the socket's `status` op: whether it has the server's view
     /// yet, at which revision, and this node's ports and networks.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> StatusReply {
         let (synced, revision) = {
             let v = self.lock_view();
             (v.synced, v.objects.revision)
         };
         let view = self.view().unwrap_or_default();
-        let ports: Vec<&str> = view.local_ports.iter().map(|p| p.id.as_str()).collect();
-        let networks: Vec<&str> = view.networks.keys().map(String::as_str).collect();
-        json!({
-            "ok": true,
-            "node": self.config.node,
-            "underlay_ip": self.config.underlay_ip.to_string(),
-            "synced": synced,
-            "revision": revision,
-            "local_ports": ports,
-            "networks": networks,
-            "remote_ports": view.remote_ports.len(),
-        })
+        StatusReply {
+            ok: true,
+            node: self.config.node.clone(),
+            underlay_ip: self.config.underlay_ip.to_string(),
+            synced,
+            revision,
+            local_ports: view.local_ports.iter().map(|p| p.id.clone()).collect(),
+            networks: view.networks.keys().cloned().collect(),
+            remote_ports: view.remote_ports.len(),
+        }
     }
 
     /// The node's view; `None` before the first snapshot.
@@ -335,18 +343,21 @@ impl<K: Kernel + 'static> Agent<K> {
             }
             // VM ports are bound as taps: the hypervisor needs the bridge and MTU.
             let v = self.lock_view();
-            let mut reports: Vec<(String, Value)> = vec![];
-            let mut taps: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
+            let mut reports: Vec<(String, PortReport)> = vec![];
+            let mut taps: std::collections::HashMap<String, PortReport> = std::collections::HashMap::new();
             for lp in view.local_ports.iter().filter(|p| p.kind == PortKind::Tap) {
                 let name = names::tap(&lp.id);
                 let (Some(dev), true) = (want.ports.get(&name), devices.contains(&name)) else {
                     continue;
                 };
-                let binding = json!({"vif_type": "tap", "vif_details": {"bridge_name": dev.bridge, "mtu": dev.mtu}});
+                let details = json!({"bridge_name": dev.bridge, "mtu": dev.mtu});
                 let current = v.objects.port(&lp.id);
-                let bound = current.is_some_and(|p| {
-                    p["binding:vif_type"] == "tap" && p["binding:vif_details"] == binding["vif_details"]
-                });
+                let bound = current.is_some_and(|p| p.vif_type == "tap" && p.vif_details == details);
+                let binding = PortReport {
+                    vif_type: Some("tap".into()),
+                    vif_details: Some(details),
+                    ..Default::default()
+                };
                 if !bound {
                     reports.push((lp.id.clone(), binding.clone()));
                 }
@@ -358,11 +369,11 @@ impl<K: Kernel + 'static> Agent<K> {
                     reports.retain(|(p, _)| *p != port);
                     continue;
                 }
-                let mut body = json!({ "status": status });
+                let mut body = PortReport::status(status);
                 if status == "ACTIVE" {
                     if let Some(b) = taps.get(&port) {
-                        body["vif_type"] = b["vif_type"].clone();
-                        body["vif_details"] = b["vif_details"].clone();
+                        body.vif_type = b.vif_type.clone();
+                        body.vif_details = b.vif_details.clone();
                     }
                 }
                 reports.retain(|(p, _)| *p != port);
@@ -375,8 +386,10 @@ impl<K: Kernel + 'static> Agent<K> {
         }
         let report = async {
             for (port, body) in fixes {
-                match self.client.report_port(&port, body.clone()).await {
-                    Ok(_) => info!(port = %port, report = %body, "port status/binding reported"),
+                match self.client.report_port(&port, &body).await {
+                    Ok(_) => {
+                        info!(port = %port, report = %serde_json::to_string(&body).unwrap_or_default(), "port status/binding reported")
+                    }
                     Err(e) => debug!(port = %port, error = %e, "could not report port status"),
                 }
             }
@@ -466,26 +479,27 @@ impl<K: Kernel + 'static> Agent<K> {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let msg: Value =
-                    serde_json::from_slice(line).map_err(|e| anyhow::anyhow!("node stream: not JSON: {e}"))?;
+                let msg = parse_message(line).map_err(|e| anyhow::anyhow!("node stream: {e}"))?;
                 self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
-                match self.apply_message(&msg)? {
-                    Applied::Snapshot => {
-                        info!(revision = msg["revision"].as_i64(), "snapshot received");
-                        backoff.reset();
-                    }
-                    Applied::Resume => {
-                        info!(
-                            since = msg["since"].as_i64(),
-                            revision = msg["revision"].as_i64(),
-                            put = msg["put"].as_array().map_or(0, Vec::len),
-                            delete = msg["delete"].as_array().map_or(0, Vec::len),
-                            "node stream resumed"
-                        );
-                        backoff.reset();
-                    }
-                    Applied::Update => debug!(revision = msg["revision"].as_i64(), "update received"),
-                    Applied::Ping => {}
+                match &msg {
+                    Message::Snapshot { revision, .. } => info!(revision, "snapshot received"),
+                    Message::Resume {
+                        since,
+                        revision,
+                        put,
+                        delete,
+                    } => info!(
+                        since,
+                        revision,
+                        put = put.len(),
+                        delete = delete.len(),
+                        "node stream resumed"
+                    ),
+                    Message::Update { revision, .. } => debug!(revision, "update received"),
+                    Message::Ping { .. } => {}
+                }
+                if matches!(self.apply(msg), Applied::Snapshot | Applied::Resume) {
+                    backoff.reset();
                 }
             }
             if buf.len() > 64 << 20 {
@@ -571,7 +585,7 @@ impl<K: Kernel + 'static> Agent<K> {
     }
 
     /// Plugs port `req.port_id` into the workload namespace `req.netns`.
-    pub async fn attach(&self, req: &AttachRequest) -> Result<Value, OpError> {
+    pub async fn attach(&self, req: &AttachRequest) -> Result<AttachReply, OpError> {
         if !valid_port_id(&req.port_id) {
             return Err(OpError::new(400, format!("invalid port_id {:?}", req.port_id)));
         }
@@ -581,7 +595,17 @@ impl<K: Kernel + 'static> Agent<K> {
         check_netns(&req.netns)?;
         // Claim the port (or confirm it is ours).
         if req.bind {
-            match self.client.report_port(&req.port_id, json!({"bind": true})).await {
+            match self
+                .client
+                .report_port(
+                    &req.port_id,
+                    &PortReport {
+                        bind: true,
+                        ..Default::default()
+                    },
+                )
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if e.status() == Some(404) => {
                     return Err(OpError::new(
@@ -632,14 +656,19 @@ impl<K: Kernel + 'static> Agent<K> {
         }
         let t_veth = t0.elapsed();
         let details = json!({"bridge_name": bridge, "mtu": plan.mtu});
-        let mut report = json!({"status": "ACTIVE", "vif_type": "veth", "vif_details": details});
-        if let Some(Value::Object(extra)) = &req.record {
-            for (k, v) in extra {
-                report[k] = v.clone();
-            }
+        let mut report = PortReport {
+            status: Some("ACTIVE".into()),
+            vif_type: Some("veth".into()),
+            vif_details: Some(details),
+            ..Default::default()
+        };
+        if let Some(record) = &req.record {
+            report.device_id = record.device_id.clone();
+            report.name = record.name.clone();
+            report.profile = record.profile.clone();
             // The record must land: without it the port would look free (pool) or unowned.
-            self.client.report_port(&req.port_id, report).await?;
-        } else if let Err(e) = self.client.report_port(&req.port_id, report).await {
+            self.client.report_port(&req.port_id, &report).await?;
+        } else if let Err(e) = self.client.report_port(&req.port_id, &report).await {
             // The workload is plumbed; the status catches up with the next attach or sync.
             warn!(port = %req.port_id, error = %e, "could not report the port ACTIVE");
         }
@@ -648,33 +677,40 @@ impl<K: Kernel + 'static> Agent<K> {
         info!(port = %req.port_id, dev = %dev, netns = %req.netns.display(),
             plan_ms = ms(t_plan), lock_ms = ms(t_lock), reconcile_ms = ms(t_reconcile),
             veth_ms = ms(t_veth), reported_ms = ms(t0.elapsed()), "port attached");
-        let ips: Vec<Value> = plan
+        let ips = plan
             .addresses
             .iter()
-            .map(|a| json!({"address": a.address.to_string(), "gateway": a.gateway.map(|g| g.to_string())}))
+            .map(|a| ReplyIp {
+                address: a.address.to_string(),
+                gateway: a.gateway.map(|g| g.to_string()),
+            })
             .collect();
-        let routes: Vec<Value> = plan
+        let routes = plan
             .routes
             .iter()
-            .map(|r| json!({"destination": r.destination.to_string(), "nexthop": r.nexthop.to_string()}))
+            .map(|r| ReplyRoute {
+                destination: r.destination.to_string(),
+                nexthop: Some(r.nexthop.to_string()),
+            })
             .collect();
-        Ok(json!({
-            "ok": true,
-            "port_id": req.port_id,
-            "interface": req.ifname,
-            "host_interface": dev,
-            "mac": plan.mac,
-            "ips": ips,
-            "gateway": plan.gateway.map(|g| g.to_string()),
-            "mtu": plan.mtu,
-            "routes": routes,
-            "dns_nameservers": plan.dns,
-        }))
+        Ok(AttachReply {
+            ok: true,
+            port_id: Some(req.port_id.clone()),
+            interface: Some(req.ifname.clone()),
+            host_interface: Some(dev),
+            mac: Some(plan.mac),
+            ips: Some(ips),
+            gateway: plan.gateway.map(|g| g.to_string()),
+            mtu: Some(plan.mtu),
+            routes: Some(routes),
+            dns_nameservers: Some(plan.dns),
+            sandbox: None,
+        })
     }
 
     /// Unplugs a port: its host device goes (with the workload end), its status goes DOWN.
     /// Idempotent; a port already deleted from the API is fine.
-    pub async fn detach(&self, port_id: &str) -> Result<Value, OpError> {
+    pub async fn detach(&self, port_id: &str) -> Result<DetachReply, OpError> {
         if !valid_port_id(port_id) {
             return Err(OpError::new(400, format!("invalid port_id {port_id:?}")));
         }
@@ -684,12 +720,16 @@ impl<K: Kernel + 'static> Agent<K> {
             self.kernel.detach(&dev).await?;
         }
         info!(port = %port_id, dev = %dev, "port detached");
-        match self.client.report_port(port_id, json!({"status": "DOWN"})).await {
+        match self.client.report_port(port_id, &PortReport::status("DOWN")).await {
             Ok(_) => {}
             Err(e) if e.status() == Some(404) => debug!(port = %port_id, "port gone from the API already"),
             Err(e) => warn!(port = %port_id, error = %e, "could not report the port DOWN"),
         }
-        Ok(json!({"ok": true, "port_id": port_id, "host_interface": dev}))
+        Ok(DetachReply {
+            ok: true,
+            port_id: port_id.to_string(),
+            host_interface: dev,
+        })
     }
 }
 

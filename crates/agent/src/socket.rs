@@ -9,7 +9,8 @@
 
 use crate::kernel::Kernel;
 use crate::runtime::{Agent, AttachRequest, OpError};
-use serde_json::{json, Value};
+use isthmus_wire::socket::{CniAdd, ErrorReply, Request};
+use serde_json::Value;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,11 +90,13 @@ pub async fn serve<K: Kernel + 'static>(agent: Arc<Agent<K>>, listener: UnixList
 }
 
 fn error(e: OpError) -> Value {
-    let mut v = json!({"ok": false, "code": e.code, "message": e.message});
-    if let Some(c) = e.cni {
-        v["cni_code"] = json!(c);
-    }
-    v
+    let reply = ErrorReply {
+        ok: false,
+        code: e.code,
+        message: e.message,
+        cni_code: e.cni,
+    };
+    serde_json::to_value(reply).unwrap_or(Value::Null)
 }
 
 async fn connection<K: Kernel + 'static>(agent: Arc<Agent<K>>, stream: UnixStream) -> std::io::Result<()> {
@@ -128,67 +131,43 @@ async fn connection<K: Kernel + 'static>(agent: Arc<Agent<K>>, stream: UnixStrea
     }
 }
 
-fn field<'a>(req: &'a Value, name: &str) -> Result<Option<&'a str>, OpError> {
-    match &req[name] {
-        Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s)),
-        other => Err(OpError::new(400, format!("'{name}' must be a string, not {other}"))),
-    }
-}
-
-fn required<'a>(req: &'a Value, name: &str) -> Result<&'a str, OpError> {
-    field(req, name)?.ok_or_else(|| OpError::new(400, format!("'{name}' is required")))
+fn reply(v: impl serde::Serialize) -> Result<Value, OpError> {
+    serde_json::to_value(v).map_err(|e| OpError::new(500, format!("cannot encode the reply: {e}")))
 }
 
 /// Parses and performs one request.
 pub async fn handle<K: Kernel + 'static>(agent: &Agent<K>, line: &[u8]) -> Result<Value, OpError> {
     let req: Value =
         serde_json::from_slice(line).map_err(|e| OpError::new(400, format!("request is not valid JSON: {e}")))?;
-    if !req.is_object() {
-        return Err(OpError::new(400, "request must be a JSON object"));
-    }
-    match field(&req, "op")? {
-        Some("attach") => {
-            let r = AttachRequest::new(
-                required(&req, "port_id")?,
-                PathBuf::from(required(&req, "netns")?),
-                field(&req, "ifname")?.unwrap_or("eth0"),
-            );
-            agent.attach(&r).await
+    let req = Request::from_json(&req).map_err(|e| {
+        let err = OpError::new(400, e.message);
+        if e.cni {
+            cni_config(err)
+        } else {
+            err
         }
-        Some("detach") => agent.detach(required(&req, "port_id")?).await,
-        Some("status") => Ok(agent.status()),
-        Some("cni_add") => {
-            let r = cni_request(&req)?;
-            agent.cni_add(&r).await
+    })?;
+    match req {
+        Request::Attach { port_id, netns, ifname } => {
+            let r = AttachRequest::new(&port_id, PathBuf::from(netns), ifname.as_deref().unwrap_or("eth0"));
+            reply(agent.attach(&r).await?)
         }
-        Some("cni_del") => {
-            let (cid, ifname) = attachment(&req)?;
-            agent.cni_del(cid, ifname).await
+        Request::Detach { port_id } => reply(agent.detach(&port_id).await?),
+        Request::Status => reply(agent.status()),
+        Request::CniAdd(add) => {
+            let r = cni_request(add)?;
+            reply(agent.cni_add(&r).await?)
         }
-        Some("cni_check") => {
-            let (cid, ifname) = attachment(&req)?;
-            let (netns, _) = cni_netns(&req)?;
-            agent.cni_check(cid, ifname, &netns).await
+        Request::CniDel(del) => reply(agent.cni_del(&del.container_id, &del.ifname).await?),
+        Request::CniCheck(check) => {
+            let (netns, _) = cni_netns(&check.netns, check.netns_fd.as_deref())?;
+            reply(agent.cni_check(&check.container_id, &check.ifname, &netns).await?)
         }
-        Some("cni_gc") => {
-            let network = required(&req, "network").map_err(cni_config)?;
-            let project = required(&req, "project").map_err(cni_config)?;
-            let mut valid = std::collections::HashSet::new();
-            for v in req["valid"].as_array().into_iter().flatten() {
-                let (cid, ifname) = attachment(v)?;
-                valid.insert((cid.to_string(), ifname.to_string()));
-            }
-            agent.cni_gc(project, network, &valid).await
+        Request::CniGc(gc) => {
+            let valid = gc.valid.into_iter().map(|v| (v.container_id, v.ifname)).collect();
+            reply(agent.cni_gc(&gc.project, &gc.network, &valid).await?)
         }
-        Some("cni_status") => agent.cni_status(),
-        Some(op) => Err(OpError::new(
-            400,
-            format!(
-                "unknown op {op:?} (use attach, detach, status or cni_add, cni_del, cni_check, cni_gc, cni_status)"
-            ),
-        )),
-        None => Err(OpError::new(400, "'op' is required")),
+        Request::CniStatus => reply(agent.cni_status()?),
     }
 }
 
@@ -196,54 +175,35 @@ fn cni_config(e: OpError) -> OpError {
     e.with_cni(crate::cni::code::INVALID_CONFIG)
 }
 
-/// The (container id, interface) an attachment is known by.
-fn attachment(req: &Value) -> Result<(&str, &str), OpError> {
-    let cid = required(req, "container_id").map_err(cni_config)?;
-    let ifname = field(req, "ifname").map_err(cni_config)?.unwrap_or("eth0");
-    Ok((cid, ifname))
-}
-
 /// The namespace to work in — `netns_fd` (the plugin's `/proc/<pid>/fd/<n>`, valid whatever
 /// mount namespace this agent is in) if given, else `netns` — and the path to record.
-fn cni_netns(req: &Value) -> Result<(PathBuf, String), OpError> {
-    let recorded = required(req, "netns").map_err(cni_config)?.to_string();
-    let netns = PathBuf::from(field(req, "netns_fd").map_err(cni_config)?.unwrap_or(&recorded));
+fn cni_netns(recorded: &str, netns_fd: Option<&str>) -> Result<(PathBuf, String), OpError> {
+    let netns = PathBuf::from(netns_fd.unwrap_or(recorded));
     crate::runtime::check_netns(&netns).map_err(|e| OpError {
-        message: e.message.replace(&netns.display().to_string(), &recorded),
+        message: e.message.replace(&netns.display().to_string(), recorded),
         ..e
     })?;
-    Ok((netns, recorded))
+    Ok((netns, recorded.to_string()))
 }
 
-fn cni_request(req: &Value) -> Result<crate::cni::AddRequest, OpError> {
-    let (cid, ifname) = attachment(req)?;
-    if !crate::kernel::valid_ifname(ifname) {
-        return Err(cni_config(OpError::new(400, format!("invalid ifname {ifname:?}"))));
+fn cni_request(req: CniAdd) -> Result<crate::cni::AddRequest, OpError> {
+    if !crate::kernel::valid_ifname(&req.ifname) {
+        return Err(cni_config(OpError::new(
+            400,
+            format!("invalid ifname {:?}", req.ifname),
+        )));
     }
-    let (netns, recorded) = cni_netns(req)?;
-    let mut ips = vec![];
-    for ip in req["ips"].as_array().into_iter().flatten() {
-        let parsed = ip.as_str().and_then(|s| s.parse().ok());
-        ips.push(parsed.ok_or_else(|| cni_config(OpError::new(400, format!("{ip} is not an IP address"))))?);
-    }
+    let (netns, recorded) = cni_netns(&req.netns, req.netns_fd.as_deref())?;
     Ok(crate::cni::AddRequest {
-        container_id: cid.to_string(),
-        ifname: ifname.to_string(),
+        container_id: req.container_id,
+        ifname: req.ifname,
         netns,
         recorded_netns: recorded,
-        network: required(req, "network").map_err(cni_config)?.to_string(),
-        project: required(req, "project").map_err(cni_config)?.to_string(),
-        ips,
-        mac: field(req, "mac").map_err(cni_config)?.map(str::to_string),
-        pool_size: match &req["pool_size"] {
-            Value::Null => None,
-            v => Some(
-                v.as_u64()
-                    .filter(|n| *n <= 64)
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| cni_config(OpError::new(400, format!("pool_size must be 0 to 64, not {v}"))))?,
-            ),
-        },
+        network: req.network,
+        project: req.project,
+        ips: req.ips,
+        mac: req.mac,
+        pool_size: req.pool_size.and_then(|n| usize::try_from(n).ok()),
     })
 }
 
@@ -264,6 +224,7 @@ mod tests {
     use super::*;
     use crate::kernel::FakeKernel;
     use crate::runtime::AgentConfig;
+    use serde_json::json;
 
     fn agent(dir: &Path) -> Arc<Agent<FakeKernel>> {
         let mut c = AgentConfig::new(

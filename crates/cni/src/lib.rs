@@ -8,7 +8,7 @@
 //! This library is pure: [`start`] turns environment + stdin into either an immediate [`Outcome`] or a [`Call`];
 //! the binary performs the socket exchange and hands the reply to [`finish`].
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 use std::io;
 use std::net::IpAddr;
@@ -28,20 +28,8 @@ pub const MAX_POOL_SIZE: u64 = 64;
 /// Longest reply line read from the agent; a longer one is a broken agent, not a result.
 pub const MAX_REPLY: u64 = 1024 * 1024;
 
-/// CNI error codes (SPEC.md "Error"); 0-99 are well-known, 100+ are ours.
-pub mod code {
-    pub const INCOMPATIBLE_VERSION: u32 = 1;
-    pub const UNKNOWN_CONTAINER: u32 = 3;
-    pub const INVALID_ENV: u32 = 4;
-    pub const IO_FAILURE: u32 = 5;
-    pub const DECODE_FAILURE: u32 = 6;
-    pub const INVALID_CONFIG: u32 = 7;
-    pub const TRY_AGAIN_LATER: u32 = 11;
-    pub const NOT_AVAILABLE: u32 = 50;
-    /// Plugin-specific: the agent could not set the attachment up (HTTP-ish 500 or an unknown status).
-    /// Same number as the agent's own `ATTACH_FAILED`, so the code means one thing whoever chose it.
-    pub const AGENT_FAILURE: u32 = 101;
-}
+/// CNI error codes (SPEC.md "Error"), shared with the agent.
+pub use isthmus_wire::cni_code as code;
 
 /// A CNI error: printed on stdout as `{"cniVersion","code","msg","details"}` with a non-zero exit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -498,12 +486,7 @@ fn validate_mac(s: &str) -> Result<String, CniError> {
     Ok(s.to_ascii_lowercase())
 }
 
-/// One entry of GC's `valid` list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ValidAttachment {
-    pub container_id: String,
-    pub ifname: String,
-}
+pub use isthmus_wire::socket::ValidAttachment;
 
 /// Reads `cni.dev/valid-attachments` (also the pre-release name `cni.dev/attachments`, which libcni still sends).
 /// `null` means "none valid" (libcni encodes an empty list that way); a missing key is refused, because treating it
@@ -539,50 +522,7 @@ pub fn valid_attachments(config: &Config) -> Result<Vec<ValidAttachment>, CniErr
         .collect()
 }
 
-/// One request line to the agent. Field order is the wire order (`op` first).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "op")]
-pub enum Request {
-    #[serde(rename = "cni_add")]
-    Add {
-        container_id: String,
-        ifname: String,
-        netns: String,
-        network: String,
-        project: String,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
-        ips: Vec<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        mac: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pool_size: Option<u64>,
-    },
-    #[serde(rename = "cni_del")]
-    Del {
-        container_id: String,
-        ifname: String,
-        netns: Option<String>,
-        network: String,
-        project: String,
-    },
-    #[serde(rename = "cni_check")]
-    Check {
-        container_id: String,
-        ifname: String,
-        netns: String,
-        network: String,
-        project: String,
-        prev_result: Value,
-    },
-    #[serde(rename = "cni_gc")]
-    Gc {
-        network: String,
-        project: String,
-        valid: Vec<ValidAttachment>,
-    },
-    #[serde(rename = "cni_status")]
-    Status,
-}
+pub use isthmus_wire::socket::{CniAdd, CniCheck, CniDel, CniGc, Request};
 
 /// Builds the agent request for `command`, enforcing which commands each spec version defines.
 pub fn build_request(command: &Command, config: &Config) -> Result<Request, CniError> {
@@ -599,27 +539,28 @@ pub fn build_request(command: &Command, config: &Config) -> Result<Request, CniE
         Command::Add {
             attachment: a,
             cni_args,
-        } => Request::Add {
+        } => Request::CniAdd(CniAdd {
             container_id: a.container_id.clone(),
             ifname: a.ifname.clone(),
             netns: a.netns.clone(),
+            netns_fd: None,
             network,
             project,
-            ips: requested_ips(config, cni_args)?.iter().map(IpAddr::to_string).collect(),
+            ips: requested_ips(config, cni_args)?,
             mac: requested_mac(config, cni_args)?,
             pool_size: config.pool_size,
-        },
+        }),
         Command::Del {
             container_id,
             ifname,
             netns,
-        } => Request::Del {
+        } => Request::CniDel(CniDel {
             container_id: container_id.clone(),
             ifname: ifname.clone(),
             netns: netns.clone(),
             network,
             project,
-        },
+        }),
         Command::Check(a) => {
             if v < SpecVersion::V040 {
                 return too_old(SpecVersion::V040);
@@ -627,30 +568,31 @@ pub fn build_request(command: &Command, config: &Config) -> Result<Request, CniE
             let prev_result = nested(&config.raw, &["prevResult"])
                 .cloned()
                 .ok_or_else(|| invalid_config("CHECK config is missing 'prevResult'"))?;
-            Request::Check {
+            Request::CniCheck(CniCheck {
                 container_id: a.container_id.clone(),
                 ifname: a.ifname.clone(),
                 netns: a.netns.clone(),
+                netns_fd: None,
                 network,
                 project,
                 prev_result,
-            }
+            })
         }
         Command::Gc => {
             if v < SpecVersion::V110 {
                 return too_old(SpecVersion::V110);
             }
-            Request::Gc {
+            Request::CniGc(CniGc {
                 network,
                 project,
                 valid: valid_attachments(config)?,
-            }
+            })
         }
         Command::Status => {
             if v < SpecVersion::V110 {
                 return too_old(SpecVersion::V110);
             }
-            Request::Status
+            Request::CniStatus
         }
         Command::Version => return Err(CniError::new(code::INVALID_ENV, "VERSION does not talk to the agent")),
     })
@@ -845,7 +787,7 @@ pub fn map_agent_error(op: Op, status: Option<u64>, cni_code: Option<u64>) -> u3
     match status {
         Some(409 | 429 | 502 | 503 | 504) => code::TRY_AGAIN_LATER,
         Some(400..=499) => code::INVALID_CONFIG,
-        _ => code::AGENT_FAILURE,
+        _ => code::ATTACH_FAILED,
     }
 }
 
@@ -907,29 +849,7 @@ fn finish_inner(call: &Call, reply: Result<String, TransportError>) -> Result<St
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct AgentIp {
-    address: String,
-    gateway: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct AgentRoute {
-    destination: String,
-    nexthop: Option<String>,
-}
-
-/// The agent's `cni_add` success reply (extra keys such as `port_id` are ignored).
-#[derive(Debug, Deserialize)]
-struct AgentAdd {
-    interface: Option<String>,
-    host_interface: Option<String>,
-    mac: Option<String>,
-    ips: Option<Vec<AgentIp>>,
-    routes: Option<Vec<AgentRoute>>,
-    dns_nameservers: Option<Vec<String>>,
-    mtu: Option<u32>,
-}
+use isthmus_wire::socket::AttachReply;
 
 #[derive(Serialize)]
 struct ResultInterface {
@@ -1006,7 +926,7 @@ fn add_result(
     netns: &str,
     prev: Option<&Value>,
 ) -> Result<Value, CniError> {
-    let agent: AgentAdd = serde_json::from_value(Value::Object(reply.clone()))
+    let agent: AttachReply = serde_json::from_value(Value::Object(reply.clone()))
         .map_err(|e| decode_error("the isthmus agent's ADD reply is malformed").with_details(e.to_string()))?;
     let mut interfaces = array_of(prev, "interfaces");
     if let Some(host) = non_empty(agent.host_interface) {

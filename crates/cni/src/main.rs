@@ -122,19 +122,27 @@ fn open_netns(path: &str) -> Result<std::fs::File, CniError> {
 /// runtime's `/run/netns/...` bind mount is not visible. So the plugin opens the namespace and
 /// adds `netns_fd`, a `/proc/<pid>/fd/<n>` path that reaches it through this process.
 fn pass_netns(call: &mut Call) -> Result<Option<std::fs::File>, CniError> {
+    use isthmus_cni::Request;
     use std::os::fd::AsRawFd;
-    let Ok(mut req) = serde_json::from_str::<serde_json::Value>(&call.request) else {
+    let Some(mut req) = serde_json::from_str(&call.request)
+        .ok()
+        .and_then(|v| Request::from_json(&v).ok())
+    else {
         return Ok(None);
     };
-    if !matches!(req["op"].as_str(), Some("cni_add" | "cni_check")) {
-        return Ok(None);
-    }
-    let Some(path) = req["netns"].as_str() else {
-        return Ok(None);
+    let (netns, netns_fd) = match &mut req {
+        Request::CniAdd(a) => (&a.netns, &mut a.netns_fd),
+        Request::CniCheck(c) => (&c.netns, &mut c.netns_fd),
+        _ => return Ok(None),
     };
-    let file = open_netns(path)?;
-    req["netns_fd"] = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()).into();
-    call.request = format!("{req}\n");
+    let file = open_netns(netns)?;
+    *netns_fd = Some(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()));
+    call.request = serde_json::to_string(&req).map_err(|e| {
+        CniError::new(
+            isthmus_cni::code::DECODE_FAILURE,
+            format!("cannot encode the agent request: {e}"),
+        )
+    })? + "\n";
     Ok(Some(file))
 }
 

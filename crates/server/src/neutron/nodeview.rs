@@ -25,7 +25,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use isthmus_model::{keys, Network, Node, Port, Subnet};
 use isthmus_store::Revision;
-use serde_json::{json, Value};
+use isthmus_wire::stream::{Message, NodeInfo, Object, ObjectValue};
+use serde::de::DeserializeOwned;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -156,9 +157,16 @@ fn trim(s: &mut Session) {
 /// One object of a node's view: its store key, the revision it was written at, and its value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ViewObject {
-    pub kind: &'static str,
     pub revision: Revision,
-    pub value: Value,
+    pub value: ObjectValue,
+}
+
+/// The Neutron rendering, typed for the stream (lossless: attributes nodes do not use are
+/// carried as they are).
+fn typed<T: DeserializeOwned>(key: &str, rendered: serde_json::Value) -> Option<T> {
+    serde_json::from_value(rendered)
+        .inspect_err(|e| tracing::warn!(key, error = %e, "left out of node views: unexpected rendering"))
+        .ok()
 }
 
 /// The node's view as of the cache's current state, keyed by store key.
@@ -187,80 +195,85 @@ pub fn compute(cache: &Cache, host: &str) -> BTreeMap<String, ViewObject> {
             if !p.binding_host_id.is_empty() {
                 hosts.insert(&p.binding_host_id);
             }
-            out.insert(
-                k.clone(),
-                ViewObject {
-                    kind: "port",
-                    revision: *rev,
-                    value: p.to_api(true),
-                },
-            );
+            if let Some(v) = typed(k, p.to_api(true)) {
+                out.insert(
+                    k.clone(),
+                    ViewObject {
+                        revision: *rev,
+                        value: ObjectValue::Port(v),
+                    },
+                );
+            }
         }
     }
     for net in &nets {
         let k = keys::resource("networks", net);
         if let Some((n, rev)) = cache.get_json::<Network>(&k) {
-            out.insert(
-                k,
-                ViewObject {
-                    kind: "network",
-                    revision: rev,
-                    value: n.to_api(true),
-                },
-            );
+            if let Some(v) = typed(&k, n.to_api(true)) {
+                out.insert(
+                    k,
+                    ViewObject {
+                        revision: rev,
+                        value: ObjectValue::Network(v),
+                    },
+                );
+            }
         }
     }
     for kv in cache.list(&keys::collection("subnets")) {
         if let Ok(s) = serde_json::from_slice::<Subnet>(&kv.value) {
             if nets.contains(s.network_id.as_str()) {
-                out.insert(
-                    kv.key.clone(),
-                    ViewObject {
-                        kind: "subnet",
-                        revision: kv.mod_revision,
-                        value: s.to_api(),
-                    },
-                );
+                if let Some(v) = typed(&kv.key, s.to_api()) {
+                    out.insert(
+                        kv.key.clone(),
+                        ViewObject {
+                            revision: kv.mod_revision,
+                            value: ObjectValue::Subnet(v),
+                        },
+                    );
+                }
             }
         }
     }
     for h in hosts {
         let k = keys::resource("nodes", h);
         if let Some((n, rev)) = cache.get_json::<Node>(&k) {
-            let value = json!({"host": n.host, "underlay_ip": n.underlay_ip, "capabilities": n.capabilities});
-            out.insert(
-                k,
-                ViewObject {
-                    kind: "node",
-                    revision: rev,
-                    value,
-                },
-            );
+            let value = ObjectValue::Node(NodeInfo {
+                host: n.host,
+                underlay_ip: n.underlay_ip,
+                capabilities: n.capabilities,
+            });
+            out.insert(k, ViewObject { revision: rev, value });
         }
     }
     out
 }
 
-fn object_json(key: &str, o: &ViewObject) -> Value {
-    json!({"key": key, "kind": o.kind, "revision": o.revision, "value": o.value})
+fn object(key: &str, o: &ViewObject) -> Object {
+    Object {
+        key: key.to_string(),
+        revision: o.revision,
+        value: o.value.clone(),
+    }
 }
 
 /// Changes from `old` to `new`: objects to put (new or rewritten) and keys to delete.
-pub fn diff(old: &BTreeMap<String, ViewObject>, new: &BTreeMap<String, ViewObject>) -> (Vec<Value>, Vec<String>) {
+pub fn diff(old: &BTreeMap<String, ViewObject>, new: &BTreeMap<String, ViewObject>) -> (Vec<Object>, Vec<String>) {
     let put = new
         .iter()
         // By value: a node's heartbeat rewrites its record (new revision) without changing
         // what a peer sees of it, and that must not reach every peer.
         .filter(|(k, o)| old.get(*k).is_none_or(|x| x.value != o.value))
-        .map(|(k, o)| object_json(k, o))
+        .map(|(k, o)| object(k, o))
         .collect();
     let delete = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
     (put, delete)
 }
 
-fn line(v: &Value) -> Result<Bytes, Infallible> {
-    let mut s = v.to_string();
-    s.push('\n');
+fn line(m: &Message) -> Result<Bytes, Infallible> {
+    // Serializing these types cannot fail (string keys, no non-finite floats).
+    let mut s = serde_json::to_vec(m).unwrap_or_default();
+    s.push(b'\n');
     Ok(Bytes::from(s))
 }
 
@@ -272,23 +285,28 @@ fn first_message(
     since: Option<Revision>,
     rev: Revision,
     now: &BTreeMap<String, ViewObject>,
-) -> (Value, Option<Vec<String>>) {
+) -> (Message, Option<Vec<String>>) {
     if let Some(since) = since {
         if let Some(touched) = sessions.changed_since(host, since, now) {
-            let put: Vec<Value> = touched
+            let put: Vec<Object> = touched
                 .iter()
-                .filter_map(|k| now.get(k).map(|o| object_json(k, o)))
+                .filter_map(|k| now.get(k).map(|o| object(k, o)))
                 .collect();
-            let delete: Vec<&String> = touched.iter().filter(|k| !now.contains_key(*k)).collect();
+            let delete: Vec<String> = touched.iter().filter(|k| !now.contains_key(*k)).cloned().collect();
             tracing::info!(host = %host, since, revision = rev, put = put.len(), delete = delete.len(), "node watch resumed");
-            let msg = json!({"type": "resume", "since": since, "revision": rev, "put": put, "delete": delete});
+            let msg = Message::Resume {
+                since: Some(since),
+                revision: Some(rev),
+                put,
+                delete,
+            };
             return (msg, Some(touched.into_iter().collect()));
         }
         tracing::info!(host = %host, since, "cannot resume from that revision; sending a snapshot");
     }
-    let objects: Vec<Value> = now.iter().map(|(k, o)| object_json(k, o)).collect();
+    let objects: Vec<Object> = now.iter().map(|(k, o)| object(k, o)).collect();
     tracing::info!(host = %host, objects = objects.len(), revision = rev, "node watch started");
-    (json!({"type": "snapshot", "revision": rev, "objects": objects}), None)
+    (Message::Snapshot { revision: rev, objects }, None)
 }
 
 pub async fn watch(
@@ -337,17 +355,21 @@ pub async fn watch(
                     }
                     let touched: Vec<String> = put
                         .iter()
-                        .filter_map(|o| o["key"].as_str().map(str::to_string))
+                        .map(|o| o.key.clone())
                         .chain(delete.iter().cloned())
                         .collect();
-                    let msg = json!({"type": "update", "revision": rev, "put": put, "delete": delete});
+                    let msg = Message::Update {
+                        revision: Some(rev),
+                        put,
+                        delete,
+                    };
                     if tx.send(line(&msg)).await.is_err() {
                         break;
                     }
                     sessions.record(&host, gen, &sent, rev, touched);
                 }
                 _ = ping.tick() => {
-                    if tx.send(line(&json!({"type": "ping", "revision": rev}))).await.is_err() {
+                    if tx.send(line(&Message::Ping { revision: Some(rev) })).await.is_err() {
                         break;
                     }
                     sessions.record(&host, gen, &sent, rev, vec![]);
