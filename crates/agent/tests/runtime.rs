@@ -29,18 +29,13 @@ async fn call(
 }
 
 async fn token(http: &reqwest::Client, identity_url: &str, user: &str, password: &str, project: &str) -> String {
-    let body = json!({"auth": {
-        "identity": {"methods": ["password"], "password": {"user": {
-            "name": user, "domain": {"name": "Default"}, "password": password}}},
-        "scope": {"project": {"name": project, "domain": {"name": "Default"}}}}});
-    let resp = http
-        .post(format!("{identity_url}/auth/tokens"))
-        .json(&body)
-        .send()
-        .await
-        .expect("token");
-    assert_eq!(resp.status().as_u16(), 201);
-    resp.headers()["x-subject-token"].to_str().unwrap().to_string()
+    let config = isthmus_client::Config::new(identity_url, isthmus_client::Auth::password(user, password, project))
+        .identity_only();
+    let client = isthmus_client::Client::with_http(http.clone(), config);
+    match client.token(None).await {
+        Ok(t) => t.secret().to_string(),
+        Err(e) => panic!("token for {user}/{project}: {e}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,8 @@
-//! The few Keystone and Neutron calls the benchmarks need, over plain HTTP.
+//! The few Keystone and Neutron calls the benchmarks need, over the project's client; the
+//! measured port creates use its HTTP client and token directly, to stay as lean as possible.
 
-use anyhow::{anyhow, bail, Context, Result};
-use reqwest::StatusCode;
-use serde_json::{json, Value};
+use anyhow::{anyhow, Context, Result};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -28,115 +28,87 @@ pub fn snippet(body: &str) -> String {
     }
 }
 
-/// A project-scoped admin token (Keystone v3 password auth).
-pub async fn admin_token(http: &reqwest::Client, identity: SocketAddr, password: &str) -> Result<String> {
-    let body = json!({"auth": {
-        "identity": {"methods": ["password"], "password": {"user": {
-            "name": "admin", "domain": {"name": "Default"}, "password": password}}},
-        "scope": {"project": {"name": "admin", "domain": {"name": "Default"}}},
-    }});
-    let resp = http
-        .post(format!("http://{identity}/v3/auth/tokens"))
-        .json(&body)
-        .send()
-        .await
-        .context("POST /v3/auth/tokens")?;
-    let status = resp.status();
-    let token = resp
-        .headers()
-        .get("x-subject-token")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    if status != StatusCode::CREATED {
-        let text = resp.text().await.unwrap_or_default();
-        bail!("POST /v3/auth/tokens: HTTP {status}: {}", snippet(&text));
-    }
-    token.ok_or_else(|| anyhow!("POST /v3/auth/tokens: no X-Subject-Token header"))
-}
-
-/// The Neutron endpoint with a token.
-#[derive(Clone)]
+/// The Neutron endpoint as the admin (Keystone v3 password auth, project scope).
 pub struct Neutron {
+    pub client: isthmus_client::Client,
     pub http: reqwest::Client,
+    /// `http://<network>/v2.0`.
     pub base: String,
+    /// The token the measured path sends as is.
     pub token: String,
 }
 
 impl Neutron {
-    pub fn new(http: reqwest::Client, network: SocketAddr, token: &str) -> Neutron {
-        Neutron {
+    /// Authenticates as the admin over `http`.
+    pub async fn login(
+        http: reqwest::Client,
+        identity: SocketAddr,
+        network: SocketAddr,
+        password: &str,
+    ) -> Result<Neutron> {
+        let config = isthmus_client::Config::new(
+            &format!("http://{identity}/v3"),
+            isthmus_client::Auth::password("admin", password, "admin"),
+        )
+        .network_url(&format!("http://{network}"));
+        let client = isthmus_client::Client::with_http(http.clone(), config);
+        let token = client.token(None).await.context("POST /v3/auth/tokens")?;
+        Ok(Neutron {
+            base: format!("{}/v2.0", client.network_url()),
+            token: token.secret().to_string(),
+            client,
             http,
-            base: format!("http://{network}/v2.0"),
-            token: token.to_string(),
-        }
+        })
     }
 
     /// The same endpoint and token over a new connection pool.
     pub fn with_own_client(&self) -> Result<Neutron> {
+        let http = http_client()?;
         Ok(Neutron {
-            http: http_client()?,
-            ..self.clone()
+            client: self.client.with_other_http(http.clone()),
+            http,
+            base: self.base.clone(),
+            token: self.token.clone(),
         })
     }
 
     /// POSTs `{resource: body}` and returns the new resource's id.
     pub async fn create(&self, collection: &str, resource: &str, body: Value) -> Result<String> {
-        let resp = self
-            .http
-            .post(format!("{}/{collection}", self.base))
-            .header("x-auth-token", &self.token)
-            .json(&json!({ resource: body }))
-            .send()
+        let created = self
+            .client
+            .neutron_create(collection, resource, &body)
             .await
+            .map_err(short)
             .with_context(|| format!("POST /v2.0/{collection}"))?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        if status != StatusCode::CREATED {
-            bail!("POST /v2.0/{collection}: HTTP {status}: {}", snippet(&text));
-        }
-        id_from(&text, resource).with_context(|| format!("POST /v2.0/{collection}: unexpected body"))
+        created
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("POST /v2.0/{collection}: no {resource}.id in the answer"))
     }
 
     pub async fn delete(&self, collection: &str, id: &str) -> Result<()> {
-        let resp = self
-            .http
-            .delete(format!("{}/{collection}/{id}", self.base))
-            .header("x-auth-token", &self.token)
-            .send()
+        self.client
+            .neutron_delete(collection, id)
             .await
-            .with_context(|| format!("DELETE /v2.0/{collection}/{id}"))?;
-        let status = resp.status();
-        if status != StatusCode::NO_CONTENT {
-            let text = resp.text().await.unwrap_or_default();
-            bail!("DELETE /v2.0/{collection}/{id}: HTTP {status}: {}", snippet(&text));
-        }
-        Ok(())
+            .map_err(short)
+            .with_context(|| format!("DELETE /v2.0/{collection}/{id}"))
     }
 
     /// GETs a path under /v2.0 and returns the JSON body.
     pub async fn get(&self, path: &str) -> Result<Value> {
-        let resp = self
-            .http
-            .get(format!("{}/{path}", self.base))
-            .header("x-auth-token", &self.token)
-            .send()
+        self.client
+            .neutron_get(path)
             .await
-            .with_context(|| format!("GET /v2.0/{path}"))?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        if status != StatusCode::OK {
-            bail!("GET /v2.0/{path}: HTTP {status}: {}", snippet(&text));
-        }
-        serde_json::from_str(&text).with_context(|| format!("GET /v2.0/{path}: body is not JSON"))
+            .map_err(short)
+            .with_context(|| format!("GET /v2.0/{path}"))
     }
 }
 
-/// `{"<resource>": {"id": "..."}}` → the id.
-pub fn id_from(body: &str, resource: &str) -> Result<String> {
-    let v: Value = serde_json::from_str(body).context("body is not JSON")?;
-    v.get(resource)
-        .and_then(|r| r.get("id"))
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("no {resource}.id in {}", snippet(body)))
+/// An API error with its body shortened.
+fn short(e: isthmus_client::Error) -> anyhow::Error {
+    match e {
+        isthmus_client::Error::Status { status, body } => anyhow!("HTTP {status}: {}", snippet(&body)),
+        other => anyhow!(other),
+    }
 }

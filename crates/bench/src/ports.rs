@@ -209,9 +209,7 @@ async fn bench_backend(
     runs: &mut Vec<Run>,
 ) -> Result<()> {
     let backend = dep.backend;
-    let http = http_client()?;
-    let token = crate::api::admin_token(&http, dep.server.identity, password).await?;
-    let api = Neutron::new(http, dep.server.network, &token);
+    let api = Neutron::login(http_client()?, dep.server.identity, dep.server.network, password).await?;
 
     if args.warmup > 0 {
         let clients = args.clients.iter().copied().max().unwrap_or(1);

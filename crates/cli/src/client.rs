@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[derive(Args)]
 pub struct ResourceCmd {
@@ -44,76 +44,50 @@ struct AuthArgs {
 }
 
 struct Session {
-    http: reqwest::Client,
-    token: String,
-    network_url: String,
+    client: isthmus_client::Client,
 }
 
 async fn login(a: &AuthArgs) -> Result<Session> {
+    use isthmus_client::{Auth, Config, Domain};
     let password = a
         .os_password
         .clone()
         .ok_or_else(|| anyhow!("no password: set OS_PASSWORD (or source the openrc that `isthmus up` wrote)"))?;
-    let http = reqwest::Client::new();
-    let body = json!({"auth": {
-        "identity": {"methods": ["password"], "password": {"user": {
-            "name": a.os_username, "domain": {"name": a.os_user_domain_name}, "password": password}}},
-        "scope": {"project": {"name": a.os_project_name, "domain": {"name": a.os_project_domain_name}}}}});
-    let url = format!("{}/auth/tokens", a.os_auth_url.trim_end_matches('/'));
-    let resp = http
-        .post(&url)
-        .json(&body)
-        .send()
+    let auth = Auth::Password {
+        user: a.os_username.clone(),
+        user_domain: Domain::Name(a.os_user_domain_name.clone()),
+        password,
+        project: a.os_project_name.clone(),
+        project_domain: Domain::Name(a.os_project_domain_name.clone()),
+    };
+    let client = isthmus_client::Client::with_http(reqwest::Client::new(), Config::new(&a.os_auth_url, auth));
+    // Authenticate now, so a wrong password or URL is reported as such.
+    client
+        .token(None)
         .await
-        .with_context(|| format!("contacting identity at {url}"))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        bail!("authentication failed ({status}): {text}");
-    }
-    let token = resp
-        .headers()
-        .get("x-subject-token")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| anyhow!("identity answered without X-Subject-Token"))?
-        .to_string();
-    let v: Value = resp.json().await.context("decoding the token response")?;
-    let network_url = v["token"]["catalog"]
-        .as_array()
-        .and_then(|c| c.iter().find(|s| s["type"] == "network"))
-        .and_then(|s| s["endpoints"].as_array())
-        .and_then(|e| e.iter().find(|e| e["interface"] == "public").or_else(|| e.first()))
-        .and_then(|e| e["url"].as_str())
-        .ok_or_else(|| anyhow!("the catalog has no network endpoint"))?
-        .trim_end_matches('/')
-        .to_string();
-    Ok(Session {
-        http,
-        token,
-        network_url,
-    })
+        .with_context(|| format!("authenticating at {}", a.os_auth_url))?;
+    Ok(Session { client })
 }
 
 impl Session {
     async fn get(&self, path: &str) -> Result<Value> {
-        let url = format!("{}/v2.0/{path}", self.network_url);
-        let resp = self
-            .http
-            .get(&url)
-            .header("X-Auth-Token", &self.token)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            let msg = v["NeutronError"]["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string());
-            bail!("{status}: {msg}");
+        match self.client.neutron_get(path).await {
+            Ok(v) => Ok(v),
+            Err(e @ isthmus_client::Error::Status { .. }) => {
+                let status = e.status().and_then(|s| reqwest::StatusCode::from_u16(s).ok());
+                let msg = e.api_message().unwrap_or_else(|| match &e {
+                    isthmus_client::Error::Status { body, .. } => {
+                        serde_json::from_str::<Value>(body).unwrap_or(Value::Null).to_string()
+                    }
+                    _ => e.to_string(),
+                });
+                match status {
+                    Some(s) => bail!("{s}: {msg}"),
+                    None => bail!("{msg}"),
+                }
+            }
+            Err(e) => Err(anyhow!(e)).with_context(|| format!("GET {}/v2.0/{path}", self.client.network_url())),
         }
-        Ok(v)
     }
 }
 

@@ -661,22 +661,13 @@ pub async fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 }
 
 pub async fn token(http: &reqwest::Client, identity_url: &str, user: &str, password: &str, project: &str) -> String {
-    let body = json!({"auth": {
-        "identity": {"methods": ["password"], "password": {"user": {
-            "name": user, "domain": {"name": "Default"}, "password": password}}},
-        "scope": {"project": {"name": project, "domain": {"name": "Default"}}}}});
-    let resp = http
-        .post(format!("{identity_url}/auth/tokens"))
-        .json(&body)
-        .send()
-        .await
-        .expect("token request");
-    assert_eq!(resp.status().as_u16(), 201, "token for {user}/{project}");
-    resp.headers()
-        .get("x-subject-token")
-        .and_then(|v| v.to_str().ok())
-        .expect("X-Subject-Token")
-        .to_string()
+    let config = isthmus_client::Config::new(identity_url, isthmus_client::Auth::password(user, password, project))
+        .identity_only();
+    let client = isthmus_client::Client::with_http(http.clone(), config);
+    match client.token(None).await {
+        Ok(t) => t.secret().to_string(),
+        Err(e) => panic!("token for {user}/{project}: {e}"),
+    }
 }
 
 pub async fn call(http: &reqwest::Client, method: Method, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {

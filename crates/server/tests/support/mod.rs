@@ -247,25 +247,13 @@ pub async fn issue_token(
     password: &str,
     project: &str,
 ) -> String {
-    let body = json!({"auth": {
-        "identity": {"methods": ["password"], "password": {"user": {
-            "name": user, "domain": {"name": "Default"}, "password": password}}},
-        "scope": {"project": {"name": project, "domain": {"name": "Default"}}}}});
-    let resp = http
-        .post(format!("{identity_url}/auth/tokens"))
-        .json(&body)
-        .send()
-        .await
-        .expect("token request sent");
-    let status = resp.status();
-    let token = resp
-        .headers()
-        .get("x-subject-token")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let text = resp.text().await.unwrap_or_default();
-    assert_eq!(status, StatusCode::CREATED, "token for {user}/{project}: {text}");
-    token.expect("X-Subject-Token header")
+    let config = isthmus_client::Config::new(identity_url, isthmus_client::Auth::password(user, password, project))
+        .identity_only();
+    let client = isthmus_client::Client::with_http(http.clone(), config);
+    match client.token(None).await {
+        Ok(t) => t.secret().to_string(),
+        Err(e) => panic!("token for {user}/{project}: {e}"),
+    }
 }
 
 /// Sends one request; the body comes back as JSON (`Null` when empty, a string when not JSON).
