@@ -81,3 +81,78 @@ async fn no_server_is_unreachable_after_retries() {
         started.elapsed()
     );
 }
+
+/// A server that issues a token, then reads each API request and closes the connection
+/// without answering (as a server that dies mid-request does). Counts the API requests.
+fn dropping_server() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The head, then as much body as Content-Length says.
+            let body_len = loop {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break None,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+                let text = String::from_utf8_lossy(&req).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    break Some(end + 4 + len);
+                }
+            };
+            let Some(total) = body_len else { continue };
+            while req.len() < total {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            if req.starts_with(b"POST /v3/auth/tokens") {
+                let _ = c.write_all(
+                    b"HTTP/1.1 201 Created\r\nX-Subject-Token: t1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                );
+            } else {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn only_idempotent_calls_are_sent_again_after_a_lost_answer() {
+    let (addr, seen) = dropping_server();
+    let config =
+        Config::new(&format!("http://{addr}/v3"), Auth::password("a", "b", "c")).network_url(&format!("http://{addr}"));
+    let c = Client::new(config).unwrap();
+    // A create may have been done by the server: sending it again could create a second one.
+    let e = c
+        .neutron_create("networks", "network", &json!({"name": "x"}))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unreachable(_)), "{e}");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1, "POST sent once");
+    // A read is safe to repeat.
+    let e = c.neutron_get("networks").await.unwrap_err();
+    assert!(matches!(e, Error::Unreachable(_)), "{e}");
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        4,
+        "GET sent three times"
+    );
+}
