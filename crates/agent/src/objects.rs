@@ -1,8 +1,10 @@
 //! The node's copy of its slice of the topology, as the server's node stream delivers it, and
 //! the pure functions that turn it into a [`NodeView`] and into what attaching a port needs.
 //!
-//! Values are the Neutron API JSON the server sends; anything malformed is skipped (with the
-//! rest of the view still usable) rather than failing the whole view.
+//! Values are typed by kind ([`isthmus_wire::stream`]); a message that does not parse is
+//! refused as a whole and changes nothing. Within a parsed value, what cannot be used (a port
+//! without a MAC, a network without a VNI, an unparsable address) is skipped, with the rest of
+//! the view still usable.
 
 use crate::kernel::HostRoute;
 use crate::view::{LocalPort, NetworkInfo, NodeView, PortKind, RemotePort};
