@@ -85,6 +85,8 @@ pub async fn serve(
             drop(permit);
         });
     }
+    // Refuse new connections while the open ones finish.
+    drop(listener);
     while conns.join_next().await.is_some() {}
 }
 
