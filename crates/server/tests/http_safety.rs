@@ -600,8 +600,9 @@ async fn a_thousand_half_open_connections_per_listener_do_not_stall_real_clients
     for port in [id_port, net_port] {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         for i in 0..1000 {
-            let mut c = TcpStream::connect(addr)
+            let mut c = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
                 .await
+                .unwrap_or_else(|_| panic!("{addr} stopped accepting: connection {i} not accepted within 5 s"))
                 .unwrap_or_else(|e| panic!("connection {i} to {addr}: {e}"));
             c.write_all(b"POST /v3/auth/tokens HTTP/1.1\r\nHost: x\r\nContent-Le")
                 .await
@@ -774,10 +775,18 @@ async fn a_wildcard_listen_address_is_never_advertised() {
         format!("0.0.0.0:{net_port}"),
     ];
     let mut child = spawn_server(work.path(), &listen);
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("wait");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a wildcard listen without a public URL started and kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(!status.success(), "a wildcard listen without a public URL started");
     let log = std::fs::read_to_string(work.path().join("server.log")).unwrap_or_default();
     assert!(log.contains("--identity-public-url"), "{log}");
@@ -827,4 +836,37 @@ async fn a_wildcard_listen_address_is_never_advertised() {
     assert!(text.contains(&format!("{network_public}v2.0/")), "{text}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_until_a_slot_frees() {
+    let server = TestServer::start_with(Backend::Embedded, |c| {
+        c.max_connections = 3;
+        c.header_read_timeout_secs = 2;
+    })
+    .await;
+    let addr = server.network_addr;
+    let mut silent = vec![];
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = TcpStream::connect(addr).await.expect("connect (kernel queue)");
+    fourth
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 4096];
+    let early = tokio::time::timeout(Duration::from_millis(1000), fourth.read(&mut buf)).await;
+    assert!(early.is_err(), "a connection beyond the cap was served");
+    // The silent ones hit the header timeout, and the waiting one gets its turn.
+    let n = tokio::time::timeout(Duration::from_secs(5), fourth.read(&mut buf))
+        .await
+        .expect("served once a slot freed")
+        .expect("read");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
 }
