@@ -117,12 +117,39 @@ struct ServerArgs {
     /// Network (Neutron v2.0) listen address.
     #[arg(long, env = "ISTHMUS_NETWORK_LISTEN")]
     network_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    public: PublicUrls,
     /// Password of the bootstrap admin user (used only when it does not exist yet).
     #[arg(long, env = "ISTHMUS_ADMIN_PASSWORD", hide_env_values = true)]
     admin_password: Option<String>,
     /// Token lifetime, seconds.
     #[arg(long, env = "ISTHMUS_TOKEN_TTL")]
     token_ttl: Option<u64>,
+}
+
+/// The URLs the catalog advertises. Required with a wildcard listen address (0.0.0.0, ::),
+/// which clients and agents cannot connect to.
+#[derive(Args)]
+struct PublicUrls {
+    /// Identity URL clients and agents use, e.g. http://10.0.0.5:5000/v3 (`/v3` is added if
+    /// missing). Default: derived from --identity-listen.
+    #[arg(long, env = "ISTHMUS_IDENTITY_PUBLIC_URL")]
+    identity_public_url: Option<String>,
+    /// Network API URL clients and agents use, e.g. http://10.0.0.5:9696/. Default: derived
+    /// from --network-listen.
+    #[arg(long, env = "ISTHMUS_NETWORK_PUBLIC_URL")]
+    network_public_url: Option<String>,
+}
+
+impl PublicUrls {
+    fn apply(self, config: &mut Config) {
+        if let Some(u) = self.identity_public_url {
+            config.identity_public_url = Some(u);
+        }
+        if let Some(u) = self.network_public_url {
+            config.network_public_url = Some(u);
+        }
+    }
 }
 
 #[derive(Args)]
@@ -137,6 +164,8 @@ struct UpArgs {
     identity_listen: std::net::SocketAddr,
     #[arg(long, env = "ISTHMUS_NETWORK_LISTEN", default_value = "127.0.0.1:9696")]
     network_listen: std::net::SocketAddr,
+    #[command(flatten)]
+    public: PublicUrls,
     /// Do not run a node agent for this machine (by default, as root, `up` runs one).
     #[arg(long)]
     no_agent: bool,
@@ -200,6 +229,7 @@ async fn run_server(args: ServerArgs) -> Result<()> {
     if let Some(t) = args.token_ttl {
         config.token_ttl_secs = t;
     }
+    args.public.apply(&mut config);
     let store = open_store(&args.store).await?;
     let handle = isthmus_server::start(config, store).await?;
     tokio::select! {
@@ -257,12 +287,13 @@ async fn run_up(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let password = up_password(&args.data_dir, args.admin_password)?;
-    let config = Config {
+    let mut config = Config {
         identity_listen: args.identity_listen,
         network_listen: args.network_listen,
         admin_password: Some(password.clone()),
         ..Config::default()
     };
+    args.public.apply(&mut config);
     let store = open_store(&StoreArgs {
         store: "embedded".into(),
         data_dir: args.data_dir.clone(),
@@ -336,12 +367,38 @@ async fn run_up(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
+/// Raises the soft open-file limit to the hard one: every connection is a descriptor, and the
+/// usual soft default (1024) would cap the server far below its connection limit.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "reading the open-file limit");
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "raising the open-file limit");
+            } else {
+                tracing::debug!(from = old, to = lim.rlim_cur, "raised the open-file limit");
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     let needs_logs = matches!(cli.cmd, Cmd::Server(_) | Cmd::Up(_) | Cmd::Agent(_));
     if needs_logs {
         init_logging();
+        raise_nofile_limit();
     }
     let res = match cli.cmd {
         Cmd::Server(a) => run_server(a).await,

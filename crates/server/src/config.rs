@@ -43,6 +43,16 @@ pub struct Config {
     pub max_tags_per_resource: usize,
     /// Longest tag, in characters.
     pub max_tag_length: usize,
+    /// A client must send a request's headers within this many seconds (of connecting, or of
+    /// the request's first byte on a kept-alive connection).
+    pub header_read_timeout_secs: u64,
+    /// A request's body must arrive within this many seconds of its headers.
+    pub body_read_timeout_secs: u64,
+    /// A connection with no request running and no traffic for this long is closed. Node
+    /// watch streams ping more often than this.
+    pub idle_timeout_secs: u64,
+    /// Connections served at once per listener; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -67,6 +77,10 @@ impl Default for Config {
             max_allowed_address_pair: 10,
             max_tags_per_resource: 50,
             max_tag_length: 60,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 30,
+            idle_timeout_secs: 60,
+            max_connections: 4096,
         }
     }
 }
@@ -94,6 +108,10 @@ impl std::fmt::Debug for Config {
             .field("max_allowed_address_pair", &self.max_allowed_address_pair)
             .field("max_tags_per_resource", &self.max_tags_per_resource)
             .field("max_tag_length", &self.max_tag_length)
+            .field("header_read_timeout_secs", &self.header_read_timeout_secs)
+            .field("body_read_timeout_secs", &self.body_read_timeout_secs)
+            .field("idle_timeout_secs", &self.idle_timeout_secs)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -125,22 +143,76 @@ impl Config {
         if self.agent_down_secs <= 0 {
             return Err("agent_down_secs must be positive".into());
         }
+        if self.header_read_timeout_secs == 0 || self.body_read_timeout_secs == 0 || self.idle_timeout_secs == 0 {
+            return Err(
+                "header_read_timeout_secs, body_read_timeout_secs and idle_timeout_secs must be positive".into(),
+            );
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be positive".into());
+        }
+        check_advertised("identity", self.identity_listen, self.identity_public_url.as_deref())?;
+        check_advertised("network", self.network_listen, self.network_public_url.as_deref())?;
         Ok(())
     }
 
+    /// The network endpoint as advertised: always ending in `/`.
     pub fn network_url(&self, bound: Option<SocketAddr>) -> String {
-        self.network_public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}/", bound.unwrap_or(self.network_listen)))
+        match &self.network_public_url {
+            Some(u) => format!("{}/", u.trim_end_matches('/')),
+            None => format!("http://{}/", bound.unwrap_or(self.network_listen)),
+        }
     }
+    /// The identity v3 URL as advertised: the public URL given with or without its `/v3`.
     pub fn identity_url(&self, bound: Option<SocketAddr>) -> String {
-        self.identity_public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}/v3", bound.unwrap_or(self.identity_listen)))
+        match &self.identity_public_url {
+            Some(u) => {
+                let u = u.trim_end_matches('/');
+                if u.ends_with("/v3") {
+                    u.to_string()
+                } else {
+                    format!("{u}/v3")
+                }
+            }
+            None => format!("http://{}/v3", bound.unwrap_or(self.identity_listen)),
+        }
     }
     pub fn tenant_mtu(&self) -> u32 {
         self.underlay_mtu.saturating_sub(50)
     }
+}
+
+/// Clients find the services through the catalog, so an address they cannot connect to
+/// (a wildcard, or no URL at all) must never be advertised.
+fn check_advertised(service: &str, listen: SocketAddr, public: Option<&str>) -> Result<(), String> {
+    let flag = format!("--{service}-public-url (config: {service}_public_url)");
+    let Some(url) = public else {
+        if listen.ip().is_unspecified() {
+            return Err(format!(
+                "{service}_listen {listen} is a wildcard address, which clients cannot connect to: \
+                 set the URL they should use with {flag}"
+            ));
+        }
+        return Ok(());
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{flag}: '{url}' is not an http:// or https:// URL"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    if host.is_empty() {
+        return Err(format!("{flag}: '{url}' has no host"));
+    }
+    if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+        return Err(format!(
+            "{flag}: '{url}' is a wildcard address, which clients cannot connect to"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -171,6 +243,39 @@ mod tests {
         ];
         for c in bad {
             assert!(c.validate().is_err(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn wildcard_listen_needs_a_public_url() {
+        let wild = Config {
+            identity_listen: "0.0.0.0:5000".parse().expect("addr"),
+            network_listen: "[::]:9696".parse().expect("addr"),
+            ..Config::default()
+        };
+        let e = wild.validate().expect_err("wildcard without a public URL");
+        assert!(e.contains("--identity-public-url"), "{e}");
+        let e = Config {
+            identity_public_url: Some("http://10.0.0.5:5000/v3".into()),
+            ..wild.clone()
+        }
+        .validate()
+        .expect_err("network still a wildcard");
+        assert!(e.contains("--network-public-url"), "{e}");
+        let ok = Config {
+            identity_public_url: Some("http://10.0.0.5:5000".into()),
+            network_public_url: Some("http://[2001:db8::5]:9696".into()),
+            ..wild.clone()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(ok.identity_url(None), "http://10.0.0.5:5000/v3");
+        assert_eq!(ok.network_url(None), "http://[2001:db8::5]:9696/");
+        for bad in ["http://0.0.0.0:9696/", "http://[::]:9696", "ftp://x/", "http:///v2.0"] {
+            let c = Config {
+                network_public_url: Some(bad.into()),
+                ..ok.clone()
+            };
+            assert!(c.validate().is_err(), "{bad} accepted");
         }
     }
 

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod config;
 pub mod identity;
 pub mod neutron;
+mod serve;
 pub mod time;
 
 use anyhow::Context;
@@ -94,22 +95,31 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
 
     let id_router = identity::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
     let net_router = neutron::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
+    let limits = serve::Limits {
+        header_read: std::time::Duration::from_secs(config.header_read_timeout_secs),
+        body_read: std::time::Duration::from_secs(config.body_read_timeout_secs),
+        idle: std::time::Duration::from_secs(config.idle_timeout_secs),
+        max_connections: config.max_connections,
+    };
     let mut tasks = Vec::new();
-    for (listener, router, name) in [
-        (id_listener, id_router, "identity"),
-        (net_listener, net_router, "network"),
+    for (listener, router, on_body_timeout, name) in [
+        (
+            id_listener,
+            id_router,
+            identity_body_timeout as serve::TimeoutResponse,
+            "identity",
+        ),
+        (net_listener, net_router, network_body_timeout, "network"),
     ] {
-        let mut rx = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let res = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = res {
-                tracing::error!(listener = name, error = %e, "listener failed");
-            }
-        }));
+        let rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(serve::serve(
+            listener,
+            router,
+            limits,
+            on_body_timeout,
+            rx,
+            name,
+        )));
     }
     tracing::info!(%identity_addr, %network_addr, "isthmus server listening");
     Ok(ServerHandle {
@@ -119,4 +129,21 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         shutdown,
         tasks,
     })
+}
+
+const BODY_TIMEOUT_MESSAGE: &str = "The request body was not received in time.";
+
+fn identity_body_timeout() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    identity::error::ApiError::new(axum::http::StatusCode::REQUEST_TIMEOUT, BODY_TIMEOUT_MESSAGE).into_response()
+}
+
+fn network_body_timeout() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    neutron::ApiError(isthmus_model::NeutronError::new(
+        408,
+        "HTTPRequestTimeout",
+        BODY_TIMEOUT_MESSAGE,
+    ))
+    .into_response()
 }

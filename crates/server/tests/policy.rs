@@ -416,7 +416,7 @@ async fn others_on_a_shared_network_may_not_choose_addresses_macs_pairs_security
             "ports",
             "port",
             json!({"network_id": net, "project_id": guest.project_id, "mac_address": "fa:16:3e:00:00:09",
-                   "fixed_ips": [{"ip_address": "10.9.0.9"}]}),
+                   "fixed_ips": [{"ip_address": "10.9.0.209"}]}),
         )
         .await;
 

@@ -177,8 +177,34 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(tags::one_tag).put(tags::one_tag).delete(tags::one_tag),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_request(head_as_get))
         .with_state(state)
+}
+
+/// HEAD is served as a GET whose body hyper does not send. Rewritten before routing, so
+/// handlers that serve several methods only ever see the ones their route names, and a route
+/// without GET answers HEAD with 405.
+async fn head_as_get(mut req: axum::extract::Request) -> axum::extract::Request {
+    if req.method() == Method::HEAD {
+        *req.method_mut() = Method::GET;
+        req.extensions_mut().insert(HeadRequest);
+    }
+    req
+}
+
+/// Marks a GET that was a HEAD, for handlers whose GET starts something (a node stream).
+#[derive(Clone, Copy, Debug)]
+pub struct HeadRequest;
+
+/// 405 for a method the route does not serve; axum adds the `Allow` header.
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError(NeutronError::new(
+        405,
+        "HTTPMethodNotAllowed",
+        format!("The method {method} is not allowed for this resource."),
+    ))
 }
 
 async fn not_found() -> ApiError {
@@ -280,21 +306,23 @@ pub fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, NeutronE
     serde_json::from_slice(&bytes).map_err(|e| NeutronError::bad_request(format!("Malformed request body: {e}")))
 }
 
-/// `If-Match: revision_number=N`, if present.
+/// `If-Match: revision_number=N`, if present. A value that is no revision can never match:
+/// 412, as Neutron answers a failed constraint.
 fn if_match(headers: &HeaderMap) -> Result<Option<u64>, NeutronError> {
     let Some(v) = headers.get("if-match") else {
         return Ok(None);
     };
-    let s = v
-        .to_str()
-        .map_err(|_| NeutronError::bad_request("Invalid If-Match header"))?;
+    let failed = |shown: &str| {
+        NeutronError::new(
+            412,
+            "PreconditionFailed",
+            format!("Invalid If-Match constraint: {shown}"),
+        )
+    };
+    let s = v.to_str().map_err(|_| failed("not ASCII"))?;
     for part in s.split(',') {
         if let Some(n) = part.trim().strip_prefix("revision_number=") {
-            return n
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| NeutronError::bad_request(format!("Invalid If-Match header: {s}")));
+            return n.trim().parse().map(Some).map_err(|_| failed(s));
         }
     }
     Ok(None)

@@ -53,6 +53,9 @@ struct Session {
     floor: Revision,
     /// Keys each update touched, oldest first.
     log: VecDeque<(Revision, Vec<String>)>,
+    /// Held by the stream that owns the record; dropping it ends that stream, so a node has
+    /// at most one stream (each costs a view computation per change).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Sessions {
@@ -90,12 +93,14 @@ impl Sessions {
 
     /// A new stream for `host` took over: it owns the record from now on.
     /// `resumed` carries the keys the resume message touched; `None` after a snapshot.
+    /// The node's previous stream, if any, ends.
     fn start(
         &self,
         host: &str,
         view: &BTreeMap<String, ViewObject>,
         revision: Revision,
         resumed: Option<Vec<String>>,
+        stop: tokio::sync::oneshot::Sender<()>,
     ) -> u64 {
         let gen = self.next_gen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut m = self.lock();
@@ -107,6 +112,7 @@ impl Sessions {
                 s.gen = gen;
                 s.view = keys;
                 s.revision = revision;
+                s.stop = Some(stop);
                 trim(s);
             }
             _ => {
@@ -118,6 +124,7 @@ impl Sessions {
                         revision,
                         floor: revision,
                         log: VecDeque::new(),
+                        stop: Some(stop),
                     },
                 );
             }
@@ -143,6 +150,25 @@ impl Sessions {
         }
         s.revision = revision;
         trim(s);
+    }
+}
+
+impl Sessions {
+    /// The stream `gen` of `host` ended: it no longer owns the record (kept for resuming).
+    fn end(&self, host: &str, gen: u64) {
+        if let Some(s) = self.lock().get_mut(host).filter(|s| s.gen == gen) {
+            s.stop = None;
+        }
+    }
+
+    /// Streams open now, over all nodes: at most one per node.
+    pub fn open_streams(&self) -> usize {
+        self.lock().values().filter(|s| s.stop.is_some()).count()
+    }
+
+    /// Nodes with a resume record (one per node that ever streamed, whatever the streams).
+    pub fn nodes(&self) -> usize {
+        self.lock().len()
     }
 }
 
@@ -314,9 +340,14 @@ pub async fn watch(
     headers: HeaderMap,
     Path(host): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    head: Option<axum::Extension<super::HeadRequest>>,
 ) -> ApiResult<Response> {
     let auth = authenticate(&state, &headers).await?;
     require_node(&auth, &host, &format!("watch {host}'s view"))?;
+    if head.is_some() {
+        // A HEAD must not start a stream: that would end the node's real one.
+        return Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/x-ndjson")]).into_response());
+    }
     let since = match query.get("since") {
         None => None,
         Some(s) => Some(
@@ -333,18 +364,28 @@ pub async fn watch(
         let mut rev = *changes.borrow_and_update();
         let mut sent = compute(&cache, &host);
         let (first, touched) = first_message(sessions, &host, since, rev, &sent);
-        let gen = sessions.start(&host, &sent, rev, touched);
+        let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
+        let gen = sessions.start(&host, &sent, rev, touched, stop_tx);
         if tx.send(line(&first)).await.is_err() {
+            sessions.end(&host, gen);
             return;
         }
-        // One ticker for the stream's life: a busy cache must not keep postponing pings.
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        // One ticker for the stream's life: a busy cache must not keep postponing pings. Often
+        // enough that the connection's idle timeout never sees a quiet stream.
+        let every = PING_EVERY.min(Duration::from_secs(st.config.idle_timeout_secs) / 3);
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // A newer stream of this node took over (or the client left): end this one.
+                _ = &mut stop => {
+                    tracing::info!(host = %host, "node watch replaced by a newer one");
+                    break;
+                }
+                _ = tx.closed() => break,
                 changed = changes.changed() => {
                     if changed.is_err() {
-                        return;
+                        break;
                     }
                     rev = *changes.borrow_and_update();
                     let now = compute(&cache, &host);
@@ -376,6 +417,7 @@ pub async fn watch(
                 }
             }
         }
+        sessions.end(&host, gen);
         tracing::info!(host = %host, "node watch ended");
     });
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
