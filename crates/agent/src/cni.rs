@@ -176,6 +176,13 @@ impl Pools {
     }
 
     /// An ADD is running or ran within the last [`LULL`].
+    /// The server answers again: refills that backed off while it did not are due at once,
+    /// rather than after a back-off that grew during the outage (up to a minute).
+    pub(crate) fn retry_refills_now(&self) {
+        self.lock().backoff.clear();
+        self.wake.notify_one();
+    }
+
     fn busy(&self) -> bool {
         self.adds.load(std::sync::atomic::Ordering::Relaxed) > 0
             || self.lock().last_add.is_some_and(|t| t.elapsed() < LULL)
@@ -733,14 +740,6 @@ impl<K: Kernel + 'static> Agent<K> {
             if waiting {
                 continue;
             }
-            let free = {
-                let pools = self.pools.lock();
-                ports
-                    .iter()
-                    .filter(|p| p.container_id.is_empty() && p.project_id == key.0 && p.network_id == key.1)
-                    .filter(|p| !pools.mine.contains(&p.id))
-                    .count()
-            };
             let size = self
                 .pools
                 .lock()
@@ -748,6 +747,35 @@ impl<K: Kernel + 'static> Agent<K> {
                 .get(&key)
                 .copied()
                 .unwrap_or(self.config.pool_size);
+            let busy = self.pools.busy();
+            let (free, surplus) = {
+                let mut pools = self.pools.lock();
+                let free: Vec<&CniPort> = ports
+                    .iter()
+                    .filter(|p| p.container_id.is_empty() && p.project_id == key.0 && p.network_id == key.1)
+                    .filter(|p| !pools.mine.contains(&p.id) && !pools.claiming.contains(&p.id))
+                    .collect();
+                // More than the pool's size: a refill whose answer was lost (a stopped or
+                // unreachable server may still commit it). Taken out of reach of ADDs before
+                // they are deleted, so none is handed out and deleted at once.
+                let surplus: Vec<String> = if free.len() > size && !busy {
+                    free[size..].iter().map(|p| p.id.clone()).collect()
+                } else {
+                    vec![]
+                };
+                pools.mine.extend(surplus.iter().cloned());
+                (free.len(), surplus)
+            };
+            for id in &surplus {
+                match self.client.delete_port(id).await {
+                    Ok(()) => info!(network = %key.1, port = %id, "surplus pool port deleted"),
+                    Err(e) => {
+                        // Free again, so a later round retries.
+                        self.pools.lock().mine.remove(id);
+                        warn!(network = %key.1, port = %id, error = %e, "deleting a surplus pool port failed");
+                    }
+                }
+            }
             let missing = size.saturating_sub(free);
             if missing == 0 {
                 continue;

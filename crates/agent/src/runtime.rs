@@ -425,15 +425,24 @@ impl<K: Kernel + 'static> Agent<K> {
 
     async fn heartbeat_loop(self: Arc<Self>) {
         let mut restarted = true;
+        let mut failing = false;
         loop {
             match self.client.heartbeat(self.config.underlay_ip, &[], restarted).await {
                 Ok(()) => {
                     if restarted {
                         info!("registered with the server");
                     }
+                    if failing {
+                        info!("the server answers heartbeats again");
+                        self.pools.retry_refills_now();
+                    }
                     restarted = false;
+                    failing = false;
                 }
-                Err(e) => warn!(error = %e, "heartbeat failed"),
+                Err(e) => {
+                    failing = true;
+                    warn!(error = %e, "heartbeat failed");
+                }
             }
             // Until registered, retry sooner.
             let wait = if restarted {
