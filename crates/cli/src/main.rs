@@ -291,6 +291,8 @@ async fn run_up(args: UpArgs) -> Result<()> {
         identity_listen: args.identity_listen,
         network_listen: args.network_listen,
         admin_password: Some(password.clone()),
+        // This machine's own agent heartbeats with 127.0.0.1.
+        allow_loopback_underlay: true,
         ..Config::default()
     };
     args.public.apply(&mut config);

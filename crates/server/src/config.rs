@@ -53,6 +53,9 @@ pub struct Config {
     pub idle_timeout_secs: u64,
     /// Connections served at once per listener; more wait to be accepted.
     pub max_connections: usize,
+    /// Accept a loopback underlay address in node heartbeats: only for a single-machine
+    /// deployment (`isthmus up`), where no tunnel ever leaves the host.
+    pub allow_loopback_underlay: bool,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             body_read_timeout_secs: 30,
             idle_timeout_secs: 60,
             max_connections: 4096,
+            allow_loopback_underlay: false,
         }
     }
 }
@@ -112,6 +116,7 @@ impl std::fmt::Debug for Config {
             .field("body_read_timeout_secs", &self.body_read_timeout_secs)
             .field("idle_timeout_secs", &self.idle_timeout_secs)
             .field("max_connections", &self.max_connections)
+            .field("allow_loopback_underlay", &self.allow_loopback_underlay)
             .finish()
     }
 }

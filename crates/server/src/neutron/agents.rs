@@ -78,6 +78,65 @@ fn require_admin(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
     }
 }
 
+/// Most capabilities one node may announce, and the longest one.
+pub const MAX_CAPABILITIES: usize = 64;
+pub const MAX_CAPABILITY_LEN: usize = 64;
+/// Largest `binding:profile` / `vif_details` a node may report, serialized (Neutron's columns
+/// hold 4095 characters).
+const MAX_DICT_BYTES: usize = 4095;
+
+/// An underlay address other nodes can send VXLAN to: not unspecified, loopback (unless the
+/// deployment is one machine), multicast, broadcast, or an IPv6 link-local address (which
+/// needs an interface scope the address cannot carry). Anything else would have every peer
+/// tunnel its traffic to itself or to a group.
+fn check_underlay(ip: IpAddr, allow_loopback: bool) -> NResult<()> {
+    let ip = ip.to_canonical();
+    let why = match ip {
+        IpAddr::V4(v4) if v4.octets()[0] == 0 => Some("an unspecified (0.0.0.0/8) address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => Some("a link-local address"),
+        a if a.is_multicast() => Some("a multicast address"),
+        a if a.is_loopback() && !allow_loopback => Some("a loopback address"),
+        _ => None,
+    };
+    match why {
+        Some(why) => Err(NeutronError::invalid_attr(
+            "underlay_ip",
+            format!("'{ip}' is {why}; the underlay address must be one other nodes can reach"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn check_capabilities(caps: &[String]) -> NResult<()> {
+    if caps.len() > MAX_CAPABILITIES {
+        return Err(NeutronError::invalid_attr(
+            "capabilities",
+            format!("{} capabilities exceed the maximum of {MAX_CAPABILITIES}", caps.len()),
+        ));
+    }
+    for c in caps {
+        if c.is_empty() || c.chars().count() > MAX_CAPABILITY_LEN {
+            return Err(NeutronError::invalid_attr(
+                "capabilities",
+                format!("each capability must be 1 to {MAX_CAPABILITY_LEN} characters long"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_dict_size(attr: &str, v: &Option<Value>) -> NResult<()> {
+    if v.as_ref().is_some_and(|v| v.to_string().len() > MAX_DICT_BYTES) {
+        return Err(NeutronError::invalid_attr(
+            attr,
+            format!("exceeds maximum length of {MAX_DICT_BYTES} characters"),
+        ));
+    }
+    Ok(())
+}
+
 /// `PUT /isthmus/v1/nodes/{host}`: register or heartbeat. Body:
 /// `{"node": {"underlay_ip": "...", "capabilities": [...], "restarted": bool}}`.
 pub async fn heartbeat(
@@ -102,7 +161,9 @@ pub async fn heartbeat(
     let underlay: IpAddr = underlay
         .parse()
         .map_err(|_| NeutronError::invalid_attr("underlay_ip", format!("'{underlay}' is not a valid IP address")))?;
+    check_underlay(underlay, state.config.allow_loopback_underlay)?;
     let capabilities = body.string_list("capabilities")?.unwrap_or_default();
+    check_capabilities(&capabilities)?;
     let restarted = body.boolean("restarted")?.unwrap_or(false);
     body.finish()?;
     let ts = unix_now();
@@ -255,6 +316,8 @@ pub async fn port_status(
     if vif_details.as_ref().is_some_and(|v| !v.is_object()) {
         return Err(NeutronError::invalid_attr("vif_details", "must be a dictionary").into());
     }
+    check_dict_size("binding:profile", &profile)?;
+    check_dict_size("vif_details", &vif_details)?;
     body.finish()?;
     let port = retry(&ctx, |ctx| {
         let k = keys::resource("ports", &id);
@@ -282,6 +345,10 @@ pub async fn port_status(
             p.binding_vif_details = v.clone();
         }
         if let Some(v) = &device_id {
+            if p.device_id != *v {
+                // A node's report may not turn a router port into another project's.
+                super::ports::check_router_device(ctx, &p.device_owner, v, &p.project_id)?;
+            }
             changed |= p.device_id != *v;
             p.device_id = v.clone();
         }

@@ -7,7 +7,7 @@ use super::{security_groups, subnets, Kind};
 use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::{is_uuid, Body};
-use isthmus_model::{keys, AddressPair, FixedIp, Network, NeutronError, Port, StandardAttrs, Subnet};
+use isthmus_model::{keys, AddressPair, FixedIp, Network, NeutronError, Port, Router, StandardAttrs, Subnet};
 use isthmus_store::{Compare, Op, Revision};
 use rand::seq::SliceRandom;
 use serde_json::{json, Map, Value};
@@ -406,7 +406,12 @@ fn plan_ips(
             for r in reqs {
                 let (s, rev) = match (&r.subnet_id, r.ip) {
                     (Some(sid), _) => subnets.iter().find(|(s, _)| s.id == *sid).cloned().ok_or_else(|| {
-                        if is_uuid(sid) && ctx.get::<Subnet>(Kind::Subnet, sid).is_none() {
+                        // A subnet the caller cannot see answers as one that does not exist, so
+                        // the error does not reveal other projects' subnets.
+                        let visible = ctx
+                            .get::<Subnet>(Kind::Subnet, sid)
+                            .is_some_and(|(s, _)| ctx.subnet_visible(&s));
+                        if is_uuid(sid) && !visible {
                             Kind::Subnet.not_found(sid)
                         } else {
                             NeutronError::invalid_input(format!(
@@ -567,6 +572,65 @@ fn check_attributes(ctx: &Ctx<'_>, action: &str, network_project: &str, f: &Port
     Ok(())
 }
 
+/// Owners that make a port part of a router (neutron-lib's `ROUTER_INTERFACE_OWNERS` and the
+/// HA interface): its `device_id` must name a router of the port's own project.
+const ROUTER_INTERFACE_OWNERS: &[&str] = &[
+    "network:router_interface",
+    "network:router_interface_distributed",
+    "network:ha_router_replicated_interface",
+    "network:router_ha_interface",
+];
+
+/// Owners of ports that only the L3 API may delete (Neutron's `prevent_l3_port_deletion`).
+const L3_OWNERS: &[&str] = &[
+    "network:router_interface",
+    "network:router_interface_distributed",
+    "network:ha_router_replicated_interface",
+    "network:router_ha_interface",
+    "network:router_gateway",
+    "network:router_centralized_snat",
+    "network:floatingip",
+];
+
+/// Neutron's `_enforce_device_owner_not_router_intf_or_device_id`: a non-admin may not make a
+/// port a router interface of another project's router, which would keep that router from
+/// being deleted. A device id that names no router is left alone, as in Neutron.
+pub fn check_router_device(ctx: &Ctx<'_>, owner: &str, device_id: &str, port_project: &str) -> NResult<()> {
+    if ctx.admin() || device_id.is_empty() || !ROUTER_INTERFACE_OWNERS.contains(&owner) {
+        return Ok(());
+    }
+    match ctx.get::<Router>(Kind::Router, device_id) {
+        Some((r, _)) if r.project_id != port_project => Err(NeutronError::conflict(
+            "DeviceIDNotOwnedByTenant",
+            format!(
+                "The following device_id {device_id} is not owned by your tenant or matches another tenants router."
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Neutron's `prevent_l3_port_deletion`, for everyone (admins too): a router's port goes
+/// through the router API. A port without addresses, or whose router or floating IP no longer
+/// exists, is stale and may go. There are no floating IPs here, so such ports are all stale.
+fn check_l3_deletion(ctx: &Ctx<'_>, p: &Port) -> NResult<()> {
+    if !L3_OWNERS.contains(&p.device_owner.as_str()) || p.fixed_ips.is_empty() {
+        return Ok(());
+    }
+    let owner_exists =
+        p.device_owner != "network:floatingip" && ctx.get::<Router>(Kind::Router, &p.device_id).is_some();
+    if !owner_exists {
+        return Ok(());
+    }
+    Err(NeutronError::conflict(
+        "ServicePortInUse",
+        format!(
+            "Port {} cannot be deleted directly via the port API: has device owner {}.",
+            p.id, p.device_owner
+        ),
+    ))
+}
+
 /// A port created through the Neutron API, under the caller's policy.
 pub async fn create(ctx: &Ctx<'_>, body: Body) -> NResult<Port> {
     create_port(ctx, body, None, true).await
@@ -608,6 +672,12 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
     if checked {
         check_attributes(ctx, "create_port", &net.project_id, &f)?;
     }
+    check_router_device(
+        ctx,
+        f.device_owner.as_deref().unwrap_or_default(),
+        f.device_id.as_deref().unwrap_or_default(),
+        &project_id,
+    )?;
     let port_security = f.port_security.unwrap_or(net.port_security_enabled);
     if f.security_groups.is_none() && port_security {
         security_groups::ensure_default(ctx, &project_id).await?;
@@ -763,6 +833,14 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
         res.release();
         let (mut p, rev) = writable(ctx, id)?;
         check_if_match(if_match, p.std.revision_number)?;
+        // As Neutron's _validate_port_for_update: any change of owner, or of device with an
+        // owner set, is checked against the port's project (from the port read in this plan).
+        let owner = f.device_owner.as_deref().filter(|o| !o.is_empty()).unwrap_or(&p.device_owner);
+        let device = f.device_id.as_deref().filter(|d| !d.is_empty()).unwrap_or(&p.device_id);
+        let device_changed = f.device_id.as_ref().is_some_and(|d| *d != p.device_id);
+        if (!owner.is_empty() && device_changed) || f.device_owner.is_some() {
+            check_router_device(ctx, owner, device, &p.project_id)?;
+        }
         let mut cmp = vec![Compare::ModRevision(key(id), rev)];
         let mut ops = vec![];
         if let Some(m) = &f.mac {
@@ -853,10 +931,23 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
     .await
 }
 
+/// `DELETE /v2.0/ports/{id}` (and a node deleting its own ports): router ports refused.
 pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
+    delete_port(ctx, id, if_match, true).await
+}
+
+/// A delete the router API makes (removing an interface).
+pub async fn delete_internal(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
+    delete_port(ctx, id, None, false).await
+}
+
+async fn delete_port(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>, checked: bool) -> NResult<()> {
     retry(ctx, |ctx| {
         let (p, rev) = writable(ctx, id)?;
         check_if_match(if_match, p.std.revision_number)?;
+        if checked {
+            check_l3_deletion(ctx, &p)?;
+        }
         let mut ops = vec![
             Op::delete(key(id)),
             Op::delete(keys::mac_alloc(&p.network_id, &p.mac_address)),

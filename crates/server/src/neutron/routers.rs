@@ -257,6 +257,6 @@ pub async fn remove_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<V
                 )
             })?,
     };
-    ports::delete(ctx, &port.id, None).await?;
+    ports::delete_internal(ctx, &port.id).await?;
     Ok(interface_info(&router, &port))
 }
