@@ -189,11 +189,21 @@ fn init_logging() {
         .init();
 }
 
+/// The data directory holds the store (signing key, password hashes) and the admin's openrc:
+/// made 0700, so no other local user can read them whatever the umask.
+fn private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))
+}
+
 async fn open_store(args: &StoreArgs) -> Result<DynStore> {
     match args.store.as_str() {
         "embedded" => {
-            std::fs::create_dir_all(&args.data_dir)
-                .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+            private_dir(&args.data_dir)?;
             let dir = args.data_dir.join("store");
             let s = isthmus_store::embedded::EmbeddedStore::open(&dir)
                 .with_context(|| format!("opening the embedded store in {}", dir.display()))?;
@@ -284,8 +294,7 @@ pub(crate) fn secret_file(file: &Path) -> Result<String> {
 
 async fn run_up(args: UpArgs) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    private_dir(&args.data_dir)?;
     let password = up_password(&args.data_dir, args.admin_password)?;
     let mut config = Config {
         identity_listen: args.identity_listen,

@@ -495,7 +495,7 @@ impl SnapshotWriter {
 /// size. Layout: magic | revision | count | entries | u64 payload length | u32 CRC32.
 fn write_snapshot(dir: &Path, state: &State) -> io::Result<u64> {
     let tmp = dir.join(format!("{SNAPSHOT_FILE}{TMP_SUFFIX}"));
-    let file = File::create(&tmp)?;
+    let file = private_file().create(true).truncate(true).write(true).open(&tmp)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     w.write_all(SNAPSHOT_MAGIC)?;
     let mut sw = SnapshotWriter {
@@ -573,9 +573,37 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The store holds the token signing key and password hashes: its directory is the owner's
+/// alone (0700), whatever the umask, and one made by an older version is tightened on open.
+fn make_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    if fs::metadata(dir)?.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    for name in [SNAPSHOT_FILE, WAL_FILE, LOCK_FILE] {
+        let path = dir.join(name);
+        match fs::metadata(&path) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Options for a file only the owner may read (0600).
+fn private_file() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = OpenOptions::new();
+    o.mode(0o600);
+    o
+}
+
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
+    let mut file = private_file()
         .create(true)
         .truncate(false)
         .read(true)
@@ -698,7 +726,7 @@ impl EmbeddedStore {
     }
 
     pub fn open_with(dir: &Path, opts: EmbeddedOptions) -> Result<Arc<EmbeddedStore>> {
-        fs::create_dir_all(dir)?;
+        make_private_dir(dir)?;
         let lock = lock_dir(dir)?;
         for name in [SNAPSHOT_FILE, WAL_FILE] {
             let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
@@ -729,7 +757,7 @@ impl EmbeddedStore {
                 dir.display()
             )));
         }
-        let mut wal = OpenOptions::new()
+        let mut wal = private_file()
             .create(true)
             .truncate(false)
             .read(true)
@@ -1041,7 +1069,7 @@ impl Writer {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let file = OpenOptions::new().create_new(true).write(true).open(&tmp)?;
+        let file = private_file().create_new(true).write(true).open(&tmp)?;
         file.sync_all()?;
         fs::rename(&tmp, self.dir.join(WAL_FILE))?;
         sync_dir(&self.dir)?;

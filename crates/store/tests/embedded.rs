@@ -551,3 +551,47 @@ fn kill9_keeps_every_acknowledged_write() {
         );
     });
 }
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+}
+
+/// The store holds the token signing key and password hashes: no other local user may read
+/// it, whatever the umask — neither a new store (log, snapshot, lock) nor one an older version
+/// left readable.
+#[tokio::test]
+async fn store_files_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().expect("tempdir");
+    let dir = parent.path().join("data").join("store");
+    let opts = EmbeddedOptions {
+        snapshot_after_bytes: 4096,
+        ..Default::default()
+    };
+    {
+        let store = EmbeddedStore::open_with(&dir, opts.clone()).expect("open");
+        put_n(&store, "k/", 200).await;
+    }
+    assert!(dir.join(SNAPSHOT_FILE).exists(), "a snapshot was written");
+    assert_eq!(mode(&dir), 0o700, "store directory");
+    for f in [SNAPSHOT_FILE, WAL_FILE] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    for entry in std::fs::read_dir(&dir).expect("read dir") {
+        let p = entry.expect("entry").path();
+        assert_eq!(mode(&p) & 0o077, 0, "{} is readable by others", p.display());
+    }
+
+    // Loosened by hand (or by an older version): tightened on the next open.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for f in [SNAPSHOT_FILE, WAL_FILE] {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let store = EmbeddedStore::open_with(&dir, opts).expect("reopen");
+    assert!(store.get("k/0001").await.expect("get").is_some(), "data survives");
+    assert_eq!(mode(&dir), 0o700);
+    for f in [SNAPSHOT_FILE, WAL_FILE] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f} after reopen");
+    }
+}

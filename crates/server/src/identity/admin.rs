@@ -466,7 +466,8 @@ async fn user_projects(State(state): St, headers: HeaderMap, Path(id): Path<Stri
 // ----- roles -----
 
 async fn list_roles(State(state): St, headers: HeaderMap, q: Params) -> ApiResult<Json<Value>> {
-    authenticate(&state, &headers)?;
+    // Keystone's default policy: roles are listed by admins (and system readers) only.
+    require_admin(&authenticate(&state, &headers)?, "list roles")?;
     let roles: Vec<Value> = if q.get("domain_id").is_some() {
         Vec::new() // no domain-specific roles
     } else {
@@ -497,7 +498,7 @@ async fn create_role(State(state): St, headers: HeaderMap, Body(body): Body<Valu
 }
 
 async fn show_role(State(state): St, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    authenticate(&state, &headers)?;
+    require_admin(&authenticate(&state, &headers)?, "show a role")?;
     let r = state
         .identity
         .role(&id)

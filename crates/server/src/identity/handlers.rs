@@ -37,9 +37,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(admin::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(DefaultBodyLimit::max(limit.min(IDENTITY_MAX_BODY)))
         .with_state(state)
 }
+
+/// Identity bodies are small, and token requests come without credentials: keep what an
+/// anonymous client can make the server hold per request small (Keystone's default limit).
+const IDENTITY_MAX_BODY: usize = 114_688;
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "The resource could not be found.")

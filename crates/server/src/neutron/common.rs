@@ -36,6 +36,12 @@ impl Ctx<'_> {
     pub fn member(&self) -> bool {
         self.admin() || self.auth.roles.iter().any(|r| r == MEMBER_ROLE)
     }
+    /// May read in its own project: Neutron's secure-RBAC defaults need `reader` (implied by
+    /// member and admin); a node's user reads too. A token with only some other role sees
+    /// nothing (empty lists, 404s).
+    pub fn can_read(&self) -> bool {
+        self.admin() || self.auth.roles.iter().any(|r| r == READER_ROLE || r == NODE_ROLE)
+    }
     /// Neutron's 403 for a write the caller's roles do not allow (`rule` e.g. `create_network`).
     pub fn require_member(&self, rule: &str) -> NResult<()> {
         if self.member() {
@@ -167,6 +173,10 @@ impl Ctx<'_> {
 
 /// The role that may write in its project.
 const MEMBER_ROLE: &str = "member";
+/// The role that may read in its project.
+const READER_ROLE: &str = "reader";
+/// A node agent's role (see the node API).
+const NODE_ROLE: &str = "node";
 
 /// Neutron's PolicyNotAuthorized, worded as oslo.policy words it: `<check> is disallowed by policy`.
 pub fn policy_denied(check: &str) -> NeutronError {
@@ -233,6 +243,9 @@ pub fn check_if_match(expected: Option<u64>, current: u64) -> NResult<()> {
 
 /// Every resource of `kind` the caller may see, rendered.
 pub async fn visible_views(ctx: &Ctx<'_>, kind: Kind) -> NResult<Vec<Value>> {
+    if !ctx.can_read() {
+        return Ok(vec![]);
+    }
     Ok(match kind {
         Kind::Network => ctx
             .all::<Network>(kind)
@@ -307,6 +320,9 @@ pub async fn visible_views(ctx: &Ctx<'_>, kind: Kind) -> NResult<Vec<Value>> {
 
 /// One resource the caller may see, rendered; NotFound otherwise (also for other projects').
 pub fn show(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Value> {
+    if !ctx.can_read() {
+        return Err(kind.not_found(id));
+    }
     let nf = || kind.not_found(id);
     Ok(match kind {
         Kind::Network => ctx.visible_network(id)?.0.to_api(ctx.admin()),

@@ -179,8 +179,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate_before_body,
+        ))
         .layer(axum::middleware::map_request(head_as_get))
         .with_state(state)
+}
+
+/// Every request with a body needs a valid token before the body is read, so a client
+/// without credentials cannot make the server wait for, or hold, request bodies.
+async fn authenticate_before_body(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = req.headers();
+    let has_body = headers.contains_key(axum::http::header::TRANSFER_ENCODING)
+        || headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        if let Err(e) = authenticate(&state, headers).await {
+            return ApiError(e).into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// HEAD is served as a GET whose body hyper does not send. Rewritten before routing, so
