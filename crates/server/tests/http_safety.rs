@@ -56,15 +56,6 @@ fn assert_405(what: &str, method: &Method, status: StatusCode, headers: &HeaderM
     serde_json::from_str(text).unwrap_or_else(|_| panic!("{method} {what}: body is not JSON: {text}"))
 }
 
-/// A user with the `node` role named like the node, and its token.
-async fn node_token(server: &TestServer, name: &str) -> String {
-    let (_, b) = server.identity(Method::GET, "/projects?name=service", None).await;
-    let service = b["projects"][0]["id"].as_str().expect("service project").to_string();
-    let user = server.create_user(name, MEMBER_PASSWORD).await;
-    server.grant(&service, &user, "node").await;
-    server.token(name, MEMBER_PASSWORD, "service").await
-}
-
 #[tokio::test]
 async fn network_api_dispatches_on_the_exact_method() {
     let server = TestServer::start(Backend::Embedded).await;
@@ -94,7 +85,7 @@ async fn network_api_dispatches_on_the_exact_method() {
     let router = id_of(&admin.create("routers", "router", json!({"name": "keep-router"})).await);
     let (s, b) = admin.put_empty(&format!("/v2.0/networks/{net}/tags/keep")).await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
-    let node_tok = node_token(&server, "n1").await;
+    let node_tok = server.node_token("n1").await;
     let node = server.api(&node_tok);
     let (s, b) = node
         .put("/isthmus/v1/nodes/n1", json!({"node": {"underlay_ip": "192.0.2.10"}}))

@@ -4,26 +4,12 @@ mod support;
 
 use reqwest::StatusCode;
 use serde_json::json;
-use support::{Backend, TestServer, MEMBER_PASSWORD};
-
-/// A user `name` with the `node` role on the service project, and its token.
-async fn node_token(server: &TestServer, name: &str) -> String {
-    let service = server
-        .identity(reqwest::Method::GET, "/projects?name=service", None)
-        .await
-        .1["projects"][0]["id"]
-        .as_str()
-        .expect("service project exists")
-        .to_string();
-    let user = server.create_user(name, MEMBER_PASSWORD).await;
-    server.grant(&service, &user, "node").await;
-    server.token(name, MEMBER_PASSWORD, "service").await
-}
+use support::{Backend, TestServer};
 
 #[tokio::test]
 async fn node_registers_heartbeats_and_is_listed_as_an_agent() {
     let server = TestServer::start_with(Backend::Embedded, |c| c.agent_down_secs = 2).await;
-    let node = server.api(&node_token(&server, "node-a").await);
+    let node = server.api(&server.node_token("node-a").await);
 
     let (s, b) = node
         .put(
@@ -120,7 +106,7 @@ async fn a_member_cannot_register_a_node() {
 #[tokio::test]
 async fn a_node_reports_status_of_its_own_ports_only() {
     let server = TestServer::start(Backend::Embedded).await;
-    let node = server.api(&node_token(&server, "node-a").await);
+    let node = server.api(&server.node_token("node-a").await);
     let user = server.member("owner").await;
     let net = user.api.network("n").await["id"].as_str().expect("id").to_string();
     user.api.subnet(&net, "10.0.0.0/24").await;
@@ -181,7 +167,7 @@ async fn a_node_reports_status_of_its_own_ports_only() {
     assert_eq!(b["port"]["binding:vif_details"]["bridge_name"], "isbr-1");
 
     // Another node cannot report it; the owner cannot set status through the Neutron API.
-    let other = server.api(&node_token(&server, "node-b").await);
+    let other = server.api(&server.node_token("node-b").await);
     let (s, _) = other
         .put(&format!("/isthmus/v1/nodes/node-b/ports/{pid}"), report)
         .await;
@@ -203,7 +189,7 @@ async fn a_node_reports_status_of_its_own_ports_only() {
 #[tokio::test]
 async fn a_node_creates_and_deletes_ports_bound_to_itself_in_a_named_project() {
     let server = TestServer::start(Backend::Embedded).await;
-    let node = server.api(&node_token(&server, "node-a").await);
+    let node = server.api(&server.node_token("node-a").await);
     let owner = server.member("owner").await;
     let stranger = server.member("stranger").await;
     let net = owner.api.network("blue").await["id"].as_str().expect("id").to_string();
@@ -302,7 +288,7 @@ async fn a_node_creates_and_deletes_ports_bound_to_itself_in_a_named_project() {
     assert_eq!(b["port"]["binding:profile"]["cni"]["container_id"], "c2");
 
     // Deleting: another node cannot; this node can, once; the address is free again.
-    let other_node = server.api(&node_token(&server, "node-b").await);
+    let other_node = server.api(&server.node_token("node-b").await);
     let (s, _) = other_node
         .delete(&format!("/isthmus/v1/nodes/node-b/ports/{pid}"))
         .await;
@@ -325,7 +311,7 @@ async fn a_node_creates_and_deletes_ports_bound_to_itself_in_a_named_project() {
 #[tokio::test]
 async fn deleting_a_network_takes_its_unused_pool_ports_but_not_attachments() {
     let server = TestServer::start(Backend::Embedded).await;
-    let node = server.api(&node_token(&server, "node-a").await);
+    let node = server.api(&server.node_token("node-a").await);
     let owner = server.member("pools").await;
     let net = owner.api.network("p").await["id"].as_str().expect("id").to_string();
     owner.api.subnet(&net, "10.0.0.0/24").await;

@@ -17,9 +17,7 @@ async fn user_with_role(server: &TestServer, name: &str, role: &str, project_id:
 
 /// A node agent's user: the `node` role on the service project.
 async fn node_api(server: &TestServer, name: &str) -> Api {
-    let (_, b) = server.identity(Method::GET, "/projects?name=service", None).await;
-    let service = b["projects"][0]["id"].as_str().expect("service project").to_string();
-    user_with_role(server, name, "node", &service, "service").await
+    server.api(&server.node_token(name).await)
 }
 
 /// 403 with Neutron's PolicyNotAuthorized body.
@@ -557,12 +555,15 @@ async fn huge_lists_are_refused_at_once() {
             "AllowedAddressPairExhausted",
         ),
     ];
+    // Not a benchmark: the quadratic scan took ~19 s for 115k tags in a release build; a few
+    // seconds leave room for a debug build on a busy machine and still catch it.
+    let bound = Duration::from_secs(5);
     for (what, method, path, body, want, kind) in cases {
         let started = Instant::now();
         let (st, b) = m.api.call(method, &path, Some(body)).await;
         let took = started.elapsed();
         assert_neutron_error(st, &b, want, Some(kind));
-        assert!(took < Duration::from_secs(1), "{what}: answered in {took:?}");
+        assert!(took < bound, "{what}: answered in {took:?}");
     }
     // The same tag 115,000 times is one tag, kept.
     let started = Instant::now();
@@ -573,7 +574,7 @@ async fn huge_lists_are_refused_at_once() {
             json!({"tags": vec!["same"; 115_000]}),
         )
         .await;
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
     assert_eq!((st, &b), (StatusCode::OK, &json!({"tags": ["same"]})));
 }
 

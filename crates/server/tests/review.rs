@@ -5,7 +5,7 @@ mod support;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::{assert_neutron_error, error_message, id_of, Backend, Member, TestServer, MEMBER_PASSWORD};
+use support::{assert_neutron_error, error_message, id_of, Backend, Member, TestServer};
 
 const IFACE: &str = "network:router_interface";
 
@@ -341,24 +341,10 @@ async fn errors_do_not_reveal_other_projects_subnets() {
     }
 }
 
-/// A user `name` with the `node` role on the service project, and its token.
-async fn node_token(server: &TestServer, name: &str) -> String {
-    let service = server
-        .identity(reqwest::Method::GET, "/projects?name=service", None)
-        .await
-        .1["projects"][0]["id"]
-        .as_str()
-        .expect("service project exists")
-        .to_string();
-    let user = server.create_user(name, MEMBER_PASSWORD).await;
-    server.grant(&service, &user, "node").await;
-    server.token(name, MEMBER_PASSWORD, "service").await
-}
-
 #[tokio::test]
 async fn a_node_heartbeat_needs_a_reachable_underlay_and_bounded_fields() {
     let server = TestServer::start(Backend::Embedded).await;
-    let node = server.api(&node_token(&server, "hb-1").await);
+    let node = server.api(&server.node_token("hb-1").await);
     let path = "/isthmus/v1/nodes/hb-1";
     for bad in [
         "127.0.0.1",
@@ -461,7 +447,7 @@ async fn a_node_heartbeat_needs_a_reachable_underlay_and_bounded_fields() {
 #[tokio::test]
 async fn a_single_machine_deployment_may_use_a_loopback_underlay() {
     let server = TestServer::start_with(Backend::Embedded, |c| c.allow_loopback_underlay = true).await;
-    let node = server.api(&node_token(&server, "local").await);
+    let node = server.api(&server.node_token("local").await);
     let (s, body) = node
         .put("/isthmus/v1/nodes/local", json!({"node": {"underlay_ip": "127.0.0.1"}}))
         .await;

@@ -210,6 +210,19 @@ impl TestServer {
         assert_eq!(s, StatusCode::NO_CONTENT, "grant {role}: {b}");
     }
 
+    /// A user `name` with the `node` role on the service project (a node agent's user), and
+    /// its token.
+    pub async fn node_token(&self, name: &str) -> String {
+        let (_, b) = self.identity(Method::GET, "/projects?name=service", None).await;
+        let service = b["projects"][0]["id"]
+            .as_str()
+            .expect("service project exists")
+            .to_string();
+        let user = self.create_user(name, MEMBER_PASSWORD).await;
+        self.grant(&service, &user, "node").await;
+        self.token(name, MEMBER_PASSWORD, "service").await
+    }
+
     /// A project `proj-<tag>` with user `user-<tag>` as `member`, and that user's token.
     pub async fn member(&self, tag: &str) -> Member {
         let project = format!("proj-{tag}");
