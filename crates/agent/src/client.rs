@@ -4,9 +4,8 @@
 
 pub use isthmus_client::{network_endpoint, Error as ApiError};
 use isthmus_client::{Auth, Config, NodeApi};
-use isthmus_wire::node::{PortCreate, PortReport};
+use isthmus_wire::node::{Heartbeat, PortCreate, PortReport};
 use serde_json::Value;
-use std::net::IpAddr;
 
 #[derive(Clone)]
 pub struct Credentials {
@@ -51,13 +50,8 @@ impl Client {
     }
 
     /// Registers or heartbeats this node.
-    pub async fn heartbeat(
-        &self,
-        underlay_ip: IpAddr,
-        capabilities: &[String],
-        restarted: bool,
-    ) -> Result<(), ApiError> {
-        self.api().heartbeat(underlay_ip, capabilities, restarted).await
+    pub async fn heartbeat(&self, node: Heartbeat) -> Result<(), ApiError> {
+        self.api().heartbeat(node).await
     }
 
     /// Binds a port to this node and/or reports its status and binding. Returns the port.
@@ -84,17 +78,9 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
-    fn the_network_endpoint_comes_from_the_catalog() {
-        let body = json!({"token": {"catalog": [
-            {"type": "identity", "endpoints": [{"interface": "public", "url": "http://id"}]},
-            {"type": "network", "endpoints": [
-                {"interface": "public", "url": "http://pub:9696/"},
-                {"interface": "internal", "url": "http://int:9696"}]}]}});
-        assert_eq!(network_endpoint(&body, "internal").as_deref(), Some("http://int:9696"));
-        assert_eq!(network_endpoint(&json!({"token": {}}), "internal"), None);
+    fn the_password_is_never_in_debug_output() {
         let creds = Credentials {
             user: "n".into(),
             password: "hunter2-secret".into(),

@@ -11,9 +11,11 @@
 //! the container id on it, then plumbs it. A background task tops pools up in bounded batches
 //! with backoff, for networks used recently, and drains pools of networks left idle.
 
+use crate::attach::{AttachRequest, Attacher, OpError};
+use crate::client::Client;
 use crate::kernel::{Kernel, MacAddr};
 use crate::objects::Objects;
-use crate::runtime::{Agent, AttachRequest, OpError};
+use crate::state::NodeState;
 use isthmus_wire::node::{PortCreate, PortReport, RequestedIp};
 use isthmus_wire::socket::{AttachReply, CheckReply, DelReply, GcReply, OkReply, Removed};
 use isthmus_wire::stream::CniProfile;
@@ -22,6 +24,7 @@ use serde_json::json;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -223,20 +226,59 @@ fn attach_error(e: OpError) -> OpError {
     e.with_cni(cni)
 }
 
-impl<K: Kernel + 'static> Agent<K> {
+/// What CNI needs of the agent's configuration.
+#[derive(Debug, Clone)]
+pub struct CniConfig {
+    /// Ready ports kept per network in use for CNI ADD; 0 turns pools off.
+    pub pool_size: usize,
+    /// A network's pool is drained after this long without an ADD or attachment.
+    pub pool_idle: Duration,
+    /// How often CNI leftovers (pool ports left plumbed, ports of failed ADDs) are swept.
+    pub orphan_sweep: Duration,
+}
+
+/// The agent's CNI service: attachments as ports, per-network pools, leftovers swept.
+pub struct Cni<K> {
+    config: CniConfig,
+    state: Arc<NodeState>,
+    client: Arc<Client>,
+    attacher: Arc<Attacher<K, K>>,
+    kernel: Arc<K>,
+    pools: Arc<Pools>,
+}
+
+impl<K: Kernel + 'static> Cni<K> {
+    pub fn new(
+        config: CniConfig,
+        state: Arc<NodeState>,
+        client: Arc<Client>,
+        attacher: Arc<Attacher<K, K>>,
+        kernel: Arc<K>,
+        pools: Arc<Pools>,
+    ) -> Self {
+        Cni {
+            config,
+            state,
+            client,
+            attacher,
+            kernel,
+            pools,
+        }
+    }
+
     /// Reserves a free pool port of (project, network). The attachment is written on it
     /// together with the ACTIVE report, once plumbed.
     fn reserve_from_pool(&self, req: &AddRequest) -> Option<String> {
         if self.pool_size(req) == 0 || !req.ips.is_empty() || req.mac.is_some() {
             return None;
         }
-        let v = self.lock_view();
+        let v = self.state.lock();
         let mut pools = self.pools.lock();
         let ids = pools.names.get(&(req.project.clone(), req.network.clone())).cloned()?;
         if let Some(n) = req.pool_size {
             pools.sizes.insert(ids.clone(), n);
         }
-        let c = cni_ports(&v.objects, &self.config.node).into_iter().find(|p| {
+        let c = cni_ports(&v.objects, &self.state.node).into_iter().find(|p| {
             p.container_id.is_empty()
                 && p.project_id == ids.0
                 && p.network_id == ids.1
@@ -346,7 +388,7 @@ impl<K: Kernel + 'static> Agent<K> {
             bind: false,
             record: pooled.then_some(record),
         };
-        let res = self.attach(&attach).await;
+        let res = self.attacher.attach(&attach).await;
         self.pools.lock().claiming.remove(&port_id);
         match res {
             Ok(mut v) => {
@@ -368,11 +410,8 @@ impl<K: Kernel + 'static> Agent<K> {
     /// the attachment may still land when a stopped server resumes; the delete wins).
     async fn undo_add(&self, key: &(String, String), port_id: &str) {
         let dev = crate::names::tap(port_id);
-        {
-            let _g = self.datapath.lock().await;
-            if let Err(e) = self.kernel().detach(&dev).await {
-                warn!(dev = %dev, error = %e, "could not unplug a failed ADD");
-            }
+        if let Err(e) = self.attacher.unplug(&dev).await {
+            warn!(dev = %dev, error = %e, "could not unplug a failed ADD");
         }
         match tokio::time::timeout(INLINE_DELETE, self.client.delete_port(port_id)).await {
             Ok(Ok(())) => {}
@@ -436,11 +475,8 @@ impl<K: Kernel + 'static> Agent<K> {
             let mut gone = true;
             for id in &targets {
                 let dev = crate::names::tap(id);
-                {
-                    let _g = self.datapath.lock().await;
-                    if let Err(e) = self.kernel().detach(&dev).await {
-                        warn!(dev = %dev, error = %e, "could not unplug a failed ADD's device");
-                    }
+                if let Err(e) = self.attacher.unplug(&dev).await {
+                    warn!(dev = %dev, error = %e, "could not unplug a failed ADD's device");
                 }
                 match self.client.delete_port(id).await {
                     Ok(()) => info!(port = %id, container = %f.container_id, "port of a failed ADD deleted"),
@@ -466,8 +502,8 @@ impl<K: Kernel + 'static> Agent<K> {
 
     /// The CNI ports of this node that belong to (container, ifname).
     fn attachments_of(&self, container_id: &str, ifname: &str) -> Vec<CniPort> {
-        let v = self.lock_view();
-        cni_ports(&v.objects, &self.config.node)
+        let v = self.state.lock();
+        cni_ports(&v.objects, &self.state.node)
             .into_iter()
             .filter(|p| !container_id.is_empty() && p.container_id == container_id && p.ifname == ifname)
             .collect()
@@ -476,10 +512,7 @@ impl<K: Kernel + 'static> Agent<K> {
     /// Unplugs and deletes one attachment's port.
     async fn release(&self, p: &CniPort) -> Result<(), OpError> {
         let dev = crate::names::tap(&p.id);
-        {
-            let _g = self.datapath.lock().await;
-            self.kernel().detach(&dev).await.map_err(OpError::from)?;
-        }
+        self.attacher.unplug(&dev).await.map_err(OpError::from)?;
         self.client.delete_port(&p.id).await.map_err(OpError::from)?;
         info!(port = %p.id, container = %p.container_id, ifname = %p.ifname, "CNI attachment released");
         Ok(())
@@ -487,7 +520,7 @@ impl<K: Kernel + 'static> Agent<K> {
 
     /// CNI DEL: idempotent, and fine when the namespace is already gone.
     pub async fn cni_del(&self, container_id: &str, ifname: &str) -> Result<DelReply, OpError> {
-        if !self.lock_view().synced {
+        if !self.state.lock().synced {
             // Without the server's view "nothing attached" would be a guess that leaks ports.
             return Err(
                 OpError::new(503, "the agent has no view from the server yet; retry").with_cni(code::TRY_AGAIN_LATER)
@@ -534,7 +567,7 @@ impl<K: Kernel + 'static> Agent<K> {
         };
         let failed = |m: String| OpError::new(409, m).with_cni(code::CHECK_FAILED);
         let seen = self
-            .kernel()
+            .kernel
             .inspect(netns, ifname)
             .await
             .map_err(|e| failed(e.to_string()))?
@@ -551,11 +584,8 @@ impl<K: Kernel + 'static> Agent<K> {
             }
         }
         let dev = crate::names::tap(&p.id);
-        let observed = {
-            let _g = self.datapath.lock().await;
-            self.kernel().observe().await.map_err(|e| failed(e.to_string()))?
-        };
-        if !observed.ports.contains_key(&dev) {
+        let observed = self.kernel.observe_ports().await.map_err(|e| failed(e.to_string()))?;
+        if !observed.contains_key(&dev) {
             return Err(failed(format!("host device {dev} of port {} is missing", p.id)));
         }
         Ok(CheckReply {
@@ -571,14 +601,14 @@ impl<K: Kernel + 'static> Agent<K> {
         network: &str,
         valid: &HashSet<(String, String)>,
     ) -> Result<GcReply, OpError> {
-        if !self.lock_view().synced {
+        if !self.state.lock().synced {
             return Err(
                 OpError::new(503, "the agent has no view from the server yet; retry").with_cni(code::TRY_AGAIN_LATER)
             );
         }
         let stale: Vec<CniPort> = {
-            let v = self.lock_view();
-            cni_ports(&v.objects, &self.config.node)
+            let v = self.state.lock();
+            cni_ports(&v.objects, &self.state.node)
                 .into_iter()
                 .filter(|p| !p.container_id.is_empty() && p.config == (project.to_string(), network.to_string()))
                 .filter(|p| !valid.contains(&(p.container_id.clone(), p.ifname.clone())))
@@ -601,7 +631,7 @@ impl<K: Kernel + 'static> Agent<K> {
 
     /// CNI STATUS: ready only with a live stream from the server.
     pub fn cni_status(&self) -> Result<OkReply, OpError> {
-        if self.connected() {
+        if self.state.connected() {
             Ok(OkReply { ok: true })
         } else {
             Err(OpError::new(503, "the agent cannot reach the Isthmus server").with_cni(code::NOT_AVAILABLE))
@@ -617,11 +647,11 @@ impl<K: Kernel + 'static> Agent<K> {
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
             let ports = {
-                let v = self.lock_view();
+                let v = self.state.lock();
                 if !v.synced {
                     continue;
                 }
-                cni_ports(&v.objects, &self.config.node)
+                cni_ports(&v.objects, &self.state.node)
             };
             if !seeded {
                 // After a restart: every network with CNI ports here counts as just used (so
@@ -636,7 +666,7 @@ impl<K: Kernel + 'static> Agent<K> {
             }
             // Leftovers are looked for at start and then periodically, not only after a
             // restart: an ADD can fail while the agent keeps running. Deletes need the server.
-            if self.connected() {
+            if self.state.connected() {
                 let due = self
                     .pools
                     .lock()
@@ -657,19 +687,14 @@ impl<K: Kernel + 'static> Agent<K> {
     /// Free pool ports with a host device: an ADD was cut short by a crash (its caller got an
     /// error), so the port and device go.
     async fn sweep_orphans(&self, ports: &[CniPort]) {
-        // Under the datapath lock: netlink allows one dump at a time per socket.
-        let observed = {
-            let _g = self.datapath.lock().await;
-            self.kernel().observe().await
-        };
-        let Ok(observed) = observed else {
+        let Ok(observed) = self.kernel.observe_ports().await else {
             return;
         };
         let orphans: Vec<&CniPort> = {
             let pools = self.pools.lock();
             ports
                 .iter()
-                .filter(|p| p.container_id.is_empty() && observed.ports.contains_key(&crate::names::tap(&p.id)))
+                .filter(|p| p.container_id.is_empty() && observed.contains_key(&crate::names::tap(&p.id)))
                 .filter(|p| !pools.claiming.contains(&p.id) && !pools.mine.contains(&p.id))
                 .collect()
         };
@@ -727,7 +752,7 @@ impl<K: Kernel + 'static> Agent<K> {
             }
         }
         // A stale view would make every pool look empty: refill only while the stream is up.
-        if !self.connected() {
+        if !self.state.connected() {
             return;
         }
         for key in wanted {
@@ -795,7 +820,7 @@ impl<K: Kernel + 'static> Agent<K> {
                     project: key.0.clone(),
                     network: key.1.clone(),
                     device_owner: Some(CNI_OWNER.into()),
-                    name: Some(pool_port_name(&self.config.node)),
+                    name: Some(pool_port_name(&self.state.node)),
                     ..Default::default()
                 };
                 match self.client.create_port(&body).await {
@@ -838,11 +863,11 @@ impl<K: Kernel + 'static> Agent<K> {
     }
 
     async fn wait_for_ports(&self, ids: &[String], timeout: Duration) {
-        let mut gen = self.generation.subscribe();
+        let mut gen = self.state.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let all = {
-                let v = self.lock_view();
+                let v = self.state.lock();
                 ids.iter().all(|id| v.objects.port(id).is_some())
             };
             if all {

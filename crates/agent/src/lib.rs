@@ -11,10 +11,11 @@
 //! gone), [`socket`] is the local attach API on a unix socket, and [`cni`] is the agent's half of
 //! the CNI plugin (attachments as ports, port pools).
 
+pub mod attach;
 pub mod client;
 pub mod cni;
+pub mod controller;
 pub mod desired;
-pub mod dhcp;
 pub mod kernel;
 pub mod names;
 pub mod objects;
@@ -22,4 +23,6 @@ pub mod plan;
 pub mod reconcile;
 pub mod runtime;
 pub mod socket;
+pub mod state;
+pub mod stream;
 pub mod view;

@@ -1,8 +1,13 @@
 //! The difference between the datapath a node has and the one it must have, as ordered actions.
 //! Only what differs is touched, so running it again on a converged node does nothing.
+//!
+//! Two domains, planned apart because two controllers own them: L2 ([`plan_l2`]: bridges,
+//! VXLAN devices, forwarding entries) and port devices ([`plan_ports`]). [`plan`] is both, in
+//! an order the kernel accepts when one pass applies them.
 
 use crate::desired::{Bridge, Datapath, Fdb, PortDevice, Vxlan};
-use std::collections::BTreeSet;
+use crate::kernel::MacAddr;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -17,6 +22,8 @@ pub enum Action {
     FixVxlan(Vxlan),
     AddFdb(Fdb),
     DelFdb(Fdb),
+    /// A VM port's TAP device is missing: create it (with the host-side MAC) in its bridge.
+    CreateTap(PortDevice, Option<MacAddr>),
     /// A port device exists but sits in the wrong bridge or with the wrong MTU.
     FixPort(PortDevice),
     DeletePort(String),
@@ -24,11 +31,82 @@ pub enum Action {
     DeleteBridge(String),
 }
 
+impl Action {
+    /// A port-device action (the rest are L2).
+    pub fn is_port(&self) -> bool {
+        matches!(self, Action::CreateTap(..) | Action::FixPort(_) | Action::DeletePort(_))
+    }
+
+    pub fn is_fdb(&self) -> bool {
+        matches!(self, Action::AddFdb(_) | Action::DelFdb(_))
+    }
+
+    /// The device the action is about (the VXLAN device for forwarding entries).
+    pub fn device(&self) -> &str {
+        match self {
+            Action::CreateBridge(b) | Action::SetBridgeMtu(b) => &b.name,
+            Action::CreateVxlan(v) | Action::ReplaceVxlan(v) | Action::FixVxlan(v) => &v.name,
+            Action::AddFdb(f) | Action::DelFdb(f) => &f.dev,
+            Action::CreateTap(p, _) | Action::FixPort(p) => &p.name,
+            Action::DeletePort(n) | Action::DeleteVxlan(n) | Action::DeleteBridge(n) => n,
+        }
+    }
+}
+
 /// Actions that take `actual` to `desired`, in an order the kernel accepts: bridges before the
 /// devices enslaved to them, and removals of devices before their bridges. Port devices are not
-/// created here (the attach path does, because it owns the workload side); ports that should
-/// not exist are removed.
+/// created here (the attach path and the ports controller do); ports that should not exist are
+/// removed.
 pub fn plan(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
+    let mut out = l2_creations(actual, desired);
+    out.extend(fix_ports(&actual.ports, &desired.ports));
+    out.extend(fdb_changes(actual, desired));
+    out.extend(delete_ports(&actual.ports, &desired.ports));
+    out.extend(l2_removals(actual, desired));
+    out
+}
+
+/// The L2 part of [`plan`]: bridges, VXLAN devices, forwarding entries.
+pub fn plan_l2(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
+    let mut out = l2_creations(actual, desired);
+    out.extend(fdb_changes(actual, desired));
+    out.extend(l2_removals(actual, desired));
+    out
+}
+
+/// The port part: devices in the wrong place fixed, missing VM taps created (`taps`: the
+/// desired tap devices with their host-side MAC), devices nobody wants deleted.
+pub fn plan_ports(
+    actual: &BTreeMap<String, PortDevice>,
+    desired: &BTreeMap<String, PortDevice>,
+    taps: &BTreeMap<String, Option<MacAddr>>,
+) -> Vec<Action> {
+    let mut out = fix_ports(actual, desired);
+    for (name, mac) in taps {
+        if let (Some(p), false) = (desired.get(name), actual.contains_key(name)) {
+            out.push(Action::CreateTap(p.clone(), *mac));
+        }
+    }
+    out.extend(delete_ports(actual, desired));
+    out
+}
+
+/// VXLAN devices this plan creates or rebuilds: they start without forwarding entries.
+fn fresh_vxlans<'a>(actual: &Datapath, desired: &'a Datapath) -> BTreeSet<&'a str> {
+    desired
+        .vxlans
+        .iter()
+        .filter(|(name, v)| {
+            actual
+                .vxlans
+                .get(*name)
+                .is_none_or(|a| a.vni != v.vni || a.local != v.local)
+        })
+        .map(|(name, _)| name.as_str())
+        .collect()
+}
+
+fn l2_creations(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
     let mut out = vec![];
     for (name, b) in &desired.bridges {
         match actual.bridges.get(name) {
@@ -37,29 +115,30 @@ pub fn plan(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
             Some(_) => {}
         }
     }
-    // Devices (re)built by this plan start without forwarding entries.
-    let mut fresh = BTreeSet::new();
     for (name, v) in &desired.vxlans {
         match actual.vxlans.get(name) {
-            None => {
-                fresh.insert(name.as_str());
-                out.push(Action::CreateVxlan(v.clone()));
-            }
-            Some(a) if a.vni != v.vni || a.local != v.local => {
-                fresh.insert(name.as_str());
-                out.push(Action::ReplaceVxlan(v.clone()));
-            }
+            None => out.push(Action::CreateVxlan(v.clone())),
+            Some(a) if a.vni != v.vni || a.local != v.local => out.push(Action::ReplaceVxlan(v.clone())),
             Some(a) if a != v => out.push(Action::FixVxlan(v.clone())),
             Some(_) => {}
         }
     }
-    for (name, p) in &desired.ports {
-        if let Some(a) = actual.ports.get(name) {
-            if a.bridge != p.bridge || a.mtu != p.mtu {
-                out.push(Action::FixPort(p.clone()));
-            }
-        }
-    }
+    out
+}
+
+fn fix_ports(actual: &BTreeMap<String, PortDevice>, desired: &BTreeMap<String, PortDevice>) -> Vec<Action> {
+    desired
+        .iter()
+        .filter_map(|(name, p)| {
+            let a = actual.get(name)?;
+            (a.bridge != p.bridge || a.mtu != p.mtu).then(|| Action::FixPort(p.clone()))
+        })
+        .collect()
+}
+
+fn fdb_changes(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
+    let fresh = fresh_vxlans(actual, desired);
+    let mut out = vec![];
     for f in &desired.fdb {
         if !actual.fdb.contains(f) || fresh.contains(f.dev.as_str()) {
             out.push(Action::AddFdb(f.clone()));
@@ -71,11 +150,19 @@ pub fn plan(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
             out.push(Action::DelFdb(f.clone()));
         }
     }
-    for name in actual.ports.keys() {
-        if !desired.ports.contains_key(name) {
-            out.push(Action::DeletePort(name.clone()));
-        }
-    }
+    out
+}
+
+fn delete_ports(actual: &BTreeMap<String, PortDevice>, desired: &BTreeMap<String, PortDevice>) -> Vec<Action> {
+    actual
+        .keys()
+        .filter(|name| !desired.contains_key(*name))
+        .map(|name| Action::DeletePort(name.clone()))
+        .collect()
+}
+
+fn l2_removals(actual: &Datapath, desired: &Datapath) -> Vec<Action> {
+    let mut out = vec![];
     for name in actual.vxlans.keys() {
         if !desired.vxlans.contains_key(name) {
             out.push(Action::DeleteVxlan(name.clone()));

@@ -1,16 +1,11 @@
-//! One reconciliation pass: observe the node, plan, apply.
+//! Applying plans: one full pass (observe, plan, apply) over a whole [`Kernel`], and the
+//! appliers the controllers share.
 
 use crate::desired::Datapath;
-use crate::kernel::{Kernel, KernelError};
+use crate::kernel::{Kernel, KernelError, Links};
 use crate::plan::{plan, Action};
+use std::future::Future;
 use tracing::{debug, info, warn};
-
-/// Forwarding-entry changes kept in flight at once.
-const FDB_IN_FLIGHT: usize = 64;
-
-fn is_fdb(a: &Action) -> bool {
-    matches!(a, Action::AddFdb(_) | Action::DelFdb(_))
-}
 
 /// What one pass did. A failed action does not stop the pass (later actions may not depend on
 /// it); the next pass plans it again from what the kernel then has.
@@ -34,56 +29,80 @@ impl Report {
     pub fn ok(&self) -> bool {
         self.failed.is_empty()
     }
+
+    fn record(&mut self, action: &Action, result: Result<(), KernelError>) {
+        match result {
+            Ok(()) => {
+                debug!(?action, "applied");
+                self.applied += 1;
+            }
+            Err(e) => {
+                warn!(?action, error = %e, "action failed");
+                self.failed.push(Failure {
+                    action: action.clone(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Adds another pass's counts to this one.
+    pub fn merge(&mut self, other: Report) {
+        self.planned += other.planned;
+        self.applied += other.applied;
+        self.failed.extend(other.failed);
+    }
 }
 
-/// Brings the kernel's datapath to `desired`. Errors only when the kernel cannot even be read;
-/// individual action failures are in the report.
-pub async fn reconcile<K: Kernel>(kernel: &K, desired: &Datapath) -> Result<Report, KernelError> {
-    let actual = kernel.observe().await?;
-    let actions = plan(&actual, desired);
+/// How a device action is applied (a controller may lock or re-check first).
+pub trait ApplyOne: Send + Sync {
+    fn apply_one(&self, action: &Action) -> impl Future<Output = Result<(), KernelError>> + Send;
+}
+
+/// A whole kernel applies each action directly.
+struct Direct<'a, K>(&'a K);
+
+impl<K: Kernel> ApplyOne for Direct<'_, K> {
+    async fn apply_one(&self, action: &Action) -> Result<(), KernelError> {
+        self.0.apply(action).await
+    }
+}
+
+/// Applies `actions` in order: each device action on its own (through `one`), each run of
+/// forwarding-entry changes at once through `links` (they are independent of each other once
+/// their devices exist, and the plan orders device changes first).
+pub async fn apply_in_order<L: Links, A: ApplyOne>(links: &L, actions: &[Action], one: &A) -> Report {
     let mut report = Report {
         planned: actions.len(),
         ..Default::default()
     };
+    let mut rest = actions;
+    while let Some(first) = rest.first() {
+        if first.is_fdb() {
+            let run = rest.iter().position(|a| !a.is_fdb()).unwrap_or(rest.len());
+            let (now, later) = rest.split_at(run);
+            rest = later;
+            for (a, r) in now.iter().zip(links.apply_fdb(now).await) {
+                report.record(a, r);
+            }
+        } else {
+            report.record(first, one.apply_one(first).await);
+            rest = &rest[1..];
+        }
+    }
+    report
+}
+
+/// Brings the kernel's datapath to `desired` in one pass. Errors only when the kernel cannot
+/// even be read; individual action failures are in the report.
+pub async fn reconcile<K: Kernel>(kernel: &K, desired: &Datapath) -> Result<Report, KernelError> {
+    let actual = kernel.observe().await?;
+    let actions = plan(&actual, desired);
     if actions.is_empty() {
         debug!("datapath converged, nothing to do");
-        return Ok(report);
+        return Ok(Report::default());
     }
-    let mut rest = actions.as_slice();
-    while let Some(first) = rest.first() {
-        // Forwarding entries are independent of each other once their devices exist (the plan
-        // orders device changes first), so a run of them is sent with many in flight.
-        let run = if is_fdb(first) {
-            rest.iter().position(|a| !is_fdb(a)).unwrap_or(rest.len())
-        } else {
-            1
-        };
-        let (now, later) = rest.split_at(run);
-        rest = later;
-        let mut results: Vec<(&Action, Result<(), KernelError>)> = Vec::with_capacity(now.len());
-        for chunk in now.chunks(FDB_IN_FLIGHT) {
-            let mut pending = Vec::with_capacity(chunk.len());
-            for a in chunk {
-                pending.push(kernel.apply(a));
-            }
-            results.extend(chunk.iter().zip(futures::future::join_all(pending).await));
-        }
-        for (action, result) in results {
-            match result {
-                Ok(()) => {
-                    debug!(?action, "applied");
-                    report.applied += 1;
-                }
-                Err(e) => {
-                    warn!(?action, error = %e, "action failed");
-                    report.failed.push(Failure {
-                        action: action.clone(),
-                        error: e.to_string(),
-                    });
-                }
-            }
-        }
-    }
+    let report = apply_in_order(kernel, &actions, &Direct(kernel)).await;
     info!(
         planned = report.planned,
         applied = report.applied,
@@ -97,7 +116,7 @@ pub async fn reconcile<K: Kernel>(kernel: &K, desired: &Datapath) -> Result<Repo
 mod tests {
     use super::*;
     use crate::desired::{compute, Bridge, FLOOD_MAC};
-    use crate::kernel::{FakeKernel, MacAddr, VethAttach};
+    use crate::kernel::{FakeKernel, MacAddr, PortDevices, VethAttach};
     use crate::view::{LocalPort, NetworkInfo, NodeView, PortKind, RemotePort};
     use std::net::IpAddr;
 

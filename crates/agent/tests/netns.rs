@@ -7,7 +7,7 @@
 //! also removes every device the test made (none is made in the root namespace).
 
 use isthmus_agent::desired::{compute, Datapath};
-use isthmus_agent::kernel::{Kernel, MacAddr, NetlinkKernel, VethAttach};
+use isthmus_agent::kernel::{Kernel, MacAddr, NetlinkKernel, PortDevices, VethAttach};
 use isthmus_agent::reconcile::{reconcile, Report};
 use isthmus_agent::view::{LocalPort, NetworkInfo, NodeView, PortKind, RemotePort};
 use std::net::{IpAddr, SocketAddr};

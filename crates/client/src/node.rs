@@ -3,7 +3,6 @@
 use crate::{Client, Error, Result, Url};
 use isthmus_wire::node::{Heartbeat, HeartbeatBody, PortBody, PortCreate, PortReport};
 use serde_json::Value;
-use std::net::IpAddr;
 
 pub struct NodeApi<'a> {
     client: &'a Client,
@@ -19,14 +18,8 @@ impl<'a> NodeApi<'a> {
     }
 
     /// Registers or heartbeats this node.
-    pub async fn heartbeat(&self, underlay_ip: IpAddr, capabilities: &[String], restarted: bool) -> Result<()> {
-        let body = HeartbeatBody {
-            node: Heartbeat {
-                underlay_ip: underlay_ip.to_string(),
-                capabilities: capabilities.to_vec(),
-                restarted,
-            },
-        };
+    pub async fn heartbeat(&self, node: Heartbeat) -> Result<()> {
+        let body = HeartbeatBody { node };
         let path = format!("/isthmus/v1/nodes/{}", self.host);
         self.client
             .call(reqwest::Method::PUT, Url::Network(&path), Some(&body))

@@ -13,6 +13,12 @@ pub struct Heartbeat {
     /// The agent's first heartbeat since it started.
     #[serde(default)]
     pub restarted: bool,
+    /// The view revision every controller of the node has converged to (none yet: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converged_revision: Option<i64>,
+    /// Datapath changes the node could not make, `controller: what`, bounded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
 }
 
 /// `{"node": ...}`.

@@ -3,7 +3,7 @@
 //! ports, forwarding entries live and die with their VXLAN device, devices keep their index
 //! unless rebuilt.
 
-use super::{check_ifname, Kernel, KernelError, MacAddr, VethAttach};
+use super::{check_ifname, Firewall, Inspect, KernelError, Links, MacAddr, PacketIo, PortDevices, VethAttach};
 use crate::desired::{Bridge, Datapath, Fdb, PortDevice, Vxlan};
 use crate::plan::Action;
 use std::collections::BTreeMap;
@@ -18,6 +18,11 @@ struct State {
     next_index: u32,
     applied: Vec<Action>,
     attached: Vec<VethAttach>,
+    /// Host-side MACs of the taps created.
+    tap_macs: BTreeMap<String, Option<MacAddr>>,
+    dhcp_guard: bool,
+    /// Firewall changes fail (as a missing or broken `nft` would).
+    firewall_fails: bool,
 }
 
 impl State {
@@ -125,6 +130,10 @@ impl State {
                 have.bridge = p.bridge.clone();
                 have.mtu = p.mtu;
             }
+            Action::CreateTap(p, mac) => {
+                self.add_port(p, false)?;
+                self.tap_macs.insert(p.name.clone(), *mac);
+            }
             Action::DeletePort(n) | Action::DeleteVxlan(n) | Action::DeleteBridge(n) => self.remove(n),
         }
         Ok(())
@@ -204,12 +213,8 @@ impl FakeKernel {
     }
 }
 
-impl Kernel for FakeKernel {
-    async fn observe(&self) -> Result<Datapath, KernelError> {
-        Ok(self.state())
-    }
-
-    async fn apply(&self, action: &Action) -> Result<(), KernelError> {
+impl FakeKernel {
+    fn run(&self, action: &Action) -> Result<(), KernelError> {
         let injected = self
             .fail
             .lock()
@@ -225,16 +230,55 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
+    /// Makes every firewall change fail (or work again).
+    pub fn fail_firewall(&self, fail: bool) {
+        self.lock().firewall_fails = fail;
+    }
+
+    /// Whether the simulated DHCP guard is in place.
+    pub fn dhcp_guard(&self) -> bool {
+        self.lock().dhcp_guard
+    }
+
+    /// The host-side MAC a tap was created with.
+    pub fn tap_mac(&self, name: &str) -> Option<MacAddr> {
+        self.lock().tap_macs.get(name).copied().flatten()
+    }
+}
+
+impl Links for FakeKernel {
+    async fn observe_l2(&self) -> Result<Datapath, KernelError> {
+        let mut dp = self.state();
+        dp.ports.clear();
+        Ok(dp)
+    }
+
+    async fn apply_l2(&self, action: &Action) -> Result<(), KernelError> {
+        if action.is_port() {
+            return Err(KernelError::Simulated(format!("not an L2 action: {action:?}")));
+        }
+        self.run(action)
+    }
+}
+
+impl PortDevices for FakeKernel {
+    async fn observe_ports(&self) -> Result<BTreeMap<String, PortDevice>, KernelError> {
+        Ok(self.lock().dp.ports.clone())
+    }
+
+    async fn apply_port(&self, action: &Action) -> Result<(), KernelError> {
+        if !action.is_port() {
+            return Err(KernelError::Simulated(format!("not a port action: {action:?}")));
+        }
+        self.run(action)
+    }
+
     async fn attach_veth(&self, req: &VethAttach) -> Result<(), KernelError> {
         check_ifname(&req.ifname)?;
         let mut s = self.lock();
         s.add_port(&req.port, true)?;
         s.attached.push(req.clone());
         Ok(())
-    }
-
-    async fn create_tap(&self, port: &PortDevice, _mac: Option<MacAddr>) -> Result<(), KernelError> {
-        self.lock().add_port(port, false)
     }
 
     async fn detach(&self, name: &str) -> Result<(), KernelError> {
@@ -244,22 +288,42 @@ impl Kernel for FakeKernel {
         s.attached.retain(|a| a.port.name != name);
         Ok(())
     }
+}
+
+impl Firewall for FakeKernel {
+    async fn dhcp_guard_present(&self) -> Result<bool, KernelError> {
+        Ok(self.lock().dhcp_guard)
+    }
 
     async fn ensure_dhcp_guard(&self) -> Result<(), KernelError> {
+        let mut s = self.lock();
+        if s.firewall_fails {
+            return Err(KernelError::Simulated("injected failure: nft".into()));
+        }
+        s.dhcp_guard = true;
         Ok(())
     }
 
     async fn remove_dhcp_guard(&self) -> Result<(), KernelError> {
+        let mut s = self.lock();
+        if s.firewall_fails {
+            return Err(KernelError::Simulated("injected failure: nft".into()));
+        }
+        s.dhcp_guard = false;
         Ok(())
     }
+}
 
+impl PacketIo for FakeKernel {
     async fn dhcp_socket(&self, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
         Err(KernelError::io(
             format!("dhcp socket for {dev}"),
             std::io::Error::other("the fake kernel has no packet sockets"),
         ))
     }
+}
 
+impl Inspect for FakeKernel {
     async fn inspect(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<super::Inspected>, KernelError> {
         let s = self.lock();
         Ok(s.attached

@@ -1,7 +1,10 @@
 //! The side-effecting datapath layer: reading and changing the node's kernel state.
 //!
-//! Everything above this (reconcile, the attach path) talks to the [`Kernel`] trait only, so it
-//! can be tested against [`FakeKernel`]; [`NetlinkKernel`] is the real one.
+//! One narrow trait per area: [`Links`] (bridges, VXLAN, forwarding entries), [`PortDevices`]
+//! (veth and tap host ends), [`PacketIo`] (DHCP sockets), [`Firewall`] (nftables) and
+//! [`Inspect`] (looking into workload namespaces). Each controller uses only its own; each has a
+//! real implementation ([`NetlinkKernel`], nft through a subprocess) and a stateful fake
+//! ([`FakeKernel`]), and `tests/kernel_conformance.rs` runs the same checks against both.
 
 mod fake;
 mod netlink;
@@ -13,6 +16,7 @@ pub use netlink::NetlinkKernel;
 use crate::desired::{Datapath, PortDevice};
 use crate::plan::Action;
 use ipnet::IpNet;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
@@ -133,21 +137,47 @@ pub struct VethAttach {
     pub mtu: u32,
 }
 
-/// The node's kernel datapath. Methods return `Send` futures so generic callers can run them
-/// in spawned tokio tasks.
-pub trait Kernel: Send + Sync {
-    /// The actual state of the agent's own devices: `isbr-*` bridges, `isvx-*` VXLAN devices,
-    /// their static forwarding entries, and `tap*` port devices in one of our bridges or marked
-    /// with [`PORT_ALIAS`]. Nothing else on the node is reported (so nothing else is touched).
-    fn observe(&self) -> impl Future<Output = Result<Datapath, KernelError>> + Send;
+/// How many single-entry forwarding changes a backend without a batch path keeps in flight.
+pub const FDB_IN_FLIGHT: usize = 64;
 
-    /// Performs one plan action. Already-done work (the device exists as wanted, the entry to
-    /// delete is gone) counts as success.
-    fn apply(&self, action: &Action) -> impl Future<Output = Result<(), KernelError>> + Send;
+/// L2 plumbing: the agent's `isbr-*` bridges, `isvx-*` VXLAN devices and their static
+/// forwarding entries. Methods return `Send` futures so generic callers can spawn them.
+pub trait Links: Send + Sync {
+    /// The bridges, VXLAN devices and forwarding entries of ours (`ports` is left empty).
+    /// Nothing else on the node is reported, so nothing else is touched.
+    fn observe_l2(&self) -> impl Future<Output = Result<Datapath, KernelError>> + Send;
+
+    /// Performs one L2 action (bridges, VXLAN devices, forwarding entries). Already-done work
+    /// (the device exists as wanted, the entry to delete is gone) counts as success.
+    fn apply_l2(&self, action: &Action) -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// Forwarding-entry changes (`AddFdb`/`DelFdb` only), all of them at once as far as the
+    /// backend can: one result per action, in order.
+    fn apply_fdb(&self, actions: &[Action]) -> impl Future<Output = Vec<Result<(), KernelError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(actions.len());
+            for chunk in actions.chunks(FDB_IN_FLIGHT) {
+                out.extend(futures::future::join_all(chunk.iter().map(|a| self.apply_l2(a))).await);
+            }
+            out
+        }
+    }
+}
+
+/// Port devices: the host ends of container veths and VM taps (`tap*`).
+pub trait PortDevices: Send + Sync {
+    /// `tap*` devices in one of our bridges or marked with [`PORT_ALIAS`].
+    fn observe_ports(&self) -> impl Future<Output = Result<BTreeMap<String, PortDevice>, KernelError>> + Send;
+
+    /// Performs one port action (`CreateTap`, `FixPort`, `DeletePort`).
+    fn apply_port(&self, action: &Action) -> impl Future<Output = Result<(), KernelError>> + Send;
 
     /// Creates the veth pair of a container port: host end in its bridge and up, the other end
     /// in `req.netns` named, addressed and routed. On failure nothing is left behind.
     fn attach_veth(&self, req: &VethAttach) -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// Deletes a port's host device (for a veth, the pair). Absent already is success.
+    fn detach(&self, name: &str) -> impl Future<Output = Result<(), KernelError>> + Send;
 
     /// Creates a persistent TAP device for a VM port (a hypervisor opens it by name), in its
     /// bridge and up.
@@ -155,31 +185,69 @@ pub trait Kernel: Send + Sync {
         &self,
         port: &PortDevice,
         mac: Option<MacAddr>,
-    ) -> impl Future<Output = Result<(), KernelError>> + Send;
+    ) -> impl Future<Output = Result<(), KernelError>> + Send {
+        let action = Action::CreateTap(port.clone(), mac);
+        async move { self.apply_port(&action).await }
+    }
+}
 
-    /// Deletes a port's host device (for a veth, the pair). Absent already is success.
-    fn detach(&self, name: &str) -> impl Future<Output = Result<(), KernelError>> + Send;
-
+/// Packet I/O on port devices (distributed DHCP).
+pub trait PacketIo: Send + Sync {
     /// A raw packet socket on port device `dev` that receives the guest's DHCP requests and
-    /// sends answers straight back to it (distributed DHCP). Returns it with `dev`'s ifindex.
+    /// sends answers straight back to it. Returns it with `dev`'s ifindex.
     fn dhcp_socket(&self, dev: &str) -> impl Future<Output = Result<(std::os::fd::OwnedFd, u32), KernelError>> + Send;
+}
+
+/// The node's packet filter (today: the DHCP guard table).
+pub trait Firewall: Send + Sync {
+    /// Whether the DHCP guard is in place.
+    fn dhcp_guard_present(&self) -> impl Future<Output = Result<bool, KernelError>> + Send;
 
     /// Installs (idempotently, atomically) the node's bridge filter that keeps DHCP local:
     /// requests from workloads are answered on the node and never forwarded, and workloads
     /// cannot answer DHCP for others.
     fn ensure_dhcp_guard(&self) -> impl Future<Output = Result<(), KernelError>> + Send;
 
-    /// Removes that filter (absent already is success): the node has no network left.
+    /// Removes that filter (absent already is success).
     fn remove_dhcp_guard(&self) -> impl Future<Output = Result<(), KernelError>> + Send;
+}
 
+/// Looking into workload namespaces (CNI CHECK).
+pub trait Inspect: Send + Sync {
     /// The MAC and addresses of interface `ifname` inside `netns`; `None` if there is no such
-    /// interface (CNI CHECK).
+    /// interface.
     fn inspect(
         &self,
         netns: &std::path::Path,
         ifname: &str,
     ) -> impl Future<Output = Result<Option<Inspected>, KernelError>> + Send;
 }
+
+/// A whole node datapath: every capability. Implemented for whatever has them all; the agent's
+/// controllers each use only their own.
+pub trait Kernel: Links + PortDevices + PacketIo + Firewall + Inspect {
+    /// L2 devices, forwarding entries and port devices together.
+    fn observe(&self) -> impl Future<Output = Result<Datapath, KernelError>> + Send {
+        async move {
+            let mut dp = self.observe_l2().await?;
+            dp.ports = self.observe_ports().await?;
+            Ok(dp)
+        }
+    }
+
+    /// Performs one plan action through the backend it belongs to.
+    fn apply(&self, action: &Action) -> impl Future<Output = Result<(), KernelError>> + Send {
+        async move {
+            if action.is_port() {
+                self.apply_port(action).await
+            } else {
+                self.apply_l2(action).await
+            }
+        }
+    }
+}
+
+impl<T: Links + PortDevices + PacketIo + Firewall + Inspect> Kernel for T {}
 
 /// What a workload interface looks like from inside its namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]

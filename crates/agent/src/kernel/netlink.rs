@@ -1,7 +1,10 @@
-//! [`Kernel`] over route netlink (rtnetlink on tokio).
+//! The kernel backends over route netlink (rtnetlink on tokio), and nft for the firewall.
 
 use super::netns::{create_persistent_tap, route_handle, run_in_netns};
-use super::{check_ifname, Kernel, KernelError, MacAddr, VethAttach, PORT_ALIAS, VXLAN_PORT};
+use super::{
+    check_ifname, Firewall, Inspect, KernelError, Links, MacAddr, PacketIo, PortDevices, VethAttach, PORT_ALIAS,
+    VXLAN_PORT,
+};
 use crate::desired::{Bridge, Datapath, Fdb, PortDevice, Vxlan};
 use crate::names;
 use crate::plan::Action;
@@ -16,7 +19,7 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::RouteType;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -37,6 +40,9 @@ pub struct NetlinkKernel {
     /// each device up again. Cleared by every action that may create or delete a device; a
     /// stale entry (a device rebuilt by hand) shows up as ENODEV and is looked up afresh.
     fdb_devs: std::sync::Mutex<HashMap<String, u32>>,
+    /// The kernel runs one dump at a time per netlink socket (a second one gets EBUSY), and
+    /// controllers observe concurrently: dumps take turns, single requests do not wait.
+    dumps: tokio::sync::Mutex<()>,
 }
 
 /// The parts of a link message the agent cares about.
@@ -157,6 +163,7 @@ impl NetlinkKernel {
             handle: route_handle(None).await?,
             netns: None,
             fdb_devs: Default::default(),
+            dumps: Default::default(),
         })
     }
 
@@ -168,6 +175,7 @@ impl NetlinkKernel {
             handle: route_handle(Some(&netns)).await?,
             netns: Some(netns),
             fdb_devs: Default::default(),
+            dumps: Default::default(),
         })
     }
 
@@ -177,6 +185,7 @@ impl NetlinkKernel {
     }
 
     async fn links(&self) -> Result<Vec<Link>, KernelError> {
+        let _turn = self.dumps.lock().await;
         let msgs: Vec<LinkMessage> = self
             .handle
             .link()
@@ -353,6 +362,7 @@ impl NetlinkKernel {
     }
 
     async fn fdb_entries(&self, vxlans: &HashMap<u32, String>) -> Result<Vec<Fdb>, KernelError> {
+        let _turn = self.dumps.lock().await;
         let msgs: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
@@ -513,68 +523,74 @@ async fn setup_workload_side(h: &Handle, req: &VethAttach) -> Result<(), KernelE
     Ok(())
 }
 
-impl Kernel for NetlinkKernel {
-    async fn observe(&self) -> Result<Datapath, KernelError> {
-        let links = self.links().await?;
-        let by_index: HashMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
-        let master_name = |l: &Link| {
-            l.master
-                .and_then(|m| by_index.get(&m))
-                .map(|m| m.name.clone())
-                .unwrap_or_default()
-        };
-        let mut dp = Datapath::default();
-        let mut bridge_idx = HashSet::new();
-        for l in &links {
-            if l.name.starts_with(names::BRIDGE_PREFIX) && names::vni_of(&l.name).is_some() && l.is(&InfoKind::Bridge) {
-                bridge_idx.insert(l.index);
-                dp.bridges.insert(
-                    l.name.clone(),
-                    Bridge {
-                        name: l.name.clone(),
-                        mtu: l.mtu,
-                    },
-                );
-            }
+/// Our devices among `links`: bridges, VXLAN devices (with their index) and port devices.
+fn classify(links: &[Link]) -> (Datapath, HashMap<u32, String>) {
+    let by_index: HashMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
+    let master_name = |l: &Link| {
+        l.master
+            .and_then(|m| by_index.get(&m))
+            .map(|m| m.name.clone())
+            .unwrap_or_default()
+    };
+    let mut dp = Datapath::default();
+    let mut bridge_idx = HashSet::new();
+    for l in links {
+        if l.name.starts_with(names::BRIDGE_PREFIX) && names::vni_of(&l.name).is_some() && l.is(&InfoKind::Bridge) {
+            bridge_idx.insert(l.index);
+            dp.bridges.insert(
+                l.name.clone(),
+                Bridge {
+                    name: l.name.clone(),
+                    mtu: l.mtu,
+                },
+            );
         }
-        let mut vxlan_idx = HashMap::new();
-        for l in &links {
-            if l.name.starts_with(names::VXLAN_PREFIX) && names::vni_of(&l.name).is_some() && l.is(&InfoKind::Vxlan) {
-                let (vni, local) = l.vxlan_params();
-                vxlan_idx.insert(l.index, l.name.clone());
-                dp.vxlans.insert(
-                    l.name.clone(),
-                    Vxlan {
-                        name: l.name.clone(),
-                        vni,
-                        local,
-                        bridge: master_name(l),
-                        mtu: l.mtu,
-                    },
-                );
-            }
+    }
+    let mut vxlan_idx = HashMap::new();
+    for l in links {
+        if l.name.starts_with(names::VXLAN_PREFIX) && names::vni_of(&l.name).is_some() && l.is(&InfoKind::Vxlan) {
+            let (vni, local) = l.vxlan_params();
+            vxlan_idx.insert(l.index, l.name.clone());
+            dp.vxlans.insert(
+                l.name.clone(),
+                Vxlan {
+                    name: l.name.clone(),
+                    vni,
+                    local,
+                    bridge: master_name(l),
+                    mtu: l.mtu,
+                },
+            );
         }
-        for l in &links {
-            let in_ours = l.master.is_some_and(|m| bridge_idx.contains(&m));
-            let marked = l.alias.as_deref() == Some(PORT_ALIAS);
-            if l.name.starts_with(names::TAP_PREFIX) && (in_ours || marked) {
-                dp.ports.insert(
-                    l.name.clone(),
-                    PortDevice {
-                        name: l.name.clone(),
-                        bridge: master_name(l),
-                        mtu: l.mtu,
-                        veth: l.is(&InfoKind::Veth),
-                    },
-                );
-            }
+    }
+    for l in links {
+        let in_ours = l.master.is_some_and(|m| bridge_idx.contains(&m));
+        let marked = l.alias.as_deref() == Some(PORT_ALIAS);
+        if l.name.starts_with(names::TAP_PREFIX) && (in_ours || marked) {
+            dp.ports.insert(
+                l.name.clone(),
+                PortDevice {
+                    name: l.name.clone(),
+                    bridge: master_name(l),
+                    mtu: l.mtu,
+                    veth: l.is(&InfoKind::Veth),
+                },
+            );
         }
+    }
+    (dp, vxlan_idx)
+}
+
+impl Links for NetlinkKernel {
+    async fn observe_l2(&self) -> Result<Datapath, KernelError> {
+        let (mut dp, vxlan_idx) = classify(&self.links().await?);
+        dp.ports.clear();
         dp.fdb = self.fdb_entries(&vxlan_idx).await?.into_iter().collect();
         Ok(dp)
     }
 
-    async fn apply(&self, action: &Action) -> Result<(), KernelError> {
-        if !matches!(action, Action::AddFdb(_) | Action::DelFdb(_)) {
+    async fn apply_l2(&self, action: &Action) -> Result<(), KernelError> {
+        if !action.is_fdb() {
             self.forget_devs();
         }
         match action {
@@ -591,14 +607,28 @@ impl Kernel for NetlinkKernel {
             }
             Action::AddFdb(f) => self.add_fdb(f).await,
             Action::DelFdb(f) => self.del_fdb(f).await,
+            Action::DeleteVxlan(name) | Action::DeleteBridge(name) => self.del_link(name).await.map(|_| ()),
+            other => Err(KernelError::Simulated(format!("not an L2 action: {other:?}"))),
+        }
+    }
+}
+
+impl PortDevices for NetlinkKernel {
+    async fn observe_ports(&self) -> Result<BTreeMap<String, PortDevice>, KernelError> {
+        Ok(classify(&self.links().await?).0.ports)
+    }
+
+    async fn apply_port(&self, action: &Action) -> Result<(), KernelError> {
+        self.forget_devs();
+        match action {
+            Action::CreateTap(p, mac) => self.new_tap(p, *mac).await,
             Action::FixPort(p) => {
                 let bridge = self.bridge_index(&p.bridge).await?;
                 self.configure(&p.name, Some(p.mtu), Some(bridge), Some(PORT_ALIAS))
                     .await
             }
-            Action::DeletePort(name) | Action::DeleteVxlan(name) | Action::DeleteBridge(name) => {
-                self.del_link(name).await.map(|_| ())
-            }
+            Action::DeletePort(name) => self.del_link(name).await.map(|_| ()),
+            other => Err(KernelError::Simulated(format!("not a port action: {other:?}"))),
         }
     }
 
@@ -645,6 +675,50 @@ impl Kernel for NetlinkKernel {
         Ok(())
     }
 
+    async fn detach(&self, name: &str) -> Result<(), KernelError> {
+        self.del_link(name).await.map(|_| ())
+    }
+}
+
+impl NetlinkKernel {
+    async fn new_tap(&self, port: &PortDevice, mac: Option<MacAddr>) -> Result<(), KernelError> {
+        let name = port.name.clone();
+        check_ifname(&name)?;
+        let bridge = self.bridge_index(&port.bridge).await?;
+        // TUNSETIFF creates the device in the netns of the calling thread.
+        run_in_netns(self.netns.as_deref(), move || create_persistent_tap(&name)).await?;
+        let res = configure(
+            &self.handle,
+            &port.name,
+            Some(port.mtu),
+            Some(bridge),
+            Some(PORT_ALIAS),
+            mac,
+        )
+        .await;
+        if let Err(e) = res {
+            if let Err(e2) = self.del_link(&port.name).await {
+                warn!(dev = %port.name, error = %e2, "cleanup after failed tap creation");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+impl PacketIo for NetlinkKernel {
+    async fn dhcp_socket(&self, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
+        check_ifname(dev)?;
+        let dev = dev.to_string();
+        run_in_netns(self.netns.as_deref(), move || super::netns::dhcp_packet_socket(&dev)).await
+    }
+}
+
+impl Firewall for NetlinkKernel {
+    async fn dhcp_guard_present(&self) -> Result<bool, KernelError> {
+        run_in_netns(self.netns.as_deref(), super::netns::dhcp_guard_present).await
+    }
+
     async fn ensure_dhcp_guard(&self) -> Result<(), KernelError> {
         run_in_netns(self.netns.as_deref(), super::netns::apply_dhcp_guard).await
     }
@@ -652,13 +726,9 @@ impl Kernel for NetlinkKernel {
     async fn remove_dhcp_guard(&self) -> Result<(), KernelError> {
         run_in_netns(self.netns.as_deref(), super::netns::remove_dhcp_guard).await
     }
+}
 
-    async fn dhcp_socket(&self, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
-        check_ifname(dev)?;
-        let dev = dev.to_string();
-        run_in_netns(self.netns.as_deref(), move || super::netns::dhcp_packet_socket(&dev)).await
-    }
-
+impl Inspect for NetlinkKernel {
     async fn inspect(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<super::Inspected>, KernelError> {
         use rtnetlink::packet_route::address::AddressAttribute;
         check_ifname(ifname)?;
@@ -699,33 +769,5 @@ impl Kernel for NetlinkKernel {
             }
         }
         Ok(Some(super::Inspected { mac, addresses }))
-    }
-
-    async fn create_tap(&self, port: &PortDevice, mac: Option<MacAddr>) -> Result<(), KernelError> {
-        let name = port.name.clone();
-        check_ifname(&name)?;
-        let bridge = self.bridge_index(&port.bridge).await?;
-        // TUNSETIFF creates the device in the netns of the calling thread.
-        run_in_netns(self.netns.as_deref(), move || create_persistent_tap(&name)).await?;
-        let res = configure(
-            &self.handle,
-            &port.name,
-            Some(port.mtu),
-            Some(bridge),
-            Some(PORT_ALIAS),
-            mac,
-        )
-        .await;
-        if let Err(e) = res {
-            if let Err(e2) = self.del_link(&port.name).await {
-                warn!(dev = %port.name, error = %e2, "cleanup after failed tap creation");
-            }
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    async fn detach(&self, name: &str) -> Result<(), KernelError> {
-        self.del_link(name).await.map(|_| ())
     }
 }

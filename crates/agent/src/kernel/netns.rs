@@ -306,6 +306,27 @@ pub fn remove_dhcp_guard() -> Result<(), KernelError> {
     nft(NO_DHCP_GUARD)
 }
 
+/// Whether the DHCP guard table exists in the calling thread's namespace. Blocking; run it
+/// through [`run_in_netns`].
+pub fn dhcp_guard_present() -> Result<bool, KernelError> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "bridge", "isthmus"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| KernelError::io("running nft (is nftables installed?)", e))?;
+    if out.status.success() {
+        return Ok(true);
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("No such file or directory") || err.contains("does not exist") {
+        return Ok(false);
+    }
+    Err(KernelError::io(
+        "nft list table bridge isthmus",
+        std::io::Error::other(err.trim().to_string()),
+    ))
+}
+
 fn nft(script: &str) -> Result<(), KernelError> {
     use std::io::Write;
     let mut child = std::process::Command::new("nft")

@@ -7,9 +7,12 @@
 //! (straight to the guest), so they never enter the bridge or reach another node. Frames whose
 //! source MAC is not the port's get nothing, nor do subnets with `enable_dhcp` false.
 
-use crate::kernel::{Kernel, MacAddr};
+use super::{Controller, Outcome};
+use crate::kernel::{MacAddr, PacketIo};
+use crate::names;
 use crate::objects::Objects;
-use crate::runtime::Agent;
+use crate::state::{NodeState, Snapshot};
+use crate::view::PortKind;
 use isthmus_dhcp::{build, decide, parse, Lease};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -75,7 +78,7 @@ pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) 
 }
 
 /// One served tap's task.
-pub(crate) struct Served {
+struct Served {
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -85,91 +88,79 @@ impl Drop for Served {
     }
 }
 
-/// Served taps by device name.
-#[derive(Default)]
-pub(crate) struct DhcpState {
-    pub(crate) served: std::sync::Mutex<HashMap<String, (String, Served)>>,
-    /// The node's DHCP bridge filter is in place (installed once per agent run).
-    pub(crate) guarded: std::sync::atomic::AtomicBool,
-    /// The filter was found unneeded and removed at least once this run (one an earlier run
-    /// left is removed too).
-    pub(crate) unguarded_once: std::sync::atomic::AtomicBool,
+/// Serves DHCP on exactly the VM ports that need it: desired = this node's tap ports with a
+/// lease; actual = the taps with a live serving task.
+pub struct DhcpController<B> {
+    backend: Arc<B>,
+    state: Arc<NodeState>,
+    lease_secs: u32,
+    /// Served taps by device name: (port id, task).
+    served: std::sync::Mutex<HashMap<String, (String, Served)>>,
 }
 
-impl<K: Kernel + 'static> Agent<K> {
-    /// Starts serving the VM ports that need it and stops the rest. Safe to call repeatedly.
-    pub(crate) async fn sync_dhcp(self: &Arc<Self>, wanted: Vec<(String, String)>) {
-        let wanted: HashMap<String, String> = wanted.into_iter().collect();
-        {
-            let mut served = self.dhcp.served.lock().unwrap_or_else(|p| p.into_inner());
-            served.retain(|dev, (port, s)| {
-                let keep = wanted.get(dev) == Some(port) && !s.task.is_finished();
-                if !keep {
-                    debug!(dev = %dev, "DHCP: no longer serving");
-                }
-                keep
-            });
-        }
+impl<B: PacketIo + 'static> DhcpController<B> {
+    pub fn new(backend: Arc<B>, state: Arc<NodeState>, lease_secs: u32) -> Arc<Self> {
+        Arc::new(DhcpController {
+            backend,
+            state,
+            lease_secs,
+            served: Default::default(),
+        })
+    }
+
+    fn served(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Served)>> {
+        self.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Taps served right now.
+    pub fn serving(&self) -> usize {
+        self.served().len()
+    }
+
+    /// (tap device, port id) of every local VM port with a lease.
+    fn wanted(&self, snap: &Snapshot) -> HashMap<String, String> {
+        let v = self.state.lock();
+        snap.view
+            .local_ports
+            .iter()
+            .filter(|p| p.kind == PortKind::Tap)
+            .filter(|p| lease_for(&v.objects, &self.state.node, &p.id, self.lease_secs).is_some())
+            .map(|p| (names::tap(&p.id), p.id.clone()))
+            .collect()
+    }
+
+    /// Starts serving the VM ports that need it and stops the rest. A tap not there yet is
+    /// not a failure: the next pass (every few seconds) tries again.
+    async fn sync(self: &Arc<Self>, wanted: HashMap<String, String>) {
+        self.served().retain(|dev, (port, s)| {
+            let keep = wanted.get(dev) == Some(port) && !s.task.is_finished();
+            if !keep {
+                debug!(dev = %dev, "DHCP: no longer serving");
+            }
+            keep
+        });
         for (dev, port) in wanted {
             // A served tap keeps its task; if the device goes (or is rebuilt), the task ends
             // on the socket error and the next pass opens a new one.
-            if self
-                .dhcp
-                .served
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&dev)
-            {
+            if self.served().contains_key(&dev) {
                 continue;
             }
-            let (fd, ifindex) = match self.kernel().dhcp_socket(&dev).await {
+            let (fd, ifindex) = match self.backend.dhcp_socket(&dev).await {
                 Ok(x) => x,
                 Err(e) => {
                     debug!(dev = %dev, error = %e, "DHCP: tap not ready");
                     continue;
                 }
             };
-            // The node's bridge filter, once per run, after a served tap (and so its bridge)
-            // exists: a bridge-family table made before the namespace's first bridge never
-            // sees that namespace's bridged frames.
-            if !self.dhcp.guarded.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                match self.kernel().ensure_dhcp_guard().await {
-                    Ok(()) => info!("DHCP guard installed: workloads' DHCP stays on this node"),
-                    // Answers still never leave the node; only the guests' requests would.
-                    Err(e) => warn!(error = %e, "DHCP guard not installed: guests' DHCP requests reach other nodes"),
-                }
-            }
-            let agent = self.clone();
+            let me = self.clone();
             let (p, d) = (port.clone(), dev.clone());
             let task = tokio::spawn(async move {
-                if let Err(e) = agent.serve_dhcp(&p, &d, fd, ifindex).await {
+                if let Err(e) = me.serve_dhcp(&p, &d, fd, ifindex).await {
                     warn!(dev = %d, port = %p, error = %e, "DHCP service on tap stopped");
                 }
             });
             info!(dev = %dev, port = %port, "DHCP: serving");
-            let mut served = self.dhcp.served.lock().unwrap_or_else(|p| p.into_inner());
-            served.insert(dev, (port, Served { task }));
-        }
-    }
-
-    /// The node has no port and no network left: its bridge filter goes too (it comes back
-    /// with the next served tap).
-    pub(crate) async fn drop_dhcp_guard(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let was = self.dhcp.guarded.swap(false, Relaxed);
-        // Not installed by this run: removed once (best effort), then left alone.
-        if !was && self.dhcp.unguarded_once.swap(true, Relaxed) {
-            return;
-        }
-        match self.kernel().remove_dhcp_guard().await {
-            Ok(()) if was => info!("DHCP guard removed: no network left on this node"),
-            Ok(()) => {}
-            Err(e) => {
-                warn!(error = %e, "removing the DHCP guard failed");
-                if was {
-                    self.dhcp.guarded.store(true, Relaxed);
-                }
-            }
+            self.served().insert(dev, (port, Served { task }));
         }
     }
 
@@ -214,8 +205,8 @@ impl<K: Kernel + 'static> Agent<K> {
             }
         };
         let lease = {
-            let v = self.lock_view();
-            let l = lease_for(&v.objects, &self.config.node, port_id, self.config.dhcp_lease_secs);
+            let v = self.state.lock();
+            let l = lease_for(&v.objects, &self.state.node, port_id, self.lease_secs);
             let mac = v
                 .objects
                 .port(port_id)
@@ -232,6 +223,23 @@ impl<K: Kernel + 'static> Agent<K> {
         let answer = decide(&req, &lease)?;
         debug!(dev, kind = ?req.kind, ?answer, ip = %lease.ip, xid = req.xid, "DHCP: answering");
         Some(build(answer, &req, &lease))
+    }
+}
+
+/// Holds the controller in an `Arc` (serving tasks keep it alive).
+pub struct Dhcp<B>(pub Arc<DhcpController<B>>);
+
+impl<B: PacketIo + 'static> Controller for Dhcp<B> {
+    const NAME: &'static str = "dhcp";
+
+    async fn reconcile(&self, snap: &Snapshot) -> Result<Outcome, String> {
+        let wanted = self.0.wanted(snap);
+        let planned = wanted.len();
+        self.0.sync(wanted).await;
+        Ok(Outcome {
+            planned,
+            failures: vec![],
+        })
     }
 }
 
