@@ -2,6 +2,7 @@
 //! Binding, the wait for the node's view, status reports, token expiry, foreign ports.
 
 use isthmus_agent::kernel::FakeKernel;
+use isthmus_agent::plan::Action;
 use isthmus_agent::runtime::{Agent, AgentConfig};
 use isthmus_agent::socket::request;
 use isthmus_server::Config;
@@ -38,21 +39,27 @@ async fn token(http: &reqwest::Client, identity_url: &str, user: &str, password:
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attach_and_detach_through_the_socket_with_expiring_tokens() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("isthmus_agent=debug"))
-        .with_test_writer()
-        .try_init();
-    tokio::time::timeout(Duration::from_secs(60), async {
+/// An in-process server (embedded store) with a node user `n1`, a network with a subnet.
+struct Bed {
+    _dir: tempfile::TempDir,
+    _server: isthmus_server::ServerHandle,
+    dir: std::path::PathBuf,
+    net_url: String,
+    id_url: String,
+    http: reqwest::Client,
+    net: String,
+    vni: u64,
+}
+
+impl Bed {
+    async fn new(token_ttl_secs: u64) -> Bed {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             identity_listen: "127.0.0.1:0".parse().unwrap(),
             network_listen: "127.0.0.1:0".parse().unwrap(),
             admin_password: Some(ADMIN_PASSWORD.into()),
             password_hash_kib: 64,
-            // Tokens expire during the test: the agent must re-authenticate.
-            token_ttl_secs: 2,
+            token_ttl_secs,
             ..Config::default()
         };
         let store = isthmus_store::embedded::EmbeddedStore::open(&dir.path().join("store")).unwrap();
@@ -60,8 +67,7 @@ async fn attach_and_detach_through_the_socket_with_expiring_tokens() {
         let net_url = format!("http://{}", server.network_addr);
         let id_url = format!("http://{}/v3", server.identity_addr);
         let http = reqwest::Client::new();
-        let admin = || token(&http, &id_url, "admin", ADMIN_PASSWORD, "admin");
-        let t = admin().await;
+        let t = token(&http, &id_url, "admin", ADMIN_PASSWORD, "admin").await;
         // The node user.
         let (s, b) = call(
             &http,
@@ -100,22 +106,93 @@ async fn attach_and_detach_through_the_socket_with_expiring_tokens() {
         )
         .await;
         assert_eq!(s, 204, "{b}");
-        // A network, a subnet with a host route, a port, and a port bound elsewhere.
+        // A network and a subnet with a host route.
+        let url = format!("{net_url}/v2.0/networks");
+        let (s, n) = call(
+            &http,
+            reqwest::Method::POST,
+            &url,
+            &t,
+            Some(json!({"network": {"name": "n"}})),
+        )
+        .await;
+        assert_eq!(s, 201, "{n}");
+        let net = n["network"]["id"].as_str().unwrap().to_string();
+        let vni = n["network"]["provider:segmentation_id"].as_u64().unwrap();
+        let (s, b) = call(
+            &http,
+            reqwest::Method::POST,
+            &format!("{net_url}/v2.0/subnets"),
+            &t,
+            Some(
+                json!({"subnet": {"network_id": net, "cidr": "10.5.0.0/24", "ip_version": 4,
+                "host_routes": [{"destination": "172.16.0.0/16", "nexthop": "10.5.0.254"}]}}),
+            ),
+        )
+        .await;
+        assert_eq!(s, 201, "{b}");
+        Bed {
+            dir: dir.path().to_path_buf(),
+            _dir: dir,
+            _server: server,
+            net_url,
+            id_url,
+            http,
+            net,
+            vni,
+        }
+    }
+
+    async fn admin(&self) -> String {
+        token(&self.http, &self.id_url, "admin", ADMIN_PASSWORD, "admin").await
+    }
+
+    fn agent_config(&self) -> AgentConfig {
+        let mut cfg = AgentConfig::new(
+            "n1",
+            &self.net_url,
+            &self.id_url,
+            NODE_PASSWORD,
+            "192.0.2.1".parse().unwrap(),
+        );
+        cfg.socket = self.dir.join("agent.sock");
+        cfg.resync = Duration::from_secs(1);
+        cfg.heartbeat = Duration::from_secs(1);
+        cfg
+    }
+
+    /// The node's agent record as the agents API shows it.
+    async fn node_agent(&self) -> Value {
+        let t = self.admin().await;
+        let (_, b) = call(
+            &self.http,
+            reqwest::Method::GET,
+            &format!("{}/v2.0/agents", self.net_url),
+            &t,
+            None,
+        )
+        .await;
+        b["agents"][0].clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_and_detach_through_the_socket_with_expiring_tokens() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("isthmus_agent=debug"))
+        .with_test_writer()
+        .try_init();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        // Tokens expire during the test: the agent must re-authenticate.
+        let bed = Bed::new(2).await;
+        let (net_url, http, net, vni) = (bed.net_url.clone(), bed.http.clone(), bed.net.clone(), bed.vni);
+        let admin = || bed.admin();
+        let t = admin().await;
+        // A port, and a port bound elsewhere.
         let post = |path: &'static str, body: Value| {
             let (http, t, url) = (http.clone(), t.clone(), format!("{net_url}{path}"));
             async move { call(&http, reqwest::Method::POST, &url, &t, Some(body)).await }
         };
-        let (s, n) = post("/v2.0/networks", json!({"network": {"name": "n"}})).await;
-        assert_eq!(s, 201, "{n}");
-        let net = n["network"]["id"].as_str().unwrap().to_string();
-        let vni = n["network"]["provider:segmentation_id"].as_u64().unwrap();
-        let (s, b) = post(
-            "/v2.0/subnets",
-            json!({"subnet": {"network_id": net, "cidr": "10.5.0.0/24", "ip_version": 4,
-                "host_routes": [{"destination": "172.16.0.0/16", "nexthop": "10.5.0.254"}]}}),
-        )
-        .await;
-        assert_eq!(s, 201, "{b}");
         let (s, p) = post("/v2.0/ports", json!({"port": {"network_id": net}})).await;
         assert_eq!(s, 201, "{p}");
         let port = p["port"]["id"].as_str().unwrap().to_string();
@@ -127,10 +204,7 @@ async fn attach_and_detach_through_the_socket_with_expiring_tokens() {
         assert_eq!(s, 201, "{other}");
         let other = other["port"]["id"].as_str().unwrap().to_string();
 
-        let mut cfg = AgentConfig::new("n1", &net_url, &id_url, NODE_PASSWORD, "192.0.2.1".parse().unwrap());
-        cfg.socket = dir.path().join("agent.sock");
-        cfg.resync = Duration::from_secs(1);
-        cfg.heartbeat = Duration::from_secs(1);
+        let cfg = bed.agent_config();
         let sock = cfg.socket.clone();
         let agent = Agent::new(cfg, FakeKernel::new()).unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -250,4 +324,100 @@ async fn attach_and_detach_through_the_socket_with_expiring_tokens() {
     })
     .await
     .expect("test timed out");
+}
+
+/// What the datapath cannot do is retried and reported: a bridge the kernel refuses shows up
+/// in the node's heartbeat (agents API, `configurations.failures`) with no converged revision
+/// past it; once the kernel accepts it, the failure clears and the revision advances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datapath_failures_are_retried_and_reported_in_the_heartbeat() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let bed = Bed::new(3600).await;
+        let kernel = FakeKernel::new();
+        let bridge = format!("isbr-{}", bed.vni);
+        {
+            let bridge = bridge.clone();
+            kernel.fail_on(move |a| matches!(a, Action::CreateBridge(b) if b.name == bridge));
+        }
+        let agent = Agent::new(bed.agent_config(), kernel).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(agent.clone().run(async {
+            let _ = stop_rx.await;
+        }));
+        // A VM port bound to this node: its network needs the refused bridge.
+        let t = bed.admin().await;
+        let (s, vm) = call(
+            &bed.http,
+            reqwest::Method::POST,
+            &format!("{}/v2.0/ports", bed.net_url),
+            &t,
+            Some(json!({"port": {"network_id": bed.net, "device_owner": "compute:nova", "binding:host_id": "n1"}})),
+        )
+        .await;
+        assert_eq!(s, 201, "{vm}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let failing = loop {
+            let a = bed.node_agent().await;
+            let failures = a["configurations"]["failures"].as_array().cloned().unwrap_or_default();
+            if failures.iter().any(|f| f.as_str().is_some_and(|f| f.contains(&bridge))) {
+                break a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the failure was never reported: {a}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(failing["configurations"]["converged_revision"].is_null(), "{failing}");
+        assert!(!agent.kernel().state().bridges.contains_key(&bridge));
+
+        // The kernel accepts it now: the retry makes it, the report clears.
+        agent.kernel().clear_failures();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let a = bed.node_agent().await;
+            let clear = a["configurations"]["failures"].as_array().is_none_or(|f| f.is_empty());
+            if clear && a["configurations"]["converged_revision"].as_i64().is_some() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never converged: {a}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(agent.kernel().state().bridges.contains_key(&bridge));
+        let _ = stop_tx.send(());
+        run.await.unwrap().unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The DHCP guard is only counted as installed once it is: a failing `nft` is retried and
+/// reported, and the guard comes as soon as the firewall works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_firewall_change_is_retried_not_assumed() {
+    use isthmus_agent::controller::dhcp::DhcpController;
+    use isthmus_agent::controller::firewall::FirewallController;
+    use isthmus_agent::state::NodeState;
+    use std::sync::Arc;
+    let kernel = Arc::new(FakeKernel::new());
+    let state = NodeState::new("n1", "192.0.2.1".parse().unwrap());
+    state.apply(serde_json::from_value(json!({"type": "snapshot", "revision": 1, "objects": []})).unwrap());
+    let dhcp = DhcpController::new(kernel.clone(), state.clone(), 60);
+    let fw = FirewallController::new(kernel.clone(), dhcp, Duration::from_secs(3600));
+    // An earlier run left the guard; the node has nothing now: it must go.
+    kernel.ensure_dhcp_guard_by_hand();
+    kernel.fail_firewall(true);
+    let snap = state.snapshot().unwrap();
+    let o = fw.pass(&snap).await.unwrap();
+    assert_eq!(o.failures.len(), 1, "{o:?}");
+    assert!(kernel.dhcp_guard(), "the failed removal changed nothing");
+    // Still failing: still reported, not assumed done.
+    let o = fw.pass(&snap).await.unwrap();
+    assert_eq!(o.failures.len(), 1, "{o:?}");
+    kernel.fail_firewall(false);
+    let o = fw.pass(&snap).await.unwrap();
+    assert!(o.failures.is_empty(), "{o:?}");
+    assert!(!kernel.dhcp_guard());
+    // Converged: nothing to do, nothing asked of the kernel.
+    assert_eq!(fw.pass(&snap).await.unwrap().planned, 0);
 }

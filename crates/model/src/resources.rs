@@ -334,6 +334,12 @@ pub struct Node {
     pub created_unix: i64,
     pub started_unix: i64,
     pub heartbeat_unix: i64,
+    /// The view revision the node's agent last reported fully converged to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converged_revision: Option<i64>,
+    /// Datapath changes the node's agent reported it could not make.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
 }
 
 /// Neutron's agent timestamps: `2026-11-22 03:44:17`.
@@ -376,7 +382,12 @@ impl Node {
             "alive": self.alive(now_unix, down_after),
             "availability_zone": Value::Null,
             "description": self.description,
-            "configurations": {"underlay_ip": self.underlay_ip, "capabilities": self.capabilities},
+            "configurations": {
+                "underlay_ip": self.underlay_ip,
+                "capabilities": self.capabilities,
+                "converged_revision": self.converged_revision,
+                "failures": self.failures,
+            },
             "created_at": agent_time(self.created_unix),
             "started_at": agent_time(self.started_unix),
             "heartbeat_timestamp": agent_time(self.heartbeat_unix),
@@ -408,6 +419,8 @@ mod node_tests {
             created_unix: 900,
             started_unix: 900,
             heartbeat_unix: 1000,
+            converged_revision: None,
+            failures: vec![],
         };
         assert!(n.alive(1010, 30));
         assert!(!n.alive(1030, 30));

@@ -235,6 +235,11 @@ impl FakeKernel {
         self.lock().firewall_fails = fail;
     }
 
+    /// Simulates a guard left by an earlier run.
+    pub fn ensure_dhcp_guard_by_hand(&self) {
+        self.lock().dhcp_guard = true;
+    }
+
     /// Whether the simulated DHCP guard is in place.
     pub fn dhcp_guard(&self) -> bool {
         self.lock().dhcp_guard

@@ -137,8 +137,29 @@ fn check_dict_size(attr: &str, v: &Option<Value>) -> NResult<()> {
     Ok(())
 }
 
+/// Most failures one heartbeat may carry, and the longest one.
+const MAX_FAILURES: usize = 64;
+const MAX_FAILURE_LEN: usize = 1024;
+
+fn check_failures(failures: &[String]) -> NResult<()> {
+    if failures.len() > MAX_FAILURES {
+        return Err(NeutronError::invalid_attr(
+            "failures",
+            format!("{} failures exceed the maximum of {MAX_FAILURES}", failures.len()),
+        ));
+    }
+    if failures.iter().any(|f| f.len() > MAX_FAILURE_LEN) {
+        return Err(NeutronError::invalid_attr(
+            "failures",
+            format!("a failure is longer than {MAX_FAILURE_LEN} characters"),
+        ));
+    }
+    Ok(())
+}
+
 /// `PUT /isthmus/v1/nodes/{host}`: register or heartbeat. Body:
-/// `{"node": {"underlay_ip": "...", "capabilities": [...], "restarted": bool}}`.
+/// `{"node": {"underlay_ip": "...", "capabilities": [...], "restarted": bool,
+/// "converged_revision": N, "failures": ["controller: what", ...]}}`.
 pub async fn heartbeat(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -165,6 +186,12 @@ pub async fn heartbeat(
     let capabilities = body.string_list("capabilities")?.unwrap_or_default();
     check_capabilities(&capabilities)?;
     let restarted = body.boolean("restarted")?.unwrap_or(false);
+    let converged_revision = body.integer("converged_revision")?;
+    if converged_revision.is_some_and(|r| r < 0) {
+        return Err(NeutronError::invalid_attr("converged_revision", "must not be negative").into());
+    }
+    let failures = body.string_list("failures")?.unwrap_or_default();
+    check_failures(&failures)?;
     body.finish()?;
     let ts = unix_now();
     let node = retry(&ctx, |ctx| {
@@ -182,6 +209,8 @@ pub async fn heartbeat(
                     created_unix: ts,
                     started_unix: ts,
                     heartbeat_unix: 0,
+                    converged_revision: None,
+                    failures: vec![],
                 },
                 Compare::Absent(k.clone()),
             ),
@@ -194,6 +223,8 @@ pub async fn heartbeat(
         }
         n.underlay_ip = underlay.to_string();
         n.capabilities = capabilities.clone();
+        n.converged_revision = converged_revision;
+        n.failures = failures.clone();
         n.heartbeat_unix = unix_now();
         Ok((vec![cmp], vec![Op::put(k, json_bytes(&n))], n))
     })
