@@ -3,7 +3,9 @@
 use crate::names;
 use crate::view::{NodeView, PortKind};
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Bridge {
@@ -35,6 +37,54 @@ pub struct PortDevice {
     pub bridge: String,
     pub mtu: u32,
     pub veth: bool,
+}
+
+/// A string that is no MAC address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid MAC address {0:?}")]
+pub struct InvalidMac(pub String);
+
+/// An Ethernet address. Parses `aa:bb:cc:dd:ee:ff` in either case, prints lowercase (the form
+/// the desired state uses, so observed and desired entries compare equal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = InvalidMac;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidMac(s.to_string());
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl TryFrom<&[u8]> for MacAddr {
+    type Error = InvalidMac;
+
+    fn try_from(v: &[u8]) -> Result<Self, Self::Error> {
+        <[u8; 6]>::try_from(v)
+            .map(MacAddr)
+            .map_err(|_| InvalidMac(format!("{v:02x?}")))
+    }
 }
 
 pub const FLOOD_MAC: &str = "00:00:00:00:00:00";
@@ -105,6 +155,23 @@ pub fn compute(view: &NodeView) -> Datapath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mac_round_trips_and_rejects_garbage() {
+        let m: MacAddr = "FA:16:3e:00:0A:ff".parse().unwrap();
+        assert_eq!(m.to_string(), "fa:16:3e:00:0a:ff");
+        for bad in [
+            "",
+            "fa:16:3e:00:0a",
+            "fa:16:3e:00:0a:ff:00",
+            "fa:16:3e:00:0a:zz",
+            "fa:16:3e:00:0a:f",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+        assert!(MacAddr::try_from(&[1u8, 2, 3][..]).is_err());
+    }
+
     use crate::view::{LocalPort, NetworkInfo, RemotePort};
 
     fn ip(s: &str) -> IpAddr {

@@ -5,8 +5,7 @@
 //! VXLAN devices, forwarding entries) and port devices ([`plan_ports`]). [`plan`] is both, in
 //! an order the kernel accepts when one pass applies them.
 
-use crate::desired::{Bridge, Datapath, Fdb, PortDevice, Vxlan};
-use crate::kernel::MacAddr;
+use crate::desired::{Bridge, Datapath, Fdb, MacAddr, PortDevice, Vxlan};
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
