@@ -3,6 +3,7 @@
 //! Everything above this (reconcile, the attach path) talks to the [`Kernel`] trait only, so it
 //! can be tested against [`FakeKernel`]; [`NetlinkKernel`] is the real one.
 
+pub mod batch;
 mod fake;
 mod netlink;
 pub mod netns;
