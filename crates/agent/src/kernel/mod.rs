@@ -6,6 +6,7 @@
 //! real implementation ([`NetlinkKernel`], nft through a subprocess) and a stateful fake
 //! ([`FakeKernel`]), and `tests/kernel_conformance.rs` runs the same checks against both.
 
+pub mod batch;
 mod fake;
 mod netlink;
 pub mod netns;
