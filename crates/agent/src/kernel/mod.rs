@@ -118,14 +118,17 @@ pub trait Links: Send + Sync {
     /// Forwarding-entry changes (`AddFdb`/`DelFdb` only), all of them at once as far as the
     /// backend can: one result per action, in order.
     fn apply_fdb(&self, actions: &[Action]) -> impl Future<Output = Vec<Result<(), KernelError>>> + Send {
-        async move {
-            let mut out = Vec::with_capacity(actions.len());
-            for chunk in actions.chunks(FDB_IN_FLIGHT) {
-                out.extend(futures::future::join_all(chunk.iter().map(|a| self.apply_l2(a))).await);
-            }
-            out
-        }
+        apply_fdb_each(self, actions)
     }
+}
+
+/// Forwarding-entry changes one request each, [`FDB_IN_FLIGHT`] at a time.
+pub async fn apply_fdb_each<L: Links + ?Sized>(links: &L, actions: &[Action]) -> Vec<Result<(), KernelError>> {
+    let mut out = Vec::with_capacity(actions.len());
+    for chunk in actions.chunks(FDB_IN_FLIGHT) {
+        out.extend(futures::future::join_all(chunk.iter().map(|a| links.apply_l2(a))).await);
+    }
+    out
 }
 
 /// Port devices: the host ends of container veths and VM taps (`tap*`).

@@ -43,6 +43,8 @@ pub struct NetlinkKernel {
     /// The kernel runs one dump at a time per netlink socket (a second one gets EBUSY), and
     /// controllers observe concurrently: dumps take turns, single requests do not wait.
     dumps: tokio::sync::Mutex<()>,
+    /// Bulk forwarding-entry writes on a socket of their own, opened on first use.
+    batch: tokio::sync::OnceCell<super::batch::FdbBatcher>,
 }
 
 /// The parts of a link message the agent cares about.
@@ -164,6 +166,7 @@ impl NetlinkKernel {
             netns: None,
             fdb_devs: Default::default(),
             dumps: Default::default(),
+            batch: Default::default(),
         })
     }
 
@@ -176,6 +179,7 @@ impl NetlinkKernel {
             netns: Some(netns),
             fdb_devs: Default::default(),
             dumps: Default::default(),
+            batch: Default::default(),
         })
     }
 
@@ -581,7 +585,91 @@ fn classify(links: &[Link]) -> (Datapath, HashMap<u32, String>) {
     (dp, vxlan_idx)
 }
 
+impl NetlinkKernel {
+    async fn batcher(&self) -> Result<&super::batch::FdbBatcher, KernelError> {
+        self.batch
+            .get_or_try_init(|| super::batch::FdbBatcher::open(self.netns.as_deref()))
+            .await
+    }
+}
+
+/// A stale or unknown interface index.
+fn is_enodev(e: &KernelError) -> bool {
+    matches!(e, KernelError::Netlink { source, .. } if errno(source) == Some(ENODEV))
+}
+
 impl Links for NetlinkKernel {
+    /// All changes in as few writes as the socket buffers allow (see [`super::batch`]). An entry
+    /// whose device index turns out stale is retried on its own with a fresh lookup.
+    async fn apply_fdb(&self, actions: &[Action]) -> Vec<Result<(), KernelError>> {
+        use super::batch::{FdbEntry, FdbOp};
+        let batcher = match self.batcher().await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "no bulk netlink socket; forwarding entries go one by one");
+                return super::apply_fdb_each(self, actions).await;
+            }
+        };
+        let mut results: Vec<Option<Result<(), KernelError>>> = Vec::with_capacity(actions.len());
+        let mut ops = vec![];
+        let mut at = vec![];
+        for (i, a) in actions.iter().enumerate() {
+            let (f, add) = match a {
+                Action::AddFdb(f) => (f, true),
+                Action::DelFdb(f) => (f, false),
+                other => {
+                    results.push(Some(Err(KernelError::Simulated(format!("not a forwarding entry: {other:?}")))));
+                    continue;
+                }
+            };
+            let mac = match f.mac.parse::<MacAddr>() {
+                Ok(m) => m,
+                Err(e) => {
+                    results.push(Some(Err(e.into())));
+                    continue;
+                }
+            };
+            let ifindex = match self.fdb_dev_index(&f.dev).await {
+                Ok(i) => i,
+                // The entry went with its device.
+                Err(KernelError::NoDevice(_)) if !add => {
+                    results.push(Some(Ok(())));
+                    continue;
+                }
+                Err(e) => {
+                    results.push(Some(Err(e)));
+                    continue;
+                }
+            };
+            let entry = FdbEntry {
+                ifindex,
+                mac: mac.0,
+                dst: f.dst,
+            };
+            ops.push(if add { FdbOp::Add(entry) } else { FdbOp::Del(entry) });
+            at.push(i);
+            results.push(None);
+        }
+        let done = batcher.apply(&ops).await;
+        let mut stale = vec![];
+        for (i, r) in at.into_iter().zip(done) {
+            match r {
+                Err(e) if is_enodev(&e) => stale.push(i),
+                r => results[i] = Some(r),
+            }
+        }
+        if !stale.is_empty() {
+            self.forget_devs();
+            for i in stale {
+                results[i] = Some(self.apply_l2(&actions[i]).await);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(KernelError::Simulated("forwarding entry not applied".into()))))
+            .collect()
+    }
+
     async fn observe_l2(&self) -> Result<Datapath, KernelError> {
         let (mut dp, vxlan_idx) = classify(&self.links().await?);
         dp.ports.clear();
