@@ -215,6 +215,13 @@ impl Drop for Node {
         // Deleting the namespace would take this link along, but only once the kernel lets the
         // namespace go, which lingering sockets can delay; delete it now.
         let _ = run(&["ip", "link", "del", &self.root_end]);
+        if std::env::var_os("ISTHMUS_KEEP_LOGS").is_some() && !std::thread::panicking() {
+            let keep = std::env::temp_dir().join("isthmus-test-logs");
+            let kept = keep.join(format!("{}-{}.log", self.name, std::process::id()));
+            if std::fs::create_dir_all(&keep).is_ok() && std::fs::copy(&self.log, &kept).is_ok() {
+                eprintln!("agent log of {} kept in {}", self.name, kept.display());
+            }
+        }
         if std::thread::panicking() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             // Keep the whole log of a failed test; the tail below is only the start of a story.
