@@ -320,11 +320,19 @@ impl Firewall for FakeKernel {
 }
 
 impl PacketIo for FakeKernel {
+    /// A socket that never receives a frame (one end of a datagram pair) for a port device
+    /// that exists; no such device is an error, as with the kernel.
     async fn dhcp_socket(&self, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
-        Err(KernelError::io(
-            format!("dhcp socket for {dev}"),
-            std::io::Error::other("the fake kernel has no packet sockets"),
-        ))
+        let index = {
+            let s = self.lock();
+            match (s.dp.ports.contains_key(dev), s.index.get(dev)) {
+                (true, Some(i)) => *i,
+                _ => return Err(KernelError::NoDevice(dev.to_string())),
+            }
+        };
+        let (a, _b) = std::os::unix::net::UnixDatagram::pair()
+            .map_err(|e| KernelError::io(format!("dhcp socket for {dev}"), e))?;
+        Ok((a.into(), index))
     }
 }
 
