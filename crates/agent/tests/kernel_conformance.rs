@@ -123,7 +123,9 @@ async fn real() -> Bed<NetlinkKernel> {
     node.ip(&["link", "add", "und0", "type", "veth", "peer", "name", "und1"]);
     node.ip(&["addr", "add", &format!("{LOCAL}/24"), "dev", "und0"]);
     node.ip(&["link", "set", "und0", "up"]);
-    let kernel = NetlinkKernel::in_netns(node.path()).await.expect("netlink in the node namespace");
+    let kernel = NetlinkKernel::in_netns(node.path())
+        .await
+        .expect("netlink in the node namespace");
     Bed {
         kernel,
         _node: Some(node),
@@ -142,7 +144,11 @@ async fn bounded<F: Future<Output = ()>>(f: F) {
 /// L2 state converges to what was asked, reads back equal, and then plans nothing.
 async fn l2_converges_and_reads_back<K: Kernel>(bed: Bed<K>) {
     let k = &bed.kernel;
-    assert_eq!(k.observe_l2().await.unwrap(), Datapath::default(), "a fresh node has none of our devices");
+    assert_eq!(
+        k.observe_l2().await.unwrap(),
+        Datapath::default(),
+        "a fresh node has none of our devices"
+    );
     let want = l2_desired();
     converge_l2(k, &want).await;
     let got = k.observe_l2().await.unwrap();
@@ -190,7 +196,11 @@ async fn fdb_bulk_reports_each_entry<K: Kernel>(bed: Bed<K>) {
     let missing = fdb(999, "fa:16:3e:00:09:02", "192.0.2.9");
     let gone = fdb(102, "fa:16:3e:00:09:03", "192.0.2.9");
     let res = k
-        .apply_fdb(&[Action::AddFdb(good.clone()), Action::AddFdb(missing), Action::DelFdb(gone)])
+        .apply_fdb(&[
+            Action::AddFdb(good.clone()),
+            Action::AddFdb(missing),
+            Action::DelFdb(gone),
+        ])
         .await;
     assert!(res[0].is_ok(), "{res:?}");
     assert!(res[1].is_err(), "an entry on a missing device: {res:?}");
@@ -288,7 +298,11 @@ async fn veth_attach_inspect_detach<K: Kernel>(mut bed: Bed<K>) {
     assert!(!k.observe_ports().await.unwrap().contains_key("tapconform03"));
     k.detach(&port.name).await.unwrap();
     assert!(k.observe_ports().await.unwrap().is_empty());
-    assert_eq!(k.inspect(&netns, "eth0").await.unwrap(), None, "the workload end goes with it");
+    assert_eq!(
+        k.inspect(&netns, "eth0").await.unwrap(),
+        None,
+        "the workload end goes with it"
+    );
 }
 
 /// The DHCP guard: absent, installed (twice is fine), removed (twice is fine).

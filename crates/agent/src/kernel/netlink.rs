@@ -618,7 +618,9 @@ impl Links for NetlinkKernel {
                 Action::AddFdb(f) => (f, true),
                 Action::DelFdb(f) => (f, false),
                 other => {
-                    results.push(Some(Err(KernelError::Simulated(format!("not a forwarding entry: {other:?}")))));
+                    results.push(Some(Err(KernelError::Simulated(format!(
+                        "not a forwarding entry: {other:?}"
+                    )))));
                     continue;
                 }
             };
