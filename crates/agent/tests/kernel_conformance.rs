@@ -8,9 +8,7 @@
 mod support;
 
 use isthmus_agent::desired::{Bridge, Datapath, Fdb, MacAddr, PortDevice, Vxlan, FLOOD_MAC};
-use isthmus_agent::kernel::{
-    FakeKernel, Firewall, Inspect, Kernel, KernelError, Links, NetlinkKernel, PacketIo, PortDevices, VethAttach,
-};
+use isthmus_agent::kernel::{FakeKernel, Kernel, KernelError, Links, NetlinkKernel, VethAttach};
 use isthmus_agent::plan::{plan_l2, plan_ports, Action};
 use std::collections::BTreeMap;
 use std::future::Future;
