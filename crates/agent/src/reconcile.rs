@@ -46,6 +46,16 @@ impl Report {
         }
     }
 
+    /// One log line with the counts.
+    pub fn log(&self, what: &str) {
+        info!(
+            planned = self.planned,
+            applied = self.applied,
+            failed = self.failed.len(),
+            "{what}"
+        );
+    }
+
     /// Adds another pass's counts to this one.
     pub fn merge(&mut self, other: Report) {
         self.planned += other.planned;
@@ -103,12 +113,7 @@ pub async fn reconcile<K: Kernel>(kernel: &K, desired: &Datapath) -> Result<Repo
         return Ok(Report::default());
     }
     let report = apply_in_order(kernel, &actions, &Direct(kernel)).await;
-    info!(
-        planned = report.planned,
-        applied = report.applied,
-        failed = report.failed.len(),
-        "reconcile pass done"
-    );
+    report.log("reconcile pass done");
     Ok(report)
 }
 

@@ -112,12 +112,7 @@ impl<B: Links> L2Controller<B> {
             }
         }
         *self.ready() = ready;
-        info!(
-            planned = report.planned,
-            applied = report.applied,
-            failed = report.failed.len(),
-            "L2 pass done"
-        );
+        report.log("L2 pass done");
         Ok(report)
     }
 }
