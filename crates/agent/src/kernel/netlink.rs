@@ -402,9 +402,16 @@ impl NetlinkKernel {
         Ok(out)
     }
 
-    async fn attach_inner(&self, req: &VethAttach, bridge: u32) -> Result<(), KernelError> {
-        self.configure(&req.port.name, Some(req.port.mtu), Some(bridge), Some(PORT_ALIAS))
-            .await?;
+    async fn attach_inner(&self, req: &VethAttach) -> Result<(), KernelError> {
+        // The alias marks the device as ours even outside a bridge (the kernel takes it only
+        // in a change, not at creation); by name, so no lookup first.
+        let mark = LinkUnspec::new_with_name(&req.port.name).alias(PORT_ALIAS).build();
+        self.handle
+            .link()
+            .set(mark)
+            .execute()
+            .await
+            .map_err(nl(format!("marking {}", req.port.name)))?;
         let inner = route_handle(Some(&req.netns)).await?;
         setup_workload_side(&inner, req).await
     }
@@ -498,8 +505,15 @@ async fn setup_workload_side(h: &Handle, req: &VethAttach) -> Result<(), KernelE
             _ => {}
         }
     }
-    configure(h, "lo", None, None, None, None).await?;
-    configure(h, ifname, None, None, None, None).await?;
+    // Loopback is interface 1 in every namespace. (The workload end cannot come up with the
+    // pair: the kernel opens it before the pair is joined, and refuses.)
+    for (i, what) in [(1, "lo"), (index, ifname.as_str())] {
+        h.link()
+            .set(LinkUnspec::new_with_index(i).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("bringing {what} up in {}", req.netns.display())))?;
+    }
     let mut routes: Vec<(IpAddr, u8, IpAddr)> = vec![];
     if let Some(gw) = req.gateway {
         let any = match gw {
@@ -728,33 +742,40 @@ impl PortDevices for NetlinkKernel {
         check_ifname(&req.ifname)?;
         let bridge = self.bridge_index(&req.port.bridge).await?;
         let ns = super::netns::open_netns_file(&req.netns)?;
-        // A host end left from an earlier attach of this port would block the new pair.
-        if self.del_link(host).await? {
-            warn!(dev = %host, "replaced a stale port device");
+        // One request makes the pair: the host end in its bridge, with its MTU, up; the
+        // workload end born inside the workload's namespace with its name, MAC and MTU (so it
+        // never exists in the node's namespace: no clash with the node's
+        // own interfaces, nothing stray left there if we fail halfway).
+        let new_pair = || {
+            let peer = LinkUnspec::new_with_name(&req.ifname)
+                .mtu(req.mtu)
+                .address(req.mac.0.to_vec())
+                .setns_by_fd(ns.as_raw_fd())
+                .build();
+            let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+                .name(host.clone())
+                .mtu(req.port.mtu)
+                .controller(bridge)
+                .up()
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                .build();
+            RouteNetlinkMessage::NewLink(msg)
+        };
+        let mut created = self.request(new_pair(), NLM_F_CREATE | NLM_F_EXCL).await;
+        if created.as_ref().is_err_and(|e| errno(e) == Some(EEXIST)) {
+            // A host end left from an earlier attach of this port blocks the new pair.
+            if self.del_link(host).await? {
+                warn!(dev = %host, "replaced a stale port device");
+            }
+            created = self.request(new_pair(), NLM_F_CREATE | NLM_F_EXCL).await;
         }
-        // The workload end is born inside the workload's namespace with its final name, MAC
-        // and MTU, so it never exists in the node's namespace (no clash with the node's own
-        // interfaces, nothing stray left there if we fail halfway).
-        let peer = LinkUnspec::new_with_name(&req.ifname)
-            .mtu(req.mtu)
-            .address(req.mac.0.to_vec())
-            .setns_by_fd(ns.as_raw_fd())
-            .build();
-        let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(host.clone())
-            .mtu(req.port.mtu)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        let created = self
-            .request(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
-            .await;
         drop(ns);
         created.map_err(nl(format!(
             "creating veth {host} / {} in {}",
             req.ifname,
             req.netns.display()
         )))?;
-        if let Err(e) = self.attach_inner(req, bridge).await {
+        if let Err(e) = self.attach_inner(req).await {
             // Deleting one end removes the pair.
             if let Err(e2) = self.del_link(host).await {
                 warn!(dev = %host, error = %e2, "cleanup after failed attach");
