@@ -259,6 +259,7 @@ async fn veth_attach_inspect_detach<K: Kernel>(mut bed: Bed<K>) {
     want.fdb.clear();
     converge_l2(&bed.kernel, &want).await;
     let netns = bed.workload();
+    let other = bed.workload();
     let k = &bed.kernel;
     let port = PortDevice {
         name: "tapconform02".into(),
@@ -282,6 +283,15 @@ async fn veth_attach_inspect_detach<K: Kernel>(mut bed: Bed<K>) {
     assert_eq!(seen.mac, req.mac);
     assert!(seen.addresses.contains(&req.addresses[0]), "{seen:?}");
     assert_eq!(k.inspect(&netns, "eth9").await.unwrap(), None);
+    // Attached again (a restarted workload): the stale pair is replaced, not an error.
+    let again = VethAttach {
+        netns: other.clone(),
+        ..req.clone()
+    };
+    k.attach_veth(&again).await.expect("attach over a stale host end");
+    assert!(k.inspect(&other, "eth0").await.unwrap().is_some());
+    assert_eq!(k.inspect(&netns, "eth0").await.unwrap(), None, "the old pair is gone");
+    k.attach_veth(&req).await.expect("and back");
     // Into a bridge that does not exist: refused, nothing left behind.
     let bad = VethAttach {
         port: PortDevice {

@@ -282,6 +282,8 @@ impl PortDevices for FakeKernel {
         check_ifname(&req.ifname)?;
         let mut s = self.lock();
         s.add_port(&req.port, true)?;
+        // A stale pair of the same host end goes, its workload end with it.
+        s.attached.retain(|a| a.port.name != req.port.name);
         s.attached.push(req.clone());
         Ok(())
     }
