@@ -74,8 +74,13 @@ impl<K: PortDevices, L: Links> PortsController<K, L> {
     /// Plugs a container port: its network's devices, then the veth pair, under the port's
     /// lock. A bridge found missing (deleted behind the agent's back) is made again, once.
     pub async fn plug(&self, req: &VethAttach, vni: u32, net_mtu: u32) -> Result<(), KernelError> {
+        let t0 = Instant::now();
         self.l2.ensure_network(vni, net_mtu).await?;
+        let t_net = t0.elapsed();
         let _g = self.locks.lock(&req.port.name).await;
+        // Where an attach waited, for slow ones.
+        debug!(dev = %req.port.name, network_ms = t_net.as_secs_f64() * 1e3,
+            lock_ms = t0.elapsed().as_secs_f64() * 1e3, "plugging");
         let res = match self.backend.attach_veth(req).await {
             Err(KernelError::NoDevice(d)) if d == req.port.bridge => {
                 self.l2.invalidate(vni);
