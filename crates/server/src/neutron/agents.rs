@@ -1,8 +1,9 @@
 //! Nodes: agents register and heartbeat here, and the Neutron agents API lists them
 //! (`openstack network agent list`).
 
-use super::common::{json_bytes, new_id, retry, Ctx, NResult};
-use super::{authenticate, json_response, parse_body, ApiResult};
+use super::common::{json_bytes, new_id, now, retry, Ctx, NResult};
+use super::http::{authenticate, json_response, parse_body, ApiResult};
+use super::portops::check_router_device;
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -347,7 +348,7 @@ pub async fn port_status(
         if let Some(v) = &device_id {
             if p.device_id != *v {
                 // A node's report may not turn a router port into another project's.
-                super::ports::check_router_device(ctx, &p.device_owner, v, &p.project_id)?;
+                check_router_device(ctx, &p.device_owner, v, &p.project_id)?;
             }
             changed |= p.device_id != *v;
             p.device_id = v.clone();
@@ -364,7 +365,7 @@ pub async fn port_status(
             // Nothing to write: reports are repeated on every sync and must stay cheap.
             return Ok((vec![Compare::ModRevision(k, rev)], vec![], p));
         }
-        p.std.bump(&super::common::now());
+        p.std.bump(&now());
         Ok((
             vec![Compare::ModRevision(k.clone(), rev)],
             vec![Op::put(k, json_bytes(&p))],

@@ -16,7 +16,7 @@
 //! compaction) it answers with a full snapshot, and the agent relists.
 
 use super::agents::require_node;
-use super::{authenticate, ApiResult};
+use super::http::{authenticate, ApiResult, HeadRequest};
 use crate::cache::Cache;
 use crate::AppState;
 use axum::body::{Body, Bytes};
@@ -340,7 +340,7 @@ pub async fn watch(
     headers: HeaderMap,
     Path(host): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-    head: Option<axum::Extension<super::HeadRequest>>,
+    head: Option<axum::Extension<HeadRequest>>,
 ) -> ApiResult<Response> {
     let auth = authenticate(&state, &headers).await?;
     require_node(&auth, &host, &format!("watch {host}'s view"))?;

@@ -1,7 +1,9 @@
 //! The tags sub-API: `/v2.0/<collection>/<id>/tags[/<tag>]`.
 
-use super::common::{json_bytes, now, retry, show, Ctx, NResult};
-use super::{authenticate, parse_body, ApiResult, Kind};
+use super::common::{json_bytes, now, retry, Ctx, NResult};
+use super::http::{authenticate, parse_body, ApiResult};
+use super::registry;
+use super::resource::{show, Resource};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -14,9 +16,10 @@ use isthmus_store::{Compare, Op};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-fn kind_of(coll: &str) -> NResult<Kind> {
-    match Kind::from_collection(coll) {
-        Some(k) if k != Kind::SecurityGroupRule => Ok(k),
+/// The resource at `coll`, if it takes tags.
+fn kind_of(coll: &str) -> NResult<&'static dyn Resource> {
+    match registry::find(coll) {
+        Some(r) if r.meta().tags => Ok(r),
         _ => Err(NeutronError::new(
             404,
             "HTTPNotFound",
@@ -26,7 +29,7 @@ fn kind_of(coll: &str) -> NResult<Kind> {
 }
 
 /// Current tags of a resource the caller may see.
-fn current_tags(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Vec<String>> {
+fn current_tags(ctx: &Ctx<'_>, kind: &dyn Resource, id: &str) -> NResult<Vec<String>> {
     let view = show(ctx, kind, id)?;
     Ok(view
         .get("tags")
@@ -39,22 +42,23 @@ fn current_tags(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Vec<String>> {
 /// Neutron's policy rule (`update` gives `update_networks_tags`).
 async fn modify(
     ctx: &Ctx<'_>,
-    kind: Kind,
+    kind: &dyn Resource,
     id: &str,
     action: &str,
     f: impl Fn(&mut Vec<String>) -> NResult<()>,
 ) -> NResult<Vec<String>> {
-    let key = keys::resource(kind.store_name(), id);
+    let meta = kind.meta();
+    let key = keys::resource(meta.store, id);
     retry(ctx, |ctx| {
         let view = show(ctx, kind, id)?;
-        ctx.require_member(&format!("{action}_{}_tags", kind.plural()))?;
+        ctx.require_member(&format!("{action}_{}_tags", meta.plural))?;
         let owner = view.get("project_id").and_then(|p| p.as_str()).unwrap_or_default();
         if !ctx.admin() && !ctx.owns(owner) {
             return Err(NeutronError::forbidden(
                 "Changing tags of another project's resource is not allowed",
             ));
         }
-        let kv = ctx.state.cache.get(&key).ok_or_else(|| kind.not_found(id))?;
+        let kv = ctx.state.cache.get(&key).ok_or_else(|| meta.not_found(id))?;
         let mut stored: Value =
             serde_json::from_slice(&kv.value).map_err(|_| NeutronError::internal("stored resource is unreadable"))?;
         let mut tags: Vec<String> = stored
@@ -143,7 +147,7 @@ pub async fn one_tag(
         NeutronError::new(
             404,
             "TagNotFound",
-            format!("Tag {tag} could not be found for {} {id}.", kind.singular()),
+            format!("Tag {tag} could not be found for {} {id}.", kind.meta().singular),
         )
     };
     match method {
