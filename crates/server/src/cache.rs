@@ -6,6 +6,7 @@
 //! Values of the typed collections (see [`Typed`]) are decoded once, when they arrive, so
 //! reads hand out the decoded objects instead of parsing JSON on every call.
 
+use crate::identity::model::{Project, Role, User};
 use isthmus_model::{keys, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::{DynStore, EventKind, KeyValue, Revision, WatchEvent};
 use serde::de::DeserializeOwned;
@@ -17,7 +18,18 @@ use tokio::sync::watch;
 
 /// A stored object type the cache keeps decoded: every key `<root><COLLECTION>/<id>` holds one.
 pub trait Typed: DeserializeOwned + Clone + Send + Sync + 'static {
+    /// The collection's path under the key root (e.g. `networks`, `identity/users`).
     const COLLECTION: &'static str;
+}
+
+impl Typed for Project {
+    const COLLECTION: &'static str = "identity/projects";
+}
+impl Typed for User {
+    const COLLECTION: &'static str = "identity/users";
+}
+impl Typed for Role {
+    const COLLECTION: &'static str = "identity/roles";
 }
 
 impl Typed for Network {
@@ -58,6 +70,9 @@ const DECODERS: &[(&str, Decoder)] = &[
     (SecurityGroup::COLLECTION, decode_as::<SecurityGroup>),
     (SecurityGroupRule::COLLECTION, decode_as::<SecurityGroupRule>),
     (Node::COLLECTION, decode_as::<Node>),
+    (Project::COLLECTION, decode_as::<Project>),
+    (User::COLLECTION, decode_as::<User>),
+    (Role::COLLECTION, decode_as::<Role>),
 ];
 
 /// One key's value as the store has it, and decoded if its collection is typed.
@@ -71,8 +86,8 @@ impl Entry {
         let decoded = kv
             .key
             .strip_prefix(keys::ROOT)
-            .and_then(|rest| rest.split_once('/'))
-            .filter(|(_, id)| !id.is_empty() && !id.contains('/'))
+            .and_then(|rest| rest.rsplit_once('/'))
+            .filter(|(_, id)| !id.is_empty())
             .and_then(|(coll, _)| DECODERS.iter().find(|(c, _)| *c == coll))
             .and_then(|(_, decode)| match decode(&kv.value) {
                 Ok(d) => Some(d),
@@ -285,5 +300,43 @@ impl Cache {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::model;
+
+    /// The typed collections' keys are the ones their writers use.
+    #[test]
+    fn typed_collections_match_key_layout() {
+        assert_eq!(keys::resource(Project::COLLECTION, "x"), model::project("x"));
+        assert_eq!(keys::resource(User::COLLECTION, "x"), model::user("x"));
+        assert_eq!(keys::resource(Role::COLLECTION, "x"), model::role("x"));
+        assert_eq!(keys::collection(User::COLLECTION), model::users());
+    }
+
+    #[test]
+    fn values_are_decoded_once_on_arrival() {
+        let net = serde_json::json!({
+            "id": "n1", "project_id": "p", "name": "a", "admin_state_up": true, "shared": false,
+            "external": false, "mtu": 1450, "status": "ACTIVE", "segmentation_id": 7,
+            "port_security_enabled": true, "created_at": "t", "updated_at": "t", "revision_number": 0
+        });
+        let kv = |key: String, value: Vec<u8>| KeyValue {
+            key,
+            value,
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+        };
+        let good = Entry::new(kv(keys::resource("networks", "n1"), net.to_string().into_bytes()));
+        assert!(good.decoded.is_some());
+        assert_eq!(good.typed::<Network>().map(|n| n.segmentation_id), Some(7));
+        let bad = Entry::new(kv(keys::resource("networks", "n2"), b"{".to_vec()));
+        assert!(bad.decoded.is_none() && bad.typed::<Network>().is_none());
+        let index = Entry::new(kv(keys::ip_alloc("s", "10.0.0.2"), b"port".to_vec()));
+        assert!(index.decoded.is_none());
     }
 }

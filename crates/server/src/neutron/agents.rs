@@ -51,18 +51,19 @@ fn valid_host(host: &str) -> bool {
 fn nodes(ctx: &Ctx<'_>) -> Vec<Node> {
     ctx.state
         .cache
-        .list_json::<Node>(&keys::collection("nodes"))
+        .list_typed::<Node>()
         .into_iter()
-        .map(|(n, _)| n)
+        .map(|(n, _)| Arc::unwrap_or_clone(n))
         .collect()
 }
 
 fn find(ctx: &Ctx<'_>, id: &str) -> NResult<(Node, i64)> {
     ctx.state
         .cache
-        .list_json::<Node>(&keys::collection("nodes"))
+        .list_typed::<Node>()
         .into_iter()
         .find(|(n, _)| n.id == id)
+        .map(|(n, rev)| (Arc::unwrap_or_clone(n), rev))
         .ok_or_else(|| NeutronError::new(404, "AgentNotFound", format!("Agent {id} could not be found.")))
 }
 
@@ -170,7 +171,7 @@ pub async fn heartbeat(
     let ts = unix_now();
     let node = retry(&ctx, |ctx| {
         let k = key(&host);
-        let (mut n, cmp) = match ctx.state.cache.get_json::<Node>(&k) {
+        let (mut n, cmp) = match ctx.state.cache.get_typed::<Node>(&k) {
             Some((n, rev)) => (n, Compare::ModRevision(k.clone(), rev)),
             None => (
                 Node {
@@ -325,7 +326,7 @@ pub async fn port_status(
         let (mut p, rev) = ctx
             .state
             .cache
-            .get_json::<isthmus_model::Port>(&k)
+            .get_typed::<isthmus_model::Port>(&k)
             .filter(|(p, _)| p.binding_host_id == host || (bind && p.binding_host_id.is_empty()))
             .ok_or_else(|| NeutronError::not_found("Port", "Port", &id))?;
         let mut changed = false;
