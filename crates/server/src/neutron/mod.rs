@@ -295,7 +295,7 @@ async fn collection(
     RawQuery(q): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let kind = registry::find(&coll).ok_or_else(|| unknown_collection(&coll))?;
+    let res = registry::find(&coll).ok_or_else(|| unknown_collection(&coll))?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
@@ -303,13 +303,13 @@ async fn collection(
     };
     if method == Method::GET {
         let q = query::Query::parse(q.as_deref().unwrap_or(""))?;
-        let items = resource::list_visible(&ctx, kind, &q.prefilter()).await?;
+        let items = resource::list_visible(&ctx, res, &q.prefilter()).await?;
         let url = format!("{}v2.0/{}", state.network_url, coll);
-        let out = q.apply(items, kind.meta().plural, &url)?;
+        let out = q.apply(items, res.meta().plural, &url)?;
         return Ok(json_response(StatusCode::OK, out));
     }
     let body = parse_body(body)?;
-    let out = resource::create(&ctx, kind, body).await?;
+    let out = resource::create(&ctx, res, body).await?;
     Ok(json_response(StatusCode::CREATED, out))
 }
 
@@ -321,7 +321,7 @@ async fn member(
     RawQuery(q): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let kind = registry::find(&coll).ok_or_else(|| unknown_collection(&coll))?;
+    let res = registry::find(&coll).ok_or_else(|| unknown_collection(&coll))?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
@@ -330,19 +330,19 @@ async fn member(
     match method {
         Method::GET => {
             let q = query::Query::parse(q.as_deref().unwrap_or(""))?;
-            let view = resource::show(&ctx, kind, &id)?;
+            let view = resource::show(&ctx, res, &id)?;
             Ok(json_response(
                 StatusCode::OK,
-                json!({ kind.meta().singular: q.select_fields(view) }),
+                json!({ res.meta().singular: q.select_fields(view) }),
             ))
         }
         Method::PUT => {
             let body = parse_body(body)?;
-            let out = resource::update(&ctx, kind, &id, body, if_match(&headers)?).await?;
-            Ok(json_response(StatusCode::OK, json!({ kind.meta().singular: out })))
+            let out = resource::update(&ctx, res, &id, body, if_match(&headers)?).await?;
+            Ok(json_response(StatusCode::OK, json!({ res.meta().singular: out })))
         }
         _ => {
-            resource::delete(&ctx, kind, &id, if_match(&headers)?).await?;
+            resource::delete(&ctx, res, &id, if_match(&headers)?).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }

@@ -605,4 +605,23 @@ mod tests {
         );
         assert_eq!(parse_pairs("x=%zz%4"), vec![("x".to_string(), "%zz%4".to_string())]);
     }
+
+    #[test]
+    fn prefilter_drops_only_what_apply_drops() {
+        let q = Query::parse("name=a&name=b&project_id=p&network_id=").unwrap();
+        let pre = q.prefilter();
+        assert!(pre.keeps("name", "a") && pre.keeps("name", "b") && !pre.keeps("name", "c"));
+        assert!(pre.keeps("id", "anything"));
+        assert!(pre.keeps_owned("x", "a", "p") && !pre.keeps_owned("x", "a", "q"));
+        assert!(pre.keeps("network_id", "") && !pre.keeps("network_id", "n"));
+        for (name, project) in [("a", "p"), ("c", "p"), ("a", "q")] {
+            let item = json!({"id": "x", "name": name, "project_id": project, "tenant_id": project, "network_id": ""});
+            assert_eq!(
+                q.matches(&item),
+                pre.keeps_owned("x", name, project),
+                "{name} {project}"
+            );
+        }
+        assert!(Prefilter::NONE.keeps("name", "z"));
+    }
 }

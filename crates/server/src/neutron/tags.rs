@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// The resource at `coll`, if it takes tags.
-fn kind_of(coll: &str) -> NResult<&'static dyn Resource> {
+fn taggable(coll: &str) -> NResult<&'static dyn Resource> {
     match registry::find(coll) {
         Some(r) if r.meta().tags => Ok(r),
         _ => Err(NeutronError::new(
@@ -29,8 +29,8 @@ fn kind_of(coll: &str) -> NResult<&'static dyn Resource> {
 }
 
 /// Current tags of a resource the caller may see.
-fn current_tags(ctx: &Ctx<'_>, kind: &dyn Resource, id: &str) -> NResult<Vec<String>> {
-    let view = show(ctx, kind, id)?;
+fn current_tags(ctx: &Ctx<'_>, res: &dyn Resource, id: &str) -> NResult<Vec<String>> {
+    let view = show(ctx, res, id)?;
     Ok(view
         .get("tags")
         .and_then(|t| t.as_array())
@@ -42,15 +42,15 @@ fn current_tags(ctx: &Ctx<'_>, kind: &dyn Resource, id: &str) -> NResult<Vec<Str
 /// Neutron's policy rule (`update` gives `update_networks_tags`).
 async fn modify(
     ctx: &Ctx<'_>,
-    kind: &dyn Resource,
+    res: &dyn Resource,
     id: &str,
     action: &str,
     f: impl Fn(&mut Vec<String>) -> NResult<()>,
 ) -> NResult<Vec<String>> {
-    let meta = kind.meta();
+    let meta = res.meta();
     let key = keys::resource(meta.store, id);
     retry(ctx, |ctx| {
-        let view = show(ctx, kind, id)?;
+        let view = show(ctx, res, id)?;
         ctx.require_member(&format!("{action}_{}_tags", meta.plural))?;
         let owner = view.get("project_id").and_then(|p| p.as_str()).unwrap_or_default();
         if !ctx.admin() && !ctx.owns(owner) {
@@ -89,14 +89,14 @@ pub async fn all_tags(
     Path((coll, id)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let kind = kind_of(&coll)?;
+    let res = taggable(&coll)?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
         auth: &auth,
     };
     match method {
-        Method::GET => Ok(axum::Json(json!({"tags": current_tags(&ctx, kind, &id)?})).into_response()),
+        Method::GET => Ok(axum::Json(json!({"tags": current_tags(&ctx, res, &id)?})).into_response()),
         Method::PUT => {
             let body = parse_body(body)?;
             let list = body
@@ -113,7 +113,7 @@ pub async fn all_tags(
                 .collect::<NResult<Vec<String>>>()?;
             let c = &state.config;
             let new = unique_tags(list, c.max_tags_per_resource, c.max_tag_length)?;
-            let tags = modify(&ctx, kind, &id, "update", |tags| {
+            let tags = modify(&ctx, res, &id, "update", |tags| {
                 *tags = new.clone();
                 Ok(())
             })
@@ -121,7 +121,7 @@ pub async fn all_tags(
             Ok(axum::Json(json!({"tags": tags})).into_response())
         }
         _ => {
-            modify(&ctx, kind, &id, "delete", |tags| {
+            modify(&ctx, res, &id, "delete", |tags| {
                 tags.clear();
                 Ok(())
             })
@@ -137,7 +137,7 @@ pub async fn one_tag(
     headers: HeaderMap,
     Path((coll, id, tag)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    let kind = kind_of(&coll)?;
+    let res = taggable(&coll)?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
@@ -147,12 +147,12 @@ pub async fn one_tag(
         NeutronError::new(
             404,
             "TagNotFound",
-            format!("Tag {tag} could not be found for {} {id}.", kind.meta().singular),
+            format!("Tag {tag} could not be found for {} {id}.", res.meta().singular),
         )
     };
     match method {
         Method::GET => {
-            if current_tags(&ctx, kind, &id)?.contains(&tag) {
+            if current_tags(&ctx, res, &id)?.contains(&tag) {
                 Ok(StatusCode::NO_CONTENT.into_response())
             } else {
                 Err(not_found().into())
@@ -161,7 +161,7 @@ pub async fn one_tag(
         Method::PUT => {
             validate_tag(&tag, state.config.max_tag_length)?;
             let max = state.config.max_tags_per_resource;
-            modify(&ctx, kind, &id, "update", |tags| {
+            modify(&ctx, res, &id, "update", |tags| {
                 if !tags.contains(&tag) {
                     if tags.len() >= max {
                         return Err(too_many_tags(max));
@@ -174,7 +174,7 @@ pub async fn one_tag(
             Ok(StatusCode::CREATED.into_response())
         }
         _ => {
-            modify(&ctx, kind, &id, "delete", |tags| {
+            modify(&ctx, res, &id, "delete", |tags| {
                 let before = tags.len();
                 tags.retain(|t| *t != tag);
                 if tags.len() == before {
