@@ -2,15 +2,130 @@
 //!
 //! Reads are served from here; writes go to the store and then wait until the cache has seen
 //! their revision, so a client reads its own writes from the server it wrote through.
+//!
+//! Values of the typed collections (see [`Typed`]) are decoded once, when they arrive, so
+//! reads hand out the decoded objects instead of parsing JSON on every call.
 
+use crate::identity::model::{Project, Role, User};
+use isthmus_model::{keys, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::{DynStore, EventKind, KeyValue, Revision, WatchEvent};
+use serde::de::DeserializeOwned;
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// A stored object type the cache keeps decoded: every key `<root><COLLECTION>/<id>` holds one.
+pub trait Typed: DeserializeOwned + Clone + Send + Sync + 'static {
+    /// The collection's path under the key root (e.g. `networks`, `identity/users`).
+    const COLLECTION: &'static str;
+}
+
+impl Typed for Project {
+    const COLLECTION: &'static str = "identity/projects";
+}
+impl Typed for User {
+    const COLLECTION: &'static str = "identity/users";
+}
+impl Typed for Role {
+    const COLLECTION: &'static str = "identity/roles";
+}
+
+impl Typed for Network {
+    const COLLECTION: &'static str = "networks";
+}
+impl Typed for Subnet {
+    const COLLECTION: &'static str = "subnets";
+}
+impl Typed for Port {
+    const COLLECTION: &'static str = "ports";
+}
+impl Typed for Router {
+    const COLLECTION: &'static str = "routers";
+}
+impl Typed for SecurityGroup {
+    const COLLECTION: &'static str = "security_groups";
+}
+impl Typed for SecurityGroupRule {
+    const COLLECTION: &'static str = "security_group_rules";
+}
+impl Typed for Node {
+    const COLLECTION: &'static str = "nodes";
+}
+
+type Decoded = Arc<dyn Any + Send + Sync>;
+type Decoder = fn(&[u8]) -> serde_json::Result<Decoded>;
+
+fn decode_as<T: Typed>(bytes: &[u8]) -> serde_json::Result<Decoded> {
+    Ok(Arc::new(serde_json::from_slice::<T>(bytes)?))
+}
+
+/// The typed collections and their decoders.
+const DECODERS: &[(&str, Decoder)] = &[
+    (Network::COLLECTION, decode_as::<Network>),
+    (Subnet::COLLECTION, decode_as::<Subnet>),
+    (Port::COLLECTION, decode_as::<Port>),
+    (Router::COLLECTION, decode_as::<Router>),
+    (SecurityGroup::COLLECTION, decode_as::<SecurityGroup>),
+    (SecurityGroupRule::COLLECTION, decode_as::<SecurityGroupRule>),
+    (Node::COLLECTION, decode_as::<Node>),
+    (Project::COLLECTION, decode_as::<Project>),
+    (User::COLLECTION, decode_as::<User>),
+    (Role::COLLECTION, decode_as::<Role>),
+];
+
+/// One key's value as the store has it, and decoded if its collection is typed.
+struct Entry {
+    kv: Arc<KeyValue>,
+    decoded: Option<Decoded>,
+}
+
+impl Entry {
+    fn new(kv: KeyValue) -> Self {
+        let decoded = kv
+            .key
+            .strip_prefix(keys::ROOT)
+            .and_then(|rest| rest.rsplit_once('/'))
+            .filter(|(_, id)| !id.is_empty())
+            .and_then(|(coll, _)| DECODERS.iter().find(|(c, _)| *c == coll))
+            .and_then(|(_, decode)| match decode(&kv.value) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::error!(key = %kv.key, error = %e, "undecodable value in store; ignoring it");
+                    None
+                }
+            });
+        Self {
+            kv: Arc::new(kv),
+            decoded,
+        }
+    }
+
+    /// The decoded object, if this entry holds a `T`; else decoded now (a key outside the
+    /// typed collections), `None` if it cannot be.
+    fn typed<T: Typed>(&self) -> Option<Arc<T>> {
+        if let Some(d) = &self.decoded {
+            if let Ok(t) = d.clone().downcast::<T>() {
+                return Some(t);
+            }
+        }
+        match serde_json::from_slice::<T>(&self.kv.value) {
+            Ok(v) => Some(Arc::new(v)),
+            Err(e) => {
+                tracing::error!(key = %self.kv.key, error = %e, "undecodable value in store; ignoring it");
+                None
+            }
+        }
+    }
+}
+
+fn entries(kvs: Vec<KeyValue>) -> BTreeMap<String, Entry> {
+    kvs.into_iter().map(|kv| (kv.key.clone(), Entry::new(kv))).collect()
+}
+
 pub struct Cache {
-    inner: RwLock<BTreeMap<String, Arc<KeyValue>>>,
+    inner: RwLock<BTreeMap<String, Entry>>,
     revision: watch::Sender<Revision>,
 }
 
@@ -25,7 +140,7 @@ impl Cache {
     pub async fn start(store: DynStore) -> isthmus_store::Result<Arc<Self>> {
         let (kvs, rev) = store.list(isthmus_model::keys::ROOT).await?;
         let cache = Arc::new(Self {
-            inner: RwLock::new(kvs.into_iter().map(|kv| (kv.key.clone(), Arc::new(kv))).collect()),
+            inner: RwLock::new(entries(kvs)),
             revision: watch::channel(rev).0,
         });
         let c = cache.clone();
@@ -70,7 +185,7 @@ impl Cache {
         let (kvs, rev) = store.list(isthmus_model::keys::ROOT).await?;
         {
             let mut m = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            *m = kvs.into_iter().map(|kv| (kv.key.clone(), Arc::new(kv))).collect();
+            *m = entries(kvs);
         }
         self.revision.send_replace(rev);
         Ok(())
@@ -84,7 +199,7 @@ impl Cache {
                 max = max.max(ev.kv.mod_revision);
                 match ev.kind {
                     EventKind::Put => {
-                        m.insert(ev.kv.key.clone(), Arc::new(ev.kv));
+                        m.insert(ev.kv.key.clone(), Entry::new(ev.kv));
                     }
                     EventKind::Delete => {
                         m.remove(&ev.kv.key);
@@ -115,7 +230,11 @@ impl Cache {
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<KeyValue>> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(|e| e.kv.clone())
     }
 
     /// Everything under `prefix`, in key order.
@@ -123,7 +242,33 @@ impl Cache {
         let m = self.inner.read().unwrap_or_else(|p| p.into_inner());
         m.range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, v)| v.clone())
+            .map(|(_, e)| e.kv.clone())
+            .collect()
+    }
+
+    /// The object at `key`, decoded when it arrived (cloned out of the cache).
+    pub fn get_typed<T: Typed>(&self, key: &str) -> Option<(T, Revision)> {
+        let (t, rev) = {
+            let m = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            let e = m.get(key)?;
+            (e.typed::<T>()?, e.kv.mod_revision)
+        };
+        Some((Arc::unwrap_or_clone(t), rev))
+    }
+
+    /// The object `id` of `T`'s collection.
+    pub fn get_object<T: Typed>(&self, id: &str) -> Option<(T, Revision)> {
+        self.get_typed(&keys::resource(T::COLLECTION, id))
+    }
+
+    /// Every object of `T`'s collection, in key order, shared with the cache (no copies).
+    /// Undecodable values are left out (logged when they arrived).
+    pub fn list_typed<T: Typed>(&self) -> Vec<(Arc<T>, Revision)> {
+        let prefix = keys::collection(T::COLLECTION);
+        let m = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        m.range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter_map(|(_, e)| e.decoded.clone()?.downcast::<T>().ok().map(|t| (t, e.kv.mod_revision)))
             .collect()
     }
 
@@ -155,5 +300,43 @@ impl Cache {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::model;
+
+    /// The typed collections' keys are the ones their writers use.
+    #[test]
+    fn typed_collections_match_key_layout() {
+        assert_eq!(keys::resource(Project::COLLECTION, "x"), model::project("x"));
+        assert_eq!(keys::resource(User::COLLECTION, "x"), model::user("x"));
+        assert_eq!(keys::resource(Role::COLLECTION, "x"), model::role("x"));
+        assert_eq!(keys::collection(User::COLLECTION), model::users());
+    }
+
+    #[test]
+    fn values_are_decoded_once_on_arrival() {
+        let net = serde_json::json!({
+            "id": "n1", "project_id": "p", "name": "a", "admin_state_up": true, "shared": false,
+            "external": false, "mtu": 1450, "status": "ACTIVE", "segmentation_id": 7,
+            "port_security_enabled": true, "created_at": "t", "updated_at": "t", "revision_number": 0
+        });
+        let kv = |key: String, value: Vec<u8>| KeyValue {
+            key,
+            value,
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+        };
+        let good = Entry::new(kv(keys::resource("networks", "n1"), net.to_string().into_bytes()));
+        assert!(good.decoded.is_some());
+        assert_eq!(good.typed::<Network>().map(|n| n.segmentation_id), Some(7));
+        let bad = Entry::new(kv(keys::resource("networks", "n2"), b"{".to_vec()));
+        assert!(bad.decoded.is_none() && bad.typed::<Network>().is_none());
+        let index = Entry::new(kv(keys::ip_alloc("s", "10.0.0.2"), b"port".to_vec()));
+        assert!(index.decoded.is_none());
     }
 }

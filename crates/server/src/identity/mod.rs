@@ -250,14 +250,14 @@ impl Identity {
         if !model::is_valid_id(id) {
             return None;
         }
-        self.cache.get_json::<Project>(&model::project(id)).map(|(p, _)| p)
+        self.cache.get_object::<Project>(id).map(|(p, _)| p)
     }
     /// All projects, in id order.
     pub fn projects(&self) -> Vec<Project> {
         self.cache
-            .list_json::<Project>(&model::projects())
+            .list_typed::<Project>()
             .into_iter()
-            .map(|(p, _)| p)
+            .map(|(p, _)| Arc::unwrap_or_clone(p))
             .collect()
     }
     pub fn project_by_name(&self, domain_id: &str, name: &str) -> Option<Project> {
@@ -268,13 +268,13 @@ impl Identity {
         if !model::is_valid_id(id) {
             return None;
         }
-        self.cache.get_json::<User>(&model::user(id)).map(|(u, _)| u)
+        self.cache.get_object::<User>(id).map(|(u, _)| u)
     }
     pub(crate) fn users(&self) -> Vec<User> {
         self.cache
-            .list_json::<User>(&model::users())
+            .list_typed::<User>()
             .into_iter()
-            .map(|(u, _)| u)
+            .map(|(u, _)| Arc::unwrap_or_clone(u))
             .collect()
     }
     pub(crate) fn user_by_name(&self, domain_id: &str, name: &str) -> Option<User> {
@@ -285,13 +285,13 @@ impl Identity {
         if !model::is_valid_id(id) {
             return None;
         }
-        self.cache.get_json::<Role>(&model::role(id)).map(|(r, _)| r)
+        self.cache.get_object::<Role>(id).map(|(r, _)| r)
     }
     pub fn roles(&self) -> Vec<Role> {
         self.cache
-            .list_json::<Role>(&model::roles())
+            .list_typed::<Role>()
             .into_iter()
-            .map(|(r, _)| r)
+            .map(|(r, _)| Arc::unwrap_or_clone(r))
             .collect()
     }
     pub fn role_by_name(&self, name: &str) -> Option<Role> {

@@ -1,8 +1,9 @@
 //! Nodes: agents register and heartbeat here, and the Neutron agents API lists them
 //! (`openstack network agent list`).
 
-use super::common::{json_bytes, new_id, retry, Ctx, NResult};
-use super::{authenticate, json_response, parse_body, ApiResult};
+use super::common::{json_bytes, new_id, now, retry, Ctx, NResult};
+use super::http::{authenticate, json_response, parse_body, ApiResult};
+use super::portops::check_router_device;
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -50,18 +51,19 @@ fn valid_host(host: &str) -> bool {
 fn nodes(ctx: &Ctx<'_>) -> Vec<Node> {
     ctx.state
         .cache
-        .list_json::<Node>(&keys::collection("nodes"))
+        .list_typed::<Node>()
         .into_iter()
-        .map(|(n, _)| n)
+        .map(|(n, _)| Arc::unwrap_or_clone(n))
         .collect()
 }
 
 fn find(ctx: &Ctx<'_>, id: &str) -> NResult<(Node, i64)> {
     ctx.state
         .cache
-        .list_json::<Node>(&keys::collection("nodes"))
+        .list_typed::<Node>()
         .into_iter()
         .find(|(n, _)| n.id == id)
+        .map(|(n, rev)| (Arc::unwrap_or_clone(n), rev))
         .ok_or_else(|| NeutronError::new(404, "AgentNotFound", format!("Agent {id} could not be found.")))
 }
 
@@ -196,7 +198,7 @@ pub async fn heartbeat(
     let ts = unix_now();
     let node = retry(&ctx, |ctx| {
         let k = key(&host);
-        let (mut n, cmp) = match ctx.state.cache.get_json::<Node>(&k) {
+        let (mut n, cmp) = match ctx.state.cache.get_typed::<Node>(&k) {
             Some((n, rev)) => (n, Compare::ModRevision(k.clone(), rev)),
             None => (
                 Node {
@@ -355,7 +357,7 @@ pub async fn port_status(
         let (mut p, rev) = ctx
             .state
             .cache
-            .get_json::<isthmus_model::Port>(&k)
+            .get_typed::<isthmus_model::Port>(&k)
             .filter(|(p, _)| p.binding_host_id == host || (bind && p.binding_host_id.is_empty()))
             .ok_or_else(|| NeutronError::not_found("Port", "Port", &id))?;
         let mut changed = false;
@@ -378,7 +380,7 @@ pub async fn port_status(
         if let Some(v) = &device_id {
             if p.device_id != *v {
                 // A node's report may not turn a router port into another project's.
-                super::ports::check_router_device(ctx, &p.device_owner, v, &p.project_id)?;
+                check_router_device(ctx, &p.device_owner, v, &p.project_id)?;
             }
             changed |= p.device_id != *v;
             p.device_id = v.clone();
@@ -395,7 +397,7 @@ pub async fn port_status(
             // Nothing to write: reports are repeated on every sync and must stay cheap.
             return Ok((vec![Compare::ModRevision(k, rev)], vec![], p));
         }
-        p.std.bump(&super::common::now());
+        p.std.bump(&now());
         Ok((
             vec![Compare::ModRevision(k.clone(), rev)],
             vec![Op::put(k, json_bytes(&p))],

@@ -1,19 +1,47 @@
 //! What every resource shares: the caller's context, visibility, rendering, and the
 //! plan-then-commit loop around compare-and-swap transactions.
 
-use super::{networks, ports, routers, security_groups, subnets, Kind};
+use crate::cache::Typed;
 use crate::identity::AuthContext;
 use crate::AppState;
-use isthmus_model::keys;
 use isthmus_model::validate::Body;
 use isthmus_model::{Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::{Compare, Op, Revision};
-use serde::de::DeserializeOwned;
 use serde_json::Value;
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub type NResult<T> = Result<T, NeutronError>;
+
+/// A stored Neutron object type: its store collection (from [`Typed`]) and how Neutron reports
+/// its absence (exception prefix, display name).
+pub trait Stored: Typed {
+    const NOT_FOUND: (&'static str, &'static str);
+}
+
+impl Stored for Network {
+    const NOT_FOUND: (&'static str, &'static str) = ("Network", "Network");
+}
+impl Stored for Subnet {
+    const NOT_FOUND: (&'static str, &'static str) = ("Subnet", "Subnet");
+}
+impl Stored for Port {
+    const NOT_FOUND: (&'static str, &'static str) = ("Port", "Port");
+}
+impl Stored for Router {
+    const NOT_FOUND: (&'static str, &'static str) = ("Router", "Router");
+}
+impl Stored for SecurityGroup {
+    const NOT_FOUND: (&'static str, &'static str) = ("SecurityGroup", "Security group");
+}
+impl Stored for SecurityGroupRule {
+    const NOT_FOUND: (&'static str, &'static str) = ("SecurityGroupRule", "Security group rule");
+}
+
+/// Neutron's `<Type>NotFound` for object `id` of type `T`.
+pub fn not_found<T: Stored>(id: &str) -> NeutronError {
+    NeutronError::not_found(T::NOT_FOUND.0, T::NOT_FOUND.1, id)
+}
 
 /// How many times a write re-plans after losing a compare-and-swap race.
 const MAX_ATTEMPTS: usize = 30;
@@ -55,11 +83,13 @@ impl Ctx<'_> {
         self.admin() || (self.member() && self.owns(network_project))
     }
 
-    pub fn get<T: DeserializeOwned>(&self, kind: Kind, id: &str) -> Option<(T, Revision)> {
-        self.state.cache.get_json(&keys::resource(kind.store_name(), id))
+    /// Object `id` of type `T`, with the revision it was written at.
+    pub fn get<T: Stored>(&self, id: &str) -> Option<(T, Revision)> {
+        self.state.cache.get_object(id)
     }
-    pub fn all<T: DeserializeOwned>(&self, kind: Kind) -> Vec<(T, Revision)> {
-        self.state.cache.list_json(&keys::collection(kind.store_name()))
+    /// Every object of type `T`, in id order, shared with the cache.
+    pub fn all<T: Stored>(&self) -> Vec<(Arc<T>, Revision)> {
+        self.state.cache.list_typed()
     }
 
     pub fn network_visible(&self, n: &Network) -> bool {
@@ -68,25 +98,21 @@ impl Ctx<'_> {
 
     /// A network the caller may see, or NetworkNotFound.
     pub fn visible_network(&self, id: &str) -> NResult<(Network, Revision)> {
-        match self.get::<Network>(Kind::Network, id) {
+        match self.get::<Network>(id) {
             Some((n, r)) if self.network_visible(&n) => Ok((n, r)),
-            _ => Err(Kind::Network.not_found(id)),
+            _ => Err(not_found::<Network>(id)),
         }
     }
 
     pub fn subnet_visible(&self, s: &Subnet) -> bool {
-        self.admin()
-            || self.owns(&s.project_id)
-            || self
-                .get::<Network>(Kind::Network, &s.network_id)
-                .is_some_and(|(n, _)| n.shared)
+        self.admin() || self.owns(&s.project_id) || self.get::<Network>(&s.network_id).is_some_and(|(n, _)| n.shared)
     }
 
     pub fn port_visible(&self, p: &Port) -> bool {
         self.admin()
             || self.owns(&p.project_id)
             || self
-                .get::<Network>(Kind::Network, &p.network_id)
+                .get::<Network>(&p.network_id)
                 .is_some_and(|(n, _)| self.owns(&n.project_id))
     }
 
@@ -238,212 +264,6 @@ pub fn check_if_match(expected: Option<u64>, current: u64) -> NResult<()> {
             format!("Constrained to {n}, but current revision is {current}"),
         )),
         _ => Ok(()),
-    }
-}
-
-/// Every resource of `kind` the caller may see, rendered.
-pub async fn visible_views(ctx: &Ctx<'_>, kind: Kind) -> NResult<Vec<Value>> {
-    if !ctx.can_read() {
-        return Ok(vec![]);
-    }
-    Ok(match kind {
-        Kind::Network => ctx
-            .all::<Network>(kind)
-            .into_iter()
-            .filter(|(n, _)| ctx.network_visible(n))
-            .map(|(n, _)| n.to_api(ctx.admin()))
-            .collect(),
-        Kind::Subnet => {
-            let shared: HashMap<String, bool> = ctx
-                .all::<Network>(Kind::Network)
-                .into_iter()
-                .map(|(n, _)| (n.id, n.shared))
-                .collect();
-            ctx.all::<Subnet>(kind)
-                .into_iter()
-                .filter(|(s, _)| {
-                    ctx.admin() || ctx.owns(&s.project_id) || shared.get(&s.network_id).copied().unwrap_or(false)
-                })
-                .map(|(s, _)| {
-                    let mut v = s.to_api();
-                    // Filter-only (hidden by the query): the network's shared flag.
-                    v["shared"] = Value::Bool(shared.get(&s.network_id).copied().unwrap_or(false));
-                    v
-                })
-                .collect()
-        }
-        Kind::Port => {
-            let owners: HashMap<String, String> = ctx
-                .all::<Network>(Kind::Network)
-                .into_iter()
-                .map(|(n, _)| (n.id, n.project_id))
-                .collect();
-            ctx.all::<Port>(kind)
-                .into_iter()
-                .filter(|(p, _)| {
-                    ctx.admin() || ctx.owns(&p.project_id) || owners.get(&p.network_id).is_some_and(|o| ctx.owns(o))
-                })
-                .map(|(p, _)| p.to_api(ctx.admin()))
-                .collect()
-        }
-        Kind::Router => ctx
-            .all::<Router>(kind)
-            .into_iter()
-            .filter(|(r, _)| ctx.admin() || ctx.owns(&r.project_id))
-            .map(|(r, _)| r.to_api())
-            .collect(),
-        Kind::SecurityGroup => {
-            security_groups::ensure_default(ctx, &ctx.auth.project_id).await?;
-            let mut rules: HashMap<String, Vec<Value>> = HashMap::new();
-            for (r, _) in ctx.all::<SecurityGroupRule>(Kind::SecurityGroupRule) {
-                rules.entry(r.security_group_id.clone()).or_default().push(r.to_api());
-            }
-            ctx.all::<SecurityGroup>(kind)
-                .into_iter()
-                .filter(|(g, _)| ctx.admin() || ctx.owns(&g.project_id))
-                .map(|(g, _)| {
-                    let r = rules.remove(&g.id).unwrap_or_default();
-                    g.to_api(r)
-                })
-                .collect()
-        }
-        Kind::SecurityGroupRule => {
-            security_groups::ensure_default(ctx, &ctx.auth.project_id).await?;
-            ctx.all::<SecurityGroupRule>(kind)
-                .into_iter()
-                .filter(|(r, _)| ctx.admin() || ctx.owns(&r.project_id))
-                .map(|(r, _)| r.to_api())
-                .collect()
-        }
-    })
-}
-
-/// One resource the caller may see, rendered; NotFound otherwise (also for other projects').
-pub fn show(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Value> {
-    if !ctx.can_read() {
-        return Err(kind.not_found(id));
-    }
-    let nf = || kind.not_found(id);
-    Ok(match kind {
-        Kind::Network => ctx.visible_network(id)?.0.to_api(ctx.admin()),
-        Kind::Subnet => {
-            let (s, _) = ctx
-                .get::<Subnet>(kind, id)
-                .filter(|(s, _)| ctx.subnet_visible(s))
-                .ok_or_else(nf)?;
-            s.to_api()
-        }
-        Kind::Port => {
-            let (p, _) = ctx
-                .get::<Port>(kind, id)
-                .filter(|(p, _)| ctx.port_visible(p))
-                .ok_or_else(nf)?;
-            p.to_api(ctx.admin())
-        }
-        Kind::Router => routers::visible(ctx, id)?.0.to_api(),
-        Kind::SecurityGroup => {
-            let (g, _) = security_groups::visible_group(ctx, id)?;
-            g.to_api(security_groups::rules_of(ctx, &g.id))
-        }
-        Kind::SecurityGroupRule => {
-            let (r, _) = ctx
-                .get::<SecurityGroupRule>(kind, id)
-                .filter(|(r, _)| ctx.admin() || ctx.owns(&r.project_id))
-                .ok_or_else(nf)?;
-            r.to_api()
-        }
-    })
-}
-
-/// POST on a collection: one resource or a bulk list (`{"<plural>": [...]}`).
-pub async fn create(ctx: &Ctx<'_>, kind: Kind, body: Value) -> NResult<Value> {
-    ctx.require_member(&format!("create_{}", kind.singular()))?;
-    let plural = kind.plural();
-    if let Some(Value::Array(items)) = body.get(plural) {
-        // Neutron registers the L3 resources without bulk support.
-        if kind == Kind::Router {
-            return Err(NeutronError::bad_request("Bulk operation not supported"));
-        }
-        if items.is_empty() {
-            return Err(NeutronError::bad_request("Resources required"));
-        }
-        // Bulk: each item is created in turn; on a failure the ones already made are removed,
-        // so the request is all-or-nothing as Neutron's native bulk is.
-        let mut made: Vec<String> = vec![];
-        let mut out = vec![];
-        for item in items.clone() {
-            // Items may come bare or wrapped in their singular name, as Neutron takes them.
-            let wrapped = match item {
-                Value::Object(m) if m.contains_key(kind.singular()) => Value::Object(m),
-                other => serde_json::json!({ kind.singular(): other }),
-            };
-            match create_one(ctx, kind, wrapped).await {
-                Ok(v) => {
-                    if let Some(id) = v.get("id").and_then(|i| i.as_str()) {
-                        made.push(id.to_string());
-                    }
-                    out.push(v);
-                }
-                Err(e) => {
-                    for id in made.iter().rev() {
-                        if let Err(undo) = delete(ctx, kind, id, None).await {
-                            tracing::warn!(%id, error = %undo.message, "could not undo part of a failed bulk create");
-                        }
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        return Ok(serde_json::json!({ plural: out }));
-    }
-    let v = create_one(ctx, kind, body).await?;
-    Ok(serde_json::json!({ kind.singular(): v }))
-}
-
-async fn create_one(ctx: &Ctx<'_>, kind: Kind, body: Value) -> NResult<Value> {
-    let body = Body::from_value(body, kind.singular())?;
-    match kind {
-        Kind::Network => networks::create(ctx, body).await,
-        Kind::Subnet => subnets::create(ctx, body).await,
-        Kind::Port => ports::create(ctx, body).await.map(|p| p.to_api(ctx.admin())),
-        Kind::Router => routers::create(ctx, body).await,
-        Kind::SecurityGroup => security_groups::create_group(ctx, body).await,
-        Kind::SecurityGroupRule => security_groups::create_rule(ctx, body).await,
-    }
-}
-
-pub async fn update(ctx: &Ctx<'_>, kind: Kind, id: &str, body: Value, if_match: Option<u64>) -> NResult<Value> {
-    // Neutron hides what the caller may not see (404) and refuses what it sees but may not
-    // change (403).
-    show(ctx, kind, id)?;
-    ctx.require_member(&format!("update_{}", kind.singular()))?;
-    let body = Body::from_value(body, kind.singular())?;
-    match kind {
-        Kind::Network => networks::update(ctx, id, body, if_match).await,
-        Kind::Subnet => subnets::update(ctx, id, body, if_match).await,
-        Kind::Port => ports::update(ctx, id, body, if_match)
-            .await
-            .map(|p| p.to_api(ctx.admin())),
-        Kind::Router => routers::update(ctx, id, body, if_match).await,
-        Kind::SecurityGroup => security_groups::update_group(ctx, id, body, if_match).await,
-        Kind::SecurityGroupRule => Err(NeutronError::new(
-            400,
-            "HTTPBadRequest",
-            "Security group rules cannot be updated",
-        )),
-    }
-}
-
-pub async fn delete(ctx: &Ctx<'_>, kind: Kind, id: &str, if_match: Option<u64>) -> NResult<()> {
-    show(ctx, kind, id)?;
-    ctx.require_member(&format!("delete_{}", kind.singular()))?;
-    match kind {
-        Kind::Network => networks::delete(ctx, id, if_match).await,
-        Kind::Subnet => subnets::delete(ctx, id, if_match).await,
-        Kind::Port => ports::delete(ctx, id, if_match).await,
-        Kind::Router => routers::delete(ctx, id, if_match).await,
-        Kind::SecurityGroup => security_groups::delete_group(ctx, id, if_match).await,
-        Kind::SecurityGroupRule => security_groups::delete_rule(ctx, id).await,
     }
 }
 

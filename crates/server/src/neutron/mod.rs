@@ -1,21 +1,37 @@
 //! Neutron v2.0 network API.
 //!
-//! Handlers parse and authorize, then call the resource modules, which read the cache and write
-//! with compare-and-swap transactions. Every error leaves as Neutron's `NeutronError` body.
+//! Handlers parse and authorize, then find the collection in the registry and call its
+//! resource, which reads the cache and writes with compare-and-swap transactions. Every error
+//! leaves as Neutron's `NeutronError` body.
+//!
+//! Module layers (each imports only from layers below it):
+//! - handlers: this module, `tags`, `nodeports`, `nodeview`, `agents`, `router_interfaces`;
+//! - `registry`: the list of resources;
+//! - resources: `networks`, `subnets`, `ports`, `routers`, `security_groups`, each
+//!   implementing `resource::Resource`;
+//! - shared operations: `resource` (the trait and the generic request handling), `portops`,
+//!   `default_sg`, `lookup`;
+//! - `common`, `query`, `http`.
 
 mod agents;
 mod common;
+mod default_sg;
+mod http;
+mod lookup;
 mod networks;
 mod nodeports;
 pub mod nodeview;
+mod portops;
 mod ports;
 pub mod query;
+mod registry;
+mod resource;
+mod router_interfaces;
 mod routers;
 mod security_groups;
 mod subnets;
 mod tags;
 
-use crate::identity::AuthContext;
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -24,17 +40,19 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
+use http::{if_match, json_response};
 use isthmus_model::NeutronError;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
 pub use common::Ctx;
+pub use http::{authenticate, parse_body, ApiError, ApiResult, HeadRequest};
 
 /// Per-server network API state.
 #[derive(Default)]
 pub struct NeutronState {
     /// Addresses being claimed by requests in flight on this server.
-    pub inflight: ports::InFlight,
+    pub inflight: portops::InFlight,
     /// What each node's stream last sent, for resuming.
     pub node_sessions: nodeview::Sessions,
 }
@@ -117,33 +135,6 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
     ("tag", "Tag support", "Enables to set tag on resources."),
 ];
 
-/// An API error, rendered as Neutron renders it.
-pub struct ApiError(pub NeutronError);
-
-impl From<NeutronError> for ApiError {
-    fn from(e: NeutronError) -> Self {
-        ApiError(e)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
-            tracing::error!(kind = %self.0.kind, message = %self.0.message, "request failed");
-        } else {
-            tracing::debug!(status = self.0.status, kind = %self.0.kind, message = %self.0.message, "request refused");
-        }
-        (status, axum::Json(self.0.body())).into_response()
-    }
-}
-
-pub type ApiResult<T> = Result<T, ApiError>;
-
-fn json_response(status: StatusCode, v: Value) -> Response {
-    (status, axum::Json(v)).into_response()
-}
-
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
@@ -218,10 +209,6 @@ async fn head_as_get(mut req: axum::extract::Request) -> axum::extract::Request 
     req
 }
 
-/// Marks a GET that was a HEAD, for handlers whose GET starts something (a node stream).
-#[derive(Clone, Copy, Debug)]
-pub struct HeadRequest;
-
 /// 405 for a method the route does not serve; axum adds the `Allow` header.
 async fn method_not_allowed(method: Method) -> ApiError {
     ApiError(NeutronError::new(
@@ -248,19 +235,16 @@ async fn versions(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn v2_index(State(state): State<Arc<AppState>>) -> Response {
-    let resources: Vec<Value> = [
-        ("network", "networks"),
-        ("subnet", "subnets"),
-        ("port", "ports"),
-        ("security_group", "security-groups"),
-        ("security_group_rule", "security-group-rules"),
-    ]
-    .iter()
-    .map(|(name, coll)| {
-        json!({"name": name, "collection": coll,
+    let resources: Vec<Value> = registry::all()
+        .iter()
+        .map(|r| r.meta())
+        .filter(|m| m.indexed)
+        .map(|m| (m.singular, m.collection))
+        .map(|(name, coll)| {
+            json!({"name": name, "collection": coll,
                "links": [{"rel": "self", "href": format!("{}v2.0/{coll}", state.network_url)}]})
-    })
-    .collect();
+        })
+        .collect();
     json_response(StatusCode::OK, json!({"resources": resources}))
 }
 
@@ -295,123 +279,6 @@ async fn show_extension(
     }
 }
 
-/// Resolves the caller from `X-Auth-Token`.
-pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AuthContext, NeutronError> {
-    let token = headers
-        .get("x-auth-token")
-        .and_then(|v| v.to_str().ok())
-        .filter(|t| !t.is_empty())
-        .ok_or_else(NeutronError::unauthorized)?;
-    state.identity.validate(token).await.map_err(|e| {
-        tracing::info!(error = %e, "network API request with an unusable token");
-        match e {
-            crate::identity::IdentityError::Store(_) => NeutronError::unavailable("identity backend unavailable"),
-            _ => NeutronError::unauthorized(),
-        }
-    })
-}
-
-/// Turns the raw body into JSON with Neutron's errors for the usual ways it goes wrong.
-pub fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, NeutronError> {
-    let bytes = body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            NeutronError::new(
-                413,
-                "HTTPRequestEntityTooLarge",
-                "Request body is larger than the limit.",
-            )
-        } else {
-            NeutronError::bad_request(format!("Could not read the request body: {rej}"))
-        }
-    })?;
-    if bytes.is_empty() {
-        return Err(NeutronError::bad_request("Resource body required"));
-    }
-    serde_json::from_slice(&bytes).map_err(|e| NeutronError::bad_request(format!("Malformed request body: {e}")))
-}
-
-/// `If-Match: revision_number=N`, if present. A value that is no revision can never match:
-/// 412, as Neutron answers a failed constraint.
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, NeutronError> {
-    let Some(v) = headers.get("if-match") else {
-        return Ok(None);
-    };
-    let failed = |shown: &str| {
-        NeutronError::new(
-            412,
-            "PreconditionFailed",
-            format!("Invalid If-Match constraint: {shown}"),
-        )
-    };
-    let s = v.to_str().map_err(|_| failed("not ASCII"))?;
-    for part in s.split(',') {
-        if let Some(n) = part.trim().strip_prefix("revision_number=") {
-            return n.trim().parse().map(Some).map_err(|_| failed(s));
-        }
-    }
-    Ok(None)
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Kind {
-    Network,
-    Subnet,
-    Port,
-    Router,
-    SecurityGroup,
-    SecurityGroupRule,
-}
-
-impl Kind {
-    pub fn from_collection(c: &str) -> Option<Kind> {
-        Some(match c {
-            "networks" => Kind::Network,
-            "subnets" => Kind::Subnet,
-            "ports" => Kind::Port,
-            "routers" => Kind::Router,
-            "security-groups" => Kind::SecurityGroup,
-            "security-group-rules" => Kind::SecurityGroupRule,
-            _ => return None,
-        })
-    }
-    /// Singular name used in bodies.
-    pub fn singular(self) -> &'static str {
-        match self {
-            Kind::Network => "network",
-            Kind::Subnet => "subnet",
-            Kind::Port => "port",
-            Kind::Router => "router",
-            Kind::SecurityGroup => "security_group",
-            Kind::SecurityGroupRule => "security_group_rule",
-        }
-    }
-    pub fn plural(self) -> &'static str {
-        match self {
-            Kind::Network => "networks",
-            Kind::Subnet => "subnets",
-            Kind::Port => "ports",
-            Kind::Router => "routers",
-            Kind::SecurityGroup => "security_groups",
-            Kind::SecurityGroupRule => "security_group_rules",
-        }
-    }
-    /// Store collection name.
-    pub fn store_name(self) -> &'static str {
-        self.plural()
-    }
-    /// Neutron's NotFound exception prefix and display name.
-    pub fn not_found(self, id: &str) -> NeutronError {
-        match self {
-            Kind::Network => NeutronError::not_found("Network", "Network", id),
-            Kind::Subnet => NeutronError::not_found("Subnet", "Subnet", id),
-            Kind::Port => NeutronError::not_found("Port", "Port", id),
-            Kind::Router => NeutronError::not_found("Router", "Router", id),
-            Kind::SecurityGroup => NeutronError::not_found("SecurityGroup", "Security group", id),
-            Kind::SecurityGroupRule => NeutronError::not_found("SecurityGroupRule", "Security group rule", id),
-        }
-    }
-}
-
 fn unknown_collection(c: &str) -> ApiError {
     ApiError(NeutronError::new(
         404,
@@ -428,7 +295,7 @@ async fn collection(
     RawQuery(q): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let kind = Kind::from_collection(&coll).ok_or_else(|| unknown_collection(&coll))?;
+    let res = registry::find(&coll).ok_or_else(|| unknown_collection(&coll))?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
@@ -436,13 +303,13 @@ async fn collection(
     };
     if method == Method::GET {
         let q = query::Query::parse(q.as_deref().unwrap_or(""))?;
-        let items = common::visible_views(&ctx, kind).await?;
+        let items = resource::list_visible(&ctx, res, &q.prefilter()).await?;
         let url = format!("{}v2.0/{}", state.network_url, coll);
-        let out = q.apply(items, kind.plural(), &url)?;
+        let out = q.apply(items, res.meta().plural, &url)?;
         return Ok(json_response(StatusCode::OK, out));
     }
     let body = parse_body(body)?;
-    let out = common::create(&ctx, kind, body).await?;
+    let out = resource::create(&ctx, res, body).await?;
     Ok(json_response(StatusCode::CREATED, out))
 }
 
@@ -454,7 +321,7 @@ async fn member(
     RawQuery(q): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let kind = Kind::from_collection(&coll).ok_or_else(|| unknown_collection(&coll))?;
+    let res = registry::find(&coll).ok_or_else(|| unknown_collection(&coll))?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
@@ -463,19 +330,19 @@ async fn member(
     match method {
         Method::GET => {
             let q = query::Query::parse(q.as_deref().unwrap_or(""))?;
-            let view = common::show(&ctx, kind, &id)?;
+            let view = resource::show(&ctx, res, &id)?;
             Ok(json_response(
                 StatusCode::OK,
-                json!({ kind.singular(): q.select_fields(view) }),
+                json!({ res.meta().singular: q.select_fields(view) }),
             ))
         }
         Method::PUT => {
             let body = parse_body(body)?;
-            let out = common::update(&ctx, kind, &id, body, if_match(&headers)?).await?;
-            Ok(json_response(StatusCode::OK, json!({ kind.singular(): out })))
+            let out = resource::update(&ctx, res, &id, body, if_match(&headers)?).await?;
+            Ok(json_response(StatusCode::OK, json!({ res.meta().singular: out })))
         }
         _ => {
-            common::delete(&ctx, kind, &id, if_match(&headers)?).await?;
+            resource::delete(&ctx, res, &id, if_match(&headers)?).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }
@@ -495,9 +362,9 @@ async fn router_interface(
     };
     let body = parse_body(body)?;
     let out = if uri.path().ends_with("/add_router_interface") {
-        routers::add_interface(&ctx, &id, body).await?
+        router_interfaces::add_interface(&ctx, &id, body).await?
     } else {
-        routers::remove_interface(&ctx, &id, body).await?
+        router_interfaces::remove_interface(&ctx, &id, body).await?
     };
     Ok(json_response(StatusCode::OK, out))
 }

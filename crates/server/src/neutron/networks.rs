@@ -1,16 +1,60 @@
 //! Networks, with their segmentation ids (VXLAN VNIs).
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, now, retry, retry_rev, tags_from, Ctx, NResult,
+    check_if_match, description_from, json_bytes, new_id, now, retry, retry_rev, tags_from, Ctx, NResult, Stored,
 };
-use super::Kind;
+use super::lookup;
+use super::query::Prefilter;
+use super::resource::{BoxFut, Meta, Resource};
+use crate::cache::Typed;
 use isthmus_model::validate::Body;
 use isthmus_model::{keys, Network, NeutronError, Port, StandardAttrs, Subnet};
 use isthmus_store::{Compare, Op};
 use serde_json::Value;
 
+pub struct Networks;
+
+static META: Meta = Meta {
+    collection: "networks",
+    singular: "network",
+    plural: "networks",
+    store: Network::COLLECTION,
+    not_found: Network::NOT_FOUND,
+    bulk: true,
+    tags: true,
+    indexed: true,
+};
+
+impl Resource for Networks {
+    fn meta(&self) -> &'static Meta {
+        &META
+    }
+    fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
+        Box::pin(async move {
+            Ok(ctx
+                .all::<Network>()
+                .into_iter()
+                .filter(|(n, _)| ctx.network_visible(n) && pre.keeps_owned(&n.id, &n.name, &n.project_id))
+                .map(|(n, _)| n.to_api(ctx.admin()))
+                .collect())
+        })
+    }
+    fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
+        Ok(ctx.visible_network(id)?.0.to_api(ctx.admin()))
+    }
+    fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
+        Box::pin(create(ctx, body))
+    }
+    fn update<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, body: Body, if_match: Option<u64>) -> BoxFut<'a, Value> {
+        Box::pin(update(ctx, id, body, if_match))
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
+        Box::pin(delete(ctx, id, if_match))
+    }
+}
+
 fn key(id: &str) -> String {
-    keys::resource("networks", id)
+    lookup::key::<Network>(id)
 }
 
 /// A free VNI from the configured range, starting at a random point so concurrent servers
@@ -34,7 +78,7 @@ fn free_vni(ctx: &Ctx<'_>, skip: &[u32]) -> NResult<u32> {
     ))
 }
 
-pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
     let name = body.string("name")?.unwrap_or_default();
     let description = description_from(&mut body)?.unwrap_or_default();
@@ -166,7 +210,7 @@ fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Network, i64)> {
     Ok((n, r))
 }
 
-pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
+async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
     writable(ctx, id)?;
     let name = body.string("name")?;
     let description = description_from(&mut body)?;
@@ -217,7 +261,7 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
             if !v && n.shared {
                 // Unsharing is refused while other projects have ports on the network.
                 let foreign = ctx
-                    .all::<Port>(Kind::Port)
+                    .all::<Port>()
                     .into_iter()
                     .any(|(p, _)| p.network_id == n.id && p.project_id != n.project_id);
                 if foreign {
@@ -258,7 +302,7 @@ fn is_free_pool_port(p: &Port) -> bool {
     p.device_owner == "isthmus:cni" && p.device_id.is_empty()
 }
 
-pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
+async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     // Phase 1: mark the network as being deleted. Port and subnet creates compare the
     // network's revision, so none can slip in once the mark is committed.
     let (marked, mark_rev) = retry_rev(ctx, |ctx| {
@@ -273,8 +317,8 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
     })
     .await?;
     // Phase 2: with the mark in place, the cache is complete for this network.
-    let (ports, pool): (Vec<(Port, isthmus_store::Revision)>, Vec<_>) = ctx
-        .all::<Port>(Kind::Port)
+    let (ports, pool): (Vec<_>, Vec<_>) = ctx
+        .all::<Port>()
         .into_iter()
         .filter(|(p, _)| p.network_id == id)
         .partition(|(p, _)| !is_free_pool_port(p));
@@ -296,22 +340,22 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
             format!("Unable to complete operation on network {id}. There are one or more ports still in use on the network."),
         ));
     }
-    let subnets: Vec<Subnet> = ctx
-        .all::<Subnet>(Kind::Subnet)
+    let subnets: Vec<_> = ctx
+        .all::<Subnet>()
         .into_iter()
         .map(|(s, _)| s)
         .filter(|s| s.network_id == id)
         .collect();
     let mut ops = vec![Op::delete(key(id)), Op::delete(keys::vni_alloc(marked.segmentation_id))];
     for s in &subnets {
-        ops.push(Op::delete(keys::resource("subnets", &s.id)));
+        ops.push(Op::delete(lookup::key::<Subnet>(&s.id)));
     }
     // Nodes' ready-but-unused container ports go with the network (as Neutron's DHCP ports
     // do); a node claiming one meanwhile changes its revision and fails this delete.
     let mut cmp = vec![Compare::ModRevision(key(id), mark_rev)];
     for (p, rev) in &pool {
-        cmp.push(Compare::ModRevision(keys::resource("ports", &p.id), *rev));
-        ops.push(Op::delete(keys::resource("ports", &p.id)));
+        cmp.push(Compare::ModRevision(lookup::key::<Port>(&p.id), *rev));
+        ops.push(Op::delete(lookup::key::<Port>(&p.id)));
         ops.push(Op::delete(keys::mac_alloc(id, &p.mac_address)));
         for f in &p.fixed_ips {
             ops.push(Op::delete(keys::ip_alloc(&f.subnet_id, &f.ip_address)));

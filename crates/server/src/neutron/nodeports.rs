@@ -12,9 +12,9 @@
 //! - `DELETE /isthmus/v1/nodes/{host}/ports/{id}` → 204, or 404 if no such port is bound there.
 
 use super::agents::require_node;
-use super::common::{Ctx, NResult};
-use super::ports::{self, NodeBinding};
-use super::{authenticate, json_response, parse_body, ApiResult, Kind};
+use super::common::{not_found, Ctx, NResult};
+use super::http::{authenticate, json_response, parse_body, ApiResult};
+use super::portops::{self, NodeBinding};
 use crate::identity::model::DEFAULT_DOMAIN_ID;
 use crate::identity::AuthContext;
 use crate::AppState;
@@ -66,16 +66,16 @@ fn resolve_network(ctx: &Ctx<'_>, n: &str) -> NResult<Network> {
         return Ok(net);
     }
     let named: Vec<Network> = ctx
-        .all::<Network>(Kind::Network)
+        .all::<Network>()
         .into_iter()
-        .map(|(net, _)| net)
+        .map(|(net, _)| (*net).clone())
         .filter(|net| net.name == n && ctx.network_visible(net))
         .collect();
     let own: Vec<&Network> = named.iter().filter(|net| ctx.owns(&net.project_id)).collect();
     match (own.len(), named.len()) {
         (1, _) => Ok(own[0].clone()),
         (0, 1) => Ok(named[0].clone()),
-        (0, 0) => Err(Kind::Network.not_found(n)),
+        (0, 0) => Err(not_found::<Network>(n)),
         _ => Err(NeutronError::conflict(
             "NetworkNameAmbiguous",
             format!("More than one network named '{n}' is visible to the project; use its id"),
@@ -120,7 +120,7 @@ pub async fn create(
     let net = resolve_network(&ctx, &network)?;
     let mut fields: Map<String, Value> = req;
     fields.insert("network_id".into(), Value::String(net.id.clone()));
-    let port = ports::create_bound(
+    let port = portops::create_bound(
         &ctx,
         Body::from_map(fields),
         NodeBinding {
@@ -142,16 +142,16 @@ pub async fn delete(
     require_node(&auth, &host, "delete ports bound to itself")?;
     let port = state
         .cache
-        .get_json::<Port>(&isthmus_model::keys::resource("ports", &id))
+        .get_object::<Port>(&id)
         .map(|(p, _)| p)
         .filter(|p| p.binding_host_id == host)
-        .ok_or_else(|| Kind::Port.not_found(&id))?;
+        .ok_or_else(|| not_found::<Port>(&id))?;
     let member = as_project(&auth, &port.project_id, "");
     let ctx = Ctx {
         state: &state,
         auth: &member,
     };
-    ports::delete(&ctx, &id, None).await?;
+    portops::delete(&ctx, &id, None).await?;
     tracing::info!(port = %id, host = %host, "node deleted a port");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -16,8 +16,8 @@
 //! compaction) it answers with a full snapshot, and the agent relists.
 
 use super::agents::require_node;
-use super::{authenticate, ApiResult};
-use crate::cache::Cache;
+use super::http::{authenticate, ApiResult, HeadRequest};
+use crate::cache::{Cache, Typed};
 use crate::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -198,14 +198,10 @@ fn typed<T: DeserializeOwned>(key: &str, rendered: serde_json::Value) -> Option<
 /// The node's view as of the cache's current state, keyed by store key.
 pub fn compute(cache: &Cache, host: &str) -> BTreeMap<String, ViewObject> {
     let mut out = BTreeMap::new();
-    let ports: Vec<(String, Port, Revision)> = cache
-        .list(&keys::collection("ports"))
-        .iter()
-        .filter_map(|kv| {
-            serde_json::from_slice::<Port>(&kv.value)
-                .ok()
-                .map(|p| (kv.key.clone(), p, kv.mod_revision))
-        })
+    let ports: Vec<(String, Arc<Port>, Revision)> = cache
+        .list_typed::<Port>()
+        .into_iter()
+        .map(|(p, rev)| (keys::resource(Port::COLLECTION, &p.id), p, rev))
         .collect();
     let nets: BTreeSet<&str> = ports
         .iter()
@@ -234,7 +230,7 @@ pub fn compute(cache: &Cache, host: &str) -> BTreeMap<String, ViewObject> {
     }
     for net in &nets {
         let k = keys::resource("networks", net);
-        if let Some((n, rev)) = cache.get_json::<Network>(&k) {
+        if let Some((n, rev)) = cache.get_typed::<Network>(&k) {
             if let Some(v) = typed(&k, n.to_api(true)) {
                 out.insert(
                     k,
@@ -246,24 +242,23 @@ pub fn compute(cache: &Cache, host: &str) -> BTreeMap<String, ViewObject> {
             }
         }
     }
-    for kv in cache.list(&keys::collection("subnets")) {
-        if let Ok(s) = serde_json::from_slice::<Subnet>(&kv.value) {
-            if nets.contains(s.network_id.as_str()) {
-                if let Some(v) = typed(&kv.key, s.to_api()) {
-                    out.insert(
-                        kv.key.clone(),
-                        ViewObject {
-                            revision: kv.mod_revision,
-                            value: ObjectValue::Subnet(v),
-                        },
-                    );
-                }
+    for (s, rev) in cache.list_typed::<Subnet>() {
+        if nets.contains(s.network_id.as_str()) {
+            let k = keys::resource(Subnet::COLLECTION, &s.id);
+            if let Some(v) = typed(&k, s.to_api()) {
+                out.insert(
+                    k,
+                    ViewObject {
+                        revision: rev,
+                        value: ObjectValue::Subnet(v),
+                    },
+                );
             }
         }
     }
     for h in hosts {
         let k = keys::resource("nodes", h);
-        if let Some((n, rev)) = cache.get_json::<Node>(&k) {
+        if let Some((n, rev)) = cache.get_typed::<Node>(&k) {
             let value = ObjectValue::Node(NodeInfo {
                 host: n.host,
                 underlay_ip: n.underlay_ip,
@@ -340,7 +335,7 @@ pub async fn watch(
     headers: HeaderMap,
     Path(host): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-    head: Option<axum::Extension<super::HeadRequest>>,
+    head: Option<axum::Extension<HeadRequest>>,
 ) -> ApiResult<Response> {
     let auth = authenticate(&state, &headers).await?;
     require_node(&auth, &host, &format!("watch {host}'s view"))?;

@@ -139,6 +139,12 @@ impl Query {
         Ok(q)
     }
 
+    /// The query's filters, for a resource to test plain string attributes of its stored objects
+    /// before rendering them.
+    pub fn prefilter(&self) -> Prefilter<'_> {
+        Prefilter { filters: &self.filters }
+    }
+
     /// Neutron's filter validation (on by default): a filter on an attribute the resource
     /// does not have is a 400.
     fn check_filters(&self, plural: &str) -> Result<(), NeutronError> {
@@ -339,6 +345,36 @@ impl Query {
             .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
             .collect();
         format!("{url}?{}", parts.join("&"))
+    }
+}
+
+/// Equality filters applied before rendering. A resource asks only about attributes its view
+/// always shows as exactly that string (`id`, `name`, `project_id`, ...), so an object dropped
+/// here is one [`Query::apply`] would drop: same results, less rendering.
+pub struct Prefilter<'a> {
+    filters: &'a [(String, Vec<String>)],
+}
+
+impl Prefilter<'_> {
+    /// No filters: keeps everything.
+    pub const NONE: Prefilter<'static> = Prefilter { filters: &[] };
+
+    /// Whether an object whose view shows `attr` as the string `actual` passes the filters on
+    /// `attr`.
+    pub fn keeps(&self, attr: &str, actual: &str) -> bool {
+        self.filters
+            .iter()
+            .filter(|(k, _)| k == attr)
+            .all(|(_, wanted)| wanted.iter().any(|w| w == actual))
+    }
+
+    /// [`Self::keeps`] for the attributes every project-owned object shows: `id`, `name`,
+    /// `project_id` and `tenant_id`.
+    pub fn keeps_owned(&self, id: &str, name: &str, project_id: &str) -> bool {
+        self.keeps("id", id)
+            && self.keeps("name", name)
+            && self.keeps("project_id", project_id)
+            && self.keeps("tenant_id", project_id)
     }
 }
 
@@ -568,5 +604,24 @@ mod tests {
             ]
         );
         assert_eq!(parse_pairs("x=%zz%4"), vec![("x".to_string(), "%zz%4".to_string())]);
+    }
+
+    #[test]
+    fn prefilter_drops_only_what_apply_drops() {
+        let q = Query::parse("name=a&name=b&project_id=p&network_id=").unwrap();
+        let pre = q.prefilter();
+        assert!(pre.keeps("name", "a") && pre.keeps("name", "b") && !pre.keeps("name", "c"));
+        assert!(pre.keeps("id", "anything"));
+        assert!(pre.keeps_owned("x", "a", "p") && !pre.keeps_owned("x", "a", "q"));
+        assert!(pre.keeps("network_id", "") && !pre.keeps("network_id", "n"));
+        for (name, project) in [("a", "p"), ("c", "p"), ("a", "q")] {
+            let item = json!({"id": "x", "name": name, "project_id": project, "tenant_id": project, "network_id": ""});
+            assert_eq!(
+                q.matches(&item),
+                pre.keeps_owned("x", name, project),
+                "{name} {project}"
+            );
+        }
+        assert!(Prefilter::NONE.keeps("name", "z"));
     }
 }

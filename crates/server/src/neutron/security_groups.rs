@@ -1,12 +1,19 @@
 //! Security groups and rules (API only; the datapath enforces them in a later stage).
 
-use super::common::{check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult};
-use super::Kind;
+use super::common::{
+    check_if_match, description_from, json_bytes, new_id, not_found, now, retry, tags_from, Ctx, NResult, Stored,
+};
+use super::default_sg::{egress_rules, ensure_default};
+use super::lookup::{self, default_group_id, default_sg_key, group, rules_of, visible_group};
+use super::query::Prefilter;
+use super::resource::{BoxFut, Meta, Resource};
+use crate::cache::Typed;
 use ipnet::IpNet;
 use isthmus_model::validate::{is_uuid, Body};
-use isthmus_model::{keys, NeutronError, Port, SecurityGroup, SecurityGroupRule, StandardAttrs};
+use isthmus_model::{NeutronError, Port, SecurityGroup, SecurityGroupRule, StandardAttrs};
 use isthmus_store::{Compare, Op, Revision};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 const PROTOCOLS: &[(&str, u8)] = &[
@@ -56,107 +63,130 @@ const IPV6_ONLY: &[&str] = &[
 const ICMP_PROTOCOLS: &[u8] = &[1, 58];
 
 fn group_key(id: &str) -> String {
-    keys::resource("security_groups", id)
+    lookup::key::<SecurityGroup>(id)
 }
 fn rule_key(id: &str) -> String {
-    keys::resource("security_group_rules", id)
-}
-fn default_key(project: &str) -> String {
-    format!("{}default_sg/{project}", keys::ROOT)
+    lookup::key::<SecurityGroupRule>(id)
 }
 
-pub fn group(ctx: &Ctx<'_>, id: &str) -> Option<(SecurityGroup, Revision)> {
-    ctx.get::<SecurityGroup>(Kind::SecurityGroup, id)
-}
+pub struct SecurityGroups;
 
-pub fn visible_group(ctx: &Ctx<'_>, id: &str) -> NResult<(SecurityGroup, Revision)> {
-    group(ctx, id)
-        .filter(|(g, _)| ctx.admin() || ctx.owns(&g.project_id))
-        .ok_or_else(|| Kind::SecurityGroup.not_found(id))
-}
+static GROUP_META: Meta = Meta {
+    collection: "security-groups",
+    singular: "security_group",
+    plural: "security_groups",
+    store: SecurityGroup::COLLECTION,
+    not_found: SecurityGroup::NOT_FOUND,
+    bulk: true,
+    tags: true,
+    indexed: true,
+};
 
-pub fn rules_of(ctx: &Ctx<'_>, group_id: &str) -> Vec<Value> {
-    ctx.all::<SecurityGroupRule>(Kind::SecurityGroupRule)
-        .into_iter()
-        .filter(|(r, _)| r.security_group_id == group_id)
-        .map(|(r, _)| r.to_api())
-        .collect()
-}
-
-pub fn default_group_id(ctx: &Ctx<'_>, project: &str) -> Option<String> {
-    ctx.state
-        .cache
-        .get(&default_key(project))
-        .and_then(|kv| String::from_utf8(kv.value.clone()).ok())
-}
-
-fn egress_rules(project: &str, group: &str, ts: &str) -> Vec<SecurityGroupRule> {
-    ["IPv4", "IPv6"]
-        .iter()
-        .map(|et| SecurityGroupRule {
-            id: new_id(),
-            project_id: project.to_string(),
-            security_group_id: group.to_string(),
-            direction: "egress".into(),
-            ethertype: et.to_string(),
-            protocol: None,
-            port_range_min: None,
-            port_range_max: None,
-            remote_ip_prefix: None,
-            remote_group_id: None,
-            std: StandardAttrs::new(ts),
+impl Resource for SecurityGroups {
+    fn meta(&self) -> &'static Meta {
+        &GROUP_META
+    }
+    fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
+        Box::pin(async move {
+            ensure_default(ctx, &ctx.auth.project_id).await?;
+            let groups: Vec<_> = ctx
+                .all::<SecurityGroup>()
+                .into_iter()
+                .filter(|(g, _)| ctx.admin() || ctx.owns(&g.project_id))
+                .filter(|(g, _)| pre.keeps_owned(&g.id, &g.name, &g.project_id))
+                .collect();
+            let mut rules: HashMap<String, Vec<Value>> = HashMap::new();
+            if !groups.is_empty() {
+                for (r, _) in ctx.all::<SecurityGroupRule>() {
+                    rules.entry(r.security_group_id.clone()).or_default().push(r.to_api());
+                }
+            }
+            Ok(groups
+                .into_iter()
+                .map(|(g, _)| {
+                    let r = rules.remove(&g.id).unwrap_or_default();
+                    g.to_api(r)
+                })
+                .collect())
         })
-        .collect()
+    }
+    fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
+        let (g, _) = visible_group(ctx, id)?;
+        Ok(g.to_api(rules_of(ctx, &g.id)))
+    }
+    fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
+        Box::pin(create_group(ctx, body))
+    }
+    fn update<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, body: Body, if_match: Option<u64>) -> BoxFut<'a, Value> {
+        Box::pin(update_group(ctx, id, body, if_match))
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
+        Box::pin(delete_group(ctx, id, if_match))
+    }
 }
 
-/// Every project has a `default` group: egress anywhere, ingress from its own members.
-/// Created on first need; the index key makes it exactly one even with racing servers.
-pub async fn ensure_default(ctx: &Ctx<'_>, project: &str) -> NResult<()> {
-    if project.is_empty() || ctx.state.cache.contains(&default_key(project)) {
-        return Ok(());
+pub struct SecurityGroupRules;
+
+static RULE_META: Meta = Meta {
+    collection: "security-group-rules",
+    singular: "security_group_rule",
+    plural: "security_group_rules",
+    store: SecurityGroupRule::COLLECTION,
+    not_found: SecurityGroupRule::NOT_FOUND,
+    bulk: true,
+    // Rules have no tags in Neutron's API.
+    tags: false,
+    indexed: true,
+};
+
+impl Resource for SecurityGroupRules {
+    fn meta(&self) -> &'static Meta {
+        &RULE_META
     }
-    let ts = now();
-    let id = new_id();
-    let g = SecurityGroup {
-        id: id.clone(),
-        project_id: project.to_string(),
-        name: "default".into(),
-        stateful: true,
-        std: StandardAttrs {
-            description: "Default security group".into(),
-            ..StandardAttrs::new(&ts)
-        },
-    };
-    let mut rules = egress_rules(project, &id, &ts);
-    for et in ["IPv4", "IPv6"] {
-        let mut r = rules[0].clone();
-        r.id = new_id();
-        r.direction = "ingress".into();
-        r.ethertype = et.into();
-        r.remote_group_id = Some(id.clone());
-        rules.push(r);
+    fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
+        Box::pin(async move {
+            ensure_default(ctx, &ctx.auth.project_id).await?;
+            Ok(ctx
+                .all::<SecurityGroupRule>()
+                .into_iter()
+                .filter(|(r, _)| ctx.admin() || ctx.owns(&r.project_id))
+                .filter(|(r, _)| {
+                    pre.keeps("id", &r.id)
+                        && pre.keeps("project_id", &r.project_id)
+                        && pre.keeps("tenant_id", &r.project_id)
+                        && pre.keeps("security_group_id", &r.security_group_id)
+                })
+                .map(|(r, _)| r.to_api())
+                .collect())
+        })
     }
-    let mut ops = vec![
-        Op::put(default_key(project), id.clone()),
-        Op::put(group_key(&id), json_bytes(&g)),
-    ];
-    for r in &rules {
-        ops.push(Op::put(rule_key(&r.id), json_bytes(r)));
+    fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
+        Ok(visible_rule(ctx, id)?.0.to_api())
     }
-    if ctx
-        .commit(vec![Compare::Absent(default_key(project))], ops)
-        .await?
-        .is_none()
-    {
-        // Another request made it first; make sure we can see it.
-        ctx.resync(0).await?;
-    } else {
-        tracing::info!(project, group = %id, "default security group created");
+    fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
+        Box::pin(create_rule(ctx, body))
     }
-    Ok(())
+    fn update<'a>(&'a self, _ctx: &'a Ctx<'a>, _id: &'a str, _body: Body, _if_match: Option<u64>) -> BoxFut<'a, Value> {
+        Box::pin(async {
+            Err(NeutronError::new(
+                400,
+                "HTTPBadRequest",
+                "Security group rules cannot be updated",
+            ))
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, _if_match: Option<u64>) -> BoxFut<'a, ()> {
+        Box::pin(delete_rule(ctx, id))
+    }
 }
 
-pub async fn create_group(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+fn visible_rule(ctx: &Ctx<'_>, id: &str) -> NResult<(SecurityGroupRule, Revision)> {
+    ctx.get::<SecurityGroupRule>(id)
+        .filter(|(r, _)| ctx.admin() || ctx.owns(&r.project_id))
+        .ok_or_else(|| not_found::<SecurityGroupRule>(id))
+}
+
+async fn create_group(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
     let name = body.string("name")?.unwrap_or_default();
     let description = description_from(&mut body)?.unwrap_or_default();
@@ -194,7 +224,7 @@ pub async fn create_group(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     Ok(g.to_api(rules.iter().map(|r| r.to_api()).collect()))
 }
 
-pub async fn update_group(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
+async fn update_group(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
     visible_group(ctx, id)?;
     let name = body.string("name")?;
     let description = description_from(&mut body)?;
@@ -239,7 +269,7 @@ pub async fn update_group(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Opt
     Ok(g.to_api(rules_of(ctx, id)))
 }
 
-pub async fn delete_group(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
+async fn delete_group(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     retry(ctx, |ctx| {
         let (g, rev) = visible_group(ctx, id)?;
         check_if_match(if_match, g.std.revision_number)?;
@@ -250,7 +280,7 @@ pub async fn delete_group(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NRe
             ));
         }
         if ctx
-            .all::<Port>(Kind::Port)
+            .all::<Port>()
             .iter()
             .any(|(p, _)| p.security_groups.iter().any(|s| s == id))
         {
@@ -260,13 +290,13 @@ pub async fn delete_group(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NRe
             ));
         }
         let mut ops = vec![Op::delete(group_key(id))];
-        for (r, _) in ctx.all::<SecurityGroupRule>(Kind::SecurityGroupRule) {
+        for (r, _) in ctx.all::<SecurityGroupRule>() {
             if r.security_group_id == id || r.remote_group_id.as_deref() == Some(id) {
                 ops.push(Op::delete(rule_key(&r.id)));
             }
         }
         if default_group_id(ctx, &g.project_id).as_deref() == Some(id) {
-            ops.push(Op::delete(default_key(&g.project_id)));
+            ops.push(Op::delete(default_sg_key(&g.project_id)));
         }
         Ok((vec![Compare::ModRevision(group_key(id), rev)], ops, ()))
     })
@@ -423,7 +453,7 @@ fn check_ports(proto: Option<u8>, min: Option<i64>, max: Option<i64>) -> NResult
     }
 }
 
-pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
     let sg_id = body.string("security_group_id")?.ok_or_else(|| {
         NeutronError::bad_request("Failed to parse request. Required attribute 'security_group_id' not specified")
@@ -506,7 +536,7 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let (sg, _) = visible_group(ctx, &sg_id)?;
     if let Some(rg) = &remote_group {
         if !is_uuid(rg) || visible_group(ctx, rg).is_err() {
-            return Err(Kind::SecurityGroup.not_found(rg));
+            return Err(not_found::<SecurityGroup>(rg));
         }
     }
     let ts = now();
@@ -530,7 +560,7 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     retry(ctx, |ctx| {
         let (mut g, grev) = visible_group(ctx, &sg_id)?;
         if let Some((dup, _)) = ctx
-            .all::<SecurityGroupRule>(Kind::SecurityGroupRule)
+            .all::<SecurityGroupRule>()
             .into_iter()
             .find(|(r, _)| same_rule_key(r) == same_rule_key(&rule))
         {
@@ -556,12 +586,9 @@ pub async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     Ok(rule.to_api())
 }
 
-pub async fn delete_rule(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
+async fn delete_rule(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
     retry(ctx, |ctx| {
-        let (r, rev) = ctx
-            .get::<SecurityGroupRule>(Kind::SecurityGroupRule, id)
-            .filter(|(r, _)| ctx.admin() || ctx.owns(&r.project_id))
-            .ok_or_else(|| Kind::SecurityGroupRule.not_found(id))?;
+        let (r, rev) = visible_rule(ctx, id)?;
         let mut cmp = vec![Compare::ModRevision(rule_key(id), rev)];
         let mut ops = vec![Op::delete(rule_key(id))];
         if let Some((mut g, grev)) = group(ctx, &r.security_group_id) {

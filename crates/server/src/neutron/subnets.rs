@@ -1,23 +1,83 @@
 //! Subnets: CIDR, gateway, allocation pools, routes, DNS, IPv6 modes.
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, now, retry, retry_rev, tags_from, Ctx, NResult,
+    check_if_match, description_from, json_bytes, new_id, not_found, now, retry, retry_rev, tags_from, Ctx, NResult,
+    Stored,
 };
-use super::Kind;
+use super::lookup::{self, is_auto_address, visible_subnet};
+use super::query::Prefilter;
+use super::resource::{BoxFut, Meta, Resource};
+use crate::cache::Typed;
 use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::Body;
 use isthmus_model::{keys, AllocationPool, HostRoute, Network, NeutronError, Port, StandardAttrs, Subnet};
 use isthmus_store::{Compare, Op};
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::net::IpAddr;
+
+pub struct Subnets;
+
+static META: Meta = Meta {
+    collection: "subnets",
+    singular: "subnet",
+    plural: "subnets",
+    store: Subnet::COLLECTION,
+    not_found: Subnet::NOT_FOUND,
+    bulk: true,
+    tags: true,
+    indexed: true,
+};
+
+impl Resource for Subnets {
+    fn meta(&self) -> &'static Meta {
+        &META
+    }
+    fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
+        Box::pin(async move {
+            let shared: HashMap<String, bool> = ctx
+                .all::<Network>()
+                .into_iter()
+                .map(|(n, _)| (n.id.clone(), n.shared))
+                .collect();
+            let shared_net = |s: &Subnet| shared.get(&s.network_id).copied().unwrap_or(false);
+            Ok(ctx
+                .all::<Subnet>()
+                .into_iter()
+                .filter(|(s, _)| ctx.admin() || ctx.owns(&s.project_id) || shared_net(s))
+                .filter(|(s, _)| {
+                    pre.keeps_owned(&s.id, &s.name, &s.project_id) && pre.keeps("network_id", &s.network_id)
+                })
+                .map(|(s, _)| {
+                    let mut v = s.to_api();
+                    // Filter-only (hidden by the query): the network's shared flag.
+                    v["shared"] = Value::Bool(shared_net(&s));
+                    v
+                })
+                .collect())
+        })
+    }
+    fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
+        Ok(visible_subnet(ctx, id)?.0.to_api())
+    }
+    fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
+        Box::pin(create(ctx, body))
+    }
+    fn update<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, body: Body, if_match: Option<u64>) -> BoxFut<'a, Value> {
+        Box::pin(update(ctx, id, body, if_match))
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
+        Box::pin(delete(ctx, id, if_match))
+    }
+}
 
 const IPV6_MODES: &[&str] = &["slaac", "dhcpv6-stateful", "dhcpv6-stateless"];
 const MAX_DNS: usize = 5;
 const MAX_ROUTES: usize = 20;
 
-pub fn key(id: &str) -> String {
-    keys::resource("subnets", id)
+fn key(id: &str) -> String {
+    lookup::key::<Subnet>(id)
 }
 
 fn parse_ip(attr: &str, s: &str) -> NResult<IpAddr> {
@@ -157,12 +217,7 @@ fn ipv6_modes(v6: bool, ra: &Option<String>, addr: &Option<String>, net: &IpNet)
     Ok(())
 }
 
-/// Whether ports get their address on this subnet by SLAAC (EUI-64) rather than from a pool.
-pub fn is_auto_address(s: &Subnet) -> bool {
-    matches!(s.ipv6_address_mode.as_deref(), Some("slaac") | Some("dhcpv6-stateless"))
-}
-
-pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
     let network_id = body.string("network_id")?.ok_or_else(|| {
         NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified")
@@ -253,9 +308,9 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let subnet = retry(ctx, |ctx| {
         let (mut n, nrev) = ctx.visible_network(&network_id)?;
         if n.deleting {
-            return Err(Kind::Network.not_found(&network_id));
+            return Err(not_found::<Network>(&network_id));
         }
-        for (other, _) in ctx.all::<Subnet>(Kind::Subnet) {
+        for (other, _) in ctx.all::<Subnet>() {
             if other.network_id != network_id {
                 continue;
             }
@@ -289,7 +344,7 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         };
         n.subnets.push(id.clone());
         n.std.bump(&ts);
-        let nk = keys::resource("networks", &network_id);
+        let nk = lookup::key::<Network>(&network_id);
         Ok((
             vec![Compare::ModRevision(nk.clone(), nrev), Compare::Absent(key(&id))],
             vec![Op::put(key(&id), json_bytes(&s)), Op::put(nk, json_bytes(&n))],
@@ -302,10 +357,7 @@ pub async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
 }
 
 fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Subnet, i64)> {
-    let (s, r) = ctx
-        .get::<Subnet>(Kind::Subnet, id)
-        .filter(|(s, _)| ctx.subnet_visible(s))
-        .ok_or_else(|| Kind::Subnet.not_found(id))?;
+    let (s, r) = visible_subnet(ctx, id)?;
     if !ctx.admin() && !ctx.owns(&s.project_id) {
         return Err(NeutronError::forbidden(format!(
             "Modifying subnet {id} is not allowed by policy"
@@ -314,7 +366,7 @@ fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Subnet, i64)> {
     Ok((s, r))
 }
 
-pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
+async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
     let (current, _) = writable(ctx, id)?;
     for ro in [
         "cidr",
@@ -405,7 +457,7 @@ pub async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u6
     Ok(s.to_api())
 }
 
-pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
+async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     // Mark first (see networks::delete): port creates compare the subnet's revision.
     let (s, mark_rev) = retry_rev(ctx, |ctx| {
         let (mut s, rev) = writable(ctx, id)?;
@@ -439,25 +491,26 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
             format!("Unable to complete operation on subnet {id}: One or more ports have an IP allocation from this subnet."),
         ));
     }
-    let nk = keys::resource("networks", &s.network_id);
+    let nk = lookup::key::<Network>(&s.network_id);
     for attempt in 0..30 {
         let mut cmp = vec![Compare::ModRevision(key(id), mark_rev)];
         let mut ops = vec![Op::delete(key(id))];
         if auto {
-            for (mut p, prev) in ctx.all::<Port>(Kind::Port) {
+            for (p, prev) in ctx.all::<Port>() {
                 if !p.fixed_ips.iter().any(|f| f.subnet_id == id) {
                     continue;
                 }
+                let mut p = (*p).clone();
                 for f in p.fixed_ips.iter().filter(|f| f.subnet_id == id) {
                     ops.push(Op::delete(keys::ip_alloc(id, &f.ip_address)));
                 }
                 p.fixed_ips.retain(|f| f.subnet_id != id);
                 p.std.bump(&now());
-                cmp.push(Compare::ModRevision(keys::resource("ports", &p.id), prev));
-                ops.push(Op::put(keys::resource("ports", &p.id), json_bytes(&p)));
+                cmp.push(Compare::ModRevision(lookup::key::<Port>(&p.id), prev));
+                ops.push(Op::put(lookup::key::<Port>(&p.id), json_bytes(&p)));
             }
         }
-        if let Some((mut n, nrev)) = ctx.state.cache.get_json::<Network>(&nk) {
+        if let Some((mut n, nrev)) = ctx.get::<Network>(&s.network_id) {
             n.subnets.retain(|x| x != id);
             n.std.bump(&now());
             cmp.push(Compare::ModRevision(nk.clone(), nrev));

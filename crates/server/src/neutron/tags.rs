@@ -1,7 +1,9 @@
 //! The tags sub-API: `/v2.0/<collection>/<id>/tags[/<tag>]`.
 
-use super::common::{json_bytes, now, retry, show, Ctx, NResult};
-use super::{authenticate, parse_body, ApiResult, Kind};
+use super::common::{json_bytes, now, retry, Ctx, NResult};
+use super::http::{authenticate, parse_body, ApiResult};
+use super::registry;
+use super::resource::{show, Resource};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -14,9 +16,10 @@ use isthmus_store::{Compare, Op};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-fn kind_of(coll: &str) -> NResult<Kind> {
-    match Kind::from_collection(coll) {
-        Some(k) if k != Kind::SecurityGroupRule => Ok(k),
+/// The resource at `coll`, if it takes tags.
+fn taggable(coll: &str) -> NResult<&'static dyn Resource> {
+    match registry::find(coll) {
+        Some(r) if r.meta().tags => Ok(r),
         _ => Err(NeutronError::new(
             404,
             "HTTPNotFound",
@@ -26,8 +29,8 @@ fn kind_of(coll: &str) -> NResult<Kind> {
 }
 
 /// Current tags of a resource the caller may see.
-fn current_tags(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Vec<String>> {
-    let view = show(ctx, kind, id)?;
+fn current_tags(ctx: &Ctx<'_>, res: &dyn Resource, id: &str) -> NResult<Vec<String>> {
+    let view = show(ctx, res, id)?;
     Ok(view
         .get("tags")
         .and_then(|t| t.as_array())
@@ -39,22 +42,23 @@ fn current_tags(ctx: &Ctx<'_>, kind: Kind, id: &str) -> NResult<Vec<String>> {
 /// Neutron's policy rule (`update` gives `update_networks_tags`).
 async fn modify(
     ctx: &Ctx<'_>,
-    kind: Kind,
+    res: &dyn Resource,
     id: &str,
     action: &str,
     f: impl Fn(&mut Vec<String>) -> NResult<()>,
 ) -> NResult<Vec<String>> {
-    let key = keys::resource(kind.store_name(), id);
+    let meta = res.meta();
+    let key = keys::resource(meta.store, id);
     retry(ctx, |ctx| {
-        let view = show(ctx, kind, id)?;
-        ctx.require_member(&format!("{action}_{}_tags", kind.plural()))?;
+        let view = show(ctx, res, id)?;
+        ctx.require_member(&format!("{action}_{}_tags", meta.plural))?;
         let owner = view.get("project_id").and_then(|p| p.as_str()).unwrap_or_default();
         if !ctx.admin() && !ctx.owns(owner) {
             return Err(NeutronError::forbidden(
                 "Changing tags of another project's resource is not allowed",
             ));
         }
-        let kv = ctx.state.cache.get(&key).ok_or_else(|| kind.not_found(id))?;
+        let kv = ctx.state.cache.get(&key).ok_or_else(|| meta.not_found(id))?;
         let mut stored: Value =
             serde_json::from_slice(&kv.value).map_err(|_| NeutronError::internal("stored resource is unreadable"))?;
         let mut tags: Vec<String> = stored
@@ -85,14 +89,14 @@ pub async fn all_tags(
     Path((coll, id)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let kind = kind_of(&coll)?;
+    let res = taggable(&coll)?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
         auth: &auth,
     };
     match method {
-        Method::GET => Ok(axum::Json(json!({"tags": current_tags(&ctx, kind, &id)?})).into_response()),
+        Method::GET => Ok(axum::Json(json!({"tags": current_tags(&ctx, res, &id)?})).into_response()),
         Method::PUT => {
             let body = parse_body(body)?;
             let list = body
@@ -109,7 +113,7 @@ pub async fn all_tags(
                 .collect::<NResult<Vec<String>>>()?;
             let c = &state.config;
             let new = unique_tags(list, c.max_tags_per_resource, c.max_tag_length)?;
-            let tags = modify(&ctx, kind, &id, "update", |tags| {
+            let tags = modify(&ctx, res, &id, "update", |tags| {
                 *tags = new.clone();
                 Ok(())
             })
@@ -117,7 +121,7 @@ pub async fn all_tags(
             Ok(axum::Json(json!({"tags": tags})).into_response())
         }
         _ => {
-            modify(&ctx, kind, &id, "delete", |tags| {
+            modify(&ctx, res, &id, "delete", |tags| {
                 tags.clear();
                 Ok(())
             })
@@ -133,7 +137,7 @@ pub async fn one_tag(
     headers: HeaderMap,
     Path((coll, id, tag)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    let kind = kind_of(&coll)?;
+    let res = taggable(&coll)?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
@@ -143,12 +147,12 @@ pub async fn one_tag(
         NeutronError::new(
             404,
             "TagNotFound",
-            format!("Tag {tag} could not be found for {} {id}.", kind.singular()),
+            format!("Tag {tag} could not be found for {} {id}.", res.meta().singular),
         )
     };
     match method {
         Method::GET => {
-            if current_tags(&ctx, kind, &id)?.contains(&tag) {
+            if current_tags(&ctx, res, &id)?.contains(&tag) {
                 Ok(StatusCode::NO_CONTENT.into_response())
             } else {
                 Err(not_found().into())
@@ -157,7 +161,7 @@ pub async fn one_tag(
         Method::PUT => {
             validate_tag(&tag, state.config.max_tag_length)?;
             let max = state.config.max_tags_per_resource;
-            modify(&ctx, kind, &id, "update", |tags| {
+            modify(&ctx, res, &id, "update", |tags| {
                 if !tags.contains(&tag) {
                     if tags.len() >= max {
                         return Err(too_many_tags(max));
@@ -170,7 +174,7 @@ pub async fn one_tag(
             Ok(StatusCode::CREATED.into_response())
         }
         _ => {
-            modify(&ctx, kind, &id, "delete", |tags| {
+            modify(&ctx, res, &id, "delete", |tags| {
                 let before = tags.len();
                 tags.retain(|t| *t != tag);
                 if tags.len() == before {

@@ -1,0 +1,84 @@
+//! Reads several resources share (keys, visibility, who refers to whom), below the resource
+//! modules so that none of them needs another.
+
+use super::common::{not_found, Ctx, NResult};
+use crate::cache::Typed;
+use isthmus_model::{keys, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_store::Revision;
+use serde_json::Value;
+
+/// The device owner of a router's interface ports.
+pub const INTERFACE_OWNER: &str = "network:router_interface";
+
+/// Store key of object `id` of type `T`.
+pub fn key<T: Typed>(id: &str) -> String {
+    keys::resource(T::COLLECTION, id)
+}
+
+/// Index key naming a project's default security group.
+pub fn default_sg_key(project: &str) -> String {
+    format!("{}default_sg/{project}", keys::ROOT)
+}
+
+/// A subnet the caller may see, or SubnetNotFound.
+pub fn visible_subnet(ctx: &Ctx<'_>, id: &str) -> NResult<(Subnet, Revision)> {
+    ctx.get::<Subnet>(id)
+        .filter(|(s, _)| ctx.subnet_visible(s))
+        .ok_or_else(|| not_found::<Subnet>(id))
+}
+
+/// Whether ports get their address on this subnet by SLAAC (EUI-64) rather than from a pool.
+pub fn is_auto_address(s: &Subnet) -> bool {
+    matches!(s.ipv6_address_mode.as_deref(), Some("slaac") | Some("dhcpv6-stateless"))
+}
+
+/// A port the caller may see, or PortNotFound.
+pub fn visible_port(ctx: &Ctx<'_>, id: &str) -> NResult<(Port, Revision)> {
+    ctx.get::<Port>(id)
+        .filter(|(p, _)| ctx.port_visible(p))
+        .ok_or_else(|| not_found::<Port>(id))
+}
+
+/// A router the caller may see (its project's, or any for an admin), or RouterNotFound.
+pub fn visible_router(ctx: &Ctx<'_>, id: &str) -> NResult<(Router, Revision)> {
+    ctx.get::<Router>(id)
+        .filter(|(r, _)| ctx.admin() || ctx.owns(&r.project_id))
+        .ok_or_else(|| not_found::<Router>(id))
+}
+
+/// The router's interface ports.
+pub fn router_interfaces(ctx: &Ctx<'_>, router_id: &str) -> Vec<Port> {
+    ctx.all::<Port>()
+        .into_iter()
+        .filter(|(p, _)| p.device_id == router_id && p.device_owner == INTERFACE_OWNER)
+        .map(|(p, _)| (*p).clone())
+        .collect()
+}
+
+pub fn group(ctx: &Ctx<'_>, id: &str) -> Option<(SecurityGroup, Revision)> {
+    ctx.get::<SecurityGroup>(id)
+}
+
+/// A security group the caller may see, or SecurityGroupNotFound.
+pub fn visible_group(ctx: &Ctx<'_>, id: &str) -> NResult<(SecurityGroup, Revision)> {
+    group(ctx, id)
+        .filter(|(g, _)| ctx.admin() || ctx.owns(&g.project_id))
+        .ok_or_else(|| not_found::<SecurityGroup>(id))
+}
+
+/// The group's rules, rendered.
+pub fn rules_of(ctx: &Ctx<'_>, group_id: &str) -> Vec<Value> {
+    ctx.all::<SecurityGroupRule>()
+        .into_iter()
+        .filter(|(r, _)| r.security_group_id == group_id)
+        .map(|(r, _)| r.to_api())
+        .collect()
+}
+
+/// The id of the project's default security group, once it exists.
+pub fn default_group_id(ctx: &Ctx<'_>, project: &str) -> Option<String> {
+    ctx.state
+        .cache
+        .get(&default_sg_key(project))
+        .and_then(|kv| String::from_utf8(kv.value.clone()).ok())
+}
