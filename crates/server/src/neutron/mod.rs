@@ -190,12 +190,43 @@ async fn authenticate_before_body(
         || headers
             .get(axum::http::header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
-    if has_body {
-        if let Err(e) = authenticate(&state, headers).await {
-            return ApiError(e).into_response();
-        }
+    if !has_body {
+        return next.run(req).await;
     }
-    next.run(req).await
+    if let Err(e) = authenticate(&state, headers).await {
+        return ApiError(e).into_response();
+    }
+    // Read the whole body now, within the size limit, so the request no longer depends on the
+    // connection: a client that sent everything and closed still gets its request carried out.
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, state.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+/// A body that could not be read whole: too large (413, as Neutron answers) or cut off.
+fn body_error(e: axum::Error) -> Response {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut too_large = false;
+    while let Some(err) = source {
+        if err.to_string().contains("length limit exceeded") {
+            too_large = true;
+        }
+        source = err.source();
+    }
+    let err = if too_large {
+        NeutronError::new(
+            413,
+            "HTTPRequestEntityTooLarge",
+            "Request body is larger than the limit.",
+        )
+    } else {
+        NeutronError::bad_request(format!("Could not read the request body: {e}"))
+    };
+    ApiError(err).into_response()
 }
 
 /// HEAD is served as a GET whose body hyper does not send. Rewritten before routing, so
