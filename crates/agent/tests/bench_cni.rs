@@ -150,6 +150,31 @@ fn measure(s: &Setup, tag: &str, before_phase: &dyn Fn()) -> (Vec<f64>, Vec<f64>
     (seq, par)
 }
 
+/// (sequential ms, parallel ms) of `VERSION`, spawned exactly as the ADDs are.
+fn floor(s: &Setup) -> (Vec<f64>, Vec<f64>) {
+    let ns = Ns::new();
+    let version = |cid: &str| {
+        let (ms, ok, out) = cni(s, "VERSION", cid, &ns.path());
+        assert!(ok, "VERSION failed: {out}");
+        ms
+    };
+    let seq = (0..SEQUENTIAL).map(|i| version(&format!("floor-s-{i}"))).collect();
+    let barrier = Barrier::new(PARALLEL);
+    let par = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..PARALLEL)
+            .map(|i| {
+                let (barrier, version) = (&barrier, &version);
+                sc.spawn(move || {
+                    barrier.wait();
+                    version(&format!("floor-p-{i}"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("VERSION thread")).collect()
+    });
+    (seq, par)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: scripts/bench-cni.sh"]
 async fn cni_add_latency() {
@@ -241,6 +266,10 @@ async fn cni_add_latency() {
     rows.push(("isthmus, no pool", seq, par));
     let (seq, par) = tokio::task::block_in_place(|| measure(&reference, "ref", &|| {}));
     rows.push(("bridge + host-local", seq, par));
+    // What spawning a plugin costs here with no work at all (VERSION, answered by the plugin
+    // itself): the floor under every row above.
+    let (seq, par) = tokio::task::block_in_place(|| floor(&isthmus));
+    rows.push(("floor: plugin VERSION", seq, par));
 
     println!();
     println!("CNI ADD latency, ms (plugin spawn to exit), 1 node; pool size {pool}");
@@ -268,6 +297,24 @@ async fn cni_add_latency() {
             pct(s, 99.0) / pct(&r.1, 99.0),
             pct(p, 50.0) / pct(&r.2, 50.0),
             pct(p, 99.0) / pct(&r.2, 99.0)
+        );
+    }
+    // The agent's own account (socket request in, answer out), without process spawning.
+    let log = std::fs::read_to_string(&tb.nodes[0].log).unwrap_or_default();
+    let agent_ms = |prefix: &str| -> Vec<f64> {
+        log.lines()
+            .filter(|l| l.contains("CNI ADD done") && l.contains(&format!("container={prefix}")))
+            .filter_map(|l| l.rsplit("ms=").next()?.split_whitespace().next()?.parse::<f64>().ok())
+            .collect()
+    };
+    for (name, tag) in [("isthmus, pool", "pool"), ("isthmus, no pool", "nopool")] {
+        let (s, p) = (agent_ms(&format!("{tag}-s-")), agent_ms(&format!("{tag}-p-")));
+        println!(
+            "{name}, inside the agent: seq p50 {:.0} p99 {:.0}; par p50 {:.0} p99 {:.0} ms (whole ms)",
+            pct(&s, 50.0),
+            pct(&s, 99.0),
+            pct(&p, 50.0),
+            pct(&p, 99.0)
         );
     }
     let summary = json!({"pool": pool, "rows": rows.iter().map(|(n, s, p)| json!({"setup": n,
