@@ -43,6 +43,10 @@ pub struct NetlinkKernel {
     /// The kernel runs one dump at a time per netlink socket (a second one gets EBUSY), and
     /// controllers observe concurrently: dumps take turns, single requests do not wait.
     dumps: tokio::sync::Mutex<()>,
+    /// A socket of its own for the port devices' link dumps, so the L2 and ports controllers
+    /// never wait for each other's dumps.
+    ports: Handle,
+    port_dumps: tokio::sync::Mutex<()>,
     /// Bulk forwarding-entry writes on a socket of their own, opened on first use.
     batch: tokio::sync::OnceCell<super::batch::FdbBatcher>,
 }
@@ -163,6 +167,8 @@ impl NetlinkKernel {
     pub async fn current() -> Result<Self, KernelError> {
         Ok(NetlinkKernel {
             handle: route_handle(None).await?,
+            ports: route_handle(None).await?,
+            port_dumps: Default::default(),
             netns: None,
             fdb_devs: Default::default(),
             dumps: Default::default(),
@@ -176,6 +182,8 @@ impl NetlinkKernel {
         let netns = netns.into();
         Ok(NetlinkKernel {
             handle: route_handle(Some(&netns)).await?,
+            ports: route_handle(Some(&netns)).await?,
+            port_dumps: Default::default(),
             netns: Some(netns),
             fdb_devs: Default::default(),
             dumps: Default::default(),
@@ -188,10 +196,9 @@ impl NetlinkKernel {
         request(&self.handle, msg, flags).await
     }
 
-    async fn links(&self) -> Result<Vec<Link>, KernelError> {
-        let _turn = self.dumps.lock().await;
-        let msgs: Vec<LinkMessage> = self
-            .handle
+    async fn links(&self, handle: &Handle, turn: &tokio::sync::Mutex<()>) -> Result<Vec<Link>, KernelError> {
+        let _turn = turn.lock().await;
+        let msgs: Vec<LinkMessage> = handle
             .link()
             .get()
             .execute()
@@ -687,7 +694,7 @@ impl Links for NetlinkKernel {
     }
 
     async fn observe_l2(&self) -> Result<Datapath, KernelError> {
-        let (mut dp, vxlan_idx) = classify(&self.links().await?);
+        let (mut dp, vxlan_idx) = classify(&self.links(&self.handle, &self.dumps).await?);
         dp.ports.clear();
         dp.fdb = self.fdb_entries(&vxlan_idx).await?.into_iter().collect();
         Ok(dp)
@@ -719,7 +726,7 @@ impl Links for NetlinkKernel {
 
 impl PortDevices for NetlinkKernel {
     async fn observe_ports(&self) -> Result<BTreeMap<String, PortDevice>, KernelError> {
-        Ok(classify(&self.links().await?).0.ports)
+        Ok(classify(&self.links(&self.ports, &self.port_dumps).await?).0.ports)
     }
 
     async fn apply_port(&self, action: &Action) -> Result<(), KernelError> {
