@@ -18,6 +18,8 @@ step() { # name, command...
 scripts/setup.sh --test || { echo "setup failed"; echo "0 passed, 1 failed"; exit 1; }
 step "format" cargo fmt --all --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
+step "import cycles" bash -c 'python3 scripts/check-import-cycles.py crates/agent/src &&
+  python3 scripts/check-import-cycles.py crates/server/src --under neutron'
 step "cargo test" bash -c 'set -o pipefail; cargo test --workspace 2>&1 | tee -a target/test-results.log'
 step "tempest" bash -c 'set -o pipefail; scripts/tempest.sh 2>&1 | tee -a target/test-results.log'
 
