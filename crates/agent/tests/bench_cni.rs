@@ -150,6 +150,55 @@ fn measure(s: &Setup, tag: &str, before_phase: &dyn Fn()) -> (Vec<f64>, Vec<f64>
     (seq, par)
 }
 
+/// One request line to the agent's socket and its answer (blocking).
+fn socket_call(path: &Path, req: &Value) -> Value {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("agent socket");
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).expect("request");
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).expect("answer");
+    serde_json::from_str(&answer).unwrap_or(Value::Null)
+}
+
+/// Parallel ADDs over the socket, released together; then their DELs, untimed.
+fn over_socket(socket: &Path, tag: &str) -> Vec<f64> {
+    let nss: Vec<Ns> = (0..PARALLEL).map(|_| Ns::new()).collect();
+    let barrier = Barrier::new(PARALLEL);
+    let add = |i: usize, ns: &Ns| {
+        json!({"op": "cni_add", "container_id": format!("{tag}-p-{i}"), "ifname": "eth0",
+               "netns": ns.path(), "network": "bench", "project": "bench"})
+    };
+    let par: Vec<f64> = std::thread::scope(|sc| {
+        let handles: Vec<_> = nss
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let (barrier, req) = (&barrier, add(i, ns));
+                sc.spawn(move || {
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    let v = socket_call(socket, &req);
+                    let ms = t0.elapsed().as_secs_f64() * 1e3;
+                    assert_eq!(v["ok"], json!(true), "socket ADD: {v}");
+                    ms
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("ADD thread")).collect()
+    });
+    for (i, ns) in nss.iter().enumerate() {
+        let v = socket_call(
+            socket,
+            &json!({"op": "cni_del", "container_id": format!("{tag}-p-{i}"), "ifname": "eth0",
+                    "netns": ns.path(), "network": "bench", "project": "bench"}),
+        );
+        assert_eq!(v["ok"], json!(true), "socket DEL: {v}");
+    }
+    par
+}
+
 /// (sequential ms, parallel ms) of `VERSION`, spawned exactly as the ADDs are.
 fn floor(s: &Setup) -> (Vec<f64>, Vec<f64>) {
     let ns = Ns::new();
@@ -256,6 +305,12 @@ async fn cni_add_latency() {
             }
         }
     }
+    // The same parallel ADDs sent straight to the agent's socket from threads of this process:
+    // no plugin process, so no spawning; what the agent (and the server behind it) take alone.
+    fill();
+    let socket = tb.nodes[0].socket.clone();
+    let par = tokio::task::block_in_place(|| over_socket(&socket, "sock"));
+    rows.push(("isthmus, pool, socket only", vec![], par));
     // Pool off.
     tb.nodes[0].kill_agent();
     tb.nodes[0].env = vec![("ISTHMUS_POOL_SIZE".into(), "0".into())];
@@ -289,8 +344,14 @@ async fn cni_add_latency() {
             pct(p, 100.0)
         );
     }
-    let r = &rows[2];
-    for (name, s, p) in &rows[..2] {
+    let r = rows
+        .iter()
+        .find(|(n, _, _)| *n == "bridge + host-local")
+        .expect("reference row");
+    for (name, s, p) in rows
+        .iter()
+        .filter(|(n, _, _)| *n == "isthmus, pool" || *n == "isthmus, no pool")
+    {
         println!(
             "{name} / reference: seq p50 {:.2}x p99 {:.2}x; par p50 {:.2}x p99 {:.2}x (target <= 1.5x; par p50 < 50 ms, p99 < 200 ms)",
             pct(s, 50.0) / pct(&r.1, 50.0),
