@@ -307,9 +307,11 @@ async fn cni_add_latency() {
     }
     // The same parallel ADDs sent straight to the agent's socket from threads of this process:
     // no plugin process, so no spawning; what the agent (and the server behind it) take alone.
-    fill();
     let socket = tb.nodes[0].socket.clone();
-    let par = tokio::task::block_in_place(|| over_socket(&socket, "sock"));
+    let par = tokio::task::block_in_place(|| {
+        fill();
+        over_socket(&socket, "sock")
+    });
     rows.push(("isthmus, pool, socket only", vec![], par));
     // Pool off.
     tb.nodes[0].kill_agent();
