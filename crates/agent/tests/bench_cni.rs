@@ -334,16 +334,23 @@ async fn cni_add_latency() {
         "{:<22} {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}",
         "setup", "seq p50", "seq p99", "seq max", "par p50", "par p99", "par max"
     );
+    let cell = |v: &[f64], p: f64| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1}", pct(v, p))
+        }
+    };
     for (name, s, p) in &rows {
         println!(
-            "{:<22} {:>9.1} {:>9.1} {:>9.1}   {:>9.1} {:>9.1} {:>9.1}",
+            "{:<22} {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}",
             name,
-            pct(s, 50.0),
-            pct(s, 99.0),
-            pct(s, 100.0),
-            pct(p, 50.0),
-            pct(p, 99.0),
-            pct(p, 100.0)
+            cell(s, 50.0),
+            cell(s, 99.0),
+            cell(s, 100.0),
+            cell(p, 50.0),
+            cell(p, 99.0),
+            cell(p, 100.0)
         );
     }
     let r = rows
