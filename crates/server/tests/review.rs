@@ -394,6 +394,34 @@ async fn a_node_heartbeat_needs_a_reachable_underlay_and_bounded_fields() {
         assert!(error_message(&body).contains("capabilities"), "{body}");
     }
 
+    // What the node converged to and what failed: bounded, shown to admins.
+    let failures: Vec<String> = (0..64).map(|i| format!("l2: CreateBridge isbr-{i}: refused")).collect();
+    let (s, body) = node
+        .put(
+            path,
+            json!({"node": {"underlay_ip": "192.0.2.10", "converged_revision": 41, "failures": failures}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (_, agents) = server.admin.get("/v2.0/agents").await;
+    let conf = &agents["agents"][0]["configurations"];
+    assert_eq!(conf["converged_revision"], json!(41), "{agents}");
+    assert_eq!(conf["failures"].as_array().map(Vec::len), Some(64), "{agents}");
+    let too_many: Vec<String> = (0..65).map(|i| format!("f{i}")).collect();
+    for (field, value) in [
+        ("failures", json!(too_many)),
+        ("failures", json!(["x".repeat(1025)])),
+        ("failures", json!("not a list")),
+        ("converged_revision", json!(-1)),
+        ("converged_revision", json!("seven")),
+    ] {
+        let (s, body) = node
+            .put(path, json!({"node": {"underlay_ip": "192.0.2.10", field: value}}))
+            .await;
+        assert_neutron_error(s, &body, StatusCode::BAD_REQUEST, Some("HTTPBadRequest"));
+        assert!(error_message(&body).contains(field), "{field}: {body}");
+    }
+
     // Port reports: strings and dictionaries bounded too.
     let m = server.member("hbm").await;
     let (net, _) = net_with_subnet(&m, "net-hb", "10.7.0.0/24").await;
