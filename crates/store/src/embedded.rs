@@ -36,6 +36,9 @@ use tracing::{debug, error, info, warn};
 pub const WAL_FILE: &str = "wal";
 pub const SNAPSHOT_FILE: &str = "snapshot";
 pub const LOCK_FILE: &str = "LOCK";
+
+/// How long opening waits for a lock that is about to be released.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const TMP_SUFFIX: &str = ".tmp";
 
 /// Largest transaction (keys + values) accepted; keeps one record well inside a `u32` length.
@@ -609,8 +612,19 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .read(true)
         .write(true)
         .open(&path)?;
-    // SAFETY: flock only reads the descriptor number of a file we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    // A store closing right now (its last handle dropped on another thread), or a child
+    // process between fork and exec that still shares a just-closed descriptor, holds the
+    // lock for a moment: look again for a short while before calling the directory taken.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let rc = loop {
+        // SAFETY: flock only reads the descriptor number of a file we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let busy = rc != 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock;
+        if !busy || std::time::Instant::now() >= deadline {
+            break rc;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     if rc != 0 {
         let err = io::Error::last_os_error();
         if err.kind() == io::ErrorKind::WouldBlock {
