@@ -56,15 +56,20 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<AuthC
     })
 }
 
+/// A request body over the size limit: 413, as Neutron answers.
+pub fn body_too_large() -> NeutronError {
+    NeutronError::new(
+        413,
+        "HTTPRequestEntityTooLarge",
+        "Request body is larger than the limit.",
+    )
+}
+
 /// Turns the raw body into JSON with Neutron's errors for the usual ways it goes wrong.
 pub fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, NeutronError> {
     let bytes = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            NeutronError::new(
-                413,
-                "HTTPRequestEntityTooLarge",
-                "Request body is larger than the limit.",
-            )
+            body_too_large()
         } else {
             NeutronError::bad_request(format!("Could not read the request body: {rej}"))
         }

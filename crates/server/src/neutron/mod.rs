@@ -209,20 +209,10 @@ async fn authenticate_before_body(
 
 /// A body that could not be read whole: too large (413, as Neutron answers) or cut off.
 fn body_error(e: axum::Error) -> Response {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    let mut too_large = false;
-    while let Some(err) = source {
-        if err.to_string().contains("length limit exceeded") {
-            too_large = true;
-        }
-        source = err.source();
-    }
+    let too_large = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |err| err.source())
+        .any(|err| err.to_string().contains("length limit exceeded"));
     let err = if too_large {
-        NeutronError::new(
-            413,
-            "HTTPRequestEntityTooLarge",
-            "Request body is larger than the limit.",
-        )
+        http::body_too_large()
     } else {
         NeutronError::bad_request(format!("Could not read the request body: {e}"))
     };
