@@ -3,7 +3,7 @@
 
 use axum::extract::Request;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use std::time::Instant;
 
 pub async fn log(req: Request, next: Next) -> Response {
@@ -19,19 +19,4 @@ pub async fn log(req: Request, next: Next) -> Response {
         tracing::debug!(%method, %path, status, ms, "request");
     }
     resp
-}
-
-/// Runs the request in a task of its own, so a client that goes away after sending it does not
-/// cancel it halfway: a bulk create either completes or rolls back, and a write the client
-/// will never hear about still finishes cleanly, as Neutron and Keystone finish theirs.
-pub async fn run_to_completion(req: Request, next: Next) -> Response {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    match tokio::spawn(next.run(req)).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::error!(%method, %path, error = %e, "request handler panicked or was cancelled");
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
-    }
 }

@@ -93,12 +93,9 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         config: config.clone(),
     });
 
-    let id_router = identity::router(state.clone())
-        .layer(axum::middleware::from_fn(access_log::run_to_completion))
-        .layer(axum::middleware::from_fn(access_log::log));
-    let net_router = neutron::router(state.clone())
-        .layer(axum::middleware::from_fn(access_log::run_to_completion))
-        .layer(axum::middleware::from_fn(access_log::log));
+    // Requests run to completion even when their client goes away: see `serve`.
+    let id_router = identity::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
+    let net_router = neutron::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
     let limits = serve::Limits {
         header_read: std::time::Duration::from_secs(config.header_read_timeout_secs),
         body_read: std::time::Duration::from_secs(config.body_read_timeout_secs),

@@ -5,7 +5,7 @@
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -103,12 +103,22 @@ async fn serve_connection(
         activity: activity.clone(),
     });
     let act = activity.clone();
+    // Each request runs in a task of its own, started as soon as hyper has its head (the
+    // closure runs then; the future it returns is polled later, if at all). A client that
+    // sends a request and goes away at once makes hyper see the end of its stream and drop
+    // that future, sometimes before its first poll: the task still runs the request to its
+    // end, so a bulk create completes or rolls back and a write the client will never hear
+    // about finishes cleanly, as Neutron and Keystone finish theirs. A streaming answer's body
+    // still belongs to the connection and stops with it.
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let router = router.clone();
         let act = act.clone();
-        async move {
-            act.served.store(true, Ordering::Relaxed);
-            let _running = Running::new(&act);
+        act.served.store(true, Ordering::Relaxed);
+        let running = Running::new(&act);
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let task = tokio::spawn(async move {
+            let _running = running;
             let timed_out = Arc::new(AtomicBool::new(false));
             let req: Request = req.map(|b| Body::new(TimedBody::new(b, limits.body_read, timed_out.clone())));
             let resp = match router.oneshot(req).await {
@@ -121,9 +131,18 @@ async fn serve_connection(
                     axum::http::header::CONNECTION,
                     axum::http::HeaderValue::from_static("close"),
                 );
-                return Ok::<_, Infallible>(r);
+                return r;
             }
-            Ok(resp)
+            resp
+        });
+        async move {
+            match task.await {
+                Ok(resp) => Ok::<_, Infallible>(resp),
+                Err(e) => {
+                    tracing::error!(%method, %path, error = %e, "request handler panicked");
+                    Ok(axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response())
+                }
+            }
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -210,16 +229,16 @@ impl Activity {
 }
 
 /// Counts a running request for as long as its handler runs (also when it is cancelled).
-struct Running<'a>(&'a Activity);
+struct Running(Arc<Activity>);
 
-impl<'a> Running<'a> {
-    fn new(a: &'a Activity) -> Self {
+impl Running {
+    fn new(a: &Arc<Activity>) -> Self {
         a.running.fetch_add(1, Ordering::Relaxed);
-        Running(a)
+        Running(a.clone())
     }
 }
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::Relaxed);
     }
