@@ -10,6 +10,7 @@ pub mod batch;
 mod fake;
 mod netlink;
 pub mod netns;
+mod nltxn;
 
 pub use fake::FakeKernel;
 pub use netlink::NetlinkKernel;

@@ -12,18 +12,19 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
 };
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::RouteType;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use tracing::{debug, warn};
+
+mod veth;
 
 const EEXIST: i32 = libc::EEXIST;
 const ENOENT: i32 = libc::ENOENT;
@@ -408,20 +409,6 @@ impl NetlinkKernel {
         }
         Ok(out)
     }
-
-    async fn attach_inner(&self, req: &VethAttach) -> Result<(), KernelError> {
-        // The alias marks the device as ours even outside a bridge (the kernel takes it only
-        // in a change, not at creation); by name, so no lookup first.
-        let mark = LinkUnspec::new_with_name(&req.port.name).alias(PORT_ALIAS).build();
-        self.handle
-            .link()
-            .set(mark)
-            .execute()
-            .await
-            .map_err(nl(format!("marking {}", req.port.name)))?;
-        let inner = route_handle(Some(&req.netns)).await?;
-        setup_workload_side(&inner, req).await
-    }
 }
 
 async fn request(handle: &Handle, msg: RouteNetlinkMessage, flags: u16) -> Result<(), rtnetlink::Error> {
@@ -497,55 +484,6 @@ async fn configure(
         .execute()
         .await
         .map_err(nl(format!("configuring {name}")))
-}
-
-/// Inside the workload's namespace: addresses, lo and the interface up, routes.
-async fn setup_workload_side(h: &Handle, req: &VethAttach) -> Result<(), KernelError> {
-    let ifname = &req.ifname;
-    let index = link_by_name(h, ifname)
-        .await?
-        .map(|l| l.index)
-        .ok_or_else(|| KernelError::NoDevice(format!("{ifname} in {}", req.netns.display())))?;
-    for a in &req.addresses {
-        match h.address().add(index, a.addr(), a.prefix_len()).execute().await {
-            Err(e) if errno(&e) != Some(EEXIST) => return Err(nl(format!("adding {a} to {ifname}"))(e)),
-            _ => {}
-        }
-    }
-    // Loopback is interface 1 in every namespace. (The workload end cannot come up with the
-    // pair: the kernel opens it before the pair is joined, and refuses.)
-    for (i, what) in [(1, "lo"), (index, ifname.as_str())] {
-        h.link()
-            .set(LinkUnspec::new_with_index(i).up().build())
-            .execute()
-            .await
-            .map_err(nl(format!("bringing {what} up in {}", req.netns.display())))?;
-    }
-    let mut routes: Vec<(IpAddr, u8, IpAddr)> = vec![];
-    if let Some(gw) = req.gateway {
-        let any = match gw {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        };
-        routes.push((any, 0, gw));
-    }
-    for r in &req.routes {
-        routes.push((r.destination.network(), r.destination.prefix_len(), r.nexthop));
-    }
-    for (dst, len, via) in routes {
-        let op = || format!("adding route {dst}/{len} via {via} in {}", req.netns.display());
-        let msg = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst, len)
-            .and_then(|b| b.gateway(via))
-            .map_err(|e| KernelError::io(op(), std::io::Error::other(e.to_string())))?
-            .output_interface(index)
-            .build();
-        match h.route().add(msg).execute().await {
-            Err(e) if errno(&e) != Some(EEXIST) => return Err(nl(op())(e)),
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// Our devices among `links`: bridges, VXLAN devices (with their index) and port devices.
@@ -744,52 +682,14 @@ impl PortDevices for NetlinkKernel {
     }
 
     async fn attach_veth(&self, req: &VethAttach) -> Result<(), KernelError> {
-        let host = &req.port.name;
-        check_ifname(host)?;
+        check_ifname(&req.port.name)?;
         check_ifname(&req.ifname)?;
-        let bridge = self.bridge_index(&req.port.bridge).await?;
         let ns = super::netns::open_netns_file(&req.netns)?;
-        // One request makes the pair: the host end in its bridge, with its MTU, up; the
-        // workload end born inside the workload's namespace with its name, MAC and MTU (so it
-        // never exists in the node's namespace: no clash with the node's
-        // own interfaces, nothing stray left there if we fail halfway).
-        let new_pair = || {
-            let peer = LinkUnspec::new_with_name(&req.ifname)
-                .mtu(req.mtu)
-                .address(req.mac.0.to_vec())
-                .setns_by_fd(ns.as_raw_fd())
-                .build();
-            let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-                .name(host.clone())
-                .mtu(req.port.mtu)
-                .controller(bridge)
-                .up()
-                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                .build();
-            RouteNetlinkMessage::NewLink(msg)
-        };
-        let mut created = self.request(new_pair(), NLM_F_CREATE | NLM_F_EXCL).await;
-        if created.as_ref().is_err_and(|e| errno(e) == Some(EEXIST)) {
-            // A host end left from an earlier attach of this port blocks the new pair.
-            if self.del_link(host).await? {
-                warn!(dev = %host, "replaced a stale port device");
-            }
-            created = self.request(new_pair(), NLM_F_CREATE | NLM_F_EXCL).await;
-        }
-        drop(ns);
-        created.map_err(nl(format!(
-            "creating veth {host} / {} in {}",
-            req.ifname,
-            req.netns.display()
-        )))?;
-        if let Err(e) = self.attach_inner(req).await {
-            // Deleting one end removes the pair.
-            if let Err(e2) = self.del_link(host).await {
-                warn!(dev = %host, error = %e2, "cleanup after failed attach");
-            }
-            return Err(e);
-        }
-        debug!(dev = %host, netns = %req.netns.display(), "veth attached");
+        let req = req.clone();
+        let host = req.port.name.clone();
+        let netns = req.netns.clone();
+        run_in_netns(self.netns.as_deref(), move || veth::attach_blocking(&req, &ns)).await?;
+        debug!(dev = %host, netns = %netns.display(), "veth attached");
         Ok(())
     }
 
