@@ -14,7 +14,7 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 /// A stored object type the cache keeps decoded: every key `<root><COLLECTION>/<id>` holds one.
 pub trait Typed: DeserializeOwned + Clone + Send + Sync + 'static {
@@ -127,7 +127,25 @@ fn entries(kvs: Vec<KeyValue>) -> BTreeMap<String, Entry> {
 pub struct Cache {
     inner: RwLock<BTreeMap<String, Entry>>,
     revision: watch::Sender<Revision>,
+    feed: broadcast::Sender<Arc<Feed>>,
 }
+
+/// One change to a key, decoded if its collection is typed (`None`: deleted).
+pub struct FeedItem {
+    pub key: String,
+    pub revision: Revision,
+    pub decoded: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// What the cache tells its followers, in order: the changes of each watch batch (whole
+/// transactions), or that it was reloaded and they must start over from [`Cache::typed_state`].
+pub enum Feed {
+    Batch { revision: Revision, items: Vec<FeedItem> },
+    Reset,
+}
+
+/// Batches a follower may fall behind by before it is told to start over (`Lagged`).
+const FEED_CAPACITY: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -142,6 +160,7 @@ impl Cache {
         let cache = Arc::new(Self {
             inner: RwLock::new(entries(kvs)),
             revision: watch::channel(rev).0,
+            feed: broadcast::channel(FEED_CAPACITY).0,
         });
         let c = cache.clone();
         tokio::spawn(async move { c.follow(store).await });
@@ -183,31 +202,68 @@ impl Cache {
 
     async fn relist(&self, store: &DynStore) -> isthmus_store::Result<()> {
         let (kvs, rev) = store.list(isthmus_model::keys::ROOT).await?;
-        {
-            let mut m = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            *m = entries(kvs);
-        }
+        let mut m = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        *m = entries(kvs);
+        // Under the lock, so a reader sees the map and its revision agree.
         self.revision.send_replace(rev);
+        let _ = self.feed.send(Arc::new(Feed::Reset));
         Ok(())
     }
 
     fn apply(&self, events: Vec<isthmus_store::Event>) {
         let mut max = *self.revision.borrow();
-        {
-            let mut m = self.inner.write().unwrap_or_else(|p| p.into_inner());
-            for ev in events {
-                max = max.max(ev.kv.mod_revision);
-                match ev.kind {
-                    EventKind::Put => {
-                        m.insert(ev.kv.key.clone(), Entry::new(ev.kv));
-                    }
-                    EventKind::Delete => {
-                        m.remove(&ev.kv.key);
-                    }
+        let mut items = Vec::with_capacity(events.len());
+        let mut m = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        for ev in events {
+            max = max.max(ev.kv.mod_revision);
+            let (key, revision) = (ev.kv.key.clone(), ev.kv.mod_revision);
+            let decoded = match ev.kind {
+                EventKind::Put => {
+                    let e = Entry::new(ev.kv);
+                    let d = e.decoded.clone();
+                    m.insert(key.clone(), e);
+                    d
                 }
-            }
+                EventKind::Delete => {
+                    m.remove(&key);
+                    None
+                }
+            };
+            items.push(FeedItem { key, revision, decoded });
         }
+        // Under the lock, so a reader sees the map and its revision agree, and followers get
+        // batches in the order they were applied.
         self.revision.send_replace(max);
+        if self.feed.receiver_count() > 0 {
+            let _ = self.feed.send(Arc::new(Feed::Batch { revision: max, items }));
+        }
+    }
+
+    /// Follows every change from now on (see [`Feed`]).
+    pub fn feed(&self) -> broadcast::Receiver<Arc<Feed>> {
+        self.feed.subscribe()
+    }
+
+    /// Every object of the typed collections `colls` with its revision, and the revision
+    /// they are all as of, read at one instant.
+    pub fn typed_state(&self, colls: &[&str]) -> (Vec<FeedItem>, Revision) {
+        let m = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = vec![];
+        for c in colls {
+            let prefix = keys::collection(c);
+            out.extend(
+                m.range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .filter_map(|(k, e)| {
+                        Some(FeedItem {
+                            key: k.clone(),
+                            revision: e.kv.mod_revision,
+                            decoded: Some(e.decoded.clone()?),
+                        })
+                    }),
+            );
+        }
+        (out, *self.revision.borrow())
     }
 
     /// Notified whenever the cache moves to a new revision.

@@ -36,6 +36,8 @@ pub struct ServerHandle {
     pub state: Arc<AppState>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Follows the cache for the node streams; stopped with the server.
+    fanout: tokio::task::JoinHandle<()>,
 }
 
 impl ServerHandle {
@@ -53,6 +55,7 @@ impl ServerHandle {
                 let _ = t.await;
             }
         }
+        self.fanout.abort();
     }
     /// Waits until the server stops by itself (it normally does not).
     pub async fn wait(self) {
@@ -93,6 +96,8 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         config: config.clone(),
     });
 
+    // Node views are built before any stream can open.
+    let fanout = neutron::nodeview::start_fanout(state.clone());
     // Requests run to completion even when their client goes away: see `serve`.
     let id_router = identity::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
     let net_router = neutron::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
@@ -129,6 +134,7 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         state,
         shutdown,
         tasks,
+        fanout,
     })
 }
 

@@ -31,6 +31,7 @@ mod routers;
 mod security_groups;
 mod subnets;
 mod tags;
+pub mod viewindex;
 
 use crate::AppState;
 use axum::body::Bytes;
@@ -55,6 +56,8 @@ pub struct NeutronState {
     pub inflight: portops::InFlight,
     /// What each node's stream last sent, for resuming.
     pub node_sessions: nodeview::Sessions,
+    /// Every node's view, kept up to date change by change.
+    pub fanout: nodeview::Fanout,
 }
 
 /// Extensions this server really implements; tempest and clients decide what to test from this.

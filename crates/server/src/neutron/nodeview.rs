@@ -14,19 +14,24 @@
 //! "delete":[...]}` with only the keys that changed for this node since R. Otherwise (a server
 //! restart, another server, or R older than the last 1,024 updates: the analogue of etcd's
 //! compaction) it answers with a full snapshot, and the agent relists.
+//!
+//! One task ([`run_fanout`]) follows the cache's change feed, keeps a [`ViewIndex`], and sends
+//! each batch's updates to the streams it concerns, and only to them: a write costs what it
+//! touches, not a view computation per open stream. Streams only start (snapshot or resume,
+//! computed from the index) and ping.
 
 use super::agents::require_node;
 use super::http::{authenticate, ApiResult, HeadRequest};
-use crate::cache::{Cache, Typed};
+use super::viewindex::{Change, Source, ViewIndex, ViewObject};
+use crate::cache::{Cache, Feed, FeedItem, Typed};
 use crate::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use isthmus_model::{keys, Network, Node, Port, Subnet};
+use isthmus_model::{Network, Node, Port, Subnet};
 use isthmus_store::Revision;
-use isthmus_wire::stream::{Message, NodeInfo, Object, ObjectValue};
-use serde::de::DeserializeOwned;
+use isthmus_wire::stream::{Message, Object};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -58,6 +63,8 @@ struct Session {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+type View = BTreeMap<String, Arc<ViewObject>>;
+
 impl Sessions {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -65,12 +72,7 @@ impl Sessions {
 
     /// Keys that may differ between what the node had at `since` and `now`, if the record
     /// reaches back that far.
-    fn changed_since(
-        &self,
-        host: &str,
-        since: Revision,
-        now: &BTreeMap<String, ViewObject>,
-    ) -> Option<BTreeSet<String>> {
+    fn changed_since(&self, host: &str, since: Revision, now: &View) -> Option<BTreeSet<String>> {
         let m = self.lock();
         let s = m.get(host)?;
         if since < s.floor || since > s.revision {
@@ -97,7 +99,7 @@ impl Sessions {
     fn start(
         &self,
         host: &str,
-        view: &BTreeMap<String, ViewObject>,
+        view: &View,
         revision: Revision,
         resumed: Option<Vec<String>>,
         stop: tokio::sync::oneshot::Sender<()>,
@@ -132,28 +134,55 @@ impl Sessions {
         gen
     }
 
-    fn record(
+    /// The update for stream `gen` of `host` at `revision`, looking at `candidates`, recorded
+    /// as sent; `None` when nothing changed for it (or the stream is no longer the owner).
+    fn update(
         &self,
+        index: &ViewIndex,
         host: &str,
         gen: u64,
-        view: &BTreeMap<String, ViewObject>,
         revision: Revision,
-        touched: Vec<String>,
-    ) {
+        candidates: &BTreeSet<String>,
+    ) -> Option<Message> {
         let mut m = self.lock();
-        let Some(s) = m.get_mut(host).filter(|s| s.gen == gen) else {
-            return;
-        };
-        if !touched.is_empty() {
-            s.log.push_back((revision, touched));
-            s.view = view.iter().map(|(k, o)| (k.clone(), o.revision)).collect();
-        }
+        let s = m.get_mut(host).filter(|s| s.gen == gen)?;
         s.revision = revision;
+        let (put, delete) = index.delta(host, candidates, &s.view);
+        if put.is_empty() && delete.is_empty() {
+            return None;
+        }
+        let mut touched = Vec::with_capacity(put.len() + delete.len());
+        for (k, o) in &put {
+            s.view.insert(k.clone(), o.revision);
+            touched.push(k.clone());
+        }
+        for k in &delete {
+            s.view.remove(k);
+            touched.push(k.clone());
+        }
+        s.log.push_back((revision, touched));
         trim(s);
+        Some(Message::Update {
+            revision: Some(revision),
+            put: put.iter().map(|(k, o)| object(k, o)).collect(),
+            delete,
+        })
     }
-}
 
-impl Sessions {
+    /// Stream `gen` of `host` is known to be current as of `revision` (a ping went out).
+    fn touch(&self, host: &str, gen: u64, revision: Revision) {
+        if let Some(s) = self.lock().get_mut(host).filter(|s| s.gen == gen) {
+            s.revision = s.revision.max(revision);
+        }
+    }
+
+    /// Ends stream `gen` of `host` (it fell behind): its record stays for the resume.
+    fn stop(&self, host: &str, gen: u64) {
+        if let Some(s) = self.lock().get_mut(host).filter(|s| s.gen == gen) {
+            s.stop = None;
+        }
+    }
+
     /// The stream `gen` of `host` ended: it no longer owns the record (kept for resuming).
     fn end(&self, host: &str, gen: u64) {
         if let Some(s) = self.lock().get_mut(host).filter(|s| s.gen == gen) {
@@ -180,94 +209,162 @@ fn trim(s: &mut Session) {
     }
 }
 
-/// One object of a node's view: its store key, the revision it was written at, and its value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ViewObject {
-    pub revision: Revision,
-    pub value: ObjectValue,
+/// A stream's way out: where the fan-out task writes its updates.
+struct Slot {
+    gen: u64,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>,
 }
 
-/// The Neutron rendering, typed for the stream (lossless: attributes nodes do not use are
-/// carried as they are).
-fn typed<T: DeserializeOwned>(key: &str, rendered: serde_json::Value) -> Option<T> {
-    serde_json::from_value(rendered)
-        .inspect_err(|e| tracing::warn!(key, error = %e, "left out of node views: unexpected rendering"))
-        .ok()
+#[derive(Default)]
+struct FanoutInner {
+    index: ViewIndex,
+    /// The cache revision the index reflects.
+    revision: Revision,
+    streams: HashMap<String, Slot>,
 }
 
-/// The node's view as of the cache's current state, keyed by store key.
-pub fn compute(cache: &Cache, host: &str) -> BTreeMap<String, ViewObject> {
-    let mut out = BTreeMap::new();
-    let ports: Vec<(String, Arc<Port>, Revision)> = cache
-        .list_typed::<Port>()
-        .into_iter()
-        .map(|(p, rev)| (keys::resource(Port::COLLECTION, &p.id), p, rev))
-        .collect();
-    let nets: BTreeSet<&str> = ports
-        .iter()
-        .filter(|(_, p, _)| p.binding_host_id == host)
-        .map(|(_, p, _)| p.network_id.as_str())
-        .collect();
-    if nets.is_empty() {
-        return out;
+/// The node views of all nodes, kept by one task from the cache's change feed.
+#[derive(Default)]
+pub struct Fanout {
+    inner: Mutex<FanoutInner>,
+}
+
+/// The typed collections node views are made of.
+const VIEW_COLLECTIONS: [&str; 4] = [
+    isthmus_model::Port::COLLECTION,
+    isthmus_model::Network::COLLECTION,
+    isthmus_model::Subnet::COLLECTION,
+    isthmus_model::Node::COLLECTION,
+];
+
+fn change(item: &FeedItem) -> Option<Change> {
+    if !super::viewindex::is_view_key(&item.key) {
+        return None;
     }
-    let mut hosts: BTreeSet<&str> = BTreeSet::new();
-    for (k, p, rev) in &ports {
-        if nets.contains(p.network_id.as_str()) {
-            if !p.binding_host_id.is_empty() {
-                hosts.insert(&p.binding_host_id);
-            }
-            if let Some(v) = typed(k, p.to_api(true)) {
-                out.insert(
-                    k.clone(),
-                    ViewObject {
-                        revision: *rev,
-                        value: ObjectValue::Port(v),
-                    },
+    let value = item.decoded.as_ref().and_then(|d| {
+        let d = d.clone();
+        d.clone()
+            .downcast::<Port>()
+            .map(Source::Port)
+            .or_else(|_| d.clone().downcast::<Network>().map(Source::Network))
+            .or_else(|_| d.clone().downcast::<Subnet>().map(Source::Subnet))
+            .or_else(|_| d.downcast::<Node>().map(Source::Node))
+            .ok()
+    });
+    Some(Change {
+        key: item.key.clone(),
+        revision: item.revision,
+        value,
+    })
+}
+
+impl Fanout {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FanoutInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Objects the index holds (shared by every view).
+    pub fn objects(&self) -> usize {
+        self.lock().index.len()
+    }
+
+    /// Rebuilds the index from the cache and brings every open stream up to it (at start,
+    /// and when the feed was lost: the cache reloaded, or this task fell behind).
+    fn rebuild(&self, cache: &Cache, sessions: &Sessions) {
+        let (items, revision) = cache.typed_state(&VIEW_COLLECTIONS);
+        let mut index = ViewIndex::new();
+        let everything: BTreeSet<String> = items.iter().map(|i| i.key.clone()).collect();
+        index.apply(items.iter().filter_map(change).collect());
+        let mut f = self.lock();
+        // Each open stream: what it had, against its view now.
+        let hosts: Vec<String> = f.streams.keys().cloned().collect();
+        let old = std::mem::take(&mut f.index);
+        for host in hosts {
+            let mut cand: BTreeSet<String> = everything.clone();
+            cand.extend(old.view(&host).into_keys());
+            f.send(&index, sessions, &host, revision, &cand);
+        }
+        f.index = index;
+        f.revision = revision;
+        tracing::info!(revision, objects = f.index.len(), "node views rebuilt");
+    }
+
+    fn apply(&self, sessions: &Sessions, revision: Revision, items: &[FeedItem]) {
+        let changes: Vec<Change> = items.iter().filter_map(change).collect();
+        let mut f = self.lock();
+        if revision <= f.revision {
+            return; // already in the index (a rebuild read it)
+        }
+        f.revision = revision;
+        if changes.is_empty() {
+            return;
+        }
+        let affected = f.index.apply(changes);
+        let index = std::mem::take(&mut f.index);
+        for (host, cand) in &affected {
+            f.send(&index, sessions, host, revision, cand);
+        }
+        f.index = index;
+    }
+}
+
+impl FanoutInner {
+    /// Sends `host`'s stream (if open) what changed for it among `cand`. A stream that cannot
+    /// take it (its client reads too slowly) is ended; the node resumes when it reconnects.
+    fn send(
+        &mut self,
+        index: &ViewIndex,
+        sessions: &Sessions,
+        host: &str,
+        revision: Revision,
+        cand: &BTreeSet<String>,
+    ) {
+        let Some(slot) = self.streams.get(host) else { return };
+        let Some(msg) = sessions.update(index, host, slot.gen, revision, cand) else {
+            return;
+        };
+        if let Err(e) = slot.tx.try_send(line(&msg)) {
+            let full = matches!(e, tokio::sync::mpsc::error::TrySendError::Full(_));
+            if full {
+                tracing::warn!(
+                    host,
+                    revision,
+                    "node stream fell behind; ending it (the node resumes on reconnect)"
                 );
             }
+            sessions.stop(host, slot.gen);
+            self.streams.remove(host);
         }
     }
-    for net in &nets {
-        let k = keys::resource("networks", net);
-        if let Some((n, rev)) = cache.get_typed::<Network>(&k) {
-            if let Some(v) = typed(&k, n.to_api(true)) {
-                out.insert(
-                    k,
-                    ViewObject {
-                        revision: rev,
-                        value: ObjectValue::Network(v),
-                    },
-                );
+}
+
+/// Builds every node's view from the cache now, then follows the cache in a task of its own
+/// and fans each change out to the node streams it concerns.
+pub fn start_fanout(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    let mut feed = state.cache.feed();
+    state.neutron.fanout.rebuild(&state.cache, &state.neutron.node_sessions);
+    tokio::spawn(async move {
+        let cache = state.cache.clone();
+        let sessions = &state.neutron.node_sessions;
+        let fanout = &state.neutron.fanout;
+        loop {
+            match feed.recv().await {
+                Ok(ev) => match ev.as_ref() {
+                    Feed::Batch { revision, items } => fanout.apply(sessions, *revision, items),
+                    Feed::Reset => {
+                        feed = cache.feed();
+                        fanout.rebuild(&cache, sessions);
+                    }
+                },
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "node view fan-out fell behind the cache; rebuilding");
+                    feed = cache.feed();
+                    fanout.rebuild(&cache, sessions);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
-    }
-    for (s, rev) in cache.list_typed::<Subnet>() {
-        if nets.contains(s.network_id.as_str()) {
-            let k = keys::resource(Subnet::COLLECTION, &s.id);
-            if let Some(v) = typed(&k, s.to_api()) {
-                out.insert(
-                    k,
-                    ViewObject {
-                        revision: rev,
-                        value: ObjectValue::Subnet(v),
-                    },
-                );
-            }
-        }
-    }
-    for h in hosts {
-        let k = keys::resource("nodes", h);
-        if let Some((n, rev)) = cache.get_typed::<Node>(&k) {
-            let value = ObjectValue::Node(NodeInfo {
-                host: n.host,
-                underlay_ip: n.underlay_ip,
-                capabilities: n.capabilities,
-            });
-            out.insert(k, ViewObject { revision: rev, value });
-        }
-    }
-    out
+    })
 }
 
 fn object(key: &str, o: &ViewObject) -> Object {
@@ -278,19 +375,6 @@ fn object(key: &str, o: &ViewObject) -> Object {
     }
 }
 
-/// Changes from `old` to `new`: objects to put (new or rewritten) and keys to delete.
-pub fn diff(old: &BTreeMap<String, ViewObject>, new: &BTreeMap<String, ViewObject>) -> (Vec<Object>, Vec<String>) {
-    let put = new
-        .iter()
-        // By value: a node's heartbeat rewrites its record (new revision) without changing
-        // what a peer sees of it, and that must not reach every peer.
-        .filter(|(k, o)| old.get(*k).is_none_or(|x| x.value != o.value))
-        .map(|(k, o)| object(k, o))
-        .collect();
-    let delete = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
-    (put, delete)
-}
-
 fn line(m: &Message) -> Result<Bytes, Infallible> {
     // Serializing these types cannot fail (string keys, no non-finite floats).
     let mut s = serde_json::to_vec(m).unwrap_or_default();
@@ -299,13 +383,13 @@ fn line(m: &Message) -> Result<Bytes, Infallible> {
 }
 
 /// The first message of a stream: a resume if the node's record reaches back to `since`,
-/// else a snapshot. Returns the message, the keys it touched (for a resume) and a log line.
+/// else a snapshot. Returns the message and the keys it touched (for a resume).
 fn first_message(
     sessions: &Sessions,
     host: &str,
     since: Option<Revision>,
     rev: Revision,
-    now: &BTreeMap<String, ViewObject>,
+    now: &View,
 ) -> (Message, Option<Vec<String>>) {
     if let Some(since) = since {
         if let Some(touched) = sessions.changed_since(host, since, now) {
@@ -330,6 +414,9 @@ fn first_message(
     (Message::Snapshot { revision: rev, objects }, None)
 }
 
+/// Lines a stream may have queued before it counts as fallen behind.
+const STREAM_QUEUE: usize = 256;
+
 pub async fn watch(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -350,21 +437,25 @@ pub async fn watch(
                 .map_err(|_| isthmus_model::NeutronError::invalid_attr("since", format!("'{s}' is not a revision")))?,
         ),
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
-    let cache = state.cache.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(STREAM_QUEUE);
+    let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
+    let sessions = &state.neutron.node_sessions;
+    // Under the fan-out's lock: the first message and the registration happen at one
+    // revision, so the stream misses no update and gets none twice.
+    let gen = {
+        let mut f = state.neutron.fanout.lock();
+        let rev = f.revision;
+        let now = f.index.view(&host);
+        let (first, touched) = first_message(sessions, &host, since, rev, &now);
+        let gen = sessions.start(&host, &now, rev, touched, stop_tx);
+        // The queue is new and empty: this cannot fail.
+        let _ = tx.try_send(line(&first));
+        f.streams.insert(host.clone(), Slot { gen, tx: tx.clone() });
+        gen
+    };
     let st = state.clone();
     tokio::spawn(async move {
         let sessions = &st.neutron.node_sessions;
-        let mut changes = cache.subscribe();
-        let mut rev = *changes.borrow_and_update();
-        let mut sent = compute(&cache, &host);
-        let (first, touched) = first_message(sessions, &host, since, rev, &sent);
-        let (stop_tx, mut stop) = tokio::sync::oneshot::channel();
-        let gen = sessions.start(&host, &sent, rev, touched, stop_tx);
-        if tx.send(line(&first)).await.is_err() {
-            sessions.end(&host, gen);
-            return;
-        }
         // One ticker for the stream's life: a busy cache must not keep postponing pings. Often
         // enough that the connection's idle timeout never sees a quiet stream.
         let every = PING_EVERY.min(Duration::from_secs(st.config.idle_timeout_secs) / 3);
@@ -372,44 +463,29 @@ pub async fn watch(
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                // A newer stream of this node took over (or the client left): end this one.
+                // A newer stream of this node took over, or this one fell behind: end it.
                 _ = &mut stop => {
-                    tracing::info!(host = %host, "node watch replaced by a newer one");
+                    tracing::info!(host = %host, "node watch replaced by a newer one or fell behind");
                     break;
                 }
                 _ = tx.closed() => break,
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    rev = *changes.borrow_and_update();
-                    let now = compute(&cache, &host);
-                    let (put, delete) = diff(&sent, &now);
-                    sent = now;
-                    if put.is_empty() && delete.is_empty() {
-                        continue;
-                    }
-                    let touched: Vec<String> = put
-                        .iter()
-                        .map(|o| o.key.clone())
-                        .chain(delete.iter().cloned())
-                        .collect();
-                    let msg = Message::Update {
-                        revision: Some(rev),
-                        put,
-                        delete,
-                    };
-                    if tx.send(line(&msg)).await.is_err() {
-                        break;
-                    }
-                    sessions.record(&host, gen, &sent, rev, touched);
-                }
                 _ = ping.tick() => {
-                    if tx.send(line(&Message::Ping { revision: Some(rev) })).await.is_err() {
-                        break;
+                    // Under the fan-out's lock, so a ping never overtakes an update of an
+                    // older revision still being written.
+                    let f = st.neutron.fanout.lock();
+                    let rev = f.revision;
+                    match tx.try_send(line(&Message::Ping { revision: Some(rev) })) {
+                        Ok(()) => sessions.touch(&host, gen, rev),
+                        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {}
+                        Err(_) => break,
                     }
-                    sessions.record(&host, gen, &sent, rev, vec![]);
                 }
+            }
+        }
+        {
+            let mut f = st.neutron.fanout.lock();
+            if f.streams.get(&host).is_some_and(|s| s.gen == gen) {
+                f.streams.remove(&host);
             }
         }
         sessions.end(&host, gen);
