@@ -185,6 +185,76 @@ impl Drop for EtcdProcess {
     }
 }
 
+/// A TCP relay on loopback to another address (an etcd), which can cut every connection and
+/// refuse new ones: breaks a client's streams while the server itself stays up.
+pub struct TcpRelay {
+    addr: std::net::SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpRelay {
+    /// Relays to `target` (`host:port`, or a URL like `http://127.0.0.1:2379`).
+    pub async fn start(target: &str) -> TcpRelay {
+        use std::sync::atomic::Ordering;
+        let target = target.trim_start_matches("http://").trim_end_matches('/').to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("relay bind: {e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("relay addr: {e}"));
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u64);
+        let o = open.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !o.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut_rx = cut_rx.clone();
+                cut_rx.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        TcpRelay { addr, open, cut, task }
+    }
+
+    /// `http://127.0.0.1:P` of the relay.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Cuts every relayed connection and refuses new ones until [`TcpRelay::reopen`].
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn reopen(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
 /// An embedded store in a temp dir that lives as long as this value.
 pub struct TempEmbedded {
     pub store: Arc<EmbeddedStore>,

@@ -2,10 +2,8 @@
 
 use isthmus_store::embedded::EmbeddedStore;
 use isthmus_store::etcd::{EtcdOptions, EtcdStore};
-use isthmus_store::testing::{EtcdProcess, TempEmbedded};
+use isthmus_store::testing::{EtcdProcess, TcpRelay, TempEmbedded};
 use isthmus_store::{conformance, DynStore, EventKind, Op, Revision, Store, StoreError, WatchEvent};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 async fn start_etcd() -> EtcdProcess {
@@ -144,70 +142,13 @@ async fn etcd_watch_survives_restart_without_loss_or_duplicates() {
     drop(etcd);
 }
 
-/// A TCP relay to etcd that can cut every connection and refuse new ones, to break a watch
-/// stream while etcd itself stays up.
-struct Relay {
-    addr: std::net::SocketAddr,
-    open: Arc<AtomicBool>,
-    cut: tokio::sync::watch::Sender<u64>,
-}
-
-impl Relay {
-    async fn start(target: String) -> Relay {
-        let target = target.trim_start_matches("http://").to_string();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let open = Arc::new(AtomicBool::new(true));
-        let (cut, cut_rx) = tokio::sync::watch::channel(0u64);
-        let o = open.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !o.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let target = target.clone();
-                let mut cut_rx = cut_rx.clone();
-                cut_rx.borrow_and_update();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.changed() => {}
-                    }
-                });
-            }
-        });
-        Relay { addr, open, cut }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Cuts every connection and refuses new ones until `reopen`.
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        self.cut.send_modify(|n| *n += 1);
-    }
-
-    fn reopen(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-}
-
 /// The watch stream breaks; while it is down, history it has not delivered yet is written
 /// and compacted. On reconnect the watch says Compacted (it cannot resume) instead of
 /// skipping, and a watch that had delivered everything resumes without loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_compaction_while_the_watch_is_away_gives_compacted() {
     let etcd = start_etcd().await;
-    let relay = Relay::start(etcd.endpoint()).await;
+    let relay = TcpRelay::start(&etcd.endpoint()).await;
     let opts = EtcdOptions {
         request_timeout: Duration::from_secs(3),
         ..Default::default()
