@@ -1,7 +1,7 @@
 //! The shared conformance suite against both backends, plus etcd-specific behaviour.
 
 use isthmus_store::embedded::EmbeddedStore;
-use isthmus_store::etcd::{EtcdOptions, EtcdStore};
+use isthmus_store::etcd::{EtcdOptions, EtcdStore, EtcdTls};
 use isthmus_store::testing::{EtcdProcess, TcpRelay, TempEmbedded};
 use isthmus_store::{conformance, DynStore, EventKind, Op, Revision, Store, StoreError, WatchEvent};
 use std::time::Duration;
@@ -289,4 +289,111 @@ async fn embedded_leased_keys_go_on_reopen_after_snapshot() {
     let store = EmbeddedStore::open_with(dir.path(), opts).expect("reopen");
     assert_eq!(store.get("/s/leased").await.expect("get"), None);
     assert_eq!(store.list("/s/").await.expect("list").0.len(), 40);
+}
+
+/// etcd with TLS and client-certificate authentication: the store connects with the CA and a
+/// client certificate, and everything works over it (including the watch stream); without
+/// the client certificate, or without TLS, it does not connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_a_client_certificate() {
+    let etcd = tokio::task::spawn_blocking(EtcdProcess::start_tls)
+        .await
+        .expect("etcd start panicked");
+    let files = etcd.tls_files().expect("tls files").clone();
+    assert!(etcd.endpoint().starts_with("https://"));
+    let opts = |cert: bool| EtcdOptions {
+        request_timeout: Duration::from_secs(3),
+        tls: Some(EtcdTls {
+            ca_file: Some(files.ca.clone()),
+            cert_file: cert.then(|| files.client_cert.clone()),
+            key_file: cert.then(|| files.client_key.clone()),
+        }),
+        ..Default::default()
+    };
+    let store = EtcdStore::connect_with(vec![etcd.endpoint()], opts(true))
+        .await
+        .expect("connect over TLS");
+    let mut w = store.watch("/tls/", 0).await.expect("watch");
+    let r = store.put("/tls/k", b"v".to_vec()).await.expect("put");
+    assert_eq!(drain(&mut w, 1).await, vec![("/tls/k".to_string(), r)]);
+    // Endpoint without a scheme: https, because TLS is configured.
+    let bare = etcd.endpoint().trim_start_matches("https://").to_string();
+    let store2 = EtcdStore::connect_with(vec![bare], opts(true)).await.expect("connect");
+    assert_eq!(
+        store2.get("/tls/k").await.expect("get").map(|kv| kv.value),
+        Some(b"v".to_vec())
+    );
+
+    match EtcdStore::connect_with(vec![etcd.endpoint()], opts(false)).await {
+        Err(StoreError::Unavailable(_)) => {}
+        Err(e) => panic!("expected Unavailable without a client certificate, got {e}"),
+        Ok(_) => panic!("connected without the client certificate etcd requires"),
+    }
+    let plain = etcd.endpoint().replace("https://", "http://");
+    assert!(
+        EtcdStore::connect_with(vec![plain.clone()], opts(true)).await.is_err(),
+        "http with TLS options"
+    );
+    let no_tls = EtcdOptions {
+        request_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    assert!(
+        EtcdStore::connect_with(vec![etcd.endpoint()], no_tls.clone())
+            .await
+            .is_err(),
+        "https without CA"
+    );
+    assert!(
+        EtcdStore::connect_with(vec![plain], no_tls).await.is_err(),
+        "plain HTTP to a TLS etcd"
+    );
+}
+
+/// etcd with authentication on: the store logs in with user and password; a wrong password
+/// is refused, and the password shows up in no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_user_and_password() {
+    const PASSWORD: &str = "etcd-Secret-42";
+    let etcd = start_etcd().await;
+    {
+        let mut admin = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .expect("connect");
+        admin.role_add("root").await.expect("role");
+        admin.user_add("root", PASSWORD, None).await.expect("user");
+        admin.user_grant_role("root", "root").await.expect("grant");
+        admin.auth_enable().await.expect("auth enable");
+    }
+    let opts = |password: &str| EtcdOptions {
+        request_timeout: Duration::from_secs(3),
+        user: Some("root".into()),
+        password: Some(password.into()),
+        ..Default::default()
+    };
+    let store = EtcdStore::connect_with(vec![etcd.endpoint()], opts(PASSWORD))
+        .await
+        .expect("connect with the password");
+    let mut w = store.watch("/auth/", 0).await.expect("watch");
+    let lease = store.grant_lease(30).await.expect("grant");
+    let res = store
+        .txn(vec![], vec![Op::put_with_lease("/auth/k", "v", lease)])
+        .await
+        .expect("txn");
+    assert_eq!(drain(&mut w, 1).await, vec![("/auth/k".to_string(), res.revision)]);
+    assert!(format!("{:?}", opts(PASSWORD)).contains("redacted"));
+    assert!(!format!("{:?}", opts(PASSWORD)).contains(PASSWORD));
+
+    match EtcdStore::connect_with(vec![etcd.endpoint()], opts("wrong-Password-1")).await {
+        Err(e) => assert!(!e.to_string().contains("wrong-Password-1"), "{e}"),
+        Ok(_) => panic!("connected with a wrong password"),
+    }
+    let anonymous = EtcdOptions {
+        request_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    assert!(
+        EtcdStore::connect_with(vec![etcd.endpoint()], anonymous).await.is_err(),
+        "connected without credentials to an etcd with auth on"
+    );
 }
