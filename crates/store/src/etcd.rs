@@ -34,14 +34,16 @@ use tracing::{debug, info, warn};
 const WATCH_BUFFER: usize = 64;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Limit for opening the watch stream (connection, TLS, HTTP/2, response headers).
+const WATCH_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest response accepted (a list of everything under a prefix comes in one message).
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 /// Client TLS for etcd (`https://` endpoints).
 #[derive(Debug, Clone, Default)]
 pub struct EtcdTls {
-    /// CA certificate(s) (PEM) that signed etcd's server certificate; the system roots are
-    /// not used.
+    /// CA certificate(s) (PEM) that signed etcd's server certificate (required; the system
+    /// roots are not used).
     pub ca_file: Option<PathBuf>,
     /// Client certificate (PEM), for etcd's `--client-cert-auth`.
     pub cert_file: Option<PathBuf>,
@@ -371,7 +373,7 @@ impl Hub {
                         if let Some(s) = self.sender.as_mut() {
                             // If this fails the stream is breaking anyway, and the watch is
                             // not re-created on the next one.
-                            let _ = s.cancel(eid).await;
+                            let _ = tokio::time::timeout(WATCH_OPEN_TIMEOUT, s.cancel(eid)).await;
                         }
                     }
                     None if self.pending.contains(&id) => {
@@ -388,9 +390,11 @@ impl Hub {
         let Some(w) = self.watches.get(&id) else { return };
         let (key, opts) = (watch_key(w), watch_options(w));
         let Some(s) = self.sender.as_mut() else { return };
-        match s.watch(key, Some(opts)).await {
-            Ok(()) => self.pending.push_back(id),
-            Err(e) => self.broken(describe(&e)),
+        // A request stream that stays full belongs to a stuck connection.
+        match tokio::time::timeout(WATCH_OPEN_TIMEOUT, s.watch(key, Some(opts))).await {
+            Ok(Ok(())) => self.pending.push_back(id),
+            Ok(Err(e)) => self.broken(describe(&e)),
+            Err(_) => self.broken("watch request stream stuck".into()),
         }
     }
 
@@ -409,7 +413,7 @@ impl Hub {
             (watch_key(w), watch_options(w))
         };
         let opened = tokio::time::timeout(
-            self.connect_timeout.max(Duration::from_secs(5)),
+            self.connect_timeout.max(WATCH_OPEN_TIMEOUT),
             client.watch(key, Some(opts)),
         )
         .await;
@@ -469,7 +473,7 @@ impl Hub {
             if self.cancel_on_create.remove(&id) {
                 self.watches.remove(&id);
                 if let Some(s) = self.sender.as_mut() {
-                    let _ = s.cancel(r.watch_id()).await;
+                    let _ = tokio::time::timeout(WATCH_OPEN_TIMEOUT, s.cancel(r.watch_id())).await;
                 }
                 return;
             }
@@ -546,9 +550,8 @@ impl Hub {
         };
         w.delivered = last;
         w.next = w.next.max(last + 1);
-        if w.out.send(Ok(WatchEvent::Events(events))).is_err() {
-            // The forwarder is gone; its Cancel is on the way.
-        }
+        // If the forwarder is gone, its Cancel is on the way.
+        let _ = w.out.send(Ok(WatchEvent::Events(events)));
     }
 }
 
@@ -626,6 +629,12 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
         if let Some(tls) = &opts.tls {
+            if tls.ca_file.is_none() {
+                // No system roots are compiled in: an etcd's CA is always named.
+                return Err(StoreError::Invalid(
+                    "etcd TLS needs the CA file that signed etcd's certificate".into(),
+                ));
+            }
             let mut t = TlsOptions::new();
             if let Some(ca) = &tls.ca_file {
                 t = t.ca_certificate(Certificate::from_pem(read_file("CA file", ca)?));
