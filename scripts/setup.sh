@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want=(ca-certificates gcc libc6-dev iproute2 nftables)
+want=(ca-certificates gcc libc6-dev iproute2 nftables protobuf-compiler)
 if [ "${1:-}" = "--test" ]; then
   want+=(etcd-server etcd-client python3-openstackclient python3-tempest
          podman runc containernetworking-plugins busybox-static iputils-ping qemu-system-x86)

@@ -102,6 +102,77 @@ struct StoreArgs {
         default_value = "http://127.0.0.1:2379"
     )]
     etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) that signed etcd's server certificate; turns TLS on (endpoints
+    /// without a scheme then use https).
+    #[arg(long, env = "ISTHMUS_ETCD_CA_FILE")]
+    etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication.
+    #[arg(long, env = "ISTHMUS_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    etcd_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert-file.
+    #[arg(long, env = "ISTHMUS_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
+    /// etcd user, when etcd has authentication enabled (with --etcd-password).
+    #[arg(long, env = "ISTHMUS_ETCD_USER", requires = "etcd_password")]
+    etcd_user: Option<String>,
+    /// Password of --etcd-user (prefer the environment variable to the flag).
+    #[arg(long, env = "ISTHMUS_ETCD_PASSWORD", hide_env_values = true, requires = "etcd_user")]
+    etcd_password: Option<String>,
+    /// Limit for one etcd call, seconds.
+    #[arg(long, env = "ISTHMUS_ETCD_TIMEOUT", default_value_t = 10)]
+    etcd_timeout: u64,
+    /// Store revisions of history kept for watches; older history is compacted
+    /// (default 10000, or the config file's store_compact_window).
+    #[arg(long, env = "ISTHMUS_STORE_COMPACT_WINDOW")]
+    store_compact_window: Option<i64>,
+    /// How often the compactor runs, seconds (default 60, or the config file's
+    /// store_compact_interval_secs).
+    #[arg(long, env = "ISTHMUS_STORE_COMPACT_INTERVAL")]
+    store_compact_interval: Option<u64>,
+}
+
+impl StoreArgs {
+    fn embedded(data_dir: PathBuf) -> Self {
+        StoreArgs {
+            store: "embedded".into(),
+            data_dir,
+            etcd_endpoints: vec![],
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
+            etcd_user: None,
+            etcd_password: None,
+            etcd_timeout: 10,
+            store_compact_window: None,
+            store_compact_interval: None,
+        }
+    }
+
+    fn etcd_options(&self) -> isthmus_store::etcd::EtcdOptions {
+        let tls =
+            (self.etcd_ca_file.is_some() || self.etcd_cert_file.is_some()).then(|| isthmus_store::etcd::EtcdTls {
+                ca_file: self.etcd_ca_file.clone(),
+                cert_file: self.etcd_cert_file.clone(),
+                key_file: self.etcd_key_file.clone(),
+            });
+        isthmus_store::etcd::EtcdOptions {
+            request_timeout: std::time::Duration::from_secs(self.etcd_timeout.max(1)),
+            tls,
+            user: self.etcd_user.clone(),
+            password: self.etcd_password.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Flags over the config file's compaction settings.
+    fn apply(&self, config: &mut Config) {
+        if let Some(w) = self.store_compact_window {
+            config.store_compact_window = w;
+        }
+        if let Some(i) = self.store_compact_interval {
+            config.store_compact_interval_secs = i;
+        }
+    }
 }
 
 #[derive(Args)]
@@ -210,7 +281,7 @@ async fn open_store(args: &StoreArgs) -> Result<DynStore> {
             Ok(s)
         }
         "etcd" => {
-            let s = isthmus_store::etcd::EtcdStore::connect(args.etcd_endpoints.clone())
+            let s = isthmus_store::etcd::EtcdStore::connect_with(args.etcd_endpoints.clone(), args.etcd_options())
                 .await
                 .with_context(|| format!("connecting to etcd at {}", args.etcd_endpoints.join(",")))?;
             Ok(s)
@@ -240,12 +311,18 @@ async fn run_server(args: ServerArgs) -> Result<()> {
         config.token_ttl_secs = t;
     }
     args.public.apply(&mut config);
+    args.store.apply(&mut config);
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let store = open_store(&args.store).await?;
+    let compactor = isthmus_store::spawn_compactor(&store, config.compaction());
     let handle = isthmus_server::start(config, store).await?;
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down"),
     }
     handle.stop().await;
+    compactor.abort();
     Ok(())
 }
 
@@ -305,12 +382,8 @@ async fn run_up(args: UpArgs) -> Result<()> {
         ..Config::default()
     };
     args.public.apply(&mut config);
-    let store = open_store(&StoreArgs {
-        store: "embedded".into(),
-        data_dir: args.data_dir.clone(),
-        etcd_endpoints: vec![],
-    })
-    .await?;
+    let store = open_store(&StoreArgs::embedded(args.data_dir.clone())).await?;
+    let _compactor = isthmus_store::spawn_compactor(&store, config.compaction());
     let handle = isthmus_server::start(config, store).await?;
     let openrc = args.data_dir.join("openrc");
     let rc = format!(

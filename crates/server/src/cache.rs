@@ -8,7 +8,7 @@
 
 use crate::identity::model::{Project, Role, User};
 use isthmus_model::{keys, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
-use isthmus_store::{DynStore, EventKind, KeyValue, Revision, WatchEvent};
+use isthmus_store::{DynStore, EventKind, KeyValue, Revision, TxnResult, WatchEvent};
 use serde::de::DeserializeOwned;
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -282,6 +282,43 @@ impl Cache {
         match tokio::time::timeout(Duration::from_secs(10), reached).await {
             Ok(true) => Ok(()),
             _ => Err(CacheError::Timeout(rev)),
+        }
+    }
+
+    /// After a failed compare-and-swap: waits until the cache shows every key the
+    /// transaction compared as the store had it then — up to the highest revision among them
+    /// that exist, and past the delete of those that did not exist but are still cached.
+    /// Unlike waiting for the store's global revision, this does not depend on writes
+    /// outside the cache's prefix (which it never sees). Bounded like [`Cache::wait_for`].
+    pub async fn wait_for_conflict(&self, res: &TxnResult) -> Result<(), CacheError> {
+        let mut rx = self.revision.subscribe();
+        let target = res.compared_revision;
+        // Keys the store no longer has but the cache still shows (at this revision): their
+        // delete is on its way.
+        let stale: Vec<(&str, Revision)> = res
+            .compared_absent
+            .iter()
+            .filter_map(|k| self.get(k).map(|kv| (k.as_str(), kv.mod_revision)))
+            .collect();
+        let caught_up = |c: &Self| {
+            c.revision() >= target
+                && stale
+                    .iter()
+                    .all(|(k, m)| c.get(k).map(|kv| kv.mod_revision) != Some(*m))
+        };
+        let reached = async {
+            loop {
+                if caught_up(self) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), reached).await {
+            Ok(true) => Ok(()),
+            _ => Err(CacheError::Timeout(target)),
         }
     }
 

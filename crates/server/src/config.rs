@@ -56,6 +56,11 @@ pub struct Config {
     /// Accept a loopback underlay address in node heartbeats: only for a single-machine
     /// deployment (`isthmus up`), where no tunnel ever leaves the host.
     pub allow_loopback_underlay: bool,
+    /// Store revisions of history kept for watches; older history is compacted. A watcher
+    /// further behind (a server's cache after a long disconnect) relists.
+    pub store_compact_window: i64,
+    /// How often the compactor looks, seconds.
+    pub store_compact_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -85,6 +90,8 @@ impl Default for Config {
             idle_timeout_secs: 60,
             max_connections: 4096,
             allow_loopback_underlay: false,
+            store_compact_window: 10_000,
+            store_compact_interval_secs: 60,
         }
     }
 }
@@ -117,11 +124,21 @@ impl std::fmt::Debug for Config {
             .field("idle_timeout_secs", &self.idle_timeout_secs)
             .field("max_connections", &self.max_connections)
             .field("allow_loopback_underlay", &self.allow_loopback_underlay)
+            .field("store_compact_window", &self.store_compact_window)
+            .field("store_compact_interval_secs", &self.store_compact_interval_secs)
             .finish()
     }
 }
 
 impl Config {
+    /// The compactor's settings.
+    pub fn compaction(&self) -> isthmus_store::CompactionPolicy {
+        isthmus_store::CompactionPolicy {
+            window: self.store_compact_window,
+            interval: std::time::Duration::from_secs(self.store_compact_interval_secs),
+        }
+    }
+
     /// Refuses settings that would only fail later, with a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
         if self.vni_min == 0 || self.vni_max > 16_777_215 || self.vni_min > self.vni_max {
@@ -152,6 +169,9 @@ impl Config {
             return Err(
                 "header_read_timeout_secs, body_read_timeout_secs and idle_timeout_secs must be positive".into(),
             );
+        }
+        if self.store_compact_window < 1 || self.store_compact_interval_secs == 0 {
+            return Err("store_compact_window and store_compact_interval_secs must be positive".into());
         }
         if self.max_connections == 0 {
             return Err("max_connections must be positive".into());

@@ -4,7 +4,7 @@
 //! steps and one compacts the store, so run the suite on a store nobody else writes to at the
 //! same time. Cases panic (assert) on a deviation, like test code.
 
-use crate::{Compare, DynStore, Event, EventKind, KeyValue, Op, Revision, StoreError, Watch, WatchEvent};
+use crate::{Compare, DynStore, Event, EventKind, KeyValue, Op, Revision, StoreError, TxnResult, Watch, WatchEvent};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -30,6 +30,10 @@ pub async fn run_all(store: DynStore) {
     watch_future_revision(store.clone()).await;
     watch_compacted(store.clone()).await;
     watch_receiver_drop(store.clone()).await;
+    failed_txn_reports_compared_revision(store.clone()).await;
+    lease_expiry_deletes_keys(store.clone()).await;
+    lease_keep_alive_keeps_keys(store.clone()).await;
+    lease_revoke_deletes_at_once(store.clone()).await;
 }
 
 /// A key prefix no other case (or earlier run against the same store) uses.
@@ -619,4 +623,182 @@ pub async fn watch_receiver_drop(store: DynStore) {
     assert_eq!(collect_flat(&mut keep, 20).await.len(), 20);
     let mut again = store.watch(&p, from).await.expect("watch");
     assert_eq!(collect_flat(&mut again, 20).await.len(), 20);
+}
+
+/// A failed txn says which revision shows every compared key as it was when it failed, and
+/// which compared keys were absent; writes elsewhere do not move that revision.
+pub async fn failed_txn_reports_compared_revision(store: DynStore) {
+    let p = fresh_prefix("conflict");
+    let (a, b, gone) = (format!("{p}a"), format!("{p}b"), format!("{p}gone"));
+    store.put(&a, b"1".to_vec()).await.expect("put");
+    let rb = store.put(&b, b"1".to_vec()).await.expect("put");
+    let rg = store.put(&gone, b"1".to_vec()).await.expect("put");
+    store.delete(&gone).await.expect("delete");
+    // Unrelated writes after: the revision to wait for must not include them.
+    for i in 0..3 {
+        store.put(&format!("{p}other{i}"), b"x".to_vec()).await.expect("put");
+    }
+    let res = store
+        .txn(
+            vec![
+                Compare::ModRevision(a.clone(), 1),
+                Compare::Exists(b.clone()),
+                Compare::ModRevision(gone.clone(), rg),
+            ],
+            vec![Op::put(a.clone(), "2")],
+        )
+        .await
+        .expect("txn");
+    assert!(!res.succeeded);
+    assert_eq!(
+        res.compared_revision, rb,
+        "highest mod_revision of the compared keys: {res:?}"
+    );
+    assert_eq!(res.compared_absent, vec![gone.clone()]);
+
+    let res = store
+        .txn(vec![Compare::Absent(a.clone())], vec![Op::put(a.clone(), "2")])
+        .await
+        .expect("txn");
+    assert_eq!(res.compared_revision, must_get(&store, &a).await.mod_revision);
+    assert!(res.compared_absent.is_empty());
+
+    let ok = store
+        .txn(vec![Compare::Exists(a.clone())], vec![Op::put(a.clone(), "3")])
+        .await
+        .expect("txn");
+    assert_eq!(ok, TxnResult::applied(ok.revision));
+}
+
+/// Waits up to `WAIT` for `key` to be gone.
+async fn wait_gone(store: &DynStore, key: &str) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while store.get(key).await.expect("get").is_some() {
+        assert!(start.elapsed() < WAIT, "{key} still there after {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+/// A lease nobody renews expires: its keys are deleted in one transaction the watch sees, a
+/// put with it is refused afterwards, and keep-alive says it is gone.
+pub async fn lease_expiry_deletes_keys(store: DynStore) {
+    let p = fresh_prefix("lexpire");
+    let (k1, k2, plain) = (format!("{p}k1"), format!("{p}k2"), format!("{p}plain"));
+    assert!(matches!(store.grant_lease(0).await, Err(StoreError::Invalid(_))));
+    // etcd's minimum TTL is about 2 s whatever is asked; ask for that.
+    let lease = store.grant_lease(2).await.expect("grant");
+    assert!(lease > 0);
+    store
+        .txn(
+            vec![],
+            vec![
+                Op::put_with_lease(k1.clone(), "1", lease),
+                Op::put_with_lease(k2.clone(), "2", lease),
+                Op::put(plain.clone(), "3"),
+            ],
+        )
+        .await
+        .expect("put with lease");
+    let mut w = store.watch(&p, 0).await.expect("watch");
+    let started = std::time::Instant::now();
+    wait_gone(&store, &k1).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "expired after {took:?}, before its TTL"
+    );
+    assert_eq!(store.get(&k2).await.expect("get"), None);
+    assert!(
+        store.get(&plain).await.expect("get").is_some(),
+        "a key without the lease stays"
+    );
+    let batches = collect_events(&mut w, 2).await;
+    assert_eq!(batches.len(), 1, "both keys go in one transaction: {batches:?}");
+    let evs = &batches[0];
+    assert!(evs.iter().all(|e| e.kind == EventKind::Delete));
+    assert_eq!(evs[0].kv.mod_revision, evs[1].kv.mod_revision);
+    let mut ks: Vec<&str> = evs.iter().map(|e| e.kv.key.as_str()).collect();
+    ks.sort();
+    assert_eq!(ks, vec![k1.as_str(), k2.as_str()]);
+    expect_quiet(&mut w).await;
+
+    assert!(
+        !store.keep_alive(lease).await.expect("keep_alive"),
+        "expired lease kept alive"
+    );
+    assert!(
+        matches!(
+            store
+                .txn(vec![], vec![Op::put_with_lease(k1.clone(), "x", lease)])
+                .await,
+            Err(StoreError::Invalid(_))
+        ),
+        "put with an expired lease"
+    );
+    assert_eq!(store.get(&k1).await.expect("get"), None);
+}
+
+/// Renewing a lease keeps its keys well past its TTL.
+pub async fn lease_keep_alive_keeps_keys(store: DynStore) {
+    let p = fresh_prefix("lkeep");
+    let k = format!("{p}k");
+    let lease = store.grant_lease(2).await.expect("grant");
+    store
+        .txn(vec![], vec![Op::put_with_lease(k.clone(), "v", lease)])
+        .await
+        .expect("put");
+    let mut w = store.watch(&p, 0).await.expect("watch");
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        assert!(
+            store.keep_alive(lease).await.expect("keep_alive"),
+            "lease died while renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        store.get(&k).await.expect("get").is_some(),
+        "key gone although its lease was renewed"
+    );
+    expect_quiet(&mut w).await;
+    // A plain put detaches the key from the lease.
+    store.put(&k, b"plain".to_vec()).await.expect("put");
+    store.revoke_lease(lease).await.expect("revoke");
+    assert_eq!(must_get(&store, &k).await.value, b"plain");
+    assert!(!store.keep_alive(lease).await.expect("keep_alive"));
+    assert!(!store.keep_alive(123_456_789).await.expect("keep_alive unknown"));
+}
+
+/// Revoking deletes the lease's keys at once, in one transaction.
+pub async fn lease_revoke_deletes_at_once(store: DynStore) {
+    let p = fresh_prefix("lrevoke");
+    let lease = store.grant_lease(60).await.expect("grant");
+    let other = store.grant_lease(60).await.expect("grant");
+    assert_ne!(lease, other);
+    let keys: Vec<String> = (0..3).map(|i| format!("{p}k{i}")).collect();
+    let ops = keys.iter().map(|k| Op::put_with_lease(k.clone(), "v", lease)).collect();
+    store.txn(vec![], ops).await.expect("put");
+    let kept = format!("{p}other");
+    store
+        .txn(vec![], vec![Op::put_with_lease(kept.clone(), "v", other)])
+        .await
+        .expect("put");
+    let mut w = store.watch(&p, 0).await.expect("watch");
+    let before = rev(&store).await;
+    store.revoke_lease(lease).await.expect("revoke");
+    for k in &keys {
+        assert_eq!(store.get(k).await.expect("get"), None, "{k} survived the revoke");
+    }
+    assert_eq!(rev(&store).await, before + 1, "one transaction");
+    let evs = collect_flat(&mut w, 3).await;
+    assert!(evs
+        .iter()
+        .all(|e| e.kind == EventKind::Delete && e.kv.mod_revision == before + 1));
+    assert!(store.get(&kept).await.expect("get").is_some());
+    // Idempotent, and the other lease is untouched.
+    store.revoke_lease(lease).await.expect("revoke again");
+    assert!(store.keep_alive(other).await.expect("keep_alive"));
+    store.revoke_lease(other).await.expect("revoke other");
+    assert_eq!(store.get(&kept).await.expect("get"), None);
 }

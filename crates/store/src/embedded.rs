@@ -15,10 +15,15 @@
 //!
 //! Log record: `u32 payload length | u32 CRC32 of payload | payload`, little endian. Payload:
 //! `u8 format | i64 revision | i64 first revision of its group commit | u32 op count | ops`,
-//! an op being `u8 kind | u32 key length | key | (put only) u32 value length | value`.
+//! an op being `u8 kind | u32 key length | key | (puts) u32 value length | value | (put with
+//! lease) i64 lease`.
+//!
+//! Leases live in memory only. A key written with a lease is marked so in the log and the
+//! snapshot; opening the store deletes every such key in one write, as if its lease had
+//! expired with the process that held it.
 
 use crate::{
-    Compare, Event, EventKind, KeyValue, Op, Result, Revision, Store, StoreError, TxnResult, Watch, WatchEvent,
+    Compare, Event, EventKind, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, TxnResult, Watch, WatchEvent,
 };
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -27,8 +32,10 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc as std_mpsc, Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
@@ -51,8 +58,14 @@ const RECORD_FORMAT: u8 = 1;
 const MIN_PAYLOAD: usize = 1 + 8 + 8 + 4;
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
+const OP_PUT_LEASE: u8 = 3;
+/// How often expired leases are looked for.
+const LEASE_CHECK: Duration = Duration::from_millis(100);
 
-const SNAPSHOT_MAGIC: &[u8; 8] = b"ISTHSNP1";
+/// Snapshot without lease marks (read only).
+const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"ISTHSNP1";
+/// Each entry also carries its lease (0: none).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"ISTHSNP2";
 const SNAPSHOT_TRAILER: usize = 8 + 4;
 
 /// Transactions taken into one group commit at most.
@@ -93,6 +106,8 @@ impl Default for EmbeddedOptions {
 /// releases the directory lock.
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
+    /// For the lease reaper, which must not keep the store alive.
+    me: Weak<EmbeddedStore>,
     requests: Option<std_mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     rev_rx: watch::Receiver<Revision>,
@@ -101,10 +116,25 @@ pub struct EmbeddedStore {
 
 struct Shared {
     state: RwLock<State>,
+    /// Live leases. The writer checks puts against it; expiry and revocation go through the
+    /// writer so they are ordered with the transactions.
+    leases: Mutex<HashMap<LeaseId, LeaseState>>,
+    reaper_started: AtomicBool,
+}
+
+struct LeaseState {
+    ttl: Duration,
+    deadline: Instant,
+}
+
+fn lease_table(s: &Shared) -> std::sync::MutexGuard<'_, HashMap<LeaseId, LeaseState>> {
+    s.leases.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 struct State {
     data: BTreeMap<String, KeyValue>,
+    /// Keys written with a lease, and which.
+    leased: HashMap<String, LeaseId>,
     revision: Revision,
     /// Every revision from the front's up to `revision`, one entry per revision.
     history: VecDeque<HistEntry>,
@@ -129,13 +159,19 @@ enum Request {
         revision: Revision,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Ends a lease (expired, or revoked when `force`) and deletes its keys in one txn.
+    EndLease {
+        lease: LeaseId,
+        force: bool,
+        reply: Option<oneshot::Sender<Result<()>>>,
+    },
 }
 
 impl Request {
     fn bytes(&self) -> usize {
         match self {
             Request::Txn(t) => t.bytes,
-            Request::Compact { .. } => 0,
+            Request::Compact { .. } | Request::EndLease { .. } => 0,
         }
     }
 }
@@ -162,6 +198,7 @@ impl State {
     fn new(opts: &EmbeddedOptions) -> Self {
         State {
             data: BTreeMap::new(),
+            leased: HashMap::new(),
             revision: 0,
             history: VecDeque::new(),
             history_events: 0,
@@ -176,14 +213,21 @@ impl State {
         self.history.front().map_or(self.revision + 1, |e| e.revision)
     }
 
-    fn apply(&mut self, revision: Revision, events: Vec<Event>) {
-        for e in &events {
+    /// `leases[i]` is the lease event `i` attached its key to (0: none).
+    fn apply(&mut self, revision: Revision, events: Vec<Event>, leases: Vec<LeaseId>) {
+        for (e, lease) in events.iter().zip(leases) {
             match e.kind {
                 EventKind::Put => {
                     self.data.insert(e.kv.key.clone(), e.kv.clone());
+                    if lease > 0 {
+                        self.leased.insert(e.kv.key.clone(), lease);
+                    } else {
+                        self.leased.remove(&e.kv.key);
+                    }
                 }
                 EventKind::Delete => {
                     self.data.remove(&e.kv.key);
+                    self.leased.remove(&e.kv.key);
                 }
             }
         }
@@ -240,18 +284,26 @@ fn lookup<'a>(
     }
 }
 
-/// Events a transaction's ops produce at `rev`; deletes of absent keys produce none.
+/// Events a transaction's ops produce at `rev`, and the lease of each (0: none); deletes of
+/// absent keys produce none.
 fn txn_events(
     rev: Revision,
     ops: Vec<Op>,
     overlay: &HashMap<String, Option<KeyValue>>,
     data: &BTreeMap<String, KeyValue>,
-) -> Vec<Event> {
+) -> (Vec<Event>, Vec<LeaseId>) {
     let mut events = Vec::with_capacity(ops.len());
+    let mut leases = Vec::with_capacity(ops.len());
     for op in ops {
         let prev = lookup(overlay, data, op.key());
+        let (op, lease) = match op {
+            Op::PutWithLease { key, value, lease } => (Op::Put { key, value }, lease),
+            op => (op, 0),
+        };
         match op {
+            Op::PutWithLease { .. } => unreachable!("converted above"),
             Op::Put { key, value } => {
+                leases.push(lease);
                 let (create_revision, version) = prev.map_or((rev, 1), |p| (p.create_revision, p.version + 1));
                 events.push(Event {
                     kind: EventKind::Put,
@@ -266,6 +318,7 @@ fn txn_events(
             }
             Op::Delete { key } => {
                 if prev.is_some() {
+                    leases.push(0);
                     events.push(Event {
                         kind: EventKind::Delete,
                         kv: KeyValue {
@@ -280,7 +333,7 @@ fn txn_events(
             }
         }
     }
-    events
+    (events, leases)
 }
 
 /// Checks shared by both backends: etcd refuses the same cases. Returns the key and value
@@ -297,8 +350,15 @@ pub(crate) fn validate_txn(compares: &[Compare], ops: &[Op], max_bytes: usize) -
             return Err(StoreError::Invalid(format!("key {key:?} appears twice in one txn")));
         }
         bytes += key.len();
-        if let Op::Put { value, .. } = op {
-            bytes += value.len();
+        match op {
+            Op::Put { value, .. } => bytes += value.len(),
+            Op::PutWithLease { value, lease, .. } => {
+                if *lease <= 0 {
+                    return Err(StoreError::Invalid(format!("invalid lease id {lease}")));
+                }
+                bytes += value.len();
+            }
+            Op::Delete { .. } => {}
         }
     }
     if bytes > max_bytes {
@@ -315,22 +375,26 @@ pub(crate) fn validate_txn(compares: &[Compare], ops: &[Op], max_bytes: usize) -
 // ---------------------------------------------------------------------------------------------
 // Encoding
 
-fn encode_record(out: &mut Vec<u8>, revision: Revision, group_start: Revision, events: &[Event]) {
+fn encode_record(out: &mut Vec<u8>, revision: Revision, group_start: Revision, events: &[Event], leases: &[LeaseId]) {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER]);
     out.push(RECORD_FORMAT);
     out.extend_from_slice(&revision.to_le_bytes());
     out.extend_from_slice(&group_start.to_le_bytes());
     out.extend_from_slice(&(events.len() as u32).to_le_bytes());
-    for e in events {
+    for (i, e) in events.iter().enumerate() {
         let key = e.kv.key.as_bytes();
+        let lease = leases.get(i).copied().unwrap_or(0);
         match e.kind {
             EventKind::Put => {
-                out.push(OP_PUT);
+                out.push(if lease > 0 { OP_PUT_LEASE } else { OP_PUT });
                 out.extend_from_slice(&(key.len() as u32).to_le_bytes());
                 out.extend_from_slice(key);
                 out.extend_from_slice(&(e.kv.value.len() as u32).to_le_bytes());
                 out.extend_from_slice(&e.kv.value);
+                if lease > 0 {
+                    out.extend_from_slice(&lease.to_le_bytes());
+                }
             }
             EventKind::Delete => {
                 out.push(OP_DELETE);
@@ -413,6 +477,15 @@ fn decode_payload(p: &[u8]) -> Option<LogRecord> {
                 let key = r.string()?;
                 let value = r.bytes()?.to_vec();
                 ops.push(Op::Put { key, value });
+            }
+            OP_PUT_LEASE => {
+                let key = r.string()?;
+                let value = r.bytes()?.to_vec();
+                let lease = r.i64()?;
+                if lease <= 0 {
+                    return None;
+                }
+                ops.push(Op::PutWithLease { key, value, lease });
             }
             OP_DELETE => ops.push(Op::Delete { key: r.string()? }),
             _ => return None,
@@ -514,6 +587,7 @@ fn write_snapshot(dir: &Path, state: &State) -> io::Result<u64> {
         sw.put(&kv.create_revision.to_le_bytes())?;
         sw.put(&kv.mod_revision.to_le_bytes())?;
         sw.put(&kv.version.to_le_bytes())?;
+        sw.put(&state.leased.get(&kv.key).copied().unwrap_or(0).to_le_bytes())?;
     }
     let SnapshotWriter { mut w, hasher, len } = sw;
     w.write_all(&len.to_le_bytes())?;
@@ -528,9 +602,16 @@ fn write_snapshot(dir: &Path, state: &State) -> io::Result<u64> {
 
 fn load_snapshot(bytes: &[u8], state: &mut State) -> Result<()> {
     let corrupt = |why: &str| StoreError::Corrupt(format!("snapshot: {why}"));
-    if bytes.len() < SNAPSHOT_MAGIC.len() + SNAPSHOT_TRAILER || !bytes.starts_with(SNAPSHOT_MAGIC) {
+    if bytes.len() < SNAPSHOT_MAGIC.len() + SNAPSHOT_TRAILER {
         return Err(corrupt("bad header"));
     }
+    let with_leases = if bytes.starts_with(SNAPSHOT_MAGIC) {
+        true
+    } else if bytes.starts_with(SNAPSHOT_MAGIC_V1) {
+        false
+    } else {
+        return Err(corrupt("bad header"));
+    };
     let payload = &bytes[SNAPSHOT_MAGIC.len()..bytes.len() - SNAPSHOT_TRAILER];
     let mut trailer = Reader::new(&bytes[bytes.len() - SNAPSHOT_TRAILER..]);
     let (len, crc) = (trailer.u64(), trailer.u32());
@@ -548,17 +629,23 @@ fn load_snapshot(bytes: &[u8], state: &mut State) -> Result<()> {
             let key = r.string()?;
             let value = r.bytes()?.to_vec();
             let (create_revision, mod_revision, version) = (r.i64()?, r.i64()?, r.i64()?);
-            Some(KeyValue {
+            let lease = if with_leases { r.i64()? } else { 0 };
+            let kv = KeyValue {
                 key,
                 value,
                 create_revision,
                 mod_revision,
                 version,
-            })
+            };
+            Some((kv, lease))
         })()
         .ok_or_else(|| corrupt("bad entry"))?;
-        if entry.mod_revision > revision || entry.create_revision > entry.mod_revision {
+        let (entry, lease) = entry;
+        if entry.mod_revision > revision || entry.create_revision > entry.mod_revision || lease < 0 {
             return Err(corrupt("entry revision out of range"));
+        }
+        if lease > 0 {
+            state.leased.insert(entry.key.clone(), lease);
         }
         state.data.insert(entry.key.clone(), entry);
     }
@@ -718,13 +805,13 @@ fn replay_log(buf: &[u8], state: &mut State) -> Result<usize> {
                 )));
             }
             let n_ops = rec.ops.len();
-            let events = txn_events(rec.revision, rec.ops, &empty, &state.data);
+            let (events, leases) = txn_events(rec.revision, rec.ops, &empty, &state.data);
             if events.len() != n_ops {
                 return Err(StoreError::Corrupt(format!(
                     "log record at offset {off} deletes a key that does not exist"
                 )));
             }
-            state.apply(rec.revision, events);
+            state.apply(rec.revision, events, leases);
         }
         prev = Some(rec.revision);
         off = next;
@@ -797,13 +884,18 @@ impl EmbeddedStore {
             "opened embedded store"
         );
 
+        // Leases died with the process that held them: their keys go now, in one write.
+        let mut orphaned: Vec<String> = state.leased.keys().cloned().collect();
+        orphaned.sort();
         let revision = state.revision;
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
+            leases: Mutex::new(HashMap::new()),
+            reaper_started: AtomicBool::new(false),
         });
         let (rev_tx, rev_rx) = watch::channel(revision);
         let (req_tx, req_rx) = std_mpsc::channel();
-        let writer = Writer {
+        let mut writer = Writer {
             shared: shared.clone(),
             dir: dir.to_path_buf(),
             wal,
@@ -815,11 +907,23 @@ impl EmbeddedStore {
             failed: None,
             _lock: lock,
         };
+        if !orphaned.is_empty() {
+            let n = orphaned.len();
+            match writer.delete_keys(orphaned) {
+                Ok(r) => info!(
+                    keys = n,
+                    revision = r,
+                    "deleted the keys of leases that ended with the previous process"
+                ),
+                Err(e) => return Err(e),
+            }
+        }
         let handle = std::thread::Builder::new()
             .name("isthmus-store-wal".into())
             .spawn(move || writer.run(req_rx))?;
-        Ok(Arc::new(EmbeddedStore {
+        Ok(Arc::new_cyclic(|me| EmbeddedStore {
             shared,
+            me: me.clone(),
             requests: Some(req_tx),
             writer: Some(handle),
             rev_rx,
@@ -883,6 +987,15 @@ impl Writer {
                         }
                         let _ = reply.send(self.compact(revision));
                     }
+                    Request::EndLease { lease, force, reply } => {
+                        if !group.is_empty() {
+                            self.commit(std::mem::take(&mut group));
+                        }
+                        let r = self.end_lease(lease, force);
+                        if let Some(reply) = reply {
+                            let _ = reply.send(r);
+                        }
+                    }
                 }
             }
             if !group.is_empty() {
@@ -910,6 +1023,50 @@ impl Writer {
         Ok(())
     }
 
+    /// Removes `lease` from the table (an expired one only if it is still expired: never one
+    /// that was renewed meanwhile) and deletes its keys in one transaction.
+    fn end_lease(&mut self, lease: LeaseId, force: bool) -> Result<()> {
+        {
+            let mut table = lease_table(&self.shared);
+            match table.get(&lease) {
+                Some(l) if !force && l.deadline > Instant::now() => return Ok(()),
+                _ => {}
+            }
+            table.remove(&lease);
+        }
+        let mut keys: Vec<String> = read_lock(&self.shared.state)
+            .leased
+            .iter()
+            .filter(|(_, l)| **l == lease)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        keys.sort();
+        let n = keys.len();
+        let rev = self.delete_keys(keys)?;
+        debug!(lease, keys = n, revision = rev, force, "lease ended; its keys deleted");
+        Ok(())
+    }
+
+    /// Deletes `keys` in one transaction through the log; returns its revision.
+    fn delete_keys(&mut self, keys: Vec<String>) -> Result<Revision> {
+        let ops: Vec<Op> = keys.into_iter().map(Op::delete).collect();
+        let bytes = ops.iter().map(|o| o.key().len()).sum();
+        let (reply, mut rx) = oneshot::channel();
+        self.commit(vec![TxnRequest {
+            compares: vec![],
+            ops,
+            bytes,
+            reply,
+        }]);
+        match rx.try_recv() {
+            Ok(r) => r.map(|t| t.revision),
+            Err(_) => Err(StoreError::Unavailable("store writer gave no answer".into())),
+        }
+    }
+
     fn commit(&mut self, group: Vec<TxnRequest>) {
         if let Some(why) = &self.failed {
             for r in group {
@@ -933,40 +1090,51 @@ impl Writer {
                     .iter()
                     .all(|c| compare_holds(c, lookup(&overlay, &state.data, compare_key(c))));
                 if !holds {
+                    let mut res = TxnResult {
+                        succeeded: false,
+                        revision: rev,
+                        ..Default::default()
+                    };
+                    for c in &req.compares {
+                        let k = compare_key(c);
+                        match lookup(&overlay, &state.data, k) {
+                            Some(kv) => res.compared_revision = res.compared_revision.max(kv.mod_revision),
+                            None if !res.compared_absent.iter().any(|a| a == k) => {
+                                res.compared_absent.push(k.to_string())
+                            }
+                            None => {}
+                        }
+                    }
+                    replies.push((req.reply, Ok(res)));
+                    continue;
+                }
+                let dead_lease = {
+                    let table = lease_table(&self.shared);
+                    req.ops.iter().find_map(|op| match op {
+                        Op::PutWithLease { lease, .. } if !table.contains_key(lease) => Some(*lease),
+                        _ => None,
+                    })
+                };
+                if let Some(lease) = dead_lease {
                     replies.push((
                         req.reply,
-                        TxnResult {
-                            succeeded: false,
-                            revision: rev,
-                        },
+                        Err(StoreError::Invalid(format!("requested lease not found: {lease}"))),
                     ));
                     continue;
                 }
-                let events = txn_events(rev + 1, req.ops, &overlay, &state.data);
+                let (events, leases) = txn_events(rev + 1, req.ops, &overlay, &state.data);
                 if events.is_empty() {
-                    replies.push((
-                        req.reply,
-                        TxnResult {
-                            succeeded: true,
-                            revision: rev,
-                        },
-                    ));
+                    replies.push((req.reply, Ok(TxnResult::applied(rev))));
                     continue;
                 }
                 rev += 1;
-                encode_record(&mut buf, rev, group_start, &events);
+                encode_record(&mut buf, rev, group_start, &events, &leases);
                 for e in &events {
                     let v = matches!(e.kind, EventKind::Put).then(|| e.kv.clone());
                     overlay.insert(e.kv.key.clone(), v);
                 }
-                committed.push((rev, events));
-                replies.push((
-                    req.reply,
-                    TxnResult {
-                        succeeded: true,
-                        revision: rev,
-                    },
-                ));
+                committed.push((rev, events, leases));
+                replies.push((req.reply, Ok(TxnResult::applied(rev))));
             }
         }
         if !buf.is_empty() {
@@ -992,15 +1160,15 @@ impl Writer {
         }
         if !committed.is_empty() {
             let mut state = write_lock(&self.shared.state);
-            for (rev, events) in committed {
-                state.apply(rev, events);
+            for (rev, events, leases) in committed {
+                state.apply(rev, events, leases);
             }
             let rev = state.revision;
             drop(state);
             self.rev_tx.send_replace(rev);
         }
         for (reply, result) in replies {
-            let _ = reply.send(Ok(result));
+            let _ = reply.send(result);
         }
     }
 
@@ -1228,6 +1396,93 @@ impl Store for EmbeddedStore {
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
+
+    async fn grant_lease(&self, ttl_secs: i64) -> Result<LeaseId> {
+        static NEXT: AtomicI64 = AtomicI64::new(0);
+        if ttl_secs < 1 {
+            return Err(StoreError::Invalid(format!("lease TTL {ttl_secs} s is below 1 s")));
+        }
+        let ttl = Duration::from_secs(ttl_secs.unsigned_abs());
+        // Ids need only be unique while this process lives (leases do not outlive it); start
+        // from the clock so ids are not reused across restarts either.
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as i64);
+        let _ = NEXT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed).max(1);
+        lease_table(&self.shared).insert(
+            id,
+            LeaseState {
+                ttl,
+                deadline: Instant::now() + ttl,
+            },
+        );
+        self.start_reaper();
+        Ok(id)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<bool> {
+        let mut table = lease_table(&self.shared);
+        let now = Instant::now();
+        match table.get_mut(&lease) {
+            Some(l) if l.deadline > now => {
+                l.deadline = now + l.ttl;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        let stopped = || StoreError::Unavailable("store writer has stopped".into());
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(Request::EndLease {
+                lease,
+                force: true,
+                reply: Some(reply),
+            })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+impl EmbeddedStore {
+    /// Starts (once) the task that ends expired leases. It holds the store only while it
+    /// works, so dropping the store stops it.
+    fn start_reaper(&self) {
+        if self.shared.reaper_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_CHECK).await;
+                let Some(store) = me.upgrade() else { return };
+                let now = Instant::now();
+                let expired: Vec<LeaseId> = lease_table(&store.shared)
+                    .iter()
+                    .filter(|(_, l)| l.deadline <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for lease in expired {
+                    let Some(tx) = store.requests.as_ref() else { return };
+                    if tx
+                        .send(Request::EndLease {
+                            lease,
+                            force: false,
+                            reply: None,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -1251,7 +1506,7 @@ mod tests {
     fn record_round_trip() {
         let mut buf = Vec::new();
         let events = vec![ev(EventKind::Put, "a", b"1", 7), ev(EventKind::Delete, "b", b"", 7)];
-        encode_record(&mut buf, 7, 6, &events);
+        encode_record(&mut buf, 7, 6, &events, &[0, 0]);
         let (rec, next) = parse_record(&buf, 0).expect("valid record");
         assert_eq!(next, buf.len());
         assert_eq!((rec.revision, rec.group_start), (7, 6));
@@ -1261,7 +1516,7 @@ mod tests {
     #[test]
     fn damaged_records_are_rejected_without_panic() {
         let mut buf = Vec::new();
-        encode_record(&mut buf, 1, 1, &[ev(EventKind::Put, "k", b"v", 1)]);
+        encode_record(&mut buf, 1, 1, &[ev(EventKind::Put, "k", b"v", 1)], &[0]);
         for cut in 0..buf.len() {
             assert!(parse_record(&buf[..cut], 0).is_err(), "prefix of {cut} bytes accepted");
         }
@@ -1278,7 +1533,7 @@ mod tests {
     fn snapshot_rejects_damage() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut state = State::new(&EmbeddedOptions::default());
-        state.apply(1, vec![ev(EventKind::Put, "k", b"v", 1)]);
+        state.apply(1, vec![ev(EventKind::Put, "k", b"v", 1)], vec![0]);
         write_snapshot(dir.path(), &state).expect("snapshot");
         let bytes = fs::read(dir.path().join(SNAPSHOT_FILE)).expect("read");
         let mut loaded = State::new(&EmbeddedOptions::default());

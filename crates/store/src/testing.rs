@@ -22,6 +22,9 @@ pub struct EtcdProcess {
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` (and metrics) listener, probed when clients must use TLS.
+    metrics_port: u16,
+    tls: Option<EtcdTlsFiles>,
     bin: PathBuf,
     // Declared last: dropped after the process is gone.
     dir: tempfile::TempDir,
@@ -50,17 +53,151 @@ fn healthy(port: u16) -> bool {
     probe().is_ok_and(|body| body.contains("\"health\":\"true\""))
 }
 
+/// Certificates of a TLS test etcd (all PEM, made with the `openssl` command for one test).
+#[derive(Debug, Clone)]
+pub struct EtcdTlsFiles {
+    /// The CA that signed the server's and the client's certificates.
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// A client certificate etcd accepts (it requires one).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running openssl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
+fn make_certs(dir: &Path) -> Result<EtcdTlsFiles, String> {
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.join("client.ext"),
+        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let rsa = "rsa:2048";
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            rsa,
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=isthmus-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    )?;
+    for who in ["server", "client"] {
+        let (key, csr, crt, ext) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.crt"),
+            format!("{who}.ext"),
+        );
+        let subj = format!(
+            "/CN={}",
+            if who == "server" {
+                "127.0.0.1"
+            } else {
+                "isthmus-test-client"
+            }
+        );
+        openssl(
+            dir,
+            &[
+                "req", "-newkey", rsa, "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subj,
+            ],
+        )?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        )?;
+    }
+    Ok(EtcdTlsFiles {
+        ca: dir.join("ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
+    })
+}
+
 impl EtcdProcess {
     /// Starts etcd and waits until it serves requests. Panics with the reason (including a
     /// missing binary) if it cannot.
     pub fn start() -> EtcdProcess {
-        match Self::try_start() {
+        match Self::try_start_with(false) {
             Ok(p) => p,
             Err(e) => panic!("cannot start etcd for tests: {e}"),
         }
     }
 
+    /// Like [`EtcdProcess::start`], but clients must use TLS with a client certificate (see
+    /// [`EtcdProcess::tls_files`]; needs the `openssl` command).
+    pub fn start_tls() -> EtcdProcess {
+        match Self::try_start_with(true) {
+            Ok(p) => p,
+            Err(e) => panic!("cannot start etcd with TLS for tests: {e}"),
+        }
+    }
+
+    /// The certificates, for an etcd started with [`EtcdProcess::start_tls`].
+    pub fn tls_files(&self) -> Option<&EtcdTlsFiles> {
+        self.tls.as_ref()
+    }
+
     pub fn try_start() -> Result<EtcdProcess, String> {
+        Self::try_start_with(false)
+    }
+
+    fn try_start_with(tls: bool) -> Result<EtcdProcess, String> {
         let bin = etcd_bin();
         if !bin.exists() {
             return Err(format!(
@@ -73,20 +210,24 @@ impl EtcdProcess {
             .prefix("isthmus-etcd-")
             .tempdir()
             .map_err(|e| format!("temp dir: {e}"))?;
+        let tls = if tls { Some(make_certs(dir.path())?) } else { None };
         let mut proc = EtcdProcess {
             child: None,
             client_port: 0,
             peer_port: 0,
+            metrics_port: 0,
+            tls,
             bin,
             dir,
         };
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
-            let ports = free_port().and_then(|c| Ok((c, free_port()?)));
-            let (client, peer) = ports.map_err(|e| format!("picking ports: {e}"))?;
-            if client == peer {
+            let ports = free_port().and_then(|c| Ok((c, free_port()?, free_port()?)));
+            let (client, peer, metrics) = ports.map_err(|e| format!("picking ports: {e}"))?;
+            if client == peer || client == metrics || peer == metrics {
                 continue;
             }
+            proc.metrics_port = metrics;
             // A failed attempt may have bootstrapped a member with other peer URLs.
             let _ = std::fs::remove_dir_all(proc.dir.path().join("data"));
             proc.client_port = client;
@@ -106,9 +247,17 @@ impl EtcdProcess {
         let log_path = self.dir.path().join("etcd.log");
         let log = std::fs::File::create(&log_path).map_err(|e| format!("log file: {e}"))?;
         let log_err = log.try_clone().map_err(|e| format!("log file: {e}"))?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg(format!("--listen-metrics-urls=http://127.0.0.1:{}", self.metrics_port));
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cert-file={}", t.server_cert.display()))
+                .arg(format!("--key-file={}", t.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", t.ca.display()))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name=test")
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={client}"))
@@ -127,7 +276,7 @@ impl EtcdProcess {
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if healthy(self.client_port) {
+            if healthy(self.metrics_port) {
                 return Ok(());
             }
             let exited = match self.child.as_mut().map(Child::try_wait) {
@@ -150,9 +299,10 @@ impl EtcdProcess {
         }
     }
 
-    /// Client URL, e.g. `http://127.0.0.1:40123`.
+    /// Client URL, e.g. `http://127.0.0.1:40123` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Kills etcd (SIGKILL) and reaps it; data stays.
@@ -182,6 +332,76 @@ impl EtcdProcess {
 impl Drop for EtcdProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A TCP relay on loopback to another address (an etcd), which can cut every connection and
+/// refuse new ones: breaks a client's streams while the server itself stays up.
+pub struct TcpRelay {
+    addr: std::net::SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpRelay {
+    /// Relays to `target` (`host:port`, or a URL like `http://127.0.0.1:2379`).
+    pub async fn start(target: &str) -> TcpRelay {
+        use std::sync::atomic::Ordering;
+        let target = target.trim_start_matches("http://").trim_end_matches('/').to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("relay bind: {e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("relay addr: {e}"));
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u64);
+        let o = open.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !o.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut_rx = cut_rx.clone();
+                cut_rx.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        TcpRelay { addr, open, cut, task }
+    }
+
+    /// `http://127.0.0.1:P` of the relay.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Cuts every relayed connection and refuses new ones until [`TcpRelay::reopen`].
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    pub fn reopen(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
     }
 }
 

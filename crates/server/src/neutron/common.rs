@@ -166,10 +166,20 @@ impl Ctx<'_> {
     }
 
     /// Commits a transaction and waits until this server's cache shows it.
-    /// `Ok(None)` means a comparison failed: somebody else changed what the plan read.
+    /// `Ok(None)` means a comparison failed: somebody else changed what the plan read. The
+    /// cache then already shows every compared key as the failed transaction saw it, so
+    /// planning again sees the winner's write.
     pub async fn commit(&self, compares: Vec<Compare>, ops: Vec<Op>) -> NResult<Option<Revision>> {
         let res = self.state.store.txn(compares, ops).await.map_err(store_err)?;
         if !res.succeeded {
+            // Wait for the revisions of the keys we compared, not for the store's global
+            // revision: writes outside the cache's prefix (another tenant of the same etcd)
+            // move that, and the cache never sees them.
+            self.state
+                .cache
+                .wait_for_conflict(&res)
+                .await
+                .map_err(|e| NeutronError::unavailable(e.to_string()))?;
             return Ok(None);
         }
         self.state
@@ -180,15 +190,9 @@ impl Ctx<'_> {
         Ok(Some(res.revision))
     }
 
-    /// After a lost race: bring the cache up to the store's present, with a little jitter so
+    /// After a lost race (the cache caught up in [`Ctx::commit`]): a little jitter so
     /// competing writers spread out.
     pub async fn resync(&self, attempt: usize) -> NResult<()> {
-        let rev = self.state.store.revision().await.map_err(store_err)?;
-        self.state
-            .cache
-            .wait_for(rev)
-            .await
-            .map_err(|e| NeutronError::unavailable(e.to_string()))?;
         if attempt > 2 {
             let ms = rand::random::<u64>() % (attempt as u64 * 2).min(20);
             tokio::time::sleep(Duration::from_millis(ms)).await;
