@@ -3,6 +3,7 @@
 
 use super::common::{json_bytes, new_id, now, retry, Ctx, NResult};
 use super::http::{authenticate, json_response, parse_body, ApiResult};
+use super::liveness::{self, Liveness};
 use super::portops::check_router_device;
 use crate::AppState;
 use axum::body::Bytes;
@@ -196,49 +197,73 @@ pub async fn heartbeat(
     check_failures(&failures)?;
     body.finish()?;
     let ts = unix_now();
-    let node = retry(&ctx, |ctx| {
-        let k = key(&host);
-        let (mut n, cmp) = match ctx.state.cache.get_typed::<Node>(&k) {
-            Some((n, rev)) => (n, Compare::ModRevision(k.clone(), rev)),
-            None => (
-                Node {
-                    id: new_id(),
-                    host: host.clone(),
-                    underlay_ip: String::new(),
-                    capabilities: vec![],
-                    admin_state_up: true,
-                    description: String::new(),
-                    created_unix: ts,
-                    started_unix: ts,
-                    heartbeat_unix: 0,
-                    converged_revision: None,
-                    failures: vec![],
-                },
-                Compare::Absent(k.clone()),
-            ),
-        };
-        if restarted {
-            n.started_unix = ts;
-        }
-        if n.underlay_ip != underlay.to_string() && !n.underlay_ip.is_empty() {
-            tracing::warn!(host = %host, old = %n.underlay_ip, new = %underlay, "node changed its underlay address");
-        }
-        n.underlay_ip = underlay.to_string();
-        n.capabilities = capabilities.clone();
-        n.converged_revision = converged_revision;
-        n.failures = failures.clone();
-        n.heartbeat_unix = unix_now();
-        Ok((vec![cmp], vec![Op::put(k, json_bytes(&n))], n))
-    })
-    .await?;
+    let stored = state.cache.get_typed::<Node>(&key(&host)).map(|(n, _)| n);
+    let fresh = Node {
+        underlay_ip: underlay.to_string(),
+        capabilities: capabilities.clone(),
+        failures: failures.clone(),
+        ..stored.clone().unwrap_or_else(|| blank_node(&host, ts))
+    };
+    // Only a record that says something new is written; a plain heartbeat renews a lease.
+    let node = if Liveness::must_persist(stored.as_ref(), &fresh, restarted, ts) {
+        retry(&ctx, |ctx| {
+            let k = key(&host);
+            let (mut n, cmp) = match ctx.state.cache.get_typed::<Node>(&k) {
+                Some((n, rev)) => (n, Compare::ModRevision(k.clone(), rev)),
+                None => (blank_node(&host, ts), Compare::Absent(k.clone())),
+            };
+            if restarted {
+                n.started_unix = ts;
+            }
+            if n.underlay_ip != underlay.to_string() && !n.underlay_ip.is_empty() {
+                tracing::warn!(host = %host, old = %n.underlay_ip, new = %underlay, "node changed its underlay address");
+            }
+            n.underlay_ip = underlay.to_string();
+            n.capabilities = capabilities.clone();
+            n.converged_revision = converged_revision;
+            n.failures = failures.clone();
+            n.heartbeat_unix = unix_now();
+            Ok((vec![cmp], vec![Op::put(k, json_bytes(&n))], n))
+        })
+        .await?
+    } else {
+        fresh
+    };
+    state
+        .neutron
+        .liveness
+        .beat(
+            &state.store,
+            &state.cache,
+            &host,
+            ts,
+            converged_revision,
+            state.config.agent_down_secs,
+        )
+        .await
+        .map_err(super::common::store_err)?;
     if restarted {
         tracing::info!(host = %node.host, underlay = %node.underlay_ip, "node agent (re)started");
     }
     let down = state.config.agent_down_secs;
-    Ok(json_response(
-        StatusCode::OK,
-        json!({"node": node.to_api(unix_now(), down)}),
-    ))
+    let view = liveness::to_api(&state.cache, &state.neutron.liveness, node, unix_now(), down);
+    Ok(json_response(StatusCode::OK, json!({ "node": view })))
+}
+
+fn blank_node(host: &str, ts: i64) -> Node {
+    Node {
+        id: new_id(),
+        host: host.to_string(),
+        underlay_ip: String::new(),
+        capabilities: vec![],
+        admin_state_up: true,
+        description: String::new(),
+        created_unix: ts,
+        started_unix: ts,
+        heartbeat_unix: 0,
+        converged_revision: None,
+        failures: vec![],
+    }
 }
 
 /// `GET /v2.0/agents`.
@@ -250,7 +275,10 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Api
     };
     let (t, down) = (unix_now(), state.config.agent_down_secs);
     let items: Vec<Value> = if ctx.admin() {
-        nodes(&ctx).iter().map(|n| n.to_api(t, down)).collect()
+        nodes(&ctx)
+            .into_iter()
+            .map(|n| liveness::to_api(&state.cache, &state.neutron.liveness, n, t, down))
+            .collect()
     } else {
         vec![]
     };
@@ -275,7 +303,7 @@ pub async fn member(
     match method {
         Method::GET => Ok(json_response(
             StatusCode::OK,
-            json!({"agent": find(&ctx, &id)?.0.to_api(t, down)}),
+            json!({"agent": liveness::to_api(&state.cache, &state.neutron.liveness, find(&ctx, &id)?.0, t, down)}),
         )),
         Method::PUT => {
             let mut body = Body::from_value(parse_body(body)?, "agent")?;
@@ -298,15 +326,21 @@ pub async fn member(
                 ))
             })
             .await?;
-            Ok(json_response(StatusCode::OK, json!({"agent": n.to_api(t, down)})))
+            let v = liveness::to_api(&state.cache, &state.neutron.liveness, n, t, down);
+            Ok(json_response(StatusCode::OK, json!({ "agent": v })))
         }
         _ => {
-            retry(&ctx, |ctx| {
+            let host = retry(&ctx, |ctx| {
                 let (n, rev) = find(ctx, &id)?;
                 let k = key(&n.host);
-                Ok((vec![Compare::ModRevision(k.clone(), rev)], vec![Op::delete(k)], ()))
+                Ok((
+                    vec![Compare::ModRevision(k.clone(), rev)],
+                    vec![Op::delete(k), Op::delete(liveness::key(&n.host))],
+                    n.host,
+                ))
             })
             .await?;
+            state.neutron.liveness.forget(&state.store, &host).await;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }

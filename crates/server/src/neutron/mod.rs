@@ -17,6 +17,7 @@ mod agents;
 mod common;
 mod default_sg;
 mod http;
+pub mod liveness;
 mod lookup;
 mod networks;
 mod nodeports;
@@ -58,6 +59,8 @@ pub struct NeutronState {
     pub node_sessions: nodeview::Sessions,
     /// Every node's view, kept up to date change by change.
     pub fanout: nodeview::Fanout,
+    /// Which nodes are alive, renewed by heartbeats without store writes.
+    pub liveness: liveness::Liveness,
 }
 
 /// Extensions this server really implements; tempest and clients decide what to test from this.
