@@ -2,8 +2,8 @@
 //! datapath (L2, port devices, DHCP, the firewall; L3 and NAT are empty slots for now) with its
 //! own desired state, plan and apply through its own narrow backend trait.
 //!
-//! [`run`] drives one controller: it reconciles when the view changes (debounced, so a burst of
-//! updates costs one pass), periodically (drift repair), and after a failure with a growing
+//! [`run`] drives one controller: it reconciles when the view changes (a lone change at once,
+//! a burst at most once per debounce window), periodically (drift repair), and after a failure with a growing
 //! back-off. Never two passes of one controller at once; each pass runs in a tracing span
 //! naming the controller and the revision. What each controller last converged to, and what
 //! failed, is kept in [`Health`] for the heartbeat.
@@ -57,7 +57,8 @@ pub trait Controller: Send + Sync + 'static {
 /// How a controller is driven.
 #[derive(Debug, Clone, Copy)]
 pub struct Schedule {
-    /// A burst of view changes closer together than this costs one pass.
+    /// At most one pass per this window while view changes keep coming; a lone change after
+    /// a quiet spell is reconciled at once.
     pub debounce: Duration,
     /// A full pass this often even without changes (drift repair).
     pub resync: Duration,
@@ -164,10 +165,12 @@ pub async fn run<C: Controller>(c: Arc<C>, state: Arc<NodeState>, health: Arc<He
     let mut backoff = Backoff::new(schedule.backoff_first, schedule.backoff_max);
     let mut retry_in: Option<Duration> = None;
     let mut reason = "start";
+    let mut last_pass: Option<std::time::Instant> = None;
     loop {
         if let Some(snap) = state.snapshot() {
             let span = tracing::info_span!("reconcile", controller = C::NAME, revision = snap.revision, reason);
             let started = std::time::Instant::now();
+            last_pass = Some(started);
             let res = c.reconcile(&snap).instrument(span.clone()).await;
             let _e = span.enter();
             match res {
@@ -203,14 +206,23 @@ pub async fn run<C: Controller>(c: Arc<C>, state: Arc<NodeState>, health: Arc<He
                 if r.is_err() {
                     return;
                 }
-                // Let a burst of updates land, then reconcile once.
-                tokio::time::sleep(schedule.debounce).await;
+                let wait = burst_wait(last_pass.map(|t| t.elapsed()), schedule.debounce);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
                 changes.borrow_and_update();
                 "view changed"
             }
             _ = tokio::time::sleep(wait) => if retry_in.is_some() { "retry" } else { "resync" },
         };
     }
+}
+
+/// How long to hold a view change before reconciling: nothing for a lone change after a quiet
+/// spell (it goes out at once), else the rest of the debounce window since the last pass, so a
+/// burst of updates costs at most one pass per window.
+fn burst_wait(since_last_pass: Option<Duration>, debounce: Duration) -> Duration {
+    since_last_pass.map_or(Duration::ZERO, |d| debounce.saturating_sub(d))
 }
 
 /// One async lock per key (a device, a network): work on one key waits only for other work on
@@ -243,6 +255,19 @@ impl<K: Hash + Eq + Clone> KeyLocks<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_change_goes_out_at_once_and_a_burst_waits_out_the_window() {
+        let d = Duration::from_millis(50);
+        assert_eq!(burst_wait(None, d), Duration::ZERO);
+        assert_eq!(burst_wait(Some(Duration::from_secs(3)), d), Duration::ZERO);
+        assert_eq!(burst_wait(Some(Duration::from_millis(50)), d), Duration::ZERO);
+        assert_eq!(
+            burst_wait(Some(Duration::from_millis(10)), d),
+            Duration::from_millis(40)
+        );
+        assert_eq!(burst_wait(Some(Duration::ZERO), d), d);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_bound_and_resets() {
