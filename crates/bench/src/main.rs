@@ -2,6 +2,7 @@
 //! it over HTTP, the way clients do. See docs/benchmarks.md.
 
 mod api;
+mod fleet;
 mod ports;
 mod proc;
 mod resync;
@@ -28,6 +29,8 @@ enum Cmd {
     Ports(ports::PortsArgs),
     /// Agent datapath sync with many remote ports, against iproute2 batch mode (root).
     Resync(resync::ResyncArgs),
+    /// One server, many simulated nodes with real node streams: fan-out latency, memory, CPU.
+    Fleet(fleet::FleetArgs),
 }
 
 /// Signals that stop the benchmark. Registered before any child process starts, so the default
@@ -72,6 +75,7 @@ async fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Ports(args) => ports::run(&args).await,
             Cmd::Resync(args) => resync::run_bench(&args).await.map(|()| true),
+            Cmd::Fleet(args) => fleet::run(&args).await,
         }
     };
     // Leaving the select drops the benchmark future, and with it every server and etcd.
