@@ -13,7 +13,9 @@ pub fn http_client() -> Result<reqwest::Client> {
         .no_proxy()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(8)
-        .pool_idle_timeout(Duration::from_secs(300))
+        // Below the server's idle timeout (60 s), so a pooled connection is never reused just as
+        // the server closes it.
+        .pool_idle_timeout(Duration::from_secs(30))
         .timeout(Duration::from_secs(60))
         .build()
         .context("building the HTTP client")

@@ -80,6 +80,9 @@ impl Rng {
     }
 }
 
+/// A measured create: port name, network index, when it was sent, when the 201 came.
+type Created = (String, usize, Instant, Instant);
+
 fn host(i: usize) -> String {
     format!("sim-{i:05}")
 }
@@ -120,7 +123,13 @@ fn measured_names(line: &[u8]) -> Vec<String> {
 async fn stream(http: reqwest::Client, base: String, token: String, node: usize, shared: Arc<Shared>) {
     let url = format!("{base}/isthmus/v1/nodes/{}/watch", host(node));
     let mut resp = loop {
-        match http.get(&url).header("X-Auth-Token", &token).timeout(Duration::from_secs(86_400)).send().await {
+        match http
+            .get(&url)
+            .header("X-Auth-Token", &token)
+            .timeout(Duration::from_secs(86_400))
+            .send()
+            .await
+        {
             Ok(r) if r.status().is_success() => break r,
             Ok(r) => {
                 eprintln!("fleet: watch {} answered {}", host(node), r.status());
@@ -263,7 +272,13 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stop = Arc::new(AtomicUsize::new(0));
-    let beats = tokio::spawn(heartbeats(http.clone(), base.clone(), token.clone(), args.nodes, stop.clone()));
+    let beats = tokio::spawn(heartbeats(
+        http.clone(),
+        base.clone(),
+        token.clone(),
+        args.nodes,
+        stop.clone(),
+    ));
     eprintln!(
         "fleet: {} nodes registered and streaming ({:.1} s)",
         args.nodes,
@@ -350,8 +365,7 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
 
     // Measured: a steady rate of creates, each on a random network, bound to one of its hosts.
     let total = args.rate * args.seconds as usize;
-    // (name, network index, sent, answered 201)
-    let created: Arc<Mutex<Vec<(String, usize, Instant, Instant)>>> = Arc::default();
+    let created: Arc<Mutex<Vec<Created>>> = Arc::default();
     let failures = Arc::new(AtomicUsize::new(0));
     let cpu0 = cpu_time(pid);
     let t0 = Instant::now();
@@ -362,7 +376,12 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         let n = rng.below(nets.len());
         let h = nets[n].2[rng.below(nets[n].2.len())];
         bound[n].lock().unwrap_or_else(|p| p.into_inner()).insert(h);
-        let (http, url, token, net_id) = (http.clone(), format!("{base}/v2.0/ports"), token.clone(), nets[n].0.clone());
+        let (http, url, token, net_id) = (
+            http.clone(),
+            format!("{base}/v2.0/ports"),
+            token.clone(),
+            nets[n].0.clone(),
+        );
         let (created, failures) = (created.clone(), failures.clone());
         tasks.push(tokio::spawn(async move {
             let name = format!("fm-{i}");
@@ -393,9 +412,10 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
     loop {
         let done = {
             let s = shared.seen.lock().unwrap_or_else(|p| p.into_inner());
-            created
-                .iter()
-                .all(|(name, n, _, _)| s.at.get(name).is_some_and(|m| wanted(*n).iter().all(|h| m.contains_key(h))))
+            created.iter().all(|(name, n, _, _)| {
+                s.at.get(name)
+                    .is_some_and(|m| wanted(*n).iter().all(|h| m.contains_key(h)))
+            })
         };
         if done || Instant::now() > deadline {
             break;
@@ -444,7 +464,13 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         r.abort();
     }
 
-    let pct = |v: &[Duration], q: f64| if v.is_empty() { f64::NAN } else { round3(ms(percentile(v, q))) };
+    let pct = |v: &[Duration], q: f64| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            round3(ms(percentile(v, q)))
+        }
+    };
     let p = |q: f64| pct(&lat, q);
     let n_created = created.len().max(1);
     let out = json!({

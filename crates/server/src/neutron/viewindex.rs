@@ -91,10 +91,42 @@ pub fn render(key: &str, source: &Source) -> Option<ObjectValue> {
     })
 }
 
+/// A stored object the index holds: the cache's own decoded value (shared, not copied) and
+/// its revision. It is rendered for the stream only when sent.
+#[derive(Debug, Clone)]
+struct Held {
+    revision: Revision,
+    source: Source,
+}
+
+impl Held {
+    fn rendered(&self, key: &str) -> Option<Arc<ViewObject>> {
+        Some(Arc::new(ViewObject {
+            revision: self.revision,
+            value: render(key, &self.source)?,
+        }))
+    }
+}
+
+/// Whether two values of one key look the same in a view.
+fn same(a: &Source, b: &Source) -> bool {
+    match (a, b) {
+        (Source::Port(x), Source::Port(y)) => x == y,
+        (Source::Network(x), Source::Network(y)) => x == y,
+        (Source::Subnet(x), Source::Subnet(y)) => x == y,
+        // A heartbeat rewrites a node's record (times, converged revision) without changing
+        // what a peer sees of it.
+        (Source::Node(x), Source::Node(y)) => {
+            x.host == y.host && x.underlay_ip == y.underlay_ip && x.capabilities == y.capabilities
+        }
+        _ => false,
+    }
+}
+
 #[derive(Default)]
 pub struct ViewIndex {
-    /// Every renderable view object, by key, shared by all the views that hold it.
-    objects: HashMap<String, Arc<ViewObject>>,
+    /// Every renderable view object, by key (renderability checked when it arrives).
+    objects: HashMap<String, Held>,
     /// Port key → (network id, binding host; empty when unbound).
     port_loc: HashMap<String, (String, String)>,
     net_ports: HashMap<String, BTreeSet<String>>,
@@ -252,16 +284,14 @@ impl ViewIndex {
             Kind::Network | Kind::Node => {}
         }
         let _ = id;
-        let rendered = value.as_ref().and_then(|v| render(&key, v));
-        match rendered {
+        match value.filter(|v| render(&key, v).is_some()) {
             None => self.objects.remove(&key).is_some(),
             Some(v) => {
-                // A node's heartbeat rewrites its record without changing what a peer sees of
-                // it: keep the old revision, nothing to send.
-                if self.objects.get(&key).is_some_and(|o| o.value == v) {
+                // Unchanged as a view shows it: keep the old revision, nothing to send.
+                if self.objects.get(&key).is_some_and(|o| same(&o.source, &v)) {
                     return false;
                 }
-                self.objects.insert(key, Arc::new(ViewObject { revision, value: v }));
+                self.objects.insert(key, Held { revision, source: v });
                 true
             }
         }
@@ -297,7 +327,7 @@ impl ViewIndex {
     }
 
     /// Whether `host`'s view holds `key` now, and the object if so.
-    pub fn member(&self, host: &str, key: &str) -> Option<&Arc<ViewObject>> {
+    fn member(&self, host: &str, key: &str) -> Option<&Held> {
         let nets = self.host_nets.get(host)?;
         let obj = self.objects.get(key)?;
         let (kind, id) = parse(key)?;
@@ -325,7 +355,11 @@ impl ViewIndex {
         let mut delete = vec![];
         for k in candidates {
             match self.member(host, k) {
-                Some(o) if sent.get(k) != Some(&o.revision) => put.push((k.clone(), o.clone())),
+                Some(o) if sent.get(k) != Some(&o.revision) => match o.rendered(k) {
+                    Some(r) => put.push((k.clone(), r)),
+                    None if sent.contains_key(k) => delete.push(k.clone()),
+                    None => {}
+                },
                 Some(_) => {}
                 None if sent.contains_key(k) => delete.push(k.clone()),
                 None => {}
@@ -341,7 +375,10 @@ impl ViewIndex {
             self.net_keys(n, &mut keys);
         }
         keys.into_iter()
-            .filter_map(|k| self.member(host, &k).cloned().map(|o| (k, o)))
+            .filter_map(|k| {
+                let o = self.member(host, &k)?.rendered(&k)?;
+                Some((k, o))
+            })
             .collect()
     }
 }
