@@ -76,7 +76,7 @@ impl AgentConfig {
             underlay_ip,
             socket: PathBuf::from("/run/isthmus/agent.sock"),
             resync: Duration::from_secs(30),
-            heartbeat: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(20),
             attach_timeout: Duration::from_secs(20),
             pool_size: 3,
             pool_idle: Duration::from_secs(600),

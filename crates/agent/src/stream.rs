@@ -36,8 +36,9 @@ async fn once(state: &NodeState, client: &Client, backoff: &mut Backoff) -> anyh
     info!(?since, "node stream connected");
     let mut stream = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
-    // The server pings every 5 s; silence for much longer means a dead connection.
-    let silence = Duration::from_secs(15);
+    // The server pings every 15 s; three silent periods mean a dead connection (a server that
+    // stops or restarts closes the connection, which is noticed at once).
+    let silence = Duration::from_secs(45);
     loop {
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();

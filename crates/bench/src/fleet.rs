@@ -1,7 +1,7 @@
 //! `isthmus-bench fleet`: one server, many nodes.
 //!
 //! A real release server (and etcd) and `--nodes` simulated nodes, each holding a real node
-//! stream and heartbeating every 10 s as an agent does. `--ports` ports are spread over
+//! stream and heartbeating every `--heartbeat-secs` (20, the agent's default). `--ports` ports are spread over
 //! `--ports / --ports-per-network` networks, each network spanning `--nodes-per-network`
 //! random nodes (ports bound to them). Then, under a steady `--rate` port creates per second
 //! for `--seconds`: fan-out latency (the create's 201 → every node with a port on that network
@@ -41,6 +41,9 @@ pub struct FleetArgs {
     seconds: u64,
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
+    /// Seconds between one node's heartbeats (the agent's default).
+    #[arg(long, default_value_t = 20)]
+    heartbeat_secs: u64,
     /// Concurrent clients while loading the ports.
     #[arg(long, default_value_t = 8)]
     load_clients: usize,
@@ -172,9 +175,16 @@ fn revision_of(line: &[u8]) -> Option<i64> {
     std::str::from_utf8(&digits).ok()?.parse().ok()
 }
 
-async fn heartbeats(http: reqwest::Client, base: String, token: String, nodes: usize, stop: Arc<AtomicUsize>) {
-    // Every node once per 10 s, spread evenly.
-    let every = Duration::from_secs(10).div_f64(nodes.max(1) as f64);
+async fn heartbeats(
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    nodes: usize,
+    period: Duration,
+    stop: Arc<AtomicUsize>,
+) {
+    // Every node once per period, spread evenly.
+    let every = period.div_f64(nodes.max(1) as f64);
     let mut tick = tokio::time::interval(every);
     let mut i = 0;
     while stop.load(Ordering::Relaxed) == 0 {
@@ -277,6 +287,7 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         base.clone(),
         token.clone(),
         args.nodes,
+        Duration::from_secs(args.heartbeat_secs.max(1)),
         stop.clone(),
     ));
     eprintln!(

@@ -58,8 +58,9 @@ struct AgentArgs {
     /// Seconds between full syncs of the datapath (drift repair).
     #[arg(long, env = "ISTHMUS_RESYNC_SECS", default_value_t = 30)]
     resync_secs: u64,
-    /// Seconds between heartbeats.
-    #[arg(long, env = "ISTHMUS_HEARTBEAT_SECS", default_value_t = 10)]
+    /// Seconds between heartbeats (the server's agent_down_secs, 60 by default, should be at
+    /// least twice this).
+    #[arg(long, env = "ISTHMUS_HEARTBEAT_SECS", default_value_t = 20)]
     heartbeat_secs: u64,
     /// Ready ports kept per network in use, so CNI ADD need not create one (0: no pools).
     #[arg(long, env = "ISTHMUS_POOL_SIZE", default_value_t = 3)]

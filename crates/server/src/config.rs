@@ -33,7 +33,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Argon2 memory cost in KiB for password hashes.
     pub password_hash_kib: u32,
-    /// A node whose last heartbeat is older than this is reported as not alive.
+    /// A node is reported not alive this long after its last heartbeat (its liveness lease's
+    /// TTL). Agents heartbeat every 20 s by default; Neutron's own default is 75 s.
     pub agent_down_secs: i64,
     /// Most fixed IPs one port may ask for (Neutron's `max_fixed_ips_per_port`).
     pub max_fixed_ips_per_port: usize,
@@ -80,7 +81,7 @@ impl Default for Config {
             underlay_mtu: 1500,
             max_body_bytes: 1024 * 1024,
             password_hash_kib: 19 * 1024,
-            agent_down_secs: 30,
+            agent_down_secs: 60,
             max_fixed_ips_per_port: 5,
             max_allowed_address_pair: 10,
             max_tags_per_resource: 50,

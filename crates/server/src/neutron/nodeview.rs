@@ -6,7 +6,7 @@
 //! `GET /isthmus/v1/nodes/{host}/watch` answers newline-delimited JSON: first
 //! `{"type":"snapshot","revision":R,"objects":[...]}` with every object the node needs, then
 //! `{"type":"update","revision":R,"put":[...],"delete":[keys]}` whenever that set changes, and
-//! `{"type":"ping","revision":R}` every few seconds so either side notices a dead connection.
+//! `{"type":"ping","revision":R}` every 15 s so either side notices a dead connection.
 //!
 //! Resuming: the agent reconnects with `?since=R`, the last revision it applied. The server
 //! remembers, per node, what it last sent and which keys each recent update touched; if that
@@ -37,7 +37,9 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const PING_EVERY: Duration = Duration::from_secs(5);
+/// Often enough for an agent to notice a dead connection within a minute (it gives up after
+/// three silent periods), rarely enough that a thousand idle nodes cost little.
+const PING_EVERY: Duration = Duration::from_secs(15);
 /// Updates remembered per node for resuming; older revisions get a snapshot instead.
 const RESUME_LOG: usize = 1024;
 
