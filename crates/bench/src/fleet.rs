@@ -66,6 +66,8 @@ struct Shared {
     /// Highest store revision any stream reported.
     revision: AtomicI64,
     streams_open: AtomicUsize,
+    /// Streams the server ended (fell behind) and the node resumed.
+    reconnects: AtomicUsize,
     lines: AtomicUsize,
 }
 
@@ -122,49 +124,58 @@ fn measured_names(line: &[u8]) -> Vec<String> {
     out
 }
 
-/// One node's stream, read until the benchmark ends.
+/// One node's stream, read until the benchmark ends. Like an agent, it reconnects when the
+/// server ends the stream (it fell behind), resuming from the last revision it read.
 async fn stream(http: reqwest::Client, base: String, token: String, node: usize, shared: Arc<Shared>) {
-    let url = format!("{base}/isthmus/v1/nodes/{}/watch", host(node));
-    let mut resp = loop {
-        match http
+    let mut since: Option<i64> = None;
+    loop {
+        let q = since.map(|r| format!("?since={r}")).unwrap_or_default();
+        let url = format!("{base}/isthmus/v1/nodes/{}/watch{q}", host(node));
+        let resp = http
             .get(&url)
             .header("X-Auth-Token", &token)
             .timeout(Duration::from_secs(86_400))
             .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => break r,
+            .await;
+        let mut resp = match resp {
+            Ok(r) if r.status().is_success() => r,
             Ok(r) => {
                 eprintln!("fleet: watch {} answered {}", host(node), r.status());
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
             Err(e) => {
                 eprintln!("fleet: watch {}: {e}", host(node));
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
+        };
+        if since.is_some() {
+            shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        } else {
+            shared.streams_open.fetch_add(1, Ordering::Relaxed);
         }
-    };
-    shared.streams_open.fetch_add(1, Ordering::Relaxed);
-    let mut buf: Vec<u8> = vec![];
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        let now = Instant::now();
-        buf.extend_from_slice(&chunk);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            shared.lines.fetch_add(1, Ordering::Relaxed);
-            if let Some(r) = revision_of(&line) {
-                shared.revision.fetch_max(r, Ordering::Relaxed);
-            }
-            let names = measured_names(&line);
-            if !names.is_empty() {
-                let mut s = shared.seen.lock().unwrap_or_else(|p| p.into_inner());
-                for n in names {
-                    s.at.entry(n).or_default().entry(node).or_insert(now);
+        let mut buf: Vec<u8> = vec![];
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            let now = Instant::now();
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                shared.lines.fetch_add(1, Ordering::Relaxed);
+                if let Some(r) = revision_of(&line) {
+                    shared.revision.fetch_max(r, Ordering::Relaxed);
+                    since = Some(since.map_or(r, |s| s.max(r)));
+                }
+                let names = measured_names(&line);
+                if !names.is_empty() {
+                    let mut s = shared.seen.lock().unwrap_or_else(|p| p.into_inner());
+                    for n in names {
+                        s.at.entry(n).or_default().entry(node).or_insert(now);
+                    }
                 }
             }
         }
     }
-    shared.streams_open.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// The `"revision":N` of a stream message (the first one in the line: the message's own).
@@ -261,6 +272,7 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         seen: Mutex::default(),
         revision: AtomicI64::new(0),
         streams_open: AtomicUsize::new(0),
+        reconnects: AtomicUsize::new(0),
         lines: AtomicUsize::new(0),
     });
     let streams_http = reqwest::Client::builder()
@@ -505,6 +517,7 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         "idle_cpu_pct": cpu_idle.map(|c| round3(c.as_secs_f64() / idle_secs * 100.0)),
         "idle_writes_per_min": round3((rev1 - rev0) as f64 / idle_secs * 60.0),
         "stream_lines": shared.lines.load(Ordering::Relaxed),
+        "stream_reconnects": shared.reconnects.load(Ordering::Relaxed),
     });
     println!(
         "fleet: {} nodes, {} ports ({} store): fan-out after the 201 p50 {} ms, p99 {} ms (after the POST was sent: p50 {} ms, p99 {} ms); RSS {} MiB; CPU/write {} ms; idle CPU {} %; idle writes/min {}",

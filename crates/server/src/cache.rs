@@ -145,7 +145,7 @@ pub enum Feed {
 }
 
 /// Batches a follower may fall behind by before it is told to start over (`Lagged`).
-const FEED_CAPACITY: usize = 4096;
+const FEED_CAPACITY: usize = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

@@ -171,6 +171,14 @@ impl Sessions {
         })
     }
 
+    /// The keys `host` was last sent.
+    fn sent_keys(&self, host: &str) -> Vec<String> {
+        self.lock()
+            .get(host)
+            .map(|s| s.view.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Stream `gen` of `host` is known to be current as of `revision` (a ping went out).
     fn touch(&self, host: &str, gen: u64, revision: Revision) {
         if let Some(s) = self.lock().get_mut(host).filter(|s| s.gen == gen) {
@@ -275,15 +283,13 @@ impl Fanout {
     fn rebuild(&self, cache: &Cache, sessions: &Sessions) {
         let (items, revision) = cache.typed_state(&VIEW_COLLECTIONS);
         let mut index = ViewIndex::new();
-        let everything: BTreeSet<String> = items.iter().map(|i| i.key.clone()).collect();
-        index.apply(items.iter().filter_map(change).collect());
+        index.load(items.iter().filter_map(change).collect());
         let mut f = self.lock();
-        // Each open stream: what it had, against its view now.
+        // Each open stream: what it was sent, against its view now.
         let hosts: Vec<String> = f.streams.keys().cloned().collect();
-        let old = std::mem::take(&mut f.index);
         for host in hosts {
-            let mut cand: BTreeSet<String> = everything.clone();
-            cand.extend(old.view(&host).into_keys());
+            let mut cand = index.view_keys(&host);
+            cand.extend(sessions.sent_keys(&host));
             f.send(&index, sessions, &host, revision, &cand);
         }
         f.index = index;

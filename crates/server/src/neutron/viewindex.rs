@@ -156,78 +156,121 @@ impl ViewIndex {
     /// Applies a batch of changes and answers, for every host whose view may have changed,
     /// the keys to look at (see [`ViewIndex::delta`]).
     pub fn apply(&mut self, changes: Vec<Change>) -> BTreeMap<String, BTreeSet<String>> {
-        // Networks whose members or contents change, and the hosts that had them before.
+        // Networks whose members or contents change, and the networks each changed key
+        // belongs to (before and after; a node record: the networks its host is on).
         let mut nets: BTreeSet<String> = BTreeSet::new();
-        let mut changed: BTreeSet<String> = BTreeSet::new();
+        let mut key_nets: Vec<(String, BTreeSet<String>)> = Vec::with_capacity(changes.len());
+        let mut node_hosts: Vec<(String, String)> = vec![];
         for c in &changes {
             let Some((kind, id)) = parse(&c.key) else { continue };
+            let mut mine = BTreeSet::new();
             match kind {
                 Kind::Port => {
                     if let Some((n, _)) = self.port_loc.get(&c.key) {
-                        nets.insert(n.clone());
+                        mine.insert(n.clone());
                     }
                     if let Some(Source::Port(p)) = &c.value {
-                        nets.insert(p.network_id.clone());
+                        mine.insert(p.network_id.clone());
                     }
                 }
                 Kind::Network => {
-                    nets.insert(id.to_string());
+                    mine.insert(id.to_string());
                 }
                 Kind::Subnet => {
                     if let Some(n) = self.subnet_net.get(&c.key) {
-                        nets.insert(n.clone());
+                        mine.insert(n.clone());
                     }
                     if let Some(Source::Subnet(s)) = &c.value {
-                        nets.insert(s.network_id.clone());
+                        mine.insert(s.network_id.clone());
                     }
                 }
                 Kind::Node => {
-                    if let Some(ns) = self.host_nets.get(id) {
-                        nets.extend(ns.iter().cloned());
-                    }
+                    mine.extend(self.host_nets.get(id).into_iter().flatten().cloned());
+                    node_hosts.push((c.key.clone(), id.to_string()));
                 }
             }
+            nets.extend(mine.iter().cloned());
+            key_nets.push((c.key.clone(), mine));
         }
+        // The hosts on those networks before, with their networks then and each network's
+        // hosts then.
         let mut before: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut hosts_before: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for n in &nets {
-            for h in self.net_hosts.get(n).into_iter().flat_map(|m| m.keys()) {
+            let hs: BTreeSet<String> = self
+                .net_hosts
+                .get(n)
+                .into_iter()
+                .flat_map(|m| m.keys().cloned())
+                .collect();
+            for h in &hs {
                 before
                     .entry(h.clone())
                     .or_insert_with(|| self.host_nets.get(h).cloned().unwrap_or_default());
             }
+            hosts_before.insert(n.clone(), hs);
         }
+        let mut changed: BTreeSet<String> = BTreeSet::new();
         for c in changes {
             if self.set(c.key.clone(), c.revision, c.value) {
                 changed.insert(c.key);
             }
         }
-        // Hosts on those networks now (new arrivals included).
-        let mut hosts: BTreeSet<String> = before.keys().cloned().collect();
-        for n in &nets {
-            hosts.extend(self.net_hosts.get(n).into_iter().flat_map(|m| m.keys().cloned()));
-        }
-        // Node records whose sharing with someone may have changed.
-        let mut node_keys: BTreeSet<String> = BTreeSet::new();
-        for n in &nets {
-            for h in self.net_hosts.get(n).into_iter().flat_map(|m| m.keys()) {
-                node_keys.insert(keys::resource("nodes", h));
+        // A node record also concerns the networks its host is on now.
+        for (key, host) in &node_hosts {
+            if let Some(entry) = key_nets.iter_mut().find(|(k, _)| k == key) {
+                entry.1.extend(self.host_nets.get(host).into_iter().flatten().cloned());
             }
         }
-        for h in before.keys() {
-            node_keys.insert(keys::resource("nodes", h));
+        // Each touched network's hosts before and after.
+        let mut on_net: BTreeMap<&String, BTreeSet<String>> = BTreeMap::new();
+        for n in &nets {
+            let mut hs = hosts_before.remove(n).unwrap_or_default();
+            hs.extend(self.net_hosts.get(n).into_iter().flat_map(|m| m.keys().cloned()));
+            on_net.insert(n, hs);
         }
+        let hosts: BTreeSet<String> = on_net.values().flatten().cloned().collect();
         let mut out = BTreeMap::new();
         for h in hosts {
             let old = before.get(&h).cloned().unwrap_or_default();
             let new = self.host_nets.get(&h).cloned().unwrap_or_default();
-            let mut cand: BTreeSet<String> = changed.clone();
-            cand.extend(node_keys.iter().cloned());
+            let rel: BTreeSet<&String> = old.iter().chain(new.iter()).collect();
+            let mut cand: BTreeSet<String> = BTreeSet::new();
+            // Changed keys of networks this host is or was on.
+            for (k, ns) in &key_nets {
+                if changed.contains(k) && ns.iter().any(|n| rel.contains(n)) {
+                    cand.insert(k.clone());
+                }
+            }
+            // Node records of hosts sharing a touched network with it, before or after.
+            for (n, hs) in &on_net {
+                if rel.contains(n) {
+                    cand.extend(hs.iter().map(|x| keys::resource("nodes", x)));
+                }
+            }
             for n in old.symmetric_difference(&new) {
                 self.net_keys(n, &mut cand);
             }
             out.insert(h, cand);
         }
         out
+    }
+
+    /// Loads objects without working out who they concern (a fresh index).
+    pub fn load(&mut self, changes: Vec<Change>) {
+        for c in changes {
+            self.set(c.key, c.revision, c.value);
+        }
+    }
+
+    /// The keys of `host`'s whole view, without rendering anything.
+    pub fn view_keys(&self, host: &str) -> BTreeSet<String> {
+        let mut keys = BTreeSet::new();
+        for n in self.host_nets.get(host).into_iter().flatten() {
+            self.net_keys(n, &mut keys);
+        }
+        keys.retain(|k| self.member(host, k).is_some());
+        keys
     }
 
     /// Every key of network `n`'s part of a view (network, subnets, ports, node records).
