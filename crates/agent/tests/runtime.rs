@@ -368,7 +368,9 @@ async fn datapath_failures_are_retried_and_reported_in_the_heartbeat() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        assert!(failing["configurations"]["converged_revision"].is_null(), "{failing}");
+        // Converged, if at all, only to a revision from before the port (the first snapshot
+        // may converge at once): the failing revision is never reported as converged.
+        let stuck = failing["configurations"]["converged_revision"].as_i64();
         assert!(!agent.kernel().state().bridges.contains_key(&bridge));
 
         // The kernel accepts it now: the retry makes it, the report clears.
@@ -377,10 +379,13 @@ async fn datapath_failures_are_retried_and_reported_in_the_heartbeat() {
         loop {
             let a = bed.node_agent().await;
             let clear = a["configurations"]["failures"].as_array().is_none_or(|f| f.is_empty());
-            if clear && a["configurations"]["converged_revision"].as_i64().is_some() {
+            if clear && a["configurations"]["converged_revision"].as_i64() > stuck {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "never converged: {a}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never converged past {stuck:?}: {a}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         assert!(agent.kernel().state().bridges.contains_key(&bridge));

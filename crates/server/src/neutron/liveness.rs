@@ -120,9 +120,10 @@ impl Liveness {
     /// and converged revision this server has seen.
     pub fn overlay(&self, mut n: Node) -> Node {
         if let Some(s) = self.lock().get(&n.host) {
-            if s.unix > n.heartbeat_unix {
+            // The newest heartbeat's word, "not converged" (None) included.
+            if s.unix >= n.heartbeat_unix {
                 n.heartbeat_unix = s.unix;
-                n.converged_revision = s.converged_revision.or(n.converged_revision);
+                n.converged_revision = s.converged_revision;
             }
         }
         n
