@@ -1,6 +1,6 @@
 //! The server on etcd through the gRPC store: its cache recovers when its watch is compacted
-//! under it, and lost compare-and-swap races cost no more than a re-plan even while another
-//! application writes to the same etcd outside `/isthmus/`.
+//! under it, and lost compare-and-swap races (network and identity writes alike) cost no more
+//! than a re-plan even while another application writes to the same etcd outside `/isthmus/`.
 
 mod support;
 
@@ -23,6 +23,12 @@ async fn start_etcd() -> EtcdProcess {
 
 /// A server on `store`, and the network API as the admin.
 async fn server_on(store: DynStore) -> (ServerHandle, Api) {
+    let (handle, api, _) = server_with_identity(store).await;
+    (handle, api)
+}
+
+/// A server on `store`, and its network and identity APIs as the admin.
+async fn server_with_identity(store: DynStore) -> (ServerHandle, Api, Api) {
     let handle = isthmus_server::start(test_config(), store)
         .await
         .expect("server starts");
@@ -30,11 +36,16 @@ async fn server_on(store: DynStore) -> (ServerHandle, Api) {
     let identity_url = format!("http://{}/v3", handle.identity_addr);
     let token = issue_token(&http, &identity_url, ADMIN_USER, ADMIN_PASSWORD, ADMIN_PROJECT).await;
     let api = Api {
-        http,
+        http: http.clone(),
         base: format!("http://{}", handle.network_addr),
+        token: token.clone(),
+    };
+    let identity = Api {
+        http,
+        base: format!("http://{}", handle.identity_addr),
         token,
     };
-    (handle, api)
+    (handle, api, identity)
 }
 
 async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
@@ -154,9 +165,10 @@ impl Stats {
     }
 }
 
-/// Rounds of concurrent updates of one network and concurrent port creates on one small
-/// subnet (they compete for the same addresses): every request must succeed, quickly.
-async fn contend(api: &Api, net_id: &str, subnet_net: &str, rounds: usize) -> Stats {
+/// Rounds of concurrent updates of one network, concurrent port creates on one small subnet
+/// (they compete for the same addresses), then concurrent updates of one project through the
+/// identity API: every request must succeed, quickly.
+async fn contend(api: &Api, identity: &Api, project_id: &str, net_id: &str, subnet_net: &str, rounds: usize) -> Stats {
     let mut stats = Stats::default();
     for round in 0..rounds {
         let mut tasks = Vec::new();
@@ -180,6 +192,23 @@ async fn contend(api: &Api, net_id: &str, subnet_net: &str, rounds: usize) -> St
                 (start.elapsed(), s, b, StatusCode::CREATED)
             }));
         }
+        for t in tasks.drain(..) {
+            let (took, s, b, want) = t.await.expect("request task");
+            assert_eq!(s, want, "round {round}: {b}");
+            stats.add(took);
+        }
+        // Identity writes on their own, so no network write moves the cache on while a lost
+        // race waits.
+        for client in 0..3 {
+            let identity = identity.clone();
+            let path = format!("/v3/projects/{project_id}");
+            tasks.push(tokio::spawn(async move {
+                let start = Instant::now();
+                let body = json!({"project": {"description": format!("r{round}-c{client}")}});
+                let (s, b) = identity.call(reqwest::Method::PATCH, &path, Some(body)).await;
+                (start.elapsed(), s, b, StatusCode::OK)
+            }));
+        }
         for t in tasks {
             let (took, s, b, want) = t.await.expect("request task");
             assert_eq!(s, want, "round {round}: {b}");
@@ -198,7 +227,15 @@ async fn conflicts_stay_fast_with_a_foreign_writer_on_the_same_etcd() {
     const ROUNDS: usize = 5;
     let etcd = start_etcd().await;
     let store: DynStore = EtcdStore::connect(vec![etcd.endpoint()]).await.expect("connect");
-    let (handle, api) = server_on(store).await;
+    let (handle, api, identity) = server_with_identity(store).await;
+    let (s, b) = identity
+        .post(
+            "/v3/projects",
+            json!({"project": {"name": "contended", "domain_id": "default"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let project_id = b["project"]["id"].as_str().unwrap_or_default().to_string();
     let net = api.network("contended").await;
     let net_id = id_of(&net);
     let pnet = api.network("ports").await;
@@ -206,7 +243,7 @@ async fn conflicts_stay_fast_with_a_foreign_writer_on_the_same_etcd() {
     // A /27: 29 addresses for the 2 x 2 x ROUNDS ports, so creates compete for the lowest ones.
     api.subnet(&pnet_id, "10.9.0.0/27").await;
 
-    let quiet = contend(&api, &net_id, &pnet_id, ROUNDS).await;
+    let quiet = contend(&api, &identity, &project_id, &net_id, &pnet_id, ROUNDS).await;
 
     let foreign = EtcdStore::connect(vec![etcd.endpoint()]).await.expect("connect");
     let stop = Arc::new(AtomicBool::new(false));
@@ -233,7 +270,7 @@ async fn conflicts_stay_fast_with_a_foreign_writer_on_the_same_etcd() {
         async move { (written.load(Ordering::Relaxed) > 50).then_some(()) }
     })
     .await;
-    let busy = contend(&api, &net_id, &pnet_id, ROUNDS).await;
+    let busy = contend(&api, &identity, &project_id, &net_id, &pnet_id, ROUNDS).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.await.expect("writer");

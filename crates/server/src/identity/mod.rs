@@ -378,18 +378,18 @@ impl Identity {
     // ----- write plumbing -----
 
     /// Runs a transaction; on success waits until the cache shows it.
+    /// Commits a transaction and waits until this server's cache shows its outcome: the
+    /// write itself, or, after a failed compare, every compared key as the store had it
+    /// then (so the caller's next read sees the winner). Waiting for the keys compared
+    /// rather than the store's global revision keeps conflicts fast when something outside
+    /// the cache's prefix writes to the same etcd.
     async fn commit(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<bool, IdentityError> {
         let r = self.store.txn(compares, ops).await?;
         if r.succeeded {
             self.cache.wait_for(r.revision).await?;
+        } else {
+            self.cache.wait_for_conflict(&r).await?;
         }
         Ok(r.succeeded)
-    }
-
-    /// Waits until the cache has everything the store has now (after a failed compare).
-    async fn catch_up(&self) -> Result<(), IdentityError> {
-        let rev = self.store.revision().await?;
-        self.cache.wait_for(rev).await?;
-        Ok(())
     }
 }

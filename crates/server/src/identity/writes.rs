@@ -188,7 +188,6 @@ impl Identity {
                     }
                     Err(IdentityError::Conflict(_)) => {
                         // Another server created it at the same time.
-                        self.catch_up().await?;
                         self.user_by_name(model::DEFAULT_DOMAIN_ID, &admin_name)
                             .context("admin user vanished during bootstrap")?
                     }
@@ -240,11 +239,9 @@ impl Identity {
             return Ok(r);
         }
         match self.create_role(name.into(), None).await {
-            Err(IdentityError::Conflict(_)) => {
-                self.catch_up().await?;
-                self.role_by_name(name)
-                    .ok_or_else(|| IdentityError::not_found("role", name))
-            }
+            Err(IdentityError::Conflict(_)) => self
+                .role_by_name(name)
+                .ok_or_else(|| IdentityError::not_found("role", name)),
             other => other,
         }
     }
@@ -264,11 +261,9 @@ impl Identity {
             })
             .await;
         match created {
-            Err(IdentityError::Conflict(_)) => {
-                self.catch_up().await?;
-                self.project_by_name(model::DEFAULT_DOMAIN_ID, name)
-                    .ok_or_else(|| IdentityError::not_found("project", name))
-            }
+            Err(IdentityError::Conflict(_)) => self
+                .project_by_name(model::DEFAULT_DOMAIN_ID, name)
+                .ok_or_else(|| IdentityError::not_found("project", name)),
             other => other,
         }
     }
@@ -313,7 +308,6 @@ impl Identity {
                     return Err(IdentityError::Conflict(r.conflict));
                 }
             }
-            self.catch_up().await?;
         }
         Err(IdentityError::Contention)
     }
@@ -345,7 +339,6 @@ impl Identity {
             {
                 return Ok(rec);
             }
-            self.catch_up().await?;
         }
         Err(IdentityError::Contention)
     }
@@ -769,7 +762,6 @@ impl Identity {
                 tracing::info!(project_id, user_id, role_id, "role granted");
                 return Ok(());
             }
-            self.catch_up().await?;
         }
         Err(IdentityError::Contention)
     }
