@@ -64,6 +64,18 @@ pub enum ObjectValue {
     Network(Network),
     Subnet(Subnet),
     Node(NodeInfo),
+    /// A security group used by one of the node's local ports (key
+    /// `/isthmus/v1/security_groups/<id>`).
+    #[serde(rename = "security_group")]
+    SecurityGroup(SecurityGroup),
+    /// A rule of such a group (key `/isthmus/v1/security_group_rules/<id>`).
+    #[serde(rename = "security_group_rule")]
+    SecurityGroupRule(SecurityGroupRule),
+    /// One port's addresses as a member of a group that a rule the node enforces names as
+    /// its remote group (key `/isthmus/v1/group_members/<group id>/<port id>`; made by the
+    /// server, not stored).
+    #[serde(rename = "group_member")]
+    GroupMember(GroupMember),
 }
 
 impl ObjectValue {
@@ -73,6 +85,9 @@ impl ObjectValue {
             ObjectValue::Network(_) => "network",
             ObjectValue::Subnet(_) => "subnet",
             ObjectValue::Node(_) => "node",
+            ObjectValue::SecurityGroup(_) => "security_group",
+            ObjectValue::SecurityGroupRule(_) => "security_group_rule",
+            ObjectValue::GroupMember(_) => "group_member",
         }
     }
 }
@@ -108,8 +123,80 @@ pub struct Port {
     /// The node's record of an attachment lives under `cni` (see [`CniProfile`]).
     #[serde(rename = "binding:profile", default)]
     pub profile: Value,
+    #[serde(default, deserialize_with = "nullable")]
+    pub security_groups: Vec<String>,
+    /// Neutron's default is on; absent reads as on.
+    #[serde(default)]
+    pub port_security_enabled: Option<bool>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub allowed_address_pairs: Vec<AddressPair>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
+}
+
+/// An allowed address pair: an address or CIDR the port may also send from, with the MAC it
+/// may use for it (empty: the port's own).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressPair {
+    #[serde(default, deserialize_with = "nullable")]
+    pub ip_address: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub mac_address: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SecurityGroup {
+    #[serde(default, deserialize_with = "nullable")]
+    pub id: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub project_id: String,
+    /// Neutron's default is stateful; absent reads as stateful.
+    #[serde(default)]
+    pub stateful: Option<bool>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// A rule as Neutron renders it. For ICMP, `port_range_min`/`max` are the type and code.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SecurityGroupRule {
+    #[serde(default, deserialize_with = "nullable")]
+    pub id: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub security_group_id: String,
+    /// `ingress` or `egress`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub direction: String,
+    /// `IPv4` or `IPv6`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub ethertype: String,
+    /// A name (`tcp`, `icmp`, ...) or a number as a string; `None`: any.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub port_range_min: Option<u32>,
+    #[serde(default)]
+    pub port_range_max: Option<u32>,
+    #[serde(default)]
+    pub remote_ip_prefix: Option<String>,
+    #[serde(default)]
+    pub remote_group_id: Option<String>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// A member of a remote group: the port's fixed IPs and allowed-address-pair addresses
+/// (addresses or CIDRs), whichever node or network it is on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    #[serde(default, deserialize_with = "nullable")]
+    pub security_group_id: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub port_id: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub addresses: Vec<String>,
 }
 
 impl Port {
@@ -233,7 +320,13 @@ mod tests {
             assert_eq!(again["objects"][0]["value"][k], json!(""), "{k}");
             again["objects"][0]["value"].as_object_mut().unwrap().remove(k);
         }
-        for k in ["binding:vif_details", "binding:profile"] {
+        for k in [
+            "binding:vif_details",
+            "binding:profile",
+            "security_groups",
+            "port_security_enabled",
+            "allowed_address_pairs",
+        ] {
             again["objects"][0]["value"].as_object_mut().unwrap().remove(k);
         }
         assert_eq!(again, snap);
@@ -243,6 +336,38 @@ mod tests {
             serde_json::to_value(&ping).unwrap(),
             json!({"type": "ping", "revision": 4})
         );
+    }
+
+    #[test]
+    fn security_objects_parse_with_neutron_defaults() {
+        let sg: Object = serde_json::from_value(json!({"key": "/k/security_groups/g", "kind": "security_group",
+            "value": {"id": "g", "name": "default", "project_id": "p", "security_group_rules": []}}))
+        .unwrap();
+        let ObjectValue::SecurityGroup(g) = &sg.value else {
+            panic!("{sg:?}")
+        };
+        assert_eq!(g.stateful, None);
+        let r: Object = serde_json::from_value(
+            json!({"key": "/k/security_group_rules/r", "kind": "security_group_rule",
+            "value": {"id": "r", "security_group_id": "g", "direction": "ingress", "ethertype": "IPv4",
+                      "protocol": "tcp", "port_range_min": 22, "port_range_max": 22,
+                      "remote_ip_prefix": null, "remote_group_id": "g"}}),
+        )
+        .unwrap();
+        let ObjectValue::SecurityGroupRule(r) = &r.value else {
+            panic!("{r:?}")
+        };
+        assert_eq!((r.port_range_min, r.remote_group_id.as_deref()), (Some(22), Some("g")));
+        let m: Object = serde_json::from_value(json!({"key": "/k/group_members/g/p", "kind": "group_member",
+            "value": {"security_group_id": "g", "port_id": "p", "addresses": ["10.0.0.5", "10.0.9.0/24"]}}))
+        .unwrap();
+        assert_eq!(m.value.kind(), "group_member");
+        let p: Port = serde_json::from_value(json!({"id": "p", "security_groups": null,
+            "allowed_address_pairs": [{"ip_address": "10.0.0.100"}]}))
+        .unwrap();
+        assert!(p.security_groups.is_empty());
+        assert_eq!(p.port_security_enabled, None);
+        assert_eq!(p.allowed_address_pairs[0].mac_address, "");
     }
 
     #[test]
