@@ -22,6 +22,7 @@ pub mod objects;
 pub mod plan;
 pub mod reconcile;
 pub mod runtime;
+pub mod security;
 pub mod socket;
 pub mod state;
 pub mod stream;

@@ -115,7 +115,7 @@ pub struct Agent<K> {
     l2: Arc<L2Controller<K>>,
     ports: Arc<PortsController<K, K>>,
     dhcp: Arc<DhcpController<K>>,
-    firewall: Arc<FirewallController<K, K>>,
+    firewall: Arc<FirewallController<K>>,
     attacher: Arc<Attacher<K, K>>,
     cni: Cni<K>,
 }
@@ -142,7 +142,7 @@ impl<K: Kernel + 'static> Agent<K> {
         };
         let ports = PortsController::new(kernel.clone(), l2.clone(), state.clone(), Some(client.clone()), doomed);
         let dhcp = DhcpController::new(kernel.clone(), state.clone(), config.dhcp_lease_secs);
-        let firewall = FirewallController::new(kernel.clone(), dhcp.clone(), config.resync);
+        let firewall = FirewallController::new(kernel.clone(), config.resync);
         let attacher = Arc::new(Attacher::new(
             state.clone(),
             client.clone(),

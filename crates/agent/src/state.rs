@@ -24,6 +24,8 @@ pub struct Snapshot {
     /// The server revision the map reflects.
     pub revision: i64,
     pub view: NodeView,
+    /// What the node's firewall must be (security groups, port security).
+    pub firewall: Arc<crate::security::Desired>,
 }
 
 pub struct NodeState {
@@ -120,6 +122,7 @@ impl NodeState {
                 generation: self.generation(),
                 revision: v.objects.revision,
                 view: to_view(&v.objects, &self.node, Some(self.underlay_ip)),
+                firewall: Arc::new(crate::security::desired(&v.objects, &self.node)),
             })
         };
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());

@@ -313,20 +313,24 @@ async fn veth_attach_inspect_detach<K: Kernel>(mut bed: Bed<K>) {
     );
 }
 
-/// The DHCP guard: absent, installed (twice is fine), removed (twice is fine).
+/// The firewall tables: absent, installed (twice is fine), removed (twice is fine).
 async fn firewall_guard<K: Kernel>(bed: Bed<K>) {
     let k = &bed.kernel;
     let mut want = l2_desired();
     want.fdb.clear();
     converge_l2(k, &want).await;
-    assert!(!k.dhcp_guard_present().await.unwrap());
-    k.ensure_dhcp_guard().await.unwrap();
-    k.ensure_dhcp_guard().await.unwrap();
-    assert!(k.dhcp_guard_present().await.unwrap());
-    k.remove_dhcp_guard().await.unwrap();
-    assert!(!k.dhcp_guard_present().await.unwrap());
-    k.remove_dhcp_guard().await.unwrap();
-    assert!(!k.dhcp_guard_present().await.unwrap());
+    let d = isthmus_agent::security::Desired {
+        present: true,
+        ..Default::default()
+    };
+    assert!(!k.firewall_present().await.unwrap());
+    k.apply_firewall(isthmus_agent::security::full(&d)).await.unwrap();
+    k.apply_firewall(isthmus_agent::security::full(&d)).await.unwrap();
+    assert!(k.firewall_present().await.unwrap());
+    k.apply_firewall(isthmus_agent::security::removal()).await.unwrap();
+    assert!(!k.firewall_present().await.unwrap());
+    k.apply_firewall(isthmus_agent::security::removal()).await.unwrap();
+    assert!(!k.firewall_present().await.unwrap());
 }
 
 macro_rules! conformance {

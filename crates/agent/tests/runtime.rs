@@ -396,33 +396,31 @@ async fn datapath_failures_are_retried_and_reported_in_the_heartbeat() {
     .expect("test timed out");
 }
 
-/// The DHCP guard is only counted as installed once it is: a failing `nft` is retried and
-/// reported, and the guard comes as soon as the firewall works.
+/// The firewall is only counted as changed once it is: a failing `nft` is retried and
+/// reported, and the change comes as soon as the firewall works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_firewall_change_is_retried_not_assumed() {
-    use isthmus_agent::controller::dhcp::DhcpController;
     use isthmus_agent::controller::firewall::FirewallController;
     use isthmus_agent::state::NodeState;
     use std::sync::Arc;
     let kernel = Arc::new(FakeKernel::new());
     let state = NodeState::new("n1", "192.0.2.1".parse().unwrap());
     state.apply(serde_json::from_value(json!({"type": "snapshot", "revision": 1, "objects": []})).unwrap());
-    let dhcp = DhcpController::new(kernel.clone(), state.clone(), 60);
-    let fw = FirewallController::new(kernel.clone(), dhcp, Duration::from_secs(3600));
-    // An earlier run left the guard; the node has nothing now: it must go.
-    kernel.ensure_dhcp_guard_by_hand();
+    let fw = FirewallController::new(kernel.clone(), Duration::from_secs(3600));
+    // An earlier run left the tables; the node has nothing now: they must go.
+    kernel.install_firewall_by_hand();
     kernel.fail_firewall(true);
     let snap = state.snapshot().unwrap();
     let o = fw.pass(&snap).await.unwrap();
     assert_eq!(o.failures.len(), 1, "{o:?}");
-    assert!(kernel.dhcp_guard(), "the failed removal changed nothing");
+    assert!(kernel.firewall_installed(), "the failed removal changed nothing");
     // Still failing: still reported, not assumed done.
     let o = fw.pass(&snap).await.unwrap();
     assert_eq!(o.failures.len(), 1, "{o:?}");
     kernel.fail_firewall(false);
     let o = fw.pass(&snap).await.unwrap();
     assert!(o.failures.is_empty(), "{o:?}");
-    assert!(!kernel.dhcp_guard());
+    assert!(!kernel.firewall_installed());
     // Converged: nothing to do, nothing asked of the kernel.
     assert_eq!(fw.pass(&snap).await.unwrap().planned, 0);
 }

@@ -1,110 +1,106 @@
-//! The node's packet filter. Today it holds the DHCP guard: a bridge-family nftables table that
-//! keeps workloads' DHCP on the node (requests are answered locally and never forwarded;
-//! workloads cannot answer DHCP for others). Security groups will land here.
+//! The node's packet filter: security groups, port security and the DHCP guard, as the
+//! agent's nftables tables (layout in [`crate::security`]).
 //!
-//! Desired: the guard is in place while the node serves DHCP to at least one tap (the table
-//! must be made after the namespace's first bridge, or it never sees bridged frames), and gone
-//! once the node has no port and no network left; otherwise it stays as it is. Actual: what
-//! the last successful change left, confirmed against the kernel on every full resync. A failed
-//! change is retried with back-off and reported, never assumed done.
+//! Desired: a pure function of the view. Actual: what the last successful change left. A
+//! change is a patch from the last applied state to the new one, in one nft transaction
+//! (rules of one group, elements of one set). The first pass after start, every full resync,
+//! and any pass after a failure replace both tables whole, also in one transaction, so a
+//! restarted agent adopts its tables without a moment of open traffic and drift is repaired.
 
-use super::dhcp::DhcpController;
 use super::{Controller, Outcome};
-use crate::kernel::{Firewall, PacketIo};
+use crate::kernel::Firewall;
+use crate::security::{self, Desired};
 use crate::state::Snapshot;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::info;
+use tracing::{debug, info};
 
-/// What the guard should be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Guard {
-    Present,
-    Absent,
-    /// Either is fine: leave it as it is.
-    AsIs,
-}
-
-/// Pure: the guard a node needs.
-pub fn desired_guard(serving_dhcp: usize, view_empty: bool) -> Guard {
-    if serving_dhcp > 0 {
-        Guard::Present
-    } else if view_empty {
-        Guard::Absent
-    } else {
-        Guard::AsIs
-    }
-}
-
-pub struct FirewallController<B, P> {
+pub struct FirewallController<B> {
     backend: Arc<B>,
-    dhcp: Arc<DhcpController<P>>,
-    /// Whether the guard is there, as last seen or made; `None`: not known (check the kernel).
-    known: Mutex<Option<bool>>,
-    last_observed: Mutex<Option<Instant>>,
-    /// The kernel is asked again this often even when nothing changed (drift repair).
+    /// What the tables hold, as last made; `None`: not known (replace them whole).
+    applied: Mutex<Option<Arc<Desired>>>,
+    last_full: Mutex<Option<Instant>>,
+    /// The tables are replaced whole this often even when nothing changed (drift repair).
     full_resync: Duration,
 }
 
-impl<B: Firewall, P: PacketIo + 'static> FirewallController<B, P> {
-    pub fn new(backend: Arc<B>, dhcp: Arc<DhcpController<P>>, full_resync: Duration) -> Arc<Self> {
+impl<B: Firewall> FirewallController<B> {
+    pub fn new(backend: Arc<B>, full_resync: Duration) -> Arc<Self> {
         Arc::new(FirewallController {
             backend,
-            dhcp,
-            known: Mutex::new(None),
-            last_observed: Mutex::new(None),
+            applied: Mutex::new(None),
+            last_full: Mutex::new(None),
             full_resync,
         })
     }
 
-    fn known(&self) -> std::sync::MutexGuard<'_, Option<bool>> {
-        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    fn applied(&self) -> std::sync::MutexGuard<'_, Option<Arc<Desired>>> {
+        self.applied.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub async fn pass(&self, snap: &Snapshot) -> Result<Outcome, String> {
-        let view_empty = snap.view.local_ports.is_empty() && snap.view.networks.is_empty();
-        let want = desired_guard(self.dhcp.serving(), view_empty);
-        if want == Guard::AsIs {
-            return Ok(Outcome::default());
-        }
+        let want = snap.firewall.clone();
         let due = self
-            .last_observed
+            .last_full
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_none_or(|t| t.elapsed() >= self.full_resync);
-        let known = *self.known();
-        let actual = match known {
-            Some(k) if !due => k,
-            _ => {
+        let old = self.applied().clone();
+        let (script, whole) = match &old {
+            Some(old) if !due && old.present && want.present => (security::patch(old, &want), false),
+            Some(old) if !due && !old.present && !want.present => return Ok(Outcome::default()),
+            _ if !want.present => {
+                // Nothing to filter: remove the tables if there are any (a node that never
+                // had ports does not need nft at all).
                 let present = self
                     .backend
-                    .dhcp_guard_present()
+                    .firewall_present()
                     .await
-                    .map_err(|e| format!("reading the DHCP guard: {e}"))?;
-                *self.last_observed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-                *self.known() = Some(present);
-                present
+                    .map_err(|e| format!("reading the firewall: {e}"))?;
+                *self.last_full.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                if !present {
+                    *self.applied() = Some(want);
+                    return Ok(Outcome::default());
+                }
+                (security::removal(), true)
             }
+            _ => (security::full(&want), true),
         };
-        let wanted = want == Guard::Present;
-        if actual == wanted {
+        if script.is_empty() {
+            *self.applied() = Some(want);
             return Ok(Outcome::default());
         }
-        // Unknown until the change is confirmed: a failure leaves it to be checked again.
-        *self.known() = None;
-        let res = if wanted {
-            self.backend.ensure_dhcp_guard().await
-        } else {
-            self.backend.remove_dhcp_guard().await
-        };
-        match res {
+        // Unknown until the change is confirmed: a failure leads to a whole replacement.
+        *self.applied() = None;
+        let started = Instant::now();
+        match self.backend.apply_firewall(script).await {
             Ok(()) => {
-                *self.known() = Some(wanted);
-                if wanted {
-                    info!("DHCP guard installed: workloads' DHCP stays on this node");
-                } else {
-                    info!("DHCP guard removed: no network left on this node");
+                if whole {
+                    *self.last_full.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 }
+                let (objects, _) = security::object_counts(&want);
+                if whole {
+                    info!(
+                        ports = want.ports.len(),
+                        groups = want.groups.len(),
+                        objects,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "firewall {}",
+                        if want.present {
+                            "replaced whole"
+                        } else {
+                            "removed: no port left on this node"
+                        }
+                    );
+                } else {
+                    debug!(
+                        ports = want.ports.len(),
+                        objects,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "firewall patched"
+                    );
+                }
+                *self.applied() = Some(want);
                 Ok(Outcome {
                     planned: 1,
                     failures: vec![],
@@ -112,31 +108,16 @@ impl<B: Firewall, P: PacketIo + 'static> FirewallController<B, P> {
             }
             Err(e) => Ok(Outcome {
                 planned: 1,
-                failures: vec![format!(
-                    "{} the DHCP guard: {e}",
-                    if wanted { "installing" } else { "removing" }
-                )],
+                failures: vec![format!("changing the firewall: {e}")],
             }),
         }
     }
 }
 
-impl<B: Firewall + 'static, P: PacketIo + 'static> Controller for FirewallController<B, P> {
+impl<B: Firewall + 'static> Controller for FirewallController<B> {
     const NAME: &'static str = "firewall";
 
     async fn reconcile(&self, snap: &Snapshot) -> Result<Outcome, String> {
         self.pass(snap).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_guard_follows_dhcp_service_and_goes_with_the_last_network() {
-        assert_eq!(desired_guard(1, false), Guard::Present);
-        assert_eq!(desired_guard(0, true), Guard::Absent);
-        assert_eq!(desired_guard(0, false), Guard::AsIs);
     }
 }

@@ -20,7 +20,9 @@ struct State {
     attached: Vec<VethAttach>,
     /// Host-side MACs of the taps created.
     tap_macs: BTreeMap<String, Option<MacAddr>>,
-    dhcp_guard: bool,
+    /// The last firewall script applied, if the tables exist.
+    firewall: Option<String>,
+    firewall_scripts: usize,
     /// Firewall changes fail (as a missing or broken `nft` would).
     firewall_fails: bool,
 }
@@ -235,14 +237,19 @@ impl FakeKernel {
         self.lock().firewall_fails = fail;
     }
 
-    /// Simulates a guard left by an earlier run.
-    pub fn ensure_dhcp_guard_by_hand(&self) {
-        self.lock().dhcp_guard = true;
+    /// Simulates a firewall left by an earlier run.
+    pub fn install_firewall_by_hand(&self) {
+        self.lock().firewall = Some(String::new());
     }
 
-    /// Whether the simulated DHCP guard is in place.
-    pub fn dhcp_guard(&self) -> bool {
-        self.lock().dhcp_guard
+    /// Whether the simulated firewall tables exist.
+    pub fn firewall_installed(&self) -> bool {
+        self.lock().firewall.is_some()
+    }
+
+    /// How many firewall scripts were applied.
+    pub fn firewall_scripts(&self) -> usize {
+        self.lock().firewall_scripts
     }
 
     /// The host-side MAC a tap was created with.
@@ -298,25 +305,23 @@ impl PortDevices for FakeKernel {
 }
 
 impl Firewall for FakeKernel {
-    async fn dhcp_guard_present(&self) -> Result<bool, KernelError> {
-        Ok(self.lock().dhcp_guard)
+    async fn firewall_present(&self) -> Result<bool, KernelError> {
+        Ok(self.lock().firewall.is_some())
     }
 
-    async fn ensure_dhcp_guard(&self) -> Result<(), KernelError> {
+    /// Tracks only whether the tables exist: a script that ends by deleting the inet table
+    /// removes them (see [`crate::security::removal`]).
+    async fn apply_firewall(&self, script: String) -> Result<(), KernelError> {
         let mut s = self.lock();
         if s.firewall_fails {
             return Err(KernelError::Simulated("injected failure: nft".into()));
         }
-        s.dhcp_guard = true;
-        Ok(())
-    }
-
-    async fn remove_dhcp_guard(&self) -> Result<(), KernelError> {
-        let mut s = self.lock();
-        if s.firewall_fails {
-            return Err(KernelError::Simulated("injected failure: nft".into()));
+        s.firewall_scripts += 1;
+        if script == crate::security::removal() {
+            s.firewall = None;
+        } else {
+            s.firewall = Some(script);
         }
-        s.dhcp_guard = false;
         Ok(())
     }
 }

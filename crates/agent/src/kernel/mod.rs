@@ -166,18 +166,14 @@ pub trait PacketIo: Send + Sync {
     fn dhcp_socket(&self, dev: &str) -> impl Future<Output = Result<(std::os::fd::OwnedFd, u32), KernelError>> + Send;
 }
 
-/// The node's packet filter (today: the DHCP guard table).
+/// The node's packet filter: the agent's nftables tables (see [`crate::security`]).
 pub trait Firewall: Send + Sync {
-    /// Whether the DHCP guard is in place.
-    fn dhcp_guard_present(&self) -> impl Future<Output = Result<bool, KernelError>> + Send;
+    /// Whether the agent's bridge table exists.
+    fn firewall_present(&self) -> impl Future<Output = Result<bool, KernelError>> + Send;
 
-    /// Installs (idempotently, atomically) the node's bridge filter that keeps DHCP local:
-    /// requests from workloads are answered on the node and never forwarded, and workloads
-    /// cannot answer DHCP for others.
-    fn ensure_dhcp_guard(&self) -> impl Future<Output = Result<(), KernelError>> + Send;
-
-    /// Removes that filter (absent already is success).
-    fn remove_dhcp_guard(&self) -> impl Future<Output = Result<(), KernelError>> + Send;
+    /// Runs one nft script as one transaction: all of it takes effect or none. Before the
+    /// first script, bridged IP traffic is sent through the inet hooks (conntrack).
+    fn apply_firewall(&self, script: String) -> impl Future<Output = Result<(), KernelError>> + Send;
 }
 
 /// Looking into workload namespaces (CNI CHECK).

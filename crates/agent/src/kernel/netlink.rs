@@ -733,16 +733,12 @@ impl PacketIo for NetlinkKernel {
 }
 
 impl Firewall for NetlinkKernel {
-    async fn dhcp_guard_present(&self) -> Result<bool, KernelError> {
-        run_in_netns(self.netns.as_deref(), super::netns::dhcp_guard_present).await
+    async fn firewall_present(&self) -> Result<bool, KernelError> {
+        run_in_netns(self.netns.as_deref(), super::netns::firewall_present).await
     }
 
-    async fn ensure_dhcp_guard(&self) -> Result<(), KernelError> {
-        run_in_netns(self.netns.as_deref(), super::netns::apply_dhcp_guard).await
-    }
-
-    async fn remove_dhcp_guard(&self) -> Result<(), KernelError> {
-        run_in_netns(self.netns.as_deref(), super::netns::remove_dhcp_guard).await
+    async fn apply_firewall(&self, script: String) -> Result<(), KernelError> {
+        run_in_netns(self.netns.as_deref(), move || super::netns::apply_firewall(&script)).await
     }
 }
 

@@ -279,38 +279,11 @@ fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// The bridge-family nftables table the agent owns. Replaced as a whole in one transaction, so
-/// applying it again changes nothing and never opens a gap.
-const DHCP_GUARD: &str = r#"table bridge isthmus
-delete table bridge isthmus
-table bridge isthmus {
-    chain forward {
-        type filter hook forward priority 0; policy accept;
-        iifname "tap*" udp dport 67 counter drop comment "DHCP requests are answered on the node"
-        iifname "tap*" udp sport 67 counter drop comment "workloads do not serve DHCP"
-    }
-}
-"#;
-
-/// Removes the table (creating it first, so removing an absent one is not an error).
-const NO_DHCP_GUARD: &str = "table bridge isthmus\ndelete table bridge isthmus\n";
-
-/// Applies [`DHCP_GUARD`] with `nft` in the calling thread's namespace (a child process
-/// inherits the thread's namespaces). Blocking; run it through [`run_in_netns`].
-pub fn apply_dhcp_guard() -> Result<(), KernelError> {
-    nft(DHCP_GUARD)
-}
-
-/// Removes the DHCP guard table, if there is one. Blocking; run it through [`run_in_netns`].
-pub fn remove_dhcp_guard() -> Result<(), KernelError> {
-    nft(NO_DHCP_GUARD)
-}
-
-/// Whether the DHCP guard table exists in the calling thread's namespace. Blocking; run it
-/// through [`run_in_netns`].
-pub fn dhcp_guard_present() -> Result<bool, KernelError> {
+/// Whether the agent's bridge-family table exists in the calling thread's namespace.
+/// Blocking; run it through [`run_in_netns`].
+pub fn firewall_present() -> Result<bool, KernelError> {
     let out = std::process::Command::new("nft")
-        .args(["list", "table", "bridge", "isthmus"])
+        .args(["list", "table", "bridge", crate::security::TABLE])
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| KernelError::io("running nft (is nftables installed?)", e))?;
@@ -325,6 +298,27 @@ pub fn dhcp_guard_present() -> Result<bool, KernelError> {
         "nft list table bridge isthmus",
         std::io::Error::other(err.trim().to_string()),
     ))
+}
+
+/// Sends bridged IPv4 and IPv6 through the inet hooks of the calling thread's namespace, where
+/// conntrack sees them (this kernel has no conntrack for the bridge family).
+fn bridge_through_inet_hooks() -> Result<(), KernelError> {
+    for f in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+        let path = format!("/proc/sys/net/bridge/{f}");
+        let now =
+            std::fs::read_to_string(&path).map_err(|e| KernelError::io(format!("reading {path} (br_netfilter)"), e))?;
+        if now.trim() != "1" {
+            std::fs::write(&path, "1").map_err(|e| KernelError::io(format!("writing {path}"), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies one nft script, atomically, in the calling thread's namespace (a child process
+/// inherits the thread's namespaces). Blocking; run it through [`run_in_netns`].
+pub fn apply_firewall(script: &str) -> Result<(), KernelError> {
+    bridge_through_inet_hooks()?;
+    nft(script)
 }
 
 fn nft(script: &str) -> Result<(), KernelError> {
@@ -346,7 +340,7 @@ fn nft(script: &str) -> Result<(), KernelError> {
         .map_err(|e| KernelError::io("waiting for nft", e))?;
     if !out.status.success() {
         return Err(KernelError::io(
-            "nft -f (DHCP guard)",
+            "nft -f (firewall)",
             std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
         ));
     }
