@@ -352,8 +352,15 @@ fn group_chain(g: &str, dir: Direction) -> String {
     )
 }
 
-fn port_chain(dev: &str, dir: Direction) -> String {
-    format!("p-{dev}-{}", if dir == Direction::Ingress { "in" } else { "out" })
+/// The chain of ports with exactly these groups: shared by all of them.
+fn set_chain(groups: &[String], dir: Direction) -> String {
+    // FNV-1a: stable across runs and versions, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in groups.join(",").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("s-{h:016x}-{}", if dir == Direction::Ingress { "in" } else { "out" })
 }
 
 fn remote_set(g: &str, v6: bool) -> String {
@@ -405,8 +412,12 @@ fn group_rules(g: &Group, dir: Direction) -> Vec<String> {
     g.rules.iter().filter(|r| r.direction == dir).map(rule_text).collect()
 }
 
-fn port_rules(p: &FwPort, dir: Direction) -> Vec<String> {
-    let mut v = vec![];
+/// The checks every secured port gets, keyed by interface: anti-spoofing, what Neutron always
+/// allows, and connection state for stateful ports. Shared by all ports.
+fn common_rules(dir: Direction) -> Vec<String> {
+    let mut v: Vec<String> = vec![];
+    let reply = format!("meta mark & {CT_MASK:#x} == {CT_REPLY:#x} accept comment \"reply or related\"");
+    let invalid = format!("meta mark & {CT_MASK:#x} == {CT_INVALID:#x} drop comment \"invalid\"");
     match dir {
         Direction::Egress => {
             v.push("iifname . ether saddr != @mac drop comment \"spoofed MAC\"".into());
@@ -426,23 +437,22 @@ fn port_rules(p: &FwPort, dir: Direction) -> Vec<String> {
             v.push("ether type arp accept".into());
             v.push("ether type ip6 icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report } accept".into());
             v.push("ether type ip udp sport 68 udp dport 67 accept".into());
+            v.push(format!("iifname @stateful {reply}"));
+            v.push(format!("iifname @stateful {invalid}"));
         }
         Direction::Ingress => {
             v.push("ether type arp accept".into());
             v.push("ether type ip6 icmpv6 type { nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-query } accept".into());
+            v.push(format!("oifname @stateful {reply}"));
+            v.push(format!("oifname @stateful {invalid}"));
         }
     }
-    if p.stateful {
-        v.push(format!(
-            "meta mark & {CT_MASK:#x} == {CT_REPLY:#x} accept comment \"reply or related\""
-        ));
-        v.push(format!(
-            "meta mark & {CT_MASK:#x} == {CT_INVALID:#x} drop comment \"invalid\""
-        ));
-    }
-    for g in &p.groups {
-        v.push(format!("jump {}", group_chain(g, dir)));
-    }
+    v
+}
+
+/// A group set's chain: each group's chain in turn (a matching rule accepts), then drop.
+fn set_rules(groups: &[String], dir: Direction) -> Vec<String> {
+    let mut v: Vec<String> = groups.iter().map(|g| format!("jump {}", group_chain(g, dir))).collect();
     v.push("drop".into());
     v
 }
@@ -467,7 +477,15 @@ fn set_elems_src(d: &Desired, v6: bool) -> BTreeSet<String> {
 fn map_elems(d: &Desired, dir: Direction) -> BTreeSet<String> {
     d.ports
         .values()
-        .map(|p| format!("\"{}\" : jump {}", p.dev, port_chain(&p.dev, dir)))
+        .map(|p| format!("\"{}\" : jump {}", p.dev, set_chain(&p.groups, dir)))
+        .collect()
+}
+
+fn port_names(d: &Desired, only_stateful: bool) -> BTreeSet<String> {
+    d.ports
+        .values()
+        .filter(|p| !only_stateful || p.stateful)
+        .map(|p| format!("\"{}\"", p.dev))
         .collect()
 }
 
@@ -494,8 +512,13 @@ fn chains(d: &Desired) -> BTreeMap<String, Vec<String>> {
     }
     for p in d.ports.values() {
         for dir in [Direction::Ingress, Direction::Egress] {
-            out.insert(port_chain(&p.dev, dir), port_rules(p, dir));
+            out.entry(set_chain(&p.groups, dir))
+                .or_insert_with(|| set_rules(&p.groups, dir));
         }
+    }
+    if d.present {
+        out.insert("common_out".into(), common_rules(Direction::Egress));
+        out.insert("common_in".into(), common_rules(Direction::Ingress));
     }
     out
 }
@@ -508,10 +531,12 @@ const BASE_BRIDGE: &str = r#"    chain from_ports {
         type filter hook forward priority 10; policy accept;
         iifname "tap*" udp dport 67 drop comment "DHCP requests are answered on the node"
         iifname "tap*" udp sport 67 drop comment "workloads do not serve DHCP"
+        iifname @secured jump common_out
         iifname vmap @port_out
     }
     chain to_ports {
         type filter hook forward priority 20; policy accept;
+        oifname @secured jump common_in
         oifname vmap @port_in
     }
 "#;
@@ -540,6 +565,8 @@ fn declarations(d: &Desired) -> BTreeMap<String, (&'static str, String)> {
     let mut add = |name: String, kind: &'static str, body: &str| {
         out.insert(name, (kind, format!("{{ {body} }}")));
     };
+    add("secured".into(), "set", "type ifname;");
+    add("stateful".into(), "set", "type ifname;");
     add("mac".into(), "set", "type ifname . ether_addr;");
     add(
         "src4".into(),
@@ -619,6 +646,10 @@ fn element_ops(old: &Desired, new: &Desired, fresh: bool) -> String {
         (set_elems_mac(old), set_elems_mac(new))
     };
     set_diff("bridge", "mac", &o, &n, &mut out);
+    for (name, only_stateful) in [("secured", false), ("stateful", true)] {
+        let o = if fresh { e() } else { port_names(old, only_stateful) };
+        set_diff("bridge", name, &o, &port_names(new, only_stateful), &mut out);
+    }
     for v6 in [false, true] {
         let name = if v6 { "src6" } else { "src4" };
         let o = if fresh { e() } else { set_elems_src(old, v6) };
@@ -708,6 +739,8 @@ pub fn object_counts(d: &Desired) -> (usize, usize) {
         + set_elems_src(d, false).len()
         + set_elems_src(d, true).len()
         + 2 * d.ports.len()
+        + port_names(d, false).len()
+        + port_names(d, true).len()
         + remote_elems(d).values().map(BTreeSet::len).sum::<usize>();
     let ours = cs.len() + rules + elements;
     let mut product = 0usize;

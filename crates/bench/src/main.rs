@@ -2,6 +2,7 @@
 //! it over HTTP, the way clients do. See docs/benchmarks.md.
 
 mod api;
+mod firewall;
 mod fleet;
 mod ports;
 mod proc;
@@ -31,6 +32,8 @@ enum Cmd {
     Resync(resync::ResyncArgs),
     /// One server, many simulated nodes with real node streams: fan-out latency, memory, CPU.
     Fleet(fleet::FleetArgs),
+    /// Firewall programming: many ports, groups and rules, a large remote group (root).
+    Firewall(firewall::FirewallArgs),
 }
 
 /// Signals that stop the benchmark. Registered before any child process starts, so the default
@@ -76,6 +79,7 @@ async fn main() -> ExitCode {
             Cmd::Ports(args) => ports::run(&args).await,
             Cmd::Resync(args) => resync::run_bench(&args).await.map(|()| true),
             Cmd::Fleet(args) => fleet::run(&args).await,
+            Cmd::Firewall(args) => tokio::task::block_in_place(|| firewall::run(&args)),
         }
     };
     // Leaving the select drops the benchmark future, and with it every server and etcd.
