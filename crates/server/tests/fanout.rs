@@ -3,6 +3,8 @@
 //! said) must equal its view computed from the API, and must never have held anything about a
 //! network it had no port on. Then a reconnect resumes, a node dies (its liveness lease runs
 //! out) without disturbing the others, and (on etcd) the server is replaced by a new one.
+//! Views include security groups (the groups a node's ports use, their rules, and member
+//! objects of remote groups), checked the same way and on their own.
 
 mod support;
 
@@ -98,6 +100,11 @@ async fn expected(server: &TestServer, hosts: &[&str]) -> BTreeMap<String, BTree
     let ports = server.admin.list("/v2.0/ports", "ports").await;
     let nets = server.admin.list("/v2.0/networks", "networks").await;
     let subnets = server.admin.list("/v2.0/subnets", "subnets").await;
+    let groups = server.admin.list("/v2.0/security-groups", "security_groups").await;
+    let rules = server
+        .admin
+        .list("/v2.0/security-group-rules", "security_group_rules")
+        .await;
     let s = |v: &Value, f: &str| v[f].as_str().unwrap_or_default().to_string();
     let mut out = BTreeMap::new();
     for h in hosts {
@@ -124,9 +131,47 @@ async fn expected(server: &TestServer, hosts: &[&str]) -> BTreeMap<String, BTree
         for p in peers {
             view.insert(format!("{ROOT}nodes/{p}"), p);
         }
+        // The groups its own ports use, their rules, and the members of their remote groups.
+        let used: BTreeSet<String> = ports
+            .iter()
+            .filter(|p| s(p, "binding:host_id") == *h)
+            .flat_map(|p| strings(&p["security_groups"]))
+            .collect();
+        for g in groups.iter().filter(|g| used.contains(&s(g, "id"))) {
+            view.insert(format!("{ROOT}security_groups/{}", s(g, "id")), s(g, "name"));
+        }
+        let mut remotes = BTreeSet::new();
+        for r in rules.iter().filter(|r| used.contains(&s(r, "security_group_id"))) {
+            view.insert(format!("{ROOT}security_group_rules/{}", s(r, "id")), s(r, "id"));
+            remotes.extend(r["remote_group_id"].as_str().map(str::to_string));
+        }
+        for p in &ports {
+            for g in strings(&p["security_groups"]).iter().filter(|g| remotes.contains(*g)) {
+                view.insert(format!("{ROOT}group_members/{g}/{}", s(p, "id")), addresses(p));
+            }
+        }
         out.insert(h.to_string(), view);
     }
     out
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str().map(str::to_string))
+        .collect()
+}
+
+/// A port's addresses as its member objects carry them, joined.
+fn addresses(p: &Value) -> String {
+    let fixed = p["fixed_ips"].as_array().into_iter().flatten();
+    let pairs = p["allowed_address_pairs"].as_array().into_iter().flatten();
+    let a: BTreeSet<String> = fixed
+        .chain(pairs)
+        .filter_map(|x| x["ip_address"].as_str().map(str::to_string))
+        .collect();
+    a.into_iter().collect::<Vec<_>>().join(",")
 }
 
 fn summary(c: &Copy) -> BTreeMap<String, String> {
@@ -134,11 +179,15 @@ fn summary(c: &Copy) -> BTreeMap<String, String> {
         .iter()
         .map(|(k, v)| {
             let tag = if k.starts_with(&format!("{ROOT}nodes/")) {
-                v["host"].as_str()
+                v["host"].as_str().unwrap_or_default().to_string()
+            } else if k.starts_with(&format!("{ROOT}security_group_rules/")) {
+                v["id"].as_str().unwrap_or_default().to_string()
+            } else if k.starts_with(&format!("{ROOT}group_members/")) {
+                strings(&v["addresses"]).join(",")
             } else {
-                v["name"].as_str()
+                v["name"].as_str().unwrap_or_default().to_string()
             };
-            (k.clone(), tag.unwrap_or_default().to_string())
+            (k.clone(), tag)
         })
         .collect()
 }
@@ -373,4 +422,106 @@ async fn idle_heartbeats_do_not_write_the_store() {
     // A heartbeat that says something new is written.
     heartbeat(&server, "idle-0", "192.0.2.99").await;
     assert!(state.cache.revision() > rev);
+}
+
+/// Security groups reach exactly the nodes whose ports use them: a node with a port in group
+/// G (ingress from G itself) gets G, its rules and one member object per port in G, wherever
+/// that port is; a node with no port in G hears nothing of it. Members come and go with the
+/// ports, and with the rules that name G.
+#[tokio::test]
+async fn security_groups_reach_the_nodes_whose_ports_use_them() {
+    let server = TestServer::start(Backend::Embedded).await;
+    let hosts = [
+        ("sa", "192.0.2.11"),
+        ("sb", "192.0.2.12"),
+        ("sc", "192.0.2.13"),
+        ("sd", "192.0.2.14"),
+    ];
+    for (h, ip) in hosts {
+        heartbeat(&server, h, ip).await;
+    }
+    let mut nodes = vec![];
+    for (h, _) in hosts {
+        nodes.push(open(&server, h, None, Arc::default()).await);
+    }
+    let net1 = id(&server.admin.network("sg-net-1").await);
+    let net2 = id(&server.admin.network("sg-net-2").await);
+    server.admin.subnet(&net1, "10.5.0.0/24").await;
+    server.admin.subnet(&net2, "10.6.0.0/24").await;
+    let g = id(&server
+        .admin
+        .create("security-groups", "security_group", json!({"name": "web"}))
+        .await);
+    let rule = id(&server
+        .admin
+        .create(
+            "security-group-rules",
+            "security_group_rule",
+            json!({"security_group_id": g, "direction": "ingress", "ethertype": "IPv4",
+                   "protocol": "tcp", "port_range_min": 80, "port_range_max": 80,
+                   "remote_group_id": g}),
+        )
+        .await);
+    let in_g = |net: &str, host: &str, name: &str| {
+        json!({"network_id": net, "binding:host_id": host, "name": name, "security_groups": [g],
+               "allowed_address_pairs": [{"ip_address": "10.9.0.0/28"}]})
+    };
+    let pa = id(&server.admin.create("ports", "port", in_g(&net1, "sa", "pa")).await);
+    // Another node, another network.
+    let pb = server.admin.create("ports", "port", in_g(&net2, "sb", "pb")).await;
+    // sc shares sa's network, but its port is only in the default group.
+    port(&server, &net1, "sc", "pc").await;
+    converge(&server, &all(&nodes), "after building").await;
+
+    let member = |p: &str| format!("{ROOT}group_members/{g}/{p}");
+    let (group_key, rule_key) = (
+        format!("{ROOT}security_groups/{g}"),
+        format!("{ROOT}security_group_rules/{rule}"),
+    );
+    {
+        let a = lock(&nodes[0].copy);
+        assert!(a.objects.contains_key(&group_key), "{:?}", a.objects.keys());
+        assert!(a.objects.contains_key(&rule_key), "{:?}", a.objects.keys());
+        assert!(a.objects.contains_key(&member(&pa)));
+        let mb = &a.objects[&member(&id(&pb))];
+        let pb_ip = pb["fixed_ips"][0]["ip_address"].as_str().expect("an address");
+        assert!(pb_ip.starts_with("10.6.0."), "{pb}");
+        assert_eq!(mb["addresses"], json!([pb_ip, "10.9.0.0/28"]), "{mb}");
+        assert_eq!(mb["security_group_id"], json!(g));
+    }
+
+    // A port joins G on a third node: its member object reaches sa; then it goes.
+    let pd = id(&server.admin.create("ports", "port", in_g(&net2, "sd", "pd")).await);
+    converge(&server, &all(&nodes), "after a port joined the group").await;
+    assert!(lock(&nodes[0].copy).objects.contains_key(&member(&pd)));
+    let (s, _) = server.admin.delete(&format!("/v2.0/ports/{pd}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    converge(&server, &all(&nodes), "after the port went").await;
+    assert!(!lock(&nodes[0].copy).objects.contains_key(&member(&pd)));
+    assert!(lock(&nodes[0].copy).seen.contains(&member(&pd)));
+
+    // The rule goes: sa loses it, and with it the members (no rule names G any more).
+    let (s, _) = server.admin.delete(&format!("/v2.0/security-group-rules/{rule}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    converge(&server, &all(&nodes), "after the rule went").await;
+    {
+        let a = lock(&nodes[0].copy);
+        assert!(!a.objects.contains_key(&rule_key));
+        assert!(a.objects.contains_key(&group_key));
+        assert!(!a
+            .objects
+            .keys()
+            .any(|k| k.starts_with(&format!("{ROOT}group_members/{g}/"))));
+    }
+
+    // sc never heard of G.
+    let c_seen = lock(&nodes[2].copy).seen.clone();
+    assert!(
+        !c_seen.iter().any(|k| k.contains(&g)),
+        "sc was told about G: {c_seen:?}"
+    );
+    assert!(!c_seen.contains(&rule_key));
+    for n in &nodes {
+        n.reader.abort();
+    }
 }

@@ -2,6 +2,9 @@
 //!
 //! A node receives its own ports; for each network it has a port on, that network, its subnets,
 //! its other ports and the nodes hosting them. About any other network it receives nothing.
+//! For the security groups its own ports use: those groups, their rules, and for every group a
+//! rule names as remote group, one `group_member` object per port in it (its addresses),
+//! wherever that port is.
 //!
 //! `GET /isthmus/v1/nodes/{host}/watch` answers newline-delimited JSON: first
 //! `{"type":"snapshot","revision":R,"objects":[...]}` with every object the node needs, then
@@ -29,7 +32,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use isthmus_model::{Network, Node, Port, Subnet};
+use isthmus_model::{Network, Node, Port, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::Revision;
 use isthmus_wire::stream::{Message, Object};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -240,11 +243,13 @@ pub struct Fanout {
 }
 
 /// The typed collections node views are made of.
-const VIEW_COLLECTIONS: [&str; 4] = [
+const VIEW_COLLECTIONS: [&str; 6] = [
     isthmus_model::Port::COLLECTION,
     isthmus_model::Network::COLLECTION,
     isthmus_model::Subnet::COLLECTION,
     isthmus_model::Node::COLLECTION,
+    isthmus_model::SecurityGroup::COLLECTION,
+    isthmus_model::SecurityGroupRule::COLLECTION,
 ];
 
 fn change(item: &FeedItem) -> Option<Change> {
@@ -258,7 +263,9 @@ fn change(item: &FeedItem) -> Option<Change> {
             .map(Source::Port)
             .or_else(|_| d.clone().downcast::<Network>().map(Source::Network))
             .or_else(|_| d.clone().downcast::<Subnet>().map(Source::Subnet))
-            .or_else(|_| d.downcast::<Node>().map(Source::Node))
+            .or_else(|_| d.clone().downcast::<Node>().map(Source::Node))
+            .or_else(|_| d.clone().downcast::<SecurityGroup>().map(Source::SecurityGroup))
+            .or_else(|_| d.downcast::<SecurityGroupRule>().map(Source::SecurityGroupRule))
             .ok()
     });
     Some(Change {

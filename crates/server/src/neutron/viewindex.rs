@@ -1,18 +1,21 @@
 //! Which node needs which object, kept up to date one change at a time.
 //!
 //! A node's view is: for each network it has a bound port on, that network, its subnets, all
-//! its ports, and the node records of every host with a port on it. Recomputing that from the
-//! whole cache for every open stream on every write costs O(nodes × ports) per write; here
-//! reverse indexes (port → network and host, network → hosts, ports and subnets, host →
-//! networks) turn a change into the hosts it concerns and the keys to look at for each, so a
-//! write costs what it touches.
+//! its ports, and the node records of every host with a port on it; and for the security
+//! groups its own ports use, those groups, their rules, and one member object (the port's
+//! addresses) per port, anywhere, of every group those rules name as remote group.
+//! Recomputing that from the whole cache for every open stream on every write costs
+//! O(nodes × ports) per write; here reverse indexes (port → network and host, network →
+//! hosts, ports and subnets, host → networks; host → groups, group → rules → remote groups,
+//! group → member ports) turn a change into the hosts it concerns and the keys to look at for
+//! each, so a write costs what it touches.
 //!
 //! Pure: no I/O, no clocks. The caller keeps what each node was sent (key → revision) and
-//! turns [`ViewIndex::affected`]'s answer into puts and deletes with [`ViewIndex::delta`].
+//! turns [`ViewIndex::apply`]'s answer into puts and deletes with [`ViewIndex::delta`].
 
-use isthmus_model::{keys, Network, Node, Port, Subnet};
+use isthmus_model::{keys, Network, Node, Port, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::Revision;
-use isthmus_wire::stream::{NodeInfo, ObjectValue};
+use isthmus_wire::stream::{GroupMember, NodeInfo, ObjectValue};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -30,6 +33,8 @@ pub enum Source {
     Network(Arc<Network>),
     Subnet(Arc<Subnet>),
     Node(Arc<Node>),
+    SecurityGroup(Arc<SecurityGroup>),
+    SecurityGroupRule(Arc<SecurityGroupRule>),
 }
 
 /// A change to one key (`None`: deleted).
@@ -46,11 +51,28 @@ enum Kind {
     Network,
     Subnet,
     Node,
+    Group,
+    Rule,
+    /// Made by the index, never stored: id is `<group id>/<port id>`.
+    Member,
+}
+
+/// Where member objects live in views (not a stored collection).
+const MEMBERS: &str = "group_members";
+
+/// The key of port `port`'s member object in group `group`.
+pub fn member_key(group: &str, port: &str) -> String {
+    keys::resource(MEMBERS, &format!("{group}/{port}"))
 }
 
 /// The kind and id of a view key, `None` for keys views never hold.
 fn parse(key: &str) -> Option<(Kind, &str)> {
-    let (coll, id) = key.strip_prefix(keys::ROOT)?.rsplit_once('/')?;
+    let rest = key.strip_prefix(keys::ROOT)?;
+    if let Some(id) = rest.strip_prefix(MEMBERS).and_then(|r| r.strip_prefix('/')) {
+        let (g, p) = id.split_once('/')?;
+        return (!g.is_empty() && !p.is_empty() && !p.contains('/')).then_some((Kind::Member, id));
+    }
+    let (coll, id) = rest.rsplit_once('/')?;
     if id.is_empty() {
         return None;
     }
@@ -59,14 +81,17 @@ fn parse(key: &str) -> Option<(Kind, &str)> {
         "networks" => Kind::Network,
         "subnets" => Kind::Subnet,
         "nodes" => Kind::Node,
+        "security_groups" => Kind::Group,
+        "security_group_rules" => Kind::Rule,
         _ => return None,
     };
     Some((kind, id))
 }
 
-/// Whether a view may hold this key (a port, network, subnet or node record).
+/// Whether a view may hold this stored key (a port, network, subnet, node record, security
+/// group or rule).
 pub fn is_view_key(key: &str) -> bool {
-    parse(key).is_some()
+    parse(key).is_some_and(|(k, _)| k != Kind::Member)
 }
 
 /// The Neutron rendering, typed for the stream (lossless: attributes nodes do not use are
@@ -88,7 +113,24 @@ pub fn render(key: &str, source: &Source) -> Option<ObjectValue> {
             underlay_ip: n.underlay_ip.clone(),
             capabilities: n.capabilities.clone(),
         }),
+        // Rules travel as objects of their own.
+        Source::SecurityGroup(g) => ObjectValue::SecurityGroup(typed(key, g.to_api(vec![]))?),
+        Source::SecurityGroupRule(r) => ObjectValue::SecurityGroupRule(typed(key, r.to_api())?),
     })
+}
+
+/// A port's addresses as a group member: fixed IPs and allowed-address-pair addresses (as
+/// given, CIDRs included), sorted, without duplicates.
+pub fn member_addresses(p: &Port) -> Vec<String> {
+    let mut a: Vec<String> = p
+        .fixed_ips
+        .iter()
+        .map(|f| f.ip_address.clone())
+        .chain(p.allowed_address_pairs.iter().map(|x| x.ip_address.clone()))
+        .collect();
+    a.sort();
+    a.dedup();
+    a
 }
 
 /// A stored object the index holds: the cache's own decoded value (shared, not copied) and
@@ -99,11 +141,39 @@ struct Held {
     source: Source,
 }
 
-impl Held {
+/// An object of a view as the index has it: stored, or a member object it makes.
+enum Found<'a> {
+    Stored(&'a Held),
+    Member {
+        revision: Revision,
+        group: &'a str,
+        port: &'a str,
+        addresses: &'a [String],
+    },
+}
+
+impl Found<'_> {
+    fn revision(&self) -> Revision {
+        match self {
+            Found::Stored(h) => h.revision,
+            Found::Member { revision, .. } => *revision,
+        }
+    }
+
     fn rendered(&self, key: &str) -> Option<Arc<ViewObject>> {
+        let value = match self {
+            Found::Stored(h) => render(key, &h.source)?,
+            Found::Member {
+                group, port, addresses, ..
+            } => ObjectValue::GroupMember(GroupMember {
+                security_group_id: group.to_string(),
+                port_id: port.to_string(),
+                addresses: addresses.to_vec(),
+            }),
+        };
         Some(Arc::new(ViewObject {
-            revision: self.revision,
-            value: render(key, &self.source)?,
+            revision: self.revision(),
+            value,
         }))
     }
 }
@@ -119,8 +189,36 @@ fn same(a: &Source, b: &Source) -> bool {
         (Source::Node(x), Source::Node(y)) => {
             x.host == y.host && x.underlay_ip == y.underlay_ip && x.capabilities == y.capabilities
         }
+        (Source::SecurityGroup(x), Source::SecurityGroup(y)) => x == y,
+        (Source::SecurityGroupRule(x), Source::SecurityGroupRule(y)) => x == y,
         _ => false,
     }
+}
+
+/// Adds one to a counter; `true` if it was absent.
+fn inc<K: Ord>(m: &mut BTreeMap<K, usize>, k: K, by: usize) -> bool {
+    let c = m.entry(k).or_default();
+    *c += by;
+    *c == by
+}
+
+/// Takes `by` off a counter, dropping it at zero; `true` if it went.
+fn dec<K: Ord>(m: &mut BTreeMap<K, usize>, k: &K, by: usize) -> bool {
+    let Some(c) = m.get_mut(k) else { return false };
+    *c = c.saturating_sub(by);
+    if *c == 0 {
+        m.remove(k);
+        return true;
+    }
+    false
+}
+
+/// What the security part of a view knows of one port.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct PortGroups {
+    host: String,
+    groups: BTreeSet<String>,
+    addresses: Vec<String>,
 }
 
 #[derive(Default)]
@@ -137,14 +235,33 @@ pub struct ViewIndex {
     net_subnets: HashMap<String, BTreeSet<String>>,
     /// Host → networks it has a bound port on.
     host_nets: HashMap<String, BTreeSet<String>>,
+    /// Port id → its groups, host and member addresses (ports with groups only).
+    port_groups: HashMap<String, PortGroups>,
+    /// Host → group → number of its bound ports using the group, and back.
+    host_groups: HashMap<String, BTreeMap<String, usize>>,
+    group_hosts: HashMap<String, BTreeSet<String>>,
+    /// Group id → keys of its rules; rule key → (group, remote group).
+    group_rules: HashMap<String, BTreeSet<String>>,
+    rule_of: HashMap<String, (String, Option<String>)>,
+    /// Group id → remote group → number of its rules naming it.
+    group_remotes: HashMap<String, BTreeMap<String, usize>>,
+    /// Host → remote group → number of (used group, rule) pairs naming it, and back.
+    host_remotes: HashMap<String, BTreeMap<String, usize>>,
+    remote_hosts: HashMap<String, BTreeSet<String>>,
+    /// Group id → member port id → revision of its member object (when the port joined or
+    /// its addresses last changed).
+    group_ports: HashMap<String, BTreeMap<String, Revision>>,
 }
+
+/// The security part of a host's state that decides its view: groups used, remote groups.
+type HostSec = (BTreeSet<String>, BTreeSet<String>);
 
 impl ViewIndex {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Objects held (shared by all views).
+    /// Objects held (shared by all views; member objects are made when sent).
     pub fn len(&self) -> usize {
         self.objects.len()
     }
@@ -156,6 +273,7 @@ impl ViewIndex {
     /// Applies a batch of changes and answers, for every host whose view may have changed,
     /// the keys to look at (see [`ViewIndex::delta`]).
     pub fn apply(&mut self, changes: Vec<Change>) -> BTreeMap<String, BTreeSet<String>> {
+        let sec = self.sec_before(&changes);
         // Networks whose members or contents change, and the networks each changed key
         // belongs to (before and after; a node record: the networks its host is on).
         let mut nets: BTreeSet<String> = BTreeSet::new();
@@ -188,6 +306,7 @@ impl ViewIndex {
                     mine.extend(self.host_nets.get(id).into_iter().flatten().cloned());
                     node_hosts.push((c.key.clone(), id.to_string()));
                 }
+                Kind::Group | Kind::Rule | Kind::Member => continue,
             }
             nets.extend(mine.iter().cloned());
             key_nets.push((c.key.clone(), mine));
@@ -253,7 +372,132 @@ impl ViewIndex {
             }
             out.insert(h, cand);
         }
+        self.sec_after(sec, &changed, &mut out);
         out
+    }
+
+    /// What the security part of the views looked like, where `changes` may change it.
+    fn sec_before(&self, changes: &[Change]) -> SecBefore {
+        let mut b = SecBefore::default();
+        let mut remotes: BTreeSet<String> = BTreeSet::new();
+        for c in changes {
+            let Some((kind, id)) = parse(&c.key) else { continue };
+            match kind {
+                Kind::Port => {
+                    let mut old = BTreeMap::new();
+                    if let Some(o) = self.port_groups.get(id) {
+                        b.hosts.insert(o.host.clone());
+                        remotes.extend(o.groups.iter().cloned());
+                        for g in &o.groups {
+                            if let Some(r) = self.group_ports.get(g).and_then(|ps| ps.get(id)) {
+                                old.insert(g.clone(), *r);
+                            }
+                        }
+                    }
+                    if let Some(Source::Port(p)) = &c.value {
+                        if !p.security_groups.is_empty() {
+                            b.hosts.insert(p.binding_host_id.clone());
+                            remotes.extend(p.security_groups.iter().cloned());
+                        }
+                    }
+                    b.ports.entry(id.to_string()).or_insert(old);
+                }
+                Kind::Rule => {
+                    let mut groups: Vec<&str> = vec![];
+                    if let Some((g, _)) = self.rule_of.get(&c.key) {
+                        groups.push(g);
+                    }
+                    if let Some(Source::SecurityGroupRule(r)) = &c.value {
+                        groups.push(&r.security_group_id);
+                    }
+                    let hs: BTreeSet<String> = groups
+                        .into_iter()
+                        .flat_map(|g| self.group_hosts.get(g).into_iter().flatten().cloned())
+                        .collect();
+                    b.hosts.extend(hs.iter().cloned());
+                    b.rules.entry(c.key.clone()).or_default().extend(hs);
+                }
+                _ => {}
+            }
+        }
+        b.hosts.remove("");
+        for h in &b.hosts {
+            b.host_sec.insert(h.clone(), self.host_sec(h));
+        }
+        for r in remotes {
+            let hs = self.remote_hosts.get(&r).cloned().unwrap_or_default();
+            b.remote_hosts.insert(r, hs);
+        }
+        b
+    }
+
+    /// Adds the security candidates of a batch to `out`, given the state before it.
+    fn sec_after(&self, b: SecBefore, changed: &BTreeSet<String>, out: &mut BTreeMap<String, BTreeSet<String>>) {
+        // Hosts whose groups or remote groups changed: everything of what entered or left.
+        for (h, (groups, remotes)) in &b.host_sec {
+            let (g2, r2) = self.host_sec(h);
+            let mut cand = BTreeSet::new();
+            for g in groups.symmetric_difference(&g2) {
+                cand.insert(keys::resource("security_groups", g));
+                cand.extend(self.group_rules.get(g).into_iter().flatten().cloned());
+            }
+            for r in remotes.symmetric_difference(&r2) {
+                for p in self.group_ports.get(r).into_iter().flat_map(|m| m.keys()) {
+                    cand.insert(member_key(r, p));
+                }
+            }
+            if !cand.is_empty() {
+                out.entry(h.clone()).or_default().extend(cand);
+            }
+        }
+        // A changed rule: hosts using its group, before or after.
+        for (k, hs) in &b.rules {
+            if !changed.contains(k) {
+                continue;
+            }
+            let now = self.rule_of.get(k).and_then(|(g, _)| self.group_hosts.get(g));
+            for h in hs.iter().chain(now.into_iter().flatten()) {
+                out.entry(h.clone()).or_default().insert(k.clone());
+            }
+        }
+        // A changed group: hosts using it.
+        for k in changed {
+            if let Some((Kind::Group, g)) = parse(k) {
+                for h in self.group_hosts.get(g).into_iter().flatten() {
+                    out.entry(h.clone()).or_default().insert(k.clone());
+                }
+            }
+        }
+        // Member objects that came, went or changed: hosts naming the group as remote,
+        // before or after.
+        for (p, old) in &b.ports {
+            let now: BTreeMap<&String, Revision> = self
+                .port_groups
+                .get(p)
+                .into_iter()
+                .flat_map(|n| &n.groups)
+                .filter_map(|g| Some((g, *self.group_ports.get(g)?.get(p)?)))
+                .collect();
+            let groups: BTreeSet<&String> = old.keys().chain(now.keys().copied()).collect();
+            for r in groups {
+                // Same revision: the same object (addresses unchanged), nothing to send.
+                if old.get(r) == now.get(r) {
+                    continue;
+                }
+                let key = member_key(r, p);
+                let then = b.remote_hosts.get(r.as_str()).into_iter().flatten();
+                for h in then.chain(self.remote_hosts.get(r.as_str()).into_iter().flatten()) {
+                    out.entry(h.clone()).or_default().insert(key.clone());
+                }
+            }
+        }
+    }
+
+    /// The groups `host`'s ports use and the remote groups their rules name.
+    fn host_sec(&self, host: &str) -> HostSec {
+        let g = self.host_groups.get(host).into_iter().flat_map(|m| m.keys().cloned());
+        let r = self.host_remotes.get(host).into_iter().flat_map(|m| m.keys().cloned());
+        (g.collect(), r.collect())
     }
 
     /// Loads objects without working out who they concern (a fresh index).
@@ -263,12 +507,27 @@ impl ViewIndex {
         }
     }
 
-    /// The keys of `host`'s whole view, without rendering anything.
-    pub fn view_keys(&self, host: &str) -> BTreeSet<String> {
+    /// The keys `host`'s view may hold (a superset: [`ViewIndex::member`] decides).
+    fn all_keys(&self, host: &str) -> BTreeSet<String> {
         let mut keys = BTreeSet::new();
         for n in self.host_nets.get(host).into_iter().flatten() {
             self.net_keys(n, &mut keys);
         }
+        for g in self.host_groups.get(host).into_iter().flat_map(|m| m.keys()) {
+            keys.insert(keys::resource("security_groups", g));
+            keys.extend(self.group_rules.get(g).into_iter().flatten().cloned());
+        }
+        for r in self.host_remotes.get(host).into_iter().flat_map(|m| m.keys()) {
+            for p in self.group_ports.get(r).into_iter().flat_map(|m| m.keys()) {
+                keys.insert(member_key(r, p));
+            }
+        }
+        keys
+    }
+
+    /// The keys of `host`'s whole view, without rendering anything.
+    pub fn view_keys(&self, host: &str) -> BTreeSet<String> {
+        let mut keys = self.all_keys(host);
         keys.retain(|k| self.member(host, k).is_some());
         keys
     }
@@ -306,6 +565,15 @@ impl ViewIndex {
                     }
                     self.port_loc.insert(key.clone(), (n, h));
                 }
+                let groups = match &value {
+                    Some(Source::Port(p)) if !p.security_groups.is_empty() => Some(PortGroups {
+                        host: p.binding_host_id.clone(),
+                        groups: p.security_groups.iter().cloned().collect(),
+                        addresses: member_addresses(p),
+                    }),
+                    _ => None,
+                };
+                self.set_port_groups(&id, revision, groups);
             }
             Kind::Subnet => {
                 if let Some(n) = self.subnet_net.remove(&key) {
@@ -324,9 +592,20 @@ impl ViewIndex {
                         .insert(key.clone());
                 }
             }
-            Kind::Network | Kind::Node => {}
+            Kind::Rule => {
+                if let Some((g, r)) = self.rule_of.remove(&key) {
+                    self.remove_rule(&key, &g, r.as_deref());
+                }
+                if let Some(Source::SecurityGroupRule(r)) = &value {
+                    let (g, rg) = (r.security_group_id.clone(), r.remote_group_id.clone());
+                    self.add_rule(&key, &g, rg.as_deref());
+                    self.rule_of.insert(key.clone(), (g, rg));
+                }
+            }
+            // Made here, never stored: a stored key of that shape is ignored.
+            Kind::Member => return false,
+            Kind::Network | Kind::Node | Kind::Group => {}
         }
-        let _ = id;
         match value.filter(|v| render(&key, v).is_some()) {
             None => self.objects.remove(&key).is_some(),
             Some(v) => {
@@ -336,6 +615,141 @@ impl ViewIndex {
                 }
                 self.objects.insert(key, Held { revision, source: v });
                 true
+            }
+        }
+    }
+
+    /// Records port `id`'s groups, host and addresses (`None`: none, or the port is gone).
+    fn set_port_groups(&mut self, id: &str, revision: Revision, new: Option<PortGroups>) {
+        let old = self.port_groups.remove(id);
+        if let Some(o) = &old {
+            for g in &o.groups {
+                if !o.host.is_empty() {
+                    self.drop_host_group(&o.host, g);
+                }
+                if !new.as_ref().is_some_and(|n| n.groups.contains(g)) {
+                    if let Some(ps) = self.group_ports.get_mut(g) {
+                        ps.remove(id);
+                        if ps.is_empty() {
+                            self.group_ports.remove(g);
+                        }
+                    }
+                }
+            }
+        }
+        let Some(n) = new else { return };
+        let same_addresses = old.as_ref().is_some_and(|o| o.addresses == n.addresses);
+        for g in &n.groups {
+            if !n.host.is_empty() {
+                self.add_host_group(&n.host, g);
+            }
+            let ps = self.group_ports.entry(g.clone()).or_default();
+            // An unchanged member object keeps its revision: nothing to send again.
+            let kept = same_addresses && old.as_ref().is_some_and(|o| o.groups.contains(g));
+            if !kept {
+                ps.insert(id.to_string(), revision);
+            }
+        }
+        self.port_groups.insert(id.to_string(), n);
+    }
+
+    fn add_host_group(&mut self, h: &str, g: &str) {
+        if !inc(self.host_groups.entry(h.to_string()).or_default(), g.to_string(), 1) {
+            return;
+        }
+        self.group_hosts.entry(g.to_string()).or_default().insert(h.to_string());
+        let remotes: Vec<(String, usize)> = self
+            .group_remotes
+            .get(g)
+            .into_iter()
+            .flatten()
+            .map(|(r, c)| (r.clone(), *c))
+            .collect();
+        for (r, c) in remotes {
+            self.remote_inc(h, &r, c);
+        }
+    }
+
+    fn drop_host_group(&mut self, h: &str, g: &str) {
+        let Some(gs) = self.host_groups.get_mut(h) else { return };
+        if !dec(gs, &g.to_string(), 1) {
+            return;
+        }
+        if gs.is_empty() {
+            self.host_groups.remove(h);
+        }
+        if let Some(hs) = self.group_hosts.get_mut(g) {
+            hs.remove(h);
+            if hs.is_empty() {
+                self.group_hosts.remove(g);
+            }
+        }
+        let remotes: Vec<(String, usize)> = self
+            .group_remotes
+            .get(g)
+            .into_iter()
+            .flatten()
+            .map(|(r, c)| (r.clone(), *c))
+            .collect();
+        for (r, c) in remotes {
+            self.remote_dec(h, &r, c);
+        }
+    }
+
+    fn add_rule(&mut self, key: &str, g: &str, remote: Option<&str>) {
+        self.group_rules
+            .entry(g.to_string())
+            .or_default()
+            .insert(key.to_string());
+        let Some(r) = remote else { return };
+        inc(self.group_remotes.entry(g.to_string()).or_default(), r.to_string(), 1);
+        let hosts: Vec<String> = self.group_hosts.get(g).into_iter().flatten().cloned().collect();
+        for h in hosts {
+            self.remote_inc(&h, r, 1);
+        }
+    }
+
+    fn remove_rule(&mut self, key: &str, g: &str, remote: Option<&str>) {
+        if let Some(rs) = self.group_rules.get_mut(g) {
+            rs.remove(key);
+            if rs.is_empty() {
+                self.group_rules.remove(g);
+            }
+        }
+        let Some(r) = remote else { return };
+        if let Some(m) = self.group_remotes.get_mut(g) {
+            dec(m, &r.to_string(), 1);
+            if m.is_empty() {
+                self.group_remotes.remove(g);
+            }
+        }
+        let hosts: Vec<String> = self.group_hosts.get(g).into_iter().flatten().cloned().collect();
+        for h in hosts {
+            self.remote_dec(&h, r, 1);
+        }
+    }
+
+    fn remote_inc(&mut self, h: &str, r: &str, by: usize) {
+        if inc(self.host_remotes.entry(h.to_string()).or_default(), r.to_string(), by) {
+            self.remote_hosts
+                .entry(r.to_string())
+                .or_default()
+                .insert(h.to_string());
+        }
+    }
+
+    fn remote_dec(&mut self, h: &str, r: &str, by: usize) {
+        let Some(m) = self.host_remotes.get_mut(h) else { return };
+        if !dec(m, &r.to_string(), by) {
+            return;
+        }
+        if m.is_empty() {
+            self.host_remotes.remove(h);
+        }
+        if let Some(hs) = self.remote_hosts.get_mut(r) {
+            hs.remove(h);
+            if hs.is_empty() {
+                self.remote_hosts.remove(r);
             }
         }
     }
@@ -370,20 +784,40 @@ impl ViewIndex {
     }
 
     /// Whether `host`'s view holds `key` now, and the object if so.
-    fn member(&self, host: &str, key: &str) -> Option<&Held> {
-        let nets = self.host_nets.get(host)?;
-        let obj = self.objects.get(key)?;
+    fn member<'a>(&'a self, host: &str, key: &'a str) -> Option<Found<'a>> {
         let (kind, id) = parse(key)?;
+        let uses = |g: &str| self.host_groups.get(host).is_some_and(|m| m.contains_key(g));
         let inside = match kind {
-            Kind::Network => nets.contains(id),
-            Kind::Subnet => self.subnet_net.get(key).is_some_and(|n| nets.contains(n)),
-            Kind::Port => self.port_loc.get(key).is_some_and(|(n, _)| nets.contains(n)),
-            Kind::Node => self
-                .host_nets
-                .get(id)
-                .is_some_and(|theirs| theirs.iter().any(|n| nets.contains(n))),
+            Kind::Member => {
+                let (g, p) = id.split_once('/')?;
+                if !self.host_remotes.get(host).is_some_and(|m| m.contains_key(g)) {
+                    return None;
+                }
+                let revision = *self.group_ports.get(g)?.get(p)?;
+                return Some(Found::Member {
+                    revision,
+                    group: g,
+                    port: p,
+                    addresses: &self.port_groups.get(p)?.addresses,
+                });
+            }
+            Kind::Group => uses(id),
+            Kind::Rule => self.rule_of.get(key).is_some_and(|(g, _)| uses(g)),
+            Kind::Network | Kind::Subnet | Kind::Port | Kind::Node => {
+                let nets = self.host_nets.get(host)?;
+                match kind {
+                    Kind::Network => nets.contains(id),
+                    Kind::Subnet => self.subnet_net.get(key).is_some_and(|n| nets.contains(n)),
+                    Kind::Port => self.port_loc.get(key).is_some_and(|(n, _)| nets.contains(n)),
+                    _ => self
+                        .host_nets
+                        .get(id)
+                        .is_some_and(|theirs| theirs.iter().any(|n| nets.contains(n))),
+                }
+            }
         };
-        inside.then_some(obj)
+        let obj = self.objects.get(key)?;
+        inside.then_some(Found::Stored(obj))
     }
 
     /// What `host` must be sent so that what it has (`sent`: key → revision) matches its
@@ -398,7 +832,7 @@ impl ViewIndex {
         let mut delete = vec![];
         for k in candidates {
             match self.member(host, k) {
-                Some(o) if sent.get(k) != Some(&o.revision) => match o.rendered(k) {
+                Some(o) if sent.get(k) != Some(&o.revision()) => match o.rendered(k) {
                     Some(r) => put.push((k.clone(), r)),
                     None if sent.contains_key(k) => delete.push(k.clone()),
                     None => {}
@@ -413,17 +847,28 @@ impl ViewIndex {
 
     /// `host`'s whole view.
     pub fn view(&self, host: &str) -> BTreeMap<String, Arc<ViewObject>> {
-        let mut keys = BTreeSet::new();
-        for n in self.host_nets.get(host).into_iter().flatten() {
-            self.net_keys(n, &mut keys);
-        }
-        keys.into_iter()
+        self.all_keys(host)
+            .into_iter()
             .filter_map(|k| {
                 let o = self.member(host, &k)?.rendered(&k)?;
                 Some((k, o))
             })
             .collect()
     }
+}
+
+/// The security part of the index before a batch, where the batch may change it.
+#[derive(Default)]
+struct SecBefore {
+    /// Hosts whose groups or remote groups may change, with both before.
+    hosts: BTreeSet<String>,
+    host_sec: BTreeMap<String, HostSec>,
+    /// Changed ports (id) → their member objects' revisions, by group.
+    ports: BTreeMap<String, BTreeMap<String, Revision>>,
+    /// Changed rules (key) → hosts using their group before.
+    rules: BTreeMap<String, BTreeSet<String>>,
+    /// Groups of changed ports → hosts naming them as remote before.
+    remote_hosts: BTreeMap<String, BTreeSet<String>>,
 }
 
 #[cfg(test)]
@@ -434,18 +879,53 @@ mod tests {
     const NETS: [&str; 3] = ["n1", "n2", "n3"];
     const HOSTS: [&str; 4] = ["", "h1", "h2", "h3"];
 
-    fn port(id: usize, net: usize, host: usize, name: u8) -> Source {
+    const GROUPS: [&str; 3] = ["g0", "g1", "g2"];
+
+    /// A port; `sec` bits: 0-2 its groups, 3 an address pair with a CIDR, 4 an address pair
+    /// repeating its fixed IP, 5 which fixed IP.
+    fn port(id: usize, net: usize, host: usize, name: u8, sec: u8) -> Source {
+        let groups: Vec<&str> = (0..3).filter(|i| sec & (1 << i) != 0).map(|i| GROUPS[i]).collect();
+        let ip = format!("10.0.{id}.{}", 1 + (sec >> 5 & 1));
+        let mut pairs = vec![];
+        if sec & 8 != 0 {
+            pairs.push(serde_json::json!({"ip_address": "10.9.0.0/24", "mac_address": ""}));
+        }
+        if sec & 16 != 0 {
+            pairs.push(serde_json::json!({"ip_address": ip, "mac_address": ""}));
+        }
         let v = serde_json::json!({
             "id": format!("p{id}"), "network_id": NETS[net], "binding_host_id": HOSTS[host],
             "name": format!("v{name}"), "project_id": "t", "tenant_id": "t",
-            "mac_address": format!("fa:16:3e:00:00:{id:02x}"), "fixed_ips": [],
+            "mac_address": format!("fa:16:3e:00:00:{id:02x}"),
+            "fixed_ips": [{"subnet_id": "s0", "ip_address": ip}],
             "admin_state_up": true, "status": "DOWN", "device_id": "", "device_owner": "",
             "binding_vif_type": "", "binding_vif_details": {}, "binding_profile": {},
-            "binding_vnic_type": "normal", "allowed_address_pairs": [],
-            "security_groups": [], "port_security_enabled": true,
+            "binding_vnic_type": "normal", "allowed_address_pairs": pairs,
+            "security_groups": groups, "port_security_enabled": true,
             "created_at": "t", "updated_at": "t", "revision_number": 0
         });
         Source::Port(Arc::new(serde_json::from_value(v).expect("test port")))
+    }
+
+    fn group(g: usize, name: u8) -> Source {
+        let v = serde_json::json!({
+            "id": GROUPS[g], "name": format!("v{name}"), "project_id": "t", "stateful": true,
+            "created_at": "t", "updated_at": "t", "revision_number": 0
+        });
+        Source::SecurityGroup(Arc::new(serde_json::from_value(v).expect("test group")))
+    }
+
+    /// A rule of group `g`; `remote` 0: none, else group `remote - 1` (itself included).
+    fn rule(id: usize, g: usize, remote: usize, port: u8) -> Source {
+        let remote = (remote > 0).then(|| GROUPS[(remote - 1) % 3]);
+        let v = serde_json::json!({
+            "id": format!("r{id}"), "project_id": "t", "security_group_id": GROUPS[g],
+            "direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
+            "port_range_min": 20 + port, "port_range_max": 20 + port,
+            "remote_ip_prefix": null, "remote_group_id": remote,
+            "created_at": "t", "updated_at": "t", "revision_number": 0
+        });
+        Source::SecurityGroupRule(Arc::new(serde_json::from_value(v).expect("test rule")))
     }
 
     fn network(net: usize, name: u8) -> Source {
@@ -479,27 +959,39 @@ mod tests {
         Source::Node(Arc::new(serde_json::from_value(v).expect("test node")))
     }
 
-    /// A random change: (kind, which, attribute a, attribute b, delete?).
-    fn change() -> impl Strategy<Value = (u8, usize, usize, usize, u8, bool)> {
+    type Spec = (u8, usize, usize, usize, u8, u8, bool);
+
+    /// A random change: (kind, which, attribute a, attribute b, name, port security bits,
+    /// delete?).
+    fn change() -> impl Strategy<Value = Spec> {
         (
-            0u8..4,
+            0u8..6,
             0usize..6,
             0usize..3,
             0usize..4,
             0u8..3,
+            0u8..64,
             prop::bool::weighted(0.2),
         )
     }
 
-    fn to_change(rev: Revision, (kind, which, a, b, v, del): (u8, usize, usize, usize, u8, bool)) -> Change {
+    fn to_change(rev: Revision, (kind, which, a, b, v, sec, del): Spec) -> Change {
         let (key, value) = match kind {
-            0 => (keys::resource("ports", &format!("p{which}")), port(which, a, b, v)),
+            0 => (keys::resource("ports", &format!("p{which}")), port(which, a, b, v, sec)),
             1 => (keys::resource("networks", NETS[which % 3]), network(which % 3, v)),
             2 => (
                 keys::resource("subnets", &format!("s{}", which % 4)),
                 subnet(which % 4, a, v),
             ),
-            _ => (keys::resource("nodes", HOSTS[1 + which % 3]), node(1 + which % 3, v)),
+            3 => (keys::resource("nodes", HOSTS[1 + which % 3]), node(1 + which % 3, v)),
+            4 => (
+                keys::resource("security_groups", GROUPS[which % 3]),
+                group(which % 3, v),
+            ),
+            _ => (
+                keys::resource("security_group_rules", &format!("r{which}")),
+                rule(which, a, b, v),
+            ),
         };
         Change {
             key,
@@ -522,6 +1014,11 @@ mod tests {
             .filter(|(_, p)| p.binding_host_id == host && !host.is_empty())
             .map(|(_, p)| p.network_id.as_str())
             .collect();
+        let groups: BTreeSet<&str> = ports
+            .iter()
+            .filter(|(_, p)| p.binding_host_id == host && !host.is_empty())
+            .flat_map(|(_, p)| p.security_groups.iter().map(String::as_str))
+            .collect();
         let mut hosts = BTreeSet::new();
         let mut out = BTreeMap::new();
         for (k, p) in &ports {
@@ -538,16 +1035,95 @@ mod tests {
                 Source::Subnet(sn) => nets.contains(sn.network_id.as_str()),
                 Source::Node(n) => hosts.contains(&n.host),
                 Source::Port(_) => false,
+                Source::SecurityGroup(g) => groups.contains(g.id.as_str()),
+                Source::SecurityGroupRule(r) => groups.contains(r.security_group_id.as_str()),
             };
             if keep {
                 out.insert(k.clone(), render(k, s).expect("renders"));
             }
         }
+        // Members of the remote groups the local groups' rules name, ports anywhere.
+        let remotes: BTreeSet<&str> = current
+            .values()
+            .filter_map(|(_, s)| match s {
+                Source::SecurityGroupRule(r) if groups.contains(r.security_group_id.as_str()) => {
+                    r.remote_group_id.as_deref()
+                }
+                _ => None,
+            })
+            .collect();
+        for (_, p) in &ports {
+            for g in &p.security_groups {
+                if remotes.contains(g.as_str()) {
+                    let m = GroupMember {
+                        security_group_id: g.clone(),
+                        port_id: p.id.clone(),
+                        addresses: member_addresses(p),
+                    };
+                    out.insert(member_key(g, &p.id), ObjectValue::GroupMember(m));
+                }
+            }
+        }
         out
     }
 
+    /// A port change that leaves its addresses alone sends no member object again; one that
+    /// changes them sends it with the port change's revision.
+    #[test]
+    fn member_objects_follow_addresses_only() {
+        let mut idx = ViewIndex::new();
+        idx.load(vec![
+            Change {
+                key: keys::resource("ports", "p0"),
+                revision: 1,
+                value: Some(port(0, 0, 1, 0, 1)),
+            },
+            Change {
+                key: keys::resource("ports", "p1"),
+                revision: 2,
+                value: Some(port(1, 1, 2, 0, 1)),
+            },
+            Change {
+                key: keys::resource("security_group_rules", "r0"),
+                revision: 3,
+                value: Some(rule(0, 0, 1, 0)),
+            },
+        ]);
+        let view = idx.view("h1");
+        let m = member_key("g0", "p1");
+        assert_eq!(view[&m].revision, 2, "{view:?}");
+        let sent: BTreeMap<String, Revision> = view.iter().map(|(k, o)| (k.clone(), o.revision)).collect();
+        // A rename: the port is not on h1's network, its member object is unchanged.
+        let rename = Change {
+            key: keys::resource("ports", "p1"),
+            revision: 4,
+            value: Some(port(1, 1, 2, 1, 1)),
+        };
+        let affected = idx.apply(vec![rename]);
+        let (put, delete) = idx.delta("h1", affected.get("h1").unwrap_or(&BTreeSet::new()), &sent);
+        assert!(put.is_empty() && delete.is_empty(), "{put:?} {delete:?}");
+        // A new address pair: the member object again, at that revision.
+        let pair = Change {
+            key: keys::resource("ports", "p1"),
+            revision: 5,
+            value: Some(port(1, 1, 2, 1, 1 | 8)),
+        };
+        let affected = idx.apply(vec![pair]);
+        let (put, delete) = idx.delta("h1", &affected["h1"], &sent);
+        assert_eq!(put.len(), 1, "{put:?}");
+        assert!(delete.is_empty());
+        assert_eq!((put[0].0.as_str(), put[0].1.revision), (m.as_str(), 5));
+        let ObjectValue::GroupMember(g) = &put[0].1.value else {
+            panic!("{put:?}")
+        };
+        assert_eq!(g.addresses, ["10.0.1.1", "10.9.0.0/24"]);
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(400))]
+        // PROPTEST_CASES, when set, for a longer run.
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(400)
+        ))]
         /// After every batch, applying each affected host's delta to what it has yields
         /// exactly its view computed from scratch, for every host; and hosts not named are
         /// ones whose view did not change.
