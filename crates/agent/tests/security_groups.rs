@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
-use support::{in_ns, udp_in, Ns, UdpStream};
+use support::{in_ns, udp_in, Ns};
 use testbed::Testbed;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
@@ -64,6 +64,44 @@ fn udp(src: &Ns, from: &str, dst: &Ns, to: &str, port: u16) -> (bool, usize) {
         }
     }
     (got, srv.join().unwrap())
+}
+
+/// One UDP flow (same ports throughout) for `run`: a datagram every 20 ms, echoed by a server
+/// in `dst`. The thread answers when each echo came back.
+fn udp_flow(
+    src: &Ns,
+    from: &str,
+    dst: &Ns,
+    to: &str,
+    port: u16,
+    run: Duration,
+) -> std::thread::JoinHandle<Vec<Instant>> {
+    let to_addr = SocketAddr::new(to.parse().unwrap(), port);
+    let server = udp_in(dst, to_addr);
+    server.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let client = udp_in(src, SocketAddr::new(from.parse().unwrap(), 0));
+    client.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    std::thread::spawn(move || {
+        let end = Instant::now() + run;
+        let srv = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while Instant::now() < end + Duration::from_millis(300) {
+                if let Ok((n, peer)) = server.recv_from(&mut buf) {
+                    let _ = server.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        let mut echoes = vec![];
+        let mut buf = [0u8; 64];
+        while Instant::now() < end {
+            let _ = client.send_to(b"flow", to_addr);
+            if client.recv(&mut buf).is_ok() {
+                echoes.push(Instant::now());
+            }
+        }
+        let _ = srv.join();
+        echoes
+    })
 }
 
 fn ping(src: &Ns, to: &str) -> bool {
@@ -295,13 +333,17 @@ async fn security_groups_and_port_security_are_enforced_on_real_packets() {
         })
         .await;
 
-        // A removed rule also stops a flow already running (no conntrack bypass).
-        let stream = UdpStream::start(&cli, "10.20.0.20", &srv, "10.20.0.10", Duration::from_millis(20));
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // A removed rule also stops a flow already running (no conntrack bypass): one socket
+        // pair, a datagram every 20 ms, the rule deleted in the middle.
+        let flow = udp_flow(&cli, "10.20.0.20", &srv, "10.20.0.10", 5353, Duration::from_millis(3000));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         bed.delete_rule(&udp_rule).await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let (sent_before, echoed_before) = stream.finish();
-        assert!(echoed_before > 0 && echoed_before < sent_before, "{echoed_before}/{sent_before}");
+        let cut = Instant::now();
+        let echoes = flow.join().expect("flow");
+        let before = echoes.iter().filter(|t| **t < cut).count();
+        let late = echoes.iter().filter(|t| **t > cut + Duration::from_millis(500)).count();
+        assert!(before > 10, "the flow did not run before the delete ({before} echoes)");
+        assert_eq!(late, 0, "{late} echoes more than 0.5 s after the rule was deleted");
         let (got, seen) = udp(&cli, "10.20.0.20", &srv, "10.20.0.10", 5353);
         assert!(!got && seen == 0, "the deleted rule still lets UDP 5353 through");
 
