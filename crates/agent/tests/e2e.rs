@@ -334,7 +334,8 @@ async fn the_datapath_outlives_the_server_and_catches_up_after_it() {
             sent - echoed
         );
         assert_eq!(tb.nodes[0].ns.ifindex(&vx), before, "the VXLAN device was rebuilt");
-        // Changes flow again: a new port on node1 shows up in node0's forwarding entries.
+        // Changes flow again: a new port on node1 shows up in node0's forwarding entries. It
+        // is the pair's project's (its default group lets the pair in).
         let p = tb.port(&b.port).await;
         let net = p["network_id"].as_str().unwrap().to_string();
         let sub = p["fixed_ips"][0]["subnet_id"].as_str().unwrap().to_string();
@@ -342,9 +343,8 @@ async fn the_datapath_outlives_the_server_and_catches_up_after_it() {
             .net(
                 Method::POST,
                 "/v2.0/ports",
-                Some(
-                    json!({"port": {"network_id": net, "fixed_ips": [{"subnet_id": sub, "ip_address": "10.0.0.12"}]}}),
-                ),
+                Some(json!({"port": {"network_id": net, "project_id": p["project_id"],
+                        "fixed_ips": [{"subnet_id": sub, "ip_address": "10.0.0.12"}]}})),
             )
             .await;
         assert_eq!(s, 201, "{c}");

@@ -142,6 +142,43 @@ async fn vms_and_containers_share_a_network() {
             vm_a.log()
         );
 
+        // Security groups apply to the VM's tap: in a group with no ingress rule the guest
+        // cannot be pinged; back in the default group (ingress from its members) it can.
+        let a_id = a["id"].as_str().expect("id");
+        let closed = tb
+            .create(&t, "security-groups", "security_group", json!({"name": "closed"}))
+            .await;
+        let set_groups = |groups: Value| {
+            let tb = &tb;
+            async move {
+                let (s, b) = tb
+                    .net(
+                        reqwest::Method::PUT,
+                        &format!("/v2.0/ports/{a_id}"),
+                        Some(json!({"port": {"security_groups": groups}})),
+                    )
+                    .await;
+                assert_eq!(s, 200, "{b}");
+            }
+        };
+        let default_groups = a["security_groups"].clone();
+        set_groups(json!([closed["id"]])).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ping_from(&c, "10.80.0.10") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest stays reachable without an ingress rule"
+            );
+        }
+        set_groups(default_groups).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !ping_from(&c, "10.80.0.10") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest stays closed in its default group"
+            );
+        }
+
         // b has its lease on its own network, and cannot reach the container.
         vm_b.wait_for("REACH-", Duration::from_secs(120)).await;
         assert!(vm_b.state().contains("inet 10.80.0.11/24"), "{}", vm_b.state());

@@ -545,8 +545,13 @@ impl Testbed {
 
     /// A VM port on `net` with fixed IP `ip` bound to node `node`, as a compute service makes
     /// it (admin sets the host); returns once the node's agent has made its tap.
+    /// The port belongs to the network's project, as an instance of that project's would (and
+    /// so gets that project's default security group).
     pub async fn vm_port(&self, net: &str, subnet: &str, ip: &str, node: usize) -> Value {
-        let body = json!({"port": {"network_id": net, "device_owner": "compute:nova",
+        let (s, n) = self.net(Method::GET, &format!("/v2.0/networks/{net}"), None).await;
+        assert_eq!(s, 200, "{n}");
+        let project = n["network"]["project_id"].clone();
+        let body = json!({"port": {"network_id": net, "device_owner": "compute:nova", "project_id": project,
             "binding:host_id": self.nodes[node].name, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}]}});
         let (s, b) = self.net(Method::POST, "/v2.0/ports", Some(body)).await;
         assert_eq!(s, 201, "{b}");
