@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{id_of, issue_token, test_config, Api, ADMIN_PASSWORD, ADMIN_PROJECT, ADMIN_USER};
+use support::{eventually, id_of, issue_token, test_config, Api, ADMIN_PASSWORD, ADMIN_PROJECT, ADMIN_USER};
 
 async fn start_etcd() -> EtcdProcess {
     tokio::task::spawn_blocking(EtcdProcess::start)
@@ -46,21 +46,6 @@ async fn server_with_identity(store: DynStore) -> (ServerHandle, Api, Api) {
         token,
     };
     (handle, api, identity)
-}
-
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The server's cache watch is cut off from etcd (its connection goes through a relay we

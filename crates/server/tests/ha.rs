@@ -9,27 +9,11 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
-use support::{id_of, Api, Backend, TestServer};
+use support::{eventually, id_of, Api, Backend, TestServer};
 
 const CLIENTS_PER_SERVER: usize = 4;
 const PORTS_PER_CLIENT: usize = 250;
 const TOTAL: usize = 2 * CLIENTS_PER_SERVER * PORTS_PER_CLIENT;
-
-/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn count_named(api: &Api, path: &str, plural: &str) -> usize {
     api.list(path, plural).await.len()
