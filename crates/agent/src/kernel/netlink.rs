@@ -65,6 +65,17 @@ struct Link {
 }
 
 impl Link {
+    /// The index of this link if it is a bridge; a port is never plugged into anything else.
+    fn bridge_index(&self) -> Result<u32, KernelError> {
+        if !self.is(&InfoKind::Bridge) {
+            return Err(KernelError::WrongDevice {
+                name: self.name.clone(),
+                what: format!("not a bridge ({:?})", self.kind),
+            });
+        }
+        Ok(self.index)
+    }
+
     fn parse(msg: LinkMessage) -> Option<Link> {
         let mut name = None;
         let mut link = Link {
@@ -217,13 +228,7 @@ impl NetlinkKernel {
         let link = link_by_name(&self.handle, name)
             .await?
             .ok_or_else(|| KernelError::NoDevice(name.to_string()))?;
-        if !link.is(&InfoKind::Bridge) {
-            return Err(KernelError::WrongDevice {
-                name: name.to_string(),
-                what: format!("not a bridge ({:?})", link.kind),
-            });
-        }
-        Ok(link.index)
+        link.bridge_index()
     }
 
     /// Creates a device; if one of that name exists and `fits` it, keeps it (adoption), else

@@ -63,13 +63,7 @@ fn bridge_index(txn: &mut Txn, name: &str) -> Result<u32, KernelError> {
             _ => None,
         })
         .ok_or_else(|| KernelError::NoDevice(name.to_string()))?;
-    if !link.is(&InfoKind::Bridge) {
-        return Err(KernelError::WrongDevice {
-            name: name.to_string(),
-            what: format!("not a bridge ({:?})", link.kind),
-        });
-    }
-    Ok(link.index)
+    link.bridge_index()
 }
 
 /// Creates the pair (host end in its bridge, up; workload end born in the workload's
