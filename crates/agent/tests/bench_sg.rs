@@ -588,8 +588,8 @@ async fn sg_propagation() {
         percentile(&member_ms, 100.0),
     );
     println!(
-        "of which the slowest node's nft transaction (agent's took_ms): new rule p50 {:.0} ms p99 {:.0} ms; \
-         new member p50 {:.0} ms p99 {:.0} ms",
+        "the nft transaction alone (agent's took_ms, slowest node; it may start before the API's answer \
+         arrives): new rule p50 {:.0} ms p99 {:.0} ms; new member p50 {:.0} ms p99 {:.0} ms",
         percentile(&rule_nft, 50.0),
         percentile(&rule_nft, 99.0),
         percentile(&member_nft, 50.0),
