@@ -388,9 +388,10 @@ impl ViewIndex {
     /// What the security part of the views looked like, where `changes` may change it.
     fn sec_before(&self, changes: &[Change]) -> SecBefore {
         let mut b = SecBefore::default();
-        // Groups whose member objects a change alters (joined, left, new addresses), each port
-        // as the batch leaves it so far: only their referrers are copied (a port's status
-        // change must not copy the hosts of every group it is in).
+        // Groups a port joins or leaves, each port as the batch leaves it so far: only their
+        // referrers are copied (a port's status change must not copy the hosts of every group
+        // it is in). New addresses alone need no copy: whoever names the group as remote
+        // before but not after gets all its members from the host diff.
         let mut remotes: BTreeSet<String> = BTreeSet::new();
         let mut so_far: HashMap<&str, Option<PortGroups>> = HashMap::new();
         for c in changes {
@@ -418,12 +419,12 @@ impl ViewIndex {
                         Some(p) => p.as_ref(),
                         None => self.port_groups.get(id),
                     };
-                    let (pg, pa) = prev.map(|p| (&p.groups, &p.addresses)).unzip();
-                    let (ng, na) = new.as_ref().map(|n| (&n.groups, &n.addresses)).unzip();
+                    let pg = prev.map(|p| &p.groups);
+                    let ng = new.as_ref().map(|n| &n.groups);
                     for g in pg.into_iter().chain(ng).flatten() {
                         let was = pg.is_some_and(|x| x.contains(g));
                         let is = ng.is_some_and(|x| x.contains(g));
-                        if was != is || pa != na {
+                        if was != is {
                             remotes.insert(g.clone());
                         }
                     }
