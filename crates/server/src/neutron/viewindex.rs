@@ -221,6 +221,15 @@ struct PortGroups {
     addresses: Vec<String>,
 }
 
+/// What the index keeps of a port's groups (`None`: in no group).
+fn port_groups(p: &Port) -> Option<PortGroups> {
+    (!p.security_groups.is_empty()).then(|| PortGroups {
+        host: p.binding_host_id.clone(),
+        groups: p.security_groups.iter().cloned().collect(),
+        addresses: member_addresses(p),
+    })
+}
+
 #[derive(Default)]
 pub struct ViewIndex {
     /// Every renderable view object, by key (renderability checked when it arrives).
@@ -379,7 +388,12 @@ impl ViewIndex {
     /// What the security part of the views looked like, where `changes` may change it.
     fn sec_before(&self, changes: &[Change]) -> SecBefore {
         let mut b = SecBefore::default();
+        // Groups a port joins or leaves, each port as the batch leaves it so far: only their
+        // referrers are copied (a port's status change must not copy the hosts of every group
+        // it is in). New addresses alone need no copy: whoever names the group as remote
+        // before but not after gets all its members from the host diff.
         let mut remotes: BTreeSet<String> = BTreeSet::new();
+        let mut so_far: HashMap<&str, Option<PortGroups>> = HashMap::new();
         for c in changes {
             let Some((kind, id)) = parse(&c.key) else { continue };
             match kind {
@@ -387,34 +401,54 @@ impl ViewIndex {
                     let mut old = BTreeMap::new();
                     if let Some(o) = self.port_groups.get(id) {
                         b.hosts.insert(o.host.clone());
-                        remotes.extend(o.groups.iter().cloned());
                         for g in &o.groups {
                             if let Some(r) = self.group_ports.get(g).and_then(|ps| ps.get(id)) {
                                 old.insert(g.clone(), *r);
                             }
                         }
                     }
-                    if let Some(Source::Port(p)) = &c.value {
-                        if !p.security_groups.is_empty() {
-                            b.hosts.insert(p.binding_host_id.clone());
-                            remotes.extend(p.security_groups.iter().cloned());
+                    b.ports.entry(id.to_string()).or_insert(old);
+                    let new = match &c.value {
+                        Some(Source::Port(p)) => port_groups(p),
+                        _ => None,
+                    };
+                    if let Some(n) = &new {
+                        b.hosts.insert(n.host.clone());
+                    }
+                    let prev = match so_far.get(id) {
+                        Some(p) => p.as_ref(),
+                        None => self.port_groups.get(id),
+                    };
+                    let pg = prev.map(|p| &p.groups);
+                    let ng = new.as_ref().map(|n| &n.groups);
+                    for g in pg.into_iter().chain(ng).flatten() {
+                        let was = pg.is_some_and(|x| x.contains(g));
+                        let is = ng.is_some_and(|x| x.contains(g));
+                        if was != is {
+                            remotes.insert(g.clone());
                         }
                     }
-                    b.ports.entry(id.to_string()).or_insert(old);
+                    so_far.insert(id, new);
                 }
                 Kind::Rule => {
                     let mut groups: Vec<&str> = vec![];
-                    if let Some((g, _)) = self.rule_of.get(&c.key) {
+                    let mut remote = false;
+                    if let Some((g, r)) = self.rule_of.get(&c.key) {
                         groups.push(g);
+                        remote |= r.is_some();
                     }
                     if let Some(Source::SecurityGroupRule(r)) = &c.value {
                         groups.push(&r.security_group_id);
+                        remote |= r.remote_group_id.is_some();
                     }
                     let hs: BTreeSet<String> = groups
                         .into_iter()
                         .flat_map(|g| self.group_hosts.get(g).into_iter().flatten().cloned())
                         .collect();
-                    b.hosts.extend(hs.iter().cloned());
+                    // Only a rule naming a remote group changes its hosts' remote groups.
+                    if remote {
+                        b.hosts.extend(hs.iter().cloned());
+                    }
                     b.rules.entry(c.key.clone()).or_default().extend(hs);
                 }
                 _ => {}
@@ -566,11 +600,7 @@ impl ViewIndex {
                     self.port_loc.insert(key.clone(), (n, h));
                 }
                 let groups = match &value {
-                    Some(Source::Port(p)) if !p.security_groups.is_empty() => Some(PortGroups {
-                        host: p.binding_host_id.clone(),
-                        groups: p.security_groups.iter().cloned().collect(),
-                        addresses: member_addresses(p),
-                    }),
+                    Some(Source::Port(p)) => port_groups(p),
                     _ => None,
                 };
                 self.set_port_groups(&id, revision, groups);
