@@ -52,6 +52,17 @@ pub struct FleetArgs {
     isthmus_bin: PathBuf,
     #[arg(long, default_value = "warn")]
     server_log: String,
+    /// `default`: ports get the project's default group, whose rule names the group itself,
+    /// so every node with a port in the project also receives every other port's addresses
+    /// (one project: the worst case). `none`: ports in no group (port security still on).
+    #[arg(long, value_enum, default_value_t = Groups::Default)]
+    security_groups: Groups,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Groups {
+    Default,
+    None,
 }
 
 /// What the simulated nodes saw: when each measured port reached each node.
@@ -240,6 +251,7 @@ async fn post_ok(http: &reqwest::Client, url: &str, token: &str, body: &Value) -
 }
 
 pub async fn run(args: &FleetArgs) -> Result<bool> {
+    let no_groups = args.security_groups == Groups::None;
     if args.nodes == 0 || args.ports_per_network == 0 || args.nodes_per_network == 0 {
         bail!("--nodes, --ports-per-network and --nodes-per-network must be positive");
     }
@@ -368,7 +380,11 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
                     let (net_id, _, hosts) = &nets[n];
                     let h = hosts[rng.below(hosts.len())];
                     bound[n].lock().unwrap_or_else(|p| p.into_inner()).insert(h);
-                    items.push(json!({"network_id": net_id, "binding:host_id": host(h), "name": format!("fl-{i}")}));
+                    let mut item = json!({"network_id": net_id, "binding:host_id": host(h), "name": format!("fl-{i}")});
+                    if no_groups {
+                        item["security_groups"] = json!([]);
+                    }
+                    items.push(item);
                 }
                 post_ok(&http, &format!("{base}/v2.0/ports"), &token, &json!({ "ports": items })).await?;
             }
@@ -383,8 +399,19 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         networks,
         t_load.elapsed().as_secs_f64()
     );
-    // Let the streams drain the load.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the streams drain the load: measure from a quiet start, not behind a backlog (with
+    // security groups every loaded port also reaches each node naming its group as remote).
+    let t_drain = Instant::now();
+    let mut last = shared.lines.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = shared.lines.load(Ordering::Relaxed);
+        if now == last || t_drain.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        last = now;
+    }
+    eprintln!("fleet: streams drained in {:.1} s", t_drain.elapsed().as_secs_f64());
 
     // Measured: a steady rate of creates, each on a random network, bound to one of its hosts.
     let total = args.rate * args.seconds as usize;
@@ -408,7 +435,10 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         let (created, failures) = (created.clone(), failures.clone());
         tasks.push(tokio::spawn(async move {
             let name = format!("fm-{i}");
-            let body = json!({"port": {"network_id": net_id, "binding:host_id": host(h), "name": name}});
+            let mut body = json!({"port": {"network_id": net_id, "binding:host_id": host(h), "name": name}});
+            if no_groups {
+                body["port"]["security_groups"] = json!([]);
+            }
             let sent = Instant::now();
             match post_ok(&http, &url, &token, &body).await {
                 Ok(_) => created
@@ -500,6 +530,7 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         "bench": "fleet",
         "nodes": args.nodes,
         "ports": args.ports,
+        "security_groups": if no_groups { "none" } else { "default" },
         "networks": networks,
         "nodes_per_network": args.nodes_per_network,
         "store": args.store.to_string(),

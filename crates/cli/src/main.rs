@@ -3,6 +3,11 @@
 mod client;
 mod local_node;
 
+/// Server and agent are long-running with large, long-lived heaps (cache, node views); glibc
+/// malloc spent most of an idle server's CPU walking its fragmented free lists.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use isthmus_server::Config;
