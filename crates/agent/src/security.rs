@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::IpAddr;
 
-pub const TABLE: &str = "isthmus";
+pub use crate::kernel::FIREWALL_TABLE as TABLE;
 /// Mark bits carrying the connection state from the inet hooks to the bridge chains.
 const CT_MASK: u32 = 0x3000_0000;
 const CT_REPLY: u32 = 0x1000_0000;

@@ -310,14 +310,17 @@ impl Firewall for FakeKernel {
     }
 
     /// Tracks only whether the tables exist: a script that ends by deleting the inet table
-    /// removes them (see [`crate::security::removal`]).
+    /// removes them (as the agent's removal script does).
     async fn apply_firewall(&self, script: String) -> Result<(), KernelError> {
         let mut s = self.lock();
         if s.firewall_fails {
             return Err(KernelError::Simulated("injected failure: nft".into()));
         }
         s.firewall_scripts += 1;
-        if script == crate::security::removal() {
+        if script
+            .trim_end()
+            .ends_with(&format!("delete table inet {}", super::FIREWALL_TABLE))
+        {
             s.firewall = None;
         } else {
             s.firewall = Some(script);

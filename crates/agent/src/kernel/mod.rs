@@ -166,7 +166,10 @@ pub trait PacketIo: Send + Sync {
     fn dhcp_socket(&self, dev: &str) -> impl Future<Output = Result<(std::os::fd::OwnedFd, u32), KernelError>> + Send;
 }
 
-/// The node's packet filter: the agent's nftables tables (see [`crate::security`]).
+/// The name of the agent's nftables tables (bridge and inet family).
+pub const FIREWALL_TABLE: &str = "isthmus";
+
+/// The node's packet filter: the agent's nftables tables (rendered by the `security` module).
 pub trait Firewall: Send + Sync {
     /// Whether the agent's bridge table exists.
     fn firewall_present(&self) -> impl Future<Output = Result<bool, KernelError>> + Send;

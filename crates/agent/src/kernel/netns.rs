@@ -283,7 +283,7 @@ fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 /// Blocking; run it through [`run_in_netns`].
 pub fn firewall_present() -> Result<bool, KernelError> {
     let out = std::process::Command::new("nft")
-        .args(["list", "table", "bridge", crate::security::TABLE])
+        .args(["list", "table", "bridge", super::FIREWALL_TABLE])
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| KernelError::io("running nft (is nftables installed?)", e))?;
