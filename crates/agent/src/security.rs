@@ -408,8 +408,89 @@ fn rule_text(r: &Rule) -> String {
     s
 }
 
-fn group_rules(g: &Group, dir: Direction) -> Vec<String> {
-    g.rules.iter().filter(|r| r.direction == dir).map(rule_text).collect()
+/// A rule that fits a lookup: a port protocol, remote anywhere or a prefix. As an element of
+/// the group's `protocol . address . port` set.
+fn lookup_elem(r: &Rule) -> Option<(u8, IpNet, (u16, u16))> {
+    let p = r.protocol.filter(|p| has_ports(*p))?;
+    let net = match &r.remote {
+        Remote::Any if r.v6 => "::/0".parse().ok()?,
+        Remote::Any => "0.0.0.0/0".parse().ok()?,
+        Remote::Prefix(n) => *n,
+        Remote::Group(_) => return None,
+    };
+    Some((p, net, r.ports.unwrap_or((0, 65535))))
+}
+
+fn overlap(a: &(u8, IpNet, (u16, u16)), b: &(u8, IpNet, (u16, u16))) -> bool {
+    a.0 == b.0 && (a.1.contains(&b.1) || b.1.contains(&a.1)) && a.2 .0 <= b.2 .1 && b.2 .0 <= a.2 .1
+}
+
+/// A group's rules of one direction, split: elements of its lookup sets (IPv4, IPv6), and the
+/// rest as rules. The kernel refuses overlapping elements in such a set, so a rule overlapping
+/// one already in the set stays a rule of its own.
+fn split_rules(g: &Group, dir: Direction) -> ([Vec<(u8, IpNet, (u16, u16))>; 2], Vec<&Rule>) {
+    let mut sets: [Vec<(u8, IpNet, (u16, u16))>; 2] = [vec![], vec![]];
+    let mut rest = vec![];
+    for r in g.rules.iter().filter(|r| r.direction == dir) {
+        match lookup_elem(r) {
+            Some(e) if !sets[usize::from(r.v6)].iter().any(|x| overlap(x, &e)) => sets[usize::from(r.v6)].push(e),
+            _ => rest.push(r),
+        }
+    }
+    (sets, rest)
+}
+
+fn lookup_set(g: &str, dir: Direction, v6: bool) -> String {
+    format!(
+        "l{}-{}-{}",
+        if v6 { 6 } else { 4 },
+        short(g),
+        if dir == Direction::Ingress { "in" } else { "out" }
+    )
+}
+
+/// The lookup sets of every group in use, with their elements.
+fn lookup_elems(d: &Desired) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out = BTreeMap::new();
+    for (id, g) in &d.groups {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            let (sets, _) = split_rules(g, dir);
+            for (i, elems) in sets.iter().enumerate() {
+                if elems.is_empty() {
+                    continue;
+                }
+                let set = elems
+                    .iter()
+                    .map(|(p, n, (a, b))| {
+                        if a == b {
+                            format!("{p} . {n} . {a}")
+                        } else {
+                            format!("{p} . {n} . {a}-{b}")
+                        }
+                    })
+                    .collect();
+                out.insert(lookup_set(id, dir, i == 1), set);
+            }
+        }
+    }
+    out
+}
+
+fn group_rules(id: &str, g: &Group, dir: Direction) -> Vec<String> {
+    let (sets, rest) = split_rules(g, dir);
+    let addr = if dir == Direction::Ingress { "saddr" } else { "daddr" };
+    let mut out = vec![];
+    for (i, elems) in sets.iter().enumerate() {
+        if !elems.is_empty() {
+            let (et, fam) = if i == 1 { ("ip6", "ip6") } else { ("ip", "ip") };
+            out.push(format!(
+                "ether type {et} meta l4proto . {fam} {addr} . th dport @{} accept",
+                lookup_set(id, dir, i == 1)
+            ));
+        }
+    }
+    out.extend(rest.into_iter().map(rule_text));
+    out
 }
 
 /// The checks every secured port gets, keyed by interface: anti-spoofing, what Neutron always
@@ -507,7 +588,7 @@ fn chains(d: &Desired) -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
     for (id, g) in &d.groups {
         for dir in [Direction::Ingress, Direction::Egress] {
-            out.insert(group_chain(id, dir), group_rules(g, dir));
+            out.insert(group_chain(id, dir), group_rules(id, g, dir));
         }
     }
     for p in d.ports.values() {
@@ -580,6 +661,18 @@ fn declarations(d: &Desired) -> BTreeMap<String, (&'static str, String)> {
     );
     add("port_out".into(), "map", "type ifname : verdict;");
     add("port_in".into(), "map", "type ifname : verdict;");
+    for name in lookup_elems(d).keys() {
+        let ty = if name.starts_with("l6") {
+            "ipv6_addr"
+        } else {
+            "ipv4_addr"
+        };
+        add(
+            name.clone(),
+            "set",
+            &format!("type inet_proto . {ty} . inet_service; flags interval;"),
+        );
+    }
     for g in d.remotes.keys() {
         add(remote_set(g, false), "set", "type ipv4_addr; flags interval;");
         add(remote_set(g, true), "set", "type ipv6_addr; flags interval;");
@@ -669,6 +762,12 @@ fn element_ops(old: &Desired, new: &Desired, fresh: bool) -> String {
         let o = ro.get(&set).cloned().unwrap_or_default();
         set_diff("bridge", &set, &o, &n, &mut out);
     }
+    // Lookup sets: a set that goes is deleted whole, after the chains stop naming it.
+    let lo = if fresh { BTreeMap::new() } else { lookup_elems(old) };
+    for (set, n) in lookup_elems(new) {
+        let o = lo.get(&set).cloned().unwrap_or_default();
+        set_diff("bridge", &set, &o, &n, &mut out);
+    }
     out
 }
 
@@ -741,7 +840,8 @@ pub fn object_counts(d: &Desired) -> (usize, usize) {
         + 2 * d.ports.len()
         + port_names(d, false).len()
         + port_names(d, true).len()
-        + remote_elems(d).values().map(BTreeSet::len).sum::<usize>();
+        + remote_elems(d).values().map(BTreeSet::len).sum::<usize>()
+        + lookup_elems(d).values().map(BTreeSet::len).sum::<usize>();
     let ours = cs.len() + rules + elements;
     let mut product = 0usize;
     for p in d.ports.values() {
@@ -861,7 +961,10 @@ mod tests {
         let b = desired(&sample(true, Some("10.0.0.9")), "h1");
         let p = patch(&a, &b);
         assert!(p.contains("flush chain bridge isthmus g-g2-in"), "{p}");
-        assert!(p.contains("th dport 1000-2000"), "{p}");
+        assert!(
+            p.contains("add element bridge isthmus l4-g2-in { 17 . 0.0.0.0/0 . 1000-2000 }"),
+            "{p}"
+        );
         assert!(!p.contains("g-g1"), "{p}");
         let c = desired(&sample(false, Some("10.0.0.10")), "h1");
         let p = patch(&a, &c);
@@ -889,6 +992,37 @@ mod tests {
         );
         let any = r(json!({"direction": "ingress", "ethertype": "IPv4", "remote_ip_prefix": "0.0.0.0/0"})).unwrap();
         assert_eq!(any.remote, Remote::Any);
+    }
+
+    #[test]
+    fn port_rules_become_one_lookup_and_overlaps_stay_rules() {
+        let r = |id: &str, port: u32, prefix: Option<&str>| {
+            parse_rule(
+                &serde_json::from_value(json!({"id": id, "direction": "ingress", "ethertype": "IPv4",
+                    "protocol": "tcp", "port_range_min": port, "port_range_max": port, "remote_ip_prefix": prefix}))
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        let g = Group {
+            stateful: true,
+            rules: vec![
+                r("a", 22, None),
+                r("b", 22, Some("10.0.0.0/8")),
+                r("c", 80, Some("10.0.0.0/8")),
+            ],
+        };
+        let rules = group_rules("g", &g, Direction::Ingress);
+        assert_eq!(
+            rules,
+            vec![
+                "ether type ip meta l4proto . ip saddr . th dport @l4-g-in accept".to_string(),
+                "ether type ip ip saddr 10.0.0.0/8 meta l4proto 6 th dport 22 accept".to_string(),
+            ]
+        );
+        let (sets, _) = split_rules(&g, Direction::Ingress);
+        assert_eq!(sets[0].len(), 2);
+        assert!(group_rules("g", &g, Direction::Egress).is_empty());
     }
 
     #[test]
