@@ -494,41 +494,66 @@ fn group_rules(id: &str, g: &Group, dir: Direction) -> Vec<String> {
 }
 
 /// The checks every secured port gets, keyed by interface: anti-spoofing, what Neutron always
-/// allows, and connection state for stateful ports. Shared by all ports.
-fn common_rules(dir: Direction) -> Vec<String> {
-    let mut v: Vec<String> = vec![];
+/// allows, and connection state for stateful ports. Shared by all ports; split by ethertype so
+/// a packet only meets the checks of its own kind. (`goto`: a sub-chain that ends without a
+/// verdict returns to the base chain, which goes on to the port's groups.)
+fn common_chains() -> Vec<(&'static str, Vec<String>)> {
     let reply = format!("meta mark & {CT_MASK:#x} == {CT_REPLY:#x} accept comment \"reply or related\"");
     let invalid = format!("meta mark & {CT_MASK:#x} == {CT_INVALID:#x} drop comment \"invalid\"");
-    match dir {
-        Direction::Egress => {
-            v.push("iifname . ether saddr != @mac drop comment \"spoofed MAC\"".into());
-            v.push(
-                "ether type arp iifname . arp saddr ether . arp saddr ip != @src4 drop comment \"spoofed ARP\"".into(),
-            );
-            v.push(
-                "ether type ip iifname . ether saddr . ip saddr != @src4 drop comment \"spoofed IPv4 source\"".into(),
-            );
-            v.push(
-                "ether type ip6 iifname . ether saddr . ip6 saddr != @src6 drop comment \"spoofed IPv6 source\"".into(),
-            );
-            v.push("ether type != { ip, ip6, arp } drop".into());
-            v.push("ether type ip udp sport 67 drop comment \"no DHCP server in a workload\"".into());
-            v.push("ether type ip6 udp sport 547 drop comment \"no DHCPv6 server in a workload\"".into());
-            v.push("ether type ip6 icmpv6 type { nd-router-advert, nd-redirect } drop comment \"no router advertisements from a workload\"".into());
-            v.push("ether type arp accept".into());
-            v.push("ether type ip6 icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report } accept".into());
-            v.push("ether type ip udp sport 68 udp dport 67 accept".into());
-            v.push(format!("iifname @stateful {reply}"));
-            v.push(format!("iifname @stateful {invalid}"));
-        }
-        Direction::Ingress => {
-            v.push("ether type arp accept".into());
-            v.push("ether type ip6 icmpv6 type { nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-query } accept".into());
-            v.push(format!("oifname @stateful {reply}"));
-            v.push(format!("oifname @stateful {invalid}"));
-        }
-    }
-    v
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    vec![
+        (
+            "common_out",
+            s(&[
+                "iifname . ether saddr != @mac drop comment \"spoofed MAC\"",
+                "ether type vmap { ip : goto out_ip, ip6 : goto out_ip6, arp : goto out_arp }",
+                "drop comment \"only IPv4, IPv6 and ARP\"",
+            ]),
+        ),
+        (
+            "out_ip",
+            vec![
+                "iifname . ether saddr . ip saddr != @src4 drop comment \"spoofed IPv4 source\"".into(),
+                "meta l4proto udp jump out_udp".into(),
+                format!("iifname @stateful {reply}"),
+                format!("iifname @stateful {invalid}"),
+            ],
+        ),
+        (
+            "out_udp",
+            s(&[
+                "udp sport 67 drop comment \"no DHCP server in a workload\"",
+                "udp sport 68 udp dport 67 accept",
+            ]),
+        ),
+        (
+            "out_ip6",
+            vec![
+                "iifname . ether saddr . ip6 saddr != @src6 drop comment \"spoofed IPv6 source\"".into(),
+                "udp sport 547 drop comment \"no DHCPv6 server in a workload\"".into(),
+                "icmpv6 type { nd-router-advert, nd-redirect } drop comment \"no router advertisements from a workload\"".into(),
+                "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, mld2-listener-report } accept".into(),
+                format!("iifname @stateful {reply}"),
+                format!("iifname @stateful {invalid}"),
+            ],
+        ),
+        (
+            "out_arp",
+            s(&[
+                "iifname . arp saddr ether . arp saddr ip != @src4 drop comment \"spoofed ARP\"",
+                "accept",
+            ]),
+        ),
+        (
+            "common_in",
+            vec![
+                format!("oifname @stateful {reply}"),
+                format!("oifname @stateful {invalid}"),
+                "ether type arp accept".into(),
+                "ether type ip6 icmpv6 type { nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-query } accept".into(),
+            ],
+        ),
+    ]
 }
 
 /// A group set's chain: each group's chain in turn (a matching rule accepts), then drop.
@@ -598,8 +623,9 @@ fn chains(d: &Desired) -> BTreeMap<String, Vec<String>> {
         }
     }
     if d.present {
-        out.insert("common_out".into(), common_rules(Direction::Egress));
-        out.insert("common_in".into(), common_rules(Direction::Ingress));
+        for (name, rules) in common_chains() {
+            out.insert(name.to_string(), rules);
+        }
     }
     out
 }
