@@ -408,9 +408,12 @@ fn rule_text(r: &Rule) -> String {
     s
 }
 
+/// An element of a group's `protocol . address . port` lookup set.
+type Lookup = (u8, IpNet, (u16, u16));
+
 /// A rule that fits a lookup: a port protocol, remote anywhere or a prefix. As an element of
 /// the group's `protocol . address . port` set.
-fn lookup_elem(r: &Rule) -> Option<(u8, IpNet, (u16, u16))> {
+fn lookup_elem(r: &Rule) -> Option<Lookup> {
     let p = r.protocol.filter(|p| has_ports(*p))?;
     let net = match &r.remote {
         Remote::Any if r.v6 => "::/0".parse().ok()?,
@@ -421,15 +424,15 @@ fn lookup_elem(r: &Rule) -> Option<(u8, IpNet, (u16, u16))> {
     Some((p, net, r.ports.unwrap_or((0, 65535))))
 }
 
-fn overlap(a: &(u8, IpNet, (u16, u16)), b: &(u8, IpNet, (u16, u16))) -> bool {
+fn overlap(a: &Lookup, b: &Lookup) -> bool {
     a.0 == b.0 && (a.1.contains(&b.1) || b.1.contains(&a.1)) && a.2 .0 <= b.2 .1 && b.2 .0 <= a.2 .1
 }
 
 /// A group's rules of one direction, split: elements of its lookup sets (IPv4, IPv6), and the
 /// rest as rules. The kernel refuses overlapping elements in such a set, so a rule overlapping
 /// one already in the set stays a rule of its own.
-fn split_rules(g: &Group, dir: Direction) -> ([Vec<(u8, IpNet, (u16, u16))>; 2], Vec<&Rule>) {
-    let mut sets: [Vec<(u8, IpNet, (u16, u16))>; 2] = [vec![], vec![]];
+fn split_rules(g: &Group, dir: Direction) -> ([Vec<Lookup>; 2], Vec<&Rule>) {
+    let mut sets: [Vec<Lookup>; 2] = [vec![], vec![]];
     let mut rest = vec![];
     for r in g.rules.iter().filter(|r| r.direction == dir) {
         match lookup_elem(r) {
