@@ -189,14 +189,8 @@ impl Sessions {
         }
     }
 
-    /// Ends stream `gen` of `host` (it fell behind): its record stays for the resume.
-    fn stop(&self, host: &str, gen: u64) {
-        if let Some(s) = self.lock().get_mut(host).filter(|s| s.gen == gen) {
-            s.stop = None;
-        }
-    }
-
-    /// The stream `gen` of `host` ended: it no longer owns the record (kept for resuming).
+    /// Stream `gen` of `host` ended (or fell behind and is ended): it no longer owns the
+    /// record, which stays for the resume.
     fn end(&self, host: &str, gen: u64) {
         if let Some(s) = self.lock().get_mut(host).filter(|s| s.gen == gen) {
             s.stop = None;
@@ -280,11 +274,6 @@ impl Fanout {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Objects the index holds (shared by every view).
-    pub fn objects(&self) -> usize {
-        self.lock().index.len()
-    }
-
     /// Rebuilds the index from the cache and brings every open stream up to it (at start,
     /// and when the feed was lost: the cache reloaded, or this task fell behind).
     fn rebuild(&self, cache: &Cache, sessions: &Sessions) {
@@ -347,7 +336,7 @@ impl FanoutInner {
                     "node stream fell behind; ending it (the node resumes on reconnect)"
                 );
             }
-            sessions.stop(host, slot.gen);
+            sessions.end(host, slot.gen);
             self.streams.remove(host);
         }
     }

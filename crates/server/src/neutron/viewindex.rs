@@ -688,16 +688,19 @@ impl ViewIndex {
             return;
         }
         self.group_hosts.entry(g.to_string()).or_default().insert(h.to_string());
-        let remotes: Vec<(String, usize)> = self
-            .group_remotes
+        for (r, c) in self.remotes_of(g) {
+            self.remote_inc(h, &r, c);
+        }
+    }
+
+    /// The remote groups `g`'s rules name, with how many rules name each.
+    fn remotes_of(&self, g: &str) -> Vec<(String, usize)> {
+        self.group_remotes
             .get(g)
             .into_iter()
             .flatten()
             .map(|(r, c)| (r.clone(), *c))
-            .collect();
-        for (r, c) in remotes {
-            self.remote_inc(h, &r, c);
-        }
+            .collect()
     }
 
     fn drop_host_group(&mut self, h: &str, g: &str) {
@@ -714,14 +717,7 @@ impl ViewIndex {
                 self.group_hosts.remove(g);
             }
         }
-        let remotes: Vec<(String, usize)> = self
-            .group_remotes
-            .get(g)
-            .into_iter()
-            .flatten()
-            .map(|(r, c)| (r.clone(), *c))
-            .collect();
-        for (r, c) in remotes {
+        for (r, c) in self.remotes_of(g) {
             self.remote_dec(h, &r, c);
         }
     }
