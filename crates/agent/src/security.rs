@@ -16,9 +16,15 @@
 //!   network's traffic in its own conntrack zone and `state` copies the connection's state into
 //!   two bits of the packet mark, which the bridge chains read.
 //!
-//! Established connections: a reply (or related) packet passes; a packet in the original
-//! direction is checked against the rules every time. Removing a rule therefore stops new and
-//! existing connections it allowed at once, without touching conntrack.
+//! Established connections (ARCHITECTURE.md, "Fast path and generations"): a reply (or
+//! related) packet passes. A packet in the original direction is checked against the rules
+//! until one has passed under the current [`Generation`] of the firewall: that packet stamps
+//! the generation into the connection's conntrack mark (chain `post`), and later packets of the
+//! connection, in both directions, skip the rules (anti-spoofing still applies: the fast path
+//! matches the port's exact addresses). Every change to the firewall starts a new generation,
+//! so after any change each connection is checked once more: one a removed rule allowed is
+//! dropped at its next original-direction packet, and one still allowed goes on. Stateless
+//! ports never take the fast path.
 
 use crate::names;
 use crate::objects::Objects;
@@ -33,6 +39,55 @@ pub use crate::kernel::FIREWALL_TABLE as TABLE;
 const CT_MASK: u32 = 0x3000_0000;
 const CT_REPLY: u32 = 0x1000_0000;
 const CT_INVALID: u32 = 0x2000_0000;
+/// Packet mark: an established connection whose verdict was reached under this generation.
+const FAST: u32 = 0x4000_0000;
+/// Packet mark: the parity of the generation the `state` chain saw. `post` stamps a connection
+/// only if its own generation has the same parity, so a packet that met the old rules while a
+/// transaction committed cannot stamp the new generation.
+const SEEN_EVEN: u32 = 0x0400_0000;
+const SEEN_ODD: u32 = 0x0800_0000;
+/// Every packet mark bit of ours (cleared on entry to `state`).
+const MARK_OURS: u32 = CT_MASK | FAST | SEEN_EVEN | SEEN_ODD;
+/// Conntrack mark bits holding the generation (the top byte is left to others).
+const GEN_MASK: u32 = 0x00ff_ffff;
+
+/// A firewall generation: the conntrack mark value of connections whose verdict is current.
+/// Consecutive generations differ in parity; a fresh one comes from the clock (10 ms steps, so
+/// a restarted agent does not reuse a recent value: it wraps after about 46 hours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(u32);
+
+impl Generation {
+    pub fn first(unix_ms: u128) -> Generation {
+        let g = ((unix_ms / 10) as u32) & GEN_MASK;
+        Generation(if g == 0 { 1 } else { g })
+    }
+
+    /// The generation after this one: from the clock, but never equal and never of the same
+    /// parity.
+    pub fn next(self, unix_ms: u128) -> Generation {
+        let mut g = Generation::first(unix_ms).0;
+        if g & 1 == self.0 & 1 {
+            g = (g + 1) & GEN_MASK;
+        }
+        if g == 0 {
+            g = if self.0 & 1 == 1 { 2 } else { 1 };
+        }
+        Generation(g)
+    }
+
+    pub fn value(self) -> u32 {
+        self.0
+    }
+
+    fn seen(self) -> u32 {
+        if self.0 & 1 == 0 {
+            SEEN_EVEN
+        } else {
+            SEEN_ODD
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Direction {
@@ -583,6 +638,21 @@ fn set_elems_src(d: &Desired, v6: bool) -> BTreeSet<String> {
         .collect()
 }
 
+/// The exact source addresses of stateful ports, for the fast path (a CIDR pair's traffic
+/// takes the full path).
+fn set_elems_fast(d: &Desired, v6: bool) -> BTreeSet<String> {
+    d.ports
+        .values()
+        .filter(|p| p.stateful)
+        .flat_map(|p| {
+            let s = if v6 { &p.src6 } else { &p.src4 };
+            s.iter()
+                .filter(|(_, n)| n.prefix_len() == n.max_prefix_len() && !n.addr().is_unspecified())
+                .map(move |(m, n)| format!("\"{}\" . {m} . {}", p.dev, n.addr()))
+        })
+        .collect()
+}
+
 fn map_elems(d: &Desired, dir: Direction) -> BTreeSet<String> {
     d.ports
         .values()
@@ -637,36 +707,83 @@ fn elems(e: &BTreeSet<String>) -> String {
     e.iter().cloned().collect::<Vec<_>>().join(", ")
 }
 
-const BASE_BRIDGE: &str = r#"    chain from_ports {
+fn base_bridge() -> String {
+    let fast = format!("meta mark & {FAST:#x} == {FAST:#x}");
+    format!(
+        r#"    chain from_ports {{
         type filter hook forward priority 10; policy accept;
+        {fast} iifname . ether saddr . ip saddr @fast4 accept comment "established, verdict current"
+        {fast} iifname . ether saddr . ip6 saddr @fast6 accept comment "established, verdict current"
         iifname "tap*" udp dport 67 drop comment "DHCP requests are answered on the node"
         iifname "tap*" udp sport 67 drop comment "workloads do not serve DHCP"
         iifname @secured jump common_out
         iifname vmap @port_out
-    }
-    chain to_ports {
+    }}
+    chain to_ports {{
         type filter hook forward priority 20; policy accept;
+        {fast} oifname @stateful accept comment "established, verdict current"
         oifname @secured jump common_in
         oifname vmap @port_in
-    }
-"#;
+    }}
+"#
+    )
+}
 
-fn base_inet() -> String {
-    format!(
-        r#"    chain zone {{
+/// The rules of the inet chains that name the generation (replaced on every change).
+fn generation_rules(gen: Generation) -> [(&'static str, Vec<String>); 2] {
+    let g = gen.value();
+    let seen = gen.seen();
+    [
+        (
+            "state",
+            vec![
+                format!("meta mark set meta mark & {:#x} | {seen:#x}", !MARK_OURS),
+                format!("ct state established,related ct direction reply meta mark set meta mark | {CT_REPLY:#x}"),
+                format!("ct state related meta mark set meta mark | {CT_REPLY:#x}"),
+                format!("ct state invalid meta mark set meta mark | {CT_INVALID:#x}"),
+                // Not for DHCP servers' ports: the DHCP guard must see every such packet.
+                format!(
+                    "meta l4proto {{ tcp, udp, sctp }} th sport != {{ 67, 547 }} ct state established \
+                     ct mark & {GEN_MASK:#x} == {g:#x} meta mark set meta mark | {FAST:#x}"
+                ),
+            ],
+        ),
+        (
+            "post",
+            vec![format!(
+                "meta mark & {seen:#x} == {seen:#x} ct direction original ct mark & {GEN_MASK:#x} != {g:#x} \
+                 oifname @zoned ct mark set ct mark & {:#x} | {g:#x}",
+                !GEN_MASK
+            )],
+        ),
+    ]
+}
+
+fn base_inet() -> &'static str {
+    r#"    chain zone {
         type filter hook prerouting priority -300; policy accept;
         iifname @zoned ct zone set iifname map @zones
-    }}
-    chain state {{
+    }
+    chain state {
         type filter hook forward priority 0; policy accept;
-        meta mark set meta mark & {keep:#x}
-        ct state established,related ct direction reply meta mark set meta mark | {CT_REPLY:#x}
-        ct state related meta mark set meta mark | {CT_REPLY:#x}
-        ct state invalid meta mark set meta mark | {CT_INVALID:#x}
-    }}
-"#,
-        keep = !CT_MASK
-    )
+    }
+    chain post {
+        type filter hook postrouting priority 0; policy accept;
+    }
+"#
+}
+
+fn generation_ops(gen: Generation, flush: bool) -> String {
+    let mut out = String::new();
+    for (chain, rules) in generation_rules(gen) {
+        if flush {
+            let _ = writeln!(out, "flush chain inet {TABLE} {chain}");
+        }
+        for r in rules {
+            let _ = writeln!(out, "add rule inet {TABLE} {chain} {r}");
+        }
+    }
+    out
 }
 
 /// Set and map declarations (without elements): name → (kind, body).
@@ -688,6 +805,8 @@ fn declarations(d: &Desired) -> BTreeMap<String, (&'static str, String)> {
         "set",
         "type ifname . ether_addr . ipv6_addr; flags interval;",
     );
+    add("fast4".into(), "set", "type ifname . ether_addr . ipv4_addr;");
+    add("fast6".into(), "set", "type ifname . ether_addr . ipv6_addr;");
     add("port_out".into(), "map", "type ifname : verdict;");
     add("port_in".into(), "map", "type ifname : verdict;");
     for name in lookup_elems(d).keys() {
@@ -715,7 +834,7 @@ pub fn removal() -> String {
 }
 
 /// The whole firewall, replacing whatever the tables held, in one transaction.
-pub fn full(d: &Desired) -> String {
+pub fn full(d: &Desired, gen: Generation) -> String {
     if !d.present {
         return removal();
     }
@@ -729,7 +848,7 @@ pub fn full(d: &Desired) -> String {
     for name in cs.keys() {
         let _ = writeln!(s, "    chain {name} {{\n    }}");
     }
-    s.push_str(BASE_BRIDGE);
+    s.push_str(&base_bridge());
     s.push_str("}\n");
     for (name, rules) in &cs {
         for r in rules {
@@ -740,9 +859,10 @@ pub fn full(d: &Desired) -> String {
     let _ = writeln!(s, "table inet {TABLE} {{");
     let _ = writeln!(s, "    set zoned {{ type ifname; }}");
     let _ = writeln!(s, "    map zones {{ typeof iifname : ct zone; }}");
-    s.push_str(&base_inet());
+    s.push_str(base_inet());
     s.push_str("}\n");
     s.push_str(&zone_ops(&Desired::default(), d));
+    s.push_str(&generation_ops(gen, false));
     s
 }
 
@@ -757,45 +877,32 @@ fn set_diff(table_fam: &str, set: &str, old: &BTreeSet<String>, new: &BTreeSet<S
     }
 }
 
+/// Every element of the bridge table's sets and maps, by set.
+fn all_elems(d: &Desired) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out = BTreeMap::new();
+    out.insert("mac".to_string(), set_elems_mac(d));
+    out.insert("secured".into(), port_names(d, false));
+    out.insert("stateful".into(), port_names(d, true));
+    out.insert("src4".into(), set_elems_src(d, false));
+    out.insert("src6".into(), set_elems_src(d, true));
+    out.insert("fast4".into(), set_elems_fast(d, false));
+    out.insert("fast6".into(), set_elems_fast(d, true));
+    out.insert("port_out".into(), map_elems(d, Direction::Egress));
+    out.insert("port_in".into(), map_elems(d, Direction::Ingress));
+    out.extend(remote_elems(d));
+    // Lookup sets: a set that goes is deleted whole, after the chains stop naming it.
+    out.extend(lookup_elems(d));
+    out
+}
+
 /// Element changes of the bridge table's sets and maps. Map keys are replaced by deleting the
 /// old element first (a changed verdict for the same interface).
 fn element_ops(old: &Desired, new: &Desired, fresh: bool) -> String {
     let mut out = String::new();
-    let e = BTreeSet::new;
-    let (o, n) = if fresh {
-        (e(), set_elems_mac(new))
-    } else {
-        (set_elems_mac(old), set_elems_mac(new))
-    };
-    set_diff("bridge", "mac", &o, &n, &mut out);
-    for (name, only_stateful) in [("secured", false), ("stateful", true)] {
-        let o = if fresh { e() } else { port_names(old, only_stateful) };
-        set_diff("bridge", name, &o, &port_names(new, only_stateful), &mut out);
-    }
-    for v6 in [false, true] {
-        let name = if v6 { "src6" } else { "src4" };
-        let o = if fresh { e() } else { set_elems_src(old, v6) };
-        set_diff("bridge", name, &o, &set_elems_src(new, v6), &mut out);
-    }
-    for dir in [Direction::Egress, Direction::Ingress] {
-        let name = if dir == Direction::Egress {
-            "port_out"
-        } else {
-            "port_in"
-        };
-        let o = if fresh { e() } else { map_elems(old, dir) };
-        set_diff("bridge", name, &o, &map_elems(new, dir), &mut out);
-    }
-    let ro = if fresh { BTreeMap::new() } else { remote_elems(old) };
-    for (set, n) in remote_elems(new) {
-        let o = ro.get(&set).cloned().unwrap_or_default();
-        set_diff("bridge", &set, &o, &n, &mut out);
-    }
-    // Lookup sets: a set that goes is deleted whole, after the chains stop naming it.
-    let lo = if fresh { BTreeMap::new() } else { lookup_elems(old) };
-    for (set, n) in lookup_elems(new) {
-        let o = lo.get(&set).cloned().unwrap_or_default();
-        set_diff("bridge", &set, &o, &n, &mut out);
+    let before = if fresh { BTreeMap::new() } else { all_elems(old) };
+    let none = BTreeSet::new();
+    for (set, n) in all_elems(new) {
+        set_diff("bridge", &set, before.get(&set).unwrap_or(&none), &n, &mut out);
     }
     out
 }
@@ -809,9 +916,9 @@ fn zone_ops(old: &Desired, new: &Desired) -> String {
 }
 
 /// The changes that turn the firewall built for `old` into the one for `new`, as one nft
-/// transaction; empty if there is nothing to do. Both must be present (otherwise use
-/// [`full`]).
-pub fn patch(old: &Desired, new: &Desired) -> String {
+/// transaction that also moves to generation `gen`; empty if there is nothing to do. Both
+/// must be present (otherwise use [`full`]).
+pub fn patch(old: &Desired, new: &Desired, gen: Generation) -> String {
     let mut out = String::new();
     let (oc, nc) = (chains(old), chains(new));
     let (od, nd) = (declarations(old), declarations(new));
@@ -855,6 +962,9 @@ pub fn patch(old: &Desired, new: &Desired) -> String {
             let _ = writeln!(out, "delete set bridge {TABLE} {name}");
         }
     }
+    if !out.is_empty() {
+        out.push_str(&generation_ops(gen, true));
+    }
     out
 }
 
@@ -863,14 +973,7 @@ pub fn patch(old: &Desired, new: &Desired) -> String {
 pub fn object_counts(d: &Desired) -> (usize, usize) {
     let cs = chains(d);
     let rules: usize = cs.values().map(Vec::len).sum();
-    let elements = set_elems_mac(d).len()
-        + set_elems_src(d, false).len()
-        + set_elems_src(d, true).len()
-        + 2 * d.ports.len()
-        + port_names(d, false).len()
-        + port_names(d, true).len()
-        + remote_elems(d).values().map(BTreeSet::len).sum::<usize>()
-        + lookup_elems(d).values().map(BTreeSet::len).sum::<usize>();
+    let elements: usize = all_elems(d).values().map(BTreeSet::len).sum();
     let ours = cs.len() + rules + elements;
     let mut product = 0usize;
     for p in d.ports.values() {
@@ -983,12 +1086,14 @@ mod tests {
         assert!(!desired(&sample(false, None), "h2").present);
     }
 
+    const G: Generation = Generation(7);
+
     #[test]
     fn a_patch_touches_only_what_changed() {
         let a = desired(&sample(false, Some("10.0.0.9")), "h1");
-        assert_eq!(patch(&a, &a), "");
+        assert_eq!(patch(&a, &a, G), "");
         let b = desired(&sample(true, Some("10.0.0.9")), "h1");
-        let p = patch(&a, &b);
+        let p = patch(&a, &b, G);
         assert!(p.contains("flush chain bridge isthmus g-g2-in"), "{p}");
         assert!(
             p.contains("add element bridge isthmus l4-g2-in { 17 . 0.0.0.0/0 . 1000-2000 }"),
@@ -996,11 +1101,44 @@ mod tests {
         );
         assert!(!p.contains("g-g1"), "{p}");
         let c = desired(&sample(false, Some("10.0.0.10")), "h1");
-        let p = patch(&a, &c);
-        assert_eq!(
-            p,
-            "delete element bridge isthmus r4-g1 { 10.0.0.9/32 }\nadd element bridge isthmus r4-g1 { 10.0.0.10/32 }\n"
+        let p = patch(&a, &c, G);
+        assert!(
+            p.starts_with(
+                "delete element bridge isthmus r4-g1 { 10.0.0.9/32 }\nadd element bridge isthmus r4-g1 { 10.0.0.10/32 }\n"
+            ),
+            "{p}"
         );
+        // Every change moves to the given generation, and nothing else changes.
+        assert!(p.contains("flush chain inet isthmus state\n") && p.contains("flush chain inet isthmus post\n"));
+        assert_eq!(p.lines().count(), 2 + 2 + 5 + 1, "{p}");
+        assert!(p.contains("ct mark & 0xffffff == 0x7 meta mark set"), "{p}");
+    }
+
+    #[test]
+    fn generations_alternate_in_parity_and_never_repeat() {
+        let mut g = Generation::first(1_796_080_000_000);
+        for step in 0..1000u128 {
+            // The clock may stand still or step back: the next generation still differs.
+            let n = g.next(1_796_080_000_000 + (step % 3) * 10);
+            assert_ne!(n.value() & 1, g.value() & 1);
+            assert!(n.value() != 0 && n.value() <= GEN_MASK);
+            g = n;
+        }
+        assert_eq!(Generation::first(0).value(), 1);
+        assert_ne!(Generation(GEN_MASK).next(u128::from(GEN_MASK) * 10).value(), 0);
+    }
+
+    #[test]
+    fn only_stateful_ports_exact_addresses_take_the_fast_path() {
+        let d = desired(&sample(false, Some("10.0.0.9")), "h1");
+        let fast = set_elems_fast(&d, false);
+        assert!(fast.iter().any(|e| e.ends_with(". 10.0.0.100")), "{fast:?}");
+        assert!(!fast.iter().any(|e| e.ends_with("0.0.0.0")), "{fast:?}");
+        let mut stateless = d.clone();
+        for p in stateless.ports.values_mut() {
+            p.stateful = false;
+        }
+        assert!(set_elems_fast(&stateless, false).is_empty());
     }
 
     #[test]
@@ -1065,8 +1203,8 @@ mod tests {
     #[ignore = "prints a ruleset to check by hand with nft -c"]
     fn print_full() {
         let d = desired(&sample(true, Some("10.0.0.9")), "h1");
-        println!("{}", full(&d));
+        println!("{}", full(&d, G));
         let b = desired(&sample(false, Some("10.0.0.10")), "h1");
-        println!("---\n{}", patch(&d, &b));
+        println!("---\n{}", patch(&d, &b, G));
     }
 }

@@ -19,120 +19,16 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::bench::{env_usize, iperf, median, percentile};
 use support::{must, reaches, Ns};
 use testbed::{eventually, Testbed};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|v| *v > 0)
-        .unwrap_or(default)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
-}
-
-/// Nearest-rank percentile (`p` in 0..=100).
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
-    s[rank.min(s.len()) - 1]
-}
 
 // ---------------------------------------------------------------------------------------------
 // Throughput
 // ---------------------------------------------------------------------------------------------
-
-/// An iperf3 server in a namespace (one test, then it exits); killed on drop.
-struct IperfServer(Child);
-
-impl IperfServer {
-    fn start(ns: &Ns, ip: &str) -> IperfServer {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "iperf3", "-s", "-1", "-B", ip, "-p", "5201"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning iperf3 -s (apt-get install -y iperf3)");
-        IperfServer(child)
-    }
-}
-
-impl Drop for IperfServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One iperf3 run (TCP, 1 stream, 5 s) from `client` to `ip` in `server`: Gbit/s received.
-fn iperf(server: &Ns, ip: &str, client: &Ns) -> f64 {
-    let mut last = String::new();
-    for _attempt in 0..5 {
-        let _srv = IperfServer::start(server, ip);
-        // The server needs a moment to listen; a refused connection is retried below.
-        std::thread::sleep(Duration::from_millis(300));
-        let out = Command::new("timeout")
-            .args([
-                "30",
-                "ip",
-                "netns",
-                "exec",
-                &client.name,
-                "iperf3",
-                "-c",
-                ip,
-                "-p",
-                "5201",
-                "-t",
-                "5",
-                "-P",
-                "1",
-                "-J",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running iperf3 -c");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let parsed: Option<f64> = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64());
-        match parsed {
-            Some(bps) if out.status.success() && bps > 0.0 => return bps / 1e9,
-            _ => {
-                last = format!(
-                    "status {}: {}{}",
-                    out.status,
-                    text.chars().take(400).collect::<String>(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        }
-    }
-    panic!("iperf3 to {ip} in {} failed 5 times; last: {last}", server.name);
-}
 
 /// The same kernel constructs the agent builds, by hand: two "node" namespaces joined by a
 /// veth underlay, in each a bridge and a VXLAN device (VNI 4242, nolearning, port 4789, static
@@ -369,10 +265,10 @@ async fn throughput() {
             // Blocking runs: on the blocking pool, so the in-process server stays responsive.
             let r = tokio::task::block_in_place(|| {
                 [
-                    iperf(&wls[1], ips[1], &wls[0]),
-                    iperf(&hb.workloads[1], HB_IPS[1], &hb.workloads[0]),
-                    iperf(&hbb.workloads[1], HB_IPS[1], &hbb.workloads[0]),
-                    iperf(&bare.b, BARE_IPS[1], &bare.a),
+                    iperf(&wls[1], ips[1], &wls[0], 5),
+                    iperf(&hb.workloads[1], HB_IPS[1], &hb.workloads[0], 5),
+                    iperf(&hbb.workloads[1], HB_IPS[1], &hbb.workloads[0], 5),
+                    iperf(&bare.b, BARE_IPS[1], &bare.a, 5),
                 ]
             });
             let line: Vec<String> = names.iter().zip(&r).map(|(n, x)| format!("{n} {x:.2}")).collect();

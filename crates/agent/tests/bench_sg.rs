@@ -17,81 +17,21 @@
 //!   clock). Before timing, a rule and a membership change are checked with real packets.
 //!
 //! Knobs: `ISTHMUS_BENCH_NODES` (propagation nodes, default 10), `ISTHMUS_BENCH_ROUNDS`
-//! (throughput rounds, default 3; propagation rounds are ten times as many).
+//! (throughput rounds, default 3; propagation rounds are ten times as many),
+//! `ISTHMUS_BENCH_IPERF_SECS` (seconds per iperf3 run, default 3).
 
 mod support;
 mod testbed;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::{in_ns, Ns};
+use support::bench::{env_usize, iperf, median, percentile};
+use support::{tcp_ok, until, Ns};
 use testbed::{eventually, Testbed};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|v| *v > 0)
-        .unwrap_or(default)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
-}
-
-/// Nearest-rank percentile (`p` in 0..=100).
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
-    s[rank.min(s.len()) - 1]
-}
 
 fn figure(key: &str, value: f64) {
     println!("SG_FIGURE {key} {value:.3}");
-}
-
-/// A TCP connection from `from` in `src` to `to:port` in `dst` (a listener there) completes
-/// within a second.
-fn tcp_ok(src: &Ns, from: &str, dst: &Ns, to: &str, port: u16) -> bool {
-    let addr = SocketAddr::new(to.parse().unwrap(), port);
-    let listener = in_ns(&dst.path(), move || TcpListener::bind(addr).expect("bind"));
-    let from: std::net::IpAddr = from.parse().unwrap();
-    in_ns(&src.path(), move || {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-        sock.bind(&SocketAddr::new(from, 0).into()).expect("bind source");
-        let ok = sock.connect_timeout(&addr.into(), Duration::from_millis(1000)).is_ok();
-        drop(listener);
-        ok
-    })
-}
-
-/// Polls `f` (a blocking packet check) until it answers `want`, for up to `secs`.
-async fn until(secs: u64, what: &str, want: bool, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if f() == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what} (wanted {want})");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn ok(tb: &Testbed, method: Method, path: &str, body: Value, want: u16) -> Value {
@@ -162,76 +102,9 @@ async fn workload(tb: &Testbed, net: &str, subnet: &str, ip: &str, node: usize, 
 // Throughput
 // ---------------------------------------------------------------------------------------------
 
-const IPERF_SECS: &str = "3";
-
-/// An iperf3 server in a namespace (one test, then it exits); killed on drop.
-struct IperfServer(Child);
-
-impl IperfServer {
-    fn start(ns: &Ns, ip: &str) -> IperfServer {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "iperf3", "-s", "-1", "-B", ip, "-p", "5201"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning iperf3 -s (apt-get install -y iperf3)");
-        IperfServer(child)
-    }
-}
-
-impl Drop for IperfServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One iperf3 run (TCP, 1 stream) from `client` to `ip` in `server`: Gbit/s received.
-fn iperf(server: &Ns, ip: &str, client: &Ns) -> f64 {
-    let mut last = String::new();
-    for _attempt in 0..5 {
-        let _srv = IperfServer::start(server, ip);
-        std::thread::sleep(Duration::from_millis(300));
-        let out = Command::new("timeout")
-            .args([
-                "30",
-                "ip",
-                "netns",
-                "exec",
-                &client.name,
-                "iperf3",
-                "-c",
-                ip,
-                "-p",
-                "5201",
-                "-t",
-                IPERF_SECS,
-                "-P",
-                "1",
-                "-J",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running iperf3 -c");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let parsed: Option<f64> = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64());
-        match parsed {
-            Some(bps) if out.status.success() && bps > 0.0 => return bps / 1e9,
-            _ => {
-                last = format!(
-                    "status {}: {}{}",
-                    out.status,
-                    text.chars().take(400).collect::<String>(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        }
-    }
-    panic!("iperf3 to {ip} in {} failed 5 times; last: {last}", server.name);
+/// Seconds per iperf3 run (`ISTHMUS_BENCH_IPERF_SECS`, default 3; longer runs help profiling).
+fn iperf_secs() -> usize {
+    env_usize("ISTHMUS_BENCH_IPERF_SECS", 3)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,9 +190,11 @@ async fn sg_throughput() {
         for filtered in [round % 2 == 0, round % 2 == 1] {
             set_mode(filtered).await;
             wait_mode(filtered).await;
-            let gbps = iperf(b, ips[1], a);
+            let started = now_secs();
+            let gbps = iperf(b, ips[1], a, iperf_secs());
             println!(
-                "round {round}: {} {gbps:.2} Gbit/s",
+                "round {round} ({started:.1}..{:.1} s since the epoch): {} {gbps:.2} Gbit/s",
+                now_secs(),
                 if filtered {
                     "group of 100 rules"
                 } else {
@@ -335,8 +210,9 @@ async fn sg_throughput() {
     }
     let (m_sg, m_off) = (median(&with_sg), median(&off));
     println!(
-        "TCP throughput, iperf3 -t {IPERF_SECS}, 1 stream, median of {rounds} interleaved rounds: \
+        "TCP throughput, iperf3 -t {}, 1 stream, median of {rounds} interleaved rounds: \
          group of 100 rules {m_sg:.2} Gbit/s, port security off {m_off:.2} Gbit/s, ratio {:.3}",
+        iperf_secs(),
         m_sg / m_off
     );
     figure("throughput_sg_gbps", m_sg);

@@ -323,9 +323,12 @@ async fn firewall_guard<K: Kernel>(bed: Bed<K>) {
         present: true,
         ..Default::default()
     };
+    let g = isthmus_agent::security::Generation::first(1);
     assert!(!k.firewall_present().await.unwrap());
-    k.apply_firewall(isthmus_agent::security::full(&d)).await.unwrap();
-    k.apply_firewall(isthmus_agent::security::full(&d)).await.unwrap();
+    k.apply_firewall(isthmus_agent::security::full(&d, g)).await.unwrap();
+    k.apply_firewall(isthmus_agent::security::full(&d, g.next(2)))
+        .await
+        .unwrap();
     assert!(k.firewall_present().await.unwrap());
     k.apply_firewall(isthmus_agent::security::removal()).await.unwrap();
     assert!(!k.firewall_present().await.unwrap());

@@ -13,28 +13,13 @@ mod testbed;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
-use support::{in_ns, udp_in, Ns};
+use support::{in_ns, tcp_ok, udp_in, until, Ns};
 use testbed::Testbed;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// A TCP connection from `from` in `src` to `to:port` in `dst` (a listener there) completes
-/// within a second.
-fn tcp_ok(src: &Ns, from: &str, dst: &Ns, to: &str, port: u16) -> bool {
-    let addr = SocketAddr::new(to.parse().unwrap(), port);
-    let listener = in_ns(&dst.path(), move || TcpListener::bind(addr).expect("bind"));
-    let from: std::net::IpAddr = from.parse().unwrap();
-    in_ns(&src.path(), move || {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-        sock.bind(&SocketAddr::new(from, 0).into()).expect("bind source");
-        let ok = sock.connect_timeout(&addr.into(), Duration::from_millis(1000)).is_ok();
-        drop(listener);
-        ok
-    })
-}
 
 /// UDP to `to:port` from `from`: (an answer came back, datagrams the server saw).
 fn udp(src: &Ns, from: &str, dst: &Ns, to: &str, port: u16) -> (bool, usize) {
@@ -260,23 +245,12 @@ impl Bed {
     }
 }
 
-/// Polls `f` (a blocking packet check) until it answers `want`, for up to `secs`.
-async fn until(secs: u64, what: &str, want: bool, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if f() == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what} (wanted {want})");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn security_groups_and_port_security_are_enforced_on_real_packets() {
     support::require_root();
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let tb = Testbed::start(2).await;
+        // Changes must work as patches: no full sync comes along to repair them.
+        let tb = Testbed::start_opts(2, false, 600).await;
         let token = tb.member("sg-one").await;
         let n = tb.create(&token, "networks", "network", json!({"name": "sg-net"})).await;
         let net = n["id"].as_str().unwrap().to_string();
@@ -333,13 +307,70 @@ async fn security_groups_and_port_security_are_enforced_on_real_packets() {
         })
         .await;
 
-        // A removed rule also stops a flow already running (no conntrack bypass): one socket
-        // pair, a datagram every 20 ms, the rule deleted in the middle.
-        let flow = udp_flow(&cli, "10.20.0.20", &srv, "10.20.0.10", 5353, Duration::from_millis(3000));
+        // The fast path of established connections still checks addresses: another port on
+        // the client's node, sending from the client's address and port into the client's
+        // established flow (a static neighbour entry, as its ARP would be refused), is
+        // dropped; the client's own datagrams go on.
+        {
+            let to: SocketAddr = "10.20.0.10:5353".parse().unwrap();
+            let server = udp_in(&srv, to);
+            server.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let client = udp_in(&cli, "10.20.0.20:45353".parse().unwrap());
+            client.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let mut buf = [0u8; 64];
+            let mut echoed = 0;
+            for _ in 0..20 {
+                let _ = client.send_to(b"mine", to);
+                if let Ok((n, peer)) = server.recv_from(&mut buf) {
+                    let _ = server.send_to(&buf[..n], peer);
+                    if client.recv(&mut buf).is_ok() {
+                        echoed += 1;
+                    }
+                }
+                if echoed == 3 {
+                    break;
+                }
+            }
+            assert_eq!(echoed, 3, "the client's flow to UDP 5353 did not get established");
+            let srv_mac = srv.ip(&["-br", "link", "show", "eth0"]);
+            let srv_mac = srv_mac.split_whitespace().nth(2).unwrap().to_string();
+            dd.ip(&["addr", "add", "10.20.0.20/32", "dev", "eth0"]);
+            dd.ip(&["neigh", "replace", "10.20.0.10", "lladdr", &srv_mac, "dev", "eth0"]);
+            let forger = udp_in(&dd, "10.20.0.20:45353".parse().unwrap());
+            for _ in 0..5 {
+                let _ = forger.send_to(b"forged", to);
+            }
+            let _ = client.send_to(b"mine", to);
+            let mut got = vec![];
+            while let Ok((n, _)) = server.recv_from(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            dd.ip(&["addr", "del", "10.20.0.20/32", "dev", "eth0"]);
+            dd.try_ip(&["neigh", "del", "10.20.0.10", "dev", "eth0"]);
+            assert!(!got.iter().any(|p| p == "forged"), "a forged datagram joined an established flow: {got:?}");
+            assert!(got.iter().any(|p| p == "mine"), "the client's own datagram was lost: {got:?}");
+        }
+
+        // A change leaves a running flow that is still allowed alone, and a removed rule stops
+        // a flow already running (the fast path for established connections is re-checked
+        // after every change): one socket pair, a datagram every 20 ms; an unrelated rule
+        // added after 1 s, the flow's rule deleted after 2 s.
+        let flow = udp_flow(&cli, "10.20.0.20", &srv, "10.20.0.10", 5353, Duration::from_millis(4000));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        bed.rule(json!({"security_group_id": web, "direction": "ingress", "ethertype": "IPv4", "protocol": "tcp", "port_range_min": 9999, "port_range_max": 9999}))
+            .await;
+        let changed = Instant::now();
         tokio::time::sleep(Duration::from_millis(1000)).await;
         bed.delete_rule(&udp_rule).await;
         let cut = Instant::now();
         let echoes = flow.join().expect("flow");
+        let between: Vec<Instant> = echoes.iter().copied().filter(|t| *t > changed && *t < cut).collect();
+        let gap = between.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(Duration::MAX);
+        assert!(
+            between.len() > 20 && gap < Duration::from_millis(300),
+            "an unrelated change disturbed a running flow: {} echoes, longest gap {gap:?}",
+            between.len()
+        );
         let before = echoes.iter().filter(|t| **t < cut).count();
         let late = echoes.iter().filter(|t| **t > cut + Duration::from_millis(500)).count();
         assert!(before > 10, "the flow did not run before the delete ({before} echoes)");

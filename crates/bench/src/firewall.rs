@@ -97,6 +97,14 @@ fn view(a: &FirewallArgs, extra_rules: usize, extra_members: usize) -> anyhow::R
     Ok(o)
 }
 
+/// A fresh generation for each transaction, as the agent's controller makes them.
+fn gen() -> security::Generation {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    security::Generation::first(ms)
+}
+
 fn nft(ns: &str, script: &str) -> anyhow::Result<f64> {
     use std::io::Write;
     let start = Instant::now();
@@ -128,21 +136,21 @@ pub fn run(a: &FirewallArgs) -> anyhow::Result<bool> {
         let rule = security::desired(&view(a, 1, 0)?, "bench");
         let member = security::desired(&view(a, 0, 1)?, "bench");
         let t = Instant::now();
-        let script = security::full(&base);
+        let script = security::full(&base, gen());
         let render_ms = t.elapsed().as_secs_f64() * 1000.0;
         let program_ms = nft(&ns, &script)? + render_ms;
         let (mut rule_ms, mut member_ms) = (vec![], vec![]);
         for _ in 0..a.rounds {
             let t = Instant::now();
-            let p = security::patch(&base, &rule);
+            let p = security::patch(&base, &rule, gen());
             let r = t.elapsed().as_secs_f64() * 1000.0;
             rule_ms.push(nft(&ns, &p)? + r);
-            nft(&ns, &security::patch(&rule, &base))?;
+            nft(&ns, &security::patch(&rule, &base, gen()))?;
             let t = Instant::now();
-            let p = security::patch(&base, &member);
+            let p = security::patch(&base, &member, gen());
             let r = t.elapsed().as_secs_f64() * 1000.0;
             member_ms.push(nft(&ns, &p)? + r);
-            nft(&ns, &security::patch(&member, &base))?;
+            nft(&ns, &security::patch(&member, &base, gen()))?;
         }
         let (objects, product) = security::object_counts(&base);
         println!(

@@ -6,13 +6,15 @@
 //! (rules of one group, elements of one set). The first pass after start, every full resync,
 //! and any pass after a failure replace both tables whole, also in one transaction, so a
 //! restarted agent adopts its tables without a moment of open traffic and drift is repaired.
+//! Every change also moves the firewall to a new [`Generation`], so established connections
+//! are checked again under the new rules (see [`crate::security`]).
 
 use super::{Controller, Outcome};
 use crate::kernel::Firewall;
-use crate::security::{self, Desired};
+use crate::security::{self, Desired, Generation};
 use crate::state::Snapshot;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, info};
 
 pub struct FirewallController<B> {
@@ -20,6 +22,8 @@ pub struct FirewallController<B> {
     /// What the tables hold, as last made; `None`: not known (replace them whole).
     applied: Mutex<Option<Arc<Desired>>>,
     last_full: Mutex<Option<Instant>>,
+    /// The generation the tables hold; `None` before the first change.
+    generation: Mutex<Option<Generation>>,
     /// The tables are replaced whole this often even when nothing changed (drift repair).
     full_resync: Duration,
 }
@@ -30,6 +34,7 @@ impl<B: Firewall> FirewallController<B> {
             backend,
             applied: Mutex::new(None),
             last_full: Mutex::new(None),
+            generation: Mutex::new(None),
             full_resync,
         })
     }
@@ -46,8 +51,13 @@ impl<B: Firewall> FirewallController<B> {
             .unwrap_or_else(|p| p.into_inner())
             .is_none_or(|t| t.elapsed() >= self.full_resync);
         let old = self.applied().clone();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let current = *self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let gen = current.map_or_else(|| Generation::first(now_ms), |g| g.next(now_ms));
         let (script, whole) = match &old {
-            Some(old) if !due && old.present && want.present => (security::patch(old, &want), false),
+            Some(old) if !due && old.present && want.present => (security::patch(old, &want, gen), false),
             Some(old) if !due && !old.present && !want.present => return Ok(Outcome::default()),
             _ if !want.present => {
                 // Nothing to filter: remove the tables if there are any (a node that never
@@ -64,7 +74,7 @@ impl<B: Firewall> FirewallController<B> {
                 }
                 (security::removal(), true)
             }
-            _ => (security::full(&want), true),
+            _ => (security::full(&want, gen), true),
         };
         if script.is_empty() {
             *self.applied() = Some(want);
@@ -75,6 +85,7 @@ impl<B: Firewall> FirewallController<B> {
         let started = Instant::now();
         match self.backend.apply_firewall(script).await {
             Ok(()) => {
+                *self.generation.lock().unwrap_or_else(|p| p.into_inner()) = Some(gen);
                 if whole {
                     *self.last_full.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 }
@@ -84,6 +95,7 @@ impl<B: Firewall> FirewallController<B> {
                         ports = want.ports.len(),
                         groups = want.groups.len(),
                         objects,
+                        generation = gen.value(),
                         took_ms = started.elapsed().as_millis() as u64,
                         "firewall {}",
                         if want.present {
@@ -96,6 +108,7 @@ impl<B: Firewall> FirewallController<B> {
                     debug!(
                         ports = want.ports.len(),
                         objects,
+                        generation = gen.value(),
                         took_ms = started.elapsed().as_millis() as u64,
                         "firewall patched"
                     );

@@ -2,6 +2,8 @@
 //! deleted on drop, work inside a namespace on a dedicated thread, and a UDP echo probe.
 #![allow(dead_code)]
 
+pub mod bench;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -298,5 +300,32 @@ impl Drop for UdpStream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.stop_server.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A TCP connection from `from` in `src` to `to:port` in `dst` (a listener there) completes
+/// within a second.
+pub fn tcp_ok(src: &Ns, from: &str, dst: &Ns, to: &str, port: u16) -> bool {
+    let addr = SocketAddr::new(to.parse().expect("address"), port);
+    let listener = in_ns(&dst.path(), move || std::net::TcpListener::bind(addr).expect("bind"));
+    let from: std::net::IpAddr = from.parse().expect("address");
+    in_ns(&src.path(), move || {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        sock.bind(&SocketAddr::new(from, 0).into()).expect("bind source");
+        let ok = sock.connect_timeout(&addr.into(), Duration::from_millis(1000)).is_ok();
+        drop(listener);
+        ok
+    })
+}
+
+/// Polls `f` (a blocking packet check) until it answers `want`, for up to `secs`.
+pub async fn until(secs: u64, what: &str, want: bool, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f() == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out: {what} (wanted {want})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

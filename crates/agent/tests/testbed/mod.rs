@@ -348,6 +348,13 @@ impl Testbed {
 
     /// Like [`Testbed::start`]; with `server_process` the server is a real process.
     pub async fn start_with(n: usize, server_process: bool) -> Testbed {
+        Self::start_opts(n, server_process, 3).await
+    }
+
+    /// Like [`Testbed::start_with`], the agents' periodic full sync every `resync_secs` (3 s
+    /// elsewhere, for drift repair; a test of what a change alone does wants it rare, or the
+    /// change could be applied by a full sync instead).
+    pub async fn start_opts(n: usize, server_process: bool, resync_secs: u64) -> Testbed {
         crate::support::require_root();
         let bin = tokio::task::spawn_blocking(isthmus_bin).await.expect("build task");
         let underlay = Underlay::new();
@@ -461,7 +468,7 @@ impl Testbed {
                 "--socket",
                 socket.to_str().unwrap(),
                 "--resync-secs",
-                "3",
+                &resync_secs.to_string(),
                 "--heartbeat-secs",
                 "2",
             ]
