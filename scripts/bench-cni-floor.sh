@@ -7,10 +7,8 @@
 set -euo pipefail
 N=${N:-20}
 ROUNDS=${ROUNDS:-5}
-if [ "$(id -u)" -ne 0 ]; then
-    echo "bench-cni-floor: needs root (network namespaces)" >&2
-    exit 1
-fi
+. scripts/lib/bench.sh
+needs_root bench-cni-floor "network namespaces"
 tag="isthfl$$"
 work=$(mktemp -d)
 cleanup() {

@@ -5,10 +5,8 @@
 # ISTHMUS_BENCH_SAMPLES=1 (also print every sequential sample).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-    echo "bench-cni: needs root (network namespaces)" >&2
-    exit 1
-fi
+. scripts/lib/bench.sh
+needs_root bench-cni "network namespaces"
 if [ ! -x /usr/lib/cni/bridge ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends containernetworking-plugins >/dev/null
 fi

@@ -6,15 +6,10 @@
 # Knobs (environment): ISTHMUS_BENCH_NODES (10), ISTHMUS_BENCH_PORTS (40), ISTHMUS_BENCH_ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-    echo "bench-datapath: needs root (network namespaces)" >&2
-    exit 1
-fi
-if ! command -v iperf3 >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y iperf3 >/dev/null \
-        || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y iperf3 >/dev/null; }
-fi
+. scripts/lib/bench.sh
+needs_root bench-datapath "network namespaces"
+apt_ensure iperf3 iperf3
 cargo build --release -p isthmus-cli --bin isthmus
 export ISTHMUS_BIN="$PWD/target/release/isthmus"
-echo "machine: $(nproc) CPUs, $(uname -sr); load: $(cut -d' ' -f1-3 /proc/loadavg); $(iperf3 --version | head -1)"
+machine_line
 exec cargo test --release -p isthmus-agent --test bench_datapath -- --ignored --nocapture --test-threads=1 "$@"

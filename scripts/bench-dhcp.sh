@@ -4,10 +4,8 @@
 # Knob: ISTHMUS_BENCH_EXCHANGES (1000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-    echo "bench-dhcp: needs root (network namespaces)" >&2
-    exit 1
-fi
+. scripts/lib/bench.sh
+needs_root bench-dhcp "network namespaces"
 cargo build --release -p isthmus-cli --bin isthmus
 export ISTHMUS_BIN="$PWD/target/release/isthmus"
 echo "machine: $(nproc) CPUs, $(uname -sr); load: $(cut -d' ' -f1-3 /proc/loadavg)"

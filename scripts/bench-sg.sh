@@ -11,17 +11,12 @@
 # "member_p99_ms":..,"nft_objects":..,"product_objects":..}
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-    echo "bench-sg: needs root (network namespaces, nftables)" >&2
-    exit 1
-fi
-if ! command -v iperf3 >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y iperf3 >/dev/null \
-        || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y iperf3 >/dev/null; }
-fi
+. scripts/lib/bench.sh
+needs_root bench-sg "network namespaces, nftables"
+apt_ensure iperf3 iperf3
 cargo build --release -p isthmus-cli --bin isthmus -p isthmus-bench --bin isthmus-bench
 export ISTHMUS_BIN="$PWD/target/release/isthmus"
-echo "machine: $(nproc) CPUs, $(uname -sr); load: $(cut -d' ' -f1-3 /proc/loadavg); $(iperf3 --version | head -1)"
+machine_line
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

@@ -4,10 +4,8 @@
 # docs/benchmarks.md.   Knob: ISTHMUS_BENCH_ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-    echo "bench-vm: needs root (network namespaces)" >&2
-    exit 1
-fi
+. scripts/lib/bench.sh
+needs_root bench-vm "network namespaces"
 scripts/vm-image.sh
 cargo build --release -p isthmus-cli --bin isthmus
 export ISTHMUS_BIN="$PWD/target/release/isthmus"

@@ -41,14 +41,7 @@ fn lock(c: &Arc<Mutex<Copy>>) -> std::sync::MutexGuard<'_, Copy> {
 }
 
 async fn open(server: &TestServer, host: &str, since: Option<i64>, copy: Arc<Mutex<Copy>>) -> Node {
-    let q = since.map(|r| format!("?since={r}")).unwrap_or_default();
-    let resp = server
-        .admin
-        .request(reqwest::Method::GET, &format!("/isthmus/v1/nodes/{host}/watch{q}"))
-        .send()
-        .await
-        .expect("watch");
-    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = server.watch(host, since).await;
     lock(&copy).ended = false;
     let c = copy.clone();
     let reader = tokio::spawn(async move {

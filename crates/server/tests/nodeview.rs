@@ -41,14 +41,7 @@ async fn watch(server: &TestServer, host: &str) -> Lines {
 }
 
 async fn watch_from(server: &TestServer, host: &str, since: Option<i64>) -> Lines {
-    let q = since.map(|r| format!("?since={r}")).unwrap_or_default();
-    let resp = server
-        .admin
-        .request(reqwest::Method::GET, &format!("/isthmus/v1/nodes/{host}/watch{q}"))
-        .send()
-        .await
-        .expect("watch");
-    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = server.watch(host, since).await;
     Lines {
         stream: Box::pin(resp.bytes_stream()),
         buf: vec![],

@@ -61,6 +61,20 @@ impl TestServer {
         Self::start_with(backend, |_| {}).await
     }
 
+    /// Opens node `host`'s view stream as the admin (resuming after `since` if given); the
+    /// response, already checked to be 200.
+    pub async fn watch(&self, host: &str, since: Option<i64>) -> reqwest::Response {
+        let q = since.map(|r| format!("?since={r}")).unwrap_or_default();
+        let resp = self
+            .admin
+            .request(Method::GET, &format!("/isthmus/v1/nodes/{host}/watch{q}"))
+            .send()
+            .await
+            .expect("watch");
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp
+    }
+
     /// Starts a server on a fresh store of `backend`, with `tweak` applied to the config.
     pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> TestServer {
         match backend {
