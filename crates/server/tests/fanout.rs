@@ -100,12 +100,25 @@ async fn expected(server: &TestServer, hosts: &[&str]) -> BTreeMap<String, BTree
         .await;
     let s = |v: &Value, f: &str| v[f].as_str().unwrap_or_default().to_string();
     let mut out = BTreeMap::new();
+    // Routers' networks, from their interface ports.
+    let mut routed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for p in ports
+        .iter()
+        .filter(|p| s(p, "device_owner").starts_with("network:router_interface"))
+    {
+        routed.entry(s(p, "device_id")).or_default().insert(s(p, "network_id"));
+    }
     for h in hosts {
-        let mine: BTreeSet<String> = ports
+        let local: BTreeSet<String> = ports
             .iter()
             .filter(|p| s(p, "binding:host_id") == *h)
             .map(|p| s(p, "network_id"))
             .collect();
+        // A node also sees every network a router connects to one of its own.
+        let mut mine = local.clone();
+        for nets in routed.values().filter(|ns| ns.iter().any(|n| local.contains(n))) {
+            mine.extend(nets.iter().cloned());
+        }
         let mut view = BTreeMap::new();
         let mut peers = BTreeSet::new();
         for p in ports.iter().filter(|p| mine.contains(&s(p, "network_id"))) {
@@ -378,6 +391,75 @@ async fn scenario(backend: Backend) {
         for n in &nodes {
             n.reader.abort();
         }
+    }
+}
+
+/// A router connecting two networks brings each into the views of the nodes on the other (the
+/// node routes locally, so it needs the far side's ports and nodes); its interface going takes
+/// the network away again.
+#[tokio::test]
+async fn routers_bring_the_networks_they_connect() {
+    let server = TestServer::start(Backend::Embedded).await;
+    let hosts = [("h1", "192.0.2.1"), ("h2", "192.0.2.2"), ("h3", "192.0.2.3")];
+    for (h, ip) in hosts {
+        heartbeat(&server, h, ip).await;
+    }
+    let mut nodes = vec![];
+    for (h, _) in hosts {
+        nodes.push(open(&server, h, None, Arc::default()).await);
+    }
+    let a = id(&server.admin.network("r-net-a").await);
+    let b = id(&server.admin.network("r-net-b").await);
+    let c = id(&server.admin.network("r-net-c").await);
+    let mut subnets = vec![];
+    for (n, cidr) in [(&a, "10.11.0.0/24"), (&b, "10.12.0.0/24"), (&c, "10.13.0.0/24")] {
+        subnets.push(id(&server.admin.subnet(n, cidr).await));
+    }
+    port(&server, &a, "h1", "a1").await;
+    port(&server, &b, "h2", "b2").await;
+    port(&server, &c, "h3", "c3").await;
+    converge(&server, &all(&nodes), "before the router").await;
+    let (st, r) = server
+        .admin
+        .post("/v2.0/routers", json!({"router": {"name": "r"}}))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{r}");
+    let router = id(&r["router"]);
+    let iface = |subnet: &str, add: bool| {
+        let path = format!(
+            "/v2.0/routers/{router}/{}_router_interface",
+            if add { "add" } else { "remove" }
+        );
+        let body = json!({"subnet_id": subnet});
+        let server = &server;
+        async move {
+            let (st, r) = server.admin.put(&path, body).await;
+            assert_eq!(st, StatusCode::OK, "{path}: {r}");
+        }
+    };
+    iface(&subnets[0], true).await;
+    iface(&subnets[2], true).await;
+    converge(&server, &all(&nodes), "with net-a and net-c on the router").await;
+    let h1 = summary(&lock(&nodes[0].copy));
+    assert!(
+        h1.contains_key(&format!("{ROOT}networks/{c}")),
+        "h1 does not see net-c: {h1:?}"
+    );
+    assert!(
+        h1.contains_key(&format!("{ROOT}nodes/h3")),
+        "h1 lacks h3's node record: {h1:?}"
+    );
+    let h2 = summary(&lock(&nodes[1].copy));
+    assert!(
+        !h2.keys().any(|k| k.contains(&c) || k.contains(&a)),
+        "h2 is not on the router: {h2:?}"
+    );
+    iface(&subnets[2], false).await;
+    converge(&server, &all(&nodes), "after net-c left the router").await;
+    let h1 = summary(&lock(&nodes[0].copy));
+    assert!(!h1.keys().any(|k| k.contains(&c)), "h1 still sees net-c: {h1:?}");
+    for n in &nodes {
+        n.reader.abort();
     }
 }
 

@@ -1,9 +1,12 @@
 //! Which node needs which object, kept up to date one change at a time.
 //!
-//! A node's view is: for each network it has a bound port on, that network, its subnets, all
-//! its ports, and the node records of every host with a port on it; and for the security
+//! A node's view is: for each network it sees, that network, its subnets, all its ports, and
+//! the node records of every host with a port on it; and for the security
 //! groups its own ports use, those groups, their rules, and one member object (the port's
-//! addresses) per port, anywhere, of every group those rules name as remote group.
+//! addresses) per port, anywhere, of every group those rules name as remote group. A node sees
+//! the networks it has a bound port on, and every network a router connects to one of those
+//! (through the router's interface ports): it routes for that router locally, so it needs the
+//! far side's ports and their nodes.
 //! Recomputing that from the whole cache for every open stream on every write costs
 //! O(nodes × ports) per write; here reverse indexes (port → network and host, network →
 //! hosts, ports and subnets, host → networks; host → groups, group → rules → remote groups,
@@ -213,6 +216,11 @@ fn dec<K: Ord>(m: &mut BTreeMap<K, usize>, k: &K, by: usize) -> bool {
     false
 }
 
+/// The router a port is an interface of, if it is one.
+fn interface_of(p: &Port) -> Option<&str> {
+    (p.device_owner.starts_with("network:router_interface") && !p.device_id.is_empty()).then_some(p.device_id.as_str())
+}
+
 /// What the security part of a view knows of one port.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct PortGroups {
@@ -244,6 +252,11 @@ pub struct ViewIndex {
     net_subnets: HashMap<String, BTreeSet<String>>,
     /// Host → networks it has a bound port on.
     host_nets: HashMap<String, BTreeSet<String>>,
+    /// Router interface port key → router id.
+    port_router: HashMap<String, String>,
+    /// Router id → network → its interface ports there, and network → routers there.
+    router_nets: HashMap<String, BTreeMap<String, usize>>,
+    net_routers: HashMap<String, BTreeSet<String>>,
     /// Port id → its groups, host and member addresses (ports with groups only).
     port_groups: HashMap<String, PortGroups>,
     /// Host → group → number of its bound ports using the group, and back.
@@ -296,6 +309,8 @@ impl ViewIndex {
                     if let Some((n, _)) = self.port_loc.get(&c.key) {
                         mine.insert(n.clone());
                     }
+                    // A router interface changes who sees its router's other networks:
+                    // exactly the hosts that see this one, before or after.
                     if let Some(Source::Port(p)) = &c.value {
                         mine.insert(p.network_id.clone());
                     }
@@ -320,23 +335,18 @@ impl ViewIndex {
             nets.extend(mine.iter().cloned());
             key_nets.push((c.key.clone(), mine));
         }
-        // The hosts on those networks before, with their networks then and each network's
-        // hosts then.
+        // The hosts that saw those networks before, with the networks they saw then, and each
+        // network's hosts (with bound ports) then.
         let mut before: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut hosts_before: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for n in &nets {
-            let hs: BTreeSet<String> = self
-                .net_hosts
-                .get(n)
-                .into_iter()
-                .flat_map(|m| m.keys().cloned())
-                .collect();
-            for h in &hs {
-                before
-                    .entry(h.clone())
-                    .or_insert_with(|| self.host_nets.get(h).cloned().unwrap_or_default());
+            for h in self.viewers(n) {
+                if let std::collections::btree_map::Entry::Vacant(e) = before.entry(h) {
+                    let seen = self.seen_nets(e.key());
+                    e.insert(seen);
+                }
             }
-            hosts_before.insert(n.clone(), hs);
+            hosts_before.insert(n.clone(), self.bound(n).cloned().collect());
         }
         let mut changed: BTreeSet<String> = BTreeSet::new();
         for c in changes {
@@ -350,18 +360,19 @@ impl ViewIndex {
                 entry.1.extend(self.host_nets.get(host).into_iter().flatten().cloned());
             }
         }
-        // Each touched network's hosts before and after.
+        // Each touched network's hosts before and after; who saw or sees one.
         let mut on_net: BTreeMap<&String, BTreeSet<String>> = BTreeMap::new();
+        let mut hosts: BTreeSet<String> = before.keys().cloned().collect();
         for n in &nets {
             let mut hs = hosts_before.remove(n).unwrap_or_default();
-            hs.extend(self.net_hosts.get(n).into_iter().flat_map(|m| m.keys().cloned()));
+            hs.extend(self.bound(n).cloned());
             on_net.insert(n, hs);
+            hosts.extend(self.viewers(n));
         }
-        let hosts: BTreeSet<String> = on_net.values().flatten().cloned().collect();
         let mut out = BTreeMap::new();
         for h in hosts {
             let old = before.get(&h).cloned().unwrap_or_default();
-            let new = self.host_nets.get(&h).cloned().unwrap_or_default();
+            let new = self.seen_nets(&h);
             let rel: BTreeSet<&String> = old.iter().chain(new.iter()).collect();
             let mut cand: BTreeSet<String> = BTreeSet::new();
             // Changed keys of networks this host is or was on.
@@ -544,8 +555,8 @@ impl ViewIndex {
     /// The keys `host`'s view may hold (a superset: [`ViewIndex::member`] decides).
     fn all_keys(&self, host: &str) -> BTreeSet<String> {
         let mut keys = BTreeSet::new();
-        for n in self.host_nets.get(host).into_iter().flatten() {
-            self.net_keys(n, &mut keys);
+        for n in self.seen_nets(host) {
+            self.net_keys(&n, &mut keys);
         }
         for g in self.host_groups.get(host).into_iter().flat_map(|m| m.keys()) {
             keys.insert(keys::resource("security_groups", g));
@@ -576,6 +587,71 @@ impl ViewIndex {
         }
     }
 
+    /// Hosts with a bound port on network `n`.
+    fn bound<'a>(&'a self, n: &str) -> impl Iterator<Item = &'a String> + 'a {
+        self.net_hosts.get(n).into_iter().flat_map(|m| m.keys())
+    }
+
+    /// Networks sharing a router with `n` (`n` itself included once it has a router).
+    fn routed<'a>(&'a self, n: &str) -> impl Iterator<Item = &'a String> + 'a {
+        self.net_routers
+            .get(n)
+            .into_iter()
+            .flatten()
+            .flat_map(|r| self.router_nets.get(r).into_iter().flat_map(|m| m.keys()))
+    }
+
+    /// Whether `host` sees network `n`: a bound port there, or on a network routed to it.
+    fn sees(&self, host: &str, n: &str) -> bool {
+        let Some(local) = self.host_nets.get(host) else {
+            return false;
+        };
+        local.contains(n) || self.routed(n).any(|m| local.contains(m))
+    }
+
+    /// The networks `host` sees.
+    fn seen_nets(&self, host: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for l in self.host_nets.get(host).into_iter().flatten() {
+            out.insert(l.clone());
+            out.extend(self.routed(l).cloned());
+        }
+        out
+    }
+
+    /// The hosts that see network `n`.
+    fn viewers(&self, n: &str) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self.bound(n).cloned().collect();
+        for m in self.routed(n) {
+            out.extend(self.bound(m).cloned());
+        }
+        out
+    }
+
+    /// Records one more (`add`) or one fewer interface port of router `r` on network `n`.
+    fn link_router(&mut self, r: &str, n: &str, add: bool) {
+        let nets = self.router_nets.entry(r.to_string()).or_default();
+        let (first, last) = if add {
+            (inc(nets, n.to_string(), 1), false)
+        } else {
+            (false, dec(nets, &n.to_string(), 1))
+        };
+        if nets.is_empty() {
+            self.router_nets.remove(r);
+        }
+        if first {
+            self.net_routers.entry(n.to_string()).or_default().insert(r.to_string());
+        }
+        if last {
+            if let Some(rs) = self.net_routers.get_mut(n) {
+                rs.remove(r);
+                if rs.is_empty() {
+                    self.net_routers.remove(n);
+                }
+            }
+        }
+    }
+
     /// Records one change; `true` if what a view shows of the key changed.
     fn set(&mut self, key: String, revision: Revision, value: Option<Source>) -> bool {
         let Some((kind, id)) = parse(&key) else { return false };
@@ -584,9 +660,16 @@ impl ViewIndex {
             Kind::Port => {
                 if let Some((n, h)) = self.port_loc.remove(&key) {
                     self.unbind(&key, &n, &h);
+                    if let Some(r) = self.port_router.remove(&key) {
+                        self.link_router(&r, &n, false);
+                    }
                 }
                 if let Some(Source::Port(p)) = &value {
                     let (n, h) = (p.network_id.clone(), p.binding_host_id.clone());
+                    if let Some(r) = interface_of(p) {
+                        self.link_router(r, &n, true);
+                        self.port_router.insert(key.clone(), r.to_string());
+                    }
                     self.net_ports.entry(n.clone()).or_default().insert(key.clone());
                     if !h.is_empty() {
                         *self
@@ -829,18 +912,13 @@ impl ViewIndex {
             }
             Kind::Group => uses(id),
             Kind::Rule => self.rule_of.get(key).is_some_and(|(g, _)| uses(g)),
-            Kind::Network | Kind::Subnet | Kind::Port | Kind::Node => {
-                let nets = self.host_nets.get(host)?;
-                match kind {
-                    Kind::Network => nets.contains(id),
-                    Kind::Subnet => self.subnet_net.get(key).is_some_and(|n| nets.contains(n)),
-                    Kind::Port => self.port_loc.get(key).is_some_and(|(n, _)| nets.contains(n)),
-                    _ => self
-                        .host_nets
-                        .get(id)
-                        .is_some_and(|theirs| theirs.iter().any(|n| nets.contains(n))),
-                }
-            }
+            Kind::Network => self.sees(host, id),
+            Kind::Subnet => self.subnet_net.get(key).is_some_and(|n| self.sees(host, n)),
+            Kind::Port => self.port_loc.get(key).is_some_and(|(n, _)| self.sees(host, n)),
+            Kind::Node => self
+                .host_nets
+                .get(id)
+                .is_some_and(|theirs| theirs.iter().any(|n| self.sees(host, n))),
         };
         let obj = self.objects.get(key)?;
         inside.then_some(Found::Stored(obj))
@@ -908,8 +986,14 @@ mod tests {
     const GROUPS: [&str; 3] = ["g0", "g1", "g2"];
 
     /// A port; `sec` bits: 0-2 its groups, 3 an address pair with a CIDR, 4 an address pair
-    /// repeating its fixed IP, 5 which fixed IP.
+    /// repeating its fixed IP, 5 which fixed IP. `name` 2: an (unbound) interface of router
+    /// `R<host % 2>` instead.
     fn port(id: usize, net: usize, host: usize, name: u8, sec: u8) -> Source {
+        let (host, device_id, device_owner) = if name == 2 {
+            (0, format!("R{}", host % 2), "network:router_interface")
+        } else {
+            (host, String::new(), "")
+        };
         let groups: Vec<&str> = (0..3).filter(|i| sec & (1 << i) != 0).map(|i| GROUPS[i]).collect();
         let ip = format!("10.0.{id}.{}", 1 + (sec >> 5 & 1));
         let mut pairs = vec![];
@@ -924,7 +1008,7 @@ mod tests {
             "name": format!("v{name}"), "project_id": "t", "tenant_id": "t",
             "mac_address": format!("fa:16:3e:00:00:{id:02x}"),
             "fixed_ips": [{"subnet_id": "s0", "ip_address": ip}],
-            "admin_state_up": true, "status": "DOWN", "device_id": "", "device_owner": "",
+            "admin_state_up": true, "status": "DOWN", "device_id": device_id, "device_owner": device_owner,
             "binding_vif_type": "", "binding_vif_details": {}, "binding_profile": {},
             "binding_vnic_type": "normal", "allowed_address_pairs": pairs,
             "security_groups": groups, "port_security_enabled": true,
@@ -1035,11 +1119,28 @@ mod tests {
                 _ => None,
             })
             .collect();
-        let nets: BTreeSet<&str> = ports
+        let local: BTreeSet<&str> = ports
             .iter()
             .filter(|(_, p)| p.binding_host_id == host && !host.is_empty())
             .map(|(_, p)| p.network_id.as_str())
             .collect();
+        // Routers' networks, from their interface ports; a host also sees every network a
+        // router connects to one of its own.
+        let mut router_nets: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (_, p) in &ports {
+            if p.device_owner.starts_with("network:router_interface") && !p.device_id.is_empty() {
+                router_nets
+                    .entry(p.device_id.as_str())
+                    .or_default()
+                    .insert(p.network_id.as_str());
+            }
+        }
+        let mut nets = local.clone();
+        for rn in router_nets.values() {
+            if rn.iter().any(|n| local.contains(n)) {
+                nets.extend(rn.iter().copied());
+            }
+        }
         let groups: BTreeSet<&str> = ports
             .iter()
             .filter(|(_, p)| p.binding_host_id == host && !host.is_empty())
