@@ -97,11 +97,26 @@ pub struct Datapath {
     pub ports: BTreeMap<String, PortDevice>,
 }
 
-/// Networks get state on this node only while it has a local port on them; remote ports of
-/// other networks are ignored even if the view carries them.
+/// Networks get state on this node only while it has a local port on them or a local router
+/// routes into them; remote ports of other networks are ignored even if the view carries them.
 pub fn compute(view: &NodeView) -> Datapath {
     let mut dp = Datapath::default();
     let Some(local_ip) = view.underlay_ip else { return dp };
+    for net in view.routed.iter().filter_map(|n| view.networks.get(n)) {
+        let br = names::bridge(net.vni);
+        dp.bridges.entry(br.clone()).or_insert(Bridge {
+            name: br.clone(),
+            mtu: net.mtu,
+        });
+        let vx = names::vxlan(net.vni);
+        dp.vxlans.entry(vx.clone()).or_insert(Vxlan {
+            name: vx,
+            vni: net.vni,
+            local: local_ip,
+            bridge: br,
+            mtu: net.mtu,
+        });
+    }
     for lp in &view.local_ports {
         let Some(net) = view.networks.get(&lp.network_id) else {
             continue;

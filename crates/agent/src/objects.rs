@@ -200,14 +200,22 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
             kind: port_kind(&p.device_owner),
         });
     }
-    for net in &local_nets {
+    // Networks a router connects to one of ours: this node routes into them.
+    for nets in router_networks(objects).values() {
+        if nets.iter().any(|n| local_nets.contains(n)) {
+            view.routed
+                .extend(nets.iter().filter(|n| !local_nets.contains(*n)).cloned());
+        }
+    }
+    for net in local_nets.iter().chain(&view.routed) {
         if let Some(info) = objects.network(net).and_then(network_info) {
             view.networks.insert(net.clone(), info);
         }
     }
+    view.routed.retain(|n| view.networks.contains_key(n));
     for p in objects.ports() {
         let (id, net, mac, host) = (&p.id, &p.network_id, &p.mac_address, &p.host_id);
-        if id.is_empty() || mac.is_empty() || host.is_empty() || host == node || !local_nets.contains(net) {
+        if id.is_empty() || mac.is_empty() || host.is_empty() || host == node || !view.networks.contains_key(net) {
             continue;
         }
         let Some(ip) = node_ips.get(host) else { continue };
@@ -219,6 +227,24 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
         });
     }
     view
+}
+
+/// Whether a port is an interface of a router, and of which.
+pub fn router_of(p: &Port) -> Option<&str> {
+    (p.device_owner.starts_with("network:router_interface") && !p.device_id.is_empty()).then_some(p.device_id.as_str())
+}
+
+/// Router id → the networks its interface ports are on.
+pub fn router_networks(objects: &Objects) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for p in objects.ports() {
+        if let Some(r) = router_of(p) {
+            if !p.network_id.is_empty() {
+                out.entry(r.to_string()).or_default().insert(p.network_id.clone());
+            }
+        }
+    }
+    out
 }
 
 /// Status corrections for this node's ports: a port whose host device exists should be ACTIVE,

@@ -116,6 +116,7 @@ pub struct Agent<K> {
     ports: Arc<PortsController<K, K>>,
     dhcp: Arc<DhcpController<K>>,
     firewall: Arc<FirewallController<K>>,
+    l3: Arc<L3Controller<K>>,
     attacher: Arc<Attacher<K, K>>,
     cni: Cni<K>,
 }
@@ -143,6 +144,7 @@ impl<K: Kernel + 'static> Agent<K> {
         let ports = PortsController::new(kernel.clone(), l2.clone(), state.clone(), Some(client.clone()), doomed);
         let dhcp = DhcpController::new(kernel.clone(), state.clone(), config.dhcp_lease_secs);
         let firewall = FirewallController::new(kernel.clone(), config.resync);
+        let l3 = L3Controller::new(kernel.clone(), &config.node, config.resync);
         let attacher = Arc::new(Attacher::new(
             state.clone(),
             client.clone(),
@@ -172,6 +174,7 @@ impl<K: Kernel + 'static> Agent<K> {
             ports,
             dhcp,
             firewall,
+            l3,
             attacher,
             cni,
         }))
@@ -245,7 +248,7 @@ impl<K: Kernel + 'static> Agent<K> {
                 quick,
             )),
             tokio::spawn(controller::run(self.firewall.clone(), st.clone(), h.clone(), quick)),
-            tokio::spawn(controller::run(Arc::new(L3Controller), st.clone(), h.clone(), resync)),
+            tokio::spawn(controller::run(self.l3.clone(), st.clone(), h.clone(), resync)),
             tokio::spawn(controller::run(Arc::new(NatController), st.clone(), h.clone(), resync)),
             tokio::spawn({
                 let a = self.clone();

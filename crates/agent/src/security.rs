@@ -378,6 +378,12 @@ pub fn desired(objects: &Objects, node: &str) -> Desired {
             }
         }
     }
+    // Networks a local router routes into have bridges here too: zone them the same way.
+    for nets in crate::objects::router_networks(objects).into_values() {
+        if nets.iter().any(|n| local_nets.contains(n)) {
+            local_nets.extend(nets);
+        }
+    }
     for n in &local_nets {
         if let Some(vni) = objects.network(n).and_then(|n| n.segmentation_id) {
             if let Ok(vni) = u32::try_from(vni) {

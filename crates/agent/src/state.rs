@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub view: NodeView,
     /// What the node's firewall must be (security groups, port security).
     pub firewall: Arc<crate::security::Desired>,
+    /// The routers the node must run.
+    pub l3: Arc<crate::l3::L3Desired>,
 }
 
 pub struct NodeState {
@@ -123,6 +125,7 @@ impl NodeState {
                 revision: v.objects.revision,
                 view: to_view(&v.objects, &self.node, Some(self.underlay_ip)),
                 firewall: Arc::new(crate::security::desired(&v.objects, &self.node)),
+                l3: Arc::new(crate::l3::desired(&v.objects, &self.node)),
             })
         };
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());
@@ -140,12 +143,15 @@ impl NodeState {
         wanted
     }
 
-    /// Whether the current map still has a local port on a network with VNI `vni`.
+    /// Whether the current map still has a local port (or a local router) on a network with
+    /// VNI `vni`.
     pub fn wants_vni(&self, vni: u32) -> bool {
         self.view().is_some_and(|v| {
             v.local_ports
                 .iter()
-                .any(|lp| v.networks.get(&lp.network_id).is_some_and(|n| n.vni == vni))
+                .map(|lp| &lp.network_id)
+                .chain(&v.routed)
+                .any(|n| v.networks.get(n).is_some_and(|n| n.vni == vni))
         })
     }
 }

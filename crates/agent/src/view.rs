@@ -1,8 +1,9 @@
-//! What a node knows about the topology: its own ports, and for each network it has ports on,
-//! that network's other ports and the nodes hosting them. Nothing about other networks.
+//! What a node knows about the topology: its own ports, and for each network it has ports on
+//! (or that a router connects to one of those), that network's other ports and the nodes
+//! hosting them. Nothing about other networks.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,4 +45,8 @@ pub struct NodeView {
     pub networks: BTreeMap<String, NetworkInfo>,
     pub local_ports: Vec<LocalPort>,
     pub remote_ports: Vec<RemotePort>,
+    /// Networks the node has no port on but a local router connects to: it routes into them,
+    /// so it needs their bridge, VXLAN device and forwarding entries.
+    #[serde(default)]
+    pub routed: BTreeSet<String>,
 }

@@ -1,18 +1,116 @@
-//! L3 (routers: namespaces, interfaces, routes): not built yet. The slot exists so routers
-//! arrive as one more controller with its own desired state, plan and backend, wired by the
-//! runtime like the others.
+//! Distributed routers: one namespace per router this node routes for (layout in
+//! [`crate::l3`]).
+//!
+//! Desired: a pure function of the view. Actual: the router namespaces with this node's prefix.
+//! A router equal to what this controller last applied is left alone, except on a full resync,
+//! when every router is read back and repaired; one that changed is brought to its new state
+//! (the backend reads it and changes only what differs); one no longer wanted is removed.
 
 use super::{Controller, Outcome};
+use crate::kernel::Routers;
+use crate::l3::{self, RouterNs};
 use crate::state::Snapshot;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info};
 
-/// Desires nothing yet, so it changes nothing.
-#[derive(Default)]
-pub struct L3Controller;
+pub struct L3Controller<B> {
+    backend: Arc<B>,
+    /// This node's namespace prefix.
+    prefix: String,
+    /// Routers as last applied successfully.
+    applied: Mutex<BTreeMap<String, RouterNs>>,
+    /// The DVR table's script as last applied.
+    dvr: Mutex<Option<String>>,
+    last_full: Mutex<Option<Instant>>,
+    full_resync: Duration,
+}
 
-impl Controller for L3Controller {
+impl<B: Routers> L3Controller<B> {
+    pub fn new(backend: Arc<B>, node: &str, full_resync: Duration) -> Arc<Self> {
+        Arc::new(L3Controller {
+            backend,
+            prefix: l3::netns_prefix(node),
+            applied: Mutex::new(BTreeMap::new()),
+            dvr: Mutex::new(None),
+            last_full: Mutex::new(None),
+            full_resync,
+        })
+    }
+
+    pub async fn pass(&self, snap: &Snapshot) -> Result<Outcome, String> {
+        let want = &snap.l3.routers;
+        let due = self
+            .last_full
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|t| t.elapsed() >= self.full_resync);
+        let have = self
+            .backend
+            .router_namespaces(&self.prefix)
+            .await
+            .map_err(|e| format!("listing router namespaces: {e}"))?;
+        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out = Outcome::default();
+        for ns in have.iter().filter(|ns| !want.contains_key(*ns)) {
+            out.planned += 1;
+            match self.backend.remove_router(ns).await {
+                Ok(()) => {
+                    info!(netns = %ns, "router removed: no local port on its networks");
+                    self.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(ns);
+                }
+                Err(e) => out.failures.push(format!("removing router namespace {ns}: {e}")),
+            }
+        }
+        for (ns, r) in want {
+            if !due && have.contains(ns) && applied.get(ns) == Some(r) {
+                continue;
+            }
+            out.planned += 1;
+            let started = Instant::now();
+            match self.backend.apply_router(r).await {
+                Ok(()) => {
+                    debug!(
+                        router = %r.id,
+                        netns = %ns,
+                        legs = r.legs.len(),
+                        neighbors = r.neighbors.len(),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "router applied"
+                    );
+                    self.applied
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(ns.clone(), r.clone());
+                }
+                Err(e) => {
+                    self.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(ns);
+                    out.failures.push(format!("router {} ({ns}): {e}", r.id));
+                }
+            }
+        }
+        let script = l3::dvr_script(&snap.l3);
+        let same = self.dvr.lock().unwrap_or_else(|p| p.into_inner()).as_deref() == Some(script.as_str());
+        if due || !same {
+            out.planned += 1;
+            *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            match self.backend.apply_dvr(script.clone()).await {
+                Ok(()) => *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = Some(script),
+                Err(e) => out.failures.push(format!("DVR table: {e}")),
+            }
+        }
+        if due && out.failures.is_empty() {
+            *self.last_full.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        Ok(out)
+    }
+}
+
+impl<B: Routers + 'static> Controller for L3Controller<B> {
     const NAME: &'static str = "l3";
 
-    async fn reconcile(&self, _snap: &Snapshot) -> Result<Outcome, String> {
-        Ok(Outcome::default())
+    async fn reconcile(&self, snap: &Snapshot) -> Result<Outcome, String> {
+        self.pass(snap).await
     }
 }

@@ -25,6 +25,8 @@ struct State {
     firewall_scripts: usize,
     /// Firewall changes fail (as a missing or broken `nft` would).
     firewall_fails: bool,
+    /// Router namespaces as last applied.
+    routers: BTreeMap<String, crate::routing::RouterNs>,
 }
 
 impl State {
@@ -301,6 +303,39 @@ impl PortDevices for FakeKernel {
         s.remove(name);
         s.attached.retain(|a| a.port.name != name);
         Ok(())
+    }
+}
+
+impl super::Routers for FakeKernel {
+    async fn router_namespaces(&self, prefix: &str) -> Result<std::collections::BTreeSet<String>, KernelError> {
+        Ok(self
+            .lock()
+            .routers
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+
+    async fn apply_router(&self, r: &crate::routing::RouterNs) -> Result<(), KernelError> {
+        self.lock().routers.insert(r.netns.clone(), r.clone());
+        Ok(())
+    }
+
+    async fn remove_router(&self, netns: &str) -> Result<(), KernelError> {
+        self.lock().routers.remove(netns);
+        Ok(())
+    }
+
+    async fn apply_dvr(&self, _script: String) -> Result<(), KernelError> {
+        Ok(())
+    }
+}
+
+impl FakeKernel {
+    /// The router namespaces the fake holds.
+    pub fn routers(&self) -> BTreeMap<String, crate::routing::RouterNs> {
+        self.lock().routers.clone()
     }
 }
 

@@ -11,6 +11,7 @@ mod fake;
 mod netlink;
 pub mod netns;
 mod nltxn;
+pub mod routers;
 
 pub use fake::FakeKernel;
 pub use netlink::NetlinkKernel;
@@ -179,6 +180,25 @@ pub trait Firewall: Send + Sync {
     fn apply_firewall(&self, script: String) -> impl Future<Output = Result<(), KernelError>> + Send;
 }
 
+/// Router namespaces (distributed routing: the `l3` and `routing` modules).
+pub trait Routers: Send + Sync {
+    /// The router namespaces whose names start with `prefix` (this node's).
+    fn router_namespaces(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<std::collections::BTreeSet<String>, KernelError>> + Send;
+
+    /// Brings one router namespace to what `r` says, creating it if needed; changes only what
+    /// differs.
+    fn apply_router(&self, r: &crate::routing::RouterNs) -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// Removes a router namespace and its legs (absent already is fine).
+    fn remove_router(&self, netns: &str) -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// Runs the DVR table's nft script (one transaction) in the node's namespace.
+    fn apply_dvr(&self, script: String) -> impl Future<Output = Result<(), KernelError>> + Send;
+}
+
 /// Looking into workload namespaces (CNI CHECK).
 pub trait Inspect: Send + Sync {
     /// The MAC and addresses of interface `ifname` inside `netns`; `None` if there is no such
@@ -192,7 +212,7 @@ pub trait Inspect: Send + Sync {
 
 /// A whole node datapath: every capability. Implemented for whatever has them all; the agent's
 /// controllers each use only their own.
-pub trait Kernel: Links + PortDevices + PacketIo + Firewall + Inspect {
+pub trait Kernel: Links + PortDevices + PacketIo + Firewall + Inspect + Routers {
     /// L2 devices, forwarding entries and port devices together.
     fn observe(&self) -> impl Future<Output = Result<Datapath, KernelError>> + Send {
         async move {
@@ -214,7 +234,7 @@ pub trait Kernel: Links + PortDevices + PacketIo + Firewall + Inspect {
     }
 }
 
-impl<T: Links + PortDevices + PacketIo + Firewall + Inspect> Kernel for T {}
+impl<T: Links + PortDevices + PacketIo + Firewall + Inspect + Routers> Kernel for T {}
 
 /// What a workload interface looks like from inside its namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]

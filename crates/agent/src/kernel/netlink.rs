@@ -747,6 +747,30 @@ impl Firewall for NetlinkKernel {
     }
 }
 
+impl super::Routers for NetlinkKernel {
+    async fn router_namespaces(&self, prefix: &str) -> Result<std::collections::BTreeSet<String>, KernelError> {
+        let prefix = prefix.to_string();
+        run_in_netns(self.netns.as_deref(), move || {
+            super::routers::router_namespaces(&prefix)
+        })
+        .await
+    }
+
+    async fn apply_router(&self, r: &crate::routing::RouterNs) -> Result<(), KernelError> {
+        let r = r.clone();
+        run_in_netns(self.netns.as_deref(), move || super::routers::apply_router(&r)).await
+    }
+
+    async fn remove_router(&self, netns: &str) -> Result<(), KernelError> {
+        let netns = netns.to_string();
+        run_in_netns(self.netns.as_deref(), move || super::routers::remove_router(&netns)).await
+    }
+
+    async fn apply_dvr(&self, script: String) -> Result<(), KernelError> {
+        run_in_netns(self.netns.as_deref(), move || super::netns::nft(&script)).await
+    }
+}
+
 impl Inspect for NetlinkKernel {
     async fn inspect(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<super::Inspected>, KernelError> {
         use rtnetlink::packet_route::address::AddressAttribute;

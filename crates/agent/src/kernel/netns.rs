@@ -321,7 +321,8 @@ pub fn apply_firewall(script: &str) -> Result<(), KernelError> {
     nft(script)
 }
 
-fn nft(script: &str) -> Result<(), KernelError> {
+/// Runs one nft script as one transaction in the calling thread's namespace.
+pub fn nft(script: &str) -> Result<(), KernelError> {
     use std::io::Write;
     let mut child = std::process::Command::new("nft")
         .args(["-f", "-"])
