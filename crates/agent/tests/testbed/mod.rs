@@ -215,6 +215,13 @@ impl Drop for Node {
         // Deleting the namespace would take this link along, but only once the kernel lets the
         // namespace go, which lingering sockets can delay; delete it now.
         let _ = run(&["ip", "link", "del", &self.root_end]);
+        // The node's router namespaces are global names; they go with the node.
+        let prefix = isthmus_agent::l3::netns_prefix(&self.name);
+        for ns in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            if let Some(n) = ns.file_name().to_str().filter(|n| n.starts_with(&prefix)) {
+                let _ = run(&["ip", "netns", "delete", n]);
+            }
+        }
         if std::env::var_os("ISTHMUS_KEEP_LOGS").is_some() && !std::thread::panicking() {
             let keep = std::env::temp_dir().join("isthmus-test-logs");
             let kept = keep.join(format!("{}-{}.log", self.name, std::process::id()));
@@ -338,6 +345,8 @@ pub struct Testbed {
     pub dir: tempfile::TempDir,
     /// How to start the server process again (process mode).
     server_args: Vec<String>,
+    /// Makes this test bed's node names unique on the host.
+    tag: String,
 }
 
 impl Testbed {
@@ -423,11 +432,14 @@ impl Testbed {
             admin_token,
             dir,
             server_args,
+            tag: format!("{:x}{:x}", std::process::id() % 0xfff, crate::support::unique()),
         };
         let service = tb.id_of("/projects?name=service", "projects").await;
         let role = tb.id_of("/roles?name=node", "roles").await;
         for i in 0..n {
-            let name = format!("node{i}");
+            // Unique per test bed: router namespaces are named after their node, and test beds
+            // of one test binary run side by side.
+            let name = format!("node{i}-{}", tb.tag);
             let (s, b) = tb
                 .identity(
                     Method::POST,
