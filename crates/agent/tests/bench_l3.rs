@@ -1,0 +1,234 @@
+//! Distributed routing benchmarks, `#[ignore]`d so that CI does not run them; they print their
+//! figures, each also as `L3_FIGURE <key> <value>`. Run them with `scripts/bench-l3.sh` (root;
+//! iperf3). See docs/benchmarks.md, "Routers".
+//!
+//! - `l3_throughput`: TCP throughput (iperf3, 1 stream) between two nodes of the test bed,
+//!   routed (a workload on subnet A on node0 to one on subnet B on node1, through the router
+//!   on node0) against bridged (the same node0 workload to one on subnet A on node1), in
+//!   interleaved rounds; `routed_ratio` = routed / bridged (medians).
+//! - `l3_convergence`: N nodes (default 10), a workload on subnet A on every node and one on
+//!   subnet B on node0. Per round, the router's interface on B is added; from the API's
+//!   answer, every node's workload probes B's workload (a UDP datagram every 2 ms) until an
+//!   echo comes back. Latency per node and round; p50/p99 over all. Then the interface is
+//!   removed and the next round waits until no node reaches B.
+//!
+//! Knobs: `ISTHMUS_BENCH_NODES` (10), `ISTHMUS_BENCH_ROUNDS` (3 throughput rounds; 10
+//! convergence rounds), `ISTHMUS_BENCH_IPERF_SECS` (3).
+
+mod support;
+mod testbed;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::bench::{env_usize, iperf, median, percentile};
+use support::{reaches, udp_in, until, Ns};
+use testbed::Testbed;
+
+fn figure(key: &str, value: f64) {
+    println!("L3_FIGURE {key} {value:.3}");
+}
+
+async fn ok(tb: &Testbed, method: Method, path: &str, body: Value, want: u16) -> Value {
+    let (s, b) = tb.net(method.clone(), path, Some(body)).await;
+    assert_eq!(s, want, "{method} {path}: {b}");
+    b
+}
+
+async fn network(tb: &Testbed, name: &str, cidr: &str) -> (String, String) {
+    let n = ok(
+        tb,
+        Method::POST,
+        "/v2.0/networks",
+        json!({"network": {"name": name}}),
+        201,
+    )
+    .await;
+    let net = n["network"]["id"].as_str().unwrap().to_string();
+    let body = json!({"subnet": {"network_id": net, "cidr": cidr, "ip_version": 4}});
+    let s = ok(tb, Method::POST, "/v2.0/subnets", body, 201).await;
+    (net, s["subnet"]["id"].as_str().unwrap().to_string())
+}
+
+/// A workload in no security group (the benchmark measures routing, not the firewall).
+async fn workload(tb: &Testbed, net: &str, subnet: &str, ip: &str, node: usize) -> Ns {
+    let attrs = json!({"network_id": net, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}],
+        "port_security_enabled": false, "security_groups": []});
+    let p = ok(tb, Method::POST, "/v2.0/ports", json!({ "port": attrs }), 201).await;
+    let id = p["port"]["id"].as_str().unwrap().to_string();
+    tb.nodes[node].attach(&id).await.0
+}
+
+async fn interface(tb: &Testbed, router: &str, subnet: &str, add: bool) {
+    let op = if add { "add" } else { "remove" };
+    let path = format!("/v2.0/routers/{router}/{op}_router_interface");
+    ok(tb, Method::PUT, &path, json!({"subnet_id": subnet}), 200).await;
+}
+
+async fn new_router(tb: &Testbed) -> String {
+    let r = ok(
+        tb,
+        Method::POST,
+        "/v2.0/routers",
+        json!({"router": {"name": "bench"}}),
+        201,
+    )
+    .await;
+    r["router"]["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: scripts/bench-l3.sh"]
+async fn l3_throughput() {
+    support::require_root();
+    let rounds = env_usize("ISTHMUS_BENCH_ROUNDS", 3);
+    let secs = env_usize("ISTHMUS_BENCH_IPERF_SECS", 3);
+    let tb = Testbed::start(2).await;
+    let (na, sa) = network(&tb, "bench-a", "10.50.1.0/24").await;
+    let (nb, sb) = network(&tb, "bench-b", "10.50.2.0/24").await;
+    let src = workload(&tb, &na, &sa, "10.50.1.10", 0).await;
+    let bridged = workload(&tb, &na, &sa, "10.50.1.20", 1).await;
+    let routed = workload(&tb, &nb, &sb, "10.50.2.20", 1).await;
+    let router = new_router(&tb).await;
+    interface(&tb, &router, &sa, true).await;
+    interface(&tb, &router, &sb, true).await;
+    until(20, "routed path up", true, || {
+        reaches(&src, "10.50.1.10", &routed, "10.50.2.20")
+    })
+    .await;
+    until(20, "bridged path up", true, || {
+        reaches(&src, "10.50.1.10", &bridged, "10.50.1.20")
+    })
+    .await;
+
+    let (mut r, mut b) = (vec![], vec![]);
+    for round in 0..rounds {
+        for routed_first in [round % 2 == 0, round % 2 == 1] {
+            let gbps = if routed_first {
+                iperf(&routed, "10.50.2.20", &src, secs)
+            } else {
+                iperf(&bridged, "10.50.1.20", &src, secs)
+            };
+            println!(
+                "round {round}: {} {gbps:.2} Gbit/s",
+                if routed_first { "routed" } else { "bridged" }
+            );
+            if routed_first {
+                r.push(gbps);
+            } else {
+                b.push(gbps);
+            }
+        }
+    }
+    let (mr, mb) = (median(&r), median(&b));
+    println!(
+        "TCP throughput node0 -> node1, iperf3 -t {secs}, 1 stream, median of {rounds} interleaved rounds: \
+         routed {mr:.2} Gbit/s, bridged {mb:.2} Gbit/s, ratio {:.3}",
+        mr / mb
+    );
+    figure("routed_gbps", mr);
+    figure("bridged_gbps", mb);
+    figure("routed_ratio", mr / mb);
+}
+
+/// Probes `to` from `from` in `src` (a datagram every 2 ms, an echo server in `dst`) until an
+/// echo comes back or `give_up` passes; the time from `t0` to the first echo.
+fn first_echo(src: &Ns, from: &str, dst: &Ns, to: &str, t0: Instant, give_up: Duration) -> Option<Duration> {
+    let server = udp_in(dst, SocketAddr::new(to.parse().unwrap(), 0));
+    let server_addr = server.local_addr().unwrap();
+    server.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let client = udp_in(src, SocketAddr::new(from.parse().unwrap(), 0));
+    client.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !s2.load(Ordering::Relaxed) {
+            if let Ok((n, peer)) = server.recv_from(&mut buf) {
+                let _ = server.send_to(&buf[..n], peer);
+            }
+        }
+    });
+    let mut buf = [0u8; 64];
+    let mut got = None;
+    while t0.elapsed() < give_up {
+        let _ = client.send_to(b"probe", server_addr);
+        if client.recv(&mut buf).is_ok() {
+            got = Some(t0.elapsed());
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: scripts/bench-l3.sh"]
+async fn l3_convergence() {
+    support::require_root();
+    let n = env_usize("ISTHMUS_BENCH_NODES", 10).max(2);
+    let rounds = env_usize("ISTHMUS_BENCH_ROUNDS", 3) * 10 / 3;
+    let tb = Testbed::start(n).await;
+    let (na, sa) = network(&tb, "conv-a", "10.60.0.0/16").await;
+    let (nb, sb) = network(&tb, "conv-b", "10.61.0.0/24").await;
+    let mut sources = vec![];
+    for i in 0..n {
+        let ip = format!("10.60.0.{}", 10 + i);
+        sources.push((workload(&tb, &na, &sa, &ip, i).await, ip));
+    }
+    let target = workload(&tb, &nb, &sb, "10.61.0.10", 0).await;
+    let router = new_router(&tb).await;
+    interface(&tb, &router, &sa, true).await;
+    let sources = Arc::new(sources);
+    let target = Arc::new(target);
+
+    let mut all = vec![];
+    for round in 0..rounds {
+        interface(&tb, &router, &sb, true).await;
+        let t0 = Instant::now();
+        let mut probes = vec![];
+        for i in 0..n {
+            let (s, t) = (sources.clone(), target.clone());
+            probes.push(std::thread::spawn(move || {
+                first_echo(&s[i].0, &s[i].1, &t, "10.61.0.10", t0, Duration::from_secs(10))
+            }));
+        }
+        let lat: Vec<f64> = probes
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let d = p
+                    .join()
+                    .expect("probe")
+                    .unwrap_or_else(|| panic!("round {round}: node{i} never reached B"));
+                d.as_secs_f64() * 1000.0
+            })
+            .collect();
+        let worst = lat.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "round {round}: slowest node {worst:.1} ms (all: {:?})",
+            lat.iter().map(|x| x.round()).collect::<Vec<_>>()
+        );
+        all.extend(lat);
+        interface(&tb, &router, &sb, false).await;
+        for (src, ip) in sources.iter() {
+            until(20, "B unreachable again", false, || {
+                reaches(src, ip, &target, "10.61.0.10")
+            })
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (p50, p99) = (percentile(&all, 50.0), percentile(&all, 99.0));
+    println!(
+        "{n} nodes, {rounds} rounds: from the answer to add_router_interface until each node's workload \
+         reaches the new subnet: p50 {p50:.1} ms p99 {p99:.1} ms max {:.1} ms",
+        percentile(&all, 100.0)
+    );
+    figure("converge_p50_ms", p50);
+    figure("converge_p99_ms", p99);
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Distributed routing benchmarks (needs root): routed vs bridged TCP throughput between two
+# nodes of the test bed (iperf3, interleaved rounds), and how long after add_router_interface
+# every node's workload reaches the new subnet (10 nodes). See docs/benchmarks.md, "Routers".
+#   scripts/bench-l3.sh
+# Knobs (environment): ISTHMUS_BENCH_NODES (10), ISTHMUS_BENCH_ROUNDS (3; convergence rounds
+# are ten per three), ISTHMUS_BENCH_IPERF_SECS (3).
+# Ends with one line: BENCH_JSON {"routed_ratio":..,"converge_p99_ms":..,...}. Floating IP
+# throughput (fip_ratio) is not measured yet: floating IPs are not in the datapath.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/bench.sh
+needs_root bench-l3 "network namespaces"
+apt_ensure iperf3 iperf3
+cargo build --release -p isthmus-cli --bin isthmus
+export ISTHMUS_BIN="$PWD/target/release/isthmus"
+machine_line
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+cargo test --release -p isthmus-agent --test bench_l3 -- --ignored --nocapture --test-threads=1 \
+    2>&1 | tee "$out/tests"
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+fig() {
+    local v
+    v=$(awk -v k="$1" '$1 == "L3_FIGURE" && $2 == k { v = $3 } END { print v }' "$out/tests")
+    if [ -z "$v" ]; then
+        echo "bench-l3: no figure $1 (a test failed?)" >&2
+        exit 1
+    fi
+    echo "$v"
+}
+echo "BENCH_JSON $(jq -c -n --argjson ratio "$(fig routed_ratio)" --argjson routed "$(fig routed_gbps)" \
+    --argjson bridged "$(fig bridged_gbps)" --argjson p50 "$(fig converge_p50_ms)" --argjson p99 "$(fig converge_p99_ms)" \
+    '{routed_ratio: $ratio, routed_gbps: $routed, bridged_gbps: $bridged, converge_p50_ms: $p50, converge_p99_ms: $p99}')"
