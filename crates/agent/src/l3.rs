@@ -70,6 +70,7 @@ pub fn desired(objects: &Objects, node: &str) -> L3Desired {
                     Leg {
                         port_id: p.id.clone(),
                         network_id: n.clone(),
+                        vni,
                         bridge: names::bridge(vni),
                         mtu: net.mtu.unwrap_or(1450) as u32,
                         mac: p.mac_address.to_ascii_lowercase(),

@@ -13,7 +13,8 @@ pub struct Leg {
     /// The interface port's id.
     pub port_id: String,
     pub network_id: String,
-    /// The network's bridge (the leg's outer end joins it).
+    /// The network's VXLAN id and bridge (the leg's outer end joins it).
+    pub vni: u32,
     pub bridge: String,
     pub mtu: u32,
     /// The interface port's MAC, on the router's end.

@@ -144,7 +144,7 @@ impl<K: Kernel + 'static> Agent<K> {
         let ports = PortsController::new(kernel.clone(), l2.clone(), state.clone(), Some(client.clone()), doomed);
         let dhcp = DhcpController::new(kernel.clone(), state.clone(), config.dhcp_lease_secs);
         let firewall = FirewallController::new(kernel.clone(), config.resync);
-        let l3 = L3Controller::new(kernel.clone(), &config.node, config.resync);
+        let l3 = L3Controller::new(kernel.clone(), l2.clone(), &config.node, config.resync);
         let attacher = Arc::new(Attacher::new(
             state.clone(),
             client.clone(),

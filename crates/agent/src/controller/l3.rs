@@ -5,9 +5,12 @@
 //! A router equal to what this controller last applied is left alone, except on a full resync,
 //! when every router is read back and repaired; one that changed is brought to its new state
 //! (the backend reads it and changes only what differs); one no longer wanted is removed.
+//! A leg needs its network's bridge: the L2 controller is asked to make sure it exists first
+//! (a routed network's bridge may not be there yet when the router's change arrives).
 
+use super::l2::L2Controller;
 use super::{Controller, Outcome};
-use crate::kernel::Routers;
+use crate::kernel::{Links, Routers};
 use crate::l3::{self, RouterNs};
 use crate::state::Snapshot;
 use std::collections::BTreeMap;
@@ -17,6 +20,7 @@ use tracing::{debug, info};
 
 pub struct L3Controller<B> {
     backend: Arc<B>,
+    l2: Arc<L2Controller<B>>,
     /// This node's namespace prefix.
     prefix: String,
     /// Routers as last applied successfully.
@@ -27,10 +31,11 @@ pub struct L3Controller<B> {
     full_resync: Duration,
 }
 
-impl<B: Routers> L3Controller<B> {
-    pub fn new(backend: Arc<B>, node: &str, full_resync: Duration) -> Arc<Self> {
+impl<B: Routers + Links> L3Controller<B> {
+    pub fn new(backend: Arc<B>, l2: Arc<L2Controller<B>>, node: &str, full_resync: Duration) -> Arc<Self> {
         Arc::new(L3Controller {
             backend,
+            l2,
             prefix: l3::netns_prefix(node),
             applied: Mutex::new(BTreeMap::new()),
             dvr: Mutex::new(None),
@@ -69,6 +74,19 @@ impl<B: Routers> L3Controller<B> {
             }
             out.planned += 1;
             let started = Instant::now();
+            let mut bridges = Ok(());
+            for leg in r.legs.values() {
+                if let Err(e) = self.l2.ensure_network(leg.vni, leg.mtu).await {
+                    bridges = Err(e);
+                    break;
+                }
+            }
+            if let Err(e) = bridges {
+                self.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(ns);
+                out.failures
+                    .push(format!("router {} ({ns}): its networks' devices: {e}", r.id));
+                continue;
+            }
             match self.backend.apply_router(r).await {
                 Ok(()) => {
                     debug!(
@@ -107,7 +125,7 @@ impl<B: Routers> L3Controller<B> {
     }
 }
 
-impl<B: Routers + 'static> Controller for L3Controller<B> {
+impl<B: Routers + Links + 'static> Controller for L3Controller<B> {
     const NAME: &'static str = "l3";
 
     async fn reconcile(&self, snap: &Snapshot) -> Result<Outcome, String> {
