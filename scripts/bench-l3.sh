@@ -22,15 +22,7 @@ cargo test --release -p isthmus-agent --test bench_l3 -- --ignored --nocapture -
     2>&1 | tee "$out/tests"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-fig() {
-    local v
-    v=$(awk -v k="$1" '$1 == "L3_FIGURE" && $2 == k { v = $3 } END { print v }' "$out/tests")
-    if [ -z "$v" ]; then
-        echo "bench-l3: no figure $1 (a test failed?)" >&2
-        exit 1
-    fi
-    echo "$v"
-}
+fig() { figure_of bench-l3 L3_FIGURE "$1" "$out/tests"; }
 echo "BENCH_JSON $(jq -c -n --argjson ratio "$(fig routed_ratio)" --argjson routed "$(fig routed_gbps)" \
     --argjson bridged "$(fig bridged_gbps)" --argjson p50 "$(fig converge_p50_ms)" --argjson p99 "$(fig converge_p99_ms)" \
     '{routed_ratio: $ratio, routed_gbps: $routed, bridged_gbps: $bridged, converge_p50_ms: $p50, converge_p99_ms: $p99}')"

@@ -28,15 +28,7 @@ cargo test --release -p isthmus-agent --test bench_sg -- --ignored --nocapture -
     2>&1 | tee "$out/tests"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-fig() {
-    local v
-    v=$(awk -v k="$1" '$1 == "SG_FIGURE" && $2 == k { v = $3 } END { print v }' "$out/tests")
-    if [ -z "$v" ]; then
-        echo "bench-sg: no figure $1 (a test failed?)" >&2
-        exit 1
-    fi
-    echo "$v"
-}
+fig() { figure_of bench-sg SG_FIGURE "$1" "$out/tests"; }
 ratio=$(fig throughput_ratio)
 rule=$(fig rule_p99_ms)
 member=$(fig member_p99_ms)

@@ -20,3 +20,15 @@ apt_ensure() {
 machine_line() {
     echo "machine: $(nproc) CPUs, $(uname -sr); load: $(cut -d' ' -f1-3 /proc/loadavg); $(iperf3 --version 2>/dev/null | head -1)"
 }
+
+# figure_of NAME TAG KEY FILE: the last value of a "TAG KEY VALUE" line in FILE; exits with a
+# message naming NAME if there is none (a test failed?).
+figure_of() {
+    local v
+    v=$(awk -v t="$2" -v k="$3" '$1 == t && $2 == k { v = $3 } END { print v }' "$4")
+    if [ -z "$v" ]; then
+        echo "$1: no figure $3 (a test failed?)" >&2
+        exit 1
+    fi
+    echo "$v"
+}

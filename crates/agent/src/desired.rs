@@ -97,43 +97,43 @@ pub struct Datapath {
     pub ports: BTreeMap<String, PortDevice>,
 }
 
+/// A network's bridge and VXLAN device as the node must have them.
+pub fn network_devices(vni: u32, mtu: u32, local: IpAddr) -> (Bridge, Vxlan) {
+    let br = names::bridge(vni);
+    (
+        Bridge { name: br.clone(), mtu },
+        Vxlan {
+            name: names::vxlan(vni),
+            vni,
+            local,
+            bridge: br,
+            mtu,
+        },
+    )
+}
+
+/// Adds a network's bridge and VXLAN device to `dp` (once); its bridge's name.
+fn add_network(dp: &mut Datapath, vni: u32, mtu: u32, local: IpAddr) -> String {
+    let (bridge, vxlan) = network_devices(vni, mtu, local);
+    let name = bridge.name.clone();
+    dp.bridges.entry(name.clone()).or_insert(bridge);
+    dp.vxlans.entry(vxlan.name.clone()).or_insert(vxlan);
+    name
+}
+
 /// Networks get state on this node only while it has a local port on them or a local router
 /// routes into them; remote ports of other networks are ignored even if the view carries them.
 pub fn compute(view: &NodeView) -> Datapath {
     let mut dp = Datapath::default();
     let Some(local_ip) = view.underlay_ip else { return dp };
     for net in view.routed.iter().filter_map(|n| view.networks.get(n)) {
-        let br = names::bridge(net.vni);
-        dp.bridges.entry(br.clone()).or_insert(Bridge {
-            name: br.clone(),
-            mtu: net.mtu,
-        });
-        let vx = names::vxlan(net.vni);
-        dp.vxlans.entry(vx.clone()).or_insert(Vxlan {
-            name: vx,
-            vni: net.vni,
-            local: local_ip,
-            bridge: br,
-            mtu: net.mtu,
-        });
+        add_network(&mut dp, net.vni, net.mtu, local_ip);
     }
     for lp in &view.local_ports {
         let Some(net) = view.networks.get(&lp.network_id) else {
             continue;
         };
-        let br = names::bridge(net.vni);
-        dp.bridges.entry(br.clone()).or_insert(Bridge {
-            name: br.clone(),
-            mtu: net.mtu,
-        });
-        let vx = names::vxlan(net.vni);
-        dp.vxlans.entry(vx.clone()).or_insert(Vxlan {
-            name: vx,
-            vni: net.vni,
-            local: local_ip,
-            bridge: br.clone(),
-            mtu: net.mtu,
-        });
+        let br = add_network(&mut dp, net.vni, net.mtu, local_ip);
         let name = names::tap(&lp.id);
         dp.ports.insert(
             name.clone(),

@@ -18,8 +18,7 @@
 mod support;
 mod testbed;
 
-use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,52 +31,10 @@ fn figure(key: &str, value: f64) {
     println!("L3_FIGURE {key} {value:.3}");
 }
 
-async fn ok(tb: &Testbed, method: Method, path: &str, body: Value, want: u16) -> Value {
-    let (s, b) = tb.net(method.clone(), path, Some(body)).await;
-    assert_eq!(s, want, "{method} {path}: {b}");
-    b
-}
-
-async fn network(tb: &Testbed, name: &str, cidr: &str) -> (String, String) {
-    let n = ok(
-        tb,
-        Method::POST,
-        "/v2.0/networks",
-        json!({"network": {"name": name}}),
-        201,
-    )
-    .await;
-    let net = n["network"]["id"].as_str().unwrap().to_string();
-    let body = json!({"subnet": {"network_id": net, "cidr": cidr, "ip_version": 4}});
-    let s = ok(tb, Method::POST, "/v2.0/subnets", body, 201).await;
-    (net, s["subnet"]["id"].as_str().unwrap().to_string())
-}
-
 /// A workload in no security group (the benchmark measures routing, not the firewall).
 async fn workload(tb: &Testbed, net: &str, subnet: &str, ip: &str, node: usize) -> Ns {
-    let attrs = json!({"network_id": net, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}],
-        "port_security_enabled": false, "security_groups": []});
-    let p = ok(tb, Method::POST, "/v2.0/ports", json!({ "port": attrs }), 201).await;
-    let id = p["port"]["id"].as_str().unwrap().to_string();
-    tb.nodes[node].attach(&id).await.0
-}
-
-async fn interface(tb: &Testbed, router: &str, subnet: &str, add: bool) {
-    let op = if add { "add" } else { "remove" };
-    let path = format!("/v2.0/routers/{router}/{op}_router_interface");
-    ok(tb, Method::PUT, &path, json!({"subnet_id": subnet}), 200).await;
-}
-
-async fn new_router(tb: &Testbed) -> String {
-    let r = ok(
-        tb,
-        Method::POST,
-        "/v2.0/routers",
-        json!({"router": {"name": "bench"}}),
-        201,
-    )
-    .await;
-    r["router"]["id"].as_str().unwrap().to_string()
+    let open = json!({"port_security_enabled": false, "security_groups": []});
+    tb.workload_as(&tb.admin_token, net, subnet, ip, node, open).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,14 +44,14 @@ async fn l3_throughput() {
     let rounds = env_usize("ISTHMUS_BENCH_ROUNDS", 3);
     let secs = env_usize("ISTHMUS_BENCH_IPERF_SECS", 3);
     let tb = Testbed::start(2).await;
-    let (na, sa) = network(&tb, "bench-a", "10.50.1.0/24").await;
-    let (nb, sb) = network(&tb, "bench-b", "10.50.2.0/24").await;
+    let (na, sa) = tb.network_as(&tb.admin_token, "bench-a", "10.50.1.0/24").await;
+    let (nb, sb) = tb.network_as(&tb.admin_token, "bench-b", "10.50.2.0/24").await;
     let src = workload(&tb, &na, &sa, "10.50.1.10", 0).await;
     let bridged = workload(&tb, &na, &sa, "10.50.1.20", 1).await;
     let routed = workload(&tb, &nb, &sb, "10.50.2.20", 1).await;
-    let router = new_router(&tb).await;
-    interface(&tb, &router, &sa, true).await;
-    interface(&tb, &router, &sb, true).await;
+    let router = tb.router_as(&tb.admin_token, &[]).await;
+    tb.interface_as(&tb.admin_token, &router, &sa, true).await;
+    tb.interface_as(&tb.admin_token, &router, &sb, true).await;
     until(20, "routed path up", true, || {
         reaches(&src, "10.50.1.10", &routed, "10.50.2.20")
     })
@@ -173,22 +130,22 @@ async fn l3_convergence() {
     let n = env_usize("ISTHMUS_BENCH_NODES", 10).max(2);
     let rounds = env_usize("ISTHMUS_BENCH_ROUNDS", 3) * 10 / 3;
     let tb = Testbed::start(n).await;
-    let (na, sa) = network(&tb, "conv-a", "10.60.0.0/16").await;
-    let (nb, sb) = network(&tb, "conv-b", "10.61.0.0/24").await;
+    let (na, sa) = tb.network_as(&tb.admin_token, "conv-a", "10.60.0.0/16").await;
+    let (nb, sb) = tb.network_as(&tb.admin_token, "conv-b", "10.61.0.0/24").await;
     let mut sources = vec![];
     for i in 0..n {
         let ip = format!("10.60.0.{}", 10 + i);
         sources.push((workload(&tb, &na, &sa, &ip, i).await, ip));
     }
     let target = workload(&tb, &nb, &sb, "10.61.0.10", 0).await;
-    let router = new_router(&tb).await;
-    interface(&tb, &router, &sa, true).await;
+    let router = tb.router_as(&tb.admin_token, &[]).await;
+    tb.interface_as(&tb.admin_token, &router, &sa, true).await;
     let sources = Arc::new(sources);
     let target = Arc::new(target);
 
     let mut all = vec![];
     for round in 0..rounds {
-        interface(&tb, &router, &sb, true).await;
+        tb.interface_as(&tb.admin_token, &router, &sb, true).await;
         let t0 = Instant::now();
         let mut probes = vec![];
         for i in 0..n {
@@ -214,7 +171,7 @@ async fn l3_convergence() {
             lat.iter().map(|x| x.round()).collect::<Vec<_>>()
         );
         all.extend(lat);
-        interface(&tb, &router, &sb, false).await;
+        tb.interface_as(&tb.admin_token, &router, &sb, false).await;
         for (src, ip) in sources.iter() {
             until(20, "B unreachable again", false, || {
                 reaches(src, ip, &target, "10.61.0.10")

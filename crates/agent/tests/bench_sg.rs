@@ -27,75 +27,37 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::bench::{env_usize, iperf, median, percentile};
-use support::{tcp_ok, until, Ns};
+use support::{tcp_ok, until};
 use testbed::{eventually, Testbed};
 
 fn figure(key: &str, value: f64) {
     println!("SG_FIGURE {key} {value:.3}");
 }
 
-async fn ok(tb: &Testbed, method: Method, path: &str, body: Value, want: u16) -> Value {
-    let (s, b) = tb.net(method.clone(), path, Some(body)).await;
-    assert_eq!(s, want, "{method} {path}: {b}");
-    b
-}
-
-/// A network with one /24 subnet (as the admin): (network id, subnet id).
-async fn network(tb: &Testbed, name: &str, cidr: &str) -> (String, String) {
-    let n = ok(
-        tb,
-        Method::POST,
-        "/v2.0/networks",
-        json!({"network": {"name": name}}),
-        201,
-    )
-    .await;
-    let net = n["network"]["id"].as_str().unwrap().to_string();
-    let s = ok(
-        tb,
-        Method::POST,
-        "/v2.0/subnets",
-        json!({"subnet": {"network_id": net, "cidr": cidr, "ip_version": 4}}),
-        201,
-    )
-    .await;
-    (net, s["subnet"]["id"].as_str().unwrap().to_string())
-}
-
 async fn group(tb: &Testbed, name: &str) -> String {
-    let g = ok(
-        tb,
-        Method::POST,
-        "/v2.0/security-groups",
-        json!({"security_group": {"name": name, "stateful": true}}),
-        201,
-    )
-    .await;
+    let g = tb
+        .expect_as(
+            &tb.admin_token,
+            Method::POST,
+            "/v2.0/security-groups",
+            json!({"security_group": {"name": name, "stateful": true}}),
+            201,
+        )
+        .await;
     g["security_group"]["id"].as_str().unwrap().to_string()
 }
 
 async fn rule(tb: &Testbed, attrs: Value) -> String {
-    let r = ok(
-        tb,
-        Method::POST,
-        "/v2.0/security-group-rules",
-        json!({ "security_group_rule": attrs }),
-        201,
-    )
-    .await;
+    let r = tb
+        .expect_as(
+            &tb.admin_token,
+            Method::POST,
+            "/v2.0/security-group-rules",
+            json!({ "security_group_rule": attrs }),
+            201,
+        )
+        .await;
     r["security_group_rule"]["id"].as_str().unwrap().to_string()
-}
-
-/// A port with fixed address `ip` and `extra` attributes, attached as a workload on `node`.
-async fn workload(tb: &Testbed, net: &str, subnet: &str, ip: &str, node: usize, extra: Value) -> (String, Ns) {
-    let mut attrs = json!({"network_id": net, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}]});
-    if let (Some(a), Some(e)) = (attrs.as_object_mut(), extra.as_object()) {
-        a.extend(e.clone());
-    }
-    let p = ok(tb, Method::POST, "/v2.0/ports", json!({ "port": attrs }), 201).await;
-    let id = p["port"]["id"].as_str().unwrap().to_string();
-    let (ns, _) = tb.nodes[node].attach(&id).await;
-    (id, ns)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -113,7 +75,7 @@ async fn sg_throughput() {
     support::require_root();
     let rounds = env_usize("ISTHMUS_BENCH_ROUNDS", 3);
     let tb = Testbed::start(2).await;
-    let (net, subnet) = network(&tb, "sg-bench", "10.30.0.0/24").await;
+    let (net, subnet) = tb.network_as(&tb.admin_token, "sg-bench", "10.30.0.0/24").await;
     let g = group(&tb, "hundred").await;
     // New groups come with Neutron's two egress rules: 97 + 1 + 2 = 100.
     for r in 0..97u16 {
@@ -146,8 +108,10 @@ async fn sg_throughput() {
 
     let ips = ["10.30.0.10", "10.30.0.20"];
     let sg = json!({"security_groups": [g]});
-    let (p0, a) = workload(&tb, &net, &subnet, ips[0], 0, sg.clone()).await;
-    let (p1, b) = workload(&tb, &net, &subnet, ips[1], 1, sg).await;
+    let (p0, a) = tb
+        .workload_as(&tb.admin_token, &net, &subnet, ips[0], 0, sg.clone())
+        .await;
+    let (p1, b) = tb.workload_as(&tb.admin_token, &net, &subnet, ips[1], 1, sg).await;
     let ports = [p0, p1];
 
     // Both modes are checked with packets both ways: with the group, 5201 passes and 4444
@@ -162,7 +126,14 @@ async fn sg_throughput() {
         let ports = &ports;
         async move {
             for p in ports {
-                ok(tb, Method::PUT, &format!("/v2.0/ports/{p}"), body.clone(), 200).await;
+                tb.expect_as(
+                    &tb.admin_token,
+                    Method::PUT,
+                    &format!("/v2.0/ports/{p}"),
+                    body.clone(),
+                    200,
+                )
+                .await;
             }
         }
     };
@@ -358,7 +329,7 @@ async fn sg_propagation() {
     let nodes = env_usize("ISTHMUS_BENCH_NODES", 10).max(2);
     let rounds = env_usize("ISTHMUS_BENCH_ROUNDS", 3) * 10;
     let tb = Testbed::start(nodes).await;
-    let (net, subnet) = network(&tb, "sg-prop", "10.40.0.0/16").await;
+    let (net, subnet) = tb.network_as(&tb.admin_token, "sg-prop", "10.40.0.0/16").await;
     let g = group(&tb, "g").await;
     let r = group(&tb, "r").await;
     // G: TCP 7000 from members of R (and the egress defaults).
@@ -370,13 +341,33 @@ async fn sg_propagation() {
     .await;
     // Workloads on node0 and node1 (for the packet checks), a VM port (a tap) on every other.
     let (srv_ip, cli_ip) = ("10.40.0.10", "10.40.0.20");
-    let (_s, srv) = workload(&tb, &net, &subnet, srv_ip, 0, json!({"security_groups": [g]})).await;
-    let (cli_port, cli) = workload(&tb, &net, &subnet, cli_ip, 1, json!({"security_groups": [g]})).await;
+    let (_s, srv) = tb
+        .workload_as(
+            &tb.admin_token,
+            &net,
+            &subnet,
+            srv_ip,
+            0,
+            json!({"security_groups": [g]}),
+        )
+        .await;
+    let (cli_port, cli) = tb
+        .workload_as(
+            &tb.admin_token,
+            &net,
+            &subnet,
+            cli_ip,
+            1,
+            json!({"security_groups": [g]}),
+        )
+        .await;
     for i in 2..nodes {
         let body = json!({"port": {"network_id": net, "device_owner": "compute:nova", "security_groups": [g],
             "binding:host_id": tb.nodes[i].name,
             "fixed_ips": [{"subnet_id": subnet, "ip_address": format!("10.40.1.{i}")}]}});
-        let p = ok(&tb, Method::POST, "/v2.0/ports", body, 201).await;
+        let p = tb
+            .expect_as(&tb.admin_token, Method::POST, "/v2.0/ports", body, 201)
+            .await;
         let tap = isthmus_agent::names::tap(p["port"]["id"].as_str().unwrap());
         let n = &tb.nodes[i];
         eventually(20, "the agent makes the VM's tap", || n.has_link(&tap)).await;
@@ -406,8 +397,8 @@ async fn sg_propagation() {
     );
     println!("sanity: a rule for TCP 7100 applied on all nodes after {ms:.1} ms; packets pass");
     let (ms, _) = propagation(&tb, || async {
-        ok(
-            &tb,
+        tb.expect_as(
+            &tb.admin_token,
             Method::PUT,
             &format!("/v2.0/ports/{cli_port}"),
             json!({"port": {"security_groups": [g, r]}}),
@@ -439,8 +430,8 @@ async fn sg_propagation() {
         rule_nft.push(nft);
         tokio::time::sleep(Duration::from_millis(150)).await;
         let (ms, nft) = propagation(&tb, || async {
-            ok(
-                &tb,
+            tb.expect_as(
+                &tb.admin_token,
                 Method::POST,
                 "/v2.0/ports",
                 json!({"port": {"network_id": net, "security_groups": [r]}}),

@@ -11,62 +11,8 @@ mod testbed;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::{reaches, until, Ns};
+use support::{reaches, until};
 use testbed::Testbed;
-
-async fn ok(tb: &Testbed, token: &str, method: Method, path: &str, body: Value, want: u16) -> Value {
-    let (s, b) = tb.net_as(token, method.clone(), path, Some(body)).await;
-    assert_eq!(s, want, "{method} {path}: {b}");
-    b
-}
-
-async fn network(tb: &Testbed, token: &str, name: &str, cidr: &str) -> (String, String) {
-    let n = ok(
-        tb,
-        token,
-        Method::POST,
-        "/v2.0/networks",
-        json!({"network": {"name": name}}),
-        201,
-    )
-    .await;
-    let net = n["network"]["id"].as_str().unwrap().to_string();
-    let body = json!({"subnet": {"network_id": net, "cidr": cidr, "ip_version": 4}});
-    let s = ok(tb, token, Method::POST, "/v2.0/subnets", body, 201).await;
-    (net, s["subnet"]["id"].as_str().unwrap().to_string())
-}
-
-async fn workload(tb: &Testbed, token: &str, net: &str, subnet: &str, ip: &str, node: usize) -> Ns {
-    let attrs = json!({"network_id": net, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}]});
-    let p = ok(tb, token, Method::POST, "/v2.0/ports", json!({ "port": attrs }), 201).await;
-    let id = p["port"]["id"].as_str().unwrap().to_string();
-    tb.nodes[node].attach(&id).await.0
-}
-
-/// Adds (or removes) router `router`'s interface on `subnet`.
-async fn interface(tb: &Testbed, token: &str, router: &str, subnet: &str, add: bool) {
-    let op = if add { "add" } else { "remove" };
-    let path = format!("/v2.0/routers/{router}/{op}_router_interface");
-    ok(tb, token, Method::PUT, &path, json!({"subnet_id": subnet}), 200).await;
-}
-
-/// A router with interfaces on `subnets`: its id.
-async fn new_router(tb: &Testbed, token: &str, subnets: &[&str]) -> String {
-    let r = ok(
-        tb,
-        token,
-        Method::POST,
-        "/v2.0/routers",
-        json!({"router": {"name": "r"}}),
-        201,
-    )
-    .await;
-    let router = r["router"]["id"].as_str().unwrap().to_string();
-    for s in subnets {
-        interface(tb, token, &router, s, true).await;
-    }
-    router
-}
 
 /// Packets received by the VXLAN devices of a node.
 fn vxlan_rx(tb: &Testbed, node: usize) -> u64 {
@@ -83,13 +29,13 @@ async fn routers_route_on_the_source_node() {
     support::require_root();
     let tb = Testbed::start(3).await;
     let admin = tb.admin_token.clone();
-    let (na, sa) = network(&tb, &admin, "l3-a", "10.40.1.0/24").await;
-    let (nb, sb) = network(&tb, &admin, "l3-b", "10.40.2.0/24").await;
+    let (na, sa) = tb.network_as(&admin, "l3-a", "10.40.1.0/24").await;
+    let (nb, sb) = tb.network_as(&admin, "l3-b", "10.40.2.0/24").await;
     // a0 on node0, b1 on node1, a2 and b2 on node2.
-    let a0 = workload(&tb, &admin, &na, &sa, "10.40.1.10", 0).await;
-    let b1 = workload(&tb, &admin, &nb, &sb, "10.40.2.11", 1).await;
-    let a2 = workload(&tb, &admin, &na, &sa, "10.40.1.12", 2).await;
-    let b2 = workload(&tb, &admin, &nb, &sb, "10.40.2.12", 2).await;
+    let a0 = tb.workload_as(&admin, &na, &sa, "10.40.1.10", 0, json!({})).await.1;
+    let b1 = tb.workload_as(&admin, &nb, &sb, "10.40.2.11", 1, json!({})).await.1;
+    let a2 = tb.workload_as(&admin, &na, &sa, "10.40.1.12", 2, json!({})).await.1;
+    let b2 = tb.workload_as(&admin, &nb, &sb, "10.40.2.12", 2, json!({})).await.1;
     let wl = [
         (&a0, "10.40.1.10"),
         (&b1, "10.40.2.11"),
@@ -100,7 +46,7 @@ async fn routers_route_on_the_source_node() {
         !reaches(&a0, "10.40.1.10", &b1, "10.40.2.11"),
         "routed before any router"
     );
-    let router = new_router(&tb, &admin, &[&sa, &sb]).await;
+    let router = tb.router_as(&admin, &[&sa, &sb]).await;
     until(20, "a0 reaches b1 through the router", true, || {
         reaches(&a0, "10.40.1.10", &b1, "10.40.2.11")
     })
@@ -160,11 +106,11 @@ async fn routers_route_on_the_source_node() {
     // nodes: each project's traffic is routed within it (an echo answered is one from that
     // project's workload: the other's has no server listening).
     let other = tb.member("l3-other").await;
-    let (pa, psa) = network(&tb, &other, "l3-a", "10.40.1.0/24").await;
-    let (pb, psb) = network(&tb, &other, "l3-b", "10.40.2.0/24").await;
-    let pa0 = workload(&tb, &other, &pa, &psa, "10.40.1.10", 1).await;
-    let pb1 = workload(&tb, &other, &pb, &psb, "10.40.2.11", 0).await;
-    new_router(&tb, &other, &[&psa, &psb]).await;
+    let (pa, psa) = tb.network_as(&other, "l3-a", "10.40.1.0/24").await;
+    let (pb, psb) = tb.network_as(&other, "l3-b", "10.40.2.0/24").await;
+    let pa0 = tb.workload_as(&other, &pa, &psa, "10.40.1.10", 1, json!({})).await.1;
+    let pb1 = tb.workload_as(&other, &pb, &psb, "10.40.2.11", 0, json!({})).await.1;
+    tb.router_as(&other, &[&psa, &psb]).await;
     until(20, "the other project's a0 reaches its b1", true, || {
         reaches(&pa0, "10.40.1.10", &pb1, "10.40.2.11")
     })
@@ -182,7 +128,7 @@ async fn routers_route_on_the_source_node() {
 
     // Subnet B leaves the router: routing stops; node0, whose only network is A, keeps the
     // router (it still has an interface on A), and no longer has B's bridge.
-    interface(&tb, &admin, &router, &sb, false).await;
+    tb.interface_as(&admin, &router, &sb, false).await;
     until(20, "a0 no longer reaches b1", false, || {
         reaches(&a0, "10.40.1.10", &b1, "10.40.2.11")
     })

@@ -248,16 +248,22 @@ async fn port(server: &TestServer, net: &str, host: &str, name: &str) -> String 
         .await)
 }
 
-async fn scenario(backend: Backend) {
-    let mut server = TestServer::start_with(backend, |c| c.agent_down_secs = 3).await;
+/// Nodes h1, h2 and h3 registered (a heartbeat each), each holding its view stream.
+async fn three_nodes(server: &TestServer) -> Vec<Node> {
     let hosts = [("h1", "192.0.2.1"), ("h2", "192.0.2.2"), ("h3", "192.0.2.3")];
     for (h, ip) in hosts {
-        heartbeat(&server, h, ip).await;
+        heartbeat(server, h, ip).await;
     }
     let mut nodes = vec![];
     for (h, _) in hosts {
-        nodes.push(open(&server, h, None, Arc::default()).await);
+        nodes.push(open(server, h, None, Arc::default()).await);
     }
+    nodes
+}
+
+async fn scenario(backend: Backend) {
+    let mut server = TestServer::start_with(backend, |c| c.agent_down_secs = 3).await;
+    let mut nodes = three_nodes(&server).await;
 
     let a = id(&server.admin.network("net-a").await);
     let b = id(&server.admin.network("net-b").await);
@@ -400,14 +406,7 @@ async fn scenario(backend: Backend) {
 #[tokio::test]
 async fn routers_bring_the_networks_they_connect() {
     let server = TestServer::start(Backend::Embedded).await;
-    let hosts = [("h1", "192.0.2.1"), ("h2", "192.0.2.2"), ("h3", "192.0.2.3")];
-    for (h, ip) in hosts {
-        heartbeat(&server, h, ip).await;
-    }
-    let mut nodes = vec![];
-    for (h, _) in hosts {
-        nodes.push(open(&server, h, None, Arc::default()).await);
-    }
+    let nodes = three_nodes(&server).await;
     let a = id(&server.admin.network("r-net-a").await);
     let b = id(&server.admin.network("r-net-b").await);
     let c = id(&server.admin.network("r-net-c").await);

@@ -6,14 +6,13 @@
 //! at no cost when the last pass already did.
 
 use super::{Controller, KeyLocks, Outcome};
-use crate::desired::{compute, Bridge, Datapath, Vxlan};
+use crate::desired::{compute, network_devices, Datapath};
 use crate::kernel::{KernelError, Links};
 use crate::names;
 use crate::plan::{plan_l2, Action};
 use crate::reconcile::{apply_in_order, ApplyOne, Report};
 use crate::state::{NodeState, Snapshot};
 use std::collections::HashSet;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use tracing::{debug, info};
 
@@ -24,21 +23,6 @@ pub struct L2Controller<B> {
     locks: KeyLocks<u32>,
     /// VNIs whose bridge and VXLAN device were right at the end of the last pass or ensure.
     ready: Mutex<HashSet<u32>>,
-}
-
-/// A network's bridge and VXLAN device as the node must have them.
-pub fn network_devices(vni: u32, mtu: u32, local: IpAddr) -> (Bridge, Vxlan) {
-    let br = names::bridge(vni);
-    (
-        Bridge { name: br.clone(), mtu },
-        Vxlan {
-            name: names::vxlan(vni),
-            vni,
-            local,
-            bridge: br,
-            mtu,
-        },
-    )
 }
 
 impl<B: Links> L2Controller<B> {

@@ -323,25 +323,31 @@ pub fn apply_firewall(script: &str) -> Result<(), KernelError> {
 
 /// Runs one nft script as one transaction in the calling thread's namespace.
 pub fn nft(script: &str) -> Result<(), KernelError> {
+    piped("nft", &["-f", "-"], script, "nft -f (firewall)")
+}
+
+/// Runs `program` with `input` on its standard input (in the calling thread's namespace); its
+/// error output becomes the error, labelled `what`.
+pub fn piped(program: &str, args: &[&str], input: &str, what: &str) -> Result<(), KernelError> {
     use std::io::Write;
-    let mut child = std::process::Command::new("nft")
-        .args(["-f", "-"])
+    let mut child = std::process::Command::new(program)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| KernelError::io("running nft (is nftables installed?)", e))?;
+        .map_err(|e| KernelError::io(format!("running {program} (is it installed?)"), e))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| KernelError::io("writing to nft", e))?;
+            .write_all(input.as_bytes())
+            .map_err(|e| KernelError::io(format!("writing to {program}"), e))?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| KernelError::io("waiting for nft", e))?;
+        .map_err(|e| KernelError::io(format!("waiting for {program}"), e))?;
     if !out.status.success() {
         return Err(KernelError::io(
-            "nft -f (firewall)",
+            what.to_string(),
             std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
         ));
     }

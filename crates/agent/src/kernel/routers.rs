@@ -174,27 +174,5 @@ fn outer_ok(outer: &str, bridge: &str) -> bool {
 }
 
 fn ip_batch(ns: &str, batch: &str) -> Result<(), KernelError> {
-    use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["-n", ns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| KernelError::io("running ip -batch", e))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(batch.as_bytes())
-            .map_err(|e| KernelError::io("writing to ip -batch", e))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| KernelError::io("waiting for ip -batch", e))?;
-    if !out.status.success() {
-        return Err(KernelError::io(
-            format!("ip -n {ns} -batch"),
-            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
-        ));
-    }
-    Ok(())
+    super::netns::piped("ip", &["-n", ns, "-batch", "-"], batch, &format!("ip -n {ns} -batch"))
 }

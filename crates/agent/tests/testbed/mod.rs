@@ -562,6 +562,72 @@ impl Testbed {
         call(&self.http, method, &format!("{}{path}", self.network_url), token, body).await
     }
 
+    /// A network API call as `token` that must answer `want`: the body.
+    pub async fn expect_as(&self, token: &str, method: Method, path: &str, body: Value, want: u16) -> Value {
+        let (s, b) = self.net_as(token, method.clone(), path, Some(body)).await;
+        assert_eq!(s, want, "{method} {path}: {b}");
+        b
+    }
+
+    /// A network with one IPv4 subnet, as `token`: (network id, subnet id).
+    pub async fn network_as(&self, token: &str, name: &str, cidr: &str) -> (String, String) {
+        let n = self
+            .expect_as(
+                token,
+                Method::POST,
+                "/v2.0/networks",
+                json!({"network": {"name": name}}),
+                201,
+            )
+            .await;
+        let net = n["network"]["id"].as_str().expect("network id").to_string();
+        let body = json!({"subnet": {"network_id": net, "cidr": cidr, "ip_version": 4}});
+        let s = self.expect_as(token, Method::POST, "/v2.0/subnets", body, 201).await;
+        (net, s["subnet"]["id"].as_str().expect("subnet id").to_string())
+    }
+
+    /// A router (as `token`) with interfaces on `subnets`: its id.
+    pub async fn router_as(&self, token: &str, subnets: &[&str]) -> String {
+        let body = json!({"router": {"name": "r"}});
+        let r = self.expect_as(token, Method::POST, "/v2.0/routers", body, 201).await;
+        let router = r["router"]["id"].as_str().expect("router id").to_string();
+        for s in subnets {
+            self.interface_as(token, &router, s, true).await;
+        }
+        router
+    }
+
+    /// Adds (or removes) router `router`'s interface on `subnet`, as `token`.
+    pub async fn interface_as(&self, token: &str, router: &str, subnet: &str, add: bool) {
+        let op = if add { "add" } else { "remove" };
+        let path = format!("/v2.0/routers/{router}/{op}_router_interface");
+        self.expect_as(token, Method::PUT, &path, json!({"subnet_id": subnet}), 200)
+            .await;
+    }
+
+    /// A port (as `token`) with fixed address `ip` and `extra` attributes, attached as a
+    /// workload on node `node`: (port id, the workload's namespace).
+    pub async fn workload_as(
+        &self,
+        token: &str,
+        net: &str,
+        subnet: &str,
+        ip: &str,
+        node: usize,
+        extra: Value,
+    ) -> (String, Ns) {
+        let mut attrs = json!({"network_id": net, "fixed_ips": [{"subnet_id": subnet, "ip_address": ip}]});
+        if let (Some(a), Some(e)) = (attrs.as_object_mut(), extra.as_object()) {
+            a.extend(e.clone());
+        }
+        let p = self
+            .expect_as(token, Method::POST, "/v2.0/ports", json!({ "port": attrs }), 201)
+            .await;
+        let id = p["port"]["id"].as_str().expect("port id").to_string();
+        let (ns, _) = self.nodes[node].attach(&id).await;
+        (id, ns)
+    }
+
     /// A VM port on `net` with fixed IP `ip` bound to node `node`, as a compute service makes
     /// it (admin sets the host); returns once the node's agent has made its tap.
     /// The port belongs to the network's project, as an instance of that project's would (and
