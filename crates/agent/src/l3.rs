@@ -7,12 +7,17 @@
 //! permanent neighbour entry, so a routed packet goes from the source node straight to the node
 //! of its destination over that network's VXLAN.
 
+use crate::kernel::valid_ifname;
 use crate::names;
 use crate::objects::{router_networks, router_of, Objects};
 pub use crate::routing::*;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+fn valid_mac(s: &str) -> bool {
+    s.parse::<crate::desired::MacAddr>().is_ok()
+}
 
 /// The routers this node must run: those with an interface on a network it has a port on.
 pub fn desired(objects: &Objects, node: &str) -> L3Desired {
@@ -52,7 +57,10 @@ pub fn desired(objects: &Objects, node: &str) -> L3Desired {
             };
             let ports = by_net_ports.get(n.as_str()).map(Vec::as_slice).unwrap_or_default();
             for p in ports.iter().filter(|p| router_of(p) == Some(rid.as_str())) {
-                if p.mac_address.is_empty() {
+                // Names and MACs end up in ip and nft input: only well-formed ones.
+                let (dev, outer) = leg_names(&p.id);
+                if !valid_mac(&p.mac_address) || !valid_ifname(&dev) || !valid_ifname(&outer) {
+                    tracing::warn!(port = %p.id, router = %rid, "router interface skipped: bad id or MAC");
                     continue;
                 }
                 let addresses: BTreeSet<IpNet> = p
@@ -64,7 +72,6 @@ pub fn desired(objects: &Objects, node: &str) -> L3Desired {
                         IpNet::new(ip, cidr.prefix_len()).ok()
                     })
                     .collect();
-                let (dev, _) = leg_names(&p.id);
                 r.legs.insert(
                     dev.clone(),
                     Leg {
@@ -79,7 +86,7 @@ pub fn desired(objects: &Objects, node: &str) -> L3Desired {
                 );
                 // Everyone else on the network, as permanent entries on this leg.
                 for q in ports.iter().filter(|q| router_of(q) != Some(rid.as_str())) {
-                    if q.mac_address.is_empty() {
+                    if !valid_mac(&q.mac_address) {
                         continue;
                     }
                     for f in &q.fixed_ips {
@@ -146,6 +153,12 @@ mod tests {
         objects.push(port("p03", "nc", "h3", "10.3.0.5", "sc", None));
         objects.push(port("p11", "na", "", "10.1.0.1", "sa", Some("r1")));
         objects.push(port("p12", "nb", "", "10.2.0.1", "sb", Some("r1")));
+        // A MAC that would smuggle a command into ip's batch input: left out.
+        let mut bad = port("p04", "nb", "h2", "10.2.0.6", "sb", None);
+        if let isthmus_wire::stream::ObjectValue::Port(p) = &mut bad.value {
+            p.mac_address = "fa:16:3e:00:00:04\nneigh flush all".into();
+        }
+        objects.push(bad);
         let mut o = Objects::default();
         o.apply(Message::Snapshot { revision: 1, objects });
         o
