@@ -57,6 +57,12 @@ pub struct Network {
     pub admin_state_up: bool,
     pub shared: bool,
     pub external: bool,
+    /// `vxlan` (the default: an overlay segment with `segmentation_id` as its VNI) or `flat`
+    /// (a provider network on `physical_network`, mapped on each node to a host bridge).
+    #[serde(default = "vxlan")]
+    pub network_type: String,
+    #[serde(default)]
+    pub physical_network: Option<String>,
     pub mtu: u32,
     pub status: String,
     pub segmentation_id: u32,
@@ -87,13 +93,21 @@ impl Network {
         m.insert("ipv6_address_scope".into(), Value::Null);
         m.insert("is_default".into(), json!(false));
         if admin {
-            m.insert("provider:network_type".into(), json!("vxlan"));
-            m.insert("provider:segmentation_id".into(), json!(self.segmentation_id));
-            m.insert("provider:physical_network".into(), Value::Null);
+            m.insert("provider:network_type".into(), json!(self.network_type));
+            if self.network_type == "flat" {
+                m.insert("provider:segmentation_id".into(), Value::Null);
+            } else {
+                m.insert("provider:segmentation_id".into(), json!(self.segmentation_id));
+            }
+            m.insert("provider:physical_network".into(), json!(self.physical_network));
         }
         self.std.render(&mut m);
         Value::Object(m)
     }
+}
+
+fn vxlan() -> String {
+    "vxlan".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -288,7 +302,8 @@ impl SecurityGroupRule {
     }
 }
 
-/// A router. API only for now: interfaces are ports it owns; the datapath comes later.
+/// A router. Interfaces are ports it owns (`network:router_interface*`); the gateway is a
+/// port on an external network (`network:router_gateway`), copied here with its addresses.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Router {
     pub id: String,
@@ -296,8 +311,60 @@ pub struct Router {
     pub name: String,
     pub admin_state_up: bool,
     pub status: String,
+    #[serde(default)]
+    pub gateway: Option<RouterGateway>,
+    /// Static routes (`extraroute`).
+    #[serde(default)]
+    pub routes: Vec<HostRoute>,
     #[serde(flatten)]
     pub std: StandardAttrs,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouterGateway {
+    pub network_id: String,
+    pub enable_snat: bool,
+    /// The gateway port (`device_owner` `network:router_gateway`, `device_id` the router).
+    pub port_id: String,
+    pub fixed_ips: Vec<FixedIp>,
+}
+
+/// A floating IP: an address on an external network, owned by its own port
+/// (`network:floatingip`), translated to `fixed_ip_address` of `port_id` when associated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FloatingIp {
+    pub id: String,
+    pub project_id: String,
+    pub floating_network_id: String,
+    pub floating_ip_address: String,
+    /// The port holding the floating address on the external network.
+    pub floating_port_id: String,
+    pub port_id: Option<String>,
+    pub fixed_ip_address: Option<String>,
+    /// The router that connects the associated port's subnet to the external network.
+    pub router_id: Option<String>,
+    pub status: String,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+impl FloatingIp {
+    pub fn to_api(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("project_id".into(), json!(self.project_id));
+        m.insert("tenant_id".into(), json!(self.project_id));
+        m.insert("floating_network_id".into(), json!(self.floating_network_id));
+        m.insert("floating_ip_address".into(), json!(self.floating_ip_address));
+        m.insert("port_id".into(), json!(self.port_id));
+        m.insert("fixed_ip_address".into(), json!(self.fixed_ip_address));
+        m.insert("router_id".into(), json!(self.router_id));
+        m.insert("status".into(), json!(self.status));
+        m.insert("port_details".into(), Value::Null);
+        m.insert("port_forwardings".into(), json!([]));
+        self.std.render(&mut m);
+        Value::Object(m)
+    }
 }
 
 impl Router {
@@ -305,11 +372,21 @@ impl Router {
         let mut m = owned(&self.id, &self.name, &self.project_id);
         m.insert("admin_state_up".into(), json!(self.admin_state_up));
         m.insert("status".into(), json!(self.status));
-        m.insert("external_gateway_info".into(), Value::Null);
-        m.insert("routes".into(), json!([]));
+        m.insert(
+            "external_gateway_info".into(),
+            match &self.gateway {
+                Some(g) => json!({
+                    "network_id": g.network_id,
+                    "enable_snat": g.enable_snat,
+                    "external_fixed_ips": g.fixed_ips,
+                }),
+                None => Value::Null,
+            },
+        );
+        m.insert("routes".into(), json!(self.routes));
         m.insert("availability_zone_hints".into(), json!([]));
         m.insert("availability_zones".into(), json!([]));
-        m.insert("distributed".into(), json!(false));
+        m.insert("distributed".into(), json!(true));
         m.insert("ha".into(), json!(false));
         m.insert("flavor_id".into(), Value::Null);
         self.std.render(&mut m);

@@ -68,6 +68,18 @@ impl<B: Routers + Links> L3Controller<B> {
                 Err(e) => out.failures.push(format!("removing router namespace {ns}: {e}")),
             }
         }
+        // The DVR table before the legs: a new leg's first frames (its announcement, its
+        // gateway answers) must already be kept off the VXLAN ports.
+        let script = l3::dvr_script(&snap.l3);
+        let same = self.dvr.lock().unwrap_or_else(|p| p.into_inner()).as_deref() == Some(script.as_str());
+        if due || !same {
+            out.planned += 1;
+            *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            match self.backend.apply_dvr(script.clone()).await {
+                Ok(()) => *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = Some(script),
+                Err(e) => out.failures.push(format!("DVR table: {e}")),
+            }
+        }
         for (ns, r) in want {
             if !due && have.contains(ns) && applied.get(ns) == Some(r) {
                 continue;
@@ -106,16 +118,6 @@ impl<B: Routers + Links> L3Controller<B> {
                     self.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(ns);
                     out.failures.push(format!("router {} ({ns}): {e}", r.id));
                 }
-            }
-        }
-        let script = l3::dvr_script(&snap.l3);
-        let same = self.dvr.lock().unwrap_or_else(|p| p.into_inner()).as_deref() == Some(script.as_str());
-        if due || !same {
-            out.planned += 1;
-            *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            match self.backend.apply_dvr(script.clone()).await {
-                Ok(()) => *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = Some(script),
-                Err(e) => out.failures.push(format!("DVR table: {e}")),
             }
         }
         if due && out.failures.is_empty() {

@@ -353,3 +353,78 @@ pub fn piped(program: &str, args: &[&str], input: &str, what: &str) -> Result<()
     }
     Ok(())
 }
+
+/// Announces `ip` at `mac` on `dev` inside the namespace at `netns`: one gratuitous ARP
+/// request, broadcast. Neighbours that already hold an entry for `ip` (even an unresolved one,
+/// left over from while the address was gone) take the new MAC at once instead of at their
+/// next probe, up to a second later. Blocking: runs on its own short-lived thread.
+pub fn gratuitous_arp(netns: &Path, dev: &str, ip: std::net::Ipv4Addr, mac: [u8; 6]) -> Result<(), KernelError> {
+    let ns = open_netns(netns)?;
+    let dev = dev.to_string();
+    std::thread::Builder::new()
+        .name("isthmus-garp".into())
+        .spawn(move || {
+            enter(&ns.0, &ns.1)?;
+            send_garp(&dev, ip, mac)
+        })
+        .map_err(|e| KernelError::io("spawning a netns worker thread", e))?
+        .join()
+        .map_err(|_| KernelError::io("gratuitous ARP", std::io::Error::other("worker panicked")))?
+}
+
+/// The frame of a gratuitous ARP request for `ip` at `mac`.
+pub fn garp_frame(ip: std::net::Ipv4Addr, mac: [u8; 6]) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, request.
+    f[14..22].copy_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip.octets());
+    // Target hardware address zero, target protocol address the sender's own.
+    f[38..42].copy_from_slice(&ip.octets());
+    f
+}
+
+fn send_garp(dev: &str, ip: std::net::Ipv4Addr, mac: [u8; 6]) -> Result<(), KernelError> {
+    use std::os::fd::OwnedFd;
+    let err = |what: &str| KernelError::io(format!("{what} for {dev}"), std::io::Error::last_os_error());
+    let cname =
+        std::ffi::CString::new(dev).map_err(|_| KernelError::io("interface name", std::io::Error::other("NUL")))?;
+    // SAFETY: plain syscalls with valid arguments; results are checked.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(err("if_nametoindex"));
+    }
+    // SAFETY: as above.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err("socket(AF_PACKET)"));
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let frame = garp_frame(ip, mac);
+    // SAFETY: frame and sll are valid for the lengths given.
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr() as *const libc::c_void,
+            frame.len(),
+            0,
+            &sll as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(err("sendto(AF_PACKET)"));
+    }
+    Ok(())
+}

@@ -116,24 +116,8 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
         ip(&["-n", ns, "link", "set", dev, "address", &leg.mac, "mtu", &mtu, "up"])?;
     }
 
-    // Addresses on each leg.
-    for (dev, leg) in &r.legs {
-        let now: BTreeSet<String> = ip_json(&["-j", "-n", ns, "addr", "show", "dev", dev])?
-            .iter()
-            .flat_map(|i| i["addr_info"].as_array().cloned().unwrap_or_default())
-            .filter(|a| a["scope"].as_str() == Some("global"))
-            .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"].as_u64()?)))
-            .collect();
-        let want: BTreeSet<String> = leg.addresses.iter().map(|a| a.to_string()).collect();
-        for a in now.difference(&want) {
-            ip(&["-n", ns, "addr", "del", a, "dev", dev])?;
-        }
-        for a in want.difference(&now) {
-            ip(&["-n", ns, "addr", "add", a, "dev", dev])?;
-        }
-    }
-
-    // Permanent neighbours: one batch of changes.
+    // Permanent neighbours, one batch of changes, before the addresses: once an address
+    // brings its route, a packet must not find the neighbour unresolved and ARP for it.
     let now: BTreeSet<(String, String, String)> = ip_json(&["-j", "-n", ns, "neigh", "show", "nud", "permanent"])?
         .iter()
         .filter_map(|n| {
@@ -162,6 +146,34 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
     if !batch.is_empty() {
         ip_batch(ns, &batch)?;
     }
+    // Addresses on each leg.
+    for (dev, leg) in &r.legs {
+        let now: BTreeSet<String> = ip_json(&["-j", "-n", ns, "addr", "show", "dev", dev])?
+            .iter()
+            .flat_map(|i| i["addr_info"].as_array().cloned().unwrap_or_default())
+            .filter(|a| a["scope"].as_str() == Some("global"))
+            .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"].as_u64()?)))
+            .collect();
+        let want: BTreeSet<String> = leg.addresses.iter().map(|a| a.to_string()).collect();
+        for a in now.difference(&want) {
+            ip(&["-n", ns, "addr", "del", a, "dev", dev])?;
+        }
+        for a in want.difference(&now) {
+            ip(&["-n", ns, "addr", "add", a, "dev", dev])?;
+        }
+        // A gateway that (re)appears is announced: a workload whose entry for it went stale
+        // while it was gone would otherwise wait for its next ARP probe, up to a second.
+        let mac = leg.mac.parse::<crate::desired::MacAddr>().ok().map(|m| m.0);
+        for addr in want.difference(&now) {
+            let v4 = addr.split('/').next().and_then(|a| a.parse::<std::net::Ipv4Addr>().ok());
+            if let (Some(v4), Some(mac)) = (v4, mac) {
+                if let Err(e) = super::netns::gratuitous_arp(&Path::new(NETNS_DIR).join(ns), dev, v4, mac) {
+                    tracing::warn!(netns = ns, dev, error = %e, "announcing a router address failed");
+                }
+            }
+        }
+    }
+
     Ok(())
 }
 

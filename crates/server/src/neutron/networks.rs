@@ -174,6 +174,8 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             admin_state_up,
             shared,
             external: false,
+            network_type: "vxlan".into(),
+            physical_network: None,
             mtu,
             status: "ACTIVE".into(),
             segmentation_id: vni,

@@ -89,6 +89,8 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         name,
         admin_state_up,
         status: "ACTIVE".into(),
+        gateway: None,
+        routes: vec![],
         std: StandardAttrs {
             description,
             tags,
