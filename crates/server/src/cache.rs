@@ -7,7 +7,7 @@
 //! reads hand out the decoded objects instead of parsing JSON on every call.
 
 use crate::identity::model::{Project, Role, User};
-use isthmus_model::{keys, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{keys, FloatingIp, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::{DynStore, EventKind, KeyValue, Revision, TxnResult, WatchEvent};
 use serde::de::DeserializeOwned;
 use std::any::Any;
@@ -44,6 +44,9 @@ impl Typed for Port {
 impl Typed for Router {
     const COLLECTION: &'static str = "routers";
 }
+impl Typed for FloatingIp {
+    const COLLECTION: &'static str = "floatingips";
+}
 impl Typed for SecurityGroup {
     const COLLECTION: &'static str = "security_groups";
 }
@@ -67,6 +70,7 @@ const DECODERS: &[(&str, Decoder)] = &[
     (Subnet::COLLECTION, decode_as::<Subnet>),
     (Port::COLLECTION, decode_as::<Port>),
     (Router::COLLECTION, decode_as::<Router>),
+    (FloatingIp::COLLECTION, decode_as::<FloatingIp>),
     (SecurityGroup::COLLECTION, decode_as::<SecurityGroup>),
     (SecurityGroupRule::COLLECTION, decode_as::<SecurityGroupRule>),
     (Node::COLLECTION, decode_as::<Node>),

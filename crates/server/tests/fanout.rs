@@ -99,6 +99,13 @@ async fn expected(server: &TestServer, hosts: &[&str]) -> BTreeMap<String, BTree
         .list("/v2.0/security-group-rules", "security_group_rules")
         .await;
     let s = |v: &Value, f: &str| v[f].as_str().unwrap_or_default().to_string();
+    let router_names: BTreeMap<String, String> = server
+        .admin
+        .list("/v2.0/routers", "routers")
+        .await
+        .iter()
+        .map(|r| (s(r, "id"), s(r, "name")))
+        .collect();
     let mut out = BTreeMap::new();
     // Routers' networks, from their interface ports.
     let mut routed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -130,6 +137,12 @@ async fn expected(server: &TestServer, hosts: &[&str]) -> BTreeMap<String, BTree
         }
         for n in nets.iter().filter(|n| mine.contains(&s(n, "id"))) {
             view.insert(format!("{ROOT}networks/{}", s(n, "id")), s(n, "name"));
+        }
+        // Routers with a port on a network it sees.
+        for (r, name) in &router_names {
+            if routed.get(r).is_some_and(|ns| ns.iter().any(|n| mine.contains(n))) {
+                view.insert(format!("{ROOT}routers/{r}"), name.clone());
+            }
         }
         for sn in subnets.iter().filter(|sn| mine.contains(&s(sn, "network_id"))) {
             view.insert(format!("{ROOT}subnets/{}", s(sn, "id")), s(sn, "name"));

@@ -76,6 +76,12 @@ pub enum ObjectValue {
     /// server, not stored).
     #[serde(rename = "group_member")]
     GroupMember(GroupMember),
+    /// A router with a port on a network the node sees (key `/isthmus/v1/routers/<id>`).
+    Router(Router),
+    /// A floating IP on an external network the node sees (key
+    /// `/isthmus/v1/floatingips/<id>`).
+    #[serde(rename = "floatingip")]
+    FloatingIp(FloatingIp),
 }
 
 impl ObjectValue {
@@ -88,6 +94,8 @@ impl ObjectValue {
             ObjectValue::SecurityGroup(_) => "security_group",
             ObjectValue::SecurityGroupRule(_) => "security_group_rule",
             ObjectValue::GroupMember(_) => "group_member",
+            ObjectValue::Router(_) => "router",
+            ObjectValue::FloatingIp(_) => "floatingip",
         }
     }
 }
@@ -246,6 +254,52 @@ pub struct Network {
     pub mtu: Option<u64>,
     #[serde(rename = "provider:segmentation_id", default)]
     pub segmentation_id: Option<u64>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// A router as Neutron renders it (what the datapath uses of it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Router {
+    #[serde(default, deserialize_with = "nullable")]
+    pub id: String,
+    #[serde(default)]
+    pub admin_state_up: Option<bool>,
+    #[serde(default)]
+    pub external_gateway_info: Option<GatewayInfo>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub routes: Vec<HostRoute>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatewayInfo {
+    #[serde(default, deserialize_with = "nullable")]
+    pub network_id: String,
+    #[serde(default)]
+    pub enable_snat: Option<bool>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub external_fixed_ips: Vec<FixedIp>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// A floating IP as Neutron renders it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FloatingIp {
+    #[serde(default, deserialize_with = "nullable")]
+    pub id: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub floating_network_id: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub floating_ip_address: String,
+    #[serde(default)]
+    pub port_id: Option<String>,
+    #[serde(default)]
+    pub fixed_ip_address: Option<String>,
+    #[serde(default)]
+    pub router_id: Option<String>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }

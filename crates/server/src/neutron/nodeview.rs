@@ -32,7 +32,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use isthmus_model::{Network, Node, Port, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{FloatingIp, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::Revision;
 use isthmus_wire::stream::{Message, Object};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -237,13 +237,15 @@ pub struct Fanout {
 }
 
 /// The typed collections node views are made of.
-const VIEW_COLLECTIONS: [&str; 6] = [
+const VIEW_COLLECTIONS: [&str; 8] = [
     isthmus_model::Port::COLLECTION,
     isthmus_model::Network::COLLECTION,
     isthmus_model::Subnet::COLLECTION,
     isthmus_model::Node::COLLECTION,
     isthmus_model::SecurityGroup::COLLECTION,
     isthmus_model::SecurityGroupRule::COLLECTION,
+    isthmus_model::Router::COLLECTION,
+    isthmus_model::FloatingIp::COLLECTION,
 ];
 
 fn change(item: &FeedItem) -> Option<Change> {
@@ -259,6 +261,8 @@ fn change(item: &FeedItem) -> Option<Change> {
             .or_else(|_| d.clone().downcast::<Subnet>().map(Source::Subnet))
             .or_else(|_| d.clone().downcast::<Node>().map(Source::Node))
             .or_else(|_| d.clone().downcast::<SecurityGroup>().map(Source::SecurityGroup))
+            .or_else(|_| d.clone().downcast::<Router>().map(Source::Router))
+            .or_else(|_| d.clone().downcast::<FloatingIp>().map(Source::FloatingIp))
             .or_else(|_| d.downcast::<SecurityGroupRule>().map(Source::SecurityGroupRule))
             .ok()
     });

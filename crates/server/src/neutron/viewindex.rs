@@ -16,7 +16,7 @@
 //! Pure: no I/O, no clocks. The caller keeps what each node was sent (key → revision) and
 //! turns [`ViewIndex::apply`]'s answer into puts and deletes with [`ViewIndex::delta`].
 
-use isthmus_model::{keys, Network, Node, Port, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{keys, FloatingIp, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::Revision;
 use isthmus_wire::stream::{GroupMember, NodeInfo, ObjectValue};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -38,6 +38,8 @@ pub enum Source {
     Node(Arc<Node>),
     SecurityGroup(Arc<SecurityGroup>),
     SecurityGroupRule(Arc<SecurityGroupRule>),
+    Router(Arc<Router>),
+    FloatingIp(Arc<FloatingIp>),
 }
 
 /// A change to one key (`None`: deleted).
@@ -56,6 +58,8 @@ enum Kind {
     Node,
     Group,
     Rule,
+    Router,
+    FloatingIp,
     /// Made by the index, never stored: id is `<group id>/<port id>`.
     Member,
 }
@@ -86,6 +90,8 @@ fn parse(key: &str) -> Option<(Kind, &str)> {
         "nodes" => Kind::Node,
         "security_groups" => Kind::Group,
         "security_group_rules" => Kind::Rule,
+        "routers" => Kind::Router,
+        "floatingips" => Kind::FloatingIp,
         _ => return None,
     };
     Some((kind, id))
@@ -119,6 +125,8 @@ pub fn render(key: &str, source: &Source) -> Option<ObjectValue> {
         // Rules travel as objects of their own.
         Source::SecurityGroup(g) => ObjectValue::SecurityGroup(typed(key, g.to_api(vec![]))?),
         Source::SecurityGroupRule(r) => ObjectValue::SecurityGroupRule(typed(key, r.to_api())?),
+        Source::Router(r) => ObjectValue::Router(typed(key, r.to_api())?),
+        Source::FloatingIp(f) => ObjectValue::FloatingIp(typed(key, f.to_api())?),
     })
 }
 
@@ -194,6 +202,8 @@ fn same(a: &Source, b: &Source) -> bool {
         }
         (Source::SecurityGroup(x), Source::SecurityGroup(y)) => x == y,
         (Source::SecurityGroupRule(x), Source::SecurityGroupRule(y)) => x == y,
+        (Source::Router(x), Source::Router(y)) => x == y,
+        (Source::FloatingIp(x), Source::FloatingIp(y)) => x == y,
         _ => false,
     }
 }
@@ -216,9 +226,15 @@ fn dec<K: Ord>(m: &mut BTreeMap<K, usize>, k: &K, by: usize) -> bool {
     false
 }
 
-/// The router a port is an interface of, if it is one.
+/// The router a port belongs to, if it is one of its interfaces or its gateway (a gateway
+/// makes the external network one of the router's networks: whoever routes for the router
+/// sees it, and the gateway's host sees the router's networks).
 fn interface_of(p: &Port) -> Option<&str> {
-    (p.device_owner.starts_with("network:router_interface") && !p.device_id.is_empty()).then_some(p.device_id.as_str())
+    (is_router_port(&p.device_owner) && !p.device_id.is_empty()).then_some(p.device_id.as_str())
+}
+
+pub fn is_router_port(device_owner: &str) -> bool {
+    device_owner.starts_with("network:router_interface") || device_owner == "network:router_gateway"
 }
 
 /// What the security part of a view knows of one port.
@@ -257,6 +273,9 @@ pub struct ViewIndex {
     /// Router id → network → its interface ports there, and network → routers there.
     router_nets: HashMap<String, BTreeMap<String, usize>>,
     net_routers: HashMap<String, BTreeSet<String>>,
+    /// Floating IP key → its external network, and back.
+    fip_net: HashMap<String, String>,
+    net_fips: HashMap<String, BTreeSet<String>>,
     /// Port id → its groups, host and member addresses (ports with groups only).
     port_groups: HashMap<String, PortGroups>,
     /// Host → group → number of its bound ports using the group, and back.
@@ -301,6 +320,10 @@ impl ViewIndex {
         let mut nets: BTreeSet<String> = BTreeSet::new();
         let mut key_nets: Vec<(String, BTreeSet<String>)> = Vec::with_capacity(changes.len());
         let mut node_hosts: Vec<(String, String)> = vec![];
+        // Routers whose interfaces or gateway change: their object goes to whoever sees one of
+        // their networks (a first interface changes no host's networks, but its router's
+        // visibility).
+        let mut routers: Vec<(String, BTreeSet<String>)> = vec![];
         for c in &changes {
             let Some((kind, id)) = parse(&c.key) else { continue };
             let mut mine = BTreeSet::new();
@@ -313,6 +336,24 @@ impl ViewIndex {
                     // exactly the hosts that see this one, before or after.
                     if let Some(Source::Port(p)) = &c.value {
                         mine.insert(p.network_id.clone());
+                    }
+                    let new = match &c.value {
+                        Some(Source::Port(p)) => interface_of(p),
+                        _ => None,
+                    };
+                    for r in self.port_router.get(&c.key).map(String::as_str).into_iter().chain(new) {
+                        routers.push((keys::resource("routers", r), mine.clone()));
+                    }
+                }
+                Kind::Router => {
+                    mine.extend(self.router_nets.get(id).into_iter().flat_map(|m| m.keys()).cloned());
+                }
+                Kind::FloatingIp => {
+                    if let Some(n) = self.fip_net.get(&c.key) {
+                        mine.insert(n.clone());
+                    }
+                    if let Some(Source::FloatingIp(f)) = &c.value {
+                        mine.insert(f.floating_network_id.clone());
                     }
                 }
                 Kind::Network => {
@@ -353,6 +394,14 @@ impl ViewIndex {
             if self.set(c.key.clone(), c.revision, c.value) {
                 changed.insert(c.key);
             }
+        }
+        for (k, mut ns) in routers {
+            if let Some((_, r)) = parse(&k) {
+                ns.extend(self.router_nets.get(r).into_iter().flat_map(|m| m.keys()).cloned());
+            }
+            nets.extend(ns.iter().cloned());
+            changed.insert(k.clone());
+            key_nets.push((k, ns));
         }
         // A node record also concerns the networks its host is on now.
         for (key, host) in &node_hosts {
@@ -582,6 +631,10 @@ impl ViewIndex {
         out.insert(keys::resource("networks", n));
         out.extend(self.net_subnets.get(n).into_iter().flatten().cloned());
         out.extend(self.net_ports.get(n).into_iter().flatten().cloned());
+        out.extend(self.net_fips.get(n).into_iter().flatten().cloned());
+        for r in self.net_routers.get(n).into_iter().flatten() {
+            out.insert(keys::resource("routers", r));
+        }
         for h in self.net_hosts.get(n).into_iter().flat_map(|m| m.keys()) {
             out.insert(keys::resource("nodes", h));
         }
@@ -705,6 +758,23 @@ impl ViewIndex {
                         .insert(key.clone());
                 }
             }
+            Kind::FloatingIp => {
+                if let Some(n) = self.fip_net.remove(&key) {
+                    if let Some(s) = self.net_fips.get_mut(&n) {
+                        s.remove(&key);
+                        if s.is_empty() {
+                            self.net_fips.remove(&n);
+                        }
+                    }
+                }
+                if let Some(Source::FloatingIp(f)) = &value {
+                    self.fip_net.insert(key.clone(), f.floating_network_id.clone());
+                    self.net_fips
+                        .entry(f.floating_network_id.clone())
+                        .or_default()
+                        .insert(key.clone());
+                }
+            }
             Kind::Rule => {
                 if let Some((g, r)) = self.rule_of.remove(&key) {
                     self.remove_rule(&key, &g, r.as_deref());
@@ -717,7 +787,7 @@ impl ViewIndex {
             }
             // Made here, never stored: a stored key of that shape is ignored.
             Kind::Member => return false,
-            Kind::Network | Kind::Node | Kind::Group => {}
+            Kind::Network | Kind::Node | Kind::Group | Kind::Router => {}
         }
         match value.filter(|v| render(&key, v).is_some()) {
             None => self.objects.remove(&key).is_some(),
@@ -914,6 +984,11 @@ impl ViewIndex {
             Kind::Rule => self.rule_of.get(key).is_some_and(|(g, _)| uses(g)),
             Kind::Network => self.sees(host, id),
             Kind::Subnet => self.subnet_net.get(key).is_some_and(|n| self.sees(host, n)),
+            Kind::FloatingIp => self.fip_net.get(key).is_some_and(|n| self.sees(host, n)),
+            Kind::Router => self
+                .router_nets
+                .get(id)
+                .is_some_and(|ns| ns.keys().any(|n| self.sees(host, n))),
             Kind::Port => self.port_loc.get(key).is_some_and(|(n, _)| self.sees(host, n)),
             Kind::Node => self
                 .host_nets
@@ -1128,7 +1203,7 @@ mod tests {
         // router connects to one of its own.
         let mut router_nets: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for (_, p) in &ports {
-            if p.device_owner.starts_with("network:router_interface") && !p.device_id.is_empty() {
+            if is_router_port(&p.device_owner) && !p.device_id.is_empty() {
                 router_nets
                     .entry(p.device_id.as_str())
                     .or_default()
@@ -1164,6 +1239,10 @@ mod tests {
                 Source::Port(_) => false,
                 Source::SecurityGroup(g) => groups.contains(g.id.as_str()),
                 Source::SecurityGroupRule(r) => groups.contains(r.security_group_id.as_str()),
+                Source::Router(r) => router_nets
+                    .get(r.id.as_str())
+                    .is_some_and(|ns| ns.iter().any(|n| nets.contains(n))),
+                Source::FloatingIp(f) => nets.contains(f.floating_network_id.as_str()),
             };
             if keep {
                 out.insert(k.clone(), render(k, s).expect("renders"));
