@@ -9,18 +9,21 @@
 
 use crate::kernel::valid_ifname;
 use crate::names;
-use crate::objects::{router_networks, router_of, Objects};
+use crate::objects::{gateway_routers, is_gateway, router_networks, router_of, Objects};
 pub use crate::routing::*;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 fn valid_mac(s: &str) -> bool {
     s.parse::<crate::desired::MacAddr>().is_ok()
 }
 
 /// The routers this node must run: those with an interface on a network it has a port on.
-pub fn desired(objects: &Objects, node: &str) -> L3Desired {
+/// Physical network name → the host bridge it is mapped to on this node.
+pub type PhysicalNetworks = BTreeMap<String, String>;
+
+pub fn desired(objects: &Objects, node: &str, physical: &PhysicalNetworks) -> L3Desired {
     let mut out = L3Desired {
         node_mac: node_mac(node),
         ..Default::default()
@@ -30,10 +33,11 @@ pub fn desired(objects: &Objects, node: &str) -> L3Desired {
         .filter(|p| p.host_id == node && !p.id.is_empty() && router_of(p).is_none())
         .map(|p| p.network_id.as_str())
         .collect();
+    let snat_for: BTreeSet<&str> = gateway_routers(objects, node).collect();
     let routers = router_networks(objects);
     let mine: BTreeMap<&String, &BTreeSet<String>> = routers
         .iter()
-        .filter(|(_, nets)| nets.iter().any(|n| local.contains(n.as_str())))
+        .filter(|(r, nets)| nets.iter().any(|n| local.contains(n.as_str())) || snat_for.contains(r.as_str()))
         .collect();
     if mine.is_empty() {
         return out;
@@ -49,6 +53,12 @@ pub fn desired(objects: &Objects, node: &str) -> L3Desired {
             netns: format!("{prefix}{}", crate::routing::short(rid)),
             legs: BTreeMap::new(),
             neighbors: BTreeSet::new(),
+            external: None,
+            snat_legs: BTreeMap::new(),
+            snat: None,
+            fips: BTreeSet::new(),
+            default: None,
+            routes: BTreeSet::new(),
         };
         for n in nets {
             let Some(net) = objects.network(n) else { continue };
@@ -57,21 +67,11 @@ pub fn desired(objects: &Objects, node: &str) -> L3Desired {
             };
             let ports = by_net_ports.get(n.as_str()).map(Vec::as_slice).unwrap_or_default();
             for p in ports.iter().filter(|p| router_of(p) == Some(rid.as_str())) {
-                // Names and MACs end up in ip and nft input: only well-formed ones.
                 let (dev, outer) = leg_names(&p.id);
                 if !valid_mac(&p.mac_address) || !valid_ifname(&dev) || !valid_ifname(&outer) {
                     tracing::warn!(port = %p.id, router = %rid, "router interface skipped: bad id or MAC");
                     continue;
                 }
-                let addresses: BTreeSet<IpNet> = p
-                    .fixed_ips
-                    .iter()
-                    .filter_map(|f| {
-                        let ip: IpAddr = f.ip_address.parse().ok()?;
-                        let cidr: IpNet = objects.subnet(&f.subnet_id)?.cidr.parse().ok()?;
-                        IpNet::new(ip, cidr.prefix_len()).ok()
-                    })
-                    .collect();
                 r.legs.insert(
                     dev.clone(),
                     Leg {
@@ -81,10 +81,9 @@ pub fn desired(objects: &Objects, node: &str) -> L3Desired {
                         bridge: names::bridge(vni),
                         mtu: net.mtu.unwrap_or(1450) as u32,
                         mac: p.mac_address.to_ascii_lowercase(),
-                        addresses,
+                        addresses: port_addresses(objects, p),
                     },
                 );
-                // Everyone else on the network, as permanent entries on this leg.
                 for q in ports.iter().filter(|q| router_of(q) != Some(rid.as_str())) {
                     if !valid_mac(&q.mac_address) {
                         continue;
@@ -101,11 +100,152 @@ pub fn desired(objects: &Objects, node: &str) -> L3Desired {
                 }
             }
         }
-        if !r.legs.is_empty() {
-            out.routers.insert(r.netns.clone(), r);
+        if r.legs.is_empty() {
+            continue;
         }
+        north_south(objects, node, physical, &mut r);
+        out.routers.insert(r.netns.clone(), r);
     }
     out
+}
+
+/// A port's fixed IPs with their subnets' prefix lengths.
+fn port_addresses(objects: &Objects, p: &isthmus_wire::stream::Port) -> BTreeSet<IpNet> {
+    p.fixed_ips
+        .iter()
+        .filter_map(|f| {
+            let ip: IpAddr = f.ip_address.parse().ok()?;
+            let cidr: IpNet = objects.subnet(&f.subnet_id)?.cidr.parse().ok()?;
+            IpNet::new(ip, cidr.prefix_len()).ok()
+        })
+        .collect()
+}
+
+/// The router's gateway, SNAT, floating IPs and static routes as this node serves them.
+fn north_south(objects: &Objects, node: &str, physical: &PhysicalNetworks, r: &mut RouterNs) {
+    let Some(router) = objects.routers().find(|x| x.id == r.id) else {
+        return;
+    };
+    r.routes = router
+        .routes
+        .iter()
+        .filter_map(|h| Some((h.destination.parse().ok()?, h.nexthop.parse().ok()?)))
+        .collect();
+    let Some(gw) = router
+        .external_gateway_info
+        .as_ref()
+        .filter(|g| !g.network_id.is_empty())
+    else {
+        return;
+    };
+    let gw_port = objects
+        .ports()
+        .find(|p| is_gateway(p) && p.device_id == r.id && p.network_id == gw.network_id);
+    let snat_host = gw_port.map(|p| p.host_id.as_str()).filter(|h| !h.is_empty());
+    let here = snat_host == Some(node);
+    // Floating IPs of this node's ports, through this router.
+    let local_fixed: BTreeSet<&str> = objects
+        .ports()
+        .filter(|p| p.host_id == node && router_of(p).is_none())
+        .map(|p| p.id.as_str())
+        .collect();
+    for f in objects.floating_ips() {
+        if f.router_id.as_deref() != Some(r.id.as_str()) || f.floating_network_id != gw.network_id {
+            continue;
+        }
+        let Some(port) = f.port_id.as_deref().filter(|p| local_fixed.contains(p)) else {
+            continue;
+        };
+        let _ = port;
+        let (Ok(floating), Some(Ok(fixed))) = (
+            f.floating_ip_address.parse::<Ipv4Addr>(),
+            f.fixed_ip_address.as_deref().map(str::parse::<Ipv4Addr>),
+        ) else {
+            continue;
+        };
+        r.fips.insert((floating, fixed));
+    }
+    // The external leg: on the SNAT node, or where floating IPs live.
+    let ext_net = objects.network(&gw.network_id);
+    let physnet = ext_net
+        .and_then(|n| n.other.get("provider:physical_network"))
+        .and_then(|v| v.as_str());
+    let bridge = physnet.and_then(|p| physical.get(p));
+    let gw_addr = gw_port.and_then(|p| port_addresses(objects, p).into_iter().find(|a| a.addr().is_ipv4()));
+    let upstream = gw_port
+        .and_then(|p| p.fixed_ips.first())
+        .and_then(|f| objects.subnet(&f.subnet_id))
+        .and_then(|s| s.gateway_ip.as_deref())
+        .and_then(|g| g.parse::<Ipv4Addr>().ok());
+    if here || !r.fips.is_empty() {
+        match bridge {
+            None => tracing::warn!(
+                router = %r.id,
+                physical_network = physnet.unwrap_or("?"),
+                "no bridge mapped for the router's external network on this node: no gateway or floating IPs here"
+            ),
+            Some(bridge) => {
+                let (dev, outer) = external_names(&r.id);
+                let mut addresses: BTreeSet<IpNet> = r
+                    .fips
+                    .iter()
+                    .map(|(f, _)| IpNet::new(IpAddr::V4(*f), 32).expect("a /32 is valid"))
+                    .collect();
+                let mut mac = fip_mac(&r.id, node);
+                if here {
+                    addresses.extend(gw_addr);
+                    if let Some(p) = gw_port.filter(|p| valid_mac(&p.mac_address)) {
+                        mac = p.mac_address.to_ascii_lowercase();
+                    }
+                }
+                r.external = Some(ExternalLeg {
+                    dev,
+                    outer,
+                    bridge: bridge.clone(),
+                    mac,
+                    mtu: ext_net.and_then(|n| n.mtu).unwrap_or(1500) as u32,
+                    addresses,
+                    gateway: upstream,
+                });
+            }
+        }
+    }
+    if here && r.external.is_some() {
+        if gw.enable_snat.unwrap_or(true) {
+            r.snat = gw_addr.and_then(|a| match a.addr() {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            });
+        }
+        r.default = upstream.map(DefaultRoute::External);
+        for leg in r.legs.values() {
+            let (dev, outer) = snat_names(&leg.port_id);
+            r.snat_legs.insert(
+                dev,
+                SnatLeg {
+                    outer,
+                    bridge: leg.bridge.clone(),
+                    mac: snat_mac(&r.id, &leg.network_id),
+                    mtu: leg.mtu,
+                },
+            );
+        }
+    } else if snat_host.is_some() && !here {
+        // Outbound traffic without a floating IP goes to the SNAT node's leg on the first
+        // internal network.
+        if let Some((dev, leg)) = r
+            .legs
+            .iter()
+            .find(|(_, l)| l.addresses.iter().any(|a| a.addr().is_ipv4()))
+        {
+            r.neighbors.insert(Neighbor {
+                dev: dev.clone(),
+                ip: IpAddr::V4(SNAT_NEXTHOP),
+                mac: snat_mac(&r.id, &leg.network_id),
+            });
+            r.default = Some(DefaultRoute::SnatNode { dev: dev.clone() });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -167,7 +307,7 @@ mod tests {
     #[test]
     fn a_node_runs_the_routers_of_its_networks() {
         let o = sample();
-        let d = desired(&o, "h1");
+        let d = desired(&o, "h1", &Default::default());
         assert_eq!(d.routers.len(), 1);
         let r = d.routers.values().next().unwrap();
         assert!(r.netns.starts_with(&netns_prefix("h1")));
@@ -186,8 +326,8 @@ mod tests {
         );
         assert_ne!(node_mac("h1"), node_mac("h2"));
         // h3 (only on nc, which no router touches) runs nothing.
-        assert!(desired(&o, "h3").routers.is_empty());
-        assert!(!dvr_script(&desired(&o, "h3")).contains("chain"));
-        assert_eq!(desired(&o, "h2").routers.len(), 1);
+        assert!(desired(&o, "h3", &Default::default()).routers.is_empty());
+        assert!(!dvr_script(&desired(&o, "h3", &Default::default())).contains("chain"));
+        assert_eq!(desired(&o, "h2", &Default::default()).routers.len(), 1);
     }
 }

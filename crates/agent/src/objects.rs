@@ -10,7 +10,7 @@ use crate::kernel::HostRoute;
 use crate::view::{LocalPort, NetworkInfo, NodeView, PortKind, RemotePort};
 use ipnet::IpNet;
 use isthmus_wire::stream::{self, Message, ObjectValue};
-pub use isthmus_wire::stream::{Network, NodeInfo, Port, Subnet};
+pub use isthmus_wire::stream::{FloatingIp, Network, NodeInfo, Port, Router, Subnet};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -133,6 +133,20 @@ impl Objects {
         })
     }
 
+    pub fn routers(&self) -> impl Iterator<Item = &Router> {
+        self.by_key.values().filter_map(|o| match &o.value {
+            ObjectValue::Router(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    pub fn floating_ips(&self) -> impl Iterator<Item = &FloatingIp> {
+        self.by_key.values().filter_map(|o| match &o.value {
+            ObjectValue::FloatingIp(f) => Some(f),
+            _ => None,
+        })
+    }
+
     pub fn port(&self, id: &str) -> Option<&Port> {
         self.ports().find(|p| p.id == id)
     }
@@ -189,7 +203,7 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
     let mut local_nets = std::collections::BTreeSet::new();
     for p in objects.ports() {
         let (id, net, mac, host) = (&p.id, &p.network_id, &p.mac_address, &p.host_id);
-        if id.is_empty() || net.is_empty() || mac.is_empty() || host != node {
+        if id.is_empty() || net.is_empty() || mac.is_empty() || host != node || router_of(p).is_some() {
             continue;
         }
         local_nets.insert(net.to_string());
@@ -200,9 +214,11 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
             kind: port_kind(&p.device_owner),
         });
     }
-    // Networks a router connects to one of ours: this node routes into them.
-    for nets in router_networks(objects).values() {
-        if nets.iter().any(|n| local_nets.contains(n)) {
+    // Networks a router connects to one of ours, or of a router whose gateway is here: this
+    // node routes into them.
+    let snat_for: std::collections::BTreeSet<&str> = gateway_routers(objects, node).collect();
+    for (r, nets) in &router_networks(objects) {
+        if nets.iter().any(|n| local_nets.contains(n)) || snat_for.contains(r.as_str()) {
             view.routed
                 .extend(nets.iter().filter(|n| !local_nets.contains(*n)).cloned());
         }
@@ -226,12 +242,44 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
             node_ip: *ip,
         });
     }
+    // Routers whose SNAT node is another: their SNAT legs' MACs live there.
+    let routed = router_networks(objects);
+    for g in objects
+        .ports()
+        .filter(|p| is_gateway(p) && !p.host_id.is_empty() && p.host_id != node)
+    {
+        let Some(ip) = node_ips.get(&g.host_id) else { continue };
+        for net in routed.get(&g.device_id).into_iter().flatten() {
+            if view.networks.contains_key(net) {
+                view.remote_ports.push(RemotePort {
+                    id: format!("snat/{}/{net}", g.device_id),
+                    network_id: net.clone(),
+                    mac: crate::routing::snat_mac(&g.device_id, net),
+                    node_ip: *ip,
+                });
+            }
+        }
+    }
     view
 }
 
-/// Whether a port is an interface of a router, and of which.
+/// Whether a port is an interface or the gateway of a router, and of which.
 pub fn router_of(p: &Port) -> Option<&str> {
-    (p.device_owner.starts_with("network:router_interface") && !p.device_id.is_empty()).then_some(p.device_id.as_str())
+    ((p.device_owner.starts_with("network:router_interface") || is_gateway(p)) && !p.device_id.is_empty())
+        .then_some(p.device_id.as_str())
+}
+
+/// Whether a port is a router's gateway (its host is the router's SNAT node).
+pub fn is_gateway(p: &Port) -> bool {
+    p.device_owner == "network:router_gateway"
+}
+
+/// Routers whose gateway port is bound to `node` (it is their SNAT node).
+pub fn gateway_routers<'a>(objects: &'a Objects, node: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    objects
+        .ports()
+        .filter(move |p| is_gateway(p) && p.host_id == node && !p.device_id.is_empty())
+        .map(|p| p.device_id.as_str())
 }
 
 /// Router id → the networks its interface ports are on.
@@ -258,7 +306,7 @@ pub fn status_fixes(
     let mut out = vec![];
     for p in objects.ports() {
         let id = p.id.as_str();
-        if id.is_empty() || p.host_id != node {
+        if id.is_empty() || p.host_id != node || router_of(p).is_some() {
             continue;
         }
         let present = devices.contains(&crate::names::tap(id));

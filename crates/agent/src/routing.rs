@@ -5,7 +5,7 @@
 use crate::names;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// One interface of a router on this node.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -40,6 +40,80 @@ pub struct RouterNs {
     /// By router-end device name.
     pub legs: BTreeMap<String, Leg>,
     pub neighbors: BTreeSet<Neighbor>,
+    /// The leg on the external network (a host bridge), when this node serves the router's
+    /// gateway or one of its floating IPs.
+    pub external: Option<ExternalLeg>,
+    /// On the router's SNAT node: one address-less leg per internal network (by device), the
+    /// next hop other nodes send outbound traffic to (by MAC, over VXLAN).
+    pub snat_legs: BTreeMap<String, SnatLeg>,
+    /// Source address for SNAT (this node is the router's SNAT node and SNAT is on).
+    pub snat: Option<Ipv4Addr>,
+    /// Floating IPs of local ports: (floating, fixed).
+    pub fips: BTreeSet<(Ipv4Addr, Ipv4Addr)>,
+    /// Where traffic for outside the router's subnets goes by default.
+    pub default: Option<DefaultRoute>,
+    /// Static routes (`extraroute`): destination, next hop.
+    pub routes: BTreeSet<(IpNet, IpAddr)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalLeg {
+    pub dev: String,
+    pub outer: String,
+    /// The host bridge the physical network is mapped to.
+    pub bridge: String,
+    pub mac: String,
+    pub mtu: u32,
+    pub addresses: BTreeSet<IpNet>,
+    /// The external subnet's gateway (the upstream router).
+    pub gateway: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SnatLeg {
+    pub outer: String,
+    pub bridge: String,
+    pub mac: String,
+    pub mtu: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DefaultRoute {
+    /// Through the external leg to the upstream router (on the SNAT node).
+    External(Ipv4Addr),
+    /// To the SNAT node's leg on one internal network: [`SNAT_NEXTHOP`] on this leg device,
+    /// a permanent neighbour at that leg's MAC.
+    SnatNode { dev: String },
+}
+
+/// The next hop other nodes use for the SNAT node (link-local; only a neighbour entry and a
+/// route in each router namespace, never on a wire).
+pub const SNAT_NEXTHOP: Ipv4Addr = Ipv4Addr::new(169, 254, 95, 1);
+
+/// The routing table floating IPs' sources use (their default route is the external leg).
+pub const FIP_TABLE: u32 = 95;
+
+/// The MAC of router `router`'s SNAT leg on network `network` (the same on every node, so
+/// other nodes can send to it before they hear anything from it).
+pub fn snat_mac(router: &str, network: &str) -> String {
+    hashed_mac(&format!("snat/{router}/{network}"))
+}
+
+/// The MAC of router `router`'s external leg on node `node` when it only carries floating IPs.
+pub fn fip_mac(router: &str, node: &str) -> String {
+    hashed_mac(&format!("fip/{router}/{node}"))
+}
+
+/// Names of router `router`'s external leg (inside, outside).
+pub fn external_names(router: &str) -> (String, String) {
+    let id: String = router.chars().take(11).collect();
+    (format!("qg-{id}"), format!("rg-{id}"))
+}
+
+/// Names of the SNAT leg beside interface port `port` (inside, outside).
+pub fn snat_names(port: &str) -> (String, String) {
+    let id: String = port.chars().take(11).collect();
+    (format!("sg-{id}"), format!("rs-{id}"))
 }
 
 /// The routers of one node, by namespace name.
@@ -59,8 +133,12 @@ pub const DVR_TABLE: &str = "isthmus-dvr";
 /// their VXLAN port and send their own workloads' traffic away. Locally administered
 /// (`fa:16:3f`, as Neutron's DVR base), stable: a hash of the node's name.
 pub fn node_mac(node: &str) -> String {
+    hashed_mac(node)
+}
+
+fn hashed_mac(name: &str) -> String {
     let mut h: u32 = 0x811c_9dc5;
-    for b in node.bytes() {
+    for b in name.bytes() {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
@@ -130,4 +208,36 @@ pub(crate) fn short(s: &str) -> String {
 pub fn leg_names(port_id: &str) -> (String, String) {
     let id: String = port_id.chars().take(11).collect();
     (format!("qr-{id}"), format!("rl-{id}"))
+}
+
+/// The router namespace's NAT table: floating IPs both ways, then SNAT of everything else
+/// leaving by the external leg (SNAT node only). A whole replacement, applied in one go.
+pub const NAT_TABLE: &str = "isthmus-nat";
+
+pub fn nat_script(r: &RouterNs) -> String {
+    let mut s = format!("table ip {NAT_TABLE}\ndelete table ip {NAT_TABLE}\n");
+    let Some(ext) = &r.external else { return s };
+    if r.fips.is_empty() && r.snat.is_none() {
+        return s;
+    }
+    s.push_str(&format!("table ip {NAT_TABLE} {{\n"));
+    s.push_str("    chain pre {\n        type nat hook prerouting priority dstnat; policy accept;\n");
+    for (floating, fixed) in &r.fips {
+        s.push_str(&format!("        ip daddr {floating} dnat to {fixed}\n"));
+    }
+    s.push_str("    }\n    chain post {\n        type nat hook postrouting priority srcnat; policy accept;\n");
+    for (floating, fixed) in &r.fips {
+        s.push_str(&format!(
+            "        oifname \"{}\" ip saddr {fixed} snat to {floating}\n",
+            ext.dev
+        ));
+    }
+    if let Some(gw) = r.snat {
+        s.push_str(&format!(
+            "        oifname \"{}\" ip saddr != {gw} snat to {gw}\n",
+            ext.dev
+        ));
+    }
+    s.push_str("    }\n}\n");
+    s
 }

@@ -63,6 +63,10 @@ pub struct AgentConfig {
     pub dhcp_lease_secs: u32,
     /// How often CNI leftovers (pool ports left plumbed, ports of failed ADDs) are swept.
     pub orphan_sweep: Duration,
+    /// Physical network name → host bridge.
+    pub physical_networks: crate::l3::PhysicalNetworks,
+    /// Offer this node as a SNAT gateway (the `gateway` capability).
+    pub gateway: bool,
 }
 
 impl AgentConfig {
@@ -82,6 +86,8 @@ impl AgentConfig {
             pool_idle: Duration::from_secs(600),
             dhcp_lease_secs: 86400,
             orphan_sweep: Duration::from_secs(60),
+            physical_networks: Default::default(),
+            gateway: false,
         }
     }
 }
@@ -134,7 +140,7 @@ impl<K: Kernel + 'static> Agent<K> {
             },
         )?);
         let kernel = Arc::new(kernel);
-        let state = NodeState::new(&config.node, config.underlay_ip);
+        let state = NodeState::with_physical(&config.node, config.underlay_ip, config.physical_networks.clone());
         let pools = Arc::new(Pools::default());
         let l2 = L2Controller::new(kernel.clone(), state.clone());
         let doomed = {
@@ -277,7 +283,11 @@ impl<K: Kernel + 'static> Agent<K> {
             last_failures = failures.clone();
             let hb = Heartbeat {
                 underlay_ip: self.config.underlay_ip.to_string(),
-                capabilities: vec![],
+                capabilities: if self.config.gateway {
+                    vec!["gateway".to_string()]
+                } else {
+                    vec![]
+                },
                 restarted,
                 converged_revision,
                 failures,

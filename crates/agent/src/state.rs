@@ -33,6 +33,8 @@ pub struct Snapshot {
 pub struct NodeState {
     pub node: String,
     pub underlay_ip: IpAddr,
+    /// Physical network name → host bridge (external and provider networks).
+    pub physical: crate::l3::PhysicalNetworks,
     view: Mutex<ViewState>,
     generation: watch::Sender<u64>,
     /// The node stream is up (a message arrived on the current connection).
@@ -43,9 +45,14 @@ pub struct NodeState {
 
 impl NodeState {
     pub fn new(node: &str, underlay_ip: IpAddr) -> Arc<Self> {
+        Self::with_physical(node, underlay_ip, Default::default())
+    }
+
+    pub fn with_physical(node: &str, underlay_ip: IpAddr, physical: crate::l3::PhysicalNetworks) -> Arc<Self> {
         Arc::new(NodeState {
             node: node.to_string(),
             underlay_ip,
+            physical,
             view: Mutex::new(ViewState {
                 objects: Objects::default(),
                 synced: false,
@@ -125,7 +132,7 @@ impl NodeState {
                 revision: v.objects.revision,
                 view: to_view(&v.objects, &self.node, Some(self.underlay_ip)),
                 firewall: Arc::new(crate::security::desired(&v.objects, &self.node)),
-                l3: Arc::new(crate::l3::desired(&v.objects, &self.node)),
+                l3: Arc::new(crate::l3::desired(&v.objects, &self.node, &self.physical)),
             })
         };
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());

@@ -73,6 +73,14 @@ struct AgentArgs {
     /// Seconds between sweeps for CNI leftovers (pool ports left plumbed, ports of failed ADDs).
     #[arg(long, env = "ISTHMUS_ORPHAN_SWEEP_SECS", default_value_t = 60)]
     orphan_sweep_secs: u64,
+    /// A physical network and the host bridge it is on, `NAME=BRIDGE` (repeatable), e.g.
+    /// `public=br-ext`: external (flat) networks on NAME reach the outside through BRIDGE.
+    #[arg(long = "physical-network", env = "ISTHMUS_PHYSICAL_NETWORKS", value_delimiter = ',')]
+    physical_networks: Vec<String>,
+    /// This node may be chosen as routers' SNAT gateway (it needs the external networks'
+    /// physical networks mapped).
+    #[arg(long, env = "ISTHMUS_GATEWAY")]
+    gateway: bool,
 }
 
 async fn run_agent(a: AgentArgs) -> Result<()> {
@@ -89,6 +97,16 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     c.heartbeat = std::time::Duration::from_secs(a.heartbeat_secs.max(1));
     c.pool_size = a.pool_size.min(64);
     c.orphan_sweep = std::time::Duration::from_secs(a.orphan_sweep_secs.max(1));
+    for m in &a.physical_networks {
+        let (name, bridge) = m
+            .split_once('=')
+            .filter(|(n, b)| !n.is_empty() && isthmus_agent::kernel::valid_ifname(b))
+            .ok_or_else(|| {
+                anyhow::anyhow!("--physical-network {m:?}: expected NAME=BRIDGE with a valid bridge name")
+            })?;
+        c.physical_networks.insert(name.to_string(), bridge.to_string());
+    }
+    c.gateway = a.gateway;
     isthmus_agent::runtime::run(c, shutdown_signal()).await
 }
 

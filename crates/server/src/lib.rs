@@ -38,6 +38,8 @@ pub struct ServerHandle {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Follows the cache for the node streams; stopped with the server.
     fanout: tokio::task::JoinHandle<()>,
+    /// Binds routers' gateways to living gateway nodes; stopped with the server.
+    snat_scheduler: tokio::task::JoinHandle<()>,
 }
 
 impl ServerHandle {
@@ -56,6 +58,7 @@ impl ServerHandle {
             }
         }
         self.fanout.abort();
+        self.snat_scheduler.abort();
     }
     /// Waits until the server stops by itself (it normally does not).
     pub async fn wait(self) {
@@ -98,6 +101,7 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
 
     // Node views are built before any stream can open.
     let fanout = neutron::nodeview::start_fanout(state.clone());
+    let snat_scheduler = neutron::l3sched::start(state.clone());
     // Requests run to completion even when their client goes away: see `serve`.
     let id_router = identity::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
     let net_router = neutron::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
@@ -135,6 +139,7 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         shutdown,
         tasks,
         fanout,
+        snat_scheduler,
     })
 }
 

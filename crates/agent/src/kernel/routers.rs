@@ -4,7 +4,7 @@
 //! Each call reads what is there (`ip -j`) and changes only what differs.
 
 use super::KernelError;
-use crate::routing::{leg_names, RouterNs};
+use crate::routing::{leg_names, DefaultRoute, RouterNs, FIP_TABLE, SNAT_NEXTHOP};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -61,14 +61,69 @@ pub fn remove_router(netns: &str) -> Result<(), KernelError> {
     ip(&["netns", "delete", netns]).map(|_| ())
 }
 
+/// One veth leg of a router namespace as the kernel must have it.
+struct VethLeg<'a> {
+    dev: &'a str,
+    outer: String,
+    bridge: &'a str,
+    mac: &'a str,
+    mtu: u32,
+    addresses: Option<&'a BTreeSet<ipnet::IpNet>>,
+    /// The bridge is told the leg's MAC (it never sends, so would never learn it).
+    static_fdb: bool,
+}
+
+fn veth_legs(r: &RouterNs) -> Vec<VethLeg<'_>> {
+    let mut out: Vec<VethLeg<'_>> = r
+        .legs
+        .iter()
+        .map(|(dev, l)| VethLeg {
+            dev,
+            outer: leg_names(&l.port_id).1,
+            bridge: &l.bridge,
+            mac: &l.mac,
+            mtu: l.mtu,
+            addresses: Some(&l.addresses),
+            static_fdb: false,
+        })
+        .collect();
+    out.extend(r.snat_legs.iter().map(|(dev, l)| VethLeg {
+        dev,
+        outer: l.outer.clone(),
+        bridge: &l.bridge,
+        mac: &l.mac,
+        mtu: l.mtu,
+        addresses: None,
+        static_fdb: true,
+    }));
+    if let Some(e) = &r.external {
+        out.push(VethLeg {
+            dev: &e.dev,
+            outer: e.outer.clone(),
+            bridge: &e.bridge,
+            mac: &e.mac,
+            mtu: e.mtu,
+            addresses: Some(&e.addresses),
+            static_fdb: false,
+        });
+    }
+    out
+}
+
+/// Router-end device name prefixes this module owns inside a router namespace.
+const LEG_PREFIXES: [&str; 3] = ["qr-", "qg-", "sg-"];
+
 /// Brings router namespace `r.netns` to `r`: the namespace, forwarding on, a leg per interface
-/// (address, MAC, MTU, in its bridge), the permanent neighbour entries.
+/// (address, MAC, MTU, in its bridge), SNAT legs, the external leg, permanent neighbours,
+/// default and static routes, floating IP rules and the NAT table.
 pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
     let ns = r.netns.as_str();
     if !Path::new(NETNS_DIR).join(ns).exists() {
         ip(&["netns", "add", ns])?;
     }
     ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    // Reverse-path filtering off: traffic for the SNAT node arrives on a leg that is not the
+    // way back to its source.
     ip(&[
         "netns",
         "exec",
@@ -78,42 +133,51 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
         "net.ipv4.ip_forward=1",
         "net.ipv4.conf.all.send_redirects=0",
         "net.ipv4.conf.default.send_redirects=0",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
     ])?;
 
-    // Legs: router ends present in the namespace, by name.
+    let legs = veth_legs(r);
     let links = ip_json(&["-j", "-n", ns, "link", "show"])?;
     let have: BTreeMap<String, &Value> = links
         .iter()
         .filter_map(|l| Some((l["ifname"].as_str()?.to_string(), l)))
-        .filter(|(n, _)| n.starts_with("qr-"))
+        .filter(|(n, _)| LEG_PREFIXES.iter().any(|p| n.starts_with(p)))
         .collect();
-    for dev in have.keys().filter(|d| !r.legs.contains_key(*d)) {
+    for dev in have.keys().filter(|d| !legs.iter().any(|l| l.dev == d.as_str())) {
         ip(&["-n", ns, "link", "delete", dev])?;
     }
-    for (dev, leg) in &r.legs {
-        let (_, outer) = leg_names(&leg.port_id);
+    for leg in &legs {
+        let (dev, outer) = (leg.dev, leg.outer.as_str());
         let mtu = leg.mtu.to_string();
         match have.get(dev) {
             None => {
                 // A leftover outer end (its namespace was deleted by hand) is in the way.
-                let _ = ip(&["link", "delete", &outer]);
+                let _ = ip(&["link", "delete", outer]);
                 ip(&[
-                    "link", "add", &outer, "mtu", &mtu, "type", "veth", "peer", "name", dev, "netns", ns,
+                    "link", "add", outer, "mtu", &mtu, "type", "veth", "peer", "name", dev, "netns", ns,
                 ])?;
             }
             Some(l) => {
                 let addr = l["address"].as_str().unwrap_or_default();
                 let up = l["operstate"].as_str() == Some("UP") || l["flags"].to_string().contains("\"UP\"");
                 let mtu_now = l["mtu"].as_u64().unwrap_or_default();
-                if addr == leg.mac && up && mtu_now == u64::from(leg.mtu) && outer_ok(&outer, &leg.bridge) {
+                if addr == leg.mac && up && mtu_now == u64::from(leg.mtu) && outer_ok(outer, leg.bridge) {
                     continue;
                 }
             }
         }
         // The outer end is a bridge port and nothing more: no IPv6 chatter from it.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{outer}/disable_ipv6"), "1");
-        ip(&["link", "set", &outer, "master", &leg.bridge, "mtu", &mtu, "up"])?;
-        ip(&["-n", ns, "link", "set", dev, "address", &leg.mac, "mtu", &mtu, "up"])?;
+        ip(&["link", "set", outer, "master", leg.bridge, "mtu", &mtu, "up"])?;
+        ip(&["-n", ns, "link", "set", dev, "address", leg.mac, "mtu", &mtu, "up"])?;
+        if leg.static_fdb {
+            Command::new("bridge")
+                .args(["fdb", "replace", leg.mac, "dev", outer, "master", "static"])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| KernelError::io("running bridge fdb", e))?;
+        }
     }
 
     // Permanent neighbours, one batch of changes, before the addresses: once an address
@@ -146,23 +210,26 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
     if !batch.is_empty() {
         ip_batch(ns, &batch)?;
     }
-    // Addresses on each leg.
-    for (dev, leg) in &r.legs {
+
+    // Addresses on each leg; a gateway or floating IP that (re)appears is announced: a host
+    // whose entry for it went stale while it was gone (or points at another node) would
+    // otherwise wait for its next ARP probe.
+    for leg in &legs {
+        let Some(want_addrs) = leg.addresses else { continue };
+        let dev = leg.dev;
         let now: BTreeSet<String> = ip_json(&["-j", "-n", ns, "addr", "show", "dev", dev])?
             .iter()
             .flat_map(|i| i["addr_info"].as_array().cloned().unwrap_or_default())
             .filter(|a| a["scope"].as_str() == Some("global"))
             .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"].as_u64()?)))
             .collect();
-        let want: BTreeSet<String> = leg.addresses.iter().map(|a| a.to_string()).collect();
+        let want: BTreeSet<String> = want_addrs.iter().map(|a| a.to_string()).collect();
         for a in now.difference(&want) {
             ip(&["-n", ns, "addr", "del", a, "dev", dev])?;
         }
         for a in want.difference(&now) {
             ip(&["-n", ns, "addr", "add", a, "dev", dev])?;
         }
-        // A gateway that (re)appears is announced: a workload whose entry for it went stale
-        // while it was gone would otherwise wait for its next ARP probe, up to a second.
         let mac = leg.mac.parse::<crate::desired::MacAddr>().ok().map(|m| m.0);
         for addr in want.difference(&now) {
             let v4 = addr
@@ -177,7 +244,100 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
         }
     }
 
-    Ok(())
+    routes(r)?;
+    super::netns::piped(
+        "ip",
+        &["netns", "exec", ns, "nft", "-f", "-"],
+        &crate::routing::nat_script(r),
+        &format!("nft in {ns}"),
+    )
+}
+
+/// Routes this module owns carry `proto static`: the default route, static routes, and the
+/// floating IP table; floating IPs' sources are steered by rules at [`RULE_PRIORITY`].
+const RULE_PRIORITY: u32 = 1000;
+
+fn routes(r: &RouterNs) -> Result<(), KernelError> {
+    let ns = r.netns.as_str();
+    let table = FIP_TABLE.to_string();
+    // What should be there, as `ip route` arguments keyed by (table, destination).
+    let mut want: BTreeMap<(String, String), String> = BTreeMap::new();
+    match &r.default {
+        Some(DefaultRoute::External(gw)) => {
+            if let Some(e) = &r.external {
+                want.insert(
+                    ("main".into(), "default".into()),
+                    format!("default via {gw} dev {} onlink proto static", e.dev),
+                );
+            }
+        }
+        Some(DefaultRoute::SnatNode { dev }) => {
+            want.insert(
+                ("main".into(), "default".into()),
+                format!("default via {SNAT_NEXTHOP} dev {dev} onlink proto static"),
+            );
+        }
+        None => {}
+    }
+    for (dst, via) in &r.routes {
+        // `ip -j` shows a host route without its /32 (or /128).
+        let d = dst.trunc();
+        let key = if d.prefix_len() == d.max_prefix_len() {
+            d.addr().to_string()
+        } else {
+            d.to_string()
+        };
+        want.insert(("main".into(), key), format!("{d} via {via} proto static"));
+    }
+    if let (Some(e), false) = (&r.external, r.fips.is_empty()) {
+        if let Some(gw) = e.gateway {
+            want.insert(
+                (table.clone(), "default".into()),
+                format!("default via {gw} dev {} onlink proto static table {table}", e.dev),
+            );
+        }
+    }
+    let mut batch = String::new();
+    for t in ["main", table.as_str()] {
+        for route in ip_json(&["-j", "-n", ns, "route", "show", "table", t, "proto", "static"])? {
+            let dst = route["dst"].as_str().unwrap_or_default().to_string();
+            if !want.contains_key(&(t.to_string(), dst.clone())) {
+                batch.push_str(&format!("route del {dst} table {t}\n"));
+            }
+        }
+    }
+    for args in want.values() {
+        batch.push_str(&format!("route replace {args}\n"));
+    }
+    // Floating IP sources: their own table, after the main table's specific routes.
+    let rules = ip_json(&["-j", "-n", ns, "rule", "show"])?;
+    let have: BTreeSet<String> = rules
+        .iter()
+        .filter(|x| x["priority"].as_u64() == Some(u64::from(RULE_PRIORITY)))
+        .filter_map(|x| x["src"].as_str().map(str::to_string))
+        .collect();
+    let want_src: BTreeSet<String> = r.fips.iter().map(|(_, fixed)| fixed.to_string()).collect();
+    let suppress = rules
+        .iter()
+        .any(|x| x["priority"].as_u64() == Some(u64::from(RULE_PRIORITY - 1)));
+    if !want_src.is_empty() && !suppress {
+        batch.push_str(&format!(
+            "rule add priority {} lookup main suppress_prefixlength 0\n",
+            RULE_PRIORITY - 1
+        ));
+    }
+    for src in have.difference(&want_src) {
+        batch.push_str(&format!("rule del priority {RULE_PRIORITY} from {src}\n"));
+    }
+    for src in want_src.difference(&have) {
+        batch.push_str(&format!(
+            "rule add priority {RULE_PRIORITY} from {src} lookup {table}\n"
+        ));
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    ip_batch(ns, &batch)
 }
 
 /// Whether a leg's outer end exists, is up and is a port of `bridge`.

@@ -17,6 +17,7 @@ mod agents;
 mod common;
 mod default_sg;
 mod http;
+pub mod l3sched;
 pub mod liveness;
 mod lookup;
 mod networks;
