@@ -333,9 +333,87 @@ fn free_port(ip: &str) -> u16 {
         .port()
 }
 
+/// The world outside the tenant networks: an "outside" namespace with a bridge every node's
+/// `br-ext` is plugged into (the flat physical network `public`, 203.0.113.0/24 with the
+/// upstream router at .1) and an external host (198.51.100.10) behind that router.
+pub struct Outside {
+    pub ns: Ns,
+    pub host: Ns,
+}
+
+pub const PHYSNET: &str = "public";
+pub const EXT_BRIDGE: &str = "br-ext";
+pub const UPSTREAM: &str = "203.0.113.1";
+pub const EXT_CIDR: &str = "203.0.113.0/24";
+pub const EXTERNAL_HOST: &str = "198.51.100.10";
+
+impl Outside {
+    fn new() -> Outside {
+        let ns = Ns::new();
+        let host = Ns::new();
+        ns.ip(&["link", "add", "ext", "type", "bridge"]);
+        ns.ip(&["addr", "add", &format!("{UPSTREAM}/24"), "dev", "ext"]);
+        ns.ip(&["link", "set", "ext", "up"]);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&[
+            "link", "add", "tohost", "type", "veth", "peer", "name", "eth0", "netns", &host.name,
+        ]);
+        ns.ip(&["addr", "add", "198.51.100.1/24", "dev", "tohost"]);
+        ns.ip(&["link", "set", "tohost", "up"]);
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        host.ip(&["addr", "add", &format!("{EXTERNAL_HOST}/24"), "dev", "eth0"]);
+        host.ip(&["link", "set", "eth0", "up"]);
+        host.ip(&["link", "set", "lo", "up"]);
+        host.ip(&["route", "add", "default", "via", "198.51.100.1"]);
+        Outside { ns, host }
+    }
+
+    /// Plugs node namespace `node` (index `i`) into the physical network: its `br-ext`.
+    fn plug(&self, node: &Ns, i: usize) {
+        node.ip(&["link", "add", EXT_BRIDGE, "type", "bridge"]);
+        node.ip(&["link", "set", EXT_BRIDGE, "up"]);
+        let outer = format!("n{i}");
+        node.ip(&[
+            "link",
+            "add",
+            "ext0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &outer,
+            "netns",
+            &self.ns.name,
+        ]);
+        node.ip(&["link", "set", "ext0", "master", EXT_BRIDGE, "up"]);
+        self.ns.ip(&["link", "set", &outer, "master", "ext", "up"]);
+    }
+}
+
+/// What a test bed starts with beyond its nodes.
+#[derive(Debug, Clone, Default)]
+pub struct Opts {
+    pub server_process: bool,
+    /// The agents' full sync period (3 s when 0).
+    pub resync_secs: u64,
+    /// An outside world (see [`Outside`]), every node plugged into it, and these nodes
+    /// offered as SNAT gateways. Agents heartbeat every second and the server takes a node
+    /// for dead after 4 s, so a gateway's death is noticed quickly.
+    pub outside: Option<Vec<usize>>,
+}
+
 pub struct Testbed {
     // Drop order matters: nodes (agents, namespaces), then the bridge, the server, the store.
     pub nodes: Vec<Node>,
+    pub outside: Option<Outside>,
     pub underlay: Underlay,
     pub server: Server,
     pub http: reqwest::Client,
@@ -364,6 +442,25 @@ impl Testbed {
     /// elsewhere, for drift repair; a test of what a change alone does wants it rare, or the
     /// change could be applied by a full sync instead).
     pub async fn start_opts(n: usize, server_process: bool, resync_secs: u64) -> Testbed {
+        Self::start_full(
+            n,
+            Opts {
+                server_process,
+                resync_secs,
+                outside: None,
+            },
+        )
+        .await
+    }
+
+    /// A test bed as `opts` says.
+    pub async fn start_full(n: usize, opts: Opts) -> Testbed {
+        let Opts {
+            server_process,
+            resync_secs,
+            outside,
+        } = opts;
+        let resync_secs = if resync_secs == 0 { 3 } else { resync_secs };
         crate::support::require_root();
         let bin = tokio::task::spawn_blocking(isthmus_bin).await.expect("build task");
         let underlay = Underlay::new();
@@ -410,6 +507,11 @@ impl Testbed {
                 network_listen: listen,
                 admin_password: Some(ADMIN_PASSWORD.into()),
                 password_hash_kib: 64,
+                agent_down_secs: if outside.is_some() {
+                    4
+                } else {
+                    Config::default().agent_down_secs
+                },
                 ..Config::default()
             };
             let store = isthmus_store::embedded::EmbeddedStore::open(&dir.path().join("store")).expect("store");
@@ -422,8 +524,10 @@ impl Testbed {
         };
         wait_ready(&http, &identity_url, &network_url).await;
         let admin_token = token(&http, &identity_url, "admin", ADMIN_PASSWORD, "admin").await;
+        let gateways = outside.clone().unwrap_or_default();
         let mut tb = Testbed {
             nodes: vec![],
+            outside: outside.map(|_| Outside::new()),
             underlay,
             server,
             http,
@@ -482,7 +586,7 @@ impl Testbed {
                 "--resync-secs",
                 &resync_secs.to_string(),
                 "--heartbeat-secs",
-                "2",
+                if tb.outside.is_some() { "1" } else { "2" },
             ]
             .iter()
             .map(|s| s.to_string())
@@ -491,6 +595,13 @@ impl Testbed {
             // catalog; with a server process they are told.
             if server_process {
                 args.extend(["--network-url".to_string(), tb.network_url.clone()]);
+            }
+            if let Some(o) = &tb.outside {
+                o.plug(&ns, i);
+                args.extend(["--physical-network".to_string(), format!("{PHYSNET}={EXT_BRIDGE}")]);
+                if gateways.contains(&i) {
+                    args.push("--gateway".to_string());
+                }
             }
             let mut node = Node {
                 root_end,
