@@ -330,4 +330,90 @@ mod tests {
         assert!(!dvr_script(&desired(&o, "h3", &Default::default())).contains("chain"));
         assert_eq!(desired(&o, "h2", &Default::default()).routers.len(), 1);
     }
+
+    fn with_gateway() -> Objects {
+        let mut o = sample();
+        let objects = vec![
+            obj(
+                "/isthmus/v1/networks/ext",
+                "network",
+                json!({"id": "ext", "provider:segmentation_id": null, "mtu": 1500,
+                    "provider:network_type": "flat", "provider:physical_network": "public"}),
+            ),
+            obj(
+                "/isthmus/v1/subnets/sx",
+                "subnet",
+                json!({"id": "sx", "network_id": "ext", "cidr": "203.0.113.0/24", "gateway_ip": "203.0.113.1"}),
+            ),
+            obj(
+                "/isthmus/v1/ports/g1",
+                "port",
+                json!({"id": "g1", "network_id": "ext", "binding:host_id": "h2",
+                    "mac_address": "fa:16:3e:00:00:99", "device_owner": "network:router_gateway", "device_id": "r1",
+                    "fixed_ips": [{"subnet_id": "sx", "ip_address": "203.0.113.10"}]}),
+            ),
+            obj(
+                "/isthmus/v1/routers/r1",
+                "router",
+                json!({"id": "r1", "external_gateway_info": {"network_id": "ext", "enable_snat": true,
+                    "external_fixed_ips": [{"subnet_id": "sx", "ip_address": "203.0.113.10"}]},
+                    "routes": [{"destination": "192.0.2.0/24", "nexthop": "10.1.0.200"}]}),
+            ),
+            obj(
+                "/isthmus/v1/floatingips/f1",
+                "floatingip",
+                json!({"id": "f1", "floating_network_id": "ext", "floating_ip_address": "203.0.113.50",
+                    "port_id": "p01", "fixed_ip_address": "10.1.0.5", "router_id": "r1"}),
+            ),
+        ];
+        o.apply(Message::Update {
+            revision: Some(2),
+            put: objects,
+            delete: vec![],
+        });
+        o
+    }
+
+    #[test]
+    fn floating_ips_live_on_their_port_node_and_snat_on_the_gateway_node() {
+        let o = with_gateway();
+        let phys = PhysicalNetworks::from([("public".to_string(), "br-ext".to_string())]);
+        // h1: the floating IP's node; SNAT elsewhere, reached through the SNAT leg's MAC.
+        let d = desired(&o, "h1", &phys);
+        let r = d.routers.values().next().unwrap();
+        let e = r.external.as_ref().expect("external leg for the floating IP");
+        assert_eq!(e.bridge, "br-ext");
+        assert_eq!(e.addresses, BTreeSet::from(["203.0.113.50/32".parse().unwrap()]));
+        assert_eq!(e.mac, fip_mac("r1", "h1"));
+        assert_eq!(e.gateway, Some("203.0.113.1".parse().unwrap()));
+        assert_eq!(r.fips.len(), 1);
+        assert_eq!(r.snat, None);
+        assert!(r.snat_legs.is_empty());
+        let Some(DefaultRoute::SnatNode { dev }) = &r.default else { panic!("{:?}", r.default) };
+        assert!(r.neighbors.iter().any(|n| &n.dev == dev
+            && n.ip == IpAddr::V4(SNAT_NEXTHOP)
+            && n.mac == snat_mac("r1", &r.legs[dev].network_id)));
+        assert_eq!(r.routes.len(), 1);
+        let nat = nat_script(r);
+        assert!(nat.contains("ip daddr 203.0.113.50 dnat to 10.1.0.5"), "{nat}");
+        assert!(nat.contains("ip saddr 10.1.0.5 snat to 203.0.113.50"), "{nat}");
+        assert!(!nat.contains("snat to 203.0.113.10"), "{nat}");
+        // h2: the SNAT node, with the gateway address and a SNAT leg per internal network.
+        let d = desired(&o, "h2", &phys);
+        let r = d.routers.values().next().unwrap();
+        let e = r.external.as_ref().expect("external leg on the SNAT node");
+        assert_eq!(e.addresses, BTreeSet::from(["203.0.113.10/24".parse().unwrap()]));
+        assert_eq!(e.mac, "fa:16:3e:00:00:99");
+        assert_eq!(r.snat, Some("203.0.113.10".parse().unwrap()));
+        assert_eq!(r.snat_legs.len(), 2);
+        assert_eq!(r.default, Some(DefaultRoute::External("203.0.113.1".parse().unwrap())));
+        assert!(nat_script(r).contains("snat to 203.0.113.10"));
+        // Without the physical network mapped, no external leg (and nothing to NAT).
+        let d = desired(&o, "h1", &PhysicalNetworks::new());
+        let r = d.routers.values().next().unwrap();
+        assert!(r.external.is_none());
+        assert!(!nat_script(r).contains("dnat"));
+        // h3 has no port on the router's networks and is not its gateway: nothing.
+        assert!(desired(&o, "h3", &phys).routers.is_empty());
+    }
 }
