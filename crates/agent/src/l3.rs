@@ -389,7 +389,9 @@ mod tests {
         assert_eq!(r.fips.len(), 1);
         assert_eq!(r.snat, None);
         assert!(r.snat_legs.is_empty());
-        let Some(DefaultRoute::SnatNode { dev }) = &r.default else { panic!("{:?}", r.default) };
+        let Some(DefaultRoute::SnatNode { dev }) = &r.default else {
+            panic!("{:?}", r.default)
+        };
         assert!(r.neighbors.iter().any(|n| &n.dev == dev
             && n.ip == IpAddr::V4(SNAT_NEXTHOP)
             && n.mac == snat_mac("r1", &r.legs[dev].network_id)));

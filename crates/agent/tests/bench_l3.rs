@@ -12,20 +12,26 @@
 //!   echo comes back. Latency per node and round; p50/p99 over all. Then the interface is
 //!   removed and the next round waits until no node reaches B.
 //!
+//! - `l3_fip_throughput`: TCP throughput (iperf3, 1 stream) from the external host (outside
+//!   namespace) to a workload on node0 through its floating IP (DNAT in node0's router
+//!   namespace) against routed east-west (a workload on subnet B on node1 to the same
+//!   workload), interleaved; `fip_ratio` = floating IP / routed (medians).
+//!
 //! Knobs: `ISTHMUS_BENCH_NODES` (10), `ISTHMUS_BENCH_ROUNDS` (3 throughput rounds; 10
 //! convergence rounds), `ISTHMUS_BENCH_IPERF_SECS` (3).
 
 mod support;
 mod testbed;
 
+use reqwest::Method;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::bench::{env_usize, iperf, median, percentile};
+use support::bench::{env_usize, iperf, iperf_to, median, percentile};
 use support::{reaches, udp_in, until, Ns};
-use testbed::Testbed;
+use testbed::{Opts, Testbed, EXT_CIDR, PHYSNET, UPSTREAM};
 
 fn figure(key: &str, value: f64) {
     println!("L3_FIGURE {key} {value:.3}");
@@ -188,4 +194,96 @@ async fn l3_convergence() {
     );
     figure("converge_p50_ms", p50);
     figure("converge_p99_ms", p99);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: scripts/bench-l3.sh"]
+async fn l3_fip_throughput() {
+    support::require_root();
+    let rounds = env_usize("ISTHMUS_BENCH_ROUNDS", 3);
+    let secs = env_usize("ISTHMUS_BENCH_IPERF_SECS", 3);
+    let tb = Testbed::start_full(
+        2,
+        Opts {
+            outside: Some(vec![1]),
+            ..Default::default()
+        },
+    )
+    .await;
+    let admin = tb.admin_token.clone();
+    let ext = tb
+        .create(
+            &admin,
+            "networks",
+            "network",
+            json!({"name": "public", "router:external": true,
+                "provider:network_type": "flat", "provider:physical_network": PHYSNET}),
+        )
+        .await;
+    let ext_id = ext["id"].as_str().unwrap().to_string();
+    tb.create(
+        &admin,
+        "subnets",
+        "subnet",
+        json!({"network_id": ext_id, "cidr": EXT_CIDR, "ip_version": 4, "gateway_ip": UPSTREAM, "enable_dhcp": false}),
+    )
+    .await;
+    let (na, sa) = tb.network_as(&admin, "bench-a", "10.50.1.0/24").await;
+    let (nb, sb) = tb.network_as(&admin, "bench-b", "10.50.2.0/24").await;
+    let open = json!({"port_security_enabled": false, "security_groups": []});
+    let (port, dst) = tb.workload_as(&admin, &na, &sa, "10.50.1.10", 0, open).await;
+    let routed_src = workload(&tb, &nb, &sb, "10.50.2.20", 1).await;
+    let router = tb.router_as(&admin, &[&sa, &sb]).await;
+    tb.expect_as(
+        &admin,
+        Method::PUT,
+        &format!("/v2.0/routers/{router}"),
+        json!({"router": {"external_gateway_info": {"network_id": ext_id}}}),
+        200,
+    )
+    .await;
+    let fip = tb
+        .create(
+            &admin,
+            "floatingips",
+            "floatingip",
+            json!({"floating_network_id": ext_id, "port_id": port}),
+        )
+        .await;
+    let fip_ip = fip["floating_ip_address"].as_str().unwrap().to_string();
+    let host = &tb.outside.as_ref().unwrap().host;
+    until(20, "routed path up", true, || {
+        reaches(&routed_src, "10.50.2.20", &dst, "10.50.1.10")
+    })
+    .await;
+    // Warm-up (iperf_to retries while the floating IP is being set up).
+    iperf_to(&dst, "10.50.1.10", host, &fip_ip, 1);
+    let (mut f, mut r) = (vec![], vec![]);
+    for round in 0..rounds {
+        for fip_first in [round % 2 == 0, round % 2 == 1] {
+            let gbps = if fip_first {
+                iperf_to(&dst, "10.50.1.10", host, &fip_ip, secs)
+            } else {
+                iperf(&dst, "10.50.1.10", &routed_src, secs)
+            };
+            println!(
+                "round {round}: {} {gbps:.2} Gbit/s",
+                if fip_first { "floating IP" } else { "routed" }
+            );
+            if fip_first {
+                f.push(gbps);
+            } else {
+                r.push(gbps);
+            }
+        }
+    }
+    let (mf, mr) = (median(&f), median(&r));
+    println!(
+        "TCP throughput into a workload on node0, iperf3 -t {secs}, 1 stream, median of {rounds} interleaved rounds: \
+         from the external host through its floating IP {mf:.2} Gbit/s, routed from node1 {mr:.2} Gbit/s, ratio {:.3}",
+        mf / mr
+    );
+    figure("fip_gbps", mf);
+    figure("fip_routed_gbps", mr);
+    figure("fip_ratio", mf / mr);
 }

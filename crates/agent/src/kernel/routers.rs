@@ -118,9 +118,35 @@ const LEG_PREFIXES: [&str; 3] = ["qr-", "qg-", "sg-"];
 /// default and static routes, floating IP rules and the NAT table.
 pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
     let ns = r.netns.as_str();
-    if !Path::new(NETNS_DIR).join(ns).exists() {
-        ip(&["netns", "add", ns])?;
+    let links = if Path::new(NETNS_DIR).join(ns).exists() {
+        ip_json(&["-j", "-n", ns, "link", "show"])?
+    } else {
+        vec![]
+    };
+    // A namespace is set up once (every process spawned here delays routing on a busy node);
+    // one that lost its loopback or settings is remade by removing it.
+    if links.is_empty() {
+        let _ = ip(&["netns", "add", ns]);
+        setup_namespace(ns)?;
     }
+    let had_external = links
+        .iter()
+        .any(|l| l["ifname"].as_str().is_some_and(|n| n.starts_with("qg-")));
+    apply_legs(r, &links)?;
+    apply_neighbours_and_addresses(r)?;
+    if north_south(r) || had_external || has_static_routes(ns)? {
+        apply_north_south(r, had_external)?;
+    }
+    Ok(())
+}
+
+/// Whether routes this module owns are left in the namespace (a router that lost its
+/// gateway or static routes).
+fn has_static_routes(ns: &str) -> Result<bool, KernelError> {
+    Ok(!ip_json(&["-j", "-n", ns, "route", "show", "table", "all", "proto", "static"])?.is_empty())
+}
+
+fn setup_namespace(ns: &str) -> Result<(), KernelError> {
     ip(&["-n", ns, "link", "set", "lo", "up"])?;
     // Reverse-path filtering off: traffic for the SNAT node arrives on a leg that is not the
     // way back to its source.
@@ -135,10 +161,13 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
         "net.ipv4.conf.default.send_redirects=0",
         "net.ipv4.conf.all.rp_filter=0",
         "net.ipv4.conf.default.rp_filter=0",
-    ])?;
+    ])
+    .map(|_| ())
+}
 
+fn apply_legs(r: &RouterNs, links: &[Value]) -> Result<(), KernelError> {
+    let ns = r.netns.as_str();
     let legs = veth_legs(r);
-    let links = ip_json(&["-j", "-n", ns, "link", "show"])?;
     let have: BTreeMap<String, &Value> = links
         .iter()
         .filter_map(|l| Some((l["ifname"].as_str()?.to_string(), l)))
@@ -147,22 +176,43 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
     for dev in have.keys().filter(|d| !legs.iter().any(|l| l.dev == d.as_str())) {
         ip(&["-n", ns, "link", "delete", dev])?;
     }
+    // The outer ends, read once: (bridge, up) by name.
+    let outers: BTreeMap<String, (String, bool)> = if legs.iter().any(|l| have.contains_key(l.dev)) {
+        ip_json(&["-j", "link", "show", "type", "veth"])?
+            .iter()
+            .filter_map(|l| {
+                Some((
+                    l["ifname"].as_str()?.to_string(),
+                    (
+                        l["master"].as_str().unwrap_or_default().to_string(),
+                        l["flags"].to_string().contains("\"UP\""),
+                    ),
+                ))
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
     for leg in &legs {
         let (dev, outer) = (leg.dev, leg.outer.as_str());
         let mtu = leg.mtu.to_string();
         match have.get(dev) {
             None => {
-                // A leftover outer end (its namespace was deleted by hand) is in the way.
-                let _ = ip(&["link", "delete", outer]);
-                ip(&[
+                let add = [
                     "link", "add", outer, "mtu", &mtu, "type", "veth", "peer", "name", dev, "netns", ns,
-                ])?;
+                ];
+                if ip(&add).is_err() {
+                    // A leftover outer end (its namespace was deleted by hand) is in the way.
+                    let _ = ip(&["link", "delete", outer]);
+                    ip(&add)?;
+                }
             }
             Some(l) => {
                 let addr = l["address"].as_str().unwrap_or_default();
                 let up = l["operstate"].as_str() == Some("UP") || l["flags"].to_string().contains("\"UP\"");
                 let mtu_now = l["mtu"].as_u64().unwrap_or_default();
-                if addr == leg.mac && up && mtu_now == u64::from(leg.mtu) && outer_ok(outer, leg.bridge) {
+                let outer_ok = outers.get(outer).is_some_and(|(m, up)| m == leg.bridge && *up);
+                if addr == leg.mac && up && mtu_now == u64::from(leg.mtu) && outer_ok {
                     continue;
                 }
             }
@@ -180,6 +230,12 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
         }
     }
 
+    Ok(())
+}
+
+fn apply_neighbours_and_addresses(r: &RouterNs) -> Result<(), KernelError> {
+    let ns = r.netns.as_str();
+    let legs = veth_legs(r);
     // Permanent neighbours, one batch of changes, before the addresses: once an address
     // brings its route, a packet must not find the neighbour unresolved and ARP for it.
     let now: BTreeSet<(String, String, String)> = ip_json(&["-j", "-n", ns, "neigh", "show", "nud", "permanent"])?
@@ -214,11 +270,13 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
     // Addresses on each leg; a gateway or floating IP that (re)appears is announced: a host
     // whose entry for it went stale while it was gone (or points at another node) would
     // otherwise wait for its next ARP probe.
+    let all = ip_json(&["-j", "-n", ns, "addr", "show"])?;
     for leg in &legs {
         let Some(want_addrs) = leg.addresses else { continue };
         let dev = leg.dev;
-        let now: BTreeSet<String> = ip_json(&["-j", "-n", ns, "addr", "show", "dev", dev])?
+        let now: BTreeSet<String> = all
             .iter()
+            .filter(|i| i["ifname"].as_str() == Some(dev))
             .flat_map(|i| i["addr_info"].as_array().cloned().unwrap_or_default())
             .filter(|a| a["scope"].as_str() == Some("global"))
             .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"].as_u64()?)))
@@ -244,13 +302,27 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
         }
     }
 
+    Ok(())
+}
+
+/// Whether the router has anything beyond east-west legs here.
+fn north_south(r: &RouterNs) -> bool {
+    r.external.is_some() || r.default.is_some() || !r.routes.is_empty() || !r.fips.is_empty()
+}
+
+fn apply_north_south(r: &RouterNs, had_external: bool) -> Result<(), KernelError> {
+    let ns = r.netns.as_str();
     routes(r)?;
-    super::netns::piped(
-        "ip",
-        &["netns", "exec", ns, "nft", "-f", "-"],
-        &crate::routing::nat_script(r),
-        &format!("nft in {ns}"),
-    )
+    // The NAT table only ever exists with an external leg.
+    if r.external.is_some() || had_external {
+        super::netns::piped(
+            "ip",
+            &["netns", "exec", ns, "nft", "-f", "-"],
+            &crate::routing::nat_script(r),
+            &format!("nft in {ns}"),
+        )?;
+    }
+    Ok(())
 }
 
 /// Routes this module owns carry `proto static`: the default route, static routes, and the
@@ -338,14 +410,6 @@ fn routes(r: &RouterNs) -> Result<(), KernelError> {
         return Ok(());
     }
     ip_batch(ns, &batch)
-}
-
-/// Whether a leg's outer end exists, is up and is a port of `bridge`.
-fn outer_ok(outer: &str, bridge: &str) -> bool {
-    ip_json(&["-j", "link", "show", "dev", outer]).is_ok_and(|l| {
-        l.first()
-            .is_some_and(|l| l["master"].as_str() == Some(bridge) && l["flags"].to_string().contains("\"UP\""))
-    })
 }
 
 fn ip_batch(ns: &str, batch: &str) -> Result<(), KernelError> {

@@ -66,10 +66,16 @@ impl Drop for IperfServer {
 /// One iperf3 run (TCP, 1 stream, `secs` seconds) from `client` to `ip` in `server`: Gbit/s
 /// received. Prints the sender's retransmits, which tell drops from CPU cost.
 pub fn iperf(server: &Ns, ip: &str, client: &Ns, secs: usize) -> f64 {
+    iperf_to(server, ip, client, ip, secs)
+}
+
+/// Like [`iperf`], the server listening on `bind` and the client connecting to `ip` (an
+/// address translated to `bind` on the way, e.g. a floating IP).
+pub fn iperf_to(server: &Ns, bind: &str, client: &Ns, ip: &str, secs: usize) -> f64 {
     let secs = secs.to_string();
     let mut last = String::new();
     for _attempt in 0..5 {
-        let _srv = IperfServer::start(server, ip);
+        let _srv = IperfServer::start(server, bind);
         // The server needs a moment to listen; a refused connection is retried below.
         std::thread::sleep(Duration::from_millis(300));
         let out = Command::new("timeout")
