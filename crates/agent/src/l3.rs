@@ -82,6 +82,7 @@ pub fn desired(objects: &Objects, node: &str, physical: &PhysicalNetworks) -> L3
                         mtu: net.mtu.unwrap_or(1450) as u32,
                         mac: p.mac_address.to_ascii_lowercase(),
                         addresses: port_addresses(objects, p),
+                        ra: advertised(objects, p),
                     },
                 );
                 for q in ports.iter().filter(|q| router_of(q) != Some(rid.as_str())) {
@@ -107,6 +108,19 @@ pub fn desired(objects: &Objects, node: &str, physical: &PhysicalNetworks) -> L3
         out.routers.insert(r.netns.clone(), r);
     }
     out
+}
+
+/// The IPv6 subnets of an interface port that routers advertise, with their mode.
+fn advertised(objects: &Objects, p: &isthmus_wire::stream::Port) -> BTreeSet<(IpNet, RaMode)> {
+    p.fixed_ips
+        .iter()
+        .filter_map(|f| {
+            let s = objects.subnet(&f.subnet_id)?;
+            let mode = RaMode::parse(s.other.get("ipv6_ra_mode")?.as_str()?)?;
+            let cidr: IpNet = s.cidr.parse().ok()?;
+            cidr.addr().is_ipv6().then_some((cidr, mode))
+        })
+        .collect()
 }
 
 /// A port's fixed IPs with their subnets' prefix lengths.

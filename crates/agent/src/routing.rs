@@ -21,6 +21,60 @@ pub struct Leg {
     pub mac: String,
     /// Gateway addresses with their subnets' prefix lengths.
     pub addresses: BTreeSet<IpNet>,
+    /// IPv6 prefixes advertised on this leg (subnets with an `ipv6_ra_mode`).
+    pub ra: BTreeSet<(IpNet, RaMode)>,
+}
+
+/// A subnet's `ipv6_ra_mode`: what router advertisements tell hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RaMode {
+    /// Addresses by SLAAC (prefix "autonomous").
+    Slaac,
+    /// SLAAC, and other configuration by DHCPv6 ("O").
+    Stateless,
+    /// Addresses by DHCPv6 ("M", prefix not autonomous).
+    Stateful,
+}
+
+impl RaMode {
+    pub fn parse(s: &str) -> Option<RaMode> {
+        match s {
+            "slaac" => Some(RaMode::Slaac),
+            "dhcpv6-stateless" => Some(RaMode::Stateless),
+            "dhcpv6-stateful" => Some(RaMode::Stateful),
+            _ => None,
+        }
+    }
+}
+
+/// A router advertisement for a leg with MAC `mac` and MTU `mtu` announcing `prefixes`: the
+/// ICMPv6 message (type 134) without its checksum, which the kernel fills in for raw ICMPv6
+/// sockets. Router lifetime 1800 s, prefixes valid 2592000 s and preferred 604800 s (radvd's
+/// defaults).
+pub fn router_advertisement(mac: [u8; 6], mtu: u32, prefixes: &[(IpNet, RaMode)]) -> Vec<u8> {
+    let managed = prefixes.iter().any(|(_, m)| *m == RaMode::Stateful);
+    let other = managed || prefixes.iter().any(|(_, m)| *m == RaMode::Stateless);
+    let mut p = vec![134, 0, 0, 0, 64];
+    p.push(if managed { 0x80 } else { 0 } | if other { 0x40 } else { 0 });
+    p.extend_from_slice(&1800u16.to_be_bytes());
+    p.extend_from_slice(&[0; 8]); // reachable time, retransmission timer: unspecified
+                                  // Source link-layer address.
+    p.extend_from_slice(&[1, 1]);
+    p.extend_from_slice(&mac);
+    // MTU.
+    p.extend_from_slice(&[5, 1, 0, 0]);
+    p.extend_from_slice(&mtu.to_be_bytes());
+    for (net, mode) in prefixes {
+        let IpNet::V6(v6) = net.trunc() else { continue };
+        p.extend_from_slice(&[3, 4, v6.prefix_len()]);
+        // On-link; autonomous unless addresses come from DHCPv6.
+        p.push(0x80 | if *mode == RaMode::Stateful { 0 } else { 0x40 });
+        p.extend_from_slice(&2_592_000u32.to_be_bytes());
+        p.extend_from_slice(&604_800u32.to_be_bytes());
+        p.extend_from_slice(&[0; 4]);
+        p.extend_from_slice(&v6.addr().octets());
+    }
+    p
 }
 
 /// A permanent neighbour entry in a router namespace.
@@ -184,6 +238,10 @@ pub fn dvr_script(d: &L3Desired) -> String {
         ));
     }
     s.push_str(&format!(
+        "        oifname \"{}*\" ether saddr @gw_macs icmpv6 type nd-router-advert drop comment \"each node advertises its own legs\"\n",
+        names::VXLAN_PREFIX
+    ));
+    s.push_str(&format!(
         "        oifname \"{}*\" ether saddr @gw_macs ether saddr set {} comment \"routed here\"\n",
         names::VXLAN_PREFIX,
         d.node_mac
@@ -240,4 +298,30 @@ pub fn nat_script(r: &RouterNs) -> String {
     }
     s.push_str("    }\n}\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertisements_carry_flags_mtu_and_prefixes_per_mode() {
+        let mac = [0xfa, 0x16, 0x3e, 0, 0, 1];
+        let p = router_advertisement(mac, 1450, &[("2001:db8:1::1/64".parse().unwrap(), RaMode::Slaac)]);
+        assert_eq!((p[0], p[4], p[5]), (134, 64, 0));
+        assert_eq!(u16::from_be_bytes([p[6], p[7]]), 1800);
+        assert_eq!(&p[16..24], &[1, 1, 0xfa, 0x16, 0x3e, 0, 0, 1]);
+        assert_eq!(u32::from_be_bytes([p[28], p[29], p[30], p[31]]), 1450);
+        // Prefix information: /64, on-link and autonomous, the prefix itself (host bits off).
+        assert_eq!(&p[32..36], &[3, 4, 64, 0xc0]);
+        assert_eq!(&p[48..56], &[0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0]);
+        assert!(p[56..64].iter().all(|b| *b == 0));
+        assert_eq!(p.len(), 64);
+        let stateful = router_advertisement(mac, 1450, &[("2001:db8:2::/64".parse().unwrap(), RaMode::Stateful)]);
+        assert_eq!(stateful[5], 0xc0, "managed and other");
+        assert_eq!(stateful[35], 0x80, "on-link, not autonomous");
+        let stateless = router_advertisement(mac, 1450, &[("2001:db8:3::/64".parse().unwrap(), RaMode::Stateless)]);
+        assert_eq!(stateless[5], 0x40, "other only");
+        assert_eq!(stateless[35], 0xc0);
+    }
 }

@@ -120,6 +120,24 @@ impl<B: Routers + Links> L3Controller<B> {
                 }
             }
         }
+        // Router advertisements on the legs of IPv6 subnets in an RA mode.
+        let ads = snap
+            .l3
+            .routers
+            .values()
+            .flat_map(|r| {
+                r.legs.iter().filter(|(_, l)| !l.ra.is_empty()).filter_map(|(dev, l)| {
+                    let mac = l.mac.parse::<crate::desired::MacAddr>().ok()?;
+                    let prefixes: Vec<_> = l.ra.iter().cloned().collect();
+                    Some(crate::kernel::ra::Advert {
+                        netns: r.netns.clone(),
+                        dev: dev.clone(),
+                        packet: crate::routing::router_advertisement(mac.0, l.mtu, &prefixes),
+                    })
+                })
+            })
+            .collect();
+        self.backend.advertise(ads);
         if due && out.failures.is_empty() {
             *self.last_full.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         }

@@ -27,6 +27,7 @@ struct State {
     firewall_fails: bool,
     /// Router namespaces as last applied.
     routers: BTreeMap<String, crate::routing::RouterNs>,
+    pub adverts: Vec<super::ra::Advert>,
 }
 
 impl State {
@@ -329,6 +330,10 @@ impl super::Routers for FakeKernel {
 
     async fn apply_dvr(&self, _script: String) -> Result<(), KernelError> {
         Ok(())
+    }
+
+    fn advertise(&self, ads: Vec<super::ra::Advert>) {
+        self.lock().adverts = ads;
     }
 }
 

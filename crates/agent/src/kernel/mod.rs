@@ -11,6 +11,7 @@ mod fake;
 mod netlink;
 pub mod netns;
 mod nltxn;
+pub mod ra;
 pub mod routers;
 
 pub use fake::FakeKernel;
@@ -197,6 +198,9 @@ pub trait Routers: Send + Sync {
 
     /// Runs the DVR table's nft script (one transaction) in the node's namespace.
     fn apply_dvr(&self, script: String) -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// Replaces the router legs that send router advertisements (and what they send).
+    fn advertise(&self, ads: Vec<ra::Advert>);
 }
 
 /// Looking into workload namespaces (CNI CHECK).

@@ -50,6 +50,8 @@ pub struct NetlinkKernel {
     port_dumps: tokio::sync::Mutex<()>,
     /// Bulk forwarding-entry writes on a socket of their own, opened on first use.
     batch: tokio::sync::OnceCell<super::batch::FdbBatcher>,
+    /// Router advertisements on router legs (a thread, started with the first leg).
+    ra: super::ra::RaService,
 }
 
 /// The parts of a link message the agent cares about.
@@ -185,6 +187,7 @@ impl NetlinkKernel {
             fdb_devs: Default::default(),
             dumps: Default::default(),
             batch: Default::default(),
+            ra: Default::default(),
         })
     }
 
@@ -200,6 +203,7 @@ impl NetlinkKernel {
             fdb_devs: Default::default(),
             dumps: Default::default(),
             batch: Default::default(),
+            ra: Default::default(),
         })
     }
 
@@ -768,6 +772,10 @@ impl super::Routers for NetlinkKernel {
 
     async fn apply_dvr(&self, script: String) -> Result<(), KernelError> {
         run_in_netns(self.netns.as_deref(), move || super::netns::nft(&script)).await
+    }
+
+    fn advertise(&self, ads: Vec<super::ra::Advert>) {
+        self.ra.set(ads);
     }
 }
 

@@ -428,3 +428,75 @@ fn send_garp(dev: &str, ip: std::net::Ipv4Addr, mac: [u8; 6]) -> Result<(), Kern
     }
     Ok(())
 }
+
+/// A raw ICMPv6 socket bound to `dev` inside the namespace at `netns`, for router
+/// advertisements: hop limit 255 (hosts ignore neighbour discovery with less), non-blocking.
+/// Returns the socket and the interface index.
+pub fn icmpv6_socket_in(netns: &Path, dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
+    let ns = open_netns(netns)?;
+    let dev = dev.to_string();
+    std::thread::Builder::new()
+        .name("isthmus-ra".into())
+        .spawn(move || {
+            enter(&ns.0, &ns.1)?;
+            icmpv6_socket(&dev)
+        })
+        .map_err(|e| KernelError::io("spawning a netns worker thread", e))?
+        .join()
+        .map_err(|_| KernelError::io("ICMPv6 socket", std::io::Error::other("worker panicked")))?
+}
+
+fn icmpv6_socket(dev: &str) -> Result<(std::os::fd::OwnedFd, u32), KernelError> {
+    use std::os::fd::OwnedFd;
+    let err = |what: &str| KernelError::io(format!("{what} for {dev}"), std::io::Error::last_os_error());
+    let cname =
+        std::ffi::CString::new(dev).map_err(|_| KernelError::io("interface name", std::io::Error::other("NUL")))?;
+    // SAFETY: plain syscalls with valid arguments; results are checked.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(err("if_nametoindex"));
+    }
+    // SAFETY: as above.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMPV6,
+        )
+    };
+    if fd < 0 {
+        return Err(err("socket(ICMPv6)"));
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let hops: libc::c_int = 255;
+    for opt in [libc::IPV6_MULTICAST_HOPS, libc::IPV6_UNICAST_HOPS] {
+        // SAFETY: a pointer to a live c_int of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                opt,
+                &hops as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(err("setsockopt(hop limit)"));
+        }
+    }
+    // SAFETY: the name's bytes, alive across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            cname.as_ptr() as *const libc::c_void,
+            cname.as_bytes().len() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(err("SO_BINDTODEVICE"));
+    }
+    Ok((fd, ifindex))
+}

@@ -161,6 +161,11 @@ fn setup_namespace(ns: &str) -> Result<(), KernelError> {
         "net.ipv4.conf.default.send_redirects=0",
         "net.ipv4.conf.all.rp_filter=0",
         "net.ipv4.conf.default.rp_filter=0",
+        // IPv6 routing; gateway addresses usable at once (no duplicate detection: every
+        // node's leg carries the same gateway address by design).
+        "net.ipv6.conf.all.forwarding=1",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
     ])
     .map(|_| ())
 }
