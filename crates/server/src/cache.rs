@@ -7,7 +7,7 @@
 //! reads hand out the decoded objects instead of parsing JSON on every call.
 
 use crate::identity::model::{Project, Role, User};
-use isthmus_model::{keys, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{keys, FloatingIp, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::{DynStore, EventKind, KeyValue, Revision, TxnResult, WatchEvent};
 use serde::de::DeserializeOwned;
 use std::any::Any;
@@ -50,6 +50,9 @@ impl Typed for SecurityGroup {
 impl Typed for SecurityGroupRule {
     const COLLECTION: &'static str = "security_group_rules";
 }
+impl Typed for FloatingIp {
+    const COLLECTION: &'static str = "floatingips";
+}
 impl Typed for Node {
     const COLLECTION: &'static str = "nodes";
 }
@@ -69,6 +72,7 @@ const DECODERS: &[(&str, Decoder)] = &[
     (Router::COLLECTION, decode_as::<Router>),
     (SecurityGroup::COLLECTION, decode_as::<SecurityGroup>),
     (SecurityGroupRule::COLLECTION, decode_as::<SecurityGroupRule>),
+    (FloatingIp::COLLECTION, decode_as::<FloatingIp>),
     (Node::COLLECTION, decode_as::<Node>),
     (Project::COLLECTION, decode_as::<Project>),
     (User::COLLECTION, decode_as::<User>),
