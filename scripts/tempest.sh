@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-regex=${1:-'^tempest\.api\.network\.(test_networks|test_networks_negative|test_ports|test_security_groups|test_security_groups_negative|test_extensions|test_versions|test_tags)'}
+regex=${1:-'^tempest\.api\.network\.(test_networks|test_networks_negative|test_ports|test_security_groups|test_security_groups_negative|test_extensions|test_versions|test_tags|test_routers|test_routers_negative|test_floating_ips|test_floating_ips_negative|admin\.test_external_network_extension|admin\.test_external_networks_negative|admin\.test_routers|admin\.test_routers_negative|admin\.test_floating_ips_admin_actions)\b'}
 workers=${TEMPEST_WORKERS:-4}
 bin=$root/target/release/isthmus
 [ -x "$bin" ] || cargo build --release -p isthmus-cli
@@ -46,11 +46,18 @@ for i in $(seq 1 $((workers * 2 + 2))); do
   osc role add --project "tp$i" --user "tu$i" member >/dev/null
   printf -- '- username: tu%s\n  project_name: tp%s\n  password: %s\n  domain_name: Default\n  roles: [member]\n' "$i" "$i" "$pw" >>"$acc"
 done
-for i in 1 2; do
+# Admin test classes lock an admin account each too.
+for i in $(seq 1 $((workers + 2))); do
   osc user create --domain Default --project admin --password "$pw" "tadmin$i" >/dev/null
   osc role add --project admin --user "tadmin$i" admin >/dev/null
   printf -- '- username: tadmin%s\n  project_name: admin\n  password: %s\n  domain_name: Default\n  roles: [admin]\n' "$i" "$pw" >>"$acc"
 done
+
+# The external network routers get their gateways on and floating IPs come from: flat, on a
+# documentation range, no DHCP.
+osc network create --external --provider-network-type flat --provider-physical-network public public >/dev/null
+osc subnet create --network public --subnet-range 203.0.113.0/24 --gateway 203.0.113.1 --no-dhcp public-v4 >/dev/null
+public_id=$(osc network show public -f value -c id)
 
 # Tell tempest exactly the extensions the server advertises.
 token=$(osc token issue -f value -c id)
@@ -89,7 +96,8 @@ project_network_mask_bits = 28
 project_network_v6_cidr = 2001:db8::/48
 project_network_v6_mask_bits = 64
 project_networks_reachable = false
-public_network_id =
+public_network_id = $public_id
+floating_network_name = public
 [network-feature-enabled]
 ipv6 = true
 ipv6_subnet_attributes = true

@@ -24,3 +24,12 @@ pub fn vni_alloc(vni: u32) -> String {
     format!("{ROOT}vni/{vni}")
 }
 pub const VNI_PREFIX: &str = "/isthmus/v1/vni/";
+/// Held while a physical network carries a flat network; value is the network id.
+pub fn flat_alloc(physical_network: &str) -> String {
+    format!("{ROOT}flat/{physical_network}")
+}
+/// Held while a floating IP is associated with `fixed_ip` of port `port_id`; value is the
+/// floating IP's id. One floating IP per (port, fixed address).
+pub fn fip_assoc(port_id: &str, fixed_ip: &str) -> String {
+    format!("{ROOT}fip_assoc/{port_id}/{fixed_ip}")
+}

@@ -5,7 +5,7 @@ use crate::cache::Typed;
 use crate::identity::AuthContext;
 use crate::AppState;
 use isthmus_model::validate::Body;
-use isthmus_model::{Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{FloatingIp, Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::{Compare, Op, Revision};
 use serde_json::Value;
 use std::sync::Arc;
@@ -30,6 +30,9 @@ impl Stored for Port {
 }
 impl Stored for Router {
     const NOT_FOUND: (&'static str, &'static str) = ("Router", "Router");
+}
+impl Stored for FloatingIp {
+    const NOT_FOUND: (&'static str, &'static str) = ("FloatingIP", "Floating IP");
 }
 impl Stored for SecurityGroup {
     const NOT_FOUND: (&'static str, &'static str) = ("SecurityGroup", "Security group");
@@ -92,8 +95,9 @@ impl Ctx<'_> {
         self.state.cache.list_typed()
     }
 
+    /// Shared and external networks are visible to every project, as in Neutron.
     pub fn network_visible(&self, n: &Network) -> bool {
-        self.admin() || self.owns(&n.project_id) || n.shared
+        self.admin() || self.owns(&n.project_id) || n.shared || n.external
     }
 
     /// A network the caller may see, or NetworkNotFound.

@@ -3,12 +3,16 @@
 
 use super::common::{not_found, Ctx, NResult};
 use crate::cache::Typed;
-use isthmus_model::{keys, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{keys, FloatingIp, Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::Revision;
 use serde_json::Value;
 
 /// The device owner of a router's interface ports.
 pub const INTERFACE_OWNER: &str = "network:router_interface";
+/// The device owner of a router's gateway port on an external network.
+pub const GATEWAY_OWNER: &str = "network:router_gateway";
+/// The device owner of the port holding a floating IP's address.
+pub const FLOATINGIP_OWNER: &str = "network:floatingip";
 
 /// Store key of object `id` of type `T`.
 pub fn key<T: Typed>(id: &str) -> String {
@@ -81,4 +85,37 @@ pub fn default_group_id(ctx: &Ctx<'_>, project: &str) -> Option<String> {
         .cache
         .get(&default_sg_key(project))
         .and_then(|kv| String::from_utf8(kv.value.clone()).ok())
+}
+
+/// The floating IPs associated with port `port_id`, with their revisions.
+pub fn fips_of_port(ctx: &Ctx<'_>, port_id: &str) -> Vec<(FloatingIp, Revision)> {
+    ctx.all::<FloatingIp>()
+        .into_iter()
+        .filter(|(f, _)| f.port_id.as_deref() == Some(port_id))
+        .map(|(f, r)| ((*f).clone(), r))
+        .collect()
+}
+
+/// The floating IPs associated through router `router_id`.
+pub fn fips_of_router(ctx: &Ctx<'_>, router_id: &str) -> Vec<FloatingIp> {
+    ctx.all::<FloatingIp>()
+        .into_iter()
+        .filter(|(f, _)| f.router_id.as_deref() == Some(router_id))
+        .map(|(f, _)| (*f).clone())
+        .collect()
+}
+
+/// The external network a gateway or floating IP is on: 404 if the caller cannot see it,
+/// 400 if it is not external.
+pub fn external_network(ctx: &Ctx<'_>, id: &str, resource: &str) -> NResult<Network> {
+    let (n, _) = ctx
+        .get::<Network>(id)
+        .filter(|(n, _)| ctx.network_visible(n))
+        .ok_or_else(|| not_found::<Network>(id))?;
+    if !n.external {
+        return Err(NeutronError::bad_request(format!(
+            "Bad {resource} request: Network {id} is not a valid external network."
+        )));
+    }
+    Ok(n)
 }

@@ -7,7 +7,7 @@
 //! Module layers (each imports only from layers below it):
 //! - handlers: this module, `tags`, `nodeports`, `nodeview`, `agents`, `router_interfaces`;
 //! - `registry`: the list of resources;
-//! - resources: `networks`, `subnets`, `ports`, `routers`, `security_groups`, each
+//! - resources: `networks`, `subnets`, `ports`, `routers`, `floatingips`, `security_groups`, each
 //!   implementing `resource::Resource`;
 //! - shared operations: `resource` (the trait and the generic request handling), `portops`,
 //!   `default_sg`, `lookup`;
@@ -16,6 +16,7 @@
 mod agents;
 mod common;
 mod default_sg;
+mod floatingips;
 mod http;
 pub mod l3sched;
 pub mod liveness;
@@ -78,6 +79,31 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Expose port bindings of a virtual port to external application",
     ),
     (
+        "dvr",
+        "Distributed Virtual Router",
+        "Enables configuration of Distributed Virtual Routers.",
+    ),
+    (
+        "external-net",
+        "Neutron external network",
+        "Adds external network attribute to network resource.",
+    ),
+    (
+        "ext-gw-mode",
+        "Neutron L3 Configurable external gateway mode",
+        "Extension of the router abstraction for specifying whether SNAT should occur on the external gateway",
+    ),
+    (
+        "extraroute",
+        "Neutron Extra Route",
+        "Extra routes configuration for L3 router",
+    ),
+    (
+        "fip-port-details",
+        "Floating IP Port Details Extension",
+        "Add port_details attribute to Floating IP resource",
+    ),
+    (
         "filter-validation",
         "Filter parameters validation",
         "Provides validation on filter parameters.",
@@ -112,6 +138,11 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "revision-if-match",
         "If-Match constraints based on revision_number",
         "Extension indicating that If-Match based on revision_number is supported.",
+    ),
+    (
+        "router",
+        "Neutron L3 Router",
+        "Router abstraction for basic L3 forwarding between L2 Neutron networks and access to external networks via a NAT gateway.",
     ),
     ("security-group", "security-group", "The security groups extension."),
     (

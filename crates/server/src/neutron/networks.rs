@@ -1,14 +1,15 @@
 //! Networks, with their segmentation ids (VXLAN VNIs).
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, now, retry, retry_rev, tags_from, Ctx, NResult, Stored,
+    check_if_match, description_from, json_bytes, new_id, now, policy_denied, retry, retry_rev, tags_from, Ctx,
+    NResult, Stored,
 };
 use super::lookup;
 use super::query::Prefilter;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use isthmus_model::validate::Body;
-use isthmus_model::{keys, Network, NeutronError, Port, StandardAttrs, Subnet};
+use isthmus_model::{keys, FloatingIp, Network, NeutronError, Port, StandardAttrs, Subnet};
 use isthmus_store::{Compare, Op};
 use serde_json::Value;
 
@@ -78,6 +79,96 @@ fn free_vni(ctx: &Ctx<'_>, skip: &[u32]) -> NResult<u32> {
     ))
 }
 
+/// The provider attributes of a new network.
+struct Provider {
+    network_type: String,
+    physical_network: Option<String>,
+    segmentation_id: Option<u32>,
+}
+
+fn flat_in_use(physical_network: &str) -> NeutronError {
+    NeutronError::conflict(
+        "FlatNetworkInUse",
+        format!("Unable to create the flat network. Physical network {physical_network} is in use."),
+    )
+}
+
+/// A physical network's name as the node configuration can map it to a host bridge.
+fn valid_physnet(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// `provider:*` on create (admins only): `vxlan` (the default, optionally with a VNI) or
+/// `flat` on a named physical network.
+fn parse_provider(ctx: &Ctx<'_>, body: &mut Body) -> NResult<Provider> {
+    let keys_given = [
+        "provider:network_type",
+        "provider:segmentation_id",
+        "provider:physical_network",
+    ]
+    .iter()
+    .any(|k| body.contains(k));
+    if keys_given && !ctx.admin() {
+        return Err(NeutronError::forbidden(
+            "Setting provider attributes requires admin privileges",
+        ));
+    }
+    let network_type = body
+        .opt_string("provider:network_type")?
+        .flatten()
+        .unwrap_or_else(|| "vxlan".into());
+    let segmentation_id = body.integer("provider:segmentation_id")?;
+    let physical_network = body.opt_string("provider:physical_network")?.flatten();
+    match network_type.as_str() {
+        "vxlan" => {
+            if physical_network.is_some() {
+                return Err(NeutronError::invalid_input(
+                    "provider:physical_network specified for VXLAN network",
+                ));
+            }
+            let segmentation_id = match segmentation_id {
+                None => None,
+                Some(v) if (1..=16_777_215).contains(&v) => Some(v as u32),
+                Some(v) => {
+                    return Err(NeutronError::invalid_input(format!(
+                        "segmentation_id {v} out of range (1-16777215)"
+                    )))
+                }
+            };
+            Ok(Provider {
+                network_type,
+                physical_network: None,
+                segmentation_id,
+            })
+        }
+        "flat" => {
+            if segmentation_id.is_some() {
+                return Err(NeutronError::invalid_input(
+                    "segmentation_id specified for flat network",
+                ));
+            }
+            let pn = physical_network
+                .ok_or_else(|| NeutronError::invalid_input("physical_network required for flat provider network"))?;
+            if !valid_physnet(&pn) {
+                return Err(NeutronError::invalid_input(format!(
+                    "physical_network '{pn}' is not a valid name (1-64 of A-Z a-z 0-9 _ . -)"
+                )));
+            }
+            Ok(Provider {
+                network_type,
+                physical_network: Some(pn),
+                segmentation_id: None,
+            })
+        }
+        t => Err(NeutronError::invalid_input(format!(
+            "network_type value '{t}' not supported"
+        ))),
+    }
+}
+
 async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
     let name = body.string("name")?.unwrap_or_default();
@@ -100,45 +191,15 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             )))
         }
     };
-    let mut requested_vni = None;
-    if let Some(t) = body.opt_string("provider:network_type")? {
-        if !ctx.admin() {
-            return Err(NeutronError::forbidden(
-                "Setting provider attributes requires admin privileges",
-            ));
-        }
-        if let Some(t) = t {
-            if t != "vxlan" {
-                return Err(NeutronError::invalid_input(format!(
-                    "network_type value '{t}' not supported"
-                )));
-            }
-        }
+    let provider = parse_provider(ctx, &mut body)?;
+    let requested_vni = provider.segmentation_id;
+    let external = body.boolean("router:external")?;
+    if external.is_some() && !ctx.admin() {
+        return Err(policy_denied(
+            "(rule:create_network and rule:create_network:router:external)",
+        ));
     }
-    if body.contains("provider:segmentation_id") {
-        if !ctx.admin() {
-            return Err(NeutronError::forbidden(
-                "Setting provider attributes requires admin privileges",
-            ));
-        }
-        if let Some(v) = body.integer("provider:segmentation_id")? {
-            let (lo, hi) = (ctx.state.config.vni_min as i64, ctx.state.config.vni_max as i64);
-            if !(1..=16_777_215).contains(&v) {
-                return Err(NeutronError::invalid_input(format!(
-                    "segmentation_id {v} out of range (1-16777215)"
-                )));
-            }
-            let _ = (lo, hi);
-            requested_vni = Some(v as u32);
-        }
-    }
-    if let Some(pn) = body.opt_string("provider:physical_network")? {
-        if pn.is_some() {
-            return Err(NeutronError::invalid_input(
-                "provider:physical_network is not supported for vxlan networks",
-            ));
-        }
-    }
+    let external = external.unwrap_or(false);
     if let Some(hints) = body.string_list("availability_zone_hints")? {
         if !hints.is_empty() {
             return Err(NeutronError::invalid_input("availability zones are not supported"));
@@ -173,9 +234,9 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             name: name.clone(),
             admin_state_up,
             shared,
-            external: false,
-            network_type: "vxlan".into(),
-            physical_network: None,
+            external,
+            network_type: provider.network_type.clone(),
+            physical_network: provider.physical_network.clone(),
             mtu,
             status: "ACTIVE".into(),
             segmentation_id: vni,
@@ -188,11 +249,20 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
                 ..StandardAttrs::new(&ts)
             },
         };
-        let cmp = vec![Compare::Absent(keys::vni_alloc(vni)), Compare::Absent(key(&id))];
-        let ops = vec![
+        let mut cmp = vec![Compare::Absent(keys::vni_alloc(vni)), Compare::Absent(key(&id))];
+        let mut ops = vec![
             Op::put(keys::vni_alloc(vni), id.clone()),
             Op::put(key(&id), json_bytes(&net)),
         ];
+        if let Some(pn) = &provider.physical_network {
+            // One flat network per physical network, settled by the transaction.
+            let k = keys::flat_alloc(pn);
+            if ctx.state.cache.contains(&k) {
+                return Err(flat_in_use(pn));
+            }
+            cmp.push(Compare::Absent(k.clone()));
+            ops.push(Op::put(k, id.clone()));
+        }
         Ok((cmp, ops, net))
     })
     .await?;
@@ -221,6 +291,12 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
     if shared.is_some() && !ctx.admin() {
         return Err(NeutronError::forbidden(
             "(rule:update_network and rule:update_network:shared) is disallowed by policy",
+        ));
+    }
+    let external = body.boolean("router:external")?;
+    if external.is_some() && !ctx.admin() {
+        return Err(policy_denied(
+            "(rule:update_network and rule:update_network:router:external)",
         ));
     }
     let port_security_enabled = body.boolean("port_security_enabled")?;
@@ -277,6 +353,27 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
             }
             n.shared = v;
         }
+        if let Some(v) = external {
+            if !v && n.external {
+                // Gateway ports and floating IPs would be left on a network no longer external.
+                let in_use = ctx.all::<Port>().into_iter().any(|(p, _)| {
+                    p.network_id == n.id
+                        && matches!(
+                            p.device_owner.as_str(),
+                            lookup::GATEWAY_OWNER | lookup::FLOATINGIP_OWNER
+                        )
+                });
+                if in_use {
+                    return Err(NeutronError::conflict(
+                        "ExternalNetworkInUse",
+                        format!(
+                            "External network {id} cannot be updated to be made non-external, since it has existing gateway ports."
+                        ),
+                    ));
+                }
+            }
+            n.external = v;
+        }
         if let Some(v) = port_security_enabled {
             n.port_security_enabled = v;
         }
@@ -319,11 +416,18 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     })
     .await?;
     // Phase 2: with the mark in place, the cache is complete for this network.
+    // Floating IPs go with their external network, as in Neutron; like the pool ports below
+    // they do not keep it in use.
     let (ports, pool): (Vec<_>, Vec<_>) = ctx
         .all::<Port>()
         .into_iter()
         .filter(|(p, _)| p.network_id == id)
-        .partition(|(p, _)| !is_free_pool_port(p));
+        .partition(|(p, _)| !is_free_pool_port(p) && p.device_owner != lookup::FLOATINGIP_OWNER);
+    let fips: Vec<_> = ctx
+        .all::<FloatingIp>()
+        .into_iter()
+        .filter(|(f, _)| f.floating_network_id == id)
+        .collect();
     if !ports.is_empty() {
         let mut n = marked.clone();
         n.deleting = false;
@@ -349,6 +453,9 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
         .filter(|s| s.network_id == id)
         .collect();
     let mut ops = vec![Op::delete(key(id)), Op::delete(keys::vni_alloc(marked.segmentation_id))];
+    if let Some(pn) = &marked.physical_network {
+        ops.push(Op::delete(keys::flat_alloc(pn)));
+    }
     for s in &subnets {
         ops.push(Op::delete(lookup::key::<Subnet>(&s.id)));
     }
@@ -363,6 +470,13 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
             ops.push(Op::delete(keys::ip_alloc(&f.subnet_id, &f.ip_address)));
         }
     }
+    for (f, rev) in &fips {
+        cmp.push(Compare::ModRevision(lookup::key::<FloatingIp>(&f.id), *rev));
+        ops.push(Op::delete(lookup::key::<FloatingIp>(&f.id)));
+        if let (Some(p), Some(ip)) = (&f.port_id, &f.fixed_ip_address) {
+            ops.push(Op::delete(keys::fip_assoc(p, ip)));
+        }
+    }
     if ctx.commit(cmp, ops).await?.is_none() {
         return Err(NeutronError::new(
             409,
@@ -370,6 +484,6 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
             "The network changed while it was being deleted; retry",
         ));
     }
-    tracing::info!(network = %id, subnets = subnets.len(), pool_ports = pool.len(), "network deleted");
+    tracing::info!(network = %id, subnets = subnets.len(), pool_ports = pool.len(), floating_ips = fips.len(), "network deleted");
     Ok(())
 }

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::{is_uuid, Body};
 use isthmus_model::{
-    keys, AddressPair, FixedIp, Network, NeutronError, Port, Router, SecurityGroup, StandardAttrs, Subnet,
+    keys, AddressPair, FixedIp, FloatingIp, Network, NeutronError, Port, Router, SecurityGroup, StandardAttrs, Subnet,
 };
 use isthmus_store::{Compare, Op, Revision};
 use rand::seq::SliceRandom;
@@ -59,13 +59,13 @@ impl InFlight {
 }
 
 /// The in-flight keys one request holds; released when it ends, whatever the outcome.
-struct Reservation<'a> {
+pub struct Reservation<'a> {
     set: &'a InFlight,
     held: Vec<String>,
 }
 
 impl<'a> Reservation<'a> {
-    fn new(set: &'a InFlight) -> Self {
+    pub fn new(set: &'a InFlight) -> Self {
         Self { set, held: vec![] }
     }
     fn contains(&self, key: &str) -> bool {
@@ -79,7 +79,7 @@ impl<'a> Reservation<'a> {
             .insert(key.clone());
         self.held.push(key);
     }
-    fn release(&mut self) {
+    pub fn release(&mut self) {
         let mut s = self.set.keys.lock().unwrap_or_else(|p| p.into_inner());
         for k in self.held.drain(..) {
             s.remove(&k);
@@ -93,13 +93,14 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// One requested address: a subnet, an address, or both.
 #[derive(Debug, Clone)]
-struct FixedReq {
-    subnet_id: Option<String>,
-    ip: Option<IpAddr>,
+pub struct FixedReq {
+    pub subnet_id: Option<String>,
+    pub ip: Option<IpAddr>,
 }
 
-fn parse_fixed_ips(items: Vec<Map<String, Value>>) -> NResult<Vec<FixedReq>> {
+pub fn parse_fixed_ips(items: Vec<Map<String, Value>>) -> NResult<Vec<FixedReq>> {
     let mut out = vec![];
     for m in items {
         let mut b = Body::from_map(m);
@@ -613,13 +614,17 @@ pub fn check_router_device(ctx: &Ctx<'_>, owner: &str, device_id: &str, port_pro
 }
 
 /// Neutron's `prevent_l3_port_deletion`, for everyone (admins too): a router's port goes
-/// through the router API. A port without addresses, or whose router or floating IP no longer
-/// exists, is stale and may go. There are no floating IPs here, so such ports are all stale.
+/// through the router API, a floating IP's through the floating IP API. A port without
+/// addresses, or whose router or floating IP no longer exists, is stale and may go.
 fn check_l3_deletion(ctx: &Ctx<'_>, p: &Port) -> NResult<()> {
     if !L3_OWNERS.contains(&p.device_owner.as_str()) || p.fixed_ips.is_empty() {
         return Ok(());
     }
-    let owner_exists = p.device_owner != "network:floatingip" && ctx.get::<Router>(&p.device_id).is_some();
+    let owner_exists = if p.device_owner == lookup::FLOATINGIP_OWNER {
+        ctx.get::<FloatingIp>(&p.device_id).is_some()
+    } else {
+        ctx.get::<Router>(&p.device_id).is_some()
+    };
     if !owner_exists {
         return Ok(());
     }
@@ -943,16 +948,107 @@ async fn delete_port(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>, checked: bo
         if checked {
             check_l3_deletion(ctx, &p)?;
         }
-        let mut ops = vec![
-            Op::delete(key(id)),
-            Op::delete(keys::mac_alloc(&p.network_id, &p.mac_address)),
-        ];
-        for f in &p.fixed_ips {
-            ops.push(Op::delete(keys::ip_alloc(&f.subnet_id, &f.ip_address)));
+        let mut cmp = vec![Compare::ModRevision(key(id), rev)];
+        let mut ops = delete_ops(&p);
+        // Its floating IPs stay, disassociated, as Neutron leaves them.
+        let ts = now();
+        for (mut fip, frev) in lookup::fips_of_port(ctx, id) {
+            cmp.push(Compare::ModRevision(lookup::key::<FloatingIp>(&fip.id), frev));
+            if let Some(ip) = &fip.fixed_ip_address {
+                ops.push(Op::delete(keys::fip_assoc(id, ip)));
+            }
+            fip.port_id = None;
+            fip.fixed_ip_address = None;
+            fip.router_id = None;
+            fip.status = "DOWN".into();
+            fip.std.bump(&ts);
+            ops.push(Op::put(lookup::key::<FloatingIp>(&fip.id), json_bytes(&fip)));
         }
-        Ok((vec![Compare::ModRevision(key(id), rev)], ops, ()))
+        Ok((cmp, ops, ()))
     })
     .await?;
     tracing::debug!(port = %id, "port deleted");
     Ok(())
+}
+
+/// What deleting port `p` writes: the port gone, its MAC and addresses free.
+pub fn delete_ops(p: &Port) -> Vec<Op> {
+    let mut ops = vec![
+        Op::delete(key(&p.id)),
+        Op::delete(keys::mac_alloc(&p.network_id, &p.mac_address)),
+    ];
+    for f in &p.fixed_ips {
+        ops.push(Op::delete(keys::ip_alloc(&f.subnet_id, &f.ip_address)));
+    }
+    ops
+}
+
+/// A port the L3 API owns (a router gateway, a floating IP's address), planned but not
+/// written: the caller commits it in the same transaction as its owner. It belongs to no
+/// project (as Neutron's are admin-owned), has no security groups, and takes `fixed` or else
+/// Neutron's default addresses on the network.
+pub struct ServicePort<'r> {
+    pub id: String,
+    pub network_id: String,
+    pub device_owner: &'static str,
+    pub device_id: String,
+    pub fixed: Option<Vec<FixedReq>>,
+    pub res: Reservation<'r>,
+}
+
+impl ServicePort<'_> {
+    /// Plans the port from the cache: its comparisons, writes and value. Call again after a
+    /// lost race (the earlier plan's in-flight addresses are released).
+    pub fn plan(&mut self, ctx: &Ctx<'_>) -> NResult<(Vec<Compare>, Vec<Op>, Port)> {
+        self.res.release();
+        let (net, nrev) = ctx
+            .get::<Network>(&self.network_id)
+            .filter(|(n, _)| !n.deleting)
+            .ok_or_else(|| not_found::<Network>(&self.network_id))?;
+        let mut rng = rand::thread_rng();
+        let mut mac = ipam::random_mac(&mut rng);
+        while ctx.state.cache.contains(&keys::mac_alloc(&net.id, &mac)) {
+            mac = ipam::random_mac(&mut rng);
+        }
+        let ips = plan_ips(ctx, &net.id, &self.id, &mac, self.fixed.as_deref(), &[], &mut self.res)?;
+        let port = Port {
+            id: self.id.clone(),
+            project_id: String::new(),
+            network_id: net.id.clone(),
+            name: String::new(),
+            admin_state_up: true,
+            mac_address: mac.clone(),
+            fixed_ips: ips.fixed_ips,
+            device_id: self.device_id.clone(),
+            device_owner: self.device_owner.to_string(),
+            status: "ACTIVE".into(),
+            binding_host_id: String::new(),
+            binding_vif_type: VIF_UNBOUND.into(),
+            binding_vif_details: json!({}),
+            binding_profile: json!({}),
+            binding_vnic_type: "normal".into(),
+            allowed_address_pairs: vec![],
+            port_security_enabled: false,
+            security_groups: vec![],
+            std: StandardAttrs::new(&now()),
+        };
+        let mut cmp = vec![
+            Compare::Absent(key(&port.id)),
+            Compare::ModRevision(lookup::key::<Network>(&net.id), nrev),
+            Compare::Absent(keys::mac_alloc(&net.id, &mac)),
+        ];
+        let mut ops = vec![
+            Op::put(key(&port.id), json_bytes(&port)),
+            Op::put(keys::mac_alloc(&net.id, &mac), port.id.clone()),
+        ];
+        for (sid, srev) in &ips.subnets {
+            cmp.push(Compare::ModRevision(lookup::key::<Subnet>(sid), *srev));
+        }
+        for c in &ips.claimed {
+            let k = keys::ip_alloc(&c.subnet_id, &c.ip_address);
+            cmp.push(Compare::Absent(k.clone()));
+            ops.push(Op::put(k, port.id.clone()));
+        }
+        Ok((cmp, ops, port))
+    }
 }

@@ -458,6 +458,14 @@ fn filter_attributes(plural: &str) -> Option<&'static [&'static str]> {
             "ha",
             "flavor_id",
         ],
+        "floatingips" => &[
+            "floating_network_id",
+            "floating_ip_address",
+            "port_id",
+            "fixed_ip_address",
+            "router_id",
+            "status",
+        ],
         "security_groups" => &["name", "stateful", "security_group_rules"],
         "security_group_rules" => &[
             "security_group_id",

@@ -1,6 +1,7 @@
 //! The one list of Neutron resources: routes, the API index, tags and list handling find a
 //! collection here.
 
+use super::floatingips::FloatingIps;
 use super::networks::Networks;
 use super::ports::Ports;
 use super::resource::Resource;
@@ -13,6 +14,7 @@ static RESOURCES: &[&dyn Resource] = &[
     &Subnets,
     &Ports,
     &Routers,
+    &FloatingIps,
     &SecurityGroups,
     &SecurityGroupRules,
 ];
@@ -41,7 +43,7 @@ mod tests {
             assert!(std::ptr::eq(find(m.collection).map(|f| f.meta()).unwrap(), m));
             assert_eq!(m.plural.replace('_', "-"), m.collection);
         }
-        assert!(find("floatingips").is_none());
+        assert!(find("floatingip").is_none());
     }
 
     #[test]
@@ -75,6 +77,6 @@ mod tests {
             .filter(|m| !m.bulk)
             .map(|m| m.collection)
             .collect();
-        assert_eq!(no_bulk, ["routers"]);
+        assert_eq!(no_bulk, ["routers", "floatingips"]);
     }
 }

@@ -3,11 +3,13 @@
 //! operations.
 
 use super::common::{not_found, Ctx, NResult};
-use super::lookup::{router_interfaces, visible_router, visible_subnet, INTERFACE_OWNER};
+use super::lookup::{fips_of_router, router_interfaces, visible_router, visible_subnet, INTERFACE_OWNER};
 use super::portops;
+use ipnet::IpNet;
 use isthmus_model::validate::Body;
-use isthmus_model::{NeutronError, Port, Router};
+use isthmus_model::{NeutronError, Port, Router, Subnet};
 use serde_json::{json, Value};
+use std::net::IpAddr;
 
 fn interface_info(router: &Router, p: &Port) -> Value {
     let subnet_ids: Vec<&str> = p.fixed_ips.iter().map(|f| f.subnet_id.as_str()).collect();
@@ -64,6 +66,9 @@ pub async fn add_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Valu
                     "Bad router request: Router port {pid} must have at least one fixed IP"
                 )));
             }
+            for f in &p.fixed_ips {
+                check_overlap(ctx, id, &f.subnet_id)?;
+            }
             let b = Body::from_map(
                 json!({"device_id": id, "device_owner": INTERFACE_OWNER})
                     .as_object()
@@ -95,6 +100,7 @@ pub async fn add_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Valu
                     "Bad router request: Router already has a port on subnet {sid}."
                 )));
             }
+            check_overlap(ctx, id, &sid)?;
             let body = json!({
                 "network_id": s.network_id, "device_id": id, "device_owner": INTERFACE_OWNER,
                 "fixed_ips": [{"subnet_id": sid, "ip_address": gw}], "port_security_enabled": false,
@@ -104,6 +110,37 @@ pub async fn add_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Valu
         }
     };
     Ok(interface_info(&router, &port))
+}
+
+/// A router cannot connect two subnets whose ranges overlap: it could not tell where to send
+/// their addresses. The gateway's subnets count too.
+fn check_overlap(ctx: &Ctx<'_>, router_id: &str, subnet_id: &str) -> NResult<()> {
+    let Some((new, _)) = ctx.get::<Subnet>(subnet_id) else {
+        return Ok(());
+    };
+    let Ok(new_net) = new.cidr.parse::<IpNet>() else {
+        return Ok(());
+    };
+    let mut ports = router_interfaces(ctx, router_id);
+    if let Some(g) = ctx.get::<Router>(router_id).and_then(|(r, _)| r.gateway) {
+        ports.extend(ctx.get::<Port>(&g.port_id).map(|(p, _)| p));
+    }
+    for f in ports.iter().flat_map(|p| p.fixed_ips.iter()) {
+        if f.subnet_id == subnet_id {
+            continue;
+        }
+        let Some((other, _)) = ctx.get::<Subnet>(&f.subnet_id) else {
+            continue;
+        };
+        let Ok(o) = other.cidr.parse::<IpNet>() else { continue };
+        if o.contains(&new_net.network()) || new_net.contains(&o.network()) {
+            return Err(NeutronError::bad_request(format!(
+                "Bad router request: Cidr {} of subnet {subnet_id} overlaps with cidr {} of subnet {}.",
+                new.cidr, other.cidr, other.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub async fn remove_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Value> {
@@ -129,6 +166,45 @@ pub async fn remove_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<V
                 )
             })?,
     };
+    check_removable(ctx, &router, &port)?;
     portops::delete_internal(ctx, &port.id).await?;
     Ok(interface_info(&router, &port))
+}
+
+/// An interface stays while a static route's next hop or a floating IP's fixed address
+/// relies on one of its subnets (Neutron's RouterInterfaceInUseByRoute / ...ByFloatingIP).
+fn check_removable(ctx: &Ctx<'_>, router: &Router, port: &Port) -> NResult<()> {
+    let cidrs: Vec<(String, IpNet)> = port
+        .fixed_ips
+        .iter()
+        .filter_map(|f| ctx.get::<Subnet>(&f.subnet_id))
+        .filter_map(|(s, _)| s.cidr.parse().ok().map(|c| (s.id.clone(), c)))
+        .collect();
+    let inside = |ip: &str| -> Option<String> {
+        let ip: IpAddr = ip.parse().ok()?;
+        cidrs.iter().find(|(_, c)| c.contains(&ip)).map(|(id, _)| id.clone())
+    };
+    for r in &router.routes {
+        if let Some(sid) = inside(&r.nexthop) {
+            return Err(NeutronError::conflict(
+                "RouterInterfaceInUseByRoute",
+                format!(
+                    "Router interface for subnet {sid} on router {} cannot be deleted, as it is required by one or more routes.",
+                    router.id
+                ),
+            ));
+        }
+    }
+    for f in fips_of_router(ctx, &router.id) {
+        if let Some(sid) = f.fixed_ip_address.as_deref().and_then(inside) {
+            return Err(NeutronError::conflict(
+                "RouterInterfaceInUseByFloatingIP",
+                format!(
+                    "Router interface for subnet {sid} on router {} cannot be deleted, as it is required by one or more floating IPs.",
+                    router.id
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -1,17 +1,23 @@
-//! Routers, API only: create/update/delete (interfaces are in `router_interfaces`). Routing in
-//! the datapath is a later stage, so the `router` extension is not advertised yet.
+//! Routers: create/update/delete with their external gateway (a port on an external network,
+//! written in the same transaction as the router) and static routes (`extraroute`).
+//! Interfaces are in `router_interfaces`.
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, now, retry, tags_from, Ctx, NResult, Stored,
+    check_if_match, description_from, json_bytes, new_id, now, policy_denied, retry, tags_from, Ctx, NResult, Stored,
 };
-use super::lookup::{self, router_interfaces, visible_router as visible};
+use super::lookup::{
+    self, external_network, fips_of_router, router_interfaces, visible_router as visible, GATEWAY_OWNER,
+};
+use super::portops::{self, parse_fixed_ips, FixedReq, InFlight, Reservation, ServicePort};
 use super::query::Prefilter;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
+use ipnet::IpNet;
 use isthmus_model::validate::Body;
-use isthmus_model::{NeutronError, Router, StandardAttrs};
+use isthmus_model::{HostRoute, NeutronError, Port, Router, RouterGateway, StandardAttrs, Subnet};
 use isthmus_store::{Compare, Op};
 use serde_json::Value;
+use std::net::IpAddr;
 
 pub struct Routers;
 
@@ -60,54 +66,328 @@ fn key(id: &str) -> String {
     lookup::key::<Router>(id)
 }
 
+/// Neutron's `max_routes`.
+const MAX_ROUTES: usize = 30;
+
+/// A requested external gateway.
+struct GatewayReq {
+    network_id: String,
+    enable_snat: Option<bool>,
+    fixed: Option<Vec<FixedReq>>,
+}
+
+/// `external_gateway_info` from a body: absent (`None`), cleared (`Some(None)`: `null` or
+/// `{}`), or set. `enable_snat` and `external_fixed_ips` are admin-only (Neutron's policy).
+fn parse_gateway(ctx: &Ctx<'_>, body: &mut Body, action: &str) -> NResult<Option<Option<GatewayReq>>> {
+    let Some(raw) = body.take_raw("external_gateway_info") else {
+        return Ok(None);
+    };
+    let map = match raw {
+        Value::Null => return Ok(Some(None)),
+        Value::Object(m) if m.is_empty() => return Ok(Some(None)),
+        Value::Object(m) => m,
+        other => {
+            return Err(NeutronError::invalid_attr(
+                "external_gateway_info",
+                format!("'{other}' is not a dictionary"),
+            ))
+        }
+    };
+    let mut b = Body::from_map(map);
+    let network_id = b.string("network_id")?.ok_or_else(|| {
+        NeutronError::invalid_attr(
+            "external_gateway_info",
+            "Validation of dictionary's keys failed. Expected keys: {'network_id'}",
+        )
+    })?;
+    let enable_snat = b.boolean("enable_snat")?;
+    let fixed = b.object_list("external_fixed_ips")?;
+    b.finish()?;
+    for (attr, given) in [
+        ("enable_snat", enable_snat.is_some()),
+        ("external_fixed_ips", fixed.is_some()),
+    ] {
+        if given && !ctx.admin() {
+            return Err(policy_denied(&format!(
+                "(rule:{action} and rule:{action}:external_gateway_info and rule:{action}:external_gateway_info:{attr})"
+            )));
+        }
+    }
+    let fixed = match fixed {
+        Some(items) if items.len() > ctx.state.config.max_fixed_ips_per_port => {
+            return Err(NeutronError::invalid_input(
+                "Exceeded maximum amount of fixed ips per port.",
+            ))
+        }
+        Some(items) => Some(parse_fixed_ips(items)?),
+        None => None,
+    };
+    Ok(Some(Some(GatewayReq {
+        network_id,
+        enable_snat,
+        fixed,
+    })))
+}
+
+fn gateway_in_use(router_id: &str, net_id: &str) -> NeutronError {
+    NeutronError::conflict(
+        "RouterExternalGatewayInUseByFloatingIp",
+        format!(
+            "Gateway cannot be updated for router {router_id}, since a gateway to external network {net_id} is required by one or more floating IPs."
+        ),
+    )
+}
+
+/// Plans a change of `r`'s gateway to `req` (`None`: remove it): the router is changed in
+/// place; the comparisons and writes for the gateway ports are returned. `port` plans a new
+/// gateway port and is kept across retries (it holds the in-flight addresses).
+fn plan_gateway<'r>(
+    ctx: &Ctx<'_>,
+    r: &mut Router,
+    req: Option<&GatewayReq>,
+    port: &mut Option<ServicePort<'r>>,
+    inflight: &'r InFlight,
+) -> NResult<(Vec<Compare>, Vec<Op>)> {
+    let mut cmp = vec![];
+    let mut ops = vec![];
+    let current = r.gateway.clone();
+    if let (Some(cur), Some(req)) = (&current, req) {
+        let same_ips = req.fixed.as_ref().is_none_or(|f| same_fixed(f, &cur.fixed_ips));
+        if cur.network_id == req.network_id && same_ips {
+            if let Some(snat) = req.enable_snat {
+                if let Some(g) = r.gateway.as_mut() {
+                    g.enable_snat = snat;
+                }
+            }
+            return Ok((cmp, ops));
+        }
+    }
+    if let Some(req) = req {
+        external_network(ctx, &req.network_id, "router")?;
+    }
+    if let Some(cur) = &current {
+        if !fips_of_router(ctx, &r.id).is_empty() {
+            return Err(gateway_in_use(&r.id, &cur.network_id));
+        }
+        if let Some((p, prev)) = ctx.get::<Port>(&cur.port_id) {
+            cmp.push(Compare::ModRevision(lookup::key::<Port>(&p.id), prev));
+            ops.extend(portops::delete_ops(&p));
+        }
+        r.gateway = None;
+    }
+    let Some(req) = req else {
+        return Ok((cmp, ops));
+    };
+    let sp = port.get_or_insert_with(|| ServicePort {
+        id: new_id(),
+        network_id: req.network_id.clone(),
+        device_owner: GATEWAY_OWNER,
+        device_id: r.id.clone(),
+        fixed: req.fixed.clone(),
+        res: Reservation::new(inflight),
+    });
+    let (c, o, p) = sp.plan(ctx)?;
+    cmp.extend(c);
+    ops.extend(o);
+    r.gateway = Some(RouterGateway {
+        network_id: req.network_id.clone(),
+        enable_snat: req
+            .enable_snat
+            .or(current
+                .as_ref()
+                .filter(|c| c.network_id == req.network_id)
+                .map(|c| c.enable_snat))
+            .unwrap_or(true),
+        port_id: p.id.clone(),
+        fixed_ips: p.fixed_ips,
+    });
+    Ok((cmp, ops))
+}
+
+/// Whether requested addresses name exactly the gateway's current ones.
+fn same_fixed(req: &[FixedReq], cur: &[isthmus_model::FixedIp]) -> bool {
+    req.len() == cur.len()
+        && req.iter().all(|q| {
+            cur.iter().any(|c| {
+                q.ip.is_some_and(|ip| ip.to_string() == c.ip_address)
+                    && q.subnet_id.as_ref().is_none_or(|s| *s == c.subnet_id)
+            })
+        })
+}
+
+/// `routes` from an update body, parsed and de-duplicated (`null` clears them).
+fn parse_routes(body: &mut Body) -> NResult<Option<Vec<HostRoute>>> {
+    let Some(raw) = body.take_raw("routes") else {
+        return Ok(None);
+    };
+    let items = match raw {
+        Value::Null => return Ok(Some(vec![])),
+        Value::Array(items) => items,
+        other => {
+            return Err(NeutronError::invalid_attr("routes", format!("'{other}' is not a list")));
+        }
+    };
+    if items.len() > MAX_ROUTES {
+        return Err(routes_exhausted());
+    }
+    let mut out: Vec<HostRoute> = vec![];
+    for item in items {
+        let Value::Object(m) = item else {
+            return Err(NeutronError::invalid_attr(
+                "routes",
+                format!("'{item}' is not a dictionary"),
+            ));
+        };
+        let mut b = Body::from_map(m);
+        let dest = b.string("destination")?;
+        let hop = b.string("nexthop")?;
+        b.finish()?;
+        let (Some(dest), Some(hop)) = (dest, hop) else {
+            return Err(NeutronError::invalid_attr(
+                "routes",
+                "Validation of dictionary's keys failed. Expected keys: {'destination', 'nexthop'}",
+            ));
+        };
+        let net: IpNet = dest
+            .parse()
+            .ok()
+            .filter(|_| dest.contains('/'))
+            .ok_or_else(|| NeutronError::invalid_attr("routes", format!("'{dest}' is not a valid IP subnet")))?;
+        let ip: IpAddr = hop
+            .parse()
+            .map_err(|_| NeutronError::invalid_attr("routes", format!("'{hop}' is not a valid IP address")))?;
+        if net.addr().is_ipv4() != ip.is_ipv4() {
+            return Err(invalid_routes(
+                &dest,
+                &hop,
+                "the nexthop's IP version differs from the destination's",
+            ));
+        }
+        let route = HostRoute {
+            destination: net.to_string(),
+            nexthop: ip.to_string(),
+        };
+        if !out.contains(&route) {
+            out.push(route);
+        }
+    }
+    Ok(Some(out))
+}
+
+fn routes_exhausted() -> NeutronError {
+    NeutronError::bad_request(format!(
+        "Unable to complete operation for router. The number of routes exceeds the maximum {MAX_ROUTES}."
+    ))
+}
+
+fn invalid_routes(dest: &str, hop: &str, why: &str) -> NeutronError {
+    NeutronError::new(
+        400,
+        "InvalidRoutes",
+        format!("Invalid format for routes: [{{'destination': '{dest}', 'nexthop': '{hop}'}}], {why}"),
+    )
+}
+
+/// Each route's next hop must be on a subnet the router is connected to, and not one of the
+/// router's own addresses.
+fn check_routes(ctx: &Ctx<'_>, r: &Router, routes: &[HostRoute]) -> NResult<()> {
+    let mut ports = router_interfaces(ctx, &r.id);
+    if let Some(g) = &r.gateway {
+        if let Some((p, _)) = ctx.get::<Port>(&g.port_id) {
+            ports.push(p);
+        }
+    }
+    let fixed: Vec<&isthmus_model::FixedIp> = ports.iter().flat_map(|p| p.fixed_ips.iter()).collect();
+    let cidrs: Vec<IpNet> = fixed
+        .iter()
+        .filter_map(|f| ctx.get::<Subnet>(&f.subnet_id))
+        .filter_map(|(s, _)| s.cidr.parse().ok())
+        .collect();
+    for rt in routes {
+        let ip: IpAddr = rt
+            .nexthop
+            .parse()
+            .map_err(|_| NeutronError::internal("unparsable route"))?;
+        if !cidrs.iter().any(|c| c.contains(&ip)) {
+            return Err(invalid_routes(
+                &rt.destination,
+                &rt.nexthop,
+                "the nexthop is not connected with router",
+            ));
+        }
+        if fixed.iter().any(|f| f.ip_address == rt.nexthop) {
+            return Err(invalid_routes(
+                &rt.destination,
+                &rt.nexthop,
+                "the nexthop is used by router",
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
     let name = body.string("name")?.unwrap_or_default();
     let description = description_from(&mut body)?.unwrap_or_default();
     let admin_state_up = body.boolean("admin_state_up")?.unwrap_or(true);
-    if let Some(gw) = body.take_raw("external_gateway_info") {
-        let empty = gw.is_null() || gw.as_object().is_some_and(|o| o.is_empty());
-        if !empty {
-            return Err(NeutronError::invalid_input("external gateways are not supported yet"));
-        }
-    }
-    for unsupported in ["distributed", "ha"] {
-        if let Some(v) = body.boolean(unsupported)? {
-            if v {
-                return Err(NeutronError::invalid_input(format!(
-                    "'{unsupported}' routers are not supported yet"
-                )));
-            }
-        }
-    }
+    let gateway = parse_gateway(ctx, &mut body, "create_router")?.flatten();
+    check_flavours(ctx, &mut body, "create_router")?;
     let tags = tags_from(ctx, &mut body)?.unwrap_or_default();
     body.finish()?;
     let ts = now();
-    let r = Router {
-        id: new_id(),
-        project_id,
-        name,
-        admin_state_up,
-        status: "ACTIVE".into(),
-        gateway: None,
-        routes: vec![],
-        std: StandardAttrs {
-            description,
-            tags,
-            ..StandardAttrs::new(&ts)
-        },
-    };
-    if ctx
-        .commit(
-            vec![Compare::Absent(key(&r.id))],
-            vec![Op::put(key(&r.id), json_bytes(&r))],
-        )
-        .await?
-        .is_none()
-    {
-        return Err(NeutronError::internal("router id collision"));
-    }
+    let id = new_id();
+    let mut port = None;
+    let inflight = &ctx.state.neutron.inflight;
+    let r = retry(ctx, |ctx| {
+        let mut r = Router {
+            id: id.clone(),
+            project_id: project_id.clone(),
+            name: name.clone(),
+            admin_state_up,
+            status: "ACTIVE".into(),
+            gateway: None,
+            routes: vec![],
+            std: StandardAttrs {
+                description: description.clone(),
+                tags: tags.clone(),
+                ..StandardAttrs::new(&ts)
+            },
+        };
+        let (mut cmp, mut ops) = match &gateway {
+            Some(g) => plan_gateway(ctx, &mut r, Some(g), &mut port, inflight)?,
+            None => (vec![], vec![]),
+        };
+        cmp.push(Compare::Absent(key(&r.id)));
+        ops.push(Op::put(key(&r.id), json_bytes(&r)));
+        Ok((cmp, ops, r))
+    })
+    .await?;
     Ok(r.to_api())
+}
+
+/// `distributed` and `ha`: every router here is distributed (routing happens on each node), so
+/// `distributed: true` is accepted (from admins, as Neutron's policy has it) and the rest refused.
+fn check_flavours(ctx: &Ctx<'_>, body: &mut Body, action: &str) -> NResult<()> {
+    if let Some(v) = body.boolean("distributed")? {
+        if !ctx.admin() {
+            return Err(policy_denied(&format!("(rule:{action} and rule:{action}:distributed)")));
+        }
+        if !v {
+            return Err(NeutronError::invalid_input(
+                "Centralized routers are not supported: every router is distributed",
+            ));
+        }
+    }
+    if let Some(v) = body.boolean("ha")? {
+        if !ctx.admin() {
+            return Err(policy_denied(&format!("(rule:{action} and rule:{action}:ha)")));
+        }
+        if v {
+            return Err(NeutronError::invalid_input("'ha' routers are not supported"));
+        }
+    }
+    Ok(())
 }
 
 async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
@@ -115,18 +395,13 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
     let name = body.string("name")?;
     let description = description_from(&mut body)?;
     let admin_state_up = body.boolean("admin_state_up")?;
-    if let Some(gw) = body.take_raw("external_gateway_info") {
-        if !(gw.is_null() || gw.as_object().is_some_and(|o| o.is_empty())) {
-            return Err(NeutronError::invalid_input("external gateways are not supported yet"));
-        }
-    }
-    if let Some(routes) = body.take_raw("routes") {
-        if !(routes.is_null() || routes.as_array().is_some_and(|a| a.is_empty())) {
-            return Err(NeutronError::invalid_input("extra routes are not supported yet"));
-        }
-    }
+    let gateway = parse_gateway(ctx, &mut body, "update_router")?;
+    let routes = parse_routes(&mut body)?;
+    check_flavours(ctx, &mut body, "update_router")?;
     let tags = tags_from(ctx, &mut body)?;
     body.finish()?;
+    let mut port = None;
+    let inflight = &ctx.state.neutron.inflight;
     let r = retry(ctx, |ctx| {
         let (mut r, rev) = visible(ctx, id)?;
         check_if_match(if_match, r.std.revision_number)?;
@@ -142,12 +417,18 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         if let Some(v) = &tags {
             r.std.tags = v.clone();
         }
+        let (mut cmp, mut ops) = match &gateway {
+            Some(g) => plan_gateway(ctx, &mut r, g.as_ref(), &mut port, inflight)?,
+            None => (vec![], vec![]),
+        };
+        if let Some(v) = &routes {
+            check_routes(ctx, &r, v)?;
+            r.routes = v.clone();
+        }
         r.std.bump(&now());
-        Ok((
-            vec![Compare::ModRevision(key(id), rev)],
-            vec![Op::put(key(id), json_bytes(&r))],
-            r,
-        ))
+        cmp.push(Compare::ModRevision(key(id), rev));
+        ops.push(Op::put(key(id), json_bytes(&r)));
+        Ok((cmp, ops, r))
     })
     .await?;
     Ok(r.to_api())
@@ -155,15 +436,18 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
 
 async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     retry(ctx, |ctx| {
-        let (r, rev) = visible(ctx, id)?;
+        let (mut r, rev) = visible(ctx, id)?;
         check_if_match(if_match, r.std.revision_number)?;
-        if !router_interfaces(ctx, id).is_empty() {
+        if !router_interfaces(ctx, id).is_empty() || !fips_of_router(ctx, id).is_empty() {
             return Err(NeutronError::conflict(
                 "RouterInUse",
                 format!("Router {id} still has ports"),
             ));
         }
-        Ok((vec![Compare::ModRevision(key(id), rev)], vec![Op::delete(key(id))], ()))
+        let (mut cmp, mut ops) = plan_gateway(ctx, &mut r, None, &mut None, &ctx.state.neutron.inflight)?;
+        cmp.push(Compare::ModRevision(key(id), rev));
+        ops.push(Op::delete(key(id)));
+        Ok((cmp, ops, ()))
     })
     .await
 }
