@@ -53,9 +53,6 @@ impl Typed for SecurityGroup {
 impl Typed for SecurityGroupRule {
     const COLLECTION: &'static str = "security_group_rules";
 }
-impl Typed for FloatingIp {
-    const COLLECTION: &'static str = "floatingips";
-}
 impl Typed for Node {
     const COLLECTION: &'static str = "nodes";
 }
@@ -76,7 +73,6 @@ const DECODERS: &[(&str, Decoder)] = &[
     (FloatingIp::COLLECTION, decode_as::<FloatingIp>),
     (SecurityGroup::COLLECTION, decode_as::<SecurityGroup>),
     (SecurityGroupRule::COLLECTION, decode_as::<SecurityGroupRule>),
-    (FloatingIp::COLLECTION, decode_as::<FloatingIp>),
     (Node::COLLECTION, decode_as::<Node>),
     (Project::COLLECTION, decode_as::<Project>),
     (User::COLLECTION, decode_as::<User>),
