@@ -375,12 +375,12 @@ fn routes(r: &RouterNs) -> Result<(), KernelError> {
         }
     }
     let mut batch = String::new();
-    for t in ["main", table.as_str()] {
-        for route in ip_json(&["-j", "-n", ns, "route", "show", "table", t, "proto", "static"])? {
-            let dst = route["dst"].as_str().unwrap_or_default().to_string();
-            if !want.contains_key(&(t.to_string(), dst.clone())) {
-                batch.push_str(&format!("route del {dst} table {t}\n"));
-            }
+    // One read of every table (a table that never had a route does not exist to be shown).
+    for route in ip_json(&["-j", "-n", ns, "route", "show", "table", "all", "proto", "static"])? {
+        let dst = route["dst"].as_str().unwrap_or_default().to_string();
+        let t = route["table"].as_str().unwrap_or("main").to_string();
+        if !want.contains_key(&(t.clone(), dst.clone())) {
+            batch.push_str(&format!("route del {dst} table {t}\n"));
         }
     }
     for args in want.values() {
