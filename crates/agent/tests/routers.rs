@@ -11,7 +11,7 @@ mod testbed;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::{reaches, until};
+use support::{reaches, until, Ns};
 use testbed::Testbed;
 
 /// Packets received by the VXLAN devices of a node.
@@ -141,4 +141,76 @@ async fn routers_route_on_the_source_node() {
         tb.nodes[0].has_link(&format!("isbr-{vni_b}"))
     })
     .await;
+}
+
+/// An IPv6-only network with one SLAAC subnet, as admin: (network id, subnet id).
+async fn v6_network(tb: &Testbed, name: &str, cidr: &str) -> (String, String) {
+    let admin = tb.admin_token.clone();
+    let n = tb.create(&admin, "networks", "network", json!({"name": name})).await;
+    let net = n["id"].as_str().unwrap().to_string();
+    let s = tb
+        .create(
+            &admin,
+            "subnets",
+            "subnet",
+            json!({"network_id": net, "cidr": cidr, "ip_version": 6,
+                "ipv6_ra_mode": "slaac", "ipv6_address_mode": "slaac"}),
+        )
+        .await;
+    (net, s["id"].as_str().unwrap().to_string())
+}
+
+/// A workload on `net` on node `node` (SLAAC: the address comes from the port's MAC): its
+/// namespace and IPv6 address.
+async fn v6_workload(tb: &Testbed, net: &str, node: usize) -> (Ns, String) {
+    let p = tb
+        .create(&tb.admin_token, "ports", "port", json!({"network_id": net}))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let addr = p["fixed_ips"][0]["ip_address"].as_str().unwrap().to_string();
+    let (ns, _) = tb.nodes[node].attach(&id).await;
+    (ns, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_hosts_learn_their_router_from_advertisements() {
+    support::require_root();
+    let tb = Testbed::start(2).await;
+    let (na, sa) = v6_network(&tb, "v6-a", "2001:db8:a::/64").await;
+    let (nb, sb) = v6_network(&tb, "v6-b", "2001:db8:b::/64").await;
+    let (wa, ipa) = v6_workload(&tb, &na, 0).await;
+    let (wb, ipb) = v6_workload(&tb, &nb, 1).await;
+    let default_v6 = |ns: &Ns| ns.ip(&["-6", "route", "show", "default"]);
+    assert!(
+        default_v6(&wa).is_empty(),
+        "a default route before any router: {}",
+        default_v6(&wa)
+    );
+    tb.router_as(&tb.admin_token, &[&sa, &sb]).await;
+    // Each host takes its default route from its local router leg's advertisements.
+    for (w, what) in [(&wa, "wa"), (&wb, "wb")] {
+        until(
+            30,
+            &format!("{what} has a default route from an advertisement"),
+            true,
+            || {
+                let r = default_v6(w);
+                r.contains("proto ra") && r.contains("via fe80::")
+            },
+        )
+        .await;
+    }
+    // The address is the port's (SLAAC from its MAC), usable once duplicate detection is done.
+    for (w, ip) in [(&wa, &ipa), (&wb, &ipb)] {
+        until(20, &format!("{ip} configured and usable"), true, || {
+            let a = w.ip(&["-6", "addr", "show", "scope", "global"]);
+            a.contains(ip.as_str()) && !a.contains("tentative")
+        })
+        .await;
+    }
+    until(20, "wa reaches wb over IPv6 through the router", true, || {
+        reaches(&wa, &ipa, &wb, &ipb)
+    })
+    .await;
+    until(10, "wb reaches wa over IPv6", true, || reaches(&wb, &ipb, &wa, &ipa)).await;
 }
