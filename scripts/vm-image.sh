@@ -34,7 +34,7 @@ kver=$(basename "$work"/k/lib/modules/*)
 root="$work/root"
 mkdir -p "$root"/{bin,dev,proc,sys,etc,tmp,run,modules,usr/share/udhcpc}
 cp /bin/busybox "$root/bin/busybox"
-for tool in sh ip ping udhcpc insmod cat echo sleep mount base64 poweroff ifconfig route hostname nc; do
+for tool in sh ip ping ping6 udhcpc insmod cat echo sleep mount base64 poweroff ifconfig route hostname nc; do
     ln -s busybox "$root/bin/$tool"
 done
 # virtio-net is a module in Debian's kernel; these are its dependencies, in load order.

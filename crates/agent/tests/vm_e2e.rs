@@ -207,6 +207,110 @@ async fn vms_and_containers_share_a_network() {
     .expect("test timed out");
 }
 
+/// A dual-stack network: an IPv4 subnet with DHCP and a SLAAC IPv6 subnet.
+async fn dual_stack(tb: &Testbed, token: &str, name: &str, v4: &str, v6: &str) -> (String, String, String) {
+    let n = tb.create(token, "networks", "network", json!({"name": name})).await;
+    let net = n["id"].as_str().expect("id").to_string();
+    let s4 = tb
+        .create(
+            token,
+            "subnets",
+            "subnet",
+            json!({"network_id": net, "cidr": v4, "ip_version": 4}),
+        )
+        .await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let s6 = tb
+        .create(
+            token,
+            "subnets",
+            "subnet",
+            json!({"network_id": net, "cidr": v6, "ip_version": 6,
+                "ipv6_ra_mode": "slaac", "ipv6_address_mode": "slaac"}),
+        )
+        .await;
+    (net, s4, s6["id"].as_str().expect("id").to_string())
+}
+
+fn v6_of(port: &Value) -> String {
+    port["fixed_ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["ip_address"].as_str())
+        .find(|a| a.contains(':'))
+        .expect("an IPv6 address")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_and_a_container_on_two_subnets_reach_each_other_through_the_router() {
+    support::require_root();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let tb = Testbed::start(2).await;
+        let t = tb.member("routed").await;
+        let (na, sa4, sa6) = dual_stack(&tb, &t, "vm-side", "10.84.0.0/24", "2001:db8:84::/64").await;
+        let (nb, sb4, sb6) = dual_stack(&tb, &t, "ctr-side", "10.85.0.0/24", "2001:db8:85::/64").await;
+        tb.router_as(&t, &[&sa4, &sa6, &sb4, &sb6]).await;
+        // A VM port as Nova makes it, with an address on each subnet (SLAAC: from its MAC).
+        let (_, n) = tb
+            .net(reqwest::Method::GET, &format!("/v2.0/networks/{na}"), None)
+            .await;
+        let body = json!({"port": {"network_id": na, "device_owner": "compute:nova",
+            "project_id": n["network"]["project_id"], "binding:host_id": tb.nodes[0].name,
+            "fixed_ips": [{"subnet_id": sa4, "ip_address": "10.84.0.10"}, {"subnet_id": sa6}]}});
+        let (st, b) = tb.net(reqwest::Method::POST, "/v2.0/ports", Some(body)).await;
+        assert_eq!(st, 201, "{b}");
+        let vm_port = b["port"].clone();
+        let tap = isthmus_agent::names::tap(vm_port["id"].as_str().expect("id"));
+        testbed::eventually(15, "the agent makes the VM's tap", || tb.nodes[0].has_link(&tap)).await;
+        let vm_v6 = v6_of(&vm_port);
+        // The container: its port has an address on each subnet, its IPv6 default route
+        // comes from the router's advertisements.
+        let fixed = json!({"fixed_ips": [{"subnet_id": sb4, "ip_address": "10.85.0.50"}, {"subnet_id": sb6}]});
+        let (ctr_port, c) = tb.workload_as(&t, &nb, &sb4, "10.85.0.50", 1, fixed).await;
+        let ctr_v6 = v6_of(&tb.port(&ctr_port).await);
+        // The guest takes IPv4 by DHCP (gateway: the router) and IPv6 by SLAAC from the
+        // router's advertisements, then pings the container on the other subnet both ways.
+        let cmd = format!(
+            "ping -c 3 -W 3 10.85.0.50 >/dev/null && echo REACH4-OK || echo REACH4-FAIL; \
+             for i in 1 2 3 4 5 6 7 8 9 10; do ip -6 route show default | grep -q fe80 && break; sleep 1; done; \
+             for i in 1 2 3 4 5 6 7 8 9 10; do ip -6 addr show dev eth0 | grep -q tentative || break; sleep 1; done; \
+             ip -6 addr show dev eth0; ip -6 route show; \
+             ping6 -c 3 -W 3 {ctr_v6} >/dev/null && echo REACH6-OK || echo REACH6-FAIL; sleep 20"
+        );
+        let vm = start_vm(&tb, 0, &vm_port, None, &cmd, 20);
+        vm.wait_for("ISTHMUS-LEASE bound", Duration::from_secs(120)).await;
+        vm.wait_for("REACH6-", Duration::from_secs(90)).await;
+        let log = vm.log();
+        assert!(log.contains("default via 10.84.0.1"), "{log}");
+        assert!(
+            log.contains("REACH4-OK"),
+            "the VM cannot reach the container over IPv4:\n{log}"
+        );
+        assert!(
+            log.contains(&vm_v6),
+            "the VM has not its port's SLAAC address {vm_v6}:\n{log}"
+        );
+        assert!(
+            log.contains("REACH6-OK"),
+            "the VM cannot reach the container over IPv6:\n{log}"
+        );
+        assert!(
+            ping_from(&c, "10.84.0.10"),
+            "the container cannot ping the VM over IPv4"
+        );
+        assert!(
+            run(&["ip", "netns", "exec", &c.name, "ping", "-6", "-c", "2", "-W", "2", &vm_v6]).0,
+            "the container cannot ping the VM over IPv6"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: scripts/bench-vm.sh"]
 async fn vm_boot_to_ip() {

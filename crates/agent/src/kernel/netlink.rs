@@ -285,6 +285,14 @@ impl NetlinkKernel {
             |l| l.is(&InfoKind::Bridge),
         )
         .await?;
+        // A network's bridge is an L2 device of the tenant's, never an IP interface of the
+        // node: no IPv6 on it (it would take tenant routers' advertisements as the node's).
+        let path = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", b.name);
+        let write = move || std::fs::write(&path, "1").map_err(|e| KernelError::io(format!("writing {path}"), e));
+        match self.netns.as_deref() {
+            None => write()?,
+            Some(ns) => run_in_netns(Some(ns), write).await?,
+        }
         // Set the MTU after creation: set this way the bridge keeps it instead of following
         // its ports' MTUs.
         self.configure(&b.name, Some(b.mtu), None, None).await
