@@ -585,6 +585,25 @@ async fn routes_are_validated_and_hold_their_interface() {
         )
         .await;
     assert_neutron_error(s, &b, StatusCode::CONFLICT, Some("RouterInterfaceInUseByRoute"));
+    // extraroute-atomic: add and remove against the stored routes.
+    let other = json!({"destination": "10.6.0.0/16", "nexthop": "10.0.0.6"});
+    let (s, b) = api
+        .put(&format!("{path}/add_extraroutes"), set(json!([other, route])))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["router"]["routes"], json!([route, other]));
+    let (s, b) = api
+        .put(
+            &format!("{path}/add_extraroutes"),
+            set(json!([{"destination": "10.7.0.0/16", "nexthop": "10.3.0.1"}])),
+        )
+        .await;
+    assert_neutron_error(s, &b, StatusCode::BAD_REQUEST, Some("InvalidRoutes"));
+    let (s, b) = api
+        .put(&format!("{path}/remove_extraroutes"), set(json!([route])))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["router"]["routes"], json!([other]));
     let (s, b) = api.put(&path, set(Value::Null)).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["router"]["routes"], json!([]));

@@ -5,7 +5,8 @@
 //! leaves as Neutron's `NeutronError` body.
 //!
 //! Module layers (each imports only from layers below it):
-//! - handlers: this module, `tags`, `nodeports`, `nodeview`, `agents`, `router_interfaces`;
+//! - handlers: this module, `tags`, `nodeports`, `nodeview`, `agents`, `router_interfaces`
+//!   (and `routers::change_routes` for `add_extraroutes` / `remove_extraroutes`);
 //! - `registry`: the list of resources;
 //! - resources: `networks`, `subnets`, `ports`, `routers`, `floatingips`, `security_groups`, each
 //!   implementing `resource::Resource`;
@@ -97,6 +98,11 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "extraroute",
         "Neutron Extra Route",
         "Extra routes configuration for L3 router",
+    ),
+    (
+        "extraroute-atomic",
+        "Atomically add/remove extra routes",
+        "Edit extra routes of a router on server side by atomically adding/removing extra routes",
     ),
     (
         "fip-port-details",
@@ -197,6 +203,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))
         .route("/v2.0/routers/{id}/remove_router_interface", put(router_interface))
+        .route("/v2.0/routers/{id}/add_extraroutes", put(extraroutes))
+        .route("/v2.0/routers/{id}/remove_extraroutes", put(extraroutes))
         .route(
             "/v2.0/{collection}/{id}/tags",
             get(tags::all_tags).put(tags::all_tags).delete(tags::all_tags),
@@ -405,6 +413,24 @@ async fn member(
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }
+}
+
+async fn extraroutes(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    let body = parse_body(body)?;
+    let add = uri.path().ends_with("/add_extraroutes");
+    let out = routers::change_routes(&ctx, &id, body, add).await?;
+    Ok(json_response(StatusCode::OK, out))
 }
 
 async fn router_interface(

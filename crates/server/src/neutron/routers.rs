@@ -451,3 +451,42 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     })
     .await
 }
+
+/// `PUT /v2.0/routers/{id}/add_extraroutes` and `.../remove_extraroutes`
+/// (`extraroute-atomic`): adds or removes the given routes against the stored ones, in one
+/// compare-and-swap, so concurrent callers do not overwrite each other's routes.
+pub async fn change_routes(ctx: &Ctx<'_>, id: &str, body: Value, add: bool) -> NResult<Value> {
+    visible(ctx, id)?;
+    ctx.require_member(if add { "add_extraroutes" } else { "remove_extraroutes" })?;
+    let mut body = Body::from_value(body, "router")?;
+    let given = parse_routes(&mut body)?.ok_or_else(|| {
+        NeutronError::bad_request("Failed to parse request. Required attribute 'routes' not specified")
+    })?;
+    body.finish()?;
+    let r = retry(ctx, |ctx| {
+        let (mut r, rev) = visible(ctx, id)?;
+        if add {
+            let mut routes = r.routes.clone();
+            for g in &given {
+                if !routes.contains(g) {
+                    routes.push(g.clone());
+                }
+            }
+            if routes.len() > MAX_ROUTES {
+                return Err(routes_exhausted());
+            }
+            check_routes(ctx, &r, &given)?;
+            r.routes = routes;
+        } else {
+            r.routes.retain(|x| !given.contains(x));
+        }
+        r.std.bump(&now());
+        Ok((
+            vec![Compare::ModRevision(key(id), rev)],
+            vec![Op::put(key(id), json_bytes(&r))],
+            r,
+        ))
+    })
+    .await?;
+    Ok(serde_json::json!({ "router": r.to_api() }))
+}
