@@ -8,6 +8,7 @@
 mod support;
 mod testbed;
 
+use isthmus_dhcp::v6::{client_frame6, parse_reply6, Kind, Reply6};
 use isthmus_dhcp::{client_frame, parse_reply, MessageType, Reply};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -86,6 +87,30 @@ impl Guest {
             }
         }
         false
+    }
+
+    /// The next DHCPv6 answer for `xid` within `timeout`; other frames are skipped.
+    fn reply6(&mut self, xid: [u8; 3], timeout: Duration) -> Option<Reply6> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        while !deadline.saturating_duration_since(Instant::now()).is_zero() {
+            let mut pfd = libc::pollfd {
+                fd: self.tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+                continue;
+            }
+            let len = self.tap.read(&mut buf).expect("read tap");
+            if let Some(r) = parse_reply6(&buf[..len]) {
+                if r.xid == xid {
+                    return Some(r);
+                }
+            }
+        }
+        None
     }
 
     fn exchange(
@@ -381,6 +406,103 @@ async fn the_dhcp_guard_goes_with_the_last_network() {
             .await;
         assert_eq!(st, 204, "{b}");
         eventually(15, "the DHCP guard is removed", || !has_table()).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dhcpv6_gives_stateful_addresses_and_stateless_options() {
+    support::require_root();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let tb = Testbed::start(1).await;
+        let t = tb.member("dhcp6").await;
+        let mut ports = vec![];
+        for (name, cidr, mode) in [
+            ("v6-stateful", "2001:db8:60::/64", "dhcpv6-stateful"),
+            ("v6-stateless", "2001:db8:61::/64", "dhcpv6-stateless"),
+        ] {
+            let n = tb.create(&t, "networks", "network", json!({"name": name})).await;
+            let net = n["id"].as_str().expect("id").to_string();
+            let s = tb
+                .create(
+                    &t,
+                    "subnets",
+                    "subnet",
+                    json!({"network_id": net, "cidr": cidr, "ip_version": 6,
+                        "ipv6_ra_mode": mode, "ipv6_address_mode": mode,
+                        "dns_nameservers": ["2001:db8::53"]}),
+                )
+                .await;
+            let sid = s["id"].as_str().expect("id").to_string();
+            let (_, n) = tb
+                .net(reqwest::Method::GET, &format!("/v2.0/networks/{net}"), None)
+                .await;
+            let body = json!({"port": {"network_id": net, "device_owner": "compute:nova",
+                "project_id": n["network"]["project_id"], "binding:host_id": tb.nodes[0].name,
+                "fixed_ips": [{"subnet_id": sid}]}});
+            let (st, b) = tb.net(reqwest::Method::POST, "/v2.0/ports", Some(body)).await;
+            assert_eq!(st, 201, "{b}");
+            let port = b["port"].clone();
+            let tap = tap_of(&port);
+            eventually(15, "the agent makes the VM's tap", || tb.nodes[0].has_link(&tap)).await;
+            ports.push(port);
+        }
+        let node_ns = tb.nodes[0].ns.path();
+        // Stateful: Solicit → Advertise with the port's address; Request → Reply with it.
+        let p = &ports[0];
+        let want: std::net::Ipv6Addr = p["fixed_ips"][0]["ip_address"].as_str().unwrap().parse().unwrap();
+        let mut g = Guest::open(&node_ns, &tap_of(p), p["mac_address"].as_str().unwrap());
+        let mut adv = None;
+        for i in 0..40u8 {
+            g.send(&client_frame6(Kind::Solicit, g.mac, [6, 0, i], Some(1), None));
+            adv = g.reply6([6, 0, i], Duration::from_millis(500));
+            if adv.is_some() {
+                break;
+            }
+        }
+        let adv = adv.expect("no Advertise for the stateful port");
+        assert!(adv.checksum_ok);
+        assert_eq!((adv.kind, adv.address), (Kind::Advertise, Some(want)));
+        assert_eq!(adv.dns, vec!["2001:db8::53".parse::<std::net::Ipv6Addr>().unwrap()]);
+        g.send(&client_frame6(
+            Kind::Request,
+            g.mac,
+            [6, 1, 0],
+            Some(1),
+            Some(&adv.server_id),
+        ));
+        let rep = g
+            .reply6([6, 1, 0], Duration::from_secs(2))
+            .expect("no Reply to Request");
+        assert_eq!((rep.kind, rep.address), (Kind::Reply, Some(want)));
+        // Another MAC on that tap gets nothing.
+        let mut spoof = client_frame6(Kind::Solicit, [2, 0, 0, 0, 0, 9], [6, 2, 0], Some(1), None);
+        spoof[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+        g.send(&spoof);
+        assert!(
+            g.reply6([6, 2, 0], Duration::from_secs(1)).is_none(),
+            "answered a foreign MAC"
+        );
+        // Stateless: no address offered; an Information-request gets the DNS servers.
+        let p = &ports[1];
+        let mut g = Guest::open(&node_ns, &tap_of(p), p["mac_address"].as_str().unwrap());
+        let mut info = None;
+        for i in 0..40u8 {
+            g.send(&client_frame6(Kind::InformationRequest, g.mac, [7, 0, i], None, None));
+            info = g.reply6([7, 0, i], Duration::from_millis(500));
+            if info.is_some() {
+                break;
+            }
+        }
+        let info = info.expect("no Reply to Information-request");
+        assert_eq!((info.kind, info.address), (Kind::Reply, None));
+        assert_eq!(info.dns.len(), 1);
+        g.send(&client_frame6(Kind::Solicit, g.mac, [7, 1, 0], Some(1), None));
+        assert!(
+            g.reply6([7, 1, 0], Duration::from_secs(1)).is_none(),
+            "a stateless subnet offered an address"
+        );
     })
     .await
     .expect("test timed out");

@@ -8,6 +8,8 @@
 
 use std::net::Ipv4Addr;
 
+pub mod v6;
+
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
 const MAGIC: [u8; 4] = [99, 130, 83, 99];

@@ -77,6 +77,43 @@ pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) 
     None
 }
 
+/// What VM port `port_id` gets over DHCPv6, if it has an IPv6 address on a subnet with DHCP
+/// in a DHCPv6 address mode: its address (stateful) or only the other configuration
+/// (stateless). Pure.
+pub fn lease6_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) -> Option<isthmus_dhcp::v6::Lease6> {
+    let p = objects.port(port_id)?;
+    if p.host_id != node {
+        return None;
+    }
+    let mac: MacAddr = p.mac_address.parse().ok()?;
+    for f in &p.fixed_ips {
+        let Ok(ip) = f.ip_address.parse::<std::net::Ipv6Addr>() else {
+            continue;
+        };
+        let Some(s) = objects.subnet(&f.subnet_id) else {
+            continue;
+        };
+        if s.enable_dhcp == Some(false) {
+            continue;
+        }
+        let stateful = match s.other.get("ipv6_address_mode").and_then(|v| v.as_str()) {
+            Some("dhcpv6-stateful") => true,
+            Some("dhcpv6-stateless") => false,
+            _ => continue,
+        };
+        let mut server_mac = mac.0;
+        server_mac[0] = 0xfe;
+        return Some(isthmus_dhcp::v6::Lease6 {
+            address: stateful.then_some(ip),
+            dns: s.dns_nameservers.iter().filter_map(|d| d.parse().ok()).collect(),
+            preferred_secs: lease_secs,
+            valid_secs: lease_secs.saturating_mul(2),
+            server_mac,
+        });
+    }
+    None
+}
+
 /// One served tap's task.
 struct Served {
     task: tokio::task::JoinHandle<()>,
@@ -124,7 +161,10 @@ impl<B: PacketIo + 'static> DhcpController<B> {
             .local_ports
             .iter()
             .filter(|p| p.kind == PortKind::Tap)
-            .filter(|p| lease_for(&v.objects, &self.state.node, &p.id, self.lease_secs).is_some())
+            .filter(|p| {
+                lease_for(&v.objects, &self.state.node, &p.id, self.lease_secs).is_some()
+                    || lease6_for(&v.objects, &self.state.node, &p.id, self.lease_secs).is_some()
+            })
             .map(|p| (names::tap(&p.id), p.id.clone()))
             .collect()
     }
@@ -197,6 +237,9 @@ impl<B: PacketIo + 'static> DhcpController<B> {
 
     /// The answer frame to one frame from the guest, if it deserves one.
     fn answer(&self, port_id: &str, dev: &str, frame: &[u8]) -> Option<Vec<u8>> {
+        if frame.get(12..14) == Some(&[0x86, 0xdd]) {
+            return self.answer6(port_id, dev, frame);
+        }
         let req = match parse(frame) {
             Ok(r) => r,
             Err(e) => {
@@ -223,6 +266,38 @@ impl<B: PacketIo + 'static> DhcpController<B> {
         let answer = decide(&req, &lease)?;
         debug!(dev, kind = ?req.kind, ?answer, ip = %lease.ip, xid = req.xid, "DHCP: answering");
         Some(build(answer, &req, &lease))
+    }
+}
+
+impl<B: PacketIo + 'static> DhcpController<B> {
+    /// The DHCPv6 answer to one frame from the guest, if it deserves one.
+    fn answer6(&self, port_id: &str, dev: &str, frame: &[u8]) -> Option<Vec<u8>> {
+        use isthmus_dhcp::v6::{build6, decide6, parse6};
+        let req = match parse6(frame) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(dev, error = %e, "DHCPv6: ignoring a frame");
+                return None;
+            }
+        };
+        let lease = {
+            let v = self.state.lock();
+            let l = lease6_for(&v.objects, &self.state.node, port_id, self.lease_secs);
+            let mac = v
+                .objects
+                .port(port_id)
+                .and_then(|p| p.mac_address.parse::<MacAddr>().ok());
+            match (l, mac) {
+                (Some(l), Some(m)) if req.src_mac == m.0 => l,
+                _ => {
+                    debug!(dev, src = %MacAddr(req.src_mac), "DHCPv6: no lease for this client");
+                    return None;
+                }
+            }
+        };
+        let (kind, with_address) = decide6(&req, &lease)?;
+        debug!(dev, request = ?req.kind, answer = ?kind, address = ?lease.address, "DHCPv6: answering");
+        Some(build6(kind, with_address, &req, &lease))
     }
 }
 

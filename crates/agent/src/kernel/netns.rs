@@ -224,21 +224,26 @@ pub fn dhcp_packet_socket(dev: &str) -> Result<(std::os::fd::OwnedFd, u32), Kern
     }
     // SAFETY: fd is a fresh socket we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // IPv4, UDP, not a fragment, destination port 67 (tcpdump's `udp dst port 67`, IPv4 part).
-    let code: [libc::sock_filter; 10] = [
-        bpf(0x28, 0, 0, 12),          // ldh [12]
-        bpf(0x15, 0, 8, 0x0800),      // jeq IPv4, else drop
-        bpf(0x30, 0, 0, 23),          // ldb [23]
-        bpf(0x15, 0, 6, 17),          // jeq UDP, else drop
-        bpf(0x28, 0, 0, 20),          // ldh [20]
-        bpf(0x45, 4, 0, 0x1fff),      // jset fragment offset → drop
-        bpf(0xb1, 0, 0, 14),          // ldxb 4*([14]&0xf)
-        bpf(0x48, 0, 0, 16),          // ldh [x+16]
-        bpf(0x15, 0, 1, 67),          // jeq 67, else drop
-        bpf(0x06, 0, 0, 0x0004_0000), // accept
+    // IPv4, UDP, not a fragment, destination port 67 (tcpdump's `udp dst port 67`, IPv4 part),
+    // or IPv6 with UDP as its first next header to port 547 (DHCPv6).
+    let mut code: Vec<libc::sock_filter> = vec![
+        bpf(0x28, 0, 0, 12),          // 0: ldh [12]
+        bpf(0x15, 0, 7, 0x0800),      // 1: jeq IPv4, else 9
+        bpf(0x30, 0, 0, 23),          // 2: ldb [23]
+        bpf(0x15, 0, 11, 17),         // 3: jeq UDP, else drop
+        bpf(0x28, 0, 0, 20),          // 4: ldh [20]
+        bpf(0x45, 9, 0, 0x1fff),      // 5: jset fragment offset → drop
+        bpf(0xb1, 0, 0, 14),          // 6: ldxb 4*([14]&0xf)
+        bpf(0x48, 0, 0, 16),          // 7: ldh [x+16]
+        bpf(0x15, 5, 6, 67),          // 8: jeq 67 → accept, else drop
+        bpf(0x15, 0, 5, 0x86dd),      // 9: jeq IPv6, else drop
+        bpf(0x30, 0, 0, 20),          // 10: ldb [20] (next header)
+        bpf(0x15, 0, 3, 17),          // 11: jeq UDP, else drop
+        bpf(0x28, 0, 0, 56),          // 12: ldh [56] (UDP destination port)
+        bpf(0x15, 0, 1, 547),         // 13: jeq 547 → accept, else drop
+        bpf(0x06, 0, 0, 0x0004_0000), // 14: accept
     ];
-    let mut code = code.to_vec();
-    code.push(bpf(0x06, 0, 0, 0)); // drop
+    code.push(bpf(0x06, 0, 0, 0)); // 15: drop
     let prog = libc::sock_fprog {
         len: code.len() as u16,
         filter: code.as_mut_ptr(),
