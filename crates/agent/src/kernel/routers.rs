@@ -113,37 +113,103 @@ fn veth_legs(r: &RouterNs) -> Vec<VethLeg<'_>> {
 /// Router-end device name prefixes this module owns inside a router namespace.
 const LEG_PREFIXES: [&str; 3] = ["qr-", "qg-", "sg-"];
 
+/// What a router namespace holds, read in one `ip -batch`.
+struct Seen {
+    links: Vec<Value>,
+    neighbours: Vec<Value>,
+    addresses: Vec<Value>,
+    routes: Vec<Value>,
+    rules: Vec<Value>,
+}
+
+fn read(ns: &str) -> Result<Seen, KernelError> {
+    let script = "link show\nneigh show nud permanent\naddr show\nroute show table all proto static\nrule show\n";
+    let out = Command::new("ip")
+        .args(["-j", "-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            if let Some(mut i) = c.stdin.take() {
+                i.write_all(script.as_bytes())?;
+            }
+            c.wait_with_output()
+        })
+        .map_err(|e| KernelError::io("running ip (is iproute2 installed?)", e))?;
+    let bad = |why: String| KernelError::io(format!("reading router namespace {ns}"), std::io::Error::other(why));
+    if !out.status.success() {
+        return Err(bad(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts: Vec<Vec<Value>> = serde_json::Deserializer::from_str(&text)
+        .into_iter::<Vec<Value>>()
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if parts.len() != 5 {
+        return Err(bad(format!("{} answers to 5 questions", parts.len())));
+    }
+    let rules = parts.pop().unwrap_or_default();
+    let routes = parts.pop().unwrap_or_default();
+    let addresses = parts.pop().unwrap_or_default();
+    let neighbours = parts.pop().unwrap_or_default();
+    let links = parts.pop().unwrap_or_default();
+    Ok(Seen {
+        links,
+        neighbours,
+        addresses,
+        routes,
+        rules,
+    })
+}
+
 /// Brings router namespace `r.netns` to `r`: the namespace, forwarding on, a leg per interface
 /// (address, MAC, MTU, in its bridge), SNAT legs, the external leg, permanent neighbours,
 /// default and static routes, floating IP rules and the NAT table.
+///
+/// A busy node applies many routers at once, and every process costs: one `ip -batch` reads
+/// the namespace, one makes the legs' outer ends, one changes everything inside.
 pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
     let ns = r.netns.as_str();
-    let links = if Path::new(NETNS_DIR).join(ns).exists() {
-        ip_json(&["-j", "-n", ns, "link", "show"])?
-    } else {
-        vec![]
-    };
-    // A namespace is set up once (every process spawned here delays routing on a busy node);
-    // one that lost its loopback or settings is remade by removing it.
-    if links.is_empty() {
+    if !Path::new(NETNS_DIR).join(ns).exists() {
         let _ = ip(&["netns", "add", ns]);
         setup_namespace(ns)?;
     }
-    let had_external = links
+    let seen = read(ns)?;
+    if !seen
+        .links
+        .iter()
+        .any(|l| l["ifname"].as_str() == Some("lo") && l["flags"].to_string().contains("\"UP\""))
+    {
+        // A namespace made by hand or half set up: set it up (again).
+        setup_namespace(ns)?;
+    }
+    let had_external = seen
+        .links
         .iter()
         .any(|l| l["ifname"].as_str().is_some_and(|n| n.starts_with("qg-")));
-    apply_legs(r, &links)?;
-    apply_neighbours_and_addresses(r)?;
-    if north_south(r) || had_external || has_static_routes(ns)? {
-        apply_north_south(r, had_external)?;
+    let mut inside = String::new();
+    legs(r, &seen, &mut inside)?;
+    neighbours(r, &seen, &mut inside);
+    addresses(r, &seen, &mut inside);
+    if north_south(r) || had_external || !seen.routes.is_empty() {
+        routes(r, &seen, &mut inside);
+    }
+    if !inside.is_empty() {
+        ip_batch(ns, &inside)?;
+    }
+    announce(r, &seen);
+    // The NAT table only ever exists with an external leg.
+    if r.external.is_some() || had_external {
+        super::netns::piped(
+            "ip",
+            &["netns", "exec", ns, "nft", "-f", "-"],
+            &crate::routing::nat_script(r),
+            &format!("nft in {ns}"),
+        )?;
     }
     Ok(())
-}
-
-/// Whether routes this module owns are left in the namespace (a router that lost its
-/// gateway or static routes).
-fn has_static_routes(ns: &str) -> Result<bool, KernelError> {
-    Ok(!ip_json(&["-j", "-n", ns, "route", "show", "table", "all", "proto", "static"])?.is_empty())
 }
 
 fn setup_namespace(ns: &str) -> Result<(), KernelError> {
@@ -170,16 +236,19 @@ fn setup_namespace(ns: &str) -> Result<(), KernelError> {
     .map(|_| ())
 }
 
-fn apply_legs(r: &RouterNs, links: &[Value]) -> Result<(), KernelError> {
+/// Makes missing legs and fixes wrong ones: their outer ends in the node's namespace (one
+/// batch), their inner ends' MAC, MTU and state into `inside`.
+fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelError> {
     let ns = r.netns.as_str();
     let legs = veth_legs(r);
-    let have: BTreeMap<String, &Value> = links
+    let have: BTreeMap<&str, &Value> = seen
+        .links
         .iter()
-        .filter_map(|l| Some((l["ifname"].as_str()?.to_string(), l)))
+        .filter_map(|l| Some((l["ifname"].as_str()?, l)))
         .filter(|(n, _)| LEG_PREFIXES.iter().any(|p| n.starts_with(p)))
         .collect();
-    for dev in have.keys().filter(|d| !legs.iter().any(|l| l.dev == d.as_str())) {
-        ip(&["-n", ns, "link", "delete", dev])?;
+    for dev in have.keys().filter(|d| !legs.iter().any(|l| l.dev == **d)) {
+        inside.push_str(&format!("link delete {dev}\n"));
     }
     // The outer ends, read once: (bridge, up) by name.
     let outers: BTreeMap<String, (String, bool)> = if legs.iter().any(|l| have.contains_key(l.dev)) {
@@ -198,23 +267,21 @@ fn apply_legs(r: &RouterNs, links: &[Value]) -> Result<(), KernelError> {
     } else {
         BTreeMap::new()
     };
+    let mut create = String::new();
+    let mut outside = String::new();
+    let mut static_fdb = vec![];
     for leg in &legs {
         let (dev, outer) = (leg.dev, leg.outer.as_str());
-        let mtu = leg.mtu.to_string();
         match have.get(dev) {
             None => {
-                let add = [
-                    "link", "add", outer, "mtu", &mtu, "type", "veth", "peer", "name", dev, "netns", ns,
-                ];
-                if ip(&add).is_err() {
-                    // A leftover outer end (its namespace was deleted by hand) is in the way.
-                    let _ = ip(&["link", "delete", outer]);
-                    ip(&add)?;
-                }
+                create.push_str(&format!(
+                    "link add {outer} mtu {} type veth peer name {dev} netns {ns}\n",
+                    leg.mtu
+                ));
             }
             Some(l) => {
                 let addr = l["address"].as_str().unwrap_or_default();
-                let up = l["operstate"].as_str() == Some("UP") || l["flags"].to_string().contains("\"UP\"");
+                let up = l["flags"].to_string().contains("\"UP\"");
                 let mtu_now = l["mtu"].as_u64().unwrap_or_default();
                 let outer_ok = outers.get(outer).is_some_and(|(m, up)| m == leg.bridge && *up);
                 if addr == leg.mac && up && mtu_now == u64::from(leg.mtu) && outer_ok {
@@ -222,28 +289,45 @@ fn apply_legs(r: &RouterNs, links: &[Value]) -> Result<(), KernelError> {
                 }
             }
         }
-        // The outer end is a bridge port and nothing more: no IPv6 chatter from it.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{outer}/disable_ipv6"), "1");
-        ip(&["link", "set", outer, "master", leg.bridge, "mtu", &mtu, "up"])?;
-        ip(&["-n", ns, "link", "set", dev, "address", leg.mac, "mtu", &mtu, "up"])?;
+        outside.push_str(&format!("link set {outer} master {} mtu {} up\n", leg.bridge, leg.mtu));
+        inside.push_str(&format!("link set {dev} address {} mtu {} up\n", leg.mac, leg.mtu));
         if leg.static_fdb {
-            Command::new("bridge")
-                .args(["fdb", "replace", leg.mac, "dev", outer, "master", "static"])
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| KernelError::io("running bridge fdb", e))?;
+            static_fdb.push((leg.mac, outer));
         }
     }
-
+    if !create.is_empty() && super::netns::piped("ip", &["-batch", "-"], &create, "ip -batch (router legs)").is_err() {
+        // A leftover outer end (its namespace was deleted by hand) is in the way: one at a
+        // time, removing what blocks.
+        for line in create.lines() {
+            let args: Vec<&str> = line.split_whitespace().collect();
+            if ip(&args).is_err() {
+                let _ = ip(&["link", "delete", args[2]]);
+                ip(&args)?;
+            }
+        }
+    }
+    for leg in &legs {
+        // The outer end is a bridge port and nothing more: no IPv6 chatter from it.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", leg.outer), "1");
+    }
+    if !outside.is_empty() {
+        super::netns::piped("ip", &["-batch", "-"], &outside, "ip -batch (router legs)")?;
+    }
+    for (mac, outer) in static_fdb {
+        Command::new("bridge")
+            .args(["fdb", "replace", mac, "dev", outer, "master", "static"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| KernelError::io("running bridge fdb", e))?;
+    }
     Ok(())
 }
 
-fn apply_neighbours_and_addresses(r: &RouterNs) -> Result<(), KernelError> {
-    let ns = r.netns.as_str();
-    let legs = veth_legs(r);
-    // Permanent neighbours, one batch of changes, before the addresses: once an address
-    // brings its route, a packet must not find the neighbour unresolved and ARP for it.
-    let now: BTreeSet<(String, String, String)> = ip_json(&["-j", "-n", ns, "neigh", "show", "nud", "permanent"])?
+/// Permanent neighbours, before the addresses in the batch: once an address brings its
+/// route, a packet must not find the neighbour unresolved and ask for it.
+fn neighbours(r: &RouterNs, seen: &Seen, inside: &mut String) {
+    let now: BTreeSet<(String, String, String)> = seen
+        .neighbours
         .iter()
         .filter_map(|n| {
             Some((
@@ -259,55 +343,60 @@ fn apply_neighbours_and_addresses(r: &RouterNs) -> Result<(), KernelError> {
         .filter(|n| r.legs.contains_key(&n.dev))
         .map(|n| (n.dev.clone(), n.ip.to_string(), n.mac.clone()))
         .collect();
-    let mut batch = String::new();
     for (dev, dst, _) in now.difference(&want) {
         if !want.iter().any(|(d, i, _)| d == dev && i == dst) {
-            batch.push_str(&format!("neigh del {dst} dev {dev}\n"));
+            inside.push_str(&format!("neigh del {dst} dev {dev}\n"));
         }
     }
     for (dev, dst, mac) in want.difference(&now) {
-        batch.push_str(&format!("neigh replace {dst} lladdr {mac} dev {dev} nud permanent\n"));
+        inside.push_str(&format!("neigh replace {dst} lladdr {mac} dev {dev} nud permanent\n"));
     }
-    if !batch.is_empty() {
-        ip_batch(ns, &batch)?;
-    }
+}
 
-    // Addresses on each leg; a gateway or floating IP that (re)appears is announced: a host
-    // whose entry for it went stale while it was gone (or points at another node) would
-    // otherwise wait for its next ARP probe.
-    let all = ip_json(&["-j", "-n", ns, "addr", "show"])?;
-    for leg in &legs {
+/// Global addresses on each leg as they are now, by device.
+fn addresses_now(seen: &Seen, dev: &str) -> BTreeSet<String> {
+    seen.addresses
+        .iter()
+        .filter(|i| i["ifname"].as_str() == Some(dev))
+        .flat_map(|i| i["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["scope"].as_str() == Some("global"))
+        .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"].as_u64()?)))
+        .collect()
+}
+
+fn addresses(r: &RouterNs, seen: &Seen, inside: &mut String) {
+    for leg in veth_legs(r) {
         let Some(want_addrs) = leg.addresses else { continue };
-        let dev = leg.dev;
-        let now: BTreeSet<String> = all
-            .iter()
-            .filter(|i| i["ifname"].as_str() == Some(dev))
-            .flat_map(|i| i["addr_info"].as_array().cloned().unwrap_or_default())
-            .filter(|a| a["scope"].as_str() == Some("global"))
-            .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"].as_u64()?)))
-            .collect();
+        let now = addresses_now(seen, leg.dev);
         let want: BTreeSet<String> = want_addrs.iter().map(|a| a.to_string()).collect();
         for a in now.difference(&want) {
-            ip(&["-n", ns, "addr", "del", a, "dev", dev])?;
+            inside.push_str(&format!("addr del {a} dev {}\n", leg.dev));
         }
         for a in want.difference(&now) {
-            ip(&["-n", ns, "addr", "add", a, "dev", dev])?;
+            inside.push_str(&format!("addr add {a} dev {}\n", leg.dev));
         }
-        let mac = leg.mac.parse::<crate::desired::MacAddr>().ok().map(|m| m.0);
-        for addr in want.difference(&now) {
-            let v4 = addr
-                .split('/')
-                .next()
-                .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok());
-            if let (Some(v4), Some(mac)) = (v4, mac) {
-                if let Err(e) = super::netns::gratuitous_arp(&Path::new(NETNS_DIR).join(ns), dev, v4, mac) {
-                    tracing::warn!(netns = ns, dev, error = %e, "announcing a router address failed");
+    }
+}
+
+/// A gateway or floating IP that (re)appeared is announced: a host whose entry for it went
+/// stale while it was gone (or points at another node) would otherwise wait for its next
+/// ARP probe.
+fn announce(r: &RouterNs, seen: &Seen) {
+    let ns = r.netns.as_str();
+    for leg in veth_legs(r) {
+        let Some(want_addrs) = leg.addresses else { continue };
+        let now = addresses_now(seen, leg.dev);
+        let Some(mac) = leg.mac.parse::<crate::desired::MacAddr>().ok().map(|m| m.0) else {
+            continue;
+        };
+        for a in want_addrs.iter().filter(|a| !now.contains(&a.to_string())) {
+            if let std::net::IpAddr::V4(v4) = a.addr() {
+                if let Err(e) = super::netns::gratuitous_arp(&Path::new(NETNS_DIR).join(ns), leg.dev, v4, mac) {
+                    tracing::warn!(netns = ns, dev = leg.dev, error = %e, "announcing a router address failed");
                 }
             }
         }
     }
-
-    Ok(())
 }
 
 /// Whether the router has anything beyond east-west legs here.
@@ -315,27 +404,11 @@ fn north_south(r: &RouterNs) -> bool {
     r.external.is_some() || r.default.is_some() || !r.routes.is_empty() || !r.fips.is_empty()
 }
 
-fn apply_north_south(r: &RouterNs, had_external: bool) -> Result<(), KernelError> {
-    let ns = r.netns.as_str();
-    routes(r)?;
-    // The NAT table only ever exists with an external leg.
-    if r.external.is_some() || had_external {
-        super::netns::piped(
-            "ip",
-            &["netns", "exec", ns, "nft", "-f", "-"],
-            &crate::routing::nat_script(r),
-            &format!("nft in {ns}"),
-        )?;
-    }
-    Ok(())
-}
-
 /// Routes this module owns carry `proto static`: the default route, static routes, and the
 /// floating IP table; floating IPs' sources are steered by rules at [`RULE_PRIORITY`].
 const RULE_PRIORITY: u32 = 1000;
 
-fn routes(r: &RouterNs) -> Result<(), KernelError> {
-    let ns = r.netns.as_str();
+fn routes(r: &RouterNs, seen: &Seen, inside: &mut String) {
     let table = FIP_TABLE.to_string();
     // What should be there, as `ip route` arguments keyed by (table, destination).
     let mut want: BTreeMap<(String, String), String> = BTreeMap::new();
@@ -374,47 +447,42 @@ fn routes(r: &RouterNs) -> Result<(), KernelError> {
             );
         }
     }
-    let mut batch = String::new();
-    // One read of every table (a table that never had a route does not exist to be shown).
-    for route in ip_json(&["-j", "-n", ns, "route", "show", "table", "all", "proto", "static"])? {
+    for route in &seen.routes {
         let dst = route["dst"].as_str().unwrap_or_default().to_string();
         let t = route["table"].as_str().unwrap_or("main").to_string();
         if !want.contains_key(&(t.clone(), dst.clone())) {
-            batch.push_str(&format!("route del {dst} table {t}\n"));
+            inside.push_str(&format!("route del {dst} table {t}\n"));
         }
     }
     for args in want.values() {
-        batch.push_str(&format!("route replace {args}\n"));
+        inside.push_str(&format!("route replace {args}\n"));
     }
     // Floating IP sources: their own table, after the main table's specific routes.
-    let rules = ip_json(&["-j", "-n", ns, "rule", "show"])?;
-    let have: BTreeSet<String> = rules
+    let have: BTreeSet<String> = seen
+        .rules
         .iter()
         .filter(|x| x["priority"].as_u64() == Some(u64::from(RULE_PRIORITY)))
         .filter_map(|x| x["src"].as_str().map(str::to_string))
         .collect();
     let want_src: BTreeSet<String> = r.fips.iter().map(|(_, fixed)| fixed.to_string()).collect();
-    let suppress = rules
+    let suppress = seen
+        .rules
         .iter()
         .any(|x| x["priority"].as_u64() == Some(u64::from(RULE_PRIORITY - 1)));
     if !want_src.is_empty() && !suppress {
-        batch.push_str(&format!(
+        inside.push_str(&format!(
             "rule add priority {} lookup main suppress_prefixlength 0\n",
             RULE_PRIORITY - 1
         ));
     }
     for src in have.difference(&want_src) {
-        batch.push_str(&format!("rule del priority {RULE_PRIORITY} from {src}\n"));
+        inside.push_str(&format!("rule del priority {RULE_PRIORITY} from {src}\n"));
     }
     for src in want_src.difference(&have) {
-        batch.push_str(&format!(
+        inside.push_str(&format!(
             "rule add priority {RULE_PRIORITY} from {src} lookup {table}\n"
         ));
     }
-    if batch.is_empty() {
-        return Ok(());
-    }
-    ip_batch(ns, &batch)
 }
 
 fn ip_batch(ns: &str, batch: &str) -> Result<(), KernelError> {
