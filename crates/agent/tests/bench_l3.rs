@@ -135,7 +135,9 @@ async fn l3_convergence() {
     support::require_root();
     let n = env_usize("ISTHMUS_BENCH_NODES", 10).max(2);
     let rounds = env_usize("ISTHMUS_BENCH_ROUNDS", 3) * 10 / 3;
-    let tb = Testbed::start(n).await;
+    // The agents' default full-sync period (30 s), not the test bed's 3 s: ten agents
+    // re-reading everything every 3 s on two cores would be measured, not the change.
+    let tb = Testbed::start_opts(n, false, 30).await;
     let (na, sa) = tb.network_as(&tb.admin_token, "conv-a", "10.60.0.0/16").await;
     let (nb, sb) = tb.network_as(&tb.admin_token, "conv-b", "10.61.0.0/24").await;
     let mut sources = vec![];
