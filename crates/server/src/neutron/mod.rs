@@ -19,6 +19,7 @@ mod common;
 mod default_sg;
 mod floatingips;
 mod http;
+mod ipavail;
 pub mod l3sched;
 pub mod liveness;
 mod lookup;
@@ -125,6 +126,11 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Provides MTU attribute for a network resource.",
     ),
     (
+        "network-ip-availability",
+        "Network IP Availability",
+        "Provides IP availability data for each network and subnet.",
+    ),
+    (
         "pagination",
         "Pagination support",
         "Extension that indicates that pagination is enabled.",
@@ -199,6 +205,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/isthmus/v1/nodes/{host}/ports/{id}",
             put(agents::port_status).delete(nodeports::delete),
         )
+        .route("/v2.0/network-ip-availabilities", get(ipavail::list))
+        .route("/v2.0/network-ip-availabilities/{id}", get(ipavail::show))
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))

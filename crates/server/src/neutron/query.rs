@@ -467,6 +467,7 @@ fn filter_attributes(plural: &str) -> Option<&'static [&'static str]> {
             "status",
         ],
         "security_groups" => &["name", "stateful", "security_group_rules"],
+        "network_ip_availabilities" => &["network_id", "network_name", "project_id", "tenant_id"],
         "security_group_rules" => &[
             "security_group_id",
             "direction",
