@@ -933,23 +933,13 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
     .await
 }
 
-/// `DELETE /v2.0/ports/{id}` (and a node deleting its own ports): router ports refused.
+/// `DELETE /v2.0/ports/{id}` (and a node deleting its own ports): router and floating IP
+/// ports refused (the L3 API removes those with [`delete_ops`], in its own transactions).
 pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
-    delete_port(ctx, id, if_match, true).await
-}
-
-/// A delete the router API makes (removing an interface).
-pub async fn delete_internal(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
-    delete_port(ctx, id, None, false).await
-}
-
-async fn delete_port(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>, checked: bool) -> NResult<()> {
     retry(ctx, |ctx| {
         let (p, rev) = writable(ctx, id)?;
         check_if_match(if_match, p.std.revision_number)?;
-        if checked {
-            check_l3_deletion(ctx, &p)?;
-        }
+        check_l3_deletion(ctx, &p)?;
         let mut cmp = vec![Compare::ModRevision(key(id), rev)];
         let mut ops = delete_ops(&p);
         // Its floating IPs stay, disassociated, as Neutron leaves them.
