@@ -165,10 +165,7 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
         // while it was gone would otherwise wait for its next ARP probe, up to a second.
         let mac = leg.mac.parse::<crate::desired::MacAddr>().ok().map(|m| m.0);
         for addr in want.difference(&now) {
-            let v4 = addr
-                .split('/')
-                .next()
-                .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok());
+            let v4 = addr.split('/').next().and_then(|a| a.parse::<std::net::Ipv4Addr>().ok());
             if let (Some(v4), Some(mac)) = (v4, mac) {
                 if let Err(e) = super::netns::gratuitous_arp(&Path::new(NETNS_DIR).join(ns), dev, v4, mac) {
                     tracing::warn!(netns = ns, dev, error = %e, "announcing a router address failed");
