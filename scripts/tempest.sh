@@ -36,22 +36,48 @@ osc() {
     --os-project-name admin --os-user-domain-name Default --os-project-domain-name Default "$@"
 }
 
-# Test accounts: tempest locks one per test class, so give it a few more than workers.
+# Test accounts: tempest locks one per test class, so give it a few more than workers; admin
+# test classes lock an admin account each too. Made through the identity API in one process
+# (an openstack CLI call per step would take minutes).
 pw=tempest-$RANDOM-$RANDOM
 acc=$ws/accounts.yaml
-: >"$acc"
-for i in $(seq 1 $((workers * 2 + 2))); do
-  osc project create --domain Default "tp$i" >/dev/null
-  osc user create --domain Default --project "tp$i" --password "$pw" "tu$i" >/dev/null
-  osc role add --project "tp$i" --user "tu$i" member >/dev/null
-  printf -- '- username: tu%s\n  project_name: tp%s\n  password: %s\n  domain_name: Default\n  roles: [member]\n' "$i" "$i" "$pw" >>"$acc"
-done
-# Admin test classes lock an admin account each too.
-for i in $(seq 1 $((workers + 2))); do
-  osc user create --domain Default --project admin --password "$pw" "tadmin$i" >/dev/null
-  osc role add --project admin --user "tadmin$i" admin >/dev/null
-  printf -- '- username: tadmin%s\n  project_name: admin\n  password: %s\n  domain_name: Default\n  roles: [admin]\n' "$i" "$pw" >>"$acc"
-done
+python3 - "$auth" "$adminpw" "$pw" $((workers * 2 + 2)) $((workers + 2)) >"$acc" <<'PY'
+import json, sys, urllib.request
+
+auth, adminpw, pw, members, admins = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+
+def call(method, path, body=None, token=None):
+    req = urllib.request.Request(auth + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("X-Auth-Token", token)
+    with urllib.request.urlopen(req) as r:
+        data = r.read()
+        return r.headers, (json.loads(data) if data else None)
+
+h, _ = call("POST", "/auth/tokens", {"auth": {
+    "identity": {"methods": ["password"], "password": {"user": {
+        "name": "admin", "domain": {"name": "Default"}, "password": adminpw}}},
+    "scope": {"project": {"name": "admin", "domain": {"name": "Default"}}}}})
+tok = h["X-Subject-Token"]
+roles = {r["name"]: r["id"] for r in call("GET", "/roles", token=tok)[1]["roles"]}
+admin_project = call("GET", "/projects?name=admin", token=tok)[1]["projects"][0]["id"]
+
+def user(name, project):
+    return call("POST", "/users", {"user": {"name": name, "password": pw, "domain_id": "default",
+                                            "default_project_id": project}}, tok)[1]["user"]["id"]
+
+out = []
+for i in range(1, members + 1):
+    p = call("POST", "/projects", {"project": {"name": f"tp{i}", "domain_id": "default"}}, tok)[1]["project"]["id"]
+    call("PUT", f"/projects/{p}/users/{user(f'tu{i}', p)}/roles/{roles['member']}", token=tok)
+    out.append(f"- username: tu{i}\n  project_name: tp{i}\n  password: {pw}\n  domain_name: Default\n  roles: [member]\n")
+for i in range(1, admins + 1):
+    call("PUT", f"/projects/{admin_project}/users/{user(f'tadmin{i}', admin_project)}/roles/{roles['admin']}", token=tok)
+    out.append(f"- username: tadmin{i}\n  project_name: admin\n  password: {pw}\n  domain_name: Default\n  roles: [admin]\n")
+sys.stdout.write("".join(out))
+PY
 
 # The external network routers get their gateways on and floating IPs come from: flat, on a
 # documentation range, no DHCP.

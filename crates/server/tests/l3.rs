@@ -615,3 +615,51 @@ async fn routes_are_validated_and_hold_their_interface() {
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
 }
+
+#[tokio::test]
+async fn giving_up_the_fixed_address_disassociates() {
+    let server = TestServer::start(Backend::Embedded).await;
+    let public = public_net(&server.admin).await;
+    let a = server.member("a").await;
+    let (_, subnet, router, port) = routed_estate(&a.api, &public, "10.0.0.0/24").await;
+    let port_id = id_of(&port);
+    let fip = id_of(
+        &a.api
+            .create(
+                "floatingips",
+                "floatingip",
+                json!({"floating_network_id": public, "port_id": port_id}),
+            )
+            .await,
+    );
+    // Another address on the same subnet: the floating IP's one is gone, so is the association.
+    let (s, b) = a
+        .api
+        .put(
+            &format!("/v2.0/ports/{port_id}"),
+            json!({"port": {"fixed_ips": [{"subnet_id": subnet, "ip_address": "10.0.0.200"}]}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (_, b) = a.api.get(&format!("/v2.0/floatingips/{fip}")).await;
+    assert_eq!(b["floatingip"]["port_id"], Value::Null, "{b}");
+    assert_eq!(b["floatingip"]["status"], "DOWN");
+    // The new address may take it, and the interface is held again.
+    let (s, b) = a
+        .api
+        .put(
+            &format!("/v2.0/floatingips/{fip}"),
+            json!({"floatingip": {"port_id": port_id}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["floatingip"]["fixed_ip_address"], "10.0.0.200");
+    let (s, b) = a
+        .api
+        .put(
+            &format!("/v2.0/routers/{router}/remove_router_interface"),
+            json!({"subnet_id": subnet}),
+        )
+        .await;
+    assert_neutron_error(s, &b, StatusCode::CONFLICT, Some("RouterInterfaceInUseByFloatingIP"));
+}

@@ -107,6 +107,7 @@ struct Assoc {
     port_id: String,
     fixed_ip: String,
     router_id: String,
+    router_rev: Revision,
     port_rev: Revision,
 }
 
@@ -154,7 +155,7 @@ fn check_assoc(ctx: &Ctx<'_>, fip_id: &str, fip_project: &str, net_id: &str, req
             }
         },
     };
-    let router_id = ctx
+    let (router_id, router_rev) = ctx
         .all::<Router>()
         .into_iter()
         .filter(|(r, _)| r.gateway.as_ref().is_some_and(|g| g.network_id == net_id))
@@ -165,7 +166,7 @@ fn check_assoc(ctx: &Ctx<'_>, fip_id: &str, fip_project: &str, net_id: &str, req
                     && p.fixed_ips.iter().any(|f| f.subnet_id == fixed.subnet_id)
             })
         })
-        .map(|(r, _)| r.id.clone())
+        .map(|(r, rev)| (r.id.clone(), rev))
         .ok_or_else(|| {
             NeutronError::new(
                 404,
@@ -191,6 +192,7 @@ fn check_assoc(ctx: &Ctx<'_>, fip_id: &str, fip_project: &str, net_id: &str, req
         port_id: port.id.clone(),
         fixed_ip: fixed.ip_address.clone(),
         router_id,
+        router_rev,
         port_rev,
     })
 }
@@ -210,8 +212,10 @@ fn associate(f: &mut FloatingIp, assoc: Option<&Assoc>, cmp: &mut Vec<Compare>, 
         }
     }
     if let Some(a) = assoc {
-        // The port must still be as checked when the association commits.
+        // The port and the router (its interfaces, its gateway) must still be as checked when
+        // the association commits.
         cmp.push(Compare::ModRevision(lookup::key::<Port>(&a.port_id), a.port_rev));
+        cmp.push(Compare::ModRevision(lookup::key::<Router>(&a.router_id), a.router_rev));
     }
     f.port_id = assoc.map(|a| a.port_id.clone());
     f.fixed_ip_address = assoc.map(|a| a.fixed_ip.clone());

@@ -874,6 +874,8 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
                     ops.push(Op::delete(keys::ip_alloc(&old.subnet_id, &old.ip_address)));
                 }
             }
+            // A floating IP on an address the port gives up is disassociated.
+            disassociate(ctx, id, &ips.fixed_ips, &mut cmp, &mut ops);
             p.fixed_ips = ips.fixed_ips;
         }
         if let Some(v) = &f.name {
@@ -931,39 +933,17 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
     .await
 }
 
-/// `DELETE /v2.0/ports/{id}` (and a node deleting its own ports): router ports refused.
+/// `DELETE /v2.0/ports/{id}` (and a node deleting its own ports): router and floating IP
+/// ports refused (the L3 API removes those with [`delete_ops`], in its own transactions).
 pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
-    delete_port(ctx, id, if_match, true).await
-}
-
-/// A delete the router API makes (removing an interface).
-pub async fn delete_internal(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
-    delete_port(ctx, id, None, false).await
-}
-
-async fn delete_port(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>, checked: bool) -> NResult<()> {
     retry(ctx, |ctx| {
         let (p, rev) = writable(ctx, id)?;
         check_if_match(if_match, p.std.revision_number)?;
-        if checked {
-            check_l3_deletion(ctx, &p)?;
-        }
+        check_l3_deletion(ctx, &p)?;
         let mut cmp = vec![Compare::ModRevision(key(id), rev)];
         let mut ops = delete_ops(&p);
         // Its floating IPs stay, disassociated, as Neutron leaves them.
-        let ts = now();
-        for (mut fip, frev) in lookup::fips_of_port(ctx, id) {
-            cmp.push(Compare::ModRevision(lookup::key::<FloatingIp>(&fip.id), frev));
-            if let Some(ip) = &fip.fixed_ip_address {
-                ops.push(Op::delete(keys::fip_assoc(id, ip)));
-            }
-            fip.port_id = None;
-            fip.fixed_ip_address = None;
-            fip.router_id = None;
-            fip.status = "DOWN".into();
-            fip.std.bump(&ts);
-            ops.push(Op::put(lookup::key::<FloatingIp>(&fip.id), json_bytes(&fip)));
-        }
+        disassociate(ctx, id, &[], &mut cmp, &mut ops);
         Ok((cmp, ops, ()))
     })
     .await?;
@@ -1050,5 +1030,25 @@ impl ServicePort<'_> {
             ops.push(Op::put(k, port.id.clone()));
         }
         Ok((cmp, ops, port))
+    }
+}
+
+/// Disassociates the floating IPs of port `port_id` whose fixed address is not in `keep`,
+/// adding the writes to a port write's transaction.
+fn disassociate(ctx: &Ctx<'_>, port_id: &str, keep: &[FixedIp], cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
+    let ts = now();
+    for (mut fip, frev) in lookup::fips_of_port(ctx, port_id) {
+        let fixed = fip.fixed_ip_address.clone().unwrap_or_default();
+        if keep.iter().any(|k| k.ip_address == fixed) {
+            continue;
+        }
+        cmp.push(Compare::ModRevision(lookup::key::<FloatingIp>(&fip.id), frev));
+        ops.push(Op::delete(keys::fip_assoc(port_id, &fixed)));
+        fip.port_id = None;
+        fip.fixed_ip_address = None;
+        fip.router_id = None;
+        fip.status = "DOWN".into();
+        fip.std.bump(&ts);
+        ops.push(Op::put(lookup::key::<FloatingIp>(&fip.id), json_bytes(&fip)));
     }
 }

@@ -2,12 +2,13 @@
 //! `.../remove_router_interface`): ports the router owns, made and removed through the port
 //! operations.
 
-use super::common::{not_found, Ctx, NResult};
-use super::lookup::{fips_of_router, router_interfaces, visible_router, visible_subnet, INTERFACE_OWNER};
+use super::common::{json_bytes, not_found, now, retry, Ctx, NResult};
+use super::lookup::{self, fips_of_router, router_interfaces, visible_router, visible_subnet, INTERFACE_OWNER};
 use super::portops;
 use ipnet::IpNet;
 use isthmus_model::validate::Body;
 use isthmus_model::{NeutronError, Port, Router, Subnet};
+use isthmus_store::{Compare, Op};
 use serde_json::{json, Value};
 use std::net::IpAddr;
 
@@ -144,30 +145,45 @@ fn check_overlap(ctx: &Ctx<'_>, router_id: &str, subnet_id: &str) -> NResult<()>
 }
 
 pub async fn remove_interface(ctx: &Ctx<'_>, id: &str, body: Value) -> NResult<Value> {
-    let (router, _) = visible_router(ctx, id)?;
+    visible_router(ctx, id)?;
     ctx.require_member("remove_router_interface")?;
-    let ifaces = router_interfaces(ctx, id);
-    let port = match target(&body)? {
-        Target::Port(pid) => ifaces.into_iter().find(|p| p.id == pid).ok_or_else(|| {
-            NeutronError::new(
-                404,
-                "RouterInterfaceNotFound",
-                format!("Router {id} does not have an interface with id {pid}"),
-            )
-        })?,
-        Target::Subnet(sid) => ifaces
-            .into_iter()
-            .find(|p| p.fixed_ips.iter().any(|f| f.subnet_id == sid))
-            .ok_or_else(|| {
+    let target = target(&body)?;
+    // The port goes and the router's revision moves in one transaction: a route or a floating
+    // IP association planned meanwhile compares the router and must plan again.
+    let (router, port) = retry(ctx, |ctx| {
+        let (mut router, rrev) = visible_router(ctx, id)?;
+        let ifaces = router_interfaces(ctx, id);
+        let port = match &target {
+            Target::Port(pid) => ifaces.into_iter().find(|p| p.id == *pid).ok_or_else(|| {
                 NeutronError::new(
                     404,
-                    "RouterInterfaceNotFoundForSubnet",
-                    format!("Router {id} has no interface on subnet {sid}"),
+                    "RouterInterfaceNotFound",
+                    format!("Router {id} does not have an interface with id {pid}"),
                 )
             })?,
-    };
-    check_removable(ctx, &router, &port)?;
-    portops::delete_internal(ctx, &port.id).await?;
+            Target::Subnet(sid) => ifaces
+                .into_iter()
+                .find(|p| p.fixed_ips.iter().any(|f| f.subnet_id == *sid))
+                .ok_or_else(|| {
+                    NeutronError::new(
+                        404,
+                        "RouterInterfaceNotFoundForSubnet",
+                        format!("Router {id} has no interface on subnet {sid}"),
+                    )
+                })?,
+        };
+        let (_, prev) = ctx.get::<Port>(&port.id).ok_or_else(|| not_found::<Port>(&port.id))?;
+        check_removable(ctx, &router, &port)?;
+        let mut ops = portops::delete_ops(&port);
+        router.std.bump(&now());
+        ops.push(Op::put(lookup::key::<Router>(id), json_bytes(&router)));
+        let cmp = vec![
+            Compare::ModRevision(lookup::key::<Port>(&port.id), prev),
+            Compare::ModRevision(lookup::key::<Router>(id), rrev),
+        ];
+        Ok((cmp, ops, (router, port)))
+    })
+    .await?;
     Ok(interface_info(&router, &port))
 }
 
