@@ -40,14 +40,21 @@ async fn check(backend: Backend) {
     };
     let s4 = by_subnet(&id_of(&v4));
     // .2–.254 (the gateway .1 is outside the pool); three ports, one address each per subnet.
-    assert_eq!((s4["total_ips"].as_u64(), s4["used_ips"].as_u64()), (Some(253), Some(3)), "{s4}");
+    assert_eq!(
+        (s4["total_ips"].as_u64(), s4["used_ips"].as_u64()),
+        (Some(253), Some(3)),
+        "{s4}"
+    );
     let s6 = by_subnet(&id_of(&v6));
     assert_eq!(s6["used_ips"].as_u64(), Some(3), "{s6}");
     assert_eq!(a["used_ips"].as_u64(), Some(6), "{b}");
 
     // Filters: by network, and by IP version (subnets of that version only).
     let list = admin
-        .list(&format!("/v2.0/network-ip-availabilities?network_id={net}&ip_version=4"), "network_ip_availabilities")
+        .list(
+            &format!("/v2.0/network-ip-availabilities?network_id={net}&ip_version=4"),
+            "network_ip_availabilities",
+        )
         .await;
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["subnet_ip_availability"].as_array().unwrap().len(), 1);
@@ -64,7 +71,10 @@ async fn check(backend: Backend) {
     let (s, b) = admin.delete(&format!("/v2.0/network-ip-availabilities/{net}")).await;
     assert_neutron_error(s, &b, StatusCode::METHOD_NOT_ALLOWED, None);
     let (s, b) = admin
-        .post("/v2.0/network-ip-availabilities", json!({"network_ip_availability": {}}))
+        .post(
+            "/v2.0/network-ip-availabilities",
+            json!({"network_ip_availability": {}}),
+        )
         .await;
     assert_neutron_error(s, &b, StatusCode::METHOD_NOT_ALLOWED, None);
     let (s, b) = admin.get("/v2.0/network-ip-availabilities/no-such-network").await;

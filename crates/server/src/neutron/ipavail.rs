@@ -37,7 +37,9 @@ fn availability(ctx: &Ctx<'_>, n: &Network, versions: &[u8]) -> Option<Value> {
     let mut subnets: Vec<Value> = vec![];
     let (mut total, mut used) = (0u128, 0u128);
     for id in &n.subnets {
-        let Some((s, _)) = cache.get_object::<Subnet>(id) else { continue };
+        let Some((s, _)) = cache.get_object::<Subnet>(id) else {
+            continue;
+        };
         if !versions.is_empty() && !versions.contains(&s.ip_version) {
             continue;
         }
@@ -69,7 +71,11 @@ fn admin_only(ctx: &Ctx<'_>) -> Result<(), NeutronError> {
 }
 
 /// `GET /v2.0/network-ip-availabilities`.
-pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQuery(q): RawQuery) -> ApiResult<Response> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
@@ -101,7 +107,11 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap, RawQue
 }
 
 /// `GET /v2.0/network-ip-availabilities/{network_id}`.
-pub async fn show(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn show(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
@@ -113,10 +123,7 @@ pub async fn show(State(state): State<Arc<AppState>>, headers: HeaderMap, Path(i
         .get_object::<Network>(&id)
         .and_then(|(n, _)| availability(&ctx, &n, &[]))
         .ok_or_else(|| NeutronError::not_found("Network", "network", &id))?;
-    Ok(json_response(
-        StatusCode::OK,
-        json!({"network_ip_availability": item}),
-    ))
+    Ok(json_response(StatusCode::OK, json!({"network_ip_availability": item})))
 }
 
 #[cfg(test)]
@@ -127,8 +134,15 @@ mod tests {
     fn pools_count_inclusively() {
         assert_eq!(pool_size("10.0.0.2", "10.0.0.254"), 253);
         assert_eq!(pool_size("10.0.0.5", "10.0.0.5"), 1);
-        assert_eq!(pool_size("2001:db8::2", "2001:db8::ffff:ffff:ffff:ffff"), (1u128 << 64) - 2);
-        assert_eq!(pool_size("10.0.0.9", "10.0.0.1"), 1, "a reversed pool counts its start only");
+        assert_eq!(
+            pool_size("2001:db8::2", "2001:db8::ffff:ffff:ffff:ffff"),
+            (1u128 << 64) - 2
+        );
+        assert_eq!(
+            pool_size("10.0.0.9", "10.0.0.1"),
+            1,
+            "a reversed pool counts its start only"
+        );
         assert_eq!(pool_size("x", "10.0.0.1"), 0);
     }
 }
