@@ -24,10 +24,7 @@ fn valid_mac(s: &str) -> bool {
 pub type PhysicalNetworks = BTreeMap<String, String>;
 
 pub fn desired(objects: &Objects, node: &str, physical: &PhysicalNetworks) -> L3Desired {
-    let mut out = L3Desired {
-        node_mac: node_mac(node),
-        ..Default::default()
-    };
+    let mut out = L3Desired::default();
     let local: BTreeSet<&str> = objects
         .ports()
         .filter(|p| p.host_id == node && !p.id.is_empty() && router_of(p).is_none())
@@ -80,7 +77,7 @@ pub fn desired(objects: &Objects, node: &str, physical: &PhysicalNetworks) -> L3
                         vni,
                         bridge: names::bridge(vni),
                         mtu: net.mtu.unwrap_or(1450) as u32,
-                        mac: p.mac_address.to_ascii_lowercase(),
+                        mac: leg_mac(node, &p.id),
                         addresses: port_addresses(objects, p),
                         ra: advertised(objects, p),
                     },
@@ -332,13 +329,17 @@ mod tests {
         // Every other port of both networks is a neighbour, the router's own are not.
         let ips: BTreeSet<String> = r.neighbors.iter().map(|n| n.ip.to_string()).collect();
         assert_eq!(ips, BTreeSet::from(["10.1.0.5".to_string(), "10.2.0.5".to_string()]));
+        // Each node's copy of a gateway has its own MAC; the DVR table does not change with it.
+        assert_eq!(a.mac, leg_mac("h1", "p11"));
+        assert_ne!(leg_mac("h1", "p11"), leg_mac("h2", "p11"));
+        assert!(a.mac.starts_with("f6:"));
         let script = dvr_script(&d);
-        assert!(script.contains("ether saddr set fa:16:3f:"), "{script}");
-        assert!(
-            script.contains("10.1.0.1") && script.contains("fa:16:3e:00:00:11"),
-            "{script}"
-        );
-        assert_ne!(node_mac("h1"), node_mac("h2"));
+        assert!(script.contains("== f6:00:00:00:00:00 ether type arp drop"), "{script}");
+        let mut other = d.clone();
+        other.routers.values_mut().for_each(|r| {
+            r.legs.values_mut().for_each(|l| l.addresses.clear());
+        });
+        assert_eq!(dvr_script(&other), script);
         // h3 (only on nc, which no router touches) runs nothing.
         assert!(desired(&o, "h3", &Default::default()).routers.is_empty());
         assert!(!dvr_script(&desired(&o, "h3", &Default::default())).contains("chain"));

@@ -174,20 +174,30 @@ pub fn snat_names(port: &str) -> (String, String) {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct L3Desired {
     pub routers: BTreeMap<String, RouterNs>,
-    /// The source MAC of frames this node's routers send to other nodes.
-    pub node_mac: String,
 }
 
 /// The agent's bridge table for distributed routing.
 pub const DVR_TABLE: &str = "isthmus-dvr";
 
-/// A node's own MAC for routed frames leaving it: every node's router legs share the
-/// interface's MAC (local workloads resolve the gateway to it), so frames a router sends to
-/// another node carry this one instead, or remote bridges would learn the gateway's MAC on
-/// their VXLAN port and send their own workloads' traffic away. Locally administered
-/// (`fa:16:3f`, as Neutron's DVR base), stable: a hash of the node's name.
-pub fn node_mac(node: &str) -> String {
-    hashed_mac(node)
+/// First octet of every router leg's MAC (locally administered, unicast; apart from ports'
+/// `fa:16:3e` and the `fa:16:3f` SNAT and floating IP legs).
+pub const LEG_MAC_PREFIX: u8 = 0xf6;
+
+/// The MAC of interface port `port`'s leg on node `node`: each node's copy of a gateway has
+/// its own, so a routed frame from another node teaches a bridge nothing about its local
+/// gateway, and local workloads resolve the gateway to their own node's leg. 40 bits of a
+/// hash of both.
+pub fn leg_mac(node: &str, port: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes().chain([b'/']).chain(port.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    format!(
+        "{LEG_MAC_PREFIX:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[3], b[4], b[5], b[6], b[7]
+    )
 }
 
 fn hashed_mac(name: &str) -> String {
@@ -200,57 +210,30 @@ fn hashed_mac(name: &str) -> String {
     format!("fa:16:3f:{a:02x}:{b:02x}:{c:02x}")
 }
 
-/// The DVR table as one nft transaction (replacing what was there): on the way out to other
-/// nodes, ARP for a gateway address is dropped (each node answers for its own legs) and frames
-/// from a gateway MAC get the node's MAC. No routers: the table goes.
+/// The DVR table as one nft transaction (replacing what was there). Every node answers for
+/// its own copy of a gateway: what a leg says about itself (ARP, router and neighbour
+/// advertisements, a gratuitous announcement) never leaves for another node, or workloads
+/// there would send their outbound traffic here. Static (legs are known by their MAC
+/// prefix), so router changes never touch it; no legs: the table goes.
 pub fn dvr_script(d: &L3Desired) -> String {
     let mut s = format!("table bridge {DVR_TABLE}\ndelete table bridge {DVR_TABLE}\n");
-    let legs = d.routers.values().flat_map(|r| r.legs.values());
-    let macs: BTreeSet<&str> = legs.clone().map(|l| l.mac.as_str()).collect();
-    let ips: BTreeSet<String> = legs
-        .flat_map(|l| l.addresses.iter())
-        .filter(|a| a.addr().is_ipv4())
-        .map(|a| a.addr().to_string())
-        .collect();
-    if macs.is_empty() {
+    if d.routers.values().all(|r| r.legs.is_empty()) {
         return s;
     }
-    let join = |v: Vec<String>| v.join(", ");
+    let vx = names::VXLAN_PREFIX;
+    let legs = format!("ether saddr & ff:00:00:00:00:00 == {LEG_MAC_PREFIX:02x}:00:00:00:00:00");
     s.push_str(&format!("table bridge {DVR_TABLE} {{\n"));
-    s.push_str(&format!(
-        "    set gw_macs {{ type ether_addr; elements = {{ {} }}; }}\n",
-        join(macs.iter().map(|m| m.to_string()).collect())
-    ));
-    if !ips.is_empty() {
-        s.push_str(&format!(
-            "    set gw_ips {{ type ipv4_addr; elements = {{ {} }}; }}\n",
-            join(ips.into_iter().collect())
-        ));
-    }
     s.push_str("    chain out {\n        type filter hook postrouting priority 0; policy accept;\n");
-    if d.routers
-        .values()
-        .any(|r| r.legs.values().any(|l| l.addresses.iter().any(|a| a.addr().is_ipv4())))
-    {
-        s.push_str(&format!(
-            "        oifname \"{}*\" arp daddr ip @gw_ips drop comment \"a gateway is answered on each node\"\n",
-            names::VXLAN_PREFIX
-        ));
-    }
     s.push_str(&format!(
-        "        oifname \"{}*\" ether saddr @gw_macs icmpv6 type nd-router-advert drop comment \"each node advertises its own legs\"\n",
-        names::VXLAN_PREFIX
+        "        oifname \"{vx}*\" {legs} ether type arp drop comment \"a gateway is answered on each node\"\n"
     ));
     s.push_str(&format!(
-        "        oifname \"{}*\" ether saddr @gw_macs ether saddr set {} comment \"routed here\"\n",
-        names::VXLAN_PREFIX,
-        d.node_mac
+        "        oifname \"{vx}*\" {legs} icmpv6 type {{ nd-router-advert, nd-neighbor-advert }} drop comment \"each node advertises its own legs\"\n"
     ));
     s.push_str("    }\n}\n");
     s
 }
 
-/// Namespaces of this node's routers start with this (so a restarted agent finds its own).
 pub fn netns_prefix(node: &str) -> String {
     format!("isr-{}-", short(node))
 }

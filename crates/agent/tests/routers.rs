@@ -76,29 +76,42 @@ async fn routers_route_on_the_source_node() {
         "node2 received {to_node2} VXLAN packets for 300 echoes between node0 and node1"
     );
 
-    // No bridge learned a gateway MAC on its VXLAN port (the gateway stays local everywhere).
+    // Every workload resolved its gateway to its own node's leg, and no bridge learned its
+    // own node's legs on a VXLAN port (the gateway stays local everywhere).
     let ports = tb
         .net(Method::GET, &format!("/v2.0/ports?device_id={router}"), None)
         .await
         .1;
-    let gw_macs: Vec<String> = ports["ports"]
+    let interfaces: Vec<(String, String)> = ports["ports"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|p| p["mac_address"].as_str().map(str::to_string))
+        .filter_map(|p| {
+            Some((
+                p["id"].as_str()?.to_string(),
+                p["fixed_ips"][0]["ip_address"].as_str()?.to_string(),
+            ))
+        })
         .collect();
-    assert_eq!(gw_macs.len(), 2, "{ports}");
-    for n in &tb.nodes {
-        let (_, fdb, _) = support::run(&["ip", "netns", "exec", &n.ns.name, "bridge", "fdb", "show"]);
-        for line in fdb
-            .lines()
-            .filter(|l| gw_macs.iter().any(|m| l.starts_with(m.as_str())))
-        {
-            assert!(
-                !line.contains("isvx-"),
-                "{}: gateway MAC learned from another node: {line}",
-                n.name
-            );
+    assert_eq!(interfaces.len(), 2, "{ports}");
+    for (w, node) in [(&a0, 0), (&b1, 1), (&a2, 2), (&b2, 2)] {
+        let name = &tb.nodes[node].name;
+        let neigh = w.ip(&["neigh", "show"]);
+        for (port, gw) in &interfaces {
+            let mine = isthmus_agent::routing::leg_mac(name, port);
+            for line in neigh.lines().filter(|l| l.starts_with(&format!("{gw} "))) {
+                assert!(
+                    line.contains(&mine),
+                    "{name}: a workload resolved {gw} elsewhere: {line}"
+                );
+            }
+            let (_, fdb, _) = support::run(&["ip", "netns", "exec", &tb.nodes[node].ns.name, "bridge", "fdb", "show"]);
+            for line in fdb.lines().filter(|l| l.starts_with(&mine)) {
+                assert!(
+                    !line.contains("isvx-"),
+                    "{name}: its own leg learned from another node: {line}"
+                );
+            }
         }
     }
 
