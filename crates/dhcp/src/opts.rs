@@ -166,6 +166,27 @@ pub fn encode(name: &str, value: &str) -> Result<Extra, String> {
         .ok_or_else(|| format!("'{value}' is not a valid value for DHCP option {name}"))
 }
 
+/// Whether a DHCPv6 option name (`ip_version` 6) is the DNS servers option (23), the one
+/// DHCPv6 answers take from a port's options.
+pub fn is_dns_server_v6(name: &str) -> bool {
+    let name = name.strip_prefix("option6:").unwrap_or(name);
+    name == "dns-server" || name == "23"
+}
+
+/// DHCPv6 DNS server addresses as Neutron writes them: comma-separated, each optionally in
+/// brackets (`[2001:db8::1],[2001:db8::2]`).
+pub fn dns_servers_v6(value: &str) -> Option<Vec<std::net::Ipv6Addr>> {
+    let v: Option<Vec<std::net::Ipv6Addr>> = value
+        .split(',')
+        .map(|a| {
+            let a = a.trim();
+            let a = a.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(a);
+            a.parse().ok()
+        })
+        .collect();
+    v.filter(|v| !v.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +243,16 @@ mod tests {
         assert_eq!(encode("200", "10.0.0.1"), Ok(Extra::Option(200, vec![10, 0, 0, 1])));
         assert_eq!(encode("200", "01:ff"), Ok(Extra::Option(200, vec![1, 255])));
         assert_eq!(encode("200", "hello"), Ok(Extra::Option(200, b"hello".to_vec())));
+    }
+
+    #[test]
+    fn dhcpv6_dns_servers() {
+        assert!(is_dns_server_v6("dns-server") && is_dns_server_v6("option6:dns-server") && is_dns_server_v6("23"));
+        assert!(!is_dns_server_v6("domain-search"));
+        let want: Vec<std::net::Ipv6Addr> = vec!["2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap()];
+        assert_eq!(dns_servers_v6("[2001:db8::1],[2001:db8::2]"), Some(want.clone()));
+        assert_eq!(dns_servers_v6("2001:db8::1, 2001:db8::2"), Some(want));
+        assert_eq!(dns_servers_v6("10.0.0.1"), None);
     }
 
     #[test]

@@ -137,6 +137,7 @@ async fn bad_extra_dhcp_opts_are_400() {
         json!([{"opt_name": "mtu", "opt_value": "1400", "color": "red"}]),
         json!([{"opt_name": "mtu", "opt_value": "1400"}, {"opt_name": "mtu", "opt_value": "1300"}]),
         json!([{"opt_name": "no-such-v6-option", "opt_value": "x", "ip_version": 6}]),
+        json!([{"opt_name": "dns-server", "opt_value": "10.0.0.1", "ip_version": 6}]),
         json!(["mtu"]),
     ];
     for b in &bad {

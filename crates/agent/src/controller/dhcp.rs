@@ -111,6 +111,20 @@ fn extra_dhcp_opts(port: &serde_json::Map<String, serde_json::Value>) -> Vec<ist
         .collect()
 }
 
+/// The DNS servers a port's `extra_dhcp_opts` give DHCPv6 (`dns-server`, IP version 6), if any.
+fn dns_servers_v6(port: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<std::net::Ipv6Addr>> {
+    port.get("extra_dhcp_opts")?
+        .as_array()?
+        .iter()
+        .filter(|o| o.get("ip_version").and_then(|v| v.as_u64()) == Some(6))
+        .filter(|o| {
+            o.get("opt_name")
+                .and_then(|v| v.as_str())
+                .is_some_and(isthmus_dhcp::opts::is_dns_server_v6)
+        })
+        .find_map(|o| isthmus_dhcp::opts::dns_servers_v6(o.get("opt_value")?.as_str()?))
+}
+
 /// What VM port `port_id` gets over DHCPv6, if it has an IPv6 address on a subnet with DHCP
 /// in a DHCPv6 address mode: its address (stateful) or only the other configuration
 /// (stateless). Pure.
@@ -139,7 +153,8 @@ pub fn lease6_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32)
         server_mac[0] = 0xfe;
         return Some(isthmus_dhcp::v6::Lease6 {
             address: stateful.then_some(ip),
-            dns: s.dns_nameservers.iter().filter_map(|d| d.parse().ok()).collect(),
+            dns: dns_servers_v6(&p.other)
+                .unwrap_or_else(|| s.dns_nameservers.iter().filter_map(|d| d.parse().ok()).collect()),
             preferred_secs: lease_secs,
             valid_secs: lease_secs.saturating_mul(2),
             server_mac,
@@ -455,6 +470,34 @@ mod tests {
         assert_eq!(l.mtu, 1400);
         assert_eq!(l.next_server, Some(Ipv4Addr::new(10, 0, 0, 9)));
         assert_eq!(l.extra, vec![(67, b"pxelinux.0".to_vec())]);
+    }
+
+    #[test]
+    fn dhcpv6_dns_servers_come_from_the_ports_ipv6_options() {
+        let mut o = Objects::default();
+        o.apply_json(&json!({"type": "snapshot", "revision": 1, "objects": [
+            {"key": "/n/n1", "kind": "network", "revision": 1, "value": {"id": "n1"}},
+            {"key": "/s/s6", "kind": "subnet", "revision": 1, "value": {"id": "s6", "network_id": "n1",
+                "cidr": "2001:db8::/64", "enable_dhcp": true, "ip_version": 6,
+                "ipv6_address_mode": "dhcpv6-stateful", "dns_nameservers": ["2001:db8::53"]}},
+            {"key": "/p/p1", "kind": "port", "revision": 1, "value": {"id": "p1", "network_id": "n1",
+                "binding:host_id": "me", "device_owner": "compute:nova", "mac_address": "fa:16:3e:00:00:07",
+                "fixed_ips": [{"subnet_id": "s6", "ip_address": "2001:db8::7"}]}},
+        ]}))
+        .unwrap();
+        let subnet_dns: Vec<std::net::Ipv6Addr> = vec!["2001:db8::53".parse().unwrap()];
+        assert_eq!(lease6_for(&o, "me", "p1", 600).expect("lease").dns, subnet_dns);
+        o.apply_json(&json!({"type": "update", "revision": 2, "put": [
+            {"key": "/p/p1", "kind": "port", "revision": 2, "value": {"id": "p1", "network_id": "n1",
+                "binding:host_id": "me", "device_owner": "compute:nova", "mac_address": "fa:16:3e:00:00:07",
+                "fixed_ips": [{"subnet_id": "s6", "ip_address": "2001:db8::7"}],
+                "extra_dhcp_opts": [
+                    {"opt_name": "dns-server", "opt_value": "10.0.0.1", "ip_version": 4},
+                    {"opt_name": "dns-server", "opt_value": "[2001:db8::99]", "ip_version": 6}]}},
+        ]}))
+        .unwrap();
+        let ours: Vec<std::net::Ipv6Addr> = vec!["2001:db8::99".parse().unwrap()];
+        assert_eq!(lease6_for(&o, "me", "p1", 600).expect("lease").dns, ours);
     }
 
     #[test]

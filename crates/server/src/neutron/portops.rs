@@ -205,7 +205,7 @@ struct DhcpOptReq {
     ip_version: u8,
 }
 
-/// DHCPv6 option names the API accepts (stored and shown; the agent serves DHCPv4 ones).
+/// DHCPv6 option names the API accepts (stored and shown; DHCPv6 answers use `dns-server`).
 const DHCPV6_NAMES: &[&str] = &[
     "dns-server",
     "domain-search",
@@ -277,6 +277,13 @@ fn parse_dhcp_opts(v: Value) -> NResult<Vec<DhcpOptReq>> {
             let numeric = bare.parse::<u16>().is_ok_and(|n| n > 0);
             if !numeric && !DHCPV6_NAMES.contains(&bare) {
                 return Err(dhcp_opt_error(format!("'{name}' is not a known DHCPv6 option")));
+            }
+            if let Some(v) = value.as_deref().filter(|_| isthmus_dhcp::opts::is_dns_server_v6(&name)) {
+                if isthmus_dhcp::opts::dns_servers_v6(v).is_none() {
+                    return Err(dhcp_opt_error(format!(
+                        "'{v}' is not a list of IPv6 addresses for {name}"
+                    )));
+                }
             }
         }
         if out.iter().any(|o| o.name == name && o.ip_version == ip_version) {
