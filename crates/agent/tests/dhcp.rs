@@ -124,6 +124,23 @@ impl Guest {
         self.send(&frame);
         self.reply(xid, Duration::from_secs(2))
     }
+
+    /// DISCOVERs (xids from `first_xid`) until an OFFER satisfies `ok`: the agent may still be
+    /// opening its socket on a new tap, or not yet have the latest view. The last OFFER seen.
+    fn offer_until(&mut self, first_xid: u32, ok: impl Fn(&Reply) -> bool) -> Option<Reply> {
+        let mut last = None;
+        for i in 0..50 {
+            if let Some(r) = self.exchange(MessageType::Discover, first_xid + i, None, Ipv4Addr::UNSPECIFIED) {
+                let done = ok(&r);
+                last = Some(r);
+                if done {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        last
+    }
 }
 
 struct Setup {
@@ -291,6 +308,9 @@ async fn vm_ports_get_their_address_and_options_from_their_own_node() {
             server_id: Ipv4Addr::new(10, 70, 0, 10),
             server_mac: ga.mac,
             domain: None,
+            hostname: None,
+            next_server: None,
+            extra: vec![],
         };
         let asked = isthmus_dhcp::parse(&client_frame(MessageType::Discover, 602, gb.mac, None, Ipv4Addr::UNSPECIFIED))
             .expect("parse");
@@ -311,6 +331,91 @@ async fn vm_ports_get_their_address_and_options_from_their_own_node() {
         let n0 = &tb.nodes[0];
         let tap = tap_of(&a);
         eventually(15, "the VM's tap is removed", || !n0.has_link(&tap)).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extra_dhcp_opts_and_dns_names_reach_the_guest() {
+    support::require_root();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let s = setup(1).await;
+        let tb = &s.tb;
+        let (st, b) = tb
+            .net(
+                reqwest::Method::PUT,
+                &format!("/v2.0/networks/{}", s.net),
+                Some(json!({"network": {"dns_domain": "example.org."}})),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let p = tb.vm_port(&s.net, &s.dhcp_subnet, "10.70.0.20", 0).await;
+        let id = p["id"].as_str().expect("id").to_string();
+        let mut g = Guest::open(
+            &tb.nodes[0].ns.path(),
+            &tap_of(&p),
+            p["mac_address"].as_str().expect("mac"),
+        );
+        // Before any option: the defaults, the generated host name and the network's domain.
+        let first = g.offer_until(700, |_| true).expect("OFFER");
+        assert_eq!(first.option(12), Some(&b"host-10-70-0-20"[..]), "hostname");
+        assert_eq!(first.option(15), Some(&b"example.org"[..]), "domain");
+        assert_eq!(first.option(67), None);
+
+        let (st, b) = tb
+            .net(
+                reqwest::Method::PUT,
+                &format!("/v2.0/ports/{id}"),
+                Some(json!({"port": {"dns_name": "web-1", "extra_dhcp_opts": [
+                    {"opt_name": "tftp-server", "opt_value": "10.70.0.5"},
+                    {"opt_name": "bootfile-name", "opt_value": "pxelinux.0"},
+                    {"opt_name": "server-ip-address", "opt_value": "10.70.0.5"},
+                    {"opt_name": "mtu", "opt_value": "1400"},
+                    {"opt_name": "dns-server", "opt_value": "9.9.9.9"},
+                    {"opt_name": "150", "opt_value": "10.70.0.6"}]}})),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let r = g
+            .offer_until(800, |r| r.option(67).is_some() && r.option(12) == Some(b"web-1"))
+            .expect("OFFER");
+        assert_eq!(r.option(66), Some(&b"10.70.0.5"[..]), "tftp-server");
+        assert_eq!(r.option(67), Some(&b"pxelinux.0"[..]), "bootfile-name");
+        assert_eq!(r.siaddr, Ipv4Addr::new(10, 70, 0, 5), "server-ip-address");
+        assert_eq!(r.option(26), Some(&1400u16.to_be_bytes()[..]), "mtu overridden");
+        assert_eq!(r.option(6), Some(&[9, 9, 9, 9][..]), "dns overridden");
+        assert_eq!(r.option(150), Some(&[10, 70, 0, 6][..]), "numeric option");
+        assert_eq!(r.option(12), Some(&b"web-1"[..]), "hostname from dns_name");
+        assert_eq!(r.option(3), Some(&[10, 70, 0, 1][..]), "router untouched");
+        let ack = g
+            .exchange(
+                MessageType::Request,
+                900,
+                Some(Ipv4Addr::new(10, 70, 0, 20)),
+                Ipv4Addr::UNSPECIFIED,
+            )
+            .expect("ACK");
+        assert_eq!((ack.kind, ack.option(67)), (MessageType::Ack, Some(&b"pxelinux.0"[..])));
+
+        // A null value removes one option: the MTU goes back to the network's.
+        let (st, b) = tb
+            .net(
+                reqwest::Method::PUT,
+                &format!("/v2.0/ports/{id}"),
+                Some(json!({"port": {"extra_dhcp_opts": [{"opt_name": "mtu", "opt_value": null}]}})),
+            )
+            .await;
+        assert_eq!(st, 200, "{b}");
+        let r = g
+            .offer_until(1000, |r| r.option(26) == Some(&1450u16.to_be_bytes()[..]))
+            .expect("OFFER");
+        assert_eq!(
+            r.option(26),
+            Some(&1450u16.to_be_bytes()[..]),
+            "mtu back to the default"
+        );
+        assert_eq!(r.option(67), Some(&b"pxelinux.0"[..]), "other options kept");
     })
     .await
     .expect("test timed out");

@@ -8,6 +8,7 @@
 
 use std::net::Ipv4Addr;
 
+pub mod opts;
 pub mod v6;
 
 pub const SERVER_PORT: u16 = 67;
@@ -100,6 +101,47 @@ pub struct Lease {
     pub server_id: Ipv4Addr,
     pub server_mac: [u8; 6],
     pub domain: Option<String>,
+    /// The guest's host name (option 12).
+    pub hostname: Option<String>,
+    /// `siaddr` when it is not the server itself (a boot server).
+    pub next_server: Option<Ipv4Addr>,
+    /// Further options by code, sent as given; they replace any option the lease would
+    /// otherwise send with the same code.
+    pub extra: Vec<(u8, Vec<u8>)>,
+}
+
+impl Lease {
+    /// Applies the port's extra options over the defaults: the ones the lease models (router,
+    /// DNS servers, domain, MTU, host name, next server) change those fields, so dependent
+    /// options stay consistent (the default route in option 121 follows an overridden
+    /// router); the rest are sent as given. A later option with the same code wins.
+    pub fn apply(&mut self, extras: impl IntoIterator<Item = opts::Extra>) {
+        for e in extras {
+            let (code, val) = match e {
+                opts::Extra::NextServer(a) => {
+                    self.next_server = Some(a);
+                    continue;
+                }
+                opts::Extra::Option(c, v) => (c, v),
+            };
+            let addrs: Vec<Ipv4Addr> = val.chunks_exact(4).map(|a| ip_at(a, 0)).collect();
+            match code {
+                3 if val.len() >= 4 && val.len().is_multiple_of(4) => self.router = addrs.first().copied(),
+                6 if val.len().is_multiple_of(4) => self.dns = addrs,
+                15 => self.domain = Some(String::from_utf8_lossy(&val).into_owned()),
+                12 => self.hostname = Some(String::from_utf8_lossy(&val).into_owned()),
+                26 if val.len() == 2 => self.mtu = be16(&val, 0),
+                _ => {
+                    self.extra.retain(|(c, _)| *c != code);
+                    self.extra.push((code, val));
+                }
+            }
+        }
+    }
+
+    fn overridden(&self, code: u8) -> bool {
+        self.extra.iter().any(|(c, _)| *c == code)
+    }
 }
 
 /// The answer to send, if any.
@@ -298,34 +340,48 @@ pub fn build(answer: Answer, req: &Request, lease: &Lease) -> Vec<u8> {
     }
     // siaddr: zero in a NAK (RFC 2131, table 3).
     if answer != Answer::Nak {
-        b[20..24].copy_from_slice(&lease.server_id.octets());
+        b[20..24].copy_from_slice(&lease.next_server.unwrap_or(lease.server_id).octets());
     }
     b[28..34].copy_from_slice(&req.chaddr);
     b.extend_from_slice(&MAGIC);
     push_opt(&mut b, 53, &[kind.code()]);
     push_opt(&mut b, 54, &lease.server_id.octets());
     if answer != Answer::Nak {
+        let put = |b: &mut Vec<u8>, code: u8, val: &[u8]| {
+            if !lease.overridden(code) {
+                push_opt(b, code, val);
+            }
+        };
         if answer != Answer::AckInform {
-            push_opt(&mut b, 51, &lease.lease_secs.to_be_bytes());
+            put(&mut b, 51, &lease.lease_secs.to_be_bytes());
             // Renew at half, rebind at 7/8 (RFC 2131's defaults, stated explicitly).
-            push_opt(&mut b, 58, &(lease.lease_secs / 2).to_be_bytes());
-            push_opt(&mut b, 59, &(lease.lease_secs / 8 * 7).to_be_bytes());
+            put(&mut b, 58, &(lease.lease_secs / 2).to_be_bytes());
+            put(&mut b, 59, &(lease.lease_secs / 8 * 7).to_be_bytes());
         }
-        push_opt(&mut b, 1, &mask(lease.prefix_len).octets());
+        put(&mut b, 1, &mask(lease.prefix_len).octets());
         if let Some(r) = lease.router {
-            push_opt(&mut b, 3, &r.octets());
+            put(&mut b, 3, &r.octets());
         }
         if !lease.dns.is_empty() {
             let v: Vec<u8> = lease.dns.iter().flat_map(|d| d.octets()).collect();
-            push_opt(&mut b, 6, &v);
+            put(&mut b, 6, &v);
         }
-        if let Some(d) = &lease.domain {
-            push_opt(&mut b, 15, d.as_bytes());
+        if let Some(h) = lease.hostname.as_deref().filter(|h| !h.is_empty()) {
+            put(&mut b, 12, h.as_bytes());
         }
-        push_opt(&mut b, 26, &lease.mtu.to_be_bytes());
+        if let Some(d) = lease.domain.as_deref().filter(|d| !d.is_empty()) {
+            put(&mut b, 15, d.as_bytes());
+        }
+        put(&mut b, 26, &lease.mtu.to_be_bytes());
         let routes = classless_routes(lease);
         if !lease.routes.is_empty() && !routes.is_empty() {
-            push_opt(&mut b, 121, &routes);
+            put(&mut b, 121, &routes);
+        }
+        for (code, val) in &lease.extra {
+            // The message type and server identifier are the protocol's, never a port's.
+            if !matches!(code, 53 | 54) {
+                push_opt(&mut b, *code, val);
+            }
         }
     }
     b.push(255);
@@ -439,6 +495,8 @@ pub struct Reply {
     pub kind: MessageType,
     pub xid: u32,
     pub yiaddr: Ipv4Addr,
+    /// The next server (`siaddr`).
+    pub siaddr: Ipv4Addr,
     pub dst_mac: [u8; 6],
     /// Options by code (first occurrence).
     pub options: Vec<(u8, Vec<u8>)>,
@@ -510,6 +568,7 @@ pub fn parse_reply(frame: &[u8]) -> Option<Reply> {
         kind,
         xid: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
         yiaddr: ip_at(b, 16),
+        siaddr: ip_at(b, 20),
         dst_mac,
         options,
     })
@@ -533,6 +592,9 @@ mod tests {
             server_id: Ipv4Addr::new(10, 0, 0, 1),
             server_mac: [0xfe, 0x16, 0x3e, 0, 0, 7],
             domain: None,
+            hostname: None,
+            next_server: None,
+            extra: vec![],
         }
     }
 
@@ -629,6 +691,87 @@ mod tests {
         bad[end] = 60;
         bad.push(200);
         let _ = parse(&bad);
+    }
+
+    fn offer(l: &Lease) -> Reply {
+        let req = parse(&client_frame(
+            MessageType::Discover,
+            8,
+            MAC,
+            None,
+            Ipv4Addr::UNSPECIFIED,
+        ))
+        .unwrap();
+        parse_reply(&build(Answer::Offer, &req, l)).unwrap()
+    }
+
+    #[test]
+    fn extra_options_are_sent_and_override_the_defaults() {
+        let mut l = lease();
+        let extras = [
+            ("tftp-server", "10.0.0.9"),
+            ("bootfile-name", "pxelinux.0"),
+            ("server-ip-address", "10.0.0.9"),
+            ("mtu", "1400"),
+            ("dns-server", "9.9.9.9"),
+            ("domain-name", "example.org"),
+            ("router", "10.0.0.254"),
+            ("150", "10.0.0.10"),
+            ("200", "01:02"),
+        ]
+        .iter()
+        .map(|(n, v)| opts::encode(n, v).unwrap())
+        .collect::<Vec<_>>();
+        l.apply(extras);
+        let req = parse(&client_frame(
+            MessageType::Discover,
+            9,
+            MAC,
+            None,
+            Ipv4Addr::UNSPECIFIED,
+        ))
+        .unwrap();
+        let r = parse_reply(&build(Answer::Offer, &req, &l)).unwrap();
+        assert_eq!(r.option(66), Some(&b"10.0.0.9"[..]));
+        assert_eq!(r.option(67), Some(&b"pxelinux.0"[..]));
+        assert_eq!(r.option(26), Some(&1400u16.to_be_bytes()[..]));
+        assert_eq!(r.option(6), Some(&[9, 9, 9, 9][..]));
+        assert_eq!(r.option(15), Some(&b"example.org"[..]));
+        assert_eq!(r.option(3), Some(&[10, 0, 0, 254][..]));
+        assert_eq!(r.option(150), Some(&[10, 0, 0, 10][..]));
+        assert_eq!(r.option(200), Some(&[1, 2][..]));
+        // The default route in option 121 follows the overridden router.
+        assert_eq!(r.option(121), Some(&[12, 172, 16, 10, 0, 0, 254, 0, 10, 0, 0, 254][..]));
+        assert_eq!(r.siaddr, Ipv4Addr::new(10, 0, 0, 9));
+        // The server identifier stays the server's.
+        assert_eq!(r.option(54), Some(&[10, 0, 0, 1][..]));
+        // Options appear once each.
+        assert_eq!(r.options.iter().filter(|(c, _)| *c == 26).count(), 1);
+    }
+
+    #[test]
+    fn an_explicit_option_121_replaces_the_computed_one() {
+        let mut l = lease();
+        l.apply([opts::encode("121", "169.254.169.254/32,10.0.0.2,0.0.0.0/0,10.0.0.1").unwrap()]);
+        let r = offer(&l);
+        assert_eq!(
+            r.option(121),
+            Some(&[32, 169, 254, 169, 254, 10, 0, 0, 2, 0, 10, 0, 0, 1][..])
+        );
+        // Without a next server, siaddr is the server itself.
+        assert_eq!(r.siaddr, l.server_id);
+    }
+
+    #[test]
+    fn hostname_and_domain() {
+        let mut l = lease();
+        assert_eq!(offer(&l).option(12), None);
+        assert_eq!(offer(&l).option(15), None);
+        l.hostname = Some("vm-1".into());
+        l.domain = Some("example.org".into());
+        let r = offer(&l);
+        assert_eq!(r.option(12), Some(&b"vm-1"[..]));
+        assert_eq!(r.option(15), Some(&b"example.org"[..]));
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct Network {
     pub port_security_enabled: bool,
     #[serde(default)]
     pub subnets: Vec<String>,
+    /// The `dns-integration` domain (an FQDN with its trailing dot, or empty).
+    #[serde(default)]
+    pub dns_domain: String,
     /// Set while a delete checks for ports; creates that read the network before fail their CAS.
     #[serde(default)]
     pub deleting: bool,
@@ -92,6 +95,7 @@ impl Network {
         m.insert("ipv4_address_scope".into(), Value::Null);
         m.insert("ipv6_address_scope".into(), Value::Null);
         m.insert("is_default".into(), json!(false));
+        m.insert("dns_domain".into(), json!(self.dns_domain));
         if admin {
             m.insert("provider:network_type".into(), json!(self.network_type));
             if self.network_type == "flat" {
@@ -176,6 +180,26 @@ pub struct AddressPair {
     pub mac_address: String,
 }
 
+/// One of a port's `extra_dhcp_opts`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExtraDhcpOpt {
+    pub opt_name: String,
+    pub opt_value: String,
+    pub ip_version: u8,
+}
+
+/// The domain Neutron's `dns_assignment` uses when none is configured.
+pub const DEFAULT_DNS_DOMAIN: &str = "openstacklocal.";
+
+/// A port's host name for `ip`: its `dns_name`, else `host-` and the address with dashes.
+pub fn dns_hostname(dns_name: &str, ip: &str) -> String {
+    if dns_name.is_empty() {
+        format!("host-{}", ip.replace(['.', ':'], "-"))
+    } else {
+        dns_name.trim_end_matches('.').to_string()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Port {
     pub id: String,
@@ -196,11 +220,34 @@ pub struct Port {
     pub allowed_address_pairs: Vec<AddressPair>,
     pub port_security_enabled: bool,
     pub security_groups: Vec<String>,
+    #[serde(default)]
+    pub extra_dhcp_opts: Vec<ExtraDhcpOpt>,
+    /// The `dns-integration` name (a label or an FQDN), or empty.
+    #[serde(default)]
+    pub dns_name: String,
     #[serde(flatten)]
     pub std: StandardAttrs,
 }
 
 impl Port {
+    /// Neutron's `dns_assignment`: one entry per fixed IP.
+    pub fn dns_assignment(&self) -> Value {
+        let entries: Vec<Value> = self
+            .fixed_ips
+            .iter()
+            .map(|f| {
+                let hostname = dns_hostname(&self.dns_name, &f.ip_address);
+                let fqdn = if self.dns_name.ends_with('.') {
+                    self.dns_name.clone()
+                } else {
+                    format!("{hostname}.{DEFAULT_DNS_DOMAIN}")
+                };
+                json!({"hostname": hostname, "ip_address": f.ip_address, "fqdn": fqdn})
+            })
+            .collect();
+        Value::Array(entries)
+    }
+
     /// The API view. Binding attributes only for admins (Neutron's default policy).
     pub fn to_api(&self, admin: bool) -> Value {
         let mut m = owned(&self.id, &self.name, &self.project_id);
@@ -214,7 +261,9 @@ impl Port {
         m.insert("allowed_address_pairs".into(), json!(self.allowed_address_pairs));
         m.insert("port_security_enabled".into(), json!(self.port_security_enabled));
         m.insert("security_groups".into(), json!(self.security_groups));
-        m.insert("extra_dhcp_opts".into(), json!([]));
+        m.insert("extra_dhcp_opts".into(), json!(self.extra_dhcp_opts));
+        m.insert("dns_name".into(), json!(self.dns_name));
+        m.insert("dns_assignment".into(), self.dns_assignment());
         m.insert("binding:vnic_type".into(), json!(self.binding_vnic_type));
         if admin {
             m.insert("binding:host_id".into(), json!(self.binding_host_id));

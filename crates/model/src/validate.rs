@@ -207,6 +207,51 @@ pub fn unique_tags(tags: Vec<String>, max_tags: usize, max_len: usize) -> NResul
     Ok(out)
 }
 
+/// Neutron's DNS name format check (`_validate_dns_format`): labels of 1-63 letters, digits
+/// and hyphens, not starting or ending with a hyphen, a top label not all digits, at most
+/// `max_len` characters without the trailing dot. Empty is fine.
+pub fn dns_format(data: &str, max_len: usize) -> Result<(), String> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let trimmed = data.strip_suffix('.').unwrap_or(data);
+    if trimmed.len() > max_len {
+        return Err(format!("'{trimmed}' exceeds the {max_len} character FQDN limit"));
+    }
+    let labels: Vec<&str> = trimmed.split('.').collect();
+    for l in &labels {
+        if l.is_empty() {
+            return Err(format!("Encountered an empty component in '{data}'"));
+        }
+        if l.starts_with('-') || l.ends_with('-') {
+            return Err(format!("Name '{l}' must not start or end with a hyphen"));
+        }
+        if l.len() > 63 || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(format!(
+                "Name '{l}' must be 1-63 characters long, each of which can only be alphanumeric or a hyphen"
+            ));
+        }
+    }
+    if labels.len() > 1 && labels[labels.len() - 1].chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("TLD '{}' must not be all numeric", labels[labels.len() - 1]));
+    }
+    Ok(())
+}
+
+/// A port's `dns_name`: a label or an FQDN (Neutron's `validate_dns_name`).
+pub fn dns_name(data: &str) -> Result<(), String> {
+    dns_format(data, 255)
+}
+
+/// A network's `dns_domain`: empty, or an FQDN ending with a dot (`validate_dns_domain`).
+pub fn dns_domain(data: &str) -> Result<(), String> {
+    dns_format(data, 255)?;
+    if !data.is_empty() && !data.ends_with('.') {
+        return Err(format!("'{data}' is not a FQDN"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +264,21 @@ mod tests {
         let e = b.finish().unwrap_err();
         assert_eq!(e.status, 400);
         assert!(e.message.contains("bogus"));
+    }
+
+    #[test]
+    fn dns_names() {
+        assert!(dns_name("").is_ok());
+        assert!(dns_name("vm-1").is_ok());
+        assert!(dns_name("vm-1.example.org.").is_ok());
+        assert!(dns_name("-vm").is_err());
+        assert!(dns_name("vm_1").is_err());
+        assert!(dns_name("a..b").is_err());
+        assert!(dns_name("host.123").is_err());
+        assert!(dns_name(&"a".repeat(64)).is_err());
+        assert!(dns_domain("example.org.").is_ok());
+        assert!(dns_domain("example.org").is_err());
+        assert!(dns_domain("").is_ok());
     }
 
     #[test]

@@ -61,7 +61,18 @@ pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) 
         let mut server_mac = mac.0;
         // The host side of the tap (libvirt's convention), never the guest's own MAC.
         server_mac[0] = 0xfe;
-        return Some(Lease {
+        let text = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
+            m.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string()
+        };
+        // dns-integration: the port's name (first label of an FQDN), the network's domain.
+        let dns_name = text(&p.other, "dns_name");
+        let hostname = match dns_name.split('.').next().filter(|h| !h.is_empty()) {
+            Some(h) => h.to_string(),
+            None => format!("host-{}", f.ip_address.replace('.', "-")),
+        };
+        let domain = text(&net.other, "dns_domain");
+        let domain = domain.trim_end_matches('.');
+        let mut lease = Lease {
             ip,
             prefix_len: cidr.prefix_len(),
             router,
@@ -71,10 +82,47 @@ pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) 
             lease_secs,
             server_id: router.unwrap_or(NO_GATEWAY_SERVER_ID),
             server_mac,
-            domain: None,
-        });
+            domain: (!domain.is_empty()).then(|| domain.to_string()),
+            hostname: Some(hostname),
+            next_server: None,
+            extra: vec![],
+        };
+        lease.apply(extra_dhcp_opts(&p.other));
+        return Some(lease);
     }
     None
+}
+
+/// The port's DHCPv4 `extra_dhcp_opts` (from its API rendering), encoded; options that do not
+/// encode (the API refuses them, so only from an older server) are skipped.
+fn extra_dhcp_opts(port: &serde_json::Map<String, serde_json::Value>) -> Vec<isthmus_dhcp::opts::Extra> {
+    let Some(opts) = port.get("extra_dhcp_opts").and_then(|v| v.as_array()) else {
+        return vec![];
+    };
+    opts.iter()
+        .filter(|o| o.get("ip_version").and_then(|v| v.as_u64()).unwrap_or(4) == 4)
+        .filter_map(|o| {
+            let name = o.get("opt_name")?.as_str()?;
+            let value = o.get("opt_value")?.as_str()?;
+            isthmus_dhcp::opts::encode(name, value)
+                .map_err(|e| debug!(option = name, error = %e, "extra DHCP option skipped"))
+                .ok()
+        })
+        .collect()
+}
+
+/// The DNS servers a port's `extra_dhcp_opts` give DHCPv6 (`dns-server`, IP version 6), if any.
+fn dns_servers_v6(port: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<std::net::Ipv6Addr>> {
+    port.get("extra_dhcp_opts")?
+        .as_array()?
+        .iter()
+        .filter(|o| o.get("ip_version").and_then(|v| v.as_u64()) == Some(6))
+        .filter(|o| {
+            o.get("opt_name")
+                .and_then(|v| v.as_str())
+                .is_some_and(isthmus_dhcp::opts::is_dns_server_v6)
+        })
+        .find_map(|o| isthmus_dhcp::opts::dns_servers_v6(o.get("opt_value")?.as_str()?))
 }
 
 /// What VM port `port_id` gets over DHCPv6, if it has an IPv6 address on a subnet with DHCP
@@ -105,7 +153,8 @@ pub fn lease6_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32)
         server_mac[0] = 0xfe;
         return Some(isthmus_dhcp::v6::Lease6 {
             address: stateful.then_some(ip),
-            dns: s.dns_nameservers.iter().filter_map(|d| d.parse().ok()).collect(),
+            dns: dns_servers_v6(&p.other)
+                .unwrap_or_else(|| s.dns_nameservers.iter().filter_map(|d| d.parse().ok()).collect()),
             preferred_secs: lease_secs,
             valid_secs: lease_secs.saturating_mul(2),
             server_mac,
@@ -395,6 +444,60 @@ mod tests {
         );
         assert_eq!((l.mtu, l.lease_secs), (1450, 600));
         assert_eq!(l.server_mac, [0xfe, 0x16, 0x3e, 0, 0, 7]);
+        assert_eq!(l.hostname.as_deref(), Some("host-10-0-0-7"));
+        assert_eq!(l.domain, None);
+    }
+
+    #[test]
+    fn dns_names_and_extra_options_come_from_the_rendered_port_and_network() {
+        let mut o = objects(true, "me");
+        o.apply_json(&json!({"type": "update", "revision": 2, "put": [
+            {"key": "/n/n1", "kind": "network", "revision": 2, "value": {"id": "n1", "mtu": 1450,
+                "dns_domain": "example.org."}},
+            {"key": "/p/p1", "kind": "port", "revision": 2, "value": {"id": "p1", "network_id": "n1",
+                "binding:host_id": "me", "device_owner": "compute:nova", "mac_address": "fa:16:3e:00:00:07",
+                "fixed_ips": [{"subnet_id": "s1", "ip_address": "10.0.0.7"}], "dns_name": "web-1",
+                "extra_dhcp_opts": [
+                    {"opt_name": "mtu", "opt_value": "1400", "ip_version": 4},
+                    {"opt_name": "bootfile-name", "opt_value": "pxelinux.0", "ip_version": 4},
+                    {"opt_name": "server-ip-address", "opt_value": "10.0.0.9", "ip_version": 4},
+                    {"opt_name": "dns-server", "opt_value": "2001:db8::1", "ip_version": 6}]}},
+        ]}))
+        .unwrap();
+        let l = lease_for(&o, "me", "p1", 600).expect("a lease");
+        assert_eq!(l.hostname.as_deref(), Some("web-1"));
+        assert_eq!(l.domain.as_deref(), Some("example.org"));
+        assert_eq!(l.mtu, 1400);
+        assert_eq!(l.next_server, Some(Ipv4Addr::new(10, 0, 0, 9)));
+        assert_eq!(l.extra, vec![(67, b"pxelinux.0".to_vec())]);
+    }
+
+    #[test]
+    fn dhcpv6_dns_servers_come_from_the_ports_ipv6_options() {
+        let mut o = Objects::default();
+        o.apply_json(&json!({"type": "snapshot", "revision": 1, "objects": [
+            {"key": "/n/n1", "kind": "network", "revision": 1, "value": {"id": "n1"}},
+            {"key": "/s/s6", "kind": "subnet", "revision": 1, "value": {"id": "s6", "network_id": "n1",
+                "cidr": "2001:db8::/64", "enable_dhcp": true, "ip_version": 6,
+                "ipv6_address_mode": "dhcpv6-stateful", "dns_nameservers": ["2001:db8::53"]}},
+            {"key": "/p/p1", "kind": "port", "revision": 1, "value": {"id": "p1", "network_id": "n1",
+                "binding:host_id": "me", "device_owner": "compute:nova", "mac_address": "fa:16:3e:00:00:07",
+                "fixed_ips": [{"subnet_id": "s6", "ip_address": "2001:db8::7"}]}},
+        ]}))
+        .unwrap();
+        let subnet_dns: Vec<std::net::Ipv6Addr> = vec!["2001:db8::53".parse().unwrap()];
+        assert_eq!(lease6_for(&o, "me", "p1", 600).expect("lease").dns, subnet_dns);
+        o.apply_json(&json!({"type": "update", "revision": 2, "put": [
+            {"key": "/p/p1", "kind": "port", "revision": 2, "value": {"id": "p1", "network_id": "n1",
+                "binding:host_id": "me", "device_owner": "compute:nova", "mac_address": "fa:16:3e:00:00:07",
+                "fixed_ips": [{"subnet_id": "s6", "ip_address": "2001:db8::7"}],
+                "extra_dhcp_opts": [
+                    {"opt_name": "dns-server", "opt_value": "10.0.0.1", "ip_version": 4},
+                    {"opt_name": "dns-server", "opt_value": "[2001:db8::99]", "ip_version": 6}]}},
+        ]}))
+        .unwrap();
+        let ours: Vec<std::net::Ipv6Addr> = vec!["2001:db8::99".parse().unwrap()];
+        assert_eq!(lease6_for(&o, "me", "p1", 600).expect("lease").dns, ours);
     }
 
     #[test]

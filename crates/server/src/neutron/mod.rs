@@ -81,6 +81,11 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Expose port bindings of a virtual port to external application",
     ),
     (
+        "dns-integration",
+        "DNS Integration",
+        "Provides integration with DNS.",
+    ),
+    (
         "dvr",
         "Distributed Virtual Router",
         "Enables configuration of Distributed Virtual Routers.",
@@ -104,6 +109,11 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "extraroute-atomic",
         "Atomically add/remove extra routes",
         "Edit extra routes of a router on server side by atomically adding/removing extra routes",
+    ),
+    (
+        "extra_dhcp_opt",
+        "Neutron Extra DHCP options",
+        "Extra options configuration for DHCP. For example PXE boot options to DHCP clients can be specified (e.g. tftp-server, server-ip-address, bootfile-name)",
     ),
     (
         "fip-port-details",

@@ -169,6 +169,16 @@ fn parse_provider(ctx: &Ctx<'_>, body: &mut Body) -> NResult<Provider> {
     }
 }
 
+/// `dns_domain` (dns-integration): empty (null reads as empty) or an FQDN with its dot.
+fn dns_domain_from(body: &mut Body) -> NResult<Option<String>> {
+    let Some(v) = body.opt_string("dns_domain")? else {
+        return Ok(None);
+    };
+    let v = v.unwrap_or_default();
+    isthmus_model::validate::dns_domain(&v).map_err(|m| NeutronError::invalid_attr("dns_domain", m))?;
+    Ok(Some(v))
+}
+
 async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
     let name = body.string("name")?.unwrap_or_default();
@@ -205,6 +215,7 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             return Err(NeutronError::invalid_input("availability zones are not supported"));
         }
     }
+    let dns_domain = dns_domain_from(&mut body)?.unwrap_or_default();
     let tags = tags_from(ctx, &mut body)?.unwrap_or_default();
     body.finish()?;
 
@@ -242,6 +253,7 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             segmentation_id: vni,
             port_security_enabled,
             subnets: vec![],
+            dns_domain: dns_domain.clone(),
             deleting: false,
             std: StandardAttrs {
                 description: description.clone(),
@@ -321,6 +333,7 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
             ));
         }
     }
+    let dns_domain = dns_domain_from(&mut body)?;
     let tags = tags_from(ctx, &mut body)?;
     body.finish()?;
     let net = retry(ctx, |ctx| {
@@ -328,6 +341,9 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         check_if_match(if_match, n.std.revision_number)?;
         if let Some(v) = &name {
             n.name = v.clone();
+        }
+        if let Some(v) = &dns_domain {
+            n.dns_domain = v.clone();
         }
         if let Some(v) = &description {
             n.std.description = v.clone();

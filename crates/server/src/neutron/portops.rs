@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::{is_uuid, Body};
 use isthmus_model::{
-    keys, AddressPair, FixedIp, FloatingIp, Network, NeutronError, Port, Router, SecurityGroup, StandardAttrs, Subnet,
+    keys, AddressPair, ExtraDhcpOpt, FixedIp, FloatingIp, Network, NeutronError, Port, Router, SecurityGroup,
+    StandardAttrs, Subnet,
 };
 use isthmus_store::{Compare, Op, Revision};
 use rand::seq::SliceRandom;
@@ -190,7 +191,135 @@ struct PortFields {
     pairs: Option<Vec<(String, Option<String>)>>,
     port_security: Option<bool>,
     security_groups: Option<Vec<String>>,
+    /// `extra_dhcp_opts` as asked: name, value (none: remove), IP version.
+    dhcp_opts: Option<Vec<DhcpOptReq>>,
+    dns_name: Option<String>,
     tags: Option<Vec<String>>,
+}
+
+/// One requested extra DHCP option; `value` none removes the option (on update).
+#[derive(Debug, Clone, PartialEq)]
+struct DhcpOptReq {
+    name: String,
+    value: Option<String>,
+    ip_version: u8,
+}
+
+/// DHCPv6 option names the API accepts (stored and shown; DHCPv6 answers use `dns-server`).
+const DHCPV6_NAMES: &[&str] = &[
+    "dns-server",
+    "domain-search",
+    "ntp-server",
+    "sntp-server",
+    "bootfile-url",
+    "bootfile-param",
+    "information-refresh-time",
+];
+
+fn dhcp_opt_error(reason: impl Into<String>) -> NeutronError {
+    NeutronError::new(
+        400,
+        "ExtraDhcpOptBadData",
+        format!("Invalid data format for extra-dhcp-opt: {}.", reason.into()),
+    )
+}
+
+/// Parses `extra_dhcp_opts` as Neutron's validator does: a list of dicts with a non-empty
+/// `opt_name`, an `opt_value` (a non-empty string or null) and `ip_version` 4 or 6 (default
+/// 4). Names must be options the server knows, and DHCPv4 values must encode.
+fn parse_dhcp_opts(v: Value) -> NResult<Vec<DhcpOptReq>> {
+    let items = match v {
+        Value::Null => return Ok(vec![]),
+        Value::Array(items) => items,
+        other => return Err(dhcp_opt_error(format!("'{other}' is not a list"))),
+    };
+    let mut out: Vec<DhcpOptReq> = vec![];
+    for item in items {
+        let Value::Object(mut m) = item else {
+            return Err(dhcp_opt_error(format!("'{item}' is not a dictionary")));
+        };
+        let name = match m.remove("opt_name") {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+            other => {
+                return Err(dhcp_opt_error(format!(
+                    "opt_name '{}' is not a non-empty string",
+                    other.unwrap_or(Value::Null)
+                )))
+            }
+        };
+        let value = match m.remove("opt_value") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if !s.is_empty() => Some(s),
+            Some(other) => {
+                return Err(dhcp_opt_error(format!(
+                    "opt_value '{other}' of {name} is not a non-empty string or null"
+                )))
+            }
+        };
+        let ip_version = match m.remove("ip_version") {
+            None | Some(Value::Null) => 4,
+            Some(Value::Number(n)) if n.as_u64() == Some(4) || n.as_u64() == Some(6) => n.as_u64().unwrap_or(4) as u8,
+            Some(Value::String(s)) if s == "4" || s == "6" => s.parse().unwrap_or(4),
+            Some(other) => return Err(dhcp_opt_error(format!("ip_version '{other}' is not in [4, 6]"))),
+        };
+        if let Some(k) = m.keys().next() {
+            return Err(dhcp_opt_error(format!("unknown key '{k}'")));
+        }
+        if ip_version == 4 {
+            if !isthmus_dhcp::opts::known(&name) {
+                return Err(dhcp_opt_error(format!("'{name}' is not a known DHCP option")));
+            }
+            if let Some(v) = &value {
+                isthmus_dhcp::opts::encode(&name, v).map_err(dhcp_opt_error)?;
+            }
+        } else {
+            let bare = name.strip_prefix("option6:").unwrap_or(&name);
+            let numeric = bare.parse::<u16>().is_ok_and(|n| n > 0);
+            if !numeric && !DHCPV6_NAMES.contains(&bare) {
+                return Err(dhcp_opt_error(format!("'{name}' is not a known DHCPv6 option")));
+            }
+            if let Some(v) = value.as_deref().filter(|_| isthmus_dhcp::opts::is_dns_server_v6(&name)) {
+                if isthmus_dhcp::opts::dns_servers_v6(v).is_none() {
+                    return Err(dhcp_opt_error(format!(
+                        "'{v}' is not a list of IPv6 addresses for {name}"
+                    )));
+                }
+            }
+        }
+        if out.iter().any(|o| o.name == name && o.ip_version == ip_version) {
+            return Err(dhcp_opt_error(format!("duplicate option {name} (IPv{ip_version})")));
+        }
+        out.push(DhcpOptReq {
+            name,
+            value,
+            ip_version,
+        });
+    }
+    Ok(out)
+}
+
+/// The port's options after a request: each asked-for option replaces the one with its name
+/// and IP version, or removes it when its value is null.
+fn merge_dhcp_opts(current: &[ExtraDhcpOpt], asked: &[DhcpOptReq]) -> Vec<ExtraDhcpOpt> {
+    let mut out = current.to_vec();
+    for a in asked {
+        let at = out
+            .iter()
+            .position(|o| o.opt_name == a.name && o.ip_version == a.ip_version);
+        match (&a.value, at) {
+            (Some(v), Some(i)) => out[i].opt_value = v.clone(),
+            (Some(v), None) => out.push(ExtraDhcpOpt {
+                opt_name: a.name.clone(),
+                opt_value: v.clone(),
+                ip_version: a.ip_version,
+            }),
+            (None, Some(i)) => {
+                out.remove(i);
+            }
+            (None, None) => {}
+        }
+    }
+    out
 }
 
 fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
@@ -279,9 +408,12 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
         });
     }
     if let Some(v) = body.take_raw("extra_dhcp_opts") {
-        if !(v.is_null() || v.as_array().is_some_and(|a| a.is_empty())) {
-            return Err(NeutronError::invalid_input("extra_dhcp_opts are not supported"));
-        }
+        f.dhcp_opts = Some(parse_dhcp_opts(v)?);
+    }
+    if let Some(v) = body.opt_string("dns_name")? {
+        let v = v.unwrap_or_default();
+        isthmus_model::validate::dns_name(&v).map_err(|m| NeutronError::invalid_attr("dns_name", m))?;
+        f.dns_name = Some(v);
     }
     f.tags = tags_from(ctx, body)?;
     Ok(f)
@@ -754,6 +886,8 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
             allowed_address_pairs: pairs,
             port_security_enabled: port_security,
             security_groups: groups,
+            extra_dhcp_opts: merge_dhcp_opts(&[], f.dhcp_opts.as_deref().unwrap_or(&[])),
+            dns_name: f.dns_name.clone().unwrap_or_default(),
             std: StandardAttrs {
                 description: f.description.clone().unwrap_or_default(),
                 tags: f.tags.clone().unwrap_or_default(),
@@ -923,6 +1057,12 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
             p.allowed_address_pairs = apply_pairs(pairs, &p.mac_address);
         }
         security_conflicts(p.port_security_enabled, &p.security_groups, &p.allowed_address_pairs)?;
+        if let Some(v) = &f.dhcp_opts {
+            p.extra_dhcp_opts = merge_dhcp_opts(&p.extra_dhcp_opts, v);
+        }
+        if let Some(v) = &f.dns_name {
+            p.dns_name = v.clone();
+        }
         if let Some(v) = &f.tags {
             p.std.tags = v.clone();
         }
@@ -1010,6 +1150,8 @@ impl ServicePort<'_> {
             allowed_address_pairs: vec![],
             port_security_enabled: false,
             security_groups: vec![],
+            extra_dhcp_opts: vec![],
+            dns_name: String::new(),
             std: StandardAttrs::new(&now()),
         };
         let mut cmp = vec![
