@@ -153,8 +153,15 @@ async fn l3_convergence() {
 
     let mut all = vec![];
     for round in 0..rounds {
+        let asked = std::time::SystemTime::now();
         tb.interface_as(&tb.admin_token, &router, &sb, true).await;
         let t0 = Instant::now();
+        // Wall-clock times, to line the rounds up with the agents' and the server's logs.
+        println!(
+            "round {round}: asked at {:?}, answered after {:.1} ms",
+            asked.duration_since(std::time::UNIX_EPOCH).unwrap_or_default(),
+            asked.elapsed().unwrap_or_default().as_secs_f64() * 1000.0
+        );
         let mut probes = vec![];
         for i in 0..n {
             let (s, t) = (sources.clone(), target.clone());

@@ -27,19 +27,6 @@ fn ip(args: &[&str]) -> Result<String, KernelError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip_json(args: &[&str]) -> Result<Vec<Value>, KernelError> {
-    let text = ip(args)?;
-    if text.trim().is_empty() {
-        return Ok(vec![]);
-    }
-    serde_json::from_str::<Vec<Value>>(&text).map_err(|e| {
-        KernelError::io(
-            format!("reading the output of ip {}", args.join(" ")),
-            std::io::Error::other(e.to_string()),
-        )
-    })
-}
-
 /// Router namespaces whose names start with `prefix`.
 pub fn router_namespaces(prefix: &str) -> Result<BTreeSet<String>, KernelError> {
     let dir = match std::fs::read_dir(NETNS_DIR) {
@@ -192,14 +179,14 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
     let mut inside = String::new();
     legs(r, &seen, &mut inside)?;
     neighbours(r, &seen, &mut inside);
-    addresses(r, &seen, &mut inside);
+    let fresh = addresses(r, &seen, &mut inside);
     if north_south(r) || had_external || !seen.routes.is_empty() {
         routes(r, &seen, &mut inside);
     }
     if !inside.is_empty() {
         ip_batch(ns, &inside)?;
     }
-    announce(r, &seen);
+    announce(ns, &fresh);
     // The NAT table only ever exists with an external leg.
     if r.external.is_some() || had_external {
         super::netns::piped(
@@ -250,23 +237,6 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelErro
     for dev in have.keys().filter(|d| !legs.iter().any(|l| l.dev == **d)) {
         inside.push_str(&format!("link delete {dev}\n"));
     }
-    // The outer ends, read once: (bridge, up) by name.
-    let outers: BTreeMap<String, (String, bool)> = if legs.iter().any(|l| have.contains_key(l.dev)) {
-        ip_json(&["-j", "link", "show", "type", "veth"])?
-            .iter()
-            .filter_map(|l| {
-                Some((
-                    l["ifname"].as_str()?.to_string(),
-                    (
-                        l["master"].as_str().unwrap_or_default().to_string(),
-                        l["flags"].to_string().contains("\"UP\""),
-                    ),
-                ))
-            })
-            .collect()
-    } else {
-        BTreeMap::new()
-    };
     let mut create = String::new();
     let mut outside = String::new();
     let mut static_fdb = vec![];
@@ -283,21 +253,27 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelErro
                 let addr = l["address"].as_str().unwrap_or_default();
                 let up = l["flags"].to_string().contains("\"UP\"");
                 let mtu_now = l["mtu"].as_u64().unwrap_or_default();
-                let outer_ok = outers.get(outer).is_some_and(|(m, up)| m == leg.bridge && *up);
+                let outer_ok = outer_state(outer).is_some_and(|(m, up)| m == leg.bridge && up);
                 if addr == leg.mac && up && mtu_now == u64::from(leg.mtu) && outer_ok {
                     continue;
                 }
             }
         }
-        outside.push_str(&format!("link set {outer} master {} mtu {} up\n", leg.bridge, leg.mtu));
+        // No IPv6 address of its own on the outer end (no chatter into the tenant's network
+        // from the moment it is up; disable_ipv6 below only applies once it exists).
+        outside.push_str(&format!(
+            "link set {outer} addrgenmode none master {} mtu {} up\n",
+            leg.bridge, leg.mtu
+        ));
         inside.push_str(&format!("link set {dev} address {} mtu {} up\n", leg.mac, leg.mtu));
         if leg.static_fdb {
             static_fdb.push((leg.mac, outer));
         }
     }
-    if !create.is_empty() && super::netns::piped("ip", &["-batch", "-"], &create, "ip -batch (router legs)").is_err() {
-        // A leftover outer end (its namespace was deleted by hand) is in the way: one at a
-        // time, removing what blocks.
+    // New legs and fixed outer ends in one process; a leftover outer end (its namespace was
+    // deleted by hand) makes the batch fail: then one at a time, removing what blocks.
+    let batch = format!("{create}{outside}");
+    if !batch.is_empty() && super::netns::piped("ip", &["-batch", "-"], &batch, "ip -batch (router legs)").is_err() {
         for line in create.lines() {
             let args: Vec<&str> = line.split_whitespace().collect();
             if ip(&args).is_err() {
@@ -305,13 +281,13 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelErro
                 ip(&args)?;
             }
         }
+        if !outside.is_empty() {
+            super::netns::piped("ip", &["-batch", "-"], &outside, "ip -batch (router legs)")?;
+        }
     }
     for leg in &legs {
         // The outer end is a bridge port and nothing more: no IPv6 chatter from it.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", leg.outer), "1");
-    }
-    if !outside.is_empty() {
-        super::netns::piped("ip", &["-batch", "-"], &outside, "ip -batch (router legs)")?;
     }
     for (mac, outer) in static_fdb {
         Command::new("bridge")
@@ -321,6 +297,19 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelErro
             .map_err(|e| KernelError::io("running bridge fdb", e))?;
     }
     Ok(())
+}
+
+/// A leg's outer end in the node's namespace: (its bridge, whether it is up), from sysfs (a
+/// process listing every veth of the node would cost more the more ports the node has).
+fn outer_state(dev: &str) -> Option<(String, bool)> {
+    let base = Path::new("/sys/class/net").join(dev);
+    let flags = std::fs::read_to_string(base.join("flags")).ok()?;
+    let up = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).ok()? & 1 == 1;
+    let master = std::fs::read_link(base.join("master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    Some((master, up))
 }
 
 /// Permanent neighbours, before the addresses in the batch: once an address brings its
@@ -344,7 +333,8 @@ fn neighbours(r: &RouterNs, seen: &Seen, inside: &mut String) {
         .map(|n| (n.dev.clone(), n.ip.to_string(), n.mac.clone()))
         .collect();
     for (dev, dst, _) in now.difference(&want) {
-        if !want.iter().any(|(d, i, _)| d == dev && i == dst) {
+        // Entries of a leg being deleted go with it (the batch deletes links first).
+        if r.legs.contains_key(dev) && !want.iter().any(|(d, i, _)| d == dev && i == dst) {
             inside.push_str(&format!("neigh del {dst} dev {dev}\n"));
         }
     }
@@ -364,7 +354,10 @@ fn addresses_now(seen: &Seen, dev: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn addresses(r: &RouterNs, seen: &Seen, inside: &mut String) {
+/// Adds and removes leg addresses; returns the IPv4 addresses that appear, to be announced
+/// once the batch has run: (leg, its outer end, its MAC, address).
+fn addresses(r: &RouterNs, seen: &Seen, inside: &mut String) -> Vec<Fresh> {
+    let mut fresh = vec![];
     for leg in veth_legs(r) {
         let Some(want_addrs) = leg.addresses else { continue };
         let now = addresses_now(seen, leg.dev);
@@ -375,26 +368,61 @@ fn addresses(r: &RouterNs, seen: &Seen, inside: &mut String) {
         for a in want.difference(&now) {
             inside.push_str(&format!("addr add {a} dev {}\n", leg.dev));
         }
-    }
-}
-
-/// A gateway or floating IP that (re)appeared is announced: a host whose entry for it went
-/// stale while it was gone (or points at another node) would otherwise wait for its next
-/// ARP probe.
-fn announce(r: &RouterNs, seen: &Seen) {
-    let ns = r.netns.as_str();
-    for leg in veth_legs(r) {
-        let Some(want_addrs) = leg.addresses else { continue };
-        let now = addresses_now(seen, leg.dev);
         let Some(mac) = leg.mac.parse::<crate::desired::MacAddr>().ok().map(|m| m.0) else {
             continue;
         };
         for a in want_addrs.iter().filter(|a| !now.contains(&a.to_string())) {
             if let std::net::IpAddr::V4(v4) = a.addr() {
-                if let Err(e) = super::netns::gratuitous_arp(&Path::new(NETNS_DIR).join(ns), leg.dev, v4, mac) {
-                    tracing::warn!(netns = ns, dev = leg.dev, error = %e, "announcing a router address failed");
-                }
+                fresh.push(Fresh {
+                    dev: leg.dev.to_string(),
+                    outer: leg.outer.clone(),
+                    mac,
+                    ip: v4,
+                });
             }
+        }
+    }
+    fresh
+}
+
+/// An IPv4 address that appeared on a leg.
+struct Fresh {
+    dev: String,
+    outer: String,
+    mac: [u8; 6],
+    ip: std::net::Ipv4Addr,
+}
+
+/// How long an announcement waits for its leg's bridge port to forward.
+const PORT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A gateway or floating IP that (re)appeared is announced: a host whose entry for it went
+/// stale while it was gone (or points at another node), or that asked for it before this
+/// node's leg existed, would otherwise wait for its next ARP probe (a second or more).
+/// The bridge only forwards from a new port once the kernel has noticed its carrier (done
+/// asynchronously), so the announcement waits for that first; sent earlier it is dropped.
+fn announce(ns: &str, fresh: &[Fresh]) {
+    let mut ready = BTreeSet::new();
+    for f in fresh {
+        if ready.insert(f.outer.as_str()) && !wait_forwarding(&f.outer, PORT_WAIT) {
+            tracing::debug!(netns = ns, dev = %f.outer, "bridge port not forwarding yet; announcing anyway");
+        }
+        if let Err(e) = super::netns::gratuitous_arp(&Path::new(NETNS_DIR).join(ns), &f.dev, f.ip, f.mac) {
+            tracing::warn!(netns = ns, dev = %f.dev, error = %e, "announcing a router address failed");
+        }
+    }
+}
+
+/// Waits until bridge port `dev` is in the forwarding state (3); false on timeout or when it
+/// is no bridge port.
+fn wait_forwarding(dev: &str, limit: std::time::Duration) -> bool {
+    let path = format!("/sys/class/net/{dev}/brport/state");
+    let start = std::time::Instant::now();
+    loop {
+        match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim() == "3" => return true,
+            Ok(_) if start.elapsed() < limit => std::thread::sleep(std::time::Duration::from_millis(1)),
+            _ => return false,
         }
     }
 }
