@@ -147,16 +147,33 @@ impl Objects {
         })
     }
 
+    /// The object stored under the server's key for `collection`/`id`. Views are keyed that
+    /// way, so lookups by id are one map search, not a scan (desired-state code asks often).
+    fn by_id(&self, collection: &str, id: &str) -> Option<&ObjectValue> {
+        self.by_key
+            .get(&format!("/isthmus/v1/{collection}/{id}"))
+            .map(|o| &o.value)
+    }
+
     pub fn port(&self, id: &str) -> Option<&Port> {
-        self.ports().find(|p| p.id == id)
+        match self.by_id("ports", id) {
+            Some(ObjectValue::Port(p)) if p.id == id => Some(p),
+            _ => self.ports().find(|p| p.id == id),
+        }
     }
 
     pub fn network(&self, id: &str) -> Option<&Network> {
-        self.networks().find(|n| n.id == id)
+        match self.by_id("networks", id) {
+            Some(ObjectValue::Network(n)) if n.id == id => Some(n),
+            _ => self.networks().find(|n| n.id == id),
+        }
     }
 
     pub fn subnet(&self, id: &str) -> Option<&Subnet> {
-        self.subnets().find(|s| s.id == id)
+        match self.by_id("subnets", id) {
+            Some(ObjectValue::Subnet(s)) if s.id == id => Some(s),
+            _ => self.subnets().find(|s| s.id == id),
+        }
     }
 
     /// Underlay addresses of the nodes in the view, by host name.

@@ -39,8 +39,9 @@ impl Guest {
         self.tap.write_all(frame).expect("write to tap");
     }
 
-    /// The next DHCP reply for `xid` within `timeout`; other frames are skipped.
-    fn reply(&mut self, xid: u32, timeout: Duration) -> Option<Reply> {
+    /// The first frame from the tap that `pick` maps to something, within `timeout`; other
+    /// frames are skipped.
+    fn next_frame<T>(&mut self, timeout: Duration, mut pick: impl FnMut(&[u8]) -> Option<T>) -> Option<T> {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 2048];
         loop {
@@ -54,63 +55,30 @@ impl Guest {
                 revents: 0,
             };
             // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
-            if n <= 0 {
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, 50) as i32) } <= 0 {
                 continue;
             }
             let len = self.tap.read(&mut buf).expect("read tap");
-            if let Some(r) = parse_reply(&buf[..len]) {
-                if r.xid == xid {
-                    return Some(r);
-                }
+            if let Some(t) = pick(&buf[..len]) {
+                return Some(t);
             }
         }
+    }
+
+    /// The next DHCP reply for `xid` within `timeout`; other frames are skipped.
+    fn reply(&mut self, xid: u32, timeout: Duration) -> Option<Reply> {
+        self.next_frame(timeout, |f| parse_reply(f).filter(|r| r.xid == xid))
     }
 
     /// Whether a DHCP request with `xid` shows up on this tap within `timeout`.
     fn sees_request(&mut self, xid: u32, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 2048];
-        while !deadline.saturating_duration_since(Instant::now()).is_zero() {
-            let mut pfd = libc::pollfd {
-                fd: self.tap.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
-                continue;
-            }
-            let len = self.tap.read(&mut buf).expect("read tap");
-            if isthmus_dhcp::parse(&buf[..len]).is_ok_and(|r| r.xid == xid) {
-                return true;
-            }
-        }
-        false
+        self.next_frame(timeout, |f| isthmus_dhcp::parse(f).ok().filter(|r| r.xid == xid))
+            .is_some()
     }
 
     /// The next DHCPv6 answer for `xid` within `timeout`; other frames are skipped.
     fn reply6(&mut self, xid: [u8; 3], timeout: Duration) -> Option<Reply6> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = [0u8; 2048];
-        while !deadline.saturating_duration_since(Instant::now()).is_zero() {
-            let mut pfd = libc::pollfd {
-                fd: self.tap.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
-                continue;
-            }
-            let len = self.tap.read(&mut buf).expect("read tap");
-            if let Some(r) = parse_reply6(&buf[..len]) {
-                if r.xid == xid {
-                    return Some(r);
-                }
-            }
-        }
-        None
+        self.next_frame(timeout, |f| parse_reply6(f).filter(|r| r.xid == xid))
     }
 
     fn exchange(

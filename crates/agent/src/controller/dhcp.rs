@@ -24,16 +24,24 @@ use tracing::{debug, info, warn};
 /// The server identifier when a subnet has no gateway: link-local, never a guest's address.
 const NO_GATEWAY_SERVER_ID: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
-/// The lease of VM port `port_id` (bound to `node`), if it has an IPv4 address on a subnet
-/// with DHCP enabled. Pure.
-pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) -> Option<Lease> {
+/// Port `port_id` if it is bound to `node`, with its MAC and the MAC the DHCP server answers
+/// from: the host side of the tap (libvirt's convention), never the guest's own MAC.
+fn local_port<'a>(objects: &'a Objects, node: &str, port_id: &str) -> Option<(&'a crate::objects::Port, [u8; 6])> {
     let p = objects.port(port_id)?;
     if p.host_id != node {
         return None;
     }
+    let mut server_mac = p.mac_address.parse::<MacAddr>().ok()?.0;
+    server_mac[0] = 0xfe;
+    Some((p, server_mac))
+}
+
+/// The lease of VM port `port_id` (bound to `node`), if it has an IPv4 address on a subnet
+/// with DHCP enabled. Pure.
+pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) -> Option<Lease> {
+    let (p, server_mac) = local_port(objects, node, port_id)?;
     let net = objects.network(&p.network_id)?;
     let mtu = net.mtu.and_then(|m| u16::try_from(m).ok()).unwrap_or(1450);
-    let mac: MacAddr = p.mac_address.parse().ok()?;
     for f in &p.fixed_ips {
         let Ok(ip) = f.ip_address.parse::<Ipv4Addr>() else {
             continue;
@@ -58,9 +66,6 @@ pub fn lease_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) 
                 Some((dst.network(), dst.prefix_len(), v4(&r.nexthop)?))
             })
             .collect();
-        let mut server_mac = mac.0;
-        // The host side of the tap (libvirt's convention), never the guest's own MAC.
-        server_mac[0] = 0xfe;
         let text = |m: &serde_json::Map<String, serde_json::Value>, k: &str| {
             m.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string()
         };
@@ -129,11 +134,7 @@ fn dns_servers_v6(port: &serde_json::Map<String, serde_json::Value>) -> Option<V
 /// in a DHCPv6 address mode: its address (stateful) or only the other configuration
 /// (stateless). Pure.
 pub fn lease6_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32) -> Option<isthmus_dhcp::v6::Lease6> {
-    let p = objects.port(port_id)?;
-    if p.host_id != node {
-        return None;
-    }
-    let mac: MacAddr = p.mac_address.parse().ok()?;
+    let (p, server_mac) = local_port(objects, node, port_id)?;
     for f in &p.fixed_ips {
         let Ok(ip) = f.ip_address.parse::<std::net::Ipv6Addr>() else {
             continue;
@@ -149,8 +150,6 @@ pub fn lease6_for(objects: &Objects, node: &str, port_id: &str, lease_secs: u32)
             Some("dhcpv6-stateless") => false,
             _ => continue,
         };
-        let mut server_mac = mac.0;
-        server_mac[0] = 0xfe;
         return Some(isthmus_dhcp::v6::Lease6 {
             address: stateful.then_some(ip),
             dns: dns_servers_v6(&p.other)
@@ -284,6 +283,22 @@ impl<B: PacketIo + 'static> DhcpController<B> {
         }
     }
 
+    /// Port `port_id`'s lease (by `lease`) and its MAC, read under one lock of the map: the
+    /// caller answers only a client that is that MAC.
+    fn lease_with_mac<L>(
+        &self,
+        port_id: &str,
+        lease: fn(&Objects, &str, &str, u32) -> Option<L>,
+    ) -> (Option<L>, Option<MacAddr>) {
+        let v = self.state.lock();
+        let l = lease(&v.objects, &self.state.node, port_id, self.lease_secs);
+        let mac = v
+            .objects
+            .port(port_id)
+            .and_then(|p| p.mac_address.parse::<MacAddr>().ok());
+        (l, mac)
+    }
+
     /// The answer frame to one frame from the guest, if it deserves one.
     fn answer(&self, port_id: &str, dev: &str, frame: &[u8]) -> Option<Vec<u8>> {
         if frame.get(12..14) == Some(&[0x86, 0xdd]) {
@@ -296,20 +311,12 @@ impl<B: PacketIo + 'static> DhcpController<B> {
                 return None;
             }
         };
-        let lease = {
-            let v = self.state.lock();
-            let l = lease_for(&v.objects, &self.state.node, port_id, self.lease_secs);
-            let mac = v
-                .objects
-                .port(port_id)
-                .and_then(|p| p.mac_address.parse::<MacAddr>().ok());
-            match (l, mac) {
-                (Some(l), Some(m)) if req.src_mac == m.0 && req.chaddr == m.0 => l,
-                (_, m) => {
-                    debug!(dev, src = %MacAddr(req.src_mac), port_mac = ?m.map(|m| m.to_string()),
-                        "DHCP: no lease for this client (unknown MAC or no DHCP subnet)");
-                    return None;
-                }
+        let lease = match self.lease_with_mac(port_id, lease_for) {
+            (Some(l), Some(m)) if req.src_mac == m.0 && req.chaddr == m.0 => l,
+            (_, m) => {
+                debug!(dev, src = %MacAddr(req.src_mac), port_mac = ?m.map(|m| m.to_string()),
+                    "DHCP: no lease for this client (unknown MAC or no DHCP subnet)");
+                return None;
             }
         };
         let answer = decide(&req, &lease)?;
@@ -329,19 +336,11 @@ impl<B: PacketIo + 'static> DhcpController<B> {
                 return None;
             }
         };
-        let lease = {
-            let v = self.state.lock();
-            let l = lease6_for(&v.objects, &self.state.node, port_id, self.lease_secs);
-            let mac = v
-                .objects
-                .port(port_id)
-                .and_then(|p| p.mac_address.parse::<MacAddr>().ok());
-            match (l, mac) {
-                (Some(l), Some(m)) if req.src_mac == m.0 => l,
-                _ => {
-                    debug!(dev, src = %MacAddr(req.src_mac), "DHCPv6: no lease for this client");
-                    return None;
-                }
+        let lease = match self.lease_with_mac(port_id, lease6_for) {
+            (Some(l), Some(m)) if req.src_mac == m.0 => l,
+            _ => {
+                debug!(dev, src = %MacAddr(req.src_mac), "DHCPv6: no lease for this client");
+                return None;
             }
         };
         let (kind, with_address) = decide6(&req, &lease)?;
