@@ -33,3 +33,24 @@ pub fn flat_alloc(physical_network: &str) -> String {
 pub fn fip_assoc(port_id: &str, fixed_ip: &str) -> String {
     format!("{ROOT}fip_assoc/{port_id}/{fixed_ip}")
 }
+/// Held while a subnet has `cidr` from pool `pool_id`; value is a `PoolAllocation`.
+pub fn pool_alloc(pool_id: &str, cidr: &str) -> String {
+    format!("{ROOT}subnetpool_alloc/{pool_id}/{}", cidr.replace('/', "_"))
+}
+pub fn pool_alloc_prefix(pool_id: &str) -> String {
+    format!("{ROOT}subnetpool_alloc/{pool_id}/")
+}
+/// Rewritten by every allocation from a pool and every change of its prefixes, so that
+/// these serialize (two allocations of different sizes could otherwise overlap).
+pub fn pool_guard(pool_id: &str) -> String {
+    format!("{ROOT}subnetpool_guard/{pool_id}")
+}
+/// Held by the default subnet pool of an IP version; value is its id.
+pub fn default_pool(ip_version: u8) -> String {
+    format!("{ROOT}default_subnetpool/{ip_version}")
+}
+/// Rewritten by every change to the prefixes of pools in an address scope, so that the
+/// no-overlap check within a scope holds across servers.
+pub fn scope_guard(scope_id: &str) -> String {
+    format!("{ROOT}address_scope_guard/{scope_id}")
+}

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod ipam;
 pub mod keys;
+pub mod prefixes;
 pub mod resources;
 pub mod validate;
 

@@ -141,6 +141,9 @@ pub struct Subnet {
     pub enable_dhcp: bool,
     pub ipv6_ra_mode: Option<String>,
     pub ipv6_address_mode: Option<String>,
+    /// The subnet pool its CIDR was allocated from.
+    #[serde(default)]
+    pub subnetpool_id: Option<String>,
     #[serde(default)]
     pub deleting: bool,
     #[serde(flatten)]
@@ -160,12 +163,82 @@ impl Subnet {
         m.insert("enable_dhcp".into(), json!(self.enable_dhcp));
         m.insert("ipv6_ra_mode".into(), json!(self.ipv6_ra_mode));
         m.insert("ipv6_address_mode".into(), json!(self.ipv6_address_mode));
-        m.insert("subnetpool_id".into(), Value::Null);
+        m.insert("subnetpool_id".into(), json!(self.subnetpool_id));
         m.insert("service_types".into(), json!([]));
         m.insert("segment_id".into(), Value::Null);
         self.std.render(&mut m);
         Value::Object(m)
     }
+}
+
+/// A subnet pool (`subnet_allocation`): prefixes subnets are cut from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SubnetPool {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub ip_version: u8,
+    /// Compacted CIDRs.
+    pub prefixes: Vec<String>,
+    pub default_prefixlen: u8,
+    pub min_prefixlen: u8,
+    pub max_prefixlen: u8,
+    /// Per-project limit in quota units (addresses for IPv4, /64s for IPv6).
+    pub default_quota: Option<u64>,
+    pub shared: bool,
+    pub is_default: bool,
+    pub address_scope_id: Option<String>,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+impl SubnetPool {
+    pub fn to_api(&self) -> Value {
+        let mut m = owned(&self.id, &self.name, &self.project_id);
+        m.insert("ip_version".into(), json!(self.ip_version));
+        m.insert("prefixes".into(), json!(self.prefixes));
+        m.insert("default_prefixlen".into(), json!(self.default_prefixlen));
+        m.insert("min_prefixlen".into(), json!(self.min_prefixlen));
+        m.insert("max_prefixlen".into(), json!(self.max_prefixlen));
+        m.insert("default_quota".into(), json!(self.default_quota));
+        m.insert("shared".into(), json!(self.shared));
+        m.insert("is_default".into(), json!(self.is_default));
+        m.insert("address_scope_id".into(), json!(self.address_scope_id));
+        self.std.render(&mut m);
+        Value::Object(m)
+    }
+}
+
+/// An address scope: subnet pools in one scope never overlap.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AddressScope {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub ip_version: u8,
+    pub shared: bool,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+impl AddressScope {
+    pub fn to_api(&self) -> Value {
+        let mut m = owned(&self.id, &self.name, &self.project_id);
+        m.insert("ip_version".into(), json!(self.ip_version));
+        m.insert("shared".into(), json!(self.shared));
+        self.std.render(&mut m);
+        // Neutron's address scopes take no tags.
+        m.remove("tags");
+        Value::Object(m)
+    }
+}
+
+/// What a subnet pool's allocation index key holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolAllocation {
+    pub subnet_id: String,
+    pub project_id: String,
+    pub cidr: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

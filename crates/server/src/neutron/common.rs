@@ -5,7 +5,9 @@ use crate::cache::Typed;
 use crate::identity::AuthContext;
 use crate::AppState;
 use isthmus_model::validate::Body;
-use isthmus_model::{FloatingIp, Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{
+    AddressScope, FloatingIp, Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet, SubnetPool,
+};
 use isthmus_store::{Compare, Op, Revision};
 use serde_json::Value;
 use std::sync::Arc;
@@ -39,6 +41,13 @@ impl Stored for SecurityGroup {
 }
 impl Stored for SecurityGroupRule {
     const NOT_FOUND: (&'static str, &'static str) = ("SecurityGroupRule", "Security group rule");
+}
+
+impl Stored for SubnetPool {
+    const NOT_FOUND: (&'static str, &'static str) = ("SubnetPool", "Subnet pool");
+}
+impl Stored for AddressScope {
+    const NOT_FOUND: (&'static str, &'static str) = ("AddressScope", "Address scope");
 }
 
 /// Neutron's `<Type>NotFound` for object `id` of type `T`.

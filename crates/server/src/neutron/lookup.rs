@@ -3,9 +3,14 @@
 
 use super::common::{not_found, Ctx, NResult};
 use crate::cache::Typed;
-use isthmus_model::{keys, FloatingIp, Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
-use isthmus_store::Revision;
+use ipnet::IpNet;
+use isthmus_model::{
+    keys, AddressScope, FloatingIp, Network, NeutronError, PoolAllocation, Port, Router, SecurityGroup,
+    SecurityGroupRule, Subnet, SubnetPool,
+};
+use isthmus_store::{Compare, Revision};
 use serde_json::Value;
+use std::collections::HashMap;
 
 /// The device owner of a router's interface ports.
 pub const INTERFACE_OWNER: &str = "network:router_interface";
@@ -118,4 +123,69 @@ pub fn external_network(ctx: &Ctx<'_>, id: &str, resource: &str) -> NResult<Netw
         )));
     }
     Ok(n)
+}
+
+/// Shared subnet pools are visible to every project, as in Neutron.
+pub fn visible_pool(ctx: &Ctx<'_>, id: &str) -> NResult<(SubnetPool, Revision)> {
+    ctx.get::<SubnetPool>(id)
+        .filter(|(p, _)| ctx.admin() || ctx.owns(&p.project_id) || p.shared)
+        .ok_or_else(|| not_found::<SubnetPool>(id))
+}
+
+/// Shared address scopes are visible to every project, as in Neutron.
+pub fn visible_scope(ctx: &Ctx<'_>, id: &str) -> NResult<(AddressScope, Revision)> {
+    ctx.get::<AddressScope>(id)
+        .filter(|(s, _)| ctx.admin() || ctx.owns(&s.project_id) || s.shared)
+        .ok_or_else(|| not_found::<AddressScope>(id))
+}
+
+/// The subnets allocated from pool `pool_id`, from its index keys.
+pub fn pool_allocations(ctx: &Ctx<'_>, pool_id: &str) -> Vec<PoolAllocation> {
+    ctx.state
+        .cache
+        .list(&keys::pool_alloc_prefix(pool_id))
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect()
+}
+
+/// The stored prefixes of a pool, parsed.
+pub fn pool_nets(p: &SubnetPool) -> Vec<IpNet> {
+    p.prefixes.iter().filter_map(|s| s.parse().ok()).collect()
+}
+
+/// A comparison that fails if anybody rewrites (or first writes) the guard key `key`.
+pub fn guard(ctx: &Ctx<'_>, key: &str) -> Compare {
+    match ctx.state.cache.get(key) {
+        Some(kv) => Compare::ModRevision(key.to_string(), kv.mod_revision),
+        None => Compare::Absent(key.to_string()),
+    }
+}
+
+/// Per network, the address scopes (IPv4, IPv6) of the pools its subnets came from.
+pub fn network_scopes(ctx: &Ctx<'_>) -> HashMap<String, (Option<String>, Option<String>)> {
+    let mut out: HashMap<String, (Option<String>, Option<String>)> = HashMap::new();
+    for (s, _) in ctx.all::<Subnet>() {
+        let Some(pid) = &s.subnetpool_id else { continue };
+        let Some(scope) = ctx.get::<SubnetPool>(pid).and_then(|(p, _)| p.address_scope_id) else {
+            continue;
+        };
+        let e = out.entry(s.network_id.clone()).or_default();
+        if s.ip_version == 6 {
+            e.1 = Some(scope);
+        } else {
+            e.0 = Some(scope);
+        }
+    }
+    out
+}
+
+/// A network's API view with its address scopes filled in.
+pub fn render_network(ctx: &Ctx<'_>, n: &Network, scopes: &HashMap<String, (Option<String>, Option<String>)>) -> Value {
+    let mut v = n.to_api(ctx.admin());
+    if let Some((v4, v6)) = scopes.get(&n.id) {
+        v["ipv4_address_scope"] = serde_json::json!(v4);
+        v["ipv6_address_scope"] = serde_json::json!(v6);
+    }
+    v
 }

@@ -6,14 +6,16 @@
 //!
 //! Module layers (each imports only from layers below it):
 //! - handlers: this module, `tags`, `nodeports`, `nodeview`, `agents`, `router_interfaces`
-//!   (and `routers::change_routes` for `add_extraroutes` / `remove_extraroutes`);
+//!   (and `routers::change_routes` for `add_extraroutes` / `remove_extraroutes`,
+//!   `subnetpools::change_prefixes` for `add_prefixes` / `remove_prefixes`);
 //! - `registry`: the list of resources;
-//! - resources: `networks`, `subnets`, `ports`, `routers`, `floatingips`, `security_groups`, each
+//! - resources: `networks`, `subnets`, `subnetpools`, `address_scopes`, `ports`, `routers`, `floatingips`, `security_groups`, each
 //!   implementing `resource::Resource`;
 //! - shared operations: `resource` (the trait and the generic request handling), `portops`,
 //!   `default_sg`, `lookup`;
 //! - `common`, `query`, `http`.
 
+mod address_scopes;
 mod agents;
 mod common;
 mod default_sg;
@@ -34,6 +36,7 @@ mod resource;
 mod router_interfaces;
 mod routers;
 mod security_groups;
+mod subnetpools;
 mod subnets;
 mod tags;
 pub mod viewindex;
@@ -74,11 +77,21 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Allowed Address Pairs",
         "Provides allowed address pairs",
     ),
+    (
+        "address-scope",
+        "Address scope",
+        "Address scopes extension.",
+    ),
     ("agent", "agent", "The agent management extension."),
     (
         "binding",
         "Port Binding",
         "Expose port bindings of a virtual port to external application",
+    ),
+    (
+        "default-subnetpools",
+        "Default Subnetpools",
+        "Provides ability to mark and use a subnetpool as the default.",
     ),
     (
         "dns-integration",
@@ -173,6 +186,16 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Extension that indicates that sorting is enabled.",
     ),
     (
+        "subnet_allocation",
+        "Subnet Allocation",
+        "Enables allocation of subnets from a subnet pool",
+    ),
+    (
+        "subnetpool-prefix-ops",
+        "Subnet Pool Prefix Operations",
+        "Provides support for adjusting the prefix list of subnet pools",
+    ),
+    (
         "standard-attr-description",
         "standard-attr-description",
         "Extension to add descriptions to standard attributes",
@@ -221,6 +244,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))
         .route("/v2.0/routers/{id}/remove_router_interface", put(router_interface))
+        .route("/v2.0/subnetpools/{id}/add_prefixes", put(prefix_ops))
+        .route("/v2.0/subnetpools/{id}/remove_prefixes", put(prefix_ops))
         .route("/v2.0/routers/{id}/add_extraroutes", put(extraroutes))
         .route("/v2.0/routers/{id}/remove_extraroutes", put(extraroutes))
         .route(
@@ -448,6 +473,24 @@ async fn extraroutes(
     let body = parse_body(body)?;
     let add = uri.path().ends_with("/add_extraroutes");
     let out = routers::change_routes(&ctx, &id, body, add).await?;
+    Ok(json_response(StatusCode::OK, out))
+}
+
+async fn prefix_ops(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    let body = parse_body(body)?;
+    let add = uri.path().ends_with("/add_prefixes");
+    let out = subnetpools::change_prefixes(&ctx, &id, body, add).await?;
     Ok(json_response(StatusCode::OK, out))
 }
 

@@ -32,16 +32,18 @@ impl Resource for Networks {
     }
     fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
         Box::pin(async move {
+            let scopes = lookup::network_scopes(ctx);
             Ok(ctx
                 .all::<Network>()
                 .into_iter()
                 .filter(|(n, _)| ctx.network_visible(n) && pre.keeps_owned(&n.id, &n.name, &n.project_id))
-                .map(|(n, _)| n.to_api(ctx.admin()))
+                .map(|(n, _)| lookup::render_network(ctx, &n, &scopes))
                 .collect())
         })
     }
     fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
-        Ok(ctx.visible_network(id)?.0.to_api(ctx.admin()))
+        let n = ctx.visible_network(id)?.0;
+        Ok(lookup::render_network(ctx, &n, &lookup::network_scopes(ctx)))
     }
     fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
         Box::pin(create(ctx, body))
@@ -409,7 +411,7 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         ))
     })
     .await?;
-    Ok(net.to_api(ctx.admin()))
+    Ok(lookup::render_network(ctx, &net, &lookup::network_scopes(ctx)))
 }
 
 /// A node's pool port not yet given to a workload (see the agent's CNI pools).
@@ -474,6 +476,9 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     }
     for s in &subnets {
         ops.push(Op::delete(lookup::key::<Subnet>(&s.id)));
+        if let Some(pool) = &s.subnetpool_id {
+            ops.push(Op::delete(keys::pool_alloc(pool, &s.cidr)));
+        }
     }
     // Nodes' ready-but-unused container ports go with the network (as Neutron's DHCP ports
     // do); a node claiming one meanwhile changes its revision and fails this delete.

@@ -1,17 +1,21 @@
 //! The one list of Neutron resources: routes, the API index, tags and list handling find a
 //! collection here.
 
+use super::address_scopes::AddressScopes;
 use super::floatingips::FloatingIps;
 use super::networks::Networks;
 use super::ports::Ports;
 use super::resource::Resource;
 use super::routers::Routers;
 use super::security_groups::{SecurityGroupRules, SecurityGroups};
+use super::subnetpools::SubnetPools;
 use super::subnets::Subnets;
 
 static RESOURCES: &[&dyn Resource] = &[
     &Networks,
     &Subnets,
+    &SubnetPools,
+    &AddressScopes,
     &Ports,
     &Routers,
     &FloatingIps,
@@ -59,6 +63,8 @@ mod tests {
             [
                 "networks",
                 "subnets",
+                "subnetpools",
+                "address-scopes",
                 "ports",
                 "security-groups",
                 "security-group-rules"
@@ -70,7 +76,7 @@ mod tests {
             .filter(|m| !m.tags)
             .map(|m| m.collection)
             .collect();
-        assert_eq!(untagged, ["security-group-rules"]);
+        assert_eq!(untagged, ["address-scopes", "security-group-rules"]);
         let no_bulk: Vec<&str> = all()
             .iter()
             .map(|r| r.meta())

@@ -11,7 +11,10 @@ use crate::cache::Typed;
 use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::Body;
-use isthmus_model::{keys, AllocationPool, HostRoute, Network, NeutronError, Port, StandardAttrs, Subnet};
+use isthmus_model::{
+    keys, prefixes, AllocationPool, HostRoute, Network, NeutronError, PoolAllocation, Port, StandardAttrs, Subnet,
+    SubnetPool,
+};
 use isthmus_store::{Compare, Op};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -217,6 +220,157 @@ fn ipv6_modes(v6: bool, ra: &Option<String>, addr: &Option<String>, net: &IpNet)
     Ok(())
 }
 
+/// Where a new subnet's CIDR comes from.
+enum Source {
+    /// Given, outside any pool.
+    Cidr(IpNet),
+    /// From pool `pool`: exactly `cidr`, or any free block of `prefixlen` (the pool's
+    /// default when `None`).
+    Pool {
+        pool: String,
+        cidr: Option<IpNet>,
+        prefixlen: Option<i64>,
+    },
+}
+
+/// A subnet's gateway and allocation pools, as asked for (or defaulted) and checked against
+/// its CIDR, which a pool may only choose at commit time.
+fn layout(
+    net: &IpNet,
+    gateway: &Option<Option<IpAddr>>,
+    pools: &Option<Vec<AllocationPool>>,
+) -> NResult<(Option<IpAddr>, Vec<AllocationPool>)> {
+    let gateway = match gateway {
+        None => ipam::default_gateway(net),
+        Some(None) => None,
+        Some(Some(ip)) => {
+            check_gateway(net, *ip)?;
+            Some(*ip)
+        }
+    };
+    let pools = match pools {
+        Some(pools) => {
+            ipam::validate_pools(net, gateway, pools)?;
+            pools
+                .iter()
+                .map(|p| AllocationPool {
+                    // Normalised spelling so later comparisons are textual.
+                    start: p
+                        .start
+                        .parse::<IpAddr>()
+                        .map(|i| i.to_string())
+                        .unwrap_or(p.start.clone()),
+                    end: p.end.parse::<IpAddr>().map(|i| i.to_string()).unwrap_or(p.end.clone()),
+                })
+                .collect()
+        }
+        None => ipam::default_pools(net, gateway),
+    };
+    Ok((gateway, pools))
+}
+
+/// The CIDR pool `pool_id` gives a subnet of `project_id`, with the comparisons and writes
+/// that claim it: the pool unchanged, its guard key rewritten (so allocations from one pool
+/// serialize across servers, as Neutron locks the pool's row) and an index key per prefix.
+fn allocate_from_pool(
+    ctx: &Ctx<'_>,
+    pool_id: &str,
+    ip_version: u8,
+    project_id: &str,
+    subnet_id: &str,
+    cidr: Option<IpNet>,
+    prefixlen: Option<i64>,
+) -> NResult<(IpNet, Vec<Compare>, Vec<Op>)> {
+    let (pool, prev) = lookup::visible_pool(ctx, pool_id)?;
+    if pool.ip_version != ip_version {
+        return Err(NeutronError::bad_request(format!(
+            "Invalid input for operation: Cannot allocate IPv{ip_version} subnet from IPv{} subnet pool.",
+            pool.ip_version
+        )));
+    }
+    let len = match (&cidr, prefixlen) {
+        (Some(c), _) => c.prefix_len() as i64,
+        (None, Some(l)) => l,
+        (None, None) => pool.default_prefixlen as i64,
+    };
+    if len > pool.max_prefixlen as i64 {
+        return Err(NeutronError::new(
+            400,
+            "MaxPrefixSubnetAllocationError",
+            format!(
+                "Unable to allocate subnet with prefix length {len}, maximum allowed prefix is {}.",
+                pool.max_prefixlen
+            ),
+        ));
+    }
+    if len < pool.min_prefixlen as i64 {
+        return Err(NeutronError::new(
+            400,
+            "MinPrefixSubnetAllocationError",
+            format!(
+                "Unable to allocate subnet with prefix length {len}, minimum allowed prefix is {}.",
+                pool.min_prefixlen
+            ),
+        ));
+    }
+    // Within the bounds, so 0..=128.
+    let len = len as u8;
+    let allocs = lookup::pool_allocations(ctx, pool_id);
+    let used: Vec<IpNet> = allocs.iter().filter_map(|a| a.cidr.parse().ok()).collect();
+    let v6 = ip_version == 6;
+    // Neutron treats a quota of 0 as none.
+    if let Some(q) = pool.default_quota.filter(|q| *q > 0) {
+        let mine: u128 = allocs
+            .iter()
+            .filter(|a| a.project_id == project_id)
+            .filter_map(|a| a.cidr.parse::<IpNet>().ok())
+            .map(|n| prefixes::quota_units(n.prefix_len(), v6))
+            .sum();
+        if mine + prefixes::quota_units(len, v6) > q as u128 {
+            return Err(NeutronError::conflict(
+                "SubnetPoolQuotaExceeded",
+                "Per-tenant subnet pool prefix quota exceeded.",
+            ));
+        }
+    }
+    let nets = lookup::pool_nets(&pool);
+    let net = match cidr {
+        Some(c) if prefixes::can_allocate(&nets, &used, &c) => c,
+        Some(_) => {
+            return Err(alloc_error(
+                "Cannot allocate requested subnet from the available set of prefixes",
+            ))
+        }
+        None => prefixes::allocate_any(&nets, &used, len)
+            .ok_or_else(|| alloc_error(&format!("Insufficient prefix space to allocate subnet size /{len}")))?,
+    };
+    let ak = keys::pool_alloc(pool_id, &net.to_string());
+    let gk = keys::pool_guard(pool_id);
+    let record = PoolAllocation {
+        subnet_id: subnet_id.to_string(),
+        project_id: project_id.to_string(),
+        cidr: net.to_string(),
+    };
+    Ok((
+        net,
+        vec![
+            Compare::ModRevision(lookup::key::<SubnetPool>(pool_id), prev),
+            lookup::guard(ctx, &gk),
+            Compare::Absent(ak.clone()),
+        ],
+        vec![
+            Op::put(ak, json_bytes(&record)),
+            Op::put(gk, subnet_id.as_bytes().to_vec()),
+        ],
+    ))
+}
+
+/// Neutron's SubnetAllocationError is a server error there; a full pool is the client's
+/// conflict, so it is a 409 here.
+fn alloc_error(reason: &str) -> NeutronError {
+    NeutronError::conflict("SubnetAllocationError", format!("Failed to allocate subnet: {reason}."))
+}
+
 async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let project_id = ctx.target_project(&mut body)?;
     let network_id = body.string("network_id")?.ok_or_else(|| {
@@ -238,11 +392,16 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         }
     };
     let v6 = ip_version == 6;
-    if let Some(Some(_)) = body.opt_string("subnetpool_id")? {
-        return Err(NeutronError::invalid_input("subnet pools are not supported"));
-    }
-    if let Some(Value::Bool(true)) = body.take_raw("use_default_subnetpool") {
-        return Err(NeutronError::invalid_input("subnet pools are not supported"));
+    let pool_id = body.opt_string("subnetpool_id")?.flatten();
+    let use_default = body.boolean("use_default_subnetpool")?.unwrap_or(false);
+    let prefixlen = body.integer("prefixlen")?;
+    if let Some(l) = prefixlen {
+        if l < 0 {
+            return Err(NeutronError::invalid_attr(
+                "prefixlen",
+                format!("'{l}' should be non-negative"),
+            ));
+        }
     }
     if body.take_raw("segment_id").is_some_and(|v| !v.is_null()) {
         return Err(NeutronError::invalid_input("segments are not supported"));
@@ -252,45 +411,70 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             return Err(NeutronError::invalid_input("service types are not supported"));
         }
     }
-    let cidr_s = body
-        .string("cidr")?
-        .ok_or_else(|| NeutronError::bad_request("Failed to parse request. Required attribute 'cidr' not specified"))?;
-    let net = ipam::parse_cidr(&cidr_s, ip_version)?;
+    let cidr = body
+        .opt_string("cidr")?
+        .flatten()
+        .map(|c| ipam::parse_cidr(&c, ip_version))
+        .transpose()?;
+    if cidr.is_some() && prefixlen.is_some() {
+        return Err(NeutronError::bad_request(
+            "cidr and prefixlen must not be supplied together",
+        ));
+    }
+    if use_default && pool_id.is_some() {
+        return Err(NeutronError::bad_request(
+            "subnetpool_id and use_default_subnetpool cannot both be specified",
+        ));
+    }
+    let pool_id = match pool_id {
+        Some(p) => Some(p),
+        None if use_default => {
+            let kv =
+                ctx.state.cache.get(&keys::default_pool(ip_version)).ok_or_else(|| {
+                    NeutronError::bad_request(format!("No default subnetpool found for IPv{ip_version}"))
+                })?;
+            Some(String::from_utf8_lossy(&kv.value).into_owned())
+        }
+        None => None,
+    };
+    let source = match (pool_id, cidr) {
+        (Some(pool), cidr) => Source::Pool { pool, cidr, prefixlen },
+        (None, Some(c)) => Source::Cidr(c),
+        (None, None) => {
+            return Err(NeutronError::bad_request(
+                "a subnetpool must be specified in the absence of a cidr",
+            ))
+        }
+    };
     let name = body.string("name")?.unwrap_or_default();
     let description = description_from(&mut body)?.unwrap_or_default();
     let gateway = match body.opt_string("gateway_ip")? {
-        None => ipam::default_gateway(&net),
-        Some(None) => None,
-        Some(Some(g)) => {
-            let ip = parse_ip("gateway_ip", &g)?;
-            check_gateway(&net, ip)?;
-            Some(ip)
-        }
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(g)) => Some(Some(parse_ip("gateway_ip", &g)?)),
     };
     let pools = match body.object_list("allocation_pools")? {
-        Some(items) if !items.is_empty() => {
-            let pools = parse_pools(items)?;
-            ipam::validate_pools(&net, gateway, &pools)?;
-            pools
-                .into_iter()
-                .map(|p| AllocationPool {
-                    // Normalised spelling so later comparisons are textual.
-                    start: p.start.parse::<IpAddr>().map(|i| i.to_string()).unwrap_or(p.start),
-                    end: p.end.parse::<IpAddr>().map(|i| i.to_string()).unwrap_or(p.end),
-                })
-                .collect()
-        }
-        _ => ipam::default_pools(&net, gateway),
+        Some(items) if !items.is_empty() => Some(parse_pools(items)?),
+        _ => None,
     };
+    if pools.is_some() && matches!(source, Source::Pool { cidr: None, .. }) {
+        return Err(NeutronError::bad_request(
+            "allocation_pools allowed only for specific subnet requests.",
+        ));
+    }
     let dns = parse_dns(body.string_list("dns_nameservers")?.unwrap_or_default())?;
     let routes = parse_routes(body.object_list("host_routes")?.unwrap_or_default(), v6)?;
     let enable_dhcp = body.boolean("enable_dhcp")?.unwrap_or(true);
     let ra = body.opt_string("ipv6_ra_mode")?.flatten();
     let addr_mode = body.opt_string("ipv6_address_mode")?.flatten();
-    ipv6_modes(v6, &ra, &addr_mode, &net)?;
     let tags = tags_from(ctx, &mut body)?.unwrap_or_default();
     body.finish()?;
-    ipam::check_subnet_cidr(&net, enable_dhcp, true)?;
+    // What can be checked before a pool picks the CIDR is checked once, here.
+    if let Source::Cidr(net) | Source::Pool { cidr: Some(net), .. } = &source {
+        layout(net, &gateway, &pools)?;
+        ipv6_modes(v6, &ra, &addr_mode, net)?;
+        ipam::check_subnet_cidr(net, enable_dhcp, true)?;
+    }
 
     let (n, _) = ctx.visible_network(&network_id)?;
     if !ctx.admin() && !ctx.owns(&n.project_id) && !ctx.owns(&project_id) {
@@ -310,9 +494,31 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         if n.deleting {
             return Err(not_found::<Network>(&network_id));
         }
+        let mut cmp = vec![];
+        let mut ops = vec![];
+        let (net, pool_id) = match &source {
+            Source::Cidr(c) => (*c, None),
+            Source::Pool { pool, cidr, prefixlen } => {
+                let (net, c, o) = allocate_from_pool(ctx, pool, ip_version, &project_id, &id, *cidr, *prefixlen)?;
+                cmp.extend(c);
+                ops.extend(o);
+                (net, Some(pool.clone()))
+            }
+        };
+        let (gateway, pools) = layout(&net, &gateway, &pools)?;
+        ipv6_modes(v6, &ra, &addr_mode, &net)?;
+        ipam::check_subnet_cidr(&net, enable_dhcp, true)?;
         for (other, _) in ctx.all::<Subnet>() {
             if other.network_id != network_id {
                 continue;
+            }
+            // Neutron keeps one pool (or none) per IP version on a network.
+            if other.ip_version == ip_version && other.subnetpool_id != pool_id {
+                return Err(NeutronError::new(
+                    400,
+                    "NetworkSubnetPoolAffinityError",
+                    "Subnets hosted on the same network must be allocated from the same subnet pool.",
+                ));
             }
             let Ok(o) = other.cidr.parse::<IpNet>() else { continue };
             if o.contains(&net.network()) || net.contains(&o.network()) {
@@ -329,12 +535,13 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             ip_version,
             cidr: net.to_string(),
             gateway_ip: gateway.map(|g| g.to_string()),
-            allocation_pools: pools.clone(),
+            allocation_pools: pools,
             host_routes: routes.clone(),
             dns_nameservers: dns.clone(),
             enable_dhcp,
             ipv6_ra_mode: ra.clone(),
             ipv6_address_mode: addr_mode.clone(),
+            subnetpool_id: pool_id,
             deleting: false,
             std: StandardAttrs {
                 description: description.clone(),
@@ -345,14 +552,12 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         n.subnets.push(id.clone());
         n.std.bump(&ts);
         let nk = lookup::key::<Network>(&network_id);
-        Ok((
-            vec![Compare::ModRevision(nk.clone(), nrev), Compare::Absent(key(&id))],
-            vec![Op::put(key(&id), json_bytes(&s)), Op::put(nk, json_bytes(&n))],
-            s,
-        ))
+        cmp.extend([Compare::ModRevision(nk.clone(), nrev), Compare::Absent(key(&id))]);
+        ops.extend([Op::put(key(&id), json_bytes(&s)), Op::put(nk, json_bytes(&n))]);
+        Ok((cmp, ops, s))
     })
     .await?;
-    tracing::info!(subnet = %subnet.id, network = %subnet.network_id, cidr = %subnet.cidr, "subnet created");
+    tracing::info!(subnet = %subnet.id, network = %subnet.network_id, cidr = %subnet.cidr, subnetpool = ?subnet.subnetpool_id, "subnet created");
     Ok(subnet.to_api())
 }
 
@@ -495,6 +700,9 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     for attempt in 0..30 {
         let mut cmp = vec![Compare::ModRevision(key(id), mark_rev)];
         let mut ops = vec![Op::delete(key(id))];
+        if let Some(pool) = &s.subnetpool_id {
+            ops.push(Op::delete(keys::pool_alloc(pool, &s.cidr)));
+        }
         if auto {
             for (p, prev) in ctx.all::<Port>() {
                 if !p.fixed_ips.iter().any(|f| f.subnet_id == id) {

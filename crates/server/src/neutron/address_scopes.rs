@@ -1,0 +1,174 @@
+//! Address scopes (`address-scope`): subnet pools in one scope never overlap, and networks
+//! report the scopes of their subnets' pools.
+
+use super::common::{check_if_match, json_bytes, new_id, now, policy_denied, retry, Ctx, NResult, Stored};
+use super::lookup::{self, guard, visible_scope};
+use super::query::Prefilter;
+use super::resource::{BoxFut, Meta, Resource};
+use crate::cache::Typed;
+use isthmus_model::validate::Body;
+use isthmus_model::{keys, AddressScope, NeutronError, StandardAttrs, SubnetPool};
+use isthmus_store::{Compare, Op, Revision};
+use serde_json::Value;
+
+pub struct AddressScopes;
+
+static META: Meta = Meta {
+    collection: "address-scopes",
+    singular: "address_scope",
+    plural: "address_scopes",
+    store: AddressScope::COLLECTION,
+    not_found: AddressScope::NOT_FOUND,
+    bulk: true,
+    // Address scopes carry no standard-attribute tags in Neutron.
+    tags: false,
+    indexed: true,
+};
+
+impl Resource for AddressScopes {
+    fn meta(&self) -> &'static Meta {
+        &META
+    }
+    fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
+        Box::pin(async move {
+            Ok(ctx
+                .all::<AddressScope>()
+                .into_iter()
+                .filter(|(s, _)| ctx.admin() || ctx.owns(&s.project_id) || s.shared)
+                .filter(|(s, _)| pre.keeps_owned(&s.id, &s.name, &s.project_id))
+                .map(|(s, _)| s.to_api())
+                .collect())
+        })
+    }
+    fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
+        Ok(visible_scope(ctx, id)?.0.to_api())
+    }
+    fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
+        Box::pin(create(ctx, body))
+    }
+    fn update<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, body: Body, if_match: Option<u64>) -> BoxFut<'a, Value> {
+        Box::pin(update(ctx, id, body, if_match))
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
+        Box::pin(delete(ctx, id, if_match))
+    }
+}
+
+fn key(id: &str) -> String {
+    lookup::key::<AddressScope>(id)
+}
+
+async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
+    let project_id = ctx.target_project(&mut body)?;
+    let name = body.string("name")?.unwrap_or_default();
+    let ip_version = match body.integer("ip_version")? {
+        Some(4) => 4u8,
+        Some(6) => 6u8,
+        Some(v) => {
+            return Err(NeutronError::invalid_attr(
+                "ip_version",
+                format!("{v} is not in [4, 6]"),
+            ))
+        }
+        None => {
+            return Err(NeutronError::bad_request(
+                "Failed to parse request. Required attribute 'ip_version' not specified",
+            ))
+        }
+    };
+    let shared = body.boolean("shared")?.unwrap_or(false);
+    body.finish()?;
+    if shared && !ctx.admin() {
+        return Err(policy_denied("rule:create_address_scope:shared"));
+    }
+    let id = new_id();
+    let scope = AddressScope {
+        id: id.clone(),
+        project_id,
+        name,
+        ip_version,
+        shared,
+        std: StandardAttrs::new(&now()),
+    };
+    let scope = retry(ctx, |_| {
+        Ok((
+            vec![Compare::Absent(key(&id))],
+            vec![Op::put(key(&id), json_bytes(&scope))],
+            scope.clone(),
+        ))
+    })
+    .await?;
+    tracing::info!(address_scope = %scope.id, ip_version, "address scope created");
+    Ok(scope.to_api())
+}
+
+fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(AddressScope, Revision)> {
+    let (s, r) = visible_scope(ctx, id)?;
+    if !ctx.admin() && !ctx.owns(&s.project_id) {
+        return Err(NeutronError::forbidden(format!(
+            "Modifying address scope {id} is not allowed by policy"
+        )));
+    }
+    Ok((s, r))
+}
+
+async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
+    for ro in ["ip_version", "project_id", "tenant_id"] {
+        if body.contains(ro) {
+            return Err(NeutronError::bad_request(format!(
+                "Cannot update read-only attribute {ro}"
+            )));
+        }
+    }
+    let name = body.string("name")?;
+    let shared = body.boolean("shared")?;
+    body.finish()?;
+    if shared.is_some() && !ctx.admin() {
+        return Err(policy_denied("rule:update_address_scope:shared"));
+    }
+    let s = retry(ctx, |ctx| {
+        let (mut s, rev) = writable(ctx, id)?;
+        check_if_match(if_match, s.std.revision_number)?;
+        if let Some(v) = &name {
+            s.name = v.clone();
+        }
+        if let Some(v) = shared {
+            s.shared = v;
+        }
+        s.std.bump(&now());
+        Ok((
+            vec![Compare::ModRevision(key(id), rev)],
+            vec![Op::put(key(id), json_bytes(&s))],
+            s,
+        ))
+    })
+    .await?;
+    Ok(s.to_api())
+}
+
+async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
+    retry(ctx, |ctx| {
+        let (s, rev) = writable(ctx, id)?;
+        check_if_match(if_match, s.std.revision_number)?;
+        if ctx
+            .all::<SubnetPool>()
+            .iter()
+            .any(|(p, _)| p.address_scope_id.as_deref() == Some(id))
+        {
+            return Err(NeutronError::conflict(
+                "AddressScopeInUse",
+                format!("Unable to complete operation on address scope {id}. There are one or more subnet pools in use on the address scope."),
+            ));
+        }
+        // A pool joining the scope rewrites its guard, so it cannot slip in meanwhile.
+        let gk = keys::scope_guard(id);
+        Ok((
+            vec![Compare::ModRevision(key(id), rev), guard(ctx, &gk)],
+            vec![Op::delete(key(id)), Op::delete(gk)],
+            (),
+        ))
+    })
+    .await?;
+    tracing::info!(address_scope = %id, "address scope deleted");
+    Ok(())
+}
