@@ -33,3 +33,14 @@ pub fn flat_alloc(physical_network: &str) -> String {
 pub fn fip_assoc(port_id: &str, fixed_ip: &str) -> String {
     format!("{ROOT}fip_assoc/{port_id}/{fixed_ip}")
 }
+/// A project's quota limits that differ from the defaults (JSON object: resource → limit).
+pub fn quota(project_id: &str) -> String {
+    format!("{ROOT}quotas/{project_id}")
+}
+pub const QUOTA_PREFIX: &str = "/isthmus/v1/quotas/";
+/// Rewritten by every create of `resource` in a project under a finite limit, and by quota
+/// changes: its revision orders those writes, so two creates counted against the same usage
+/// cannot both commit.
+pub fn quota_guard(project_id: &str, resource: &str) -> String {
+    format!("{ROOT}quota_guard/{project_id}/{resource}")
+}

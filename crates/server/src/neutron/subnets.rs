@@ -1,11 +1,12 @@
 //! Subnets: CIDR, gateway, allocation pools, routes, DNS, IPv6 modes.
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, not_found, now, retry, retry_rev, tags_from, Ctx, NResult,
-    Stored,
+    check_if_match, count_owned, description_from, json_bytes, new_id, not_found, now, retry, retry_rev, tags_from,
+    Ctx, NResult, Stored,
 };
 use super::lookup::{self, is_auto_address, visible_subnet};
 use super::query::Prefilter;
+use super::quota;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use ipnet::IpNet;
@@ -28,6 +29,7 @@ static META: Meta = Meta {
     bulk: true,
     tags: true,
     indexed: true,
+    quota: Some("subnet"),
 };
 
 impl Resource for Subnets {
@@ -69,6 +71,9 @@ impl Resource for Subnets {
     }
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
         Box::pin(delete(ctx, id, if_match))
+    }
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
+        count_owned::<Subnet>(ctx, project)
     }
 }
 
@@ -306,6 +311,9 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let id = new_id();
     let ts = now();
     let subnet = retry(ctx, |ctx| {
+        let (qcmp, qops) = quota::check(ctx, "subnet", &project_id, 1, || {
+            count_owned::<Subnet>(ctx, &project_id)
+        })?;
         let (mut n, nrev) = ctx.visible_network(&network_id)?;
         if n.deleting {
             return Err(not_found::<Network>(&network_id));
@@ -345,11 +353,11 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         n.subnets.push(id.clone());
         n.std.bump(&ts);
         let nk = lookup::key::<Network>(&network_id);
-        Ok((
-            vec![Compare::ModRevision(nk.clone(), nrev), Compare::Absent(key(&id))],
-            vec![Op::put(key(&id), json_bytes(&s)), Op::put(nk, json_bytes(&n))],
-            s,
-        ))
+        let mut cmp = vec![Compare::ModRevision(nk.clone(), nrev), Compare::Absent(key(&id))];
+        let mut ops = vec![Op::put(key(&id), json_bytes(&s)), Op::put(nk, json_bytes(&n))];
+        cmp.extend(qcmp);
+        ops.extend(qops);
+        Ok((cmp, ops, s))
     })
     .await?;
     tracing::info!(subnet = %subnet.id, network = %subnet.network_id, cidr = %subnet.cidr, "subnet created");
