@@ -54,7 +54,7 @@ struct Bed {
 impl Bed {
     async fn new(token_ttl_secs: u64) -> Bed {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config {
+        let mut config = Config {
             identity_listen: "127.0.0.1:0".parse().unwrap(),
             network_listen: "127.0.0.1:0".parse().unwrap(),
             admin_password: Some(ADMIN_PASSWORD.into()),
@@ -62,6 +62,7 @@ impl Bed {
             token_ttl_secs,
             ..Config::default()
         };
+        config.unlimited_quotas();
         let store = isthmus_store::embedded::EmbeddedStore::open(&dir.path().join("store")).unwrap();
         let server = isthmus_server::start(config, store).await.unwrap();
         let net_url = format!("http://{}", server.network_addr);

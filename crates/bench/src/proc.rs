@@ -142,6 +142,9 @@ impl ServerProcess {
             .arg(self.network.to_string())
             .arg("--admin-password")
             .arg(opts.admin_password)
+            // Benchmarks make far more objects in one project than Neutron's default quotas.
+            .arg("--quota-default")
+            .arg("all=-1")
             .env("ISTHMUS_LOG", opts.log_filter)
             .env_remove("ISTHMUS_CONFIG")
             .stdin(Stdio::null())

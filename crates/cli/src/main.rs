@@ -220,6 +220,44 @@ struct ServerArgs {
     /// Token lifetime, seconds.
     #[arg(long, env = "ISTHMUS_TOKEN_TTL")]
     token_ttl: Option<u64>,
+    #[command(flatten)]
+    quotas: QuotaArgs,
+}
+
+/// Default quota limits other than Neutron's.
+#[derive(Args)]
+struct QuotaArgs {
+    /// Default quota limit of a resource for projects without their own, RESOURCE=LIMIT
+    /// (-1: unlimited; `all=-1` for every resource); repeatable. Neutron's defaults otherwise
+    /// (network 100, subnet 100, port 500, router 10, floatingip 50, security_group 10,
+    /// security_group_rule 100).
+    #[arg(long = "quota-default", env = "ISTHMUS_QUOTA_DEFAULTS", value_delimiter = ',', value_parser = parse_quota_default)]
+    quota_default: Vec<(String, i64)>,
+}
+
+fn parse_quota_default(s: &str) -> Result<(String, i64), String> {
+    let (r, l) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': expected RESOURCE=LIMIT, e.g. port=-1"))?;
+    let l: i64 = l
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}': the limit must be an integer (-1: unlimited)"))?;
+    Ok((r.trim().to_string(), l))
+}
+
+impl QuotaArgs {
+    fn apply(&self, config: &mut Config) {
+        for (r, l) in &self.quota_default {
+            if r == "all" {
+                for (name, _) in isthmus_server::config::NEUTRON_QUOTA_DEFAULTS {
+                    config.quota_defaults.insert((*name).to_string(), *l);
+                }
+            } else {
+                config.quota_defaults.insert(r.clone(), *l);
+            }
+        }
+    }
 }
 
 /// The URLs the catalog advertises. Required with a wildcard listen address (0.0.0.0, ::),
@@ -270,6 +308,8 @@ struct UpArgs {
     /// The agent's socket, for the CNI plugin and attach requests.
     #[arg(long, env = "ISTHMUS_SOCKET", default_value = "/run/isthmus/agent.sock")]
     socket: PathBuf,
+    #[command(flatten)]
+    quotas: QuotaArgs,
 }
 
 fn init_logging() {
@@ -336,6 +376,7 @@ async fn run_server(args: ServerArgs) -> Result<()> {
     }
     args.public.apply(&mut config);
     args.store.apply(&mut config);
+    args.quotas.apply(&mut config);
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -406,6 +447,10 @@ async fn run_up(args: UpArgs) -> Result<()> {
         ..Config::default()
     };
     args.public.apply(&mut config);
+    args.quotas.apply(&mut config);
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let store = open_store(&StoreArgs::embedded(args.data_dir.clone())).await?;
     let _compactor = isthmus_store::spawn_compactor(&store, config.compaction());
     let handle = isthmus_server::start(config, store).await?;

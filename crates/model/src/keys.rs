@@ -54,3 +54,14 @@ pub fn default_pool(ip_version: u8) -> String {
 pub fn scope_guard(scope_id: &str) -> String {
     format!("{ROOT}address_scope_guard/{scope_id}")
 }
+/// A project's quota limits that differ from the defaults (JSON object: resource → limit).
+pub fn quota(project_id: &str) -> String {
+    format!("{ROOT}quotas/{project_id}")
+}
+pub const QUOTA_PREFIX: &str = "/isthmus/v1/quotas/";
+/// Rewritten by every create of `resource` in a project under a finite limit, and by quota
+/// changes: its revision orders those writes, so two creates counted against the same usage
+/// cannot both commit.
+pub fn quota_guard(project_id: &str, resource: &str) -> String {
+    format!("{ROOT}quota_guard/{project_id}/{resource}")
+}

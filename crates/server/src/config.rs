@@ -42,7 +42,7 @@ pub struct Config {
     pub max_allowed_address_pair: usize,
     /// Most tags on one resource.
     pub max_tags_per_resource: usize,
-    /// Longest tag, in characters.
+    /// Longest tag, in characters (Neutron: 255).
     pub max_tag_length: usize,
     /// A client must send a request's headers within this many seconds (of connecting, or of
     /// the request's first byte on a kept-alive connection).
@@ -62,7 +62,23 @@ pub struct Config {
     pub store_compact_window: i64,
     /// How often the compactor looks, seconds.
     pub store_compact_interval_secs: u64,
+    /// Default quota limits that differ from Neutron's (resource → limit, -1 unlimited), e.g.
+    /// `port = -1`. Projects without their own limits get these.
+    pub quota_defaults: std::collections::BTreeMap<String, i64>,
 }
+
+/// Neutron's default quota limits (`neutron.conf [QUOTAS]`); -1 is unlimited.
+pub const NEUTRON_QUOTA_DEFAULTS: &[(&str, i64)] = &[
+    ("network", 100),
+    ("subnet", 100),
+    ("port", 500),
+    ("router", 10),
+    ("floatingip", 50),
+    ("security_group", 10),
+    ("security_group_rule", 100),
+    ("subnetpool", -1),
+    ("rbac_policy", 10),
+];
 
 impl Default for Config {
     fn default() -> Self {
@@ -85,7 +101,7 @@ impl Default for Config {
             max_fixed_ips_per_port: 5,
             max_allowed_address_pair: 10,
             max_tags_per_resource: 50,
-            max_tag_length: 60,
+            max_tag_length: 255,
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 30,
             idle_timeout_secs: 60,
@@ -93,6 +109,7 @@ impl Default for Config {
             allow_loopback_underlay: false,
             store_compact_window: 10_000,
             store_compact_interval_secs: 60,
+            quota_defaults: Default::default(),
         }
     }
 }
@@ -127,11 +144,31 @@ impl std::fmt::Debug for Config {
             .field("allow_loopback_underlay", &self.allow_loopback_underlay)
             .field("store_compact_window", &self.store_compact_window)
             .field("store_compact_interval_secs", &self.store_compact_interval_secs)
+            .field("quota_defaults", &self.quota_defaults)
             .finish()
     }
 }
 
 impl Config {
+    /// The default limit of quota resource `resource`: configured, else Neutron's, else
+    /// unlimited.
+    pub fn quota_default(&self, resource: &str) -> i64 {
+        self.quota_defaults.get(resource).copied().unwrap_or_else(|| {
+            NEUTRON_QUOTA_DEFAULTS
+                .iter()
+                .find(|(r, _)| *r == resource)
+                .map_or(-1, |(_, l)| *l)
+        })
+    }
+
+    /// Sets every default quota limit to unlimited: for tests and benchmarks that make more
+    /// objects in one project than Neutron's defaults allow.
+    pub fn unlimited_quotas(&mut self) {
+        for (r, _) in NEUTRON_QUOTA_DEFAULTS {
+            self.quota_defaults.insert((*r).to_string(), -1);
+        }
+    }
+
     /// The compactor's settings.
     pub fn compaction(&self) -> isthmus_store::CompactionPolicy {
         isthmus_store::CompactionPolicy {
@@ -153,6 +190,13 @@ impl Config {
                 "underlay_mtu {} is out of range (626..=65535)",
                 self.underlay_mtu
             ));
+        }
+        for (r, l) in &self.quota_defaults {
+            if *l < -1 || *l > i64::from(i32::MAX) {
+                return Err(format!(
+                    "quota_defaults.{r} = {l}: a limit is -1 (unlimited) or 0..=2147483647"
+                ));
+            }
         }
         if self.token_ttl_secs == 0 {
             return Err("token_ttl_secs must be positive".into());
@@ -246,6 +290,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn quota_defaults_are_neutrons_unless_configured() {
+        let mut c = Config::default();
+        assert_eq!((c.quota_default("network"), c.quota_default("port")), (100, 500));
+        assert_eq!(c.quota_default("no-such-thing"), -1);
+        c.quota_defaults.insert("port".into(), 7);
+        assert_eq!(c.quota_default("port"), 7);
+        c.unlimited_quotas();
+        assert_eq!((c.quota_default("network"), c.quota_default("port")), (-1, -1));
+    }
+
+    #[test]
     fn defaults_are_valid_and_nonsense_is_refused() {
         assert!(Config::default().validate().is_ok());
         let bad = [
@@ -264,6 +319,10 @@ mod tests {
             },
             Config {
                 token_ttl_secs: 0,
+                ..Config::default()
+            },
+            Config {
+                quota_defaults: [("port".to_string(), -2)].into(),
                 ..Config::default()
             },
         ];

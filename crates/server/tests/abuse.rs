@@ -134,7 +134,8 @@ async fn anonymous_bodies_are_refused_before_they_are_read() {
 /// request runs to its end (all of it is created, or none), as Neutron's does.
 #[tokio::test]
 async fn a_vanished_client_does_not_cut_a_bulk_create_in_half() {
-    let s = TestServer::start(Backend::Embedded).await;
+    // 150 networks: more than Neutron's default network quota.
+    let s = TestServer::start_with(Backend::Embedded, |c| c.unlimited_quotas()).await;
     let m = s.member("bulk").await;
     let items: Vec<Value> = (0..150).map(|i| json!({"name": format!("n{i}")})).collect();
     let body = json!({ "networks": items }).to_string();

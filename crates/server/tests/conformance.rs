@@ -424,6 +424,15 @@ async fn rule(api: &support::Api, sg: &str, ethertype: &str, protocol: Value) ->
 async fn ipv6_rule_protocols_follow_neutron() {
     let s = server().await;
     let m = s.member("v6proto").await;
+    // A group per spelling: more than Neutron's default of ten groups.
+    let (st, b) = s
+        .admin
+        .put(
+            &format!("/v2.0/quotas/{}", m.project_id),
+            json!({"quota": {"security_group": -1}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{b}");
     let mut created = 0;
     // Each spelling Neutron takes for ICMPv6 on an IPv6 rule, and what it stores.
     for (given, stored) in [

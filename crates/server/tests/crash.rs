@@ -57,6 +57,8 @@ impl ServerProcess {
             .args(["--identity-listen", &format!("127.0.0.1:{id_port}")])
             .args(["--network-listen", &format!("127.0.0.1:{net_port}")])
             .args(["--admin-password", ADMIN_PASSWORD])
+            // Clients create ports until the crash, more than Neutron's default quota.
+            .args(["--quota-default", "all=-1"])
             .env("ISTHMUS_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log file"))

@@ -21,10 +21,11 @@ async fn count_named(api: &Api, path: &str, plural: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_one_etcd_2000_concurrent_ports() {
-    let a = TestServer::start(Backend::Etcd).await;
+    // 2000 ports in one project: more than Neutron's default port quota.
+    let a = TestServer::start_with(Backend::Etcd, |c| c.unlimited_quotas()).await;
     let etcd = a.etcd().expect("etcd backend");
     // The second server bootstraps against an already bootstrapped store.
-    let b = TestServer::start_on_etcd(etcd, |_| {}).await;
+    let b = TestServer::start_on_etcd(etcd, |c| c.unlimited_quotas()).await;
 
     // Bootstrap was idempotent: one admin, one admin project, one of each built-in role, and
     // tokens from either server work on both.

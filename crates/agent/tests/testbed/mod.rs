@@ -489,6 +489,9 @@ impl Testbed {
                 &format!("{ip}:{net_port}"),
                 "--admin-password",
                 ADMIN_PASSWORD,
+                // Test beds make more objects in one project than Neutron's default quotas.
+                "--quota-default",
+                "all=-1",
             ]
             .iter()
             .map(|s| s.to_string())
@@ -502,7 +505,7 @@ impl Testbed {
             )
         } else {
             let listen: std::net::SocketAddr = format!("{}:0", underlay.server_ip()).parse().unwrap();
-            let config = Config {
+            let mut config = Config {
                 identity_listen: listen,
                 network_listen: listen,
                 admin_password: Some(ADMIN_PASSWORD.into()),
@@ -514,6 +517,7 @@ impl Testbed {
                 },
                 ..Config::default()
             };
+            config.unlimited_quotas();
             let store = isthmus_store::embedded::EmbeddedStore::open(&dir.path().join("store")).expect("store");
             let h = InProcess::start(config, store).await;
             let urls = (

@@ -23,11 +23,16 @@ static META: Meta = Meta {
     // Address scopes carry no standard-attribute tags in Neutron.
     tags: false,
     indexed: true,
+    quota: None,
 };
 
 impl Resource for AddressScopes {
     fn meta(&self) -> &'static Meta {
         &META
+    }
+    /// Neutron has no quota for address scopes.
+    fn used(&self, _ctx: &Ctx<'_>, _project: &str) -> usize {
+        0
     }
     fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
         Box::pin(async move {

@@ -50,6 +50,36 @@ impl Stored for AddressScope {
     const NOT_FOUND: (&'static str, &'static str) = ("AddressScope", "Address scope");
 }
 
+/// A stored object that belongs to a project (what quotas count).
+pub trait Owned: Stored {
+    fn project(&self) -> &str;
+}
+
+macro_rules! owned {
+    ($($t:ty),*) => {$(
+        impl Owned for $t {
+            fn project(&self) -> &str {
+                &self.project_id
+            }
+        }
+    )*};
+}
+owned!(
+    Network,
+    Subnet,
+    Port,
+    Router,
+    FloatingIp,
+    SecurityGroup,
+    SecurityGroupRule,
+    SubnetPool
+);
+
+/// How many objects of type `T` project `project` owns.
+pub fn count_owned<T: Owned>(ctx: &Ctx<'_>, project: &str) -> usize {
+    ctx.all::<T>().iter().filter(|(o, _)| o.project() == project).count()
+}
+
 /// Neutron's `<Type>NotFound` for object `id` of type `T`.
 pub fn not_found<T: Stored>(id: &str) -> NeutronError {
     NeutronError::not_found(T::NOT_FOUND.0, T::NOT_FOUND.1, id)

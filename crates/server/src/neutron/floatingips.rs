@@ -4,12 +4,13 @@
 //! reaches. Association is unique per (port, fixed address) through an index key.
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, not_found, now, policy_denied, retry, tags_from, Ctx,
-    NResult, Stored,
+    check_if_match, count_owned, description_from, json_bytes, new_id, not_found, now, policy_denied, retry, tags_from,
+    Ctx, NResult, Stored,
 };
 use super::lookup::{self, external_network, visible_port, FLOATINGIP_OWNER, INTERFACE_OWNER};
 use super::portops::{self, FixedReq, Reservation, ServicePort};
 use super::query::Prefilter;
+use super::quota;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use isthmus_model::validate::Body;
@@ -30,6 +31,7 @@ static META: Meta = Meta {
     bulk: false,
     tags: true,
     indexed: false,
+    quota: Some("floatingip"),
 };
 
 impl Resource for FloatingIps {
@@ -63,6 +65,9 @@ impl Resource for FloatingIps {
     }
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
         Box::pin(delete(ctx, id, if_match))
+    }
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
+        count_owned::<FloatingIp>(ctx, project)
     }
 }
 
@@ -322,6 +327,9 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         res: Reservation::new(inflight),
     };
     let fip = retry(ctx, |ctx| {
+        let (qcmp, qops) = quota::check(ctx, "floatingip", &project_id, 1, || {
+            count_owned::<FloatingIp>(ctx, &project_id)
+        })?;
         let mut planned = None;
         let mut last_err = None;
         for a in &attempts {
@@ -364,6 +372,8 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         associate(&mut f, checked.as_ref(), &mut cmp, &mut ops);
         cmp.push(Compare::Absent(key(&id)));
         ops.push(Op::put(key(&id), json_bytes(&f)));
+        cmp.extend(qcmp);
+        ops.extend(qops);
         Ok((cmp, ops, f))
     })
     .await?;

@@ -5,14 +5,14 @@
 //! leaves as Neutron's `NeutronError` body.
 //!
 //! Module layers (each imports only from layers below it):
-//! - handlers: this module, `tags`, `nodeports`, `nodeview`, `agents`, `router_interfaces`
+//! - handlers: this module, `tags`, `quotas`, `nodeports`, `nodeview`, `agents`, `router_interfaces`
 //!   (and `routers::change_routes` for `add_extraroutes` / `remove_extraroutes`,
 //!   `subnetpools::change_prefixes` for `add_prefixes` / `remove_prefixes`);
 //! - `registry`: the list of resources;
 //! - resources: `networks`, `subnets`, `subnetpools`, `address_scopes`, `ports`, `routers`, `floatingips`, `security_groups`, each
 //!   implementing `resource::Resource`;
 //! - shared operations: `resource` (the trait and the generic request handling), `portops`,
-//!   `default_sg`, `lookup`;
+//!   `default_sg`, `lookup`, `quota` (limits and their check on create);
 //! - `common`, `query`, `http`.
 
 mod address_scopes;
@@ -31,6 +31,8 @@ pub mod nodeview;
 mod portops;
 mod ports;
 pub mod query;
+mod quota;
+mod quotas;
 mod registry;
 mod resource;
 mod router_interfaces;
@@ -104,6 +106,11 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Enables configuration of Distributed Virtual Routers.",
     ),
     (
+        "empty-string-filtering",
+        "Empty String Filtering Extension",
+        "Allow filtering by attributes with empty string value",
+    ),
+    (
         "external-net",
         "Neutron external network",
         "Adds external network attribute to network resource.",
@@ -157,6 +164,11 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "pagination",
         "Pagination support",
         "Extension that indicates that pagination is enabled.",
+    ),
+    (
+        "port-mac-address-regenerate",
+        "Neutron Port MAC address regenerate",
+        "Network port MAC address regenerate",
     ),
     ("port-security", "Port Security", "Provides port security"),
     (
@@ -215,7 +227,38 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Stateful security group",
         "Indicates if the security group is stateful or not",
     ),
+    (
+        "quotas",
+        "Quota management support",
+        "Expose functions for quotas management per project",
+    ),
+    (
+        "quota_details",
+        "Quota details management support",
+        "Expose functions for quotas usage statistics per project",
+    ),
     ("tag", "Tag support", "Enables to set tag on resources."),
+    (
+        "standard-attr-tag",
+        "Tag support for resources with standard attribute",
+        "Enables to set tag on resources with standard attribute.",
+    ),
+    // The alias Neutron used before Stein for the same thing; older clients look for it.
+    (
+        "tag-ext",
+        "Tag support for resources: subnet, subnetpool, port, router",
+        "Extends tag support to more L2 and L3 resources.",
+    ),
+    (
+        "tag-creation",
+        "Tag creation extension",
+        "Allow to create multiple tags for a resource",
+    ),
+    (
+        "tag-ports-during-bulk-creation",
+        "Tag Ports During Bulk Creation",
+        "Allow to tag ports during bulk creation",
+    ),
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -240,6 +283,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v2.0/network-ip-availabilities", get(ipavail::list))
         .route("/v2.0/network-ip-availabilities/{id}", get(ipavail::show))
+        .route("/v2.0/quotas", get(quotas::collection).post(quotas::collection))
+        .route(
+            "/v2.0/quotas/{id}",
+            get(quotas::member).put(quotas::member).delete(quotas::member),
+        )
+        .route("/v2.0/quotas/{id}/{action}", get(quotas::action))
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))
@@ -250,7 +299,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2.0/routers/{id}/remove_extraroutes", put(extraroutes))
         .route(
             "/v2.0/{collection}/{id}/tags",
-            get(tags::all_tags).put(tags::all_tags).delete(tags::all_tags),
+            get(tags::all_tags)
+                .put(tags::all_tags)
+                .post(tags::all_tags)
+                .delete(tags::all_tags),
         )
         .route(
             "/v2.0/{collection}/{id}/tags/{tag}",

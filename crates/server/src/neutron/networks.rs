@@ -1,11 +1,12 @@
 //! Networks, with their segmentation ids (VXLAN VNIs).
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, now, policy_denied, retry, retry_rev, tags_from, Ctx,
-    NResult, Stored,
+    check_if_match, count_owned, description_from, json_bytes, new_id, now, policy_denied, retry, retry_rev, tags_from,
+    Ctx, NResult, Stored,
 };
 use super::lookup;
 use super::query::Prefilter;
+use super::quota;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use isthmus_model::validate::Body;
@@ -24,6 +25,7 @@ static META: Meta = Meta {
     bulk: true,
     tags: true,
     indexed: true,
+    quota: Some("network"),
 };
 
 impl Resource for Networks {
@@ -53,6 +55,9 @@ impl Resource for Networks {
     }
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
         Box::pin(delete(ctx, id, if_match))
+    }
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
+        count_owned::<Network>(ctx, project)
     }
 }
 
@@ -225,6 +230,9 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let ts = now();
     let mut tried: Vec<u32> = vec![];
     let net = retry(ctx, |ctx| {
+        let (qcmp, qops) = quota::check(ctx, "network", &project_id, 1, || {
+            count_owned::<Network>(ctx, &project_id)
+        })?;
         let vni = match requested_vni {
             Some(v) => {
                 if ctx.state.cache.contains(&keys::vni_alloc(v)) {
@@ -277,6 +285,8 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             cmp.push(Compare::Absent(k.clone()));
             ops.push(Op::put(k, id.clone()));
         }
+        cmp.extend(qcmp);
+        ops.extend(qops);
         Ok((cmp, ops, net))
     })
     .await?;

@@ -2,10 +2,12 @@
 //! address pairs. Used by the port resource, router interfaces and the node API.
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, not_found, now, policy_denied, retry, tags_from, Ctx, NResult,
+    check_if_match, count_owned, description_from, json_bytes, new_id, not_found, now, policy_denied, retry, tags_from,
+    Ctx, NResult,
 };
 use super::default_sg::ensure_default;
 use super::lookup::{self, default_group_id, is_auto_address, visible_port};
+use super::quota;
 use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::{is_uuid, Body};
@@ -182,6 +184,8 @@ struct PortFields {
     description: Option<String>,
     admin_state_up: Option<bool>,
     mac: Option<String>,
+    /// `mac_address: null`: a fresh MAC wanted.
+    regen_mac: bool,
     fixed_ips: Option<Vec<FixedReq>>,
     device_id: Option<String>,
     device_owner: Option<String>,
@@ -329,11 +333,15 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
         admin_state_up: body.boolean("admin_state_up")?,
         ..Default::default()
     };
-    if let Some(m) = body.string("mac_address")? {
-        f.mac =
-            Some(ipam::normalize_mac(&m).ok_or_else(|| {
+    match body.opt_string("mac_address")? {
+        // `port-mac-address-regenerate`: null asks for a fresh MAC (on create: as if absent).
+        Some(None) => f.regen_mac = true,
+        Some(Some(m)) => {
+            f.mac = Some(ipam::normalize_mac(&m).ok_or_else(|| {
                 NeutronError::invalid_attr("mac_address", format!("'{m}' is not a valid MAC address"))
-            })?);
+            })?)
+        }
+        None => {}
     }
     let limits = &ctx.state.config;
     if let Some(items) = body.object_list("fixed_ips")? {
@@ -825,6 +833,13 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
     let mut res = Reservation::new(&ctx.state.neutron.inflight);
     let port = retry(ctx, |ctx| {
         res.release();
+        // Ports the server makes for an operation (router interfaces) count, unchecked, as in
+        // Neutron, where quotas are checked at the API.
+        let (qcmp, qops) = if checked {
+            quota::check(ctx, "port", &project_id, 1, || count_owned::<Port>(ctx, &project_id))?
+        } else {
+            (vec![], vec![])
+        };
         let (net, nrev) = ctx.visible_network(&network_id)?;
         if net.deleting {
             return Err(not_found::<Network>(&network_id));
@@ -911,6 +926,8 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
             cmp.push(Compare::Absent(k.clone()));
             ops.push(Op::put(k, id.clone()));
         }
+        cmp.extend(qcmp);
+        ops.extend(qops);
         Ok((cmp, ops, port))
     })
     .await?;
@@ -959,7 +976,8 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
             .unwrap_or_default();
         check_attributes(ctx, "update_port", &net_project, &f)?;
     }
-    if f.mac.is_some() && !ctx.admin() && f.mac.as_deref() != Some(current.mac_address.as_str()) {
+    let mac_change = f.regen_mac || f.mac.as_deref().is_some_and(|m| m != current.mac_address);
+    if mac_change && !ctx.admin() {
         return Err(policy_denied("(rule:update_port and rule:update_port:mac_address)"));
     }
     let mut res = Reservation::new(&ctx.state.neutron.inflight);
@@ -977,7 +995,33 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
         }
         let mut cmp = vec![Compare::ModRevision(key(id), rev)];
         let mut ops = vec![];
-        if let Some(m) = &f.mac {
+        if f.regen_mac || f.mac.as_deref().is_some_and(|m| m != p.mac_address) {
+            // As ML2: a bound port's MAC is in use by its host; it changes only unbound.
+            if !matches!(p.binding_vif_type.as_str(), "" | "unbound" | "binding_failed") {
+                return Err(NeutronError::conflict(
+                    "PortBound",
+                    format!(
+                        "Unable to complete operation on port {id}, port is already bound, port type: {}, old_mac {}, new_mac {}.",
+                        p.binding_vif_type,
+                        p.mac_address,
+                        f.mac.as_deref().unwrap_or("None")
+                    ),
+                ));
+            }
+        }
+        let new_mac = match &f.mac {
+            Some(m) => Some(m.clone()),
+            None if f.regen_mac => {
+                let mut rng = rand::thread_rng();
+                let mut m = ipam::random_mac(&mut rng);
+                while ctx.state.cache.contains(&keys::mac_alloc(&p.network_id, &m)) || m == p.mac_address {
+                    m = ipam::random_mac(&mut rng);
+                }
+                Some(m)
+            }
+            None => None,
+        };
+        if let Some(m) = &new_mac {
             if *m != p.mac_address {
                 let mk = keys::mac_alloc(&p.network_id, m);
                 if ctx.state.cache.contains(&mk) {

@@ -1,6 +1,6 @@
 //! The port resource: the Neutron API's view of the port operations in `portops`.
 
-use super::common::{Ctx, NResult, Stored};
+use super::common::{count_owned, Ctx, NResult, Stored};
 use super::lookup::visible_port;
 use super::portops;
 use super::query::Prefilter;
@@ -22,6 +22,7 @@ static META: Meta = Meta {
     bulk: true,
     tags: true,
     indexed: true,
+    quota: Some("port"),
 };
 
 impl Resource for Ports {
@@ -62,5 +63,8 @@ impl Resource for Ports {
     }
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
         Box::pin(portops::delete(ctx, id, if_match))
+    }
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
+        count_owned::<Port>(ctx, project)
     }
 }

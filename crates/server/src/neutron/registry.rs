@@ -84,5 +84,19 @@ mod tests {
             .map(|m| m.collection)
             .collect();
         assert_eq!(no_bulk, ["routers", "floatingips"]);
+        let quotas: Vec<&str> = all().iter().filter_map(|r| r.meta().quota).collect();
+        assert_eq!(
+            quotas,
+            [
+                "network",
+                "subnet",
+                "subnetpool",
+                "port",
+                "router",
+                "floatingip",
+                "security_group",
+                "security_group_rule"
+            ]
+        );
     }
 }

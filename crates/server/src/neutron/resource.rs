@@ -33,6 +33,8 @@ pub struct Meta {
     pub tags: bool,
     /// Whether `GET /v2.0` lists it (only resources whose extension is advertised).
     pub indexed: bool,
+    /// Its quota resource name (`network`), if creates count against a quota.
+    pub quota: Option<&'static str>,
 }
 
 impl Meta {
@@ -55,6 +57,8 @@ pub trait Resource: Send + Sync {
     fn update<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, body: Body, if_match: Option<u64>) -> BoxFut<'a, Value>;
     /// Deletes a visible object.
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()>;
+    /// How many objects `project` owns (its quota usage).
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize;
 }
 
 /// Every object of `r` the caller may see, rendered; nothing without read rights.

@@ -3,13 +3,15 @@
 //! Interfaces are in `router_interfaces`.
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, now, policy_denied, retry, tags_from, Ctx, NResult, Stored,
+    check_if_match, count_owned, description_from, json_bytes, new_id, now, policy_denied, retry, tags_from, Ctx,
+    NResult, Stored,
 };
 use super::lookup::{
     self, external_network, fips_of_router, router_interfaces, visible_router as visible, GATEWAY_OWNER,
 };
 use super::portops::{self, parse_fixed_ips, FixedReq, InFlight, Reservation, ServicePort};
 use super::query::Prefilter;
+use super::quota;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use ipnet::IpNet;
@@ -31,6 +33,7 @@ static META: Meta = Meta {
     bulk: false,
     tags: true,
     indexed: false,
+    quota: Some("router"),
 };
 
 impl Resource for Routers {
@@ -59,6 +62,9 @@ impl Resource for Routers {
     }
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
         Box::pin(delete(ctx, id, if_match))
+    }
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
+        count_owned::<Router>(ctx, project)
     }
 }
 
@@ -340,6 +346,9 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let mut port = None;
     let inflight = &ctx.state.neutron.inflight;
     let r = retry(ctx, |ctx| {
+        let (qcmp, qops) = quota::check(ctx, "router", &project_id, 1, || {
+            count_owned::<Router>(ctx, &project_id)
+        })?;
         let mut r = Router {
             id: id.clone(),
             project_id: project_id.clone(),
@@ -360,6 +369,8 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         };
         cmp.push(Compare::Absent(key(&r.id)));
         ops.push(Op::put(key(&r.id), json_bytes(&r)));
+        cmp.extend(qcmp);
+        ops.extend(qops);
         Ok((cmp, ops, r))
     })
     .await?;

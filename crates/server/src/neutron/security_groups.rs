@@ -1,11 +1,13 @@
 //! Security groups and rules (API only; the datapath enforces them in a later stage).
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, not_found, now, retry, tags_from, Ctx, NResult, Stored,
+    check_if_match, count_owned, description_from, json_bytes, new_id, not_found, now, retry, tags_from, Ctx, NResult,
+    Stored,
 };
 use super::default_sg::{egress_rules, ensure_default};
 use super::lookup::{self, default_group_id, default_sg_key, group, rules_of, visible_group};
 use super::query::Prefilter;
+use super::quota;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use ipnet::IpNet;
@@ -80,6 +82,7 @@ static GROUP_META: Meta = Meta {
     bulk: true,
     tags: true,
     indexed: true,
+    quota: Some("security_group"),
 };
 
 impl Resource for SecurityGroups {
@@ -123,6 +126,9 @@ impl Resource for SecurityGroups {
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
         Box::pin(delete_group(ctx, id, if_match))
     }
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
+        count_owned::<SecurityGroup>(ctx, project)
+    }
 }
 
 pub struct SecurityGroupRules;
@@ -137,6 +143,7 @@ static RULE_META: Meta = Meta {
     // Rules have no tags in Neutron's API.
     tags: false,
     indexed: true,
+    quota: Some("security_group_rule"),
 };
 
 impl Resource for SecurityGroupRules {
@@ -178,6 +185,9 @@ impl Resource for SecurityGroupRules {
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, _if_match: Option<u64>) -> BoxFut<'a, ()> {
         Box::pin(delete_rule(ctx, id))
     }
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
+        count_owned::<SecurityGroupRule>(ctx, project)
+    }
 }
 
 fn visible_rule(ctx: &Ctx<'_>, id: &str) -> NResult<(SecurityGroupRule, Revision)> {
@@ -214,13 +224,19 @@ async fn create_group(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         },
     };
     let rules = egress_rules(&project_id, &id, &ts);
-    let mut ops = vec![Op::put(group_key(&id), json_bytes(&g))];
-    for r in &rules {
-        ops.push(Op::put(rule_key(&r.id), json_bytes(r)));
-    }
-    if ctx.commit(vec![Compare::Absent(group_key(&id))], ops).await?.is_none() {
-        return Err(NeutronError::internal("security group id collision"));
-    }
+    retry(ctx, |ctx| {
+        // As in Neutron, the group's own egress rules are not checked against the rule quota.
+        let (mut cmp, mut ops) = quota::check(ctx, "security_group", &project_id, 1, || {
+            count_owned::<SecurityGroup>(ctx, &project_id)
+        })?;
+        cmp.push(Compare::Absent(group_key(&id)));
+        ops.push(Op::put(group_key(&id), json_bytes(&g)));
+        for r in &rules {
+            ops.push(Op::put(rule_key(&r.id), json_bytes(r)));
+        }
+        Ok((cmp, ops, ()))
+    })
+    .await?;
     Ok(g.to_api(rules.iter().map(|r| r.to_api()).collect()))
 }
 
@@ -558,6 +574,9 @@ async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     };
     // Duplicate detection is serialized through the group's revision.
     retry(ctx, |ctx| {
+        let (qcmp, qops) = quota::check(ctx, "security_group_rule", &rule.project_id, 1, || {
+            count_owned::<SecurityGroupRule>(ctx, &rule.project_id)
+        })?;
         let (mut g, grev) = visible_group(ctx, &sg_id)?;
         if let Some((dup, _)) = ctx
             .all::<SecurityGroupRule>()
@@ -570,17 +589,17 @@ async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             ));
         }
         g.std.bump(&ts);
-        Ok((
-            vec![
-                Compare::ModRevision(group_key(&sg_id), grev),
-                Compare::Absent(rule_key(&rule.id)),
-            ],
-            vec![
-                Op::put(rule_key(&rule.id), json_bytes(&rule)),
-                Op::put(group_key(&sg_id), json_bytes(&g)),
-            ],
-            (),
-        ))
+        let mut cmp = vec![
+            Compare::ModRevision(group_key(&sg_id), grev),
+            Compare::Absent(rule_key(&rule.id)),
+        ];
+        let mut ops = vec![
+            Op::put(rule_key(&rule.id), json_bytes(&rule)),
+            Op::put(group_key(&sg_id), json_bytes(&g)),
+        ];
+        cmp.extend(qcmp);
+        ops.extend(qops);
+        Ok((cmp, ops, ()))
     })
     .await?;
     Ok(rule.to_api())

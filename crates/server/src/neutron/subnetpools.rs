@@ -27,11 +27,15 @@ static META: Meta = Meta {
     bulk: true,
     tags: true,
     indexed: true,
+    quota: Some("subnetpool"),
 };
 
 impl Resource for SubnetPools {
     fn meta(&self) -> &'static Meta {
         &META
+    }
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
+        super::common::count_owned::<SubnetPool>(ctx, project)
     }
     fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
         Box::pin(async move {
@@ -203,8 +207,13 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         },
     };
     let pool = retry(ctx, |ctx| {
+        let (qcmp, qops) = super::quota::check(ctx, "subnetpool", &pool.project_id, 1, || {
+            super::common::count_owned::<SubnetPool>(ctx, &pool.project_id)
+        })?;
         let mut cmp = vec![Compare::Absent(key(&id))];
         let mut ops = vec![Op::put(key(&id), json_bytes(&pool))];
+        cmp.extend(qcmp);
+        ops.extend(qops);
         if let Some(s) = &scope {
             let (c, o) = join_scope(ctx, s, &id, ip_version, &nets)?;
             cmp.extend(c);

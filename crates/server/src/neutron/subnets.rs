@@ -1,11 +1,12 @@
 //! Subnets: CIDR, gateway, allocation pools, routes, DNS, IPv6 modes.
 
 use super::common::{
-    check_if_match, description_from, json_bytes, new_id, not_found, now, retry, retry_rev, tags_from, Ctx, NResult,
-    Stored,
+    check_if_match, count_owned, description_from, json_bytes, new_id, not_found, now, retry, retry_rev, tags_from,
+    Ctx, NResult, Stored,
 };
 use super::lookup::{self, is_auto_address, visible_subnet};
 use super::query::Prefilter;
+use super::quota;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use ipnet::IpNet;
@@ -31,6 +32,7 @@ static META: Meta = Meta {
     bulk: true,
     tags: true,
     indexed: true,
+    quota: Some("subnet"),
 };
 
 impl Resource for Subnets {
@@ -72,6 +74,9 @@ impl Resource for Subnets {
     }
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
         Box::pin(delete(ctx, id, if_match))
+    }
+    fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
+        count_owned::<Subnet>(ctx, project)
     }
 }
 
@@ -490,6 +495,9 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     let id = new_id();
     let ts = now();
     let subnet = retry(ctx, |ctx| {
+        let (qcmp, qops) = quota::check(ctx, "subnet", &project_id, 1, || {
+            count_owned::<Subnet>(ctx, &project_id)
+        })?;
         let (mut n, nrev) = ctx.visible_network(&network_id)?;
         if n.deleting {
             return Err(not_found::<Network>(&network_id));
@@ -554,6 +562,8 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         let nk = lookup::key::<Network>(&network_id);
         cmp.extend([Compare::ModRevision(nk.clone(), nrev), Compare::Absent(key(&id))]);
         ops.extend([Op::put(key(&id), json_bytes(&s)), Op::put(nk, json_bytes(&n))]);
+        cmp.extend(qcmp);
+        ops.extend(qops);
         Ok((cmp, ops, s))
     })
     .await?;

@@ -1,4 +1,5 @@
-//! The tags sub-API: `/v2.0/<collection>/<id>/tags[/<tag>]`.
+//! The tags sub-API: `/v2.0/<collection>/<id>/tags[/<tag>]`, on every resource the registry
+//! marks taggable. Policy rules are Neutron's `<action>_<singular>:tags`.
 
 use super::common::{json_bytes, now, retry, Ctx, NResult};
 use super::http::{authenticate, parse_body, ApiResult};
@@ -39,7 +40,7 @@ fn current_tags(ctx: &Ctx<'_>, res: &dyn Resource, id: &str) -> NResult<Vec<Stri
 }
 
 /// Rewrites the stored resource's tags with `f`, bumping its revision. `action` names
-/// Neutron's policy rule (`update` gives `update_networks_tags`).
+/// Neutron's policy rule (`update` gives `update_network:tags`).
 async fn modify(
     ctx: &Ctx<'_>,
     res: &dyn Resource,
@@ -51,7 +52,7 @@ async fn modify(
     let key = keys::resource(meta.store, id);
     retry(ctx, |ctx| {
         let view = show(ctx, res, id)?;
-        ctx.require_member(&format!("{action}_{}_tags", meta.plural))?;
+        ctx.require_member(&format!("{action}_{}:tags", meta.singular))?;
         let owner = view.get("project_id").and_then(|p| p.as_str()).unwrap_or_default();
         if !ctx.admin() && !ctx.owns(owner) {
             return Err(NeutronError::forbidden(
@@ -82,6 +83,39 @@ async fn modify(
     .await
 }
 
+/// The `{"tags": [...]}` body of a bulk tag request: valid tags, no duplicates (Neutron's
+/// `list_of_unique_strings`).
+fn body_tags(state: &AppState, body: Value) -> NResult<Vec<String>> {
+    let list = body
+        .get("tags")
+        .and_then(|t| t.as_array())
+        .ok_or_else(|| NeutronError::invalid_input("Invalid tags body"))?;
+    let list = list
+        .iter()
+        .map(|t| {
+            t.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| NeutronError::invalid_input(format!("'{t}' is not a valid string")))
+        })
+        .collect::<NResult<Vec<String>>>()?;
+    // Each duplicate named once, in order of first repetition.
+    let mut seen = std::collections::HashSet::new();
+    let mut named = std::collections::HashSet::new();
+    let dups: Vec<&str> = list
+        .iter()
+        .filter(|t| !seen.insert(t.as_str()) && named.insert(t.as_str()))
+        .map(String::as_str)
+        .collect();
+    if !dups.is_empty() {
+        return Err(NeutronError::invalid_input(format!(
+            "Duplicate items in the list: '{}'",
+            dups.join(", ")
+        )));
+    }
+    let c = &state.config;
+    unique_tags(list, c.max_tags_per_resource, c.max_tag_length)
+}
+
 pub async fn all_tags(
     State(state): State<Arc<AppState>>,
     method: Method,
@@ -97,28 +131,35 @@ pub async fn all_tags(
     };
     match method {
         Method::GET => Ok(axum::Json(json!({"tags": current_tags(&ctx, res, &id)?})).into_response()),
-        Method::PUT => {
-            let body = parse_body(body)?;
-            let list = body
-                .get("tags")
-                .and_then(|t| t.as_array())
-                .ok_or_else(|| NeutronError::bad_request("Invalid input: body must be {\"tags\": [...]}"))?;
-            let list = list
-                .iter()
-                .map(|t| {
-                    t.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| NeutronError::invalid_input(format!("'{t}' is not a valid tag")))
-                })
-                .collect::<NResult<Vec<String>>>()?;
-            let c = &state.config;
-            let new = unique_tags(list, c.max_tags_per_resource, c.max_tag_length)?;
-            let tags = modify(&ctx, res, &id, "update", |tags| {
-                *tags = new.clone();
+        Method::PUT | Method::POST => {
+            let new = body_tags(&state, parse_body(body)?)?;
+            // PUT replaces the whole set; POST (Neutron's `tag-creation`) adds to it.
+            let (action, replace) = if method == Method::PUT {
+                ("update", true)
+            } else {
+                ("create", false)
+            };
+            let max = state.config.max_tags_per_resource;
+            let tags = modify(&ctx, res, &id, action, |tags| {
+                if replace {
+                    tags.clear();
+                }
+                for t in &new {
+                    if !tags.contains(t) {
+                        tags.push(t.clone());
+                    }
+                }
+                if tags.len() > max {
+                    return Err(too_many_tags(max));
+                }
                 Ok(())
             })
             .await?;
-            Ok(axum::Json(json!({"tags": tags})).into_response())
+            if replace {
+                Ok(axum::Json(json!({"tags": tags})).into_response())
+            } else {
+                Ok((StatusCode::CREATED, axum::Json(json!({"tags": new}))).into_response())
+            }
         }
         _ => {
             modify(&ctx, res, &id, "delete", |tags| {
@@ -143,13 +184,9 @@ pub async fn one_tag(
         state: &state,
         auth: &auth,
     };
-    let not_found = || {
-        NeutronError::new(
-            404,
-            "TagNotFound",
-            format!("Tag {tag} could not be found for {} {id}.", res.meta().singular),
-        )
-    };
+    // Neutron checks the tag itself before looking at the resource, whatever the method.
+    validate_tag(&tag, state.config.max_tag_length)?;
+    let not_found = || NeutronError::new(404, "TagNotFound", format!("Tag {tag} could not be found."));
     match method {
         Method::GET => {
             if current_tags(&ctx, res, &id)?.contains(&tag) {
@@ -159,7 +196,6 @@ pub async fn one_tag(
             }
         }
         Method::PUT => {
-            validate_tag(&tag, state.config.max_tag_length)?;
             let max = state.config.max_tags_per_resource;
             modify(&ctx, res, &id, "update", |tags| {
                 if !tags.contains(&tag) {
