@@ -5,7 +5,9 @@ use crate::cache::Typed;
 use crate::identity::AuthContext;
 use crate::AppState;
 use isthmus_model::validate::Body;
-use isthmus_model::{FloatingIp, Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{
+    FloatingIp, Network, NeutronError, Port, QosPolicy, Router, SecurityGroup, SecurityGroupRule, Subnet,
+};
 use isthmus_store::{Compare, Op, Revision};
 use serde_json::Value;
 use std::sync::Arc;
@@ -36,6 +38,9 @@ impl Stored for FloatingIp {
 }
 impl Stored for SecurityGroup {
     const NOT_FOUND: (&'static str, &'static str) = ("SecurityGroup", "Security group");
+}
+impl Stored for QosPolicy {
+    const NOT_FOUND: (&'static str, &'static str) = ("QosPolicy", "QoS policy");
 }
 impl Stored for SecurityGroupRule {
     const NOT_FOUND: (&'static str, &'static str) = ("SecurityGroupRule", "Security group rule");

@@ -8,6 +8,7 @@
 //! - handlers: this module, `tags`, `nodeports`, `nodeview`, `agents`, `router_interfaces`
 //!   (and `routers::change_routes` for `add_extraroutes` / `remove_extraroutes`);
 //! - `registry`: the list of resources;
+//! - `qos` (policies and their rules, with their own routes);
 //! - resources: `networks`, `subnets`, `ports`, `routers`, `floatingips`, `security_groups`, each
 //!   implementing `resource::Resource`;
 //! - shared operations: `resource` (the trait and the generic request handling), `portops`,
@@ -28,6 +29,7 @@ mod nodeports;
 pub mod nodeview;
 mod portops;
 mod ports;
+mod qos;
 pub mod query;
 mod registry;
 mod resource;
@@ -147,6 +149,21 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
     ),
     ("port-security", "Port Security", "Provides port security"),
     (
+        "qos",
+        "Quality of Service",
+        "The Quality of Service extension.",
+    ),
+    (
+        "qos-bw-limit-direction",
+        "Direction for QoS bandwidth limit rule",
+        "Allow to configure QoS bandwidth limit rule with specific direction: ingress or egress",
+    ),
+    (
+        "qos-default",
+        "QoS default policy",
+        "Expose the QoS default policy per project",
+    ),
+    (
         "project-id",
         "project_id field enabled",
         "Extension that indicates that project_id field is enabled.",
@@ -217,6 +234,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v2.0/network-ip-availabilities", get(ipavail::list))
         .route("/v2.0/network-ip-availabilities/{id}", get(ipavail::show))
+        .route("/v2.0/qos/policies", get(qos::policies).post(qos::policies))
+        .route(
+            "/v2.0/qos/policies/{id}",
+            get(qos::policy).put(qos::policy).delete(qos::policy),
+        )
+        .route(
+            "/v2.0/qos/policies/{id}/bandwidth_limit_rules",
+            get(qos::rules).post(qos::rules),
+        )
+        .route(
+            "/v2.0/qos/policies/{id}/bandwidth_limit_rules/{rule}",
+            get(qos::rule).put(qos::rule).delete(qos::rule),
+        )
+        .route("/v2.0/qos/rule-types", get(qos::rule_types))
+        .route("/v2.0/qos/rule-types/{kind}", get(qos::rule_type))
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))
