@@ -207,6 +207,15 @@ async fn scenario(backend: Backend) {
         .await;
     assert_neutron_error(s, &body, StatusCode::BAD_REQUEST, None);
 
+    // Unsharing is refused while another project uses it.
+    let (s, body) = admin
+        .put(
+            &format!("/v2.0/qos/policies/{shared_id}"),
+            json!({"policy": {"shared": false}}),
+        )
+        .await;
+    assert_neutron_error(s, &body, StatusCode::CONFLICT, Some("QosPolicyInUse"));
+
     // In use: refused while the port or the network names it.
     let (s, body) = admin.delete(&format!("/v2.0/qos/policies/{pa_id}")).await;
     assert_neutron_error(s, &body, StatusCode::CONFLICT, Some("QosPolicyInUse"));

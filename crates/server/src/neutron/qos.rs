@@ -307,6 +307,13 @@ async fn update_policy(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option
             p.std.description = v.clone();
         }
         if let Some(v) = shared {
+            // Unsharing would leave other projects' ports and networks with a policy they
+            // cannot see.
+            if !v && p.shared {
+                if let Some(u) = foreign_user_of(ctx, &p) {
+                    return Err(in_use(id, u));
+                }
+            }
             p.shared = v;
         }
         if let Some(v) = &tags {
@@ -346,6 +353,22 @@ fn user_of(ctx: &Ctx<'_>, id: &str) -> Option<(&'static str, String)> {
     ctx.all::<Network>()
         .into_iter()
         .find(|(n, _)| n.qos_policy_id.as_deref() == Some(id))
+        .map(|(n, _)| ("network", n.id.clone()))
+}
+
+/// A port or network of another project than the policy's that uses it.
+fn foreign_user_of(ctx: &Ctx<'_>, p: &QosPolicy) -> Option<(&'static str, String)> {
+    let id = Some(p.id.as_str());
+    if let Some((port, _)) = ctx
+        .all::<Port>()
+        .into_iter()
+        .find(|(x, _)| x.qos_policy_id.as_deref() == id && x.project_id != p.project_id)
+    {
+        return Some(("port", port.id.clone()));
+    }
+    ctx.all::<Network>()
+        .into_iter()
+        .find(|(n, _)| n.qos_policy_id.as_deref() == id && n.project_id != p.project_id)
         .map(|(n, _)| ("network", n.id.clone()))
 }
 
