@@ -2,26 +2,38 @@
 //!
 //! Desired: a pure function of the view (every local port device, with its limits or none).
 //! Actual: read back from the kernel on every pass (a few processes), so a pass changes only
-//! what differs and a limit changed by hand is repaired.
+//! what differs and a limit changed by hand is repaired. A node that wants no limits and was
+//! found clean is not read again until it wants some: most nodes have no policy, and the
+//! controller runs every few seconds.
 
 use super::{Controller, Outcome};
 use crate::kernel::Shaping;
 use crate::qos;
 use crate::state::Snapshot;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tracing::info;
 
 pub struct QosController<B> {
     backend: Arc<B>,
+    /// The last pass wanted no limits and left none of ours (no bucket, no IFB).
+    clean: AtomicBool,
 }
 
 impl<B: Shaping> QosController<B> {
     pub fn new(backend: Arc<B>) -> Self {
-        QosController { backend }
+        QosController {
+            backend,
+            clean: AtomicBool::new(false),
+        }
     }
 
     pub async fn pass(&self, snap: &Snapshot) -> Result<Outcome, String> {
         let want = &snap.qos;
+        let none_wanted = want.values().all(|l| l.to_port.is_none() && l.from_port.is_none());
+        if none_wanted && self.clean.load(Ordering::Relaxed) {
+            return Ok(Outcome::default());
+        }
         let devices: Vec<String> = want.keys().cloned().collect();
         let seen = self
             .backend
@@ -39,6 +51,8 @@ impl<B: Shaping> QosController<B> {
                 Err(e) => out.failures.push(format!("{a:?}: {e}")),
             }
         }
+        self.clean
+            .store(none_wanted && out.failures.is_empty(), Ordering::Relaxed);
         Ok(out)
     }
 }
