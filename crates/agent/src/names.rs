@@ -6,6 +6,8 @@ pub const BRIDGE_PREFIX: &str = "isbr-";
 pub const VXLAN_PREFIX: &str = "isvx-";
 /// Neutron's convention for a port's host-side device: `tap` + the first 11 characters of the id.
 pub const TAP_PREFIX: &str = "tap";
+/// IFB devices carrying a port's incoming traffic through its QoS limit (`qos`).
+pub const IFB_PREFIX: &str = "ifq";
 
 pub fn bridge(vni: u32) -> String {
     format!("{BRIDGE_PREFIX}{vni}")

@@ -18,6 +18,7 @@ use crate::controller::l2::L2Controller;
 use crate::controller::l3::L3Controller;
 use crate::controller::nat::NatController;
 use crate::controller::ports::PortsController;
+use crate::controller::qos::QosController;
 use crate::controller::{self, Health, Schedule};
 use crate::desired::{compute, Datapath};
 use crate::kernel::{Kernel, KernelError};
@@ -256,6 +257,13 @@ impl<K: Kernel + 'static> Agent<K> {
             tokio::spawn(controller::run(self.firewall.clone(), st.clone(), h.clone(), quick)),
             tokio::spawn(controller::run(self.l3.clone(), st.clone(), h.clone(), resync)),
             tokio::spawn(controller::run(Arc::new(NatController), st.clone(), h.clone(), resync)),
+            // Quick: a port's device may appear after the view names it.
+            tokio::spawn(controller::run(
+                Arc::new(QosController::new(self.kernel.clone())),
+                st.clone(),
+                h.clone(),
+                quick,
+            )),
             tokio::spawn({
                 let a = self.clone();
                 async move { a.cni.pool_loop().await }

@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub firewall: Arc<crate::security::Desired>,
     /// The routers the node must run.
     pub l3: Arc<crate::l3::L3Desired>,
+    /// The bandwidth limits of its port devices.
+    pub qos: Arc<crate::qos::Desired>,
 }
 
 pub struct NodeState {
@@ -133,6 +135,7 @@ impl NodeState {
                 view: to_view(&v.objects, &self.node, Some(self.underlay_ip)),
                 firewall: Arc::new(crate::security::desired(&v.objects, &self.node)),
                 l3: Arc::new(crate::l3::desired(&v.objects, &self.node, &self.physical)),
+                qos: Arc::new(crate::qos::desired(&v.objects, &self.node)),
             })
         };
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap.clone());

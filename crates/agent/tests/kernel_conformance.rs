@@ -336,6 +336,73 @@ async fn firewall_guard<K: Kernel>(bed: Bed<K>) {
     assert!(!k.firewall_present().await.unwrap());
 }
 
+/// QoS limits on a port device: set, read back (nothing more to plan), changed in place,
+/// taken off with the IFB gone; a stray IFB of ours is removed; devices that do not exist
+/// are left alone.
+async fn qos_limits<K: Kernel>(bed: Bed<K>) {
+    use isthmus_agent::shaping::{ifb_of, plan, Desired, PortLimits, QosAction, Rate};
+    let k = &bed.kernel;
+    let mut want = l2_desired();
+    want.fdb.clear();
+    converge_l2(k, &want).await;
+    let tap = PortDevice {
+        name: "tapconformq1".into(),
+        bridge: "isbr-101".into(),
+        mtu: 1450,
+        veth: false,
+    };
+    k.create_tap(&tap, None).await.unwrap();
+    let devices = &vec![tap.name.clone(), "tapnosuchdev0".to_string()];
+    let limits = PortLimits {
+        to_port: Rate::from_rule(30_000, 1_000),
+        from_port: Rate::from_rule(20_000, 0),
+    };
+    let mut desired: Desired = [(tap.name.clone(), limits), ("tapnosuchdev0".to_string(), limits)].into();
+    // A stray IFB of ours (as a crashed agent may leave).
+    k.apply_qos(&QosAction::LimitFromPort {
+        dev: tap.name.clone(),
+        ifb: "ifqstray000001".into(),
+        rate: Rate::from_rule(1_000, 0).unwrap(),
+    })
+    .await
+    .unwrap();
+    let converge = |desired: Desired| async move {
+        for _ in 0..3 {
+            let seen = k.observe_qos(devices.clone()).await.unwrap();
+            let actions = plan(&seen, &desired);
+            if actions.is_empty() {
+                return seen;
+            }
+            for a in &actions {
+                k.apply_qos(a).await.unwrap_or_else(|e| panic!("{a:?}: {e}"));
+            }
+        }
+        panic!("QoS limits did not converge");
+    };
+    let seen = converge(desired.clone()).await;
+    assert!(!seen.ports.contains_key("tapnosuchdev0"));
+    let got = seen.ports[&tap.name];
+    assert!(limits.to_port.unwrap().matches(&got.to_port.unwrap()), "{got:?}");
+    assert!(limits.from_port.unwrap().matches(&got.from_port.unwrap()), "{got:?}");
+    assert_eq!(seen.ifbs.iter().cloned().collect::<Vec<_>>(), vec![ifb_of(&tap.name)]);
+    // A new rate: only that direction changes.
+    let faster = PortLimits {
+        to_port: Rate::from_rule(50_000, 1_000),
+        ..limits
+    };
+    desired.insert(tap.name.clone(), faster);
+    let seen = k.observe_qos(devices.clone()).await.unwrap();
+    let actions = plan(&seen, &desired);
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert!(matches!(actions[0], QosAction::LimitToPort { .. }), "{actions:?}");
+    converge(desired.clone()).await;
+    // Off.
+    desired.insert(tap.name.clone(), PortLimits::default());
+    let seen = converge(desired).await;
+    assert_eq!(seen.ports[&tap.name], PortLimits::default());
+    assert!(seen.ifbs.is_empty(), "{:?}", seen.ifbs);
+}
+
 macro_rules! conformance {
     ($($check:ident),* $(,)?) => {
         mod on_fake {
@@ -364,4 +431,5 @@ conformance!(
     tap_devices,
     veth_attach_inspect_detach,
     firewall_guard,
+    qos_limits,
 );

@@ -72,6 +72,9 @@ pub struct Network {
     /// The `dns-integration` domain (an FQDN with its trailing dot, or empty).
     #[serde(default)]
     pub dns_domain: String,
+    /// The network's QoS policy (`qos` extension): applies to its ports that have none.
+    #[serde(default)]
+    pub qos_policy_id: Option<String>,
     /// Set while a delete checks for ports; creates that read the network before fail their CAS.
     #[serde(default)]
     pub deleting: bool,
@@ -96,6 +99,7 @@ impl Network {
         m.insert("ipv6_address_scope".into(), Value::Null);
         m.insert("is_default".into(), json!(false));
         m.insert("dns_domain".into(), json!(self.dns_domain));
+        m.insert("qos_policy_id".into(), json!(self.qos_policy_id));
         if admin {
             m.insert("provider:network_type".into(), json!(self.network_type));
             if self.network_type == "flat" {
@@ -298,6 +302,9 @@ pub struct Port {
     /// The `dns-integration` name (a label or an FQDN), or empty.
     #[serde(default)]
     pub dns_name: String,
+    /// The port's own QoS policy; it wins over its network's.
+    #[serde(default)]
+    pub qos_policy_id: Option<String>,
     #[serde(flatten)]
     pub std: StandardAttrs,
 }
@@ -337,6 +344,7 @@ impl Port {
         m.insert("extra_dhcp_opts".into(), json!(self.extra_dhcp_opts));
         m.insert("dns_name".into(), json!(self.dns_name));
         m.insert("dns_assignment".into(), self.dns_assignment());
+        m.insert("qos_policy_id".into(), json!(self.qos_policy_id));
         m.insert("binding:vnic_type".into(), json!(self.binding_vnic_type));
         if admin {
             m.insert("binding:host_id".into(), json!(self.binding_host_id));
@@ -421,6 +429,60 @@ impl SecurityGroupRule {
             &self.remote_ip_prefix,
             &self.remote_group_id,
         )
+    }
+}
+
+/// A QoS policy (`qos`). Its rules are stored inside it: a rule change is a change of the
+/// policy, so one transaction settles "one rule per type and direction".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QosPolicy {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub shared: bool,
+    /// The project's default policy (`qos-default`), given to its new networks.
+    pub is_default: bool,
+    #[serde(default)]
+    pub bandwidth_limit_rules: Vec<BandwidthLimitRule>,
+    /// Set while a delete checks for users; attaching it then fails its compare.
+    #[serde(default)]
+    pub deleting: bool,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+/// A bandwidth limit rule (`qos-bw-limit-direction`): `egress` is what the port's workload
+/// sends, `ingress` what it receives.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BandwidthLimitRule {
+    pub id: String,
+    pub max_kbps: u64,
+    pub max_burst_kbps: u64,
+    pub direction: String,
+}
+
+impl BandwidthLimitRule {
+    pub fn to_api(&self, policy_id: &str) -> Value {
+        json!({
+            "id": self.id,
+            "qos_policy_id": policy_id,
+            "max_kbps": self.max_kbps,
+            "max_burst_kbps": self.max_burst_kbps,
+            "direction": self.direction,
+            "type": "bandwidth_limit",
+        })
+    }
+}
+
+impl QosPolicy {
+    pub fn to_api(&self) -> Value {
+        let mut m = owned(&self.id, &self.name, &self.project_id);
+        m.insert("shared".into(), json!(self.shared));
+        m.insert("is_default".into(), json!(self.is_default));
+        let rules: Vec<Value> = self.bandwidth_limit_rules.iter().map(|r| r.to_api(&self.id)).collect();
+        m.insert("rules".into(), Value::Array(rules));
+        self.std.render(&mut m);
+        Value::Object(m)
     }
 }
 

@@ -8,7 +8,8 @@
 
 use crate::identity::model::{Project, Role, User};
 use isthmus_model::{
-    keys, AddressScope, FloatingIp, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet, SubnetPool,
+    keys, AddressScope, FloatingIp, Network, Node, Port, QosPolicy, Router, SecurityGroup, SecurityGroupRule, Subnet,
+    SubnetPool,
 };
 use isthmus_store::{DynStore, EventKind, KeyValue, Revision, TxnResult, WatchEvent};
 use serde::de::DeserializeOwned;
@@ -61,6 +62,9 @@ impl Typed for SubnetPool {
 impl Typed for AddressScope {
     const COLLECTION: &'static str = "address_scopes";
 }
+impl Typed for QosPolicy {
+    const COLLECTION: &'static str = "qos_policies";
+}
 impl Typed for Node {
     const COLLECTION: &'static str = "nodes";
 }
@@ -83,6 +87,7 @@ const DECODERS: &[(&str, Decoder)] = &[
     (SecurityGroupRule::COLLECTION, decode_as::<SecurityGroupRule>),
     (SubnetPool::COLLECTION, decode_as::<SubnetPool>),
     (AddressScope::COLLECTION, decode_as::<AddressScope>),
+    (QosPolicy::COLLECTION, decode_as::<QosPolicy>),
     (Node::COLLECTION, decode_as::<Node>),
     (Project::COLLECTION, decode_as::<Project>),
     (User::COLLECTION, decode_as::<User>),

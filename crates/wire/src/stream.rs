@@ -82,6 +82,10 @@ pub enum ObjectValue {
     /// `/isthmus/v1/floatingips/<id>`).
     #[serde(rename = "floatingip")]
     FloatingIp(FloatingIp),
+    /// A QoS policy (with its rules) that a local port or its network names (key
+    /// `/isthmus/v1/qos_policies/<id>`).
+    #[serde(rename = "qos_policy")]
+    QosPolicy(QosPolicy),
 }
 
 impl ObjectValue {
@@ -96,6 +100,7 @@ impl ObjectValue {
             ObjectValue::GroupMember(_) => "group_member",
             ObjectValue::Router(_) => "router",
             ObjectValue::FloatingIp(_) => "floatingip",
+            ObjectValue::QosPolicy(_) => "qos_policy",
         }
     }
 }
@@ -207,7 +212,54 @@ pub struct GroupMember {
     pub addresses: Vec<String>,
 }
 
+/// A QoS policy as Neutron renders it, with its rules.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QosPolicy {
+    #[serde(default, deserialize_with = "nullable")]
+    pub id: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub rules: Vec<QosRule>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// One rule of a QoS policy; `kind` (`type` on the wire) says which fields mean something.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QosRule {
+    #[serde(rename = "type", default, deserialize_with = "nullable")]
+    pub kind: String,
+    /// `egress` (what the workload sends) or `ingress` (what it receives).
+    #[serde(default, deserialize_with = "nullable")]
+    pub direction: String,
+    #[serde(default)]
+    pub max_kbps: Option<u64>,
+    #[serde(default)]
+    pub max_burst_kbps: Option<u64>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+/// `qos_policy_id` of a rendered port or network (carried untyped among its other fields).
+fn qos_policy_of(other: &Map<String, Value>) -> Option<&str> {
+    other
+        .get("qos_policy_id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+impl Network {
+    /// The network's QoS policy, if any.
+    pub fn qos_policy_id(&self) -> Option<&str> {
+        qos_policy_of(&self.other)
+    }
+}
+
 impl Port {
+    /// The port's own QoS policy, if any (its network's applies otherwise).
+    pub fn qos_policy_id(&self) -> Option<&str> {
+        qos_policy_of(&self.other)
+    }
+
     /// The CNI attachment recorded on the port, if any (fields that are not strings read as
     /// empty).
     pub fn cni_profile(&self) -> CniProfile {

@@ -14,6 +14,7 @@ pub mod l2;
 pub mod l3;
 pub mod nat;
 pub mod ports;
+pub mod qos;
 
 use crate::state::{NodeState, Snapshot};
 use std::collections::{BTreeMap, HashMap};

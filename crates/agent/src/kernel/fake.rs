@@ -28,6 +28,8 @@ struct State {
     /// Router namespaces as last applied.
     routers: BTreeMap<String, crate::routing::RouterNs>,
     pub adverts: Vec<super::ra::Advert>,
+    /// Limits on port devices and our IFB devices, as a real kernel would read back.
+    qos: crate::shaping::Observed,
 }
 
 impl State {
@@ -51,6 +53,7 @@ impl State {
     /// `ip link del`, with what the kernel does to related state.
     fn remove(&mut self, name: &str) {
         self.index.remove(name);
+        self.qos.ports.remove(name);
         if self.dp.bridges.remove(name).is_some() {
             for v in self.dp.vxlans.values_mut().filter(|v| v.bridge == name) {
                 v.bridge.clear();
@@ -365,6 +368,40 @@ impl Firewall for FakeKernel {
         } else {
             s.firewall = Some(script);
         }
+        Ok(())
+    }
+}
+
+impl super::Shaping for FakeKernel {
+    async fn observe_qos(&self, devices: Vec<String>) -> Result<crate::shaping::Observed, KernelError> {
+        let st = self.lock();
+        let mut out = crate::shaping::Observed {
+            ifbs: st.qos.ifbs.clone(),
+            ..Default::default()
+        };
+        for d in devices.iter().filter(|d| st.exists(d)) {
+            let l = st.qos.ports.get(d).copied().unwrap_or_default();
+            out.ports.insert(d.clone(), l);
+        }
+        Ok(out)
+    }
+
+    async fn apply_qos(&self, action: &crate::shaping::QosAction) -> Result<(), KernelError> {
+        let mut st = self.lock();
+        let dev = match action {
+            crate::shaping::QosAction::LimitToPort { dev, .. }
+            | crate::shaping::QosAction::UnlimitToPort { dev }
+            | crate::shaping::QosAction::LimitFromPort { dev, .. }
+            | crate::shaping::QosAction::UnlimitFromPort { dev } => Some(dev.clone()),
+            crate::shaping::QosAction::DeleteIfb { .. } => None,
+        };
+        if let Some(d) = &dev {
+            if !st.exists(d) {
+                return Err(KernelError::NoDevice(d.clone()));
+            }
+            st.qos.ports.entry(d.clone()).or_default();
+        }
+        crate::shaping::apply_to(&mut st.qos, action);
         Ok(())
     }
 }

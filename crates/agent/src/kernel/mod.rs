@@ -1,8 +1,8 @@
 //! The side-effecting datapath layer: reading and changing the node's kernel state.
 //!
 //! One narrow trait per area: [`Links`] (bridges, VXLAN, forwarding entries), [`PortDevices`]
-//! (veth and tap host ends), [`PacketIo`] (DHCP sockets), [`Firewall`] (nftables) and
-//! [`Inspect`] (looking into workload namespaces). Each controller uses only its own; each has a
+//! (veth and tap host ends), [`PacketIo`] (DHCP sockets), [`Firewall`] (nftables),
+//! [`Shaping`] (QoS limits with tc) and [`Inspect`] (looking into workload namespaces). Each controller uses only its own; each has a
 //! real implementation ([`NetlinkKernel`], nft through a subprocess) and a stateful fake
 //! ([`FakeKernel`]), and `tests/kernel_conformance.rs` runs the same checks against both.
 
@@ -13,6 +13,7 @@ pub mod netns;
 mod nltxn;
 pub mod ra;
 pub mod routers;
+pub mod tc;
 
 pub use fake::FakeKernel;
 pub use netlink::NetlinkKernel;
@@ -203,6 +204,19 @@ pub trait Routers: Send + Sync {
     fn advertise(&self, ads: Vec<ra::Advert>);
 }
 
+/// Bandwidth limits on port devices (`qos`): token buckets through `tc`, IFB devices for
+/// what workloads send.
+pub trait Shaping: Send + Sync {
+    /// The limits on those of `devices` that exist, and every IFB device of ours.
+    fn observe_qos(
+        &self,
+        devices: Vec<String>,
+    ) -> impl Future<Output = Result<crate::shaping::Observed, KernelError>> + Send;
+
+    /// Performs one change; already-done work (nothing to remove) counts as success.
+    fn apply_qos(&self, action: &crate::shaping::QosAction) -> impl Future<Output = Result<(), KernelError>> + Send;
+}
+
 /// Looking into workload namespaces (CNI CHECK).
 pub trait Inspect: Send + Sync {
     /// The MAC and addresses of interface `ifname` inside `netns`; `None` if there is no such
@@ -216,7 +230,7 @@ pub trait Inspect: Send + Sync {
 
 /// A whole node datapath: every capability. Implemented for whatever has them all; the agent's
 /// controllers each use only their own.
-pub trait Kernel: Links + PortDevices + PacketIo + Firewall + Inspect + Routers {
+pub trait Kernel: Links + PortDevices + PacketIo + Firewall + Inspect + Routers + Shaping {
     /// L2 devices, forwarding entries and port devices together.
     fn observe(&self) -> impl Future<Output = Result<Datapath, KernelError>> + Send {
         async move {
@@ -238,7 +252,7 @@ pub trait Kernel: Links + PortDevices + PacketIo + Firewall + Inspect + Routers 
     }
 }
 
-impl<T: Links + PortDevices + PacketIo + Firewall + Inspect + Routers> Kernel for T {}
+impl<T: Links + PortDevices + PacketIo + Firewall + Inspect + Routers + Shaping> Kernel for T {}
 
 /// What a workload interface looks like from inside its namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]

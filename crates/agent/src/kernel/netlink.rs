@@ -787,6 +787,17 @@ impl super::Routers for NetlinkKernel {
     }
 }
 
+impl super::Shaping for NetlinkKernel {
+    async fn observe_qos(&self, devices: Vec<String>) -> Result<crate::shaping::Observed, KernelError> {
+        run_in_netns(self.netns.as_deref(), move || super::tc::observe(&devices)).await
+    }
+
+    async fn apply_qos(&self, action: &crate::shaping::QosAction) -> Result<(), KernelError> {
+        let a = action.clone();
+        run_in_netns(self.netns.as_deref(), move || super::tc::apply(&a)).await
+    }
+}
+
 impl Inspect for NetlinkKernel {
     async fn inspect(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<super::Inspected>, KernelError> {
         use rtnetlink::packet_route::address::AddressAttribute;

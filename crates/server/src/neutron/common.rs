@@ -6,7 +6,8 @@ use crate::identity::AuthContext;
 use crate::AppState;
 use isthmus_model::validate::Body;
 use isthmus_model::{
-    AddressScope, FloatingIp, Network, NeutronError, Port, Router, SecurityGroup, SecurityGroupRule, Subnet, SubnetPool,
+    AddressScope, FloatingIp, Network, NeutronError, Port, QosPolicy, Router, SecurityGroup, SecurityGroupRule, Subnet,
+    SubnetPool,
 };
 use isthmus_store::{Compare, Op, Revision};
 use serde_json::Value;
@@ -38,6 +39,9 @@ impl Stored for FloatingIp {
 }
 impl Stored for SecurityGroup {
     const NOT_FOUND: (&'static str, &'static str) = ("SecurityGroup", "Security group");
+}
+impl Stored for QosPolicy {
+    const NOT_FOUND: (&'static str, &'static str) = ("QosPolicy", "QoS policy");
 }
 impl Stored for SecurityGroupRule {
     const NOT_FOUND: (&'static str, &'static str) = ("SecurityGroupRule", "Security group rule");

@@ -4,8 +4,9 @@
 use super::common::{not_found, Ctx, NResult};
 use crate::cache::Typed;
 use ipnet::IpNet;
+use isthmus_model::validate::{is_uuid, Body};
 use isthmus_model::{
-    keys, AddressScope, FloatingIp, Network, NeutronError, PoolAllocation, Port, Router, SecurityGroup,
+    keys, AddressScope, FloatingIp, Network, NeutronError, PoolAllocation, Port, QosPolicy, Router, SecurityGroup,
     SecurityGroupRule, Subnet, SubnetPool,
 };
 use isthmus_store::{Compare, Revision};
@@ -188,4 +189,57 @@ pub fn render_network(ctx: &Ctx<'_>, n: &Network, scopes: &HashMap<String, (Opti
         v["ipv6_address_scope"] = serde_json::json!(v6);
     }
     v
+}
+/// Index key naming a project's default QoS policy (`qos-default`).
+pub fn qos_default_key(project: &str) -> String {
+    format!("{}qos_default/{project}", keys::ROOT)
+}
+
+/// Whether the caller sees a QoS policy: its project's, shared ones, all for an admin.
+pub fn policy_visible(ctx: &Ctx<'_>, p: &QosPolicy) -> bool {
+    ctx.admin() || ctx.owns(&p.project_id) || p.shared
+}
+
+/// A QoS policy the caller may see, or QosPolicyNotFound.
+pub fn visible_policy(ctx: &Ctx<'_>, id: &str) -> NResult<(QosPolicy, Revision)> {
+    ctx.get::<QosPolicy>(id)
+        .filter(|(p, _)| policy_visible(ctx, p))
+        .ok_or_else(|| not_found::<QosPolicy>(id))
+}
+
+/// A policy a port or network may be given: visible and not being deleted. The caller
+/// compares its revision in the same transaction, so a delete cannot miss the new user.
+pub fn attachable_policy(ctx: &Ctx<'_>, id: &str) -> NResult<(QosPolicy, Revision)> {
+    visible_policy(ctx, id).and_then(|(p, r)| {
+        if p.deleting {
+            Err(not_found::<QosPolicy>(id))
+        } else {
+            Ok((p, r))
+        }
+    })
+}
+
+/// The id of the project's default QoS policy, if it has one.
+pub fn default_policy_id(ctx: &Ctx<'_>, project: &str) -> Option<String> {
+    ctx.state
+        .cache
+        .get(&qos_default_key(project))
+        .and_then(|kv| String::from_utf8(kv.value.clone()).ok())
+}
+
+/// `qos_policy_id` of a port or network body: absent, `null` (none), or a policy's UUID.
+pub fn qos_policy_from(body: &mut Body) -> NResult<Option<Option<String>>> {
+    match body.take_raw("qos_policy_id") {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(Value::String(s)) if is_uuid(&s) => Ok(Some(Some(s))),
+        Some(Value::String(s)) => Err(NeutronError::invalid_attr(
+            "qos_policy_id",
+            format!("'{s}' is not a valid UUID"),
+        )),
+        Some(v) => Err(NeutronError::invalid_attr(
+            "qos_policy_id",
+            format!("'{v}' is not a valid UUID"),
+        )),
+    }
 }

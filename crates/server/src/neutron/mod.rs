@@ -9,6 +9,7 @@
 //!   (and `routers::change_routes` for `add_extraroutes` / `remove_extraroutes`,
 //!   `subnetpools::change_prefixes` for `add_prefixes` / `remove_prefixes`);
 //! - `registry`: the list of resources;
+//! - `qos` (policies and their rules, with their own routes);
 //! - resources: `networks`, `subnets`, `subnetpools`, `address_scopes`, `ports`, `routers`, `floatingips`, `security_groups`, each
 //!   implementing `resource::Resource`;
 //! - shared operations: `resource` (the trait and the generic request handling), `portops`,
@@ -30,6 +31,7 @@ mod nodeports;
 pub mod nodeview;
 mod portops;
 mod ports;
+mod qos;
 pub mod query;
 mod quota;
 mod quotas;
@@ -172,6 +174,21 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
     ),
     ("port-security", "Port Security", "Provides port security"),
     (
+        "qos",
+        "Quality of Service",
+        "The Quality of Service extension.",
+    ),
+    (
+        "qos-bw-limit-direction",
+        "Direction for QoS bandwidth limit rule",
+        "Allow to configure QoS bandwidth limit rule with specific direction: ingress or egress",
+    ),
+    (
+        "qos-default",
+        "QoS default policy",
+        "Expose the QoS default policy per project",
+    ),
+    (
         "project-id",
         "project_id field enabled",
         "Extension that indicates that project_id field is enabled.",
@@ -289,6 +306,21 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(quotas::member).put(quotas::member).delete(quotas::member),
         )
         .route("/v2.0/quotas/{id}/{action}", get(quotas::action))
+        .route("/v2.0/qos/policies", get(qos::policies).post(qos::policies))
+        .route(
+            "/v2.0/qos/policies/{id}",
+            get(qos::policy).put(qos::policy).delete(qos::policy),
+        )
+        .route(
+            "/v2.0/qos/policies/{id}/bandwidth_limit_rules",
+            get(qos::rules).post(qos::rules),
+        )
+        .route(
+            "/v2.0/qos/policies/{id}/bandwidth_limit_rules/{rule}",
+            get(qos::rule).put(qos::rule).delete(qos::rule),
+        )
+        .route("/v2.0/qos/rule-types", get(qos::rule_types))
+        .route("/v2.0/qos/rule-types/{kind}", get(qos::rule_type))
         .route("/v2.0/{collection}", get(collection).post(collection))
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))

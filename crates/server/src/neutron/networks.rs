@@ -10,7 +10,7 @@ use super::quota;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use isthmus_model::validate::Body;
-use isthmus_model::{keys, FloatingIp, Network, NeutronError, Port, StandardAttrs, Subnet};
+use isthmus_model::{keys, FloatingIp, Network, NeutronError, Port, QosPolicy, StandardAttrs, Subnet};
 use isthmus_store::{Compare, Op};
 use serde_json::Value;
 
@@ -223,6 +223,7 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         }
     }
     let dns_domain = dns_domain_from(&mut body)?.unwrap_or_default();
+    let asked_qos = lookup::qos_policy_from(&mut body)?;
     let tags = tags_from(ctx, &mut body)?.unwrap_or_default();
     body.finish()?;
 
@@ -249,6 +250,18 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         if tried.len() > 8 {
             tried.remove(0);
         }
+        // Not asked for: the project's default policy (`qos-default`), if any.
+        let qos_policy_id = match &asked_qos {
+            Some(q) => q.clone(),
+            None => lookup::default_policy_id(ctx, &project_id),
+        };
+        let qos_cmp = match &qos_policy_id {
+            Some(q) => {
+                let (_, qrev) = lookup::attachable_policy(ctx, q)?;
+                Some(Compare::ModRevision(lookup::key::<QosPolicy>(q), qrev))
+            }
+            None => None,
+        };
         let net = Network {
             id: id.clone(),
             project_id: project_id.clone(),
@@ -264,6 +277,7 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             port_security_enabled,
             subnets: vec![],
             dns_domain: dns_domain.clone(),
+            qos_policy_id: qos_policy_id.clone(),
             deleting: false,
             std: StandardAttrs {
                 description: description.clone(),
@@ -272,6 +286,7 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             },
         };
         let mut cmp = vec![Compare::Absent(keys::vni_alloc(vni)), Compare::Absent(key(&id))];
+        cmp.extend(qos_cmp);
         let mut ops = vec![
             Op::put(keys::vni_alloc(vni), id.clone()),
             Op::put(key(&id), json_bytes(&net)),
@@ -346,11 +361,20 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         }
     }
     let dns_domain = dns_domain_from(&mut body)?;
+    let qos = lookup::qos_policy_from(&mut body)?;
     let tags = tags_from(ctx, &mut body)?;
     body.finish()?;
     let net = retry(ctx, |ctx| {
         let (mut n, rev) = writable(ctx, id)?;
         check_if_match(if_match, n.std.revision_number)?;
+        let mut cmp = vec![Compare::ModRevision(key(id), rev)];
+        if let Some(v) = &qos {
+            if let Some(q) = v {
+                let (_, qrev) = lookup::attachable_policy(ctx, q)?;
+                cmp.push(Compare::ModRevision(lookup::key::<QosPolicy>(q), qrev));
+            }
+            n.qos_policy_id = v.clone();
+        }
         if let Some(v) = &name {
             n.name = v.clone();
         }
@@ -414,11 +438,7 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         // An update also clears a deleting mark left by an interrupted delete.
         n.deleting = false;
         n.std.bump(&now());
-        Ok((
-            vec![Compare::ModRevision(key(id), rev)],
-            vec![Op::put(key(id), json_bytes(&n))],
-            n,
-        ))
+        Ok((cmp, vec![Op::put(key(id), json_bytes(&n))], n))
     })
     .await?;
     Ok(lookup::render_network(ctx, &net, &lookup::network_scopes(ctx)))

@@ -32,7 +32,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use isthmus_model::{FloatingIp, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{FloatingIp, Network, Node, Port, QosPolicy, Router, SecurityGroup, SecurityGroupRule, Subnet};
 use isthmus_store::Revision;
 use isthmus_wire::stream::{Message, Object};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -237,7 +237,8 @@ pub struct Fanout {
 }
 
 /// The typed collections node views are made of.
-const VIEW_COLLECTIONS: [&str; 8] = [
+const VIEW_COLLECTIONS: [&str; 9] = [
+    isthmus_model::QosPolicy::COLLECTION,
     isthmus_model::Port::COLLECTION,
     isthmus_model::Network::COLLECTION,
     isthmus_model::Subnet::COLLECTION,
@@ -263,6 +264,7 @@ fn change(item: &FeedItem) -> Option<Change> {
             .or_else(|_| d.clone().downcast::<SecurityGroup>().map(Source::SecurityGroup))
             .or_else(|_| d.clone().downcast::<Router>().map(Source::Router))
             .or_else(|_| d.clone().downcast::<FloatingIp>().map(Source::FloatingIp))
+            .or_else(|_| d.clone().downcast::<QosPolicy>().map(Source::QosPolicy))
             .or_else(|_| d.downcast::<SecurityGroupRule>().map(Source::SecurityGroupRule))
             .ok()
     });

@@ -12,8 +12,8 @@ use ipnet::IpNet;
 use isthmus_model::ipam;
 use isthmus_model::validate::{is_uuid, Body};
 use isthmus_model::{
-    keys, AddressPair, ExtraDhcpOpt, FixedIp, FloatingIp, Network, NeutronError, Port, Router, SecurityGroup,
-    StandardAttrs, Subnet,
+    keys, AddressPair, ExtraDhcpOpt, FixedIp, FloatingIp, Network, NeutronError, Port, QosPolicy, Router,
+    SecurityGroup, StandardAttrs, Subnet,
 };
 use isthmus_store::{Compare, Op, Revision};
 use rand::seq::SliceRandom;
@@ -198,6 +198,8 @@ struct PortFields {
     /// `extra_dhcp_opts` as asked: name, value (none: remove), IP version.
     dhcp_opts: Option<Vec<DhcpOptReq>>,
     dns_name: Option<String>,
+    /// `Some(None)`: detach the port's policy.
+    qos_policy_id: Option<Option<String>>,
     tags: Option<Vec<String>>,
 }
 
@@ -423,6 +425,7 @@ fn parse_fields(ctx: &Ctx<'_>, body: &mut Body) -> NResult<PortFields> {
         isthmus_model::validate::dns_name(&v).map_err(|m| NeutronError::invalid_attr("dns_name", m))?;
         f.dns_name = Some(v);
     }
+    f.qos_policy_id = lookup::qos_policy_from(body)?;
     f.tags = tags_from(ctx, body)?;
     Ok(f)
 }
@@ -903,6 +906,7 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
             security_groups: groups,
             extra_dhcp_opts: merge_dhcp_opts(&[], f.dhcp_opts.as_deref().unwrap_or(&[])),
             dns_name: f.dns_name.clone().unwrap_or_default(),
+            qos_policy_id: f.qos_policy_id.clone().flatten(),
             std: StandardAttrs {
                 description: f.description.clone().unwrap_or_default(),
                 tags: f.tags.clone().unwrap_or_default(),
@@ -928,6 +932,11 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
         }
         cmp.extend(qcmp);
         ops.extend(qops);
+        if let Some(q) = &port.qos_policy_id {
+            // Compared, so a policy delete cannot miss this port.
+            let (_, qrev) = lookup::attachable_policy(ctx, q)?;
+            cmp.push(Compare::ModRevision(lookup::key::<QosPolicy>(q), qrev));
+        }
         Ok((cmp, ops, port))
     })
     .await?;
@@ -1107,6 +1116,13 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
         if let Some(v) = &f.dns_name {
             p.dns_name = v.clone();
         }
+        if let Some(v) = &f.qos_policy_id {
+            if let Some(q) = v {
+                let (_, qrev) = lookup::attachable_policy(ctx, q)?;
+                cmp.push(Compare::ModRevision(lookup::key::<QosPolicy>(q), qrev));
+            }
+            p.qos_policy_id = v.clone();
+        }
         if let Some(v) = &f.tags {
             p.std.tags = v.clone();
         }
@@ -1196,6 +1212,7 @@ impl ServicePort<'_> {
             security_groups: vec![],
             extra_dhcp_opts: vec![],
             dns_name: String::new(),
+            qos_policy_id: None,
             std: StandardAttrs::new(&now()),
         };
         let mut cmp = vec![

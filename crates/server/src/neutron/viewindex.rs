@@ -16,7 +16,9 @@
 //! Pure: no I/O, no clocks. The caller keeps what each node was sent (key → revision) and
 //! turns [`ViewIndex::apply`]'s answer into puts and deletes with [`ViewIndex::delta`].
 
-use isthmus_model::{keys, FloatingIp, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{
+    keys, FloatingIp, Network, Node, Port, QosPolicy, Router, SecurityGroup, SecurityGroupRule, Subnet,
+};
 use isthmus_store::Revision;
 use isthmus_wire::stream::{GroupMember, NodeInfo, ObjectValue};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -40,6 +42,7 @@ pub enum Source {
     SecurityGroupRule(Arc<SecurityGroupRule>),
     Router(Arc<Router>),
     FloatingIp(Arc<FloatingIp>),
+    QosPolicy(Arc<QosPolicy>),
 }
 
 /// A change to one key (`None`: deleted).
@@ -60,6 +63,7 @@ enum Kind {
     Rule,
     Router,
     FloatingIp,
+    Policy,
     /// Made by the index, never stored: id is `<group id>/<port id>`.
     Member,
 }
@@ -92,6 +96,7 @@ fn parse(key: &str) -> Option<(Kind, &str)> {
         "security_group_rules" => Kind::Rule,
         "routers" => Kind::Router,
         "floatingips" => Kind::FloatingIp,
+        "qos_policies" => Kind::Policy,
         _ => return None,
     };
     Some((kind, id))
@@ -127,6 +132,7 @@ pub fn render(key: &str, source: &Source) -> Option<ObjectValue> {
         Source::SecurityGroupRule(r) => ObjectValue::SecurityGroupRule(typed(key, r.to_api())?),
         Source::Router(r) => ObjectValue::Router(typed(key, r.to_api())?),
         Source::FloatingIp(f) => ObjectValue::FloatingIp(typed(key, f.to_api())?),
+        Source::QosPolicy(p) => ObjectValue::QosPolicy(typed(key, p.to_api())?),
     })
 }
 
@@ -204,6 +210,14 @@ fn same(a: &Source, b: &Source) -> bool {
         (Source::SecurityGroupRule(x), Source::SecurityGroupRule(y)) => x == y,
         (Source::Router(x), Source::Router(y)) => x == y,
         (Source::FloatingIp(x), Source::FloatingIp(y)) => x == y,
+        // The deleting mark is not part of what a node sees.
+        (Source::QosPolicy(x), Source::QosPolicy(y)) => {
+            x.bandwidth_limit_rules == y.bandwidth_limit_rules
+                && x.std == y.std
+                && x.name == y.name
+                && x.shared == y.shared
+                && x.is_default == y.is_default
+        }
         _ => false,
     }
 }
@@ -292,6 +306,12 @@ pub struct ViewIndex {
     /// Group id → member port id → revision of its member object (when the port joined or
     /// its addresses last changed).
     group_ports: HashMap<String, BTreeMap<String, Revision>>,
+    /// Port key → (binding host, its own QoS policy), bound ports with a policy only; host →
+    /// policy → number of its ports naming it.
+    port_qos: HashMap<String, (String, String)>,
+    host_port_qos: HashMap<String, BTreeMap<String, usize>>,
+    /// Network id → its QoS policy.
+    net_qos: HashMap<String, String>,
 }
 
 /// The security part of a host's state that decides its view: groups used, remote groups.
@@ -315,6 +335,7 @@ impl ViewIndex {
     /// the keys to look at (see [`ViewIndex::delta`]).
     pub fn apply(&mut self, changes: Vec<Change>) -> BTreeMap<String, BTreeSet<String>> {
         let sec = self.sec_before(&changes);
+        let qos = self.qos_before(&changes);
         // Networks whose members or contents change, and the networks each changed key
         // belongs to (before and after; a node record: the networks its host is on).
         let mut nets: BTreeSet<String> = BTreeSet::new();
@@ -371,7 +392,7 @@ impl ViewIndex {
                     mine.extend(self.host_nets.get(id).into_iter().flatten().cloned());
                     node_hosts.push((c.key.clone(), id.to_string()));
                 }
-                Kind::Group | Kind::Rule | Kind::Member => continue,
+                Kind::Group | Kind::Rule | Kind::Member | Kind::Policy => continue,
             }
             nets.extend(mine.iter().cloned());
             key_nets.push((c.key.clone(), mine));
@@ -442,7 +463,110 @@ impl ViewIndex {
             out.insert(h, cand);
         }
         self.sec_after(sec, &changed, &mut out);
+        self.qos_after(qos, &changed, &mut out);
         out
+    }
+
+    /// The QoS policies `host` needs: those its bound ports name, and those of the networks
+    /// it has a bound port on.
+    fn host_policies(&self, host: &str) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .host_port_qos
+            .get(host)
+            .into_iter()
+            .flat_map(|m| m.keys().cloned())
+            .collect();
+        for n in self.host_nets.get(host).into_iter().flatten() {
+            out.extend(self.net_qos.get(n).cloned());
+        }
+        out
+    }
+
+    /// The hosts needing policy `p` now.
+    fn policy_hosts(&self, p: &str) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .host_port_qos
+            .iter()
+            .filter(|(_, m)| m.contains_key(p))
+            .map(|(h, _)| h.clone())
+            .collect();
+        for (n, q) in &self.net_qos {
+            if q == p {
+                out.extend(self.bound(n).cloned());
+            }
+        }
+        out
+    }
+
+    /// Before a batch: the policies of every host whose set of policies it may change.
+    fn qos_before(&self, changes: &[Change]) -> BTreeMap<String, BTreeSet<String>> {
+        let mut hosts: BTreeSet<String> = BTreeSet::new();
+        for c in changes {
+            let Some((kind, id)) = parse(&c.key) else { continue };
+            match kind {
+                Kind::Port => {
+                    if let Some((_, h)) = self.port_loc.get(&c.key) {
+                        hosts.insert(h.clone());
+                    }
+                    if let Some(Source::Port(p)) = &c.value {
+                        hosts.insert(p.binding_host_id.clone());
+                    }
+                }
+                Kind::Network => hosts.extend(self.bound(id).cloned()),
+                _ => {}
+            }
+        }
+        hosts.remove("");
+        hosts
+            .into_iter()
+            .map(|h| {
+                let ps = self.host_policies(&h);
+                (h, ps)
+            })
+            .collect()
+    }
+
+    /// After a batch: policies that entered or left a host's view, and changed policies to
+    /// the hosts needing them.
+    fn qos_after(
+        &self,
+        before: BTreeMap<String, BTreeSet<String>>,
+        changed: &BTreeSet<String>,
+        out: &mut BTreeMap<String, BTreeSet<String>>,
+    ) {
+        for (h, old) in before {
+            let new = self.host_policies(&h);
+            let moved: Vec<String> = old
+                .symmetric_difference(&new)
+                .map(|p| keys::resource("qos_policies", p))
+                .collect();
+            if !moved.is_empty() {
+                out.entry(h).or_default().extend(moved);
+            }
+        }
+        for k in changed {
+            if let Some((Kind::Policy, p)) = parse(k) {
+                for h in self.policy_hosts(p) {
+                    out.entry(h).or_default().insert(k.clone());
+                }
+            }
+        }
+    }
+
+    /// Records port `key`'s own policy where it is bound (`None`: none, unbound or gone).
+    fn set_port_qos(&mut self, key: &str, new: Option<(String, String)>) {
+        if let Some((h, p)) = self.port_qos.remove(key) {
+            if let Some(m) = self.host_port_qos.get_mut(&h) {
+                dec(m, &p, 1);
+                if m.is_empty() {
+                    self.host_port_qos.remove(&h);
+                }
+            }
+        }
+        if let Some((h, p)) = new {
+            inc(self.host_port_qos.entry(h.clone()).or_default(), p.clone(), 1);
+            self.port_qos.insert(key.to_string(), (h, p));
+        }
     }
 
     /// What the security part of the views looked like, where `changes` may change it.
@@ -616,6 +740,9 @@ impl ViewIndex {
                 keys.insert(member_key(r, p));
             }
         }
+        for p in self.host_policies(host) {
+            keys.insert(keys::resource("qos_policies", &p));
+        }
         keys
     }
 
@@ -740,6 +867,13 @@ impl ViewIndex {
                     _ => None,
                 };
                 self.set_port_groups(&id, revision, groups);
+                let qos = match &value {
+                    Some(Source::Port(p)) if !p.binding_host_id.is_empty() => {
+                        p.qos_policy_id.clone().map(|q| (p.binding_host_id.clone(), q))
+                    }
+                    _ => None,
+                };
+                self.set_port_qos(&key, qos);
             }
             Kind::Subnet => {
                 if let Some(n) = self.subnet_net.remove(&key) {
@@ -787,7 +921,16 @@ impl ViewIndex {
             }
             // Made here, never stored: a stored key of that shape is ignored.
             Kind::Member => return false,
-            Kind::Network | Kind::Node | Kind::Group | Kind::Router => {}
+            Kind::Network => match &value {
+                Some(Source::Network(n)) if n.qos_policy_id.is_some() => {
+                    self.net_qos
+                        .insert(id.clone(), n.qos_policy_id.clone().unwrap_or_default());
+                }
+                _ => {
+                    self.net_qos.remove(&id);
+                }
+            },
+            Kind::Node | Kind::Group | Kind::Router | Kind::Policy => {}
         }
         match value.filter(|v| render(&key, v).is_some()) {
             None => self.objects.remove(&key).is_some(),
@@ -981,6 +1124,7 @@ impl ViewIndex {
                 });
             }
             Kind::Group => uses(id),
+            Kind::Policy => self.host_policies(host).contains(id),
             Kind::Rule => self.rule_of.get(key).is_some_and(|(g, _)| uses(g)),
             Kind::Network => self.sees(host, id),
             Kind::Subnet => self.subnet_net.get(key).is_some_and(|n| self.sees(host, n)),
@@ -1087,9 +1231,25 @@ mod tests {
             "binding_vif_type": "", "binding_vif_details": {}, "binding_profile": {},
             "binding_vnic_type": "normal", "allowed_address_pairs": pairs,
             "security_groups": groups, "port_security_enabled": true,
+            "qos_policy_id": policy_of(id + sec as usize),
             "created_at": "t", "updated_at": "t", "revision_number": 0
         });
         Source::Port(Arc::new(serde_json::from_value(v).expect("test port")))
+    }
+
+    /// Policy `q0`, `q1` or none, spread over the ports and networks.
+    fn policy_of(n: usize) -> Option<&'static str> {
+        ["q0", "q1", ""].get(n % 4).copied().filter(|s| !s.is_empty())
+    }
+
+    fn policy(q: usize, name: u8) -> Source {
+        let v = serde_json::json!({
+            "id": format!("q{q}"), "name": format!("v{name}"), "project_id": "t", "shared": false,
+            "is_default": false, "bandwidth_limit_rules": [{"id": "b", "max_kbps": 100 + name as u64,
+            "max_burst_kbps": 0, "direction": "egress"}],
+            "created_at": "t", "updated_at": "t", "revision_number": 0
+        });
+        Source::QosPolicy(Arc::new(serde_json::from_value(v).expect("test policy")))
     }
 
     fn group(g: usize, name: u8) -> Source {
@@ -1118,6 +1278,7 @@ mod tests {
             "id": NETS[net], "name": format!("v{name}"), "project_id": "t", "tenant_id": "t",
             "admin_state_up": true, "status": "ACTIVE", "shared": false, "external": false,
             "mtu": 1450, "subnets": [], "segmentation_id": 100 + net, "port_security_enabled": true,
+            "qos_policy_id": policy_of(name as usize + 1),
             "created_at": "t", "updated_at": "t", "revision_number": 0
         });
         Source::Network(Arc::new(serde_json::from_value(v).expect("test network")))
@@ -1150,7 +1311,7 @@ mod tests {
     /// delete?).
     fn change() -> impl Strategy<Value = Spec> {
         (
-            0u8..6,
+            0u8..7,
             0usize..6,
             0usize..3,
             0usize..4,
@@ -1173,9 +1334,13 @@ mod tests {
                 keys::resource("security_groups", GROUPS[which % 3]),
                 group(which % 3, v),
             ),
-            _ => (
+            5 => (
                 keys::resource("security_group_rules", &format!("r{which}")),
                 rule(which, a, b, v),
+            ),
+            _ => (
+                keys::resource("qos_policies", &format!("q{}", which % 2)),
+                policy(which % 2, v),
             ),
         };
         Change {
@@ -1221,6 +1386,19 @@ mod tests {
             .filter(|(_, p)| p.binding_host_id == host && !host.is_empty())
             .flat_map(|(_, p)| p.security_groups.iter().map(String::as_str))
             .collect();
+        // QoS policies of the host's bound ports and of the networks it has one on.
+        let mut policies: BTreeSet<&str> = ports
+            .iter()
+            .filter(|(_, p)| p.binding_host_id == host && !host.is_empty())
+            .filter_map(|(_, p)| p.qos_policy_id.as_deref())
+            .collect();
+        for (_, s) in current.values() {
+            if let Source::Network(n) = s {
+                if local.contains(n.id.as_str()) {
+                    policies.extend(n.qos_policy_id.as_deref());
+                }
+            }
+        }
         let mut hosts = BTreeSet::new();
         let mut out = BTreeMap::new();
         for (k, p) in &ports {
@@ -1243,6 +1421,7 @@ mod tests {
                     .get(r.id.as_str())
                     .is_some_and(|ns| ns.iter().any(|n| nets.contains(n))),
                 Source::FloatingIp(f) => nets.contains(f.floating_network_id.as_str()),
+                Source::QosPolicy(q) => policies.contains(q.id.as_str()),
             };
             if keep {
                 out.insert(k.clone(), render(k, s).expect("renders"));
