@@ -33,3 +33,8 @@ pub fn flat_alloc(physical_network: &str) -> String {
 pub fn fip_assoc(port_id: &str, fixed_ip: &str) -> String {
     format!("{ROOT}fip_assoc/{port_id}/{fixed_ip}")
 }
+/// Held while an RBAC policy grants `action` on an object to `target` (a project or `*`);
+/// value is the policy id. One policy per (type, object, action, target).
+pub fn rbac_grant(object_type: &str, object_id: &str, action: &str, target: &str) -> String {
+    format!("{ROOT}rbac/{object_type}/{object_id}/{action}/{target}")
+}

@@ -7,7 +7,9 @@
 //! reads hand out the decoded objects instead of parsing JSON on every call.
 
 use crate::identity::model::{Project, Role, User};
-use isthmus_model::{keys, FloatingIp, Network, Node, Port, Router, SecurityGroup, SecurityGroupRule, Subnet};
+use isthmus_model::{
+    keys, FloatingIp, Network, Node, Port, RbacPolicy, Router, SecurityGroup, SecurityGroupRule, Subnet,
+};
 use isthmus_store::{DynStore, EventKind, KeyValue, Revision, TxnResult, WatchEvent};
 use serde::de::DeserializeOwned;
 use std::any::Any;
@@ -53,6 +55,9 @@ impl Typed for SecurityGroup {
 impl Typed for SecurityGroupRule {
     const COLLECTION: &'static str = "security_group_rules";
 }
+impl Typed for RbacPolicy {
+    const COLLECTION: &'static str = "rbac_policies";
+}
 impl Typed for Node {
     const COLLECTION: &'static str = "nodes";
 }
@@ -73,6 +78,7 @@ const DECODERS: &[(&str, Decoder)] = &[
     (FloatingIp::COLLECTION, decode_as::<FloatingIp>),
     (SecurityGroup::COLLECTION, decode_as::<SecurityGroup>),
     (SecurityGroupRule::COLLECTION, decode_as::<SecurityGroupRule>),
+    (RbacPolicy::COLLECTION, decode_as::<RbacPolicy>),
     (Node::COLLECTION, decode_as::<Node>),
     (Project::COLLECTION, decode_as::<Project>),
     (User::COLLECTION, decode_as::<User>),

@@ -8,16 +8,17 @@
 //! - handlers: this module, `tags`, `nodeports`, `nodeview`, `agents`, `router_interfaces`
 //!   (and `routers::change_routes` for `add_extraroutes` / `remove_extraroutes`);
 //! - `registry`: the list of resources;
-//! - resources: `networks`, `subnets`, `ports`, `routers`, `floatingips`, `security_groups`, each
-//!   implementing `resource::Resource`;
+//! - resources: `networks`, `subnets`, `ports`, `routers`, `floatingips`, `security_groups`,
+//!   `rbac_policies`, each implementing `resource::Resource`;
 //! - shared operations: `resource` (the trait and the generic request handling), `portops`,
-//!   `default_sg`, `lookup`;
+//!   `default_sg`, `grants` (RBAC object types and grants), `lookup`;
 //! - `common`, `query`, `http`.
 
 mod agents;
 mod common;
 mod default_sg;
 mod floatingips;
+mod grants;
 mod http;
 mod ipavail;
 pub mod l3sched;
@@ -29,6 +30,7 @@ pub mod nodeview;
 mod portops;
 mod ports;
 pub mod query;
+mod rbac_policies;
 mod registry;
 mod resource;
 mod router_interfaces;
@@ -146,6 +148,16 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Extension that indicates that pagination is enabled.",
     ),
     ("port-security", "Port Security", "Provides port security"),
+    (
+        "rbac-policies",
+        "RBAC Policies",
+        "Allows creation and modification of policies that control project access to resources.",
+    ),
+    (
+        "rbac-security-groups",
+        "Add security_group type to network RBAC",
+        "Add security_group type to network RBAC",
+    ),
     (
         "project-id",
         "project_id field enabled",

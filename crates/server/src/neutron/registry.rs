@@ -4,6 +4,7 @@
 use super::floatingips::FloatingIps;
 use super::networks::Networks;
 use super::ports::Ports;
+use super::rbac_policies::RbacPolicies;
 use super::resource::Resource;
 use super::routers::Routers;
 use super::security_groups::{SecurityGroupRules, SecurityGroups};
@@ -17,6 +18,7 @@ static RESOURCES: &[&dyn Resource] = &[
     &FloatingIps,
     &SecurityGroups,
     &SecurityGroupRules,
+    &RbacPolicies,
 ];
 
 /// Every resource, in the order the API index lists them.
@@ -61,7 +63,8 @@ mod tests {
                 "subnets",
                 "ports",
                 "security-groups",
-                "security-group-rules"
+                "security-group-rules",
+                "rbac-policies"
             ]
         );
         let untagged: Vec<&str> = all()
@@ -70,7 +73,7 @@ mod tests {
             .filter(|m| !m.tags)
             .map(|m| m.collection)
             .collect();
-        assert_eq!(untagged, ["security-group-rules"]);
+        assert_eq!(untagged, ["security-group-rules", "rbac-policies"]);
         let no_bulk: Vec<&str> = all()
             .iter()
             .map(|r| r.meta())
