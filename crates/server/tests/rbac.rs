@@ -28,6 +28,7 @@ on_both_backends!(
     sharing_a_network_with_one_project,
     wildcard_sharing_is_the_shared_flag,
     external_access_for_one_project,
+    external_policies_cover_each_other,
     sharing_a_security_group,
     bad_requests_and_methods,
 );
@@ -87,16 +88,16 @@ async fn sharing_a_network_with_one_project(b: Backend) {
     );
     let port = id_of(&guest.api.port(&net).await);
 
-    // The policy: its owner and its target see it; nobody else.
+    // The policy: its owner sees it; as in Neutron, not even the project it targets does.
     assert_eq!(
-        guest.api.ids("/v2.0/rbac-policies", "rbac_policies").await,
+        owner.api.ids("/v2.0/rbac-policies", "rbac_policies").await,
         std::slice::from_ref(&pid)
     );
-    let (st, _) = guest.api.get(&format!("/v2.0/rbac-policies/{pid}")).await;
-    assert_eq!(st, StatusCode::OK);
-    assert!(third.api.list("/v2.0/rbac-policies", "rbac_policies").await.is_empty());
-    let (st, body) = third.api.get(&format!("/v2.0/rbac-policies/{pid}")).await;
-    assert_neutron_error(st, &body, StatusCode::NOT_FOUND, Some("RbacPolicyNotFound"));
+    for m in [&guest, &third] {
+        assert!(m.api.list("/v2.0/rbac-policies", "rbac_policies").await.is_empty());
+        let (st, body) = m.api.get(&format!("/v2.0/rbac-policies/{pid}")).await;
+        assert_neutron_error(st, &body, StatusCode::NOT_FOUND, Some("RbacPolicyNotFound"));
+    }
     let filtered = owner
         .api
         .ids(
@@ -120,9 +121,9 @@ async fn sharing_a_network_with_one_project(b: Backend) {
         .await;
     assert_neutron_error(st, &body, StatusCode::NOT_FOUND, Some("NetworkNotFound"));
 
-    // The target may not change or remove the owner's policy.
+    // The target cannot remove the owner's policy.
     let (st, body) = guest.api.delete(&format!("/v2.0/rbac-policies/{pid}")).await;
-    assert_neutron_error(st, &body, StatusCode::FORBIDDEN, Some("PolicyNotAuthorized"));
+    assert_neutron_error(st, &body, StatusCode::NOT_FOUND, Some("RbacPolicyNotFound"));
 
     // The guest's port depends on the policy: neither removing nor moving it is allowed.
     let (st, body) = owner.api.delete(&format!("/v2.0/rbac-policies/{pid}")).await;
@@ -392,6 +393,108 @@ async fn external_access_for_one_project(b: Backend) {
         .list(&format!("/v2.0/rbac-policies?object_id={public}"), "rbac_policies")
         .await
         .is_empty());
+}
+
+/// What neutron-tempest-plugin checks of external policies: a member's own network made
+/// external for one project, a wildcard that stays while a router needs it, and a project's
+/// own policy and the wildcard each releasing the other. Also self-shares and revisions.
+async fn external_policies_cover_each_other(b: Backend) {
+    let s = TestServer::start(b).await;
+    let (owner, guest, _) = projects(&s).await;
+    let own = id_of(&owner.api.network("own").await);
+    owner.api.subnet(&own, "10.9.0.0/24").await;
+    let (st, body) = policy(&owner.api, "network", &own, "access_as_external", "*").await;
+    assert_neutron_error(st, &body, StatusCode::FORBIDDEN, Some("PolicyNotAuthorized"));
+    created_policy(&owner.api, "network", &own, "access_as_external", &guest.project_id).await;
+    assert!(guest.api.ids("/v2.0/networks", "networks").await.contains(&own));
+    let r1 = id_of(
+        &guest
+            .api
+            .create(
+                "routers",
+                "router",
+                json!({"name": "r1", "external_gateway_info": {"network_id": own}}),
+            )
+            .await,
+    );
+
+    let net = id_of(&s.admin.network("ext").await);
+    s.admin
+        .create(
+            "subnets",
+            "subnet",
+            json!({"network_id": net, "cidr": "198.51.100.0/24", "ip_version": 4, "enable_dhcp": false}),
+        )
+        .await;
+    let wildcard = created_policy(&s.admin, "network", &net, "access_as_external", "*").await;
+    let r2 = id_of(
+        &guest
+            .api
+            .create(
+                "routers",
+                "router",
+                json!({"name": "r2", "external_gateway_info": {"network_id": net}}),
+            )
+            .await,
+    );
+    let (st, body) = s.admin.delete(&format!("/v2.0/rbac-policies/{wildcard}")).await;
+    assert_neutron_error(st, &body, StatusCode::CONFLICT, Some("RbacPolicyInUse"));
+    let mine = created_policy(&s.admin, "network", &net, "access_as_external", &guest.project_id).await;
+    let (st, body) = s.admin.delete(&format!("/v2.0/rbac-policies/{wildcard}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "the project's own policy covers it: {body}");
+    let (st, body) = s.admin.delete(&format!("/v2.0/rbac-policies/{mine}")).await;
+    assert_neutron_error(st, &body, StatusCode::CONFLICT, Some("RbacPolicyInUse"));
+    let wildcard = created_policy(&s.admin, "network", &net, "access_as_external", "*").await;
+    let (st, body) = s.admin.delete(&format!("/v2.0/rbac-policies/{mine}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "the wildcard covers it: {body}");
+    for r in [&r1, &r2] {
+        let (st, _) = guest.api.delete(&format!("/v2.0/routers/{r}")).await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+    }
+    let (st, body) = s.admin.delete(&format!("/v2.0/rbac-policies/{wildcard}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    let (st, body) = guest
+        .api
+        .post(
+            "/v2.0/routers",
+            json!({"router": {"name": "r3", "external_gateway_info": {"network_id": net}}}),
+        )
+        .await;
+    assert_neutron_error(st, &body, StatusCode::NOT_FOUND, Some("NetworkNotFound"));
+
+    // A shared-with-everyone policy bumps the network's revision; removing a shared policy
+    // leaves router:external alone.
+    let (_, before) = s.admin.get(&format!("/v2.0/networks/{own}")).await;
+    let shared = created_policy(&s.admin, "network", &own, "access_as_shared", "*").await;
+    let (_, after) = s.admin.get(&format!("/v2.0/networks/{own}")).await;
+    assert!(
+        after["network"]["revision_number"].as_u64() > before["network"]["revision_number"].as_u64(),
+        "{before} {after}"
+    );
+    let (st, _) = s.admin.delete(&format!("/v2.0/rbac-policies/{shared}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (_, got) = s.admin.get(&format!("/v2.0/networks/{own}")).await;
+    assert_eq!(got["network"]["router:external"], true, "{got}");
+
+    // Sharing with oneself never holds anything up; the network's owner may delete others'
+    // ports on it.
+    let me = created_policy(&owner.api, "network", &own, "access_as_shared", &owner.project_id).await;
+    let mine_port = id_of(&owner.api.port(&own).await);
+    let (st, body) = owner
+        .api
+        .put(
+            &format!("/v2.0/rbac-policies/{me}"),
+            json!({"rbac_policy": {"target_tenant": guest.project_id}}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let guest_port = id_of(&guest.api.port(&own).await);
+    let (st, body) = owner.api.delete(&format!("/v2.0/ports/{guest_port}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    let (st, body) = owner.api.delete(&format!("/v2.0/rbac-policies/{me}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    let (st, _) = owner.api.delete(&format!("/v2.0/ports/{mine_port}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
 }
 
 async fn sharing_a_security_group(b: Backend) {

@@ -72,10 +72,11 @@ fn not_found(id: &str) -> NeutronError {
     )
 }
 
-/// The owner of a policy, the project it targets and the admin see it (as long as its object
-/// exists: a policy left by a delete that raced its creation stays hidden).
+/// The owner of a policy and the admin see it, as in Neutron (`get_rbac_policy` is the owner's
+/// reader rule: the project a policy targets does not see it), as long as its object exists:
+/// a policy left by a delete that raced its creation stays hidden.
 fn visible(ctx: &Ctx<'_>, p: &RbacPolicy) -> bool {
-    (ctx.admin() || ctx.owns(&p.project_id) || ctx.owns(&p.target_project))
+    (ctx.admin() || ctx.owns(&p.project_id))
         && object_type(&p.object_type).is_some_and(|t| t.find(ctx, &p.object_id).is_some())
 }
 
