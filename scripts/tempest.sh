@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-regex=${1:-'^tempest\.api\.network\.(test_networks|test_networks_negative|test_ports|test_security_groups|test_security_groups_negative|test_extensions|test_versions|test_tags|test_routers|test_routers_negative|test_floating_ips|test_floating_ips_negative|admin\.test_external_network_extension|admin\.test_external_networks_negative|admin\.test_routers|admin\.test_routers_negative|admin\.test_floating_ips_admin_actions)\b'}
+regex=${1:-'^tempest\.api\.network\.(test_networks|test_networks_negative|test_ports|test_security_groups|test_security_groups_negative|test_extensions|test_versions|test_tags|test_routers|test_routers_negative|test_floating_ips|test_floating_ips_negative|admin\.test_external_network_extension|admin\.test_external_networks_negative|admin\.test_routers|admin\.test_routers_negative|admin\.test_floating_ips_admin_actions|admin\.test_ports)\b'}
 workers=${TEMPEST_WORKERS:-8}
 bin=$root/target/release/isthmus
 [ -x "$bin" ] || cargo build --release -p isthmus-cli

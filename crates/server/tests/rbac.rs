@@ -380,6 +380,23 @@ async fn external_access_for_one_project(b: Backend) {
     assert_eq!(wild[0]["target_tenant"], "*");
     let (st, _) = third.api.get(&format!("/v2.0/networks/{public}")).await;
     assert_eq!(st, StatusCode::OK);
+    // The owner's own gateway keeps the network external: its last policy stays.
+    let own_router = id_of(
+        &s.admin
+            .create(
+                "routers",
+                "router",
+                json!({"name": "own", "external_gateway_info": {"network_id": public}}),
+            )
+            .await,
+    );
+    let (st, body) = s
+        .admin
+        .delete(&format!("/v2.0/rbac-policies/{}", id_of(&wild[0])))
+        .await;
+    assert_neutron_error(st, &body, StatusCode::CONFLICT, Some("ExternalNetworkInUse"));
+    let (st, _) = s.admin.delete(&format!("/v2.0/routers/{own_router}")).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
     let (st, body) = s
         .admin
         .put(

@@ -4,7 +4,7 @@
 //! An object type is one [`RbacObject`] implementation and a line in [`OBJECT_TYPES`].
 
 use super::common::{json_bytes, new_id, not_found, Ctx, Grants, NResult, ACCESS_EXTERNAL, ACCESS_SHARED, WILDCARD};
-use super::lookup::{self, GATEWAY_OWNER};
+use super::lookup::{self, FLOATINGIP_OWNER, GATEWAY_OWNER};
 use isthmus_model::{keys, FloatingIp, Network, NeutronError, Port, RbacPolicy, Router, SecurityGroup};
 use isthmus_store::{Compare, Op, Revision};
 use std::collections::HashSet;
@@ -34,9 +34,10 @@ pub trait RbacObject: Sync {
     /// Projects other than the owner with something that depends on `action` on the object.
     fn bound_projects(&self, ctx: &Ctx<'_>, id: &str, action: &str) -> HashSet<String>;
     /// Writes keeping the object in step with its policies, once a change touching
-    /// `touched` leaves `after` (every policy on the object). None by default.
-    fn sync(&self, _ctx: &Ctx<'_>, _id: &str, _touched: &[&RbacPolicy], _after: &[RbacPolicy]) -> Vec<Op> {
-        vec![]
+    /// `touched` leaves `after` (every policy on the object), or why the change cannot be
+    /// made. None by default.
+    fn sync(&self, _ctx: &Ctx<'_>, _id: &str, _touched: &[&RbacPolicy], _after: &[RbacPolicy]) -> NResult<Vec<Op>> {
+        Ok(vec![])
     }
 }
 
@@ -98,9 +99,9 @@ impl RbacObject for NetworkObject {
         );
         out
     }
-    fn sync(&self, ctx: &Ctx<'_>, id: &str, touched: &[&RbacPolicy], after: &[RbacPolicy]) -> Vec<Op> {
+    fn sync(&self, ctx: &Ctx<'_>, id: &str, touched: &[&RbacPolicy], after: &[RbacPolicy]) -> NResult<Vec<Op>> {
         let Some((mut n, _)) = ctx.get::<Network>(id) else {
-            return vec![];
+            return Ok(vec![]);
         };
         // `shared` is the `*` access_as_shared policy; `router:external` holds while any
         // access_as_external policy does. Flags no touched policy concerns stay as they are
@@ -117,13 +118,34 @@ impl RbacObject for NetworkObject {
             n.external
         };
         if shared == n.shared && external == n.external {
-            return vec![];
+            return Ok(vec![]);
+        }
+        // Gateway ports and floating IPs would be left on a network no longer external.
+        if n.external && !external && external_in_use(ctx, id) {
+            return Err(external_network_in_use(id));
         }
         n.shared = shared;
         n.external = external;
         n.std.bump(&super::common::now());
-        vec![Op::put(lookup::key::<Network>(id), json_bytes(&n))]
+        Ok(vec![Op::put(lookup::key::<Network>(id), json_bytes(&n))])
     }
+}
+
+/// Whether router gateways or floating IPs use external network `id`.
+pub fn external_in_use(ctx: &Ctx<'_>, id: &str) -> bool {
+    ctx.all::<Port>()
+        .into_iter()
+        .any(|(p, _)| p.network_id == id && matches!(p.device_owner.as_str(), GATEWAY_OWNER | FLOATINGIP_OWNER))
+}
+
+/// Neutron's ExternalNetworkInUse.
+pub fn external_network_in_use(id: &str) -> NeutronError {
+    NeutronError::conflict(
+        "ExternalNetworkInUse",
+        format!(
+            "External network {id} cannot be updated to be made non-external, since it has existing gateway ports."
+        ),
+    )
 }
 
 pub struct SecurityGroupObject;

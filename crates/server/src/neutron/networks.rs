@@ -395,15 +395,23 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
                     .filter(|p| p.target_project != WILDCARD)
                     .map(|p| p.target_project.as_str())
                     .collect();
-                grants::check_release(ctx, &NetworkObject, id, &n.project_id, ACCESS_SHARED, WILDCARD, &remaining)
-                    .map_err(|_| {
-                        NeutronError::conflict(
-                            "InvalidSharedSetting",
-                            format!(
-                                "Unable to reconfigure sharing settings for network {id}. Multiple tenants are using it."
-                            ),
-                        )
-                    })?;
+                grants::check_release(
+                    ctx,
+                    &NetworkObject,
+                    id,
+                    &n.project_id,
+                    ACCESS_SHARED,
+                    WILDCARD,
+                    &remaining,
+                )
+                .map_err(|_| {
+                    NeutronError::conflict(
+                        "InvalidSharedSetting",
+                        format!(
+                            "Unable to reconfigure sharing settings for network {id}. Multiple tenants are using it."
+                        ),
+                    )
+                })?;
                 for p in on(ACCESS_SHARED).filter(|p| p.target_project == WILDCARD) {
                     ops.extend(grants::revoke(p));
                 }
@@ -413,20 +421,8 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         if let Some(v) = external {
             if !v && n.external {
                 // Gateway ports and floating IPs would be left on a network no longer external.
-                let in_use = ctx.all::<Port>().into_iter().any(|(p, _)| {
-                    p.network_id == n.id
-                        && matches!(
-                            p.device_owner.as_str(),
-                            lookup::GATEWAY_OWNER | lookup::FLOATINGIP_OWNER
-                        )
-                });
-                if in_use {
-                    return Err(NeutronError::conflict(
-                        "ExternalNetworkInUse",
-                        format!(
-                            "External network {id} cannot be updated to be made non-external, since it has existing gateway ports."
-                        ),
-                    ));
+                if grants::external_in_use(ctx, id) {
+                    return Err(grants::external_network_in_use(id));
                 }
                 // No longer external: every access_as_external policy goes, as in Neutron.
                 for p in on(ACCESS_EXTERNAL) {

@@ -193,7 +193,7 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         cmp.push(Compare::ModRevision(obj.key.clone(), obj.revision));
         let mut after = others(ctx, t, &object_id, &p.id);
         after.push(p.clone());
-        ops.extend(t.sync(ctx, &object_id, &[&p], &after));
+        ops.extend(t.sync(ctx, &object_id, &[&p], &after)?);
         Ok((cmp, ops, p))
     })
     .await?;
@@ -268,7 +268,7 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body) -> NResult<Value> {
             Op::put(grants::policy_key(id), super::common::json_bytes(&new)),
         ];
         after.push(new.clone());
-        ops.extend(t.sync(ctx, &old.object_id, &[&old, &new], &after));
+        ops.extend(t.sync(ctx, &old.object_id, &[&old, &new], &after)?);
         Ok((cmp, ops, new))
     })
     .await?;
@@ -294,7 +294,7 @@ async fn delete(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
             Compare::ModRevision(obj.key.clone(), obj.revision),
         ];
         let mut ops = grants::revoke(&p);
-        ops.extend(t.sync(ctx, &p.object_id, &[&p], &after));
+        ops.extend(t.sync(ctx, &p.object_id, &[&p], &after)?);
         Ok((cmp, ops, ()))
     })
     .await?;
