@@ -177,6 +177,14 @@ impl RbacObject for SecurityGroupObject {
             .map(|(p, _)| p.project_id.clone())
             .collect()
     }
+    fn sync(&self, ctx: &Ctx<'_>, id: &str, _touched: &[&RbacPolicy], _after: &[RbacPolicy]) -> NResult<Vec<Op>> {
+        // Rewritten unchanged: a group delete planned without this policy compares the
+        // group's revision, so it plans again and deletes the policy with the group.
+        Ok(ctx
+            .get::<SecurityGroup>(id)
+            .map(|(g, _)| vec![Op::put(lookup::key::<SecurityGroup>(id), json_bytes(&g))])
+            .unwrap_or_default())
+    }
 }
 
 /// Every policy on object `id` (of any type), with revisions.
