@@ -65,3 +65,8 @@ pub const QUOTA_PREFIX: &str = "/isthmus/v1/quotas/";
 pub fn quota_guard(project_id: &str, resource: &str) -> String {
     format!("{ROOT}quota_guard/{project_id}/{resource}")
 }
+/// Held while an RBAC policy grants `action` on an object to `target` (a project or `*`);
+/// value is the policy id. One policy per (type, object, action, target).
+pub fn rbac_grant(object_type: &str, object_id: &str, action: &str, target: &str) -> String {
+    format!("{ROOT}rbac/{object_type}/{object_id}/{action}/{target}")
+}

@@ -625,6 +625,34 @@ fn agent_time(unix: i64) -> String {
     )
 }
 
+/// An RBAC policy (`rbac-policies`): `target_project` (a project id or `*`) may do `action`
+/// with object `object_id` of type `object_type`, which belongs to `project_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RbacPolicy {
+    pub id: String,
+    pub project_id: String,
+    pub object_type: String,
+    pub object_id: String,
+    pub action: String,
+    pub target_project: String,
+}
+
+impl RbacPolicy {
+    /// The API view; `target_tenant` is the name clients still use for `target_project`.
+    pub fn to_api(&self) -> Value {
+        json!({
+            "id": self.id,
+            "project_id": self.project_id,
+            "tenant_id": self.project_id,
+            "object_type": self.object_type,
+            "object_id": self.object_id,
+            "action": self.action,
+            "target_project": self.target_project,
+            "target_tenant": self.target_project,
+        })
+    }
+}
+
 impl Node {
     /// Alive while the last heartbeat is younger than `down_after` seconds.
     pub fn alive(&self, now_unix: i64, down_after: i64) -> bool {

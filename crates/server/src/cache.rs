@@ -8,8 +8,8 @@
 
 use crate::identity::model::{Project, Role, User};
 use isthmus_model::{
-    keys, AddressScope, FloatingIp, Network, Node, Port, QosPolicy, Router, SecurityGroup, SecurityGroupRule, Subnet,
-    SubnetPool,
+    keys, AddressScope, FloatingIp, Network, Node, Port, QosPolicy, RbacPolicy, Router, SecurityGroup,
+    SecurityGroupRule, Subnet, SubnetPool,
 };
 use isthmus_store::{DynStore, EventKind, KeyValue, Revision, TxnResult, WatchEvent};
 use serde::de::DeserializeOwned;
@@ -65,6 +65,9 @@ impl Typed for AddressScope {
 impl Typed for QosPolicy {
     const COLLECTION: &'static str = "qos_policies";
 }
+impl Typed for RbacPolicy {
+    const COLLECTION: &'static str = "rbac_policies";
+}
 impl Typed for Node {
     const COLLECTION: &'static str = "nodes";
 }
@@ -88,6 +91,7 @@ const DECODERS: &[(&str, Decoder)] = &[
     (SubnetPool::COLLECTION, decode_as::<SubnetPool>),
     (AddressScope::COLLECTION, decode_as::<AddressScope>),
     (QosPolicy::COLLECTION, decode_as::<QosPolicy>),
+    (RbacPolicy::COLLECTION, decode_as::<RbacPolicy>),
     (Node::COLLECTION, decode_as::<Node>),
     (Project::COLLECTION, decode_as::<Project>),
     (User::COLLECTION, decode_as::<User>),

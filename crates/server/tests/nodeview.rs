@@ -248,3 +248,65 @@ async fn a_reconnecting_node_resumes_with_only_what_changed() {
         .expect("request");
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
 }
+
+/// A network shared with another project through an RBAC policy: that project's ports go to
+/// every node with a port on the network, like the owner's, and leave with the policy's
+/// object untouched by it.
+#[tokio::test]
+async fn ports_of_a_project_the_network_is_shared_with_reach_every_node_on_it() {
+    let server = TestServer::start(Backend::Embedded).await;
+    for (h, ip) in [("n1", "192.0.2.1"), ("n2", "192.0.2.2")] {
+        let (s, b) = server
+            .admin
+            .put(&format!("/isthmus/v1/nodes/{h}"), json!({"node": {"underlay_ip": ip}}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+    let owner = server.member("owner").await;
+    let guest = server.member("guest").await;
+    let net = owner.api.network("shared").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    owner.api.subnet(&net, "10.0.0.0/24").await;
+    let (s, b) = owner
+        .api
+        .post(
+            "/v2.0/rbac-policies",
+            json!({"rbac_policy": {"object_type": "network", "object_id": net,
+                                   "action": "access_as_shared", "target_tenant": guest.project_id}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let own = owner
+        .api
+        .create("ports", "port", json!({"network_id": net, "security_groups": []}))
+        .await;
+    let theirs = guest
+        .api
+        .create("ports", "port", json!({"network_id": net, "security_groups": []}))
+        .await;
+    let (own, theirs) = (
+        own["id"].as_str().expect("id").to_string(),
+        theirs["id"].as_str().expect("id").to_string(),
+    );
+    for (port, host) in [(&own, "n1"), (&theirs, "n2")] {
+        let (s, b) = server
+            .admin
+            .put(
+                &format!("/v2.0/ports/{port}"),
+                json!({"port": {"binding:host_id": host}}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+    for (host, other) in [("n1", &theirs), ("n2", &own)] {
+        let mut w = watch(&server, host).await;
+        let snap = w.next().await;
+        let k = keys_of(&snap["objects"]);
+        assert!(has(&k, "networks", &net), "{host}: {k:?}");
+        assert!(has(&k, "ports", &own) && has(&k, "ports", &theirs), "{host}: {k:?}");
+        assert!(has(&k, "nodes", "n1") && has(&k, "nodes", "n2"), "{host}: {k:?}");
+        assert!(has(&k, "ports", other));
+    }
+}

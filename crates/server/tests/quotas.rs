@@ -35,7 +35,7 @@ async fn api_and_enforcement(backend: Backend) {
 
     // Neutron's defaults, for the project itself.
     let defaults = json!({"network": 100, "subnet": 100, "port": 500, "router": 10,
-        "floatingip": 50, "security_group": 10, "security_group_rule": 100, "subnetpool": -1});
+        "floatingip": 50, "security_group": 10, "security_group_rule": 100, "subnetpool": -1, "rbac_policy": 10});
     let (st, b) = m.api.get(&format!("/v2.0/quotas/{p}")).await;
     assert_eq!((st, &b["quota"]), (StatusCode::OK, &defaults), "{b}");
     let (st, b) = m.api.get(&format!("/v2.0/quotas/{p}/default")).await;

@@ -6,11 +6,12 @@ use crate::identity::AuthContext;
 use crate::AppState;
 use isthmus_model::validate::Body;
 use isthmus_model::{
-    AddressScope, FloatingIp, Network, NeutronError, Port, QosPolicy, Router, SecurityGroup, SecurityGroupRule, Subnet,
-    SubnetPool,
+    AddressScope, FloatingIp, Network, NeutronError, Port, QosPolicy, RbacPolicy, Router, SecurityGroup,
+    SecurityGroupRule, Subnet, SubnetPool,
 };
 use isthmus_store::{Compare, Op, Revision};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,80 @@ impl Stored for QosPolicy {
 impl Stored for SecurityGroupRule {
     const NOT_FOUND: (&'static str, &'static str) = ("SecurityGroupRule", "Security group rule");
 }
+impl Stored for RbacPolicy {
+    const NOT_FOUND: (&'static str, &'static str) = ("RbacPolicy", "RBAC policy");
+}
+
+/// RBAC actions (`rbac-policies`).
+pub const ACCESS_SHARED: &str = "access_as_shared";
+pub const ACCESS_EXTERNAL: &str = "access_as_external";
+/// The target that stands for every project.
+pub const WILDCARD: &str = "*";
+
+/// The RBAC policies in force, by object id, read once for a request (or a list).
+pub struct Grants {
+    by_object: HashMap<String, Vec<Arc<RbacPolicy>>>,
+}
+
+impl Grants {
+    /// Every policy.
+    pub fn all(ctx: &Ctx<'_>) -> Self {
+        let mut by_object: HashMap<String, Vec<Arc<RbacPolicy>>> = HashMap::new();
+        for (p, _) in ctx.all::<RbacPolicy>() {
+            by_object.entry(p.object_id.clone()).or_default().push(p);
+        }
+        Self { by_object }
+    }
+
+    /// The policies on one object.
+    pub fn of(ctx: &Ctx<'_>, object_id: &str) -> Self {
+        let on: Vec<Arc<RbacPolicy>> = ctx
+            .all::<RbacPolicy>()
+            .into_iter()
+            .filter(|(p, _)| p.object_id == object_id)
+            .map(|(p, _)| p)
+            .collect();
+        Self {
+            by_object: HashMap::from([(object_id.to_string(), on)]),
+        }
+    }
+
+    /// The policies granting `action` on object `id` of `object_type`.
+    pub fn on<'a>(
+        &'a self,
+        object_type: &'a str,
+        id: &str,
+        action: &'a str,
+    ) -> impl Iterator<Item = &'a RbacPolicy> + 'a {
+        self.by_object
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(|p| p.as_ref())
+            .filter(move |p| p.object_type == object_type && p.action == action)
+    }
+
+    /// Whether `project` holds `action` on the object, through a policy naming it or `*`.
+    pub fn grants(&self, object_type: &str, id: &str, action: &str, project: &str) -> bool {
+        self.on(object_type, id, action)
+            .any(|p| p.target_project == WILDCARD || p.target_project == project)
+    }
+
+    /// Neutron's per-caller `shared`: the network is shared with everyone (the flag mirrors
+    /// the `*` policy; older data may have only the flag) or with the caller's project.
+    pub fn network_shared(&self, n: &Network, project: &str) -> bool {
+        n.shared || self.grants("network", &n.id, ACCESS_SHARED, project)
+    }
+
+    /// Whether the caller's project may use external network `n` (router gateways, floating
+    /// IPs). An external network without any `access_as_external` policy predates them and is
+    /// open to everyone.
+    pub fn network_external(&self, n: &Network, project: &str) -> bool {
+        n.external
+            && (self.on("network", &n.id, ACCESS_EXTERNAL).next().is_none()
+                || self.grants("network", &n.id, ACCESS_EXTERNAL, project))
+    }
+}
 
 impl Stored for SubnetPool {
     const NOT_FOUND: (&'static str, &'static str) = ("SubnetPool", "Subnet pool");
@@ -76,7 +151,8 @@ owned!(
     FloatingIp,
     SecurityGroup,
     SecurityGroupRule,
-    SubnetPool
+    SubnetPool,
+    RbacPolicy
 );
 
 /// How many objects of type `T` project `project` owns.
@@ -138,9 +214,21 @@ impl Ctx<'_> {
         self.state.cache.list_typed()
     }
 
-    /// Shared and external networks are visible to every project, as in Neutron.
+    /// A network is visible to its project, the admin, and the projects RBAC policies share
+    /// it with (as shared or as external), as in Neutron.
     pub fn network_visible(&self, n: &Network) -> bool {
-        self.admin() || self.owns(&n.project_id) || n.shared || n.external
+        self.network_visible_in(n, &Grants::of(self, &n.id))
+    }
+
+    /// [`Ctx::network_visible`] with the policies already read.
+    pub fn network_visible_in(&self, n: &Network, g: &Grants) -> bool {
+        let me = &self.auth.project_id;
+        self.admin() || self.owns(&n.project_id) || g.network_shared(n, me) || g.network_external(n, me)
+    }
+
+    /// Whether the caller's project may put its own ports and subnets' addresses on `n`.
+    pub fn network_shared_with_me(&self, n: &Network) -> bool {
+        Grants::of(self, &n.id).network_shared(n, &self.auth.project_id)
     }
 
     /// A network the caller may see, or NetworkNotFound.
@@ -152,7 +240,11 @@ impl Ctx<'_> {
     }
 
     pub fn subnet_visible(&self, s: &Subnet) -> bool {
-        self.admin() || self.owns(&s.project_id) || self.get::<Network>(&s.network_id).is_some_and(|(n, _)| n.shared)
+        self.admin()
+            || self.owns(&s.project_id)
+            || self
+                .get::<Network>(&s.network_id)
+                .is_some_and(|(n, _)| self.network_shared_with_me(&n))
     }
 
     pub fn port_visible(&self, p: &Port) -> bool {

@@ -1,7 +1,7 @@
 //! Reads several resources share (keys, visibility, who refers to whom), below the resource
 //! modules so that none of them needs another.
 
-use super::common::{not_found, Ctx, NResult};
+use super::common::{not_found, Ctx, Grants, NResult, ACCESS_SHARED};
 use crate::cache::Typed;
 use ipnet::IpNet;
 use isthmus_model::validate::{is_uuid, Body};
@@ -69,11 +69,29 @@ pub fn group(ctx: &Ctx<'_>, id: &str) -> Option<(SecurityGroup, Revision)> {
     ctx.get::<SecurityGroup>(id)
 }
 
+/// Whether the caller sees group `g`: its project's, the admin, or shared with its project
+/// (`rbac-security-groups`).
+pub fn group_visible_in(ctx: &Ctx<'_>, g: &SecurityGroup, grants: &Grants) -> bool {
+    ctx.admin()
+        || ctx.owns(&g.project_id)
+        || grants.grants("security_group", &g.id, ACCESS_SHARED, &ctx.auth.project_id)
+}
+
 /// A security group the caller may see, or SecurityGroupNotFound.
 pub fn visible_group(ctx: &Ctx<'_>, id: &str) -> NResult<(SecurityGroup, Revision)> {
     group(ctx, id)
-        .filter(|(g, _)| ctx.admin() || ctx.owns(&g.project_id))
+        .filter(|(g, _)| group_visible_in(ctx, g, &Grants::of(ctx, id)))
         .ok_or_else(|| not_found::<SecurityGroup>(id))
+}
+
+/// A security group the caller may change: its project's (or any for an admin). Others'
+/// groups shared with it are visible but not writable (403); invisible ones are 404.
+pub fn writable_group(ctx: &Ctx<'_>, id: &str, rule: &str) -> NResult<(SecurityGroup, Revision)> {
+    let (g, rev) = visible_group(ctx, id)?;
+    if !ctx.admin() && !ctx.owns(&g.project_id) {
+        return Err(super::common::policy_denied(&format!("rule:{rule}")));
+    }
+    Ok((g, rev))
 }
 
 /// The group's rules, rendered.
@@ -114,11 +132,13 @@ pub fn fips_of_router(ctx: &Ctx<'_>, router_id: &str) -> Vec<FloatingIp> {
 /// The external network a gateway or floating IP is on: 404 if the caller cannot see it,
 /// 400 if it is not external.
 pub fn external_network(ctx: &Ctx<'_>, id: &str, resource: &str) -> NResult<Network> {
+    let grants = Grants::of(ctx, id);
     let (n, _) = ctx
         .get::<Network>(id)
-        .filter(|(n, _)| ctx.network_visible(n))
+        .filter(|(n, _)| ctx.network_visible_in(n, &grants))
         .ok_or_else(|| not_found::<Network>(id))?;
-    if !n.external {
+    let usable = ctx.admin() || ctx.owns(&n.project_id) || grants.network_external(&n, &ctx.auth.project_id);
+    if !n.external || !usable {
         return Err(NeutronError::bad_request(format!(
             "Bad {resource} request: Network {id} is not a valid external network."
         )));
@@ -182,7 +202,10 @@ pub fn network_scopes(ctx: &Ctx<'_>) -> HashMap<String, (Option<String>, Option<
 }
 
 /// A network's API view with its address scopes filled in.
-pub fn render_network(ctx: &Ctx<'_>, n: &Network, scopes: &HashMap<String, (Option<String>, Option<String>)>) -> Value {
+/// Per network id, its (IPv4, IPv6) address scopes.
+pub type NetworkScopes = HashMap<String, (Option<String>, Option<String>)>;
+
+pub fn render_network(ctx: &Ctx<'_>, n: &Network, scopes: &NetworkScopes) -> Value {
     let mut v = n.to_api(ctx.admin());
     if let Some((v4, v6)) = scopes.get(&n.id) {
         v["ipv4_address_scope"] = serde_json::json!(v4);

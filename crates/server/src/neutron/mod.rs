@@ -10,10 +10,11 @@
 //!   `subnetpools::change_prefixes` for `add_prefixes` / `remove_prefixes`);
 //! - `registry`: the list of resources;
 //! - `qos` (policies and their rules, with their own routes);
-//! - resources: `networks`, `subnets`, `subnetpools`, `address_scopes`, `ports`, `routers`, `floatingips`, `security_groups`, each
-//!   implementing `resource::Resource`;
+//! - resources: `networks`, `subnets`, `subnetpools`, `address_scopes`, `ports`, `routers`,
+//!   `floatingips`, `security_groups`, `rbac_policies`, each implementing `resource::Resource`;
 //! - shared operations: `resource` (the trait and the generic request handling), `portops`,
-//!   `default_sg`, `lookup`, `quota` (limits and their check on create);
+//!   `default_sg`, `grants` (RBAC object types and grants), `lookup`, `quota` (limits and their
+//!   check on create);
 //! - `common`, `query`, `http`.
 
 mod address_scopes;
@@ -21,6 +22,7 @@ mod agents;
 mod common;
 mod default_sg;
 mod floatingips;
+mod grants;
 mod http;
 mod ipavail;
 pub mod l3sched;
@@ -35,6 +37,7 @@ mod qos;
 pub mod query;
 mod quota;
 mod quotas;
+mod rbac_policies;
 mod registry;
 mod resource;
 mod router_interfaces;
@@ -187,6 +190,16 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "qos-default",
         "QoS default policy",
         "Expose the QoS default policy per project",
+    ),
+    (
+        "rbac-policies",
+        "RBAC Policies",
+        "Allows creation and modification of policies that control project access to resources.",
+    ),
+    (
+        "rbac-security-groups",
+        "Add security_group type to network RBAC",
+        "Add security_group type to network RBAC",
     ),
     (
         "project-id",

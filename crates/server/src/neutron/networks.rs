@@ -2,8 +2,9 @@
 
 use super::common::{
     check_if_match, count_owned, description_from, json_bytes, new_id, now, policy_denied, retry, retry_rev, tags_from,
-    Ctx, NResult, Stored,
+    Ctx, Grants, NResult, Stored, ACCESS_EXTERNAL, ACCESS_SHARED, WILDCARD,
 };
+use super::grants::{self, NetworkObject, RbacObject};
 use super::lookup;
 use super::query::Prefilter;
 use super::quota;
@@ -34,18 +35,19 @@ impl Resource for Networks {
     }
     fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
         Box::pin(async move {
+            let g = Grants::all(ctx);
             let scopes = lookup::network_scopes(ctx);
             Ok(ctx
                 .all::<Network>()
                 .into_iter()
-                .filter(|(n, _)| ctx.network_visible(n) && pre.keeps_owned(&n.id, &n.name, &n.project_id))
-                .map(|(n, _)| lookup::render_network(ctx, &n, &scopes))
+                .filter(|(n, _)| ctx.network_visible_in(n, &g) && pre.keeps_owned(&n.id, &n.name, &n.project_id))
+                .map(|(n, _)| render(ctx, &n, &g, &scopes))
                 .collect())
         })
     }
     fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
-        let n = ctx.visible_network(id)?.0;
-        Ok(lookup::render_network(ctx, &n, &lookup::network_scopes(ctx)))
+        let (n, _) = ctx.visible_network(id)?;
+        Ok(render(ctx, &n, &Grants::of(ctx, id), &lookup::network_scopes(ctx)))
     }
     fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
         Box::pin(create(ctx, body))
@@ -63,6 +65,21 @@ impl Resource for Networks {
 
 fn key(id: &str) -> String {
     lookup::key::<Network>(id)
+}
+
+/// The API view for the caller: Neutron reports `shared` true to every project the network
+/// is shared with, through a policy naming it or `*`.
+fn render(ctx: &Ctx<'_>, n: &Network, g: &Grants, scopes: &lookup::NetworkScopes) -> Value {
+    let mut v = lookup::render_network(ctx, n, scopes);
+    v["shared"] = Value::Bool(g.network_shared(n, &ctx.auth.project_id));
+    v
+}
+
+/// The `*` policy `shared` or `router:external` stands for, made with the network.
+fn wildcard_grant(n: &Network, action: &str, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
+    let (_, c, o) = grants::grant(NetworkObject.name(), &n.id, action, WILDCARD, &n.project_id);
+    cmp.extend(c);
+    ops.extend(o);
 }
 
 /// A free VNI from the configured range, starting at a random point so concurrent servers
@@ -291,6 +308,12 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             Op::put(keys::vni_alloc(vni), id.clone()),
             Op::put(key(&id), json_bytes(&net)),
         ];
+        if shared {
+            wildcard_grant(&net, ACCESS_SHARED, &mut cmp, &mut ops);
+        }
+        if external {
+            wildcard_grant(&net, ACCESS_EXTERNAL, &mut cmp, &mut ops);
+        }
         if let Some(pn) = &provider.physical_network {
             // One flat network per physical network, settled by the transaction.
             let k = keys::flat_alloc(pn);
@@ -306,7 +329,12 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     })
     .await?;
     tracing::info!(network = %net.id, project = %net.project_id, vni = net.segmentation_id, "network created");
-    Ok(net.to_api(ctx.admin()))
+    Ok(render(
+        ctx,
+        &net,
+        &Grants::of(ctx, &net.id),
+        &lookup::network_scopes(ctx),
+    ))
 }
 
 /// A network the caller may change: visible and owned (or admin). Others' shared networks are
@@ -387,20 +415,45 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         if let Some(v) = admin_state_up {
             n.admin_state_up = v;
         }
+        let mut cmp = vec![Compare::ModRevision(key(id), rev)];
+        let mut ops = vec![];
+        let policies = grants::policies_on(ctx, id);
+        let on = |action: &'static str| {
+            policies
+                .iter()
+                .filter(move |(p, _)| p.object_type == NetworkObject.name() && p.action == action)
+                .map(|(p, _)| p)
+        };
         if let Some(v) = shared {
+            if v && !n.shared {
+                wildcard_grant(&n, ACCESS_SHARED, &mut cmp, &mut ops);
+            }
             if !v && n.shared {
-                // Unsharing is refused while other projects have ports on the network.
-                let foreign = ctx
-                    .all::<Port>()
-                    .into_iter()
-                    .any(|(p, _)| p.network_id == n.id && p.project_id != n.project_id);
-                if foreign {
-                    return Err(NeutronError::conflict(
+                // Unsharing is refused while projects no other policy covers have ports on
+                // the network.
+                let remaining: Vec<&str> = on(ACCESS_SHARED)
+                    .filter(|p| p.target_project != WILDCARD)
+                    .map(|p| p.target_project.as_str())
+                    .collect();
+                grants::check_release(
+                    ctx,
+                    &NetworkObject,
+                    id,
+                    &n.project_id,
+                    ACCESS_SHARED,
+                    WILDCARD,
+                    &remaining,
+                )
+                .map_err(|_| {
+                    NeutronError::conflict(
                         "InvalidSharedSetting",
                         format!(
                             "Unable to reconfigure sharing settings for network {id}. Multiple tenants are using it."
                         ),
-                    ));
+                    )
+                })?;
+                for p in on(ACCESS_SHARED).filter(|p| p.target_project == WILDCARD) {
+                    ops.extend(grants::revoke(p));
                 }
             }
             n.shared = v;
@@ -408,21 +461,16 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         if let Some(v) = external {
             if !v && n.external {
                 // Gateway ports and floating IPs would be left on a network no longer external.
-                let in_use = ctx.all::<Port>().into_iter().any(|(p, _)| {
-                    p.network_id == n.id
-                        && matches!(
-                            p.device_owner.as_str(),
-                            lookup::GATEWAY_OWNER | lookup::FLOATINGIP_OWNER
-                        )
-                });
-                if in_use {
-                    return Err(NeutronError::conflict(
-                        "ExternalNetworkInUse",
-                        format!(
-                            "External network {id} cannot be updated to be made non-external, since it has existing gateway ports."
-                        ),
-                    ));
+                if grants::external_in_use(ctx, id) {
+                    return Err(grants::external_network_in_use(id));
                 }
+                // No longer external: every access_as_external policy goes, as in Neutron.
+                for p in on(ACCESS_EXTERNAL) {
+                    ops.extend(grants::revoke(p));
+                }
+            }
+            if v && !n.external {
+                wildcard_grant(&n, ACCESS_EXTERNAL, &mut cmp, &mut ops);
             }
             n.external = v;
         }
@@ -438,10 +486,11 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         // An update also clears a deleting mark left by an interrupted delete.
         n.deleting = false;
         n.std.bump(&now());
-        Ok((cmp, vec![Op::put(key(id), json_bytes(&n))], n))
+        ops.push(Op::put(key(id), json_bytes(&n)));
+        Ok((cmp, ops, n))
     })
     .await?;
-    Ok(lookup::render_network(ctx, &net, &lookup::network_scopes(ctx)))
+    Ok(render(ctx, &net, &Grants::of(ctx, id), &lookup::network_scopes(ctx)))
 }
 
 /// A node's pool port not yet given to a workload (see the agent's CNI pools).
@@ -519,6 +568,13 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
         ops.push(Op::delete(keys::mac_alloc(id, &p.mac_address)));
         for f in &p.fixed_ips {
             ops.push(Op::delete(keys::ip_alloc(&f.subnet_id, &f.ip_address)));
+        }
+    }
+    // Its RBAC policies go with it; creating one compares the network's revision, so none
+    // appears after the mark.
+    for (p, _) in grants::policies_on(ctx, id) {
+        if p.object_type == NetworkObject.name() {
+            ops.extend(grants::revoke(&p));
         }
     }
     for (f, rev) in &fips {

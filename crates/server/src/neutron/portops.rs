@@ -6,6 +6,7 @@ use super::common::{
     Ctx, NResult,
 };
 use super::default_sg::ensure_default;
+use super::grants;
 use super::lookup::{self, default_group_id, is_auto_address, visible_port};
 use super::quota;
 use ipnet::IpNet;
@@ -649,7 +650,8 @@ fn key(id: &str) -> String {
 fn check_groups(ctx: &Ctx<'_>, project_id: &str, ids: &[String]) -> NResult<()> {
     for id in ids {
         match lookup::group(ctx, id) {
-            Some((g, _)) if g.project_id == project_id || ctx.admin() || ctx.owns(&g.project_id) => {}
+            // A group shared with the port's project (rbac-security-groups) is usable too.
+            Some((g, _)) if ctx.admin() || ctx.owns(&g.project_id) || grants::group_usable(ctx, &g, project_id) => {}
             _ => return Err(not_found::<SecurityGroup>(id)),
         }
     }
@@ -815,7 +817,7 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
     let f = parse_fields(ctx, &mut body)?;
     body.finish()?;
     let (net, _) = ctx.visible_network(&network_id)?;
-    if !ctx.admin() && !ctx.owns(&net.project_id) && !net.shared {
+    if !ctx.admin() && !ctx.owns(&net.project_id) && !ctx.network_shared_with_me(&net) {
         return Err(not_found::<Network>(&network_id));
     }
     if checked {

@@ -482,6 +482,7 @@ fn filter_attributes(plural: &str) -> Option<&'static [&'static str]> {
             "address_scope_id",
         ],
         "address_scopes" => &["name", "ip_version", "shared"],
+        "rbac_policies" => &["object_type", "object_id", "action", "target_tenant", "target_project"],
         "network_ip_availabilities" => &["network_id", "network_name", "project_id", "tenant_id"],
         "security_group_rules" => &[
             "security_group_id",

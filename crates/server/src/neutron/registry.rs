@@ -5,6 +5,7 @@ use super::address_scopes::AddressScopes;
 use super::floatingips::FloatingIps;
 use super::networks::Networks;
 use super::ports::Ports;
+use super::rbac_policies::RbacPolicies;
 use super::resource::Resource;
 use super::routers::Routers;
 use super::security_groups::{SecurityGroupRules, SecurityGroups};
@@ -21,6 +22,7 @@ static RESOURCES: &[&dyn Resource] = &[
     &FloatingIps,
     &SecurityGroups,
     &SecurityGroupRules,
+    &RbacPolicies,
 ];
 
 /// Every resource, in the order the API index lists them.
@@ -67,7 +69,8 @@ mod tests {
                 "address-scopes",
                 "ports",
                 "security-groups",
-                "security-group-rules"
+                "security-group-rules",
+                "rbac-policies"
             ]
         );
         let untagged: Vec<&str> = all()
@@ -76,7 +79,7 @@ mod tests {
             .filter(|m| !m.tags)
             .map(|m| m.collection)
             .collect();
-        assert_eq!(untagged, ["address-scopes", "security-group-rules"]);
+        assert_eq!(untagged, ["address-scopes", "security-group-rules", "rbac-policies"]);
         let no_bulk: Vec<&str> = all()
             .iter()
             .map(|r| r.meta())
@@ -95,7 +98,8 @@ mod tests {
                 "router",
                 "floatingip",
                 "security_group",
-                "security_group_rule"
+                "security_group_rule",
+                "rbac_policy"
             ]
         );
     }

@@ -1,11 +1,14 @@
 //! Security groups and rules (API only; the datapath enforces them in a later stage).
 
 use super::common::{
-    check_if_match, count_owned, description_from, json_bytes, new_id, not_found, now, retry, tags_from, Ctx, NResult,
-    Stored,
+    check_if_match, count_owned, description_from, json_bytes, new_id, not_found, now, retry, tags_from, Ctx, Grants,
+    NResult, Stored,
 };
 use super::default_sg::{egress_rules, ensure_default};
-use super::lookup::{self, default_group_id, default_sg_key, group, rules_of, visible_group};
+use super::grants::{self, RbacObject, SecurityGroupObject};
+use super::lookup::{
+    self, default_group_id, default_sg_key, group, group_visible_in, rules_of, visible_group, writable_group,
+};
 use super::query::Prefilter;
 use super::quota;
 use super::resource::{BoxFut, Meta, Resource};
@@ -92,10 +95,11 @@ impl Resource for SecurityGroups {
     fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
         Box::pin(async move {
             ensure_default(ctx, &ctx.auth.project_id).await?;
+            let shared = Grants::all(ctx);
             let groups: Vec<_> = ctx
                 .all::<SecurityGroup>()
                 .into_iter()
-                .filter(|(g, _)| ctx.admin() || ctx.owns(&g.project_id))
+                .filter(|(g, _)| group_visible_in(ctx, g, &shared))
                 .filter(|(g, _)| pre.keeps_owned(&g.id, &g.name, &g.project_id))
                 .collect();
             let mut rules: HashMap<String, Vec<Value>> = HashMap::new();
@@ -241,14 +245,14 @@ async fn create_group(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
 }
 
 async fn update_group(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
-    visible_group(ctx, id)?;
+    writable_group(ctx, id, "update_security_group")?;
     let name = body.string("name")?;
     let description = description_from(&mut body)?;
     let stateful = body.boolean("stateful")?;
     let tags = tags_from(ctx, &mut body)?;
     body.finish()?;
     let g = retry(ctx, |ctx| {
-        let (mut g, rev) = visible_group(ctx, id)?;
+        let (mut g, rev) = writable_group(ctx, id, "update_security_group")?;
         check_if_match(if_match, g.std.revision_number)?;
         if let Some(n) = &name {
             if g.name == "default" && *n != "default" {
@@ -287,7 +291,7 @@ async fn update_group(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<
 
 async fn delete_group(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
     retry(ctx, |ctx| {
-        let (g, rev) = visible_group(ctx, id)?;
+        let (g, rev) = writable_group(ctx, id, "delete_security_group")?;
         check_if_match(if_match, g.std.revision_number)?;
         if default_group_id(ctx, &g.project_id).as_deref() == Some(id) && !ctx.admin() {
             return Err(NeutronError::conflict(
@@ -313,6 +317,12 @@ async fn delete_group(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult
         }
         if default_group_id(ctx, &g.project_id).as_deref() == Some(id) {
             ops.push(Op::delete(default_sg_key(&g.project_id)));
+        }
+        // Its RBAC policies go with it.
+        for (p, _) in grants::policies_on(ctx, id) {
+            if p.object_type == SecurityGroupObject.name() {
+                ops.extend(grants::revoke(&p));
+            }
         }
         Ok((vec![Compare::ModRevision(group_key(id), rev)], ops, ()))
     })
@@ -549,7 +559,7 @@ async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     }
     let description = description_from(&mut body)?.unwrap_or_default();
     body.finish()?;
-    let (sg, _) = visible_group(ctx, &sg_id)?;
+    let (sg, _) = writable_group(ctx, &sg_id, "create_security_group_rule")?;
     if let Some(rg) = &remote_group {
         if !is_uuid(rg) || visible_group(ctx, rg).is_err() {
             return Err(not_found::<SecurityGroup>(rg));
@@ -577,7 +587,7 @@ async fn create_rule(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         let (qcmp, qops) = quota::check(ctx, "security_group_rule", &rule.project_id, 1, || {
             count_owned::<SecurityGroupRule>(ctx, &rule.project_id)
         })?;
-        let (mut g, grev) = visible_group(ctx, &sg_id)?;
+        let (mut g, grev) = writable_group(ctx, &sg_id, "create_security_group_rule")?;
         if let Some((dup, _)) = ctx
             .all::<SecurityGroupRule>()
             .into_iter()

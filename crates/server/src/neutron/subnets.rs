@@ -2,7 +2,7 @@
 
 use super::common::{
     check_if_match, count_owned, description_from, json_bytes, new_id, not_found, now, retry, retry_rev, tags_from,
-    Ctx, NResult, Stored,
+    Ctx, Grants, NResult, Stored,
 };
 use super::lookup::{self, is_auto_address, visible_subnet};
 use super::query::Prefilter;
@@ -41,10 +41,12 @@ impl Resource for Subnets {
     }
     fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
         Box::pin(async move {
+            // `shared` as the caller sees it: shared with everyone or with its project.
+            let g = Grants::all(ctx);
             let shared: HashMap<String, bool> = ctx
                 .all::<Network>()
                 .into_iter()
-                .map(|(n, _)| (n.id.clone(), n.shared))
+                .map(|(n, _)| (n.id.clone(), g.network_shared(&n, &ctx.auth.project_id)))
                 .collect();
             let shared_net = |s: &Subnet| shared.get(&s.network_id).copied().unwrap_or(false);
             Ok(ctx
