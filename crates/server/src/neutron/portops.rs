@@ -277,7 +277,12 @@ fn parse_dhcp_opts(v: Value) -> NResult<Vec<DhcpOptReq>> {
                 return Err(dhcp_opt_error(format!("'{name}' is not a known DHCP option")));
             }
             if let Some(v) = &value {
-                isthmus_dhcp::opts::encode(&name, v).map_err(dhcp_opt_error)?;
+                // An IPv6 address under an IPv4 option name is stored as Neutron stores it (its
+                // API does not look at values, and clients send these for IPv6 subnets); DHCPv4
+                // cannot carry it, so the node's DHCP leaves it out.
+                if v.parse::<std::net::Ipv6Addr>().is_err() {
+                    isthmus_dhcp::opts::encode(&name, v).map_err(dhcp_opt_error)?;
+                }
             }
         } else {
             let bare = name.strip_prefix("option6:").unwrap_or(&name);
