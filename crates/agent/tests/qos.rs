@@ -11,86 +11,21 @@ mod testbed;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use support::Ns;
 use testbed::{eventually, Testbed};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 /// Seconds measured per run, after one second left out (slow start, the bucket's burst).
-const SECS: &str = "3";
+const SECS: usize = 3;
 const EGRESS_KBPS: u64 = 20_000;
 const INGRESS_KBPS: u64 = 30_000;
 /// A small bucket, so its burst does not count in a few seconds' average (125 kB).
 const BURST_KBIT: u64 = 1_000;
 
-struct IperfServer(Child);
-
-impl Drop for IperfServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// TCP throughput (one stream) from `client` to `ip` in `server`, in Mbit/s as received.
 fn iperf_mbps(server: &Ns, ip: &str, client: &Ns) -> f64 {
-    let mut last = String::new();
-    for _ in 0..5 {
-        let _srv = IperfServer(
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &server.name,
-                    "iperf3",
-                    "-s",
-                    "-1",
-                    "-B",
-                    ip,
-                    "-p",
-                    "5201",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawning iperf3 -s (apt-get install -y iperf3)"),
-        );
-        std::thread::sleep(Duration::from_millis(300));
-        let out = Command::new("timeout")
-            .args([
-                "30",
-                "ip",
-                "netns",
-                "exec",
-                &client.name,
-                "iperf3",
-                "-c",
-                ip,
-                "-p",
-                "5201",
-                "-t",
-                SECS,
-                "-O",
-                "1",
-                "-J",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running iperf3 -c");
-        let v: Option<Value> = serde_json::from_slice(&out.stdout).ok();
-        if let Some(bps) = v
-            .as_ref()
-            .and_then(|v| v["end"]["sum_received"]["bits_per_second"].as_f64())
-            .filter(|b| *b > 0.0)
-        {
-            return bps / 1e6;
-        }
-        last = String::from_utf8_lossy(&out.stdout).chars().take(300).collect();
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    panic!("iperf3 to {ip} failed 5 times; last: {last}");
+    support::bench::iperf_bps(server, ip, client, ip, SECS, 1) / 1e6
 }
 
 /// `tc -j qdisc show dev <dev>` in a node's namespace (empty when the device is absent).

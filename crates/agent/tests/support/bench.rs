@@ -72,7 +72,13 @@ pub fn iperf(server: &Ns, ip: &str, client: &Ns, secs: usize) -> f64 {
 /// Like [`iperf`], the server listening on `bind` and the client connecting to `ip` (an
 /// address translated to `bind` on the way, e.g. a floating IP).
 pub fn iperf_to(server: &Ns, bind: &str, client: &Ns, ip: &str, secs: usize) -> f64 {
-    let secs = secs.to_string();
+    iperf_bps(server, bind, client, ip, secs, 0) / 1e9
+}
+
+/// The run behind [`iperf_to`], in bit/s received, leaving the first `omit` seconds out of
+/// the figure (slow start, a shaper's burst); retried up to five times.
+pub fn iperf_bps(server: &Ns, bind: &str, client: &Ns, ip: &str, secs: usize, omit: usize) -> f64 {
+    let (secs, omit) = (secs.to_string(), omit.to_string());
     let mut last = String::new();
     for _attempt in 0..5 {
         let _srv = IperfServer::start(server, bind);
@@ -92,6 +98,8 @@ pub fn iperf_to(server: &Ns, bind: &str, client: &Ns, ip: &str, secs: usize) -> 
                 "5201",
                 "-t",
                 &secs,
+                "-O",
+                &omit,
                 "-P",
                 "1",
                 "-J",
@@ -109,7 +117,7 @@ pub fn iperf_to(server: &Ns, bind: &str, client: &Ns, ip: &str, secs: usize) -> 
                 if let Some(r) = json.as_ref().and_then(|v| v["end"]["sum_sent"]["retransmits"].as_u64()) {
                     println!("  iperf3: {r} retransmits");
                 }
-                return bps / 1e9;
+                return bps;
             }
             _ => {
                 last = format!(

@@ -39,7 +39,7 @@ impl Resource for AddressScopes {
             Ok(ctx
                 .all::<AddressScope>()
                 .into_iter()
-                .filter(|(s, _)| ctx.admin() || ctx.owns(&s.project_id) || s.shared)
+                .filter(|(s, _)| lookup::own_or_shared(ctx, &s.project_id, s.shared))
                 .filter(|(s, _)| pre.keeps_owned(&s.id, &s.name, &s.project_id))
                 .map(|(s, _)| s.to_api())
                 .collect())

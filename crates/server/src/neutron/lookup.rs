@@ -149,14 +149,14 @@ pub fn external_network(ctx: &Ctx<'_>, id: &str, resource: &str) -> NResult<Netw
 /// Shared subnet pools are visible to every project, as in Neutron.
 pub fn visible_pool(ctx: &Ctx<'_>, id: &str) -> NResult<(SubnetPool, Revision)> {
     ctx.get::<SubnetPool>(id)
-        .filter(|(p, _)| ctx.admin() || ctx.owns(&p.project_id) || p.shared)
+        .filter(|(p, _)| own_or_shared(ctx, &p.project_id, p.shared))
         .ok_or_else(|| not_found::<SubnetPool>(id))
 }
 
 /// Shared address scopes are visible to every project, as in Neutron.
 pub fn visible_scope(ctx: &Ctx<'_>, id: &str) -> NResult<(AddressScope, Revision)> {
     ctx.get::<AddressScope>(id)
-        .filter(|(s, _)| ctx.admin() || ctx.owns(&s.project_id) || s.shared)
+        .filter(|(s, _)| own_or_shared(ctx, &s.project_id, s.shared))
         .ok_or_else(|| not_found::<AddressScope>(id))
 }
 
@@ -220,7 +220,13 @@ pub fn qos_default_key(project: &str) -> String {
 
 /// Whether the caller sees a QoS policy: its project's, shared ones, all for an admin.
 pub fn policy_visible(ctx: &Ctx<'_>, p: &QosPolicy) -> bool {
-    ctx.admin() || ctx.owns(&p.project_id) || p.shared
+    own_or_shared(ctx, &p.project_id, p.shared)
+}
+
+/// Neutron's read rule for objects with a plain `shared` flag (subnet pools, address scopes,
+/// QoS policies): the admin, the owner, or anybody when shared.
+pub fn own_or_shared(ctx: &Ctx<'_>, project_id: &str, shared: bool) -> bool {
+    ctx.admin() || ctx.owns(project_id) || shared
 }
 
 /// A QoS policy the caller may see, or QosPolicyNotFound.

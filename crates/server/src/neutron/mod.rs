@@ -338,10 +338,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2.0/{collection}/{id}", get(member).put(member).delete(member))
         .route("/v2.0/routers/{id}/add_router_interface", put(router_interface))
         .route("/v2.0/routers/{id}/remove_router_interface", put(router_interface))
-        .route("/v2.0/subnetpools/{id}/add_prefixes", put(prefix_ops))
-        .route("/v2.0/subnetpools/{id}/remove_prefixes", put(prefix_ops))
-        .route("/v2.0/routers/{id}/add_extraroutes", put(extraroutes))
-        .route("/v2.0/routers/{id}/remove_extraroutes", put(extraroutes))
+        .route("/v2.0/subnetpools/{id}/add_prefixes", put(add_remove))
+        .route("/v2.0/subnetpools/{id}/remove_prefixes", put(add_remove))
+        .route("/v2.0/routers/{id}/add_extraroutes", put(add_remove))
+        .route("/v2.0/routers/{id}/remove_extraroutes", put(add_remove))
         .route(
             "/v2.0/{collection}/{id}/tags",
             get(tags::all_tags)
@@ -555,7 +555,9 @@ async fn member(
     }
 }
 
-async fn extraroutes(
+/// `PUT .../add_<what>` and `.../remove_<what>` on a member: a router's extra routes or a
+/// subnet pool's prefixes, told apart by the path.
+async fn add_remove(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     uri: axum::http::Uri,
@@ -568,26 +570,13 @@ async fn extraroutes(
         auth: &auth,
     };
     let body = parse_body(body)?;
-    let add = uri.path().ends_with("/add_extraroutes");
-    let out = routers::change_routes(&ctx, &id, body, add).await?;
-    Ok(json_response(StatusCode::OK, out))
-}
-
-async fn prefix_ops(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    uri: axum::http::Uri,
-    Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    let auth = authenticate(&state, &headers).await?;
-    let ctx = Ctx {
-        state: &state,
-        auth: &auth,
+    let path = uri.path();
+    let add = path.rsplit('/').next().is_some_and(|last| last.starts_with("add_"));
+    let out = if path.starts_with("/v2.0/subnetpools/") {
+        subnetpools::change_prefixes(&ctx, &id, body, add).await?
+    } else {
+        routers::change_routes(&ctx, &id, body, add).await?
     };
-    let body = parse_body(body)?;
-    let add = uri.path().ends_with("/add_prefixes");
-    let out = subnetpools::change_prefixes(&ctx, &id, body, add).await?;
     Ok(json_response(StatusCode::OK, out))
 }
 

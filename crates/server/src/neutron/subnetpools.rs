@@ -42,7 +42,7 @@ impl Resource for SubnetPools {
             Ok(ctx
                 .all::<SubnetPool>()
                 .into_iter()
-                .filter(|(p, _)| ctx.admin() || ctx.owns(&p.project_id) || p.shared)
+                .filter(|(p, _)| lookup::own_or_shared(ctx, &p.project_id, p.shared))
                 .filter(|(p, _)| pre.keeps_owned(&p.id, &p.name, &p.project_id))
                 .map(|(p, _)| p.to_api())
                 .collect())
