@@ -105,6 +105,14 @@ async fn api_and_enforcement(backend: Backend) {
         let (st, b) = admin.put(&path, body.clone()).await;
         assert_neutron_error(st, &b, StatusCode::BAD_REQUEST, None);
     }
+    // A project id past 255 characters is refused, not stored.
+    let long = "x".repeat(256);
+    let (st, b) = admin
+        .put(&format!("/v2.0/quotas/{long}"), json!({"quota": {"network": 5}}))
+        .await;
+    assert_neutron_error(st, &b, StatusCode::BAD_REQUEST, None);
+    let (_, b) = admin.get("/v2.0/quotas").await;
+    assert!(!b.to_string().contains(&long), "{b}");
     // Below what is used: refused unless forced.
     let (st, b) = admin.put(&path, json!({"quota": {"network": 0}})).await;
     assert_neutron_error(st, &b, StatusCode::BAD_REQUEST, None);

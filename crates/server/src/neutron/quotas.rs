@@ -119,6 +119,14 @@ pub async fn member(
             if !ctx.admin() {
                 return Err(policy_denied("rule:update_quota").into());
             }
+            // Limits are stored under the id: bounded like every project id the API takes.
+            if id.chars().count() > 255 {
+                return Err(NeutronError::invalid_input(format!(
+                    "project id of {} characters is longer than 255",
+                    id.chars().count()
+                ))
+                .into());
+            }
             let body = parse_body(body)?;
             let out = update(&ctx, id, body).await?;
             Ok(json_response(StatusCode::OK, json!({ "quota": out })))
