@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want=(ca-certificates gcc libc6-dev iproute2 nftables protobuf-compiler)
+# libprotobuf-dev carries the well-known .proto files (descriptor.proto) the etcd client's build imports;
+# protobuf-compiler only recommends it, and recommends are not installed here.
+want=(ca-certificates gcc libc6-dev iproute2 nftables protobuf-compiler libprotobuf-dev)
 if [ "${1:-}" = "--test" ]; then
   want+=(etcd-server etcd-client python3-openstackclient python3-tempest
          podman runc containernetworking-plugins busybox-static iputils-ping qemu-system-x86)
