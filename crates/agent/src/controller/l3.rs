@@ -68,56 +68,26 @@ impl<B: Routers + Links> L3Controller<B> {
                 Err(e) => out.failures.push(format!("removing router namespace {ns}: {e}")),
             }
         }
-        // The DVR table before the legs: a new leg's first frames (its announcement, its
-        // gateway answers) must already be kept off the VXLAN ports.
+        // The DVR table before new legs: a new leg's first frames (its announcement, its
+        // gateway answers) must already be kept off the VXLAN ports. A full resync re-applies
+        // what has not changed only after what has, so it never delays a change.
         let script = l3::dvr_script(&snap.l3);
         let same = self.dvr.lock().unwrap_or_else(|p| p.into_inner()).as_deref() == Some(script.as_str());
-        if due || !same {
-            out.planned += 1;
-            *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            match self.backend.apply_dvr(script.clone()).await {
-                Ok(()) => *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = Some(script),
-                Err(e) => out.failures.push(format!("DVR table: {e}")),
-            }
+        if !same {
+            self.apply_dvr(script.clone(), &mut out).await;
         }
-        for (ns, r) in want {
-            if !due && have.contains(ns) && applied.get(ns) == Some(r) {
-                continue;
+        let (changed, unchanged): (Vec<_>, Vec<_>) = want
+            .iter()
+            .partition(|(ns, r)| !have.contains(*ns) || applied.get(*ns) != Some(*r));
+        for (ns, r) in changed {
+            self.apply_router(ns, r, &mut out).await;
+        }
+        if due {
+            if same {
+                self.apply_dvr(script, &mut out).await;
             }
-            out.planned += 1;
-            let started = Instant::now();
-            let mut bridges = Ok(());
-            for leg in r.legs.values() {
-                if let Err(e) = self.l2.ensure_network(leg.vni, leg.mtu).await {
-                    bridges = Err(e);
-                    break;
-                }
-            }
-            if let Err(e) = bridges {
-                self.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(ns);
-                out.failures
-                    .push(format!("router {} ({ns}): its networks' devices: {e}", r.id));
-                continue;
-            }
-            match self.backend.apply_router(r).await {
-                Ok(()) => {
-                    debug!(
-                        router = %r.id,
-                        netns = %ns,
-                        legs = r.legs.len(),
-                        neighbors = r.neighbors.len(),
-                        took_ms = started.elapsed().as_millis() as u64,
-                        "router applied"
-                    );
-                    self.applied
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(ns.clone(), r.clone());
-                }
-                Err(e) => {
-                    self.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(ns);
-                    out.failures.push(format!("router {} ({ns}): {e}", r.id));
-                }
+            for (ns, r) in unchanged {
+                self.apply_router(ns, r, &mut out).await;
             }
         }
         // Router advertisements on the legs of IPv6 subnets in an RA mode.
@@ -142,6 +112,48 @@ impl<B: Routers + Links> L3Controller<B> {
             *self.last_full.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         }
         Ok(out)
+    }
+
+    async fn apply_dvr(&self, script: String, out: &mut Outcome) {
+        out.planned += 1;
+        *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        match self.backend.apply_dvr(script.clone()).await {
+            Ok(()) => *self.dvr.lock().unwrap_or_else(|p| p.into_inner()) = Some(script),
+            Err(e) => out.failures.push(format!("DVR table: {e}")),
+        }
+    }
+
+    async fn apply_router(&self, ns: &String, r: &RouterNs, out: &mut Outcome) {
+        out.planned += 1;
+        let started = Instant::now();
+        for leg in r.legs.values() {
+            if let Err(e) = self.l2.ensure_network(leg.vni, leg.mtu).await {
+                self.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(ns);
+                out.failures
+                    .push(format!("router {} ({ns}): its networks' devices: {e}", r.id));
+                return;
+            }
+        }
+        match self.backend.apply_router(r).await {
+            Ok(()) => {
+                debug!(
+                    router = %r.id,
+                    netns = %ns,
+                    legs = r.legs.len(),
+                    neighbors = r.neighbors.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "router applied"
+                );
+                self.applied
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(ns.clone(), r.clone());
+            }
+            Err(e) => {
+                self.applied.lock().unwrap_or_else(|p| p.into_inner()).remove(ns);
+                out.failures.push(format!("router {} ({ns}): {e}", r.id));
+            }
+        }
     }
 }
 
