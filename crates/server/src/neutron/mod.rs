@@ -202,6 +202,16 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "Add security_group type to network RBAC",
     ),
     (
+        "rbac-address-scope",
+        "Add address_scope type to RBAC",
+        "Add address_scope type to RBAC",
+    ),
+    (
+        "rbac-subnetpool",
+        "Add subnetpool type to RBAC",
+        "Add subnetpool type to RBAC",
+    ),
+    (
         "project-id",
         "project_id field enabled",
         "Extension that indicates that project_id field is enabled.",
