@@ -46,6 +46,7 @@ mod security_groups;
 mod subnetpools;
 mod subnets;
 mod tags;
+mod trunks;
 pub mod viewindex;
 
 use crate::AppState;
@@ -350,6 +351,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2.0/routers/{id}/remove_router_interface", put(router_interface))
         .route("/v2.0/subnetpools/{id}/add_prefixes", put(add_remove))
         .route("/v2.0/subnetpools/{id}/remove_prefixes", put(add_remove))
+        .route("/v2.0/trunks/{id}/add_subports", put(add_remove))
+        .route("/v2.0/trunks/{id}/remove_subports", put(add_remove))
+        .route("/v2.0/trunks/{id}/get_subports", get(get_subports))
         .route("/v2.0/routers/{id}/add_extraroutes", put(add_remove))
         .route("/v2.0/routers/{id}/remove_extraroutes", put(add_remove))
         .route(
@@ -584,10 +588,26 @@ async fn add_remove(
     let add = path.rsplit('/').next().is_some_and(|last| last.starts_with("add_"));
     let out = if path.starts_with("/v2.0/subnetpools/") {
         subnetpools::change_prefixes(&ctx, &id, body, add).await?
+    } else if path.starts_with("/v2.0/trunks/") {
+        trunks::change_subports(&ctx, &id, body, add).await?
     } else {
         routers::change_routes(&ctx, &id, body, add).await?
     };
     Ok(json_response(StatusCode::OK, out))
+}
+
+/// `GET /v2.0/trunks/{id}/get_subports`.
+async fn get_subports(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    Ok(json_response(StatusCode::OK, trunks::get_subports(&ctx, &id)?))
 }
 
 async fn router_interface(
