@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the API server (identity + network API) against a store.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// All-in-one: the server on the embedded store in a data directory.
     Up(UpArgs),
     /// Networks.
@@ -595,7 +595,7 @@ async fn main() {
         raise_nofile_limit();
     }
     let res = match cli.cmd {
-        Cmd::Server(a) => run_server(a).await,
+        Cmd::Server(a) => run_server(*a).await,
         Cmd::Up(a) => run_up(a).await,
         Cmd::Network(c) => client::run("networks", c).await,
         Cmd::Subnet(c) => client::run("subnets", c).await,
