@@ -71,8 +71,8 @@ pub struct UpCerts {
 const CA_NAME: &str = "Isthmus all-in-one CA";
 
 /// A private CA and a server certificate for `hosts` (names and addresses), made once and
-/// kept in `dir` (keys 0600). Existing files are used as they are; a missing server
-/// certificate is signed again by the kept CA.
+/// kept in `dir` (keys 0600). The CA stays; the server certificate is signed again by it when
+/// missing or when `hosts` changed (another listen address or host name).
 pub fn up_certs(dir: &Path, hosts: &[String]) -> Result<UpCerts> {
     let certs = UpCerts {
         ca: dir.join("ca.pem"),
@@ -80,7 +80,10 @@ pub fn up_certs(dir: &Path, hosts: &[String]) -> Result<UpCerts> {
         key: dir.join("server-key.pem"),
     };
     let ca_key_file = dir.join("ca-key.pem");
-    if certs.ca.exists() && certs.cert.exists() && certs.key.exists() {
+    let hosts_file = dir.join("server-hosts");
+    let names = hosts.join("\n");
+    let same_hosts = std::fs::read_to_string(&hosts_file).is_ok_and(|h| h == names);
+    if same_hosts && certs.ca.exists() && certs.cert.exists() && certs.key.exists() {
         return Ok(certs);
     }
     let (ca_key, fresh_ca) = match std::fs::read_to_string(&ca_key_file) {
@@ -112,6 +115,7 @@ pub fn up_certs(dir: &Path, hosts: &[String]) -> Result<UpCerts> {
         .context("signing the server certificate")?;
     write_private(&certs.key, &key.serialize_pem())?;
     write_file(&certs.cert, &cert.pem(), 0o644)?;
+    write_file(&hosts_file, &names, 0o644)?;
     Ok(certs)
 }
 
@@ -157,7 +161,8 @@ pub fn up_hosts(listen: &[std::net::SocketAddr], public_urls: &[Option<&str>]) -
             hosts.push(h);
         }
     }
-    hosts.retain(|h| !h.is_empty());
+    // A certificate names hosts in ASCII; a name it cannot carry is left out.
+    hosts.retain(|h| !h.is_empty() && h.is_ascii());
     let mut seen = std::collections::HashSet::new();
     hosts.retain(|h| seen.insert(h.clone()));
     hosts
@@ -232,11 +237,17 @@ mod tests {
         let first = std::fs::read_to_string(&c.cert).expect("cert");
         let again = up_certs(dir.path(), &hosts).expect("certs again");
         assert_eq!(std::fs::read_to_string(&again.cert).expect("cert"), first, "made again");
-        // A lost server certificate is signed again by the kept CA.
+        // A lost server certificate is signed again by the kept CA, and so is one for
+        // other hosts.
         let ca = std::fs::read_to_string(&c.ca).expect("ca");
         std::fs::remove_file(&c.cert).expect("rm");
         up_certs(dir.path(), &hosts).expect("re-signed");
         assert_eq!(std::fs::read_to_string(&c.ca).expect("ca"), ca, "the CA changed");
-        assert_ne!(std::fs::read_to_string(&c.cert).expect("cert"), first);
+        let second = std::fs::read_to_string(&c.cert).expect("cert");
+        assert_ne!(second, first);
+        let more = up_hosts(&["192.0.2.7:5000".parse().expect("addr")], &[]);
+        up_certs(dir.path(), &more).expect("other hosts");
+        assert_ne!(std::fs::read_to_string(&c.cert).expect("cert"), second, "not re-signed");
+        assert_eq!(std::fs::read_to_string(&c.ca).expect("ca"), ca, "the CA changed");
     }
 }
