@@ -248,7 +248,20 @@ impl Config {
 
     fn check_tls(&self) -> Result<(), String> {
         match (&self.tls_cert_file, &self.tls_key_file) {
-            (Some(_), Some(_)) => return Ok(()),
+            (Some(_), Some(_)) => {
+                // Nothing answers plain HTTP there: clients sent to it would only fail.
+                for (service, url) in [
+                    ("identity", &self.identity_public_url),
+                    ("network", &self.network_public_url),
+                ] {
+                    if let Some(u) = url.as_deref().filter(|u| u.starts_with("http://")) {
+                        return Err(format!(
+                            "{service}_public_url '{u}' is plain http, but the listeners serve HTTPS: use https://"
+                        ));
+                    }
+                }
+                return Ok(());
+            }
             (Some(_), None) | (None, Some(_)) => {
                 return Err("--tls-cert and --tls-key (tls_cert_file, tls_key_file) go together".into())
             }
@@ -438,6 +451,13 @@ mod tests {
         assert_eq!(tls.validate(), Ok(()));
         assert_eq!(tls.network_url(None), "https://10.0.0.5:9696/");
         assert_eq!(tls.identity_url(None), "https://127.0.0.1:5000/v3");
+        let e = Config {
+            network_public_url: Some("http://10.0.0.5:9696/".into()),
+            ..tls.clone()
+        }
+        .validate()
+        .expect_err("an http URL for an https listener");
+        assert!(e.contains("use https://"), "{e}");
         let half = Config {
             tls_key_file: None,
             ..tls
