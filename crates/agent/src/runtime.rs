@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub physical_networks: crate::l3::PhysicalNetworks,
     /// Offer this node as a SNAT gateway (the `gateway` capability).
     pub gateway: bool,
+    /// CA bundle (PEM) that verifies an https server; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -89,6 +91,7 @@ impl AgentConfig {
             orphan_sweep: Duration::from_secs(60),
             physical_networks: Default::default(),
             gateway: false,
+            ca_file: None,
         }
     }
 }
@@ -139,6 +142,7 @@ impl<K: Kernel + 'static> Agent<K> {
                 password: config.password.clone(),
                 project: config.project.clone(),
             },
+            config.ca_file.as_deref(),
         )?);
         let kernel = Arc::new(kernel);
         let state = NodeState::with_physical(&config.node, config.underlay_ip, config.physical_networks.clone());

@@ -2,6 +2,7 @@
 
 mod client;
 mod local_node;
+mod tls;
 
 /// Server and agent are long-running with large, long-lived heaps (cache, node views); glibc
 /// malloc spent most of an idle server's CPU walking its fragmented free lists.
@@ -24,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the API server (identity + network API) against a store.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// All-in-one: the server on the embedded store in a data directory.
     Up(UpArgs),
     /// Networks.
@@ -81,6 +82,10 @@ struct AgentArgs {
     /// physical networks mapped).
     #[arg(long, env = "ISTHMUS_GATEWAY")]
     gateway: bool,
+    /// CA bundle (PEM) that verifies the server's https certificate; by default the
+    /// system's trusted roots.
+    #[arg(long, env = "ISTHMUS_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 async fn run_agent(a: AgentArgs) -> Result<()> {
@@ -107,6 +112,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         c.physical_networks.insert(name.to_string(), bridge.to_string());
     }
     c.gateway = a.gateway;
+    c.ca_file = a.ca_file;
     isthmus_agent::runtime::run(c, shutdown_signal()).await
 }
 
@@ -222,6 +228,8 @@ struct ServerArgs {
     token_ttl: Option<u64>,
     #[command(flatten)]
     quotas: QuotaArgs,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
 }
 
 /// Default quota limits other than Neutron's.
@@ -310,6 +318,13 @@ struct UpArgs {
     socket: PathBuf,
     #[command(flatten)]
     quotas: QuotaArgs,
+    /// Serve HTTPS with a private CA and server certificate made once in the data dir
+    /// (`ca.pem` is the openrc's OS_CACERT).
+    #[arg(long, env = "ISTHMUS_UP_TLS")]
+    tls: bool,
+    /// Serve plain HTTP on a non-loopback address (passwords and tokens in clear).
+    #[arg(long, env = "ISTHMUS_INSECURE_HTTP", conflicts_with = "tls")]
+    insecure_http: bool,
 }
 
 fn init_logging() {
@@ -377,15 +392,15 @@ async fn run_server(args: ServerArgs) -> Result<()> {
     args.public.apply(&mut config);
     args.store.apply(&mut config);
     args.quotas.apply(&mut config);
+    args.tls.apply(&mut config);
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let store = open_store(&args.store).await?;
     let compactor = isthmus_store::spawn_compactor(&store, config.compaction());
     let handle = isthmus_server::start(config, store).await?;
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
-    }
+    tls::serve_until(&handle, shutdown_signal()).await;
+    tracing::info!("shutting down");
     handle.stop().await;
     compactor.abort();
     Ok(())
@@ -444,10 +459,26 @@ async fn run_up(args: UpArgs) -> Result<()> {
         admin_password: Some(password.clone()),
         // This machine's own agent heartbeats with 127.0.0.1.
         allow_loopback_underlay: true,
+        insecure_http: args.insecure_http,
         ..Config::default()
     };
     args.public.apply(&mut config);
     args.quotas.apply(&mut config);
+    let ca_file = if args.tls {
+        let hosts = tls::up_hosts(
+            &[config.identity_listen, config.network_listen],
+            &[
+                config.identity_public_url.as_deref(),
+                config.network_public_url.as_deref(),
+            ],
+        );
+        let certs = tls::up_certs(&args.data_dir, &hosts).context("making the all-in-one certificates")?;
+        config.tls_cert_file = Some(certs.cert);
+        config.tls_key_file = Some(certs.key);
+        Some(certs.ca)
+    } else {
+        None
+    };
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -455,10 +486,13 @@ async fn run_up(args: UpArgs) -> Result<()> {
     let _compactor = isthmus_store::spawn_compactor(&store, config.compaction());
     let handle = isthmus_server::start(config, store).await?;
     let openrc = args.data_dir.join("openrc");
-    let rc = format!(
+    let mut rc = format!(
         "export OS_AUTH_URL={}\nexport OS_IDENTITY_API_VERSION=3\nexport OS_USERNAME=admin\nexport OS_PASSWORD={}\nexport OS_PROJECT_NAME=admin\nexport OS_USER_DOMAIN_NAME=Default\nexport OS_PROJECT_DOMAIN_NAME=Default\nexport OS_REGION_NAME=RegionOne\n",
         handle.state.identity_url, password
     );
+    if let Some(ca) = &ca_file {
+        rc.push_str(&format!("export OS_CACERT={}\n", ca.display()));
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -488,9 +522,15 @@ async fn run_up(args: UpArgs) -> Result<()> {
         }
         None
     } else {
-        let pw = local_node::ensure_node_user(&handle.state.identity_url, &password, &args.node, &args.data_dir)
-            .await
-            .context("creating this machine's node user")?;
+        let pw = local_node::ensure_node_user(
+            &handle.state.identity_url,
+            ca_file.as_deref(),
+            &password,
+            &args.node,
+            &args.data_dir,
+        )
+        .await
+        .context("creating this machine's node user")?;
         let mut c = isthmus_agent::runtime::AgentConfig::new(
             &args.node,
             &handle.state.network_url,
@@ -499,6 +539,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
             std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         );
         c.socket = args.socket.clone();
+        c.ca_file = ca_file.clone();
         println!("Node agent: node {:?}, socket {}.", args.node, args.socket.display());
         let mut rx = stop_rx.clone();
         Some(tokio::spawn(async move {
@@ -510,7 +551,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
             }
         }))
     };
-    shutdown_signal().await;
+    tls::serve_until(&handle, shutdown_signal()).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     if let Some(a) = agent {
@@ -554,7 +595,7 @@ async fn main() {
         raise_nofile_limit();
     }
     let res = match cli.cmd {
-        Cmd::Server(a) => run_server(a).await,
+        Cmd::Server(a) => run_server(*a).await,
         Cmd::Up(a) => run_up(a).await,
         Cmd::Network(c) => client::run("networks", c).await,
         Cmd::Subnet(c) => client::run("subnets", c).await,

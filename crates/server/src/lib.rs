@@ -9,6 +9,7 @@ pub mod identity;
 pub mod neutron;
 mod serve;
 pub mod time;
+pub mod tls;
 
 use anyhow::Context;
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct ServerHandle {
     fanout: tokio::task::JoinHandle<()>,
     /// Binds routers' gateways to living gateway nodes; stopped with the server.
     snat_scheduler: tokio::task::JoinHandle<()>,
+    /// The certificate both listeners serve, when they serve HTTPS.
+    tls: Option<Arc<tls::ServerTls>>,
 }
 
 impl ServerHandle {
@@ -60,6 +63,15 @@ impl ServerHandle {
         self.fanout.abort();
         self.snat_scheduler.abort();
     }
+    /// Reads the certificate and key files again (SIGHUP): new connections get the new
+    /// certificate; if the files are bad, the old one stays and the error is returned.
+    /// `Ok(false)`: the server serves plain HTTP.
+    pub fn reload_tls(&self) -> Result<bool, tls::TlsError> {
+        match &self.tls {
+            Some(t) => t.reload().map(|()| true),
+            None => Ok(false),
+        }
+    }
     /// Waits until the server stops by itself (it normally does not).
     pub async fn wait(self) {
         for t in self.tasks {
@@ -73,6 +85,10 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let server_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::ServerTls::load(cert, key)?)),
+        _ => None,
+    };
     let config = Arc::new(config);
     let cache = cache::Cache::start(store.clone())
         .await
@@ -129,6 +145,7 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
             on_body_timeout,
             rx,
             name,
+            server_tls.as_ref().map(|t| t.acceptor()),
         )));
     }
     tracing::info!(%identity_addr, %network_addr, "isthmus server listening");
@@ -140,6 +157,7 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         tasks,
         fanout,
         snat_scheduler,
+        tls: server_tls,
     })
 }
 
