@@ -65,6 +65,13 @@ pub struct Config {
     /// Default quota limits that differ from Neutron's (resource → limit, -1 unlimited), e.g.
     /// `port = -1`. Projects without their own limits get these.
     pub quota_defaults: std::collections::BTreeMap<String, i64>,
+    /// Directory of token signing keys (see `identity::keys`), shared by every server of a
+    /// deployment. Created with a first key if it has none. Unset: one key kept in memory.
+    pub token_key_dir: Option<std::path::PathBuf>,
+    /// How often the key directory is read again, seconds (also on SIGHUP).
+    pub token_key_reload_secs: u64,
+    /// On shutdown, how long requests in flight may take before the server exits anyway.
+    pub shutdown_drain_secs: u64,
 }
 
 /// Neutron's default quota limits (`neutron.conf [QUOTAS]`); -1 is unlimited.
@@ -110,6 +117,9 @@ impl Default for Config {
             store_compact_window: 10_000,
             store_compact_interval_secs: 60,
             quota_defaults: Default::default(),
+            token_key_dir: None,
+            token_key_reload_secs: 60,
+            shutdown_drain_secs: 30,
         }
     }
 }
@@ -145,6 +155,9 @@ impl std::fmt::Debug for Config {
             .field("store_compact_window", &self.store_compact_window)
             .field("store_compact_interval_secs", &self.store_compact_interval_secs)
             .field("quota_defaults", &self.quota_defaults)
+            .field("token_key_dir", &self.token_key_dir)
+            .field("token_key_reload_secs", &self.token_key_reload_secs)
+            .field("shutdown_drain_secs", &self.shutdown_drain_secs)
             .finish()
     }
 }
@@ -217,6 +230,9 @@ impl Config {
         }
         if self.store_compact_window < 1 || self.store_compact_interval_secs == 0 {
             return Err("store_compact_window and store_compact_interval_secs must be positive".into());
+        }
+        if self.token_key_reload_secs == 0 {
+            return Err("token_key_reload_secs must be positive".into());
         }
         if self.max_connections == 0 {
             return Err("max_connections must be positive".into());
