@@ -58,7 +58,12 @@ struct AgentArgs {
     #[arg(long, env = "ISTHMUS_NETWORK_URL")]
     network_url: Option<String>,
     /// The node user's password (prefer --password-file or the environment variable).
-    #[arg(long, env = "ISTHMUS_NODE_PASSWORD", hide_env_values = true, required_unless_present = "password_file")]
+    #[arg(
+        long,
+        env = "ISTHMUS_NODE_PASSWORD",
+        hide_env_values = true,
+        required_unless_present = "password_file"
+    )]
     password: Option<String>,
     /// File holding the node user's password (not readable by other users).
     #[arg(long, env = "ISTHMUS_NODE_PASSWORD_FILE", conflicts_with = "password")]
@@ -441,7 +446,10 @@ async fn run_server(args: ServerArgs) -> Result<()> {
     let compactor = isthmus_store::spawn_compactor(&store, config.compaction());
     let handle = isthmus_server::start(config, store).await?;
     signals.until_stop(|| handle.reload()).await;
-    tracing::info!(drain_secs = drain.as_secs(), "shutting down: finishing requests in flight");
+    tracing::info!(
+        drain_secs = drain.as_secs(),
+        "shutting down: finishing requests in flight"
+    );
     handle.stop_within(drain).await;
     compactor.abort();
     tracing::info!("stopped");
@@ -453,9 +461,15 @@ fn require_keys(dir: &Path) -> Result<()> {
     use isthmus_server::identity::keys::{load_dir, KeyDirError};
     match load_dir(dir) {
         Ok(r) if !r.is_empty() => Ok(()),
-        Ok(_) => Err(KeyDirError::Empty { path: dir.to_path_buf() }.into()),
+        Ok(_) => Err(KeyDirError::Empty {
+            path: dir.to_path_buf(),
+        }
+        .into()),
         Err(KeyDirError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            Err(KeyDirError::Empty { path: dir.to_path_buf() }.into())
+            Err(KeyDirError::Empty {
+                path: dir.to_path_buf(),
+            }
+            .into())
         }
         Err(e) => Err(e.into()),
     }

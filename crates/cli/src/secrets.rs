@@ -44,7 +44,10 @@ mod tests {
         let f = dir.path().join("pw");
         std::fs::write(&f, "s3cret\n").expect("write");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let e = read_secret_file(&f, "a password").err().map(|e| e.to_string()).unwrap_or_default();
+        let e = read_secret_file(&f, "a password")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("mode 0644") && e.contains("chmod 0600"), "{e}");
         assert!(!e.contains("s3cret"), "{e}");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).expect("chmod");

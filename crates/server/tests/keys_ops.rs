@@ -119,9 +119,15 @@ impl ServerProcess {
 
     /// The status of a network API read with `token`.
     async fn check(&self, http: &reqwest::Client, token: &str) -> StatusCode {
-        send(http, Method::GET, &format!("{}/v2.0/networks", self.network_url), Some(token), None)
-            .await
-            .0
+        send(
+            http,
+            Method::GET,
+            &format!("{}/v2.0/networks", self.network_url),
+            Some(token),
+            None,
+        )
+        .await
+        .0
     }
 }
 
@@ -134,7 +140,11 @@ impl Drop for ServerProcess {
 
 /// Runs `isthmus keys ...`; its stdout, or a panic with its output.
 fn keys_cmd(bin: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin).arg("keys").args(args).output().expect("run isthmus keys");
+    let out = Command::new(bin)
+        .arg("keys")
+        .args(args)
+        .output()
+        .expect("run isthmus keys");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -163,7 +173,10 @@ fn new_key(output: &str) -> String {
 async fn key_rotation_across_two_servers_without_downtime() {
     let bin = tokio::task::spawn_blocking(isthmus_bin).await.expect("build task");
     let etcd = tokio::task::spawn_blocking(EtcdProcess::start).await.expect("etcd");
-    let work = tempfile::Builder::new().prefix("isthmus-keys-").tempdir().expect("tempdir");
+    let work = tempfile::Builder::new()
+        .prefix("isthmus-keys-")
+        .tempdir()
+        .expect("tempdir");
     let keys = work.path().join("keys");
     let keys_s = keys.to_str().expect("utf-8 path");
     let http = reqwest::Client::new();
@@ -214,7 +227,11 @@ async fn key_rotation_across_two_servers_without_downtime() {
 
     tokio::time::sleep(staged_until.saturating_duration_since(Instant::now()) + Duration::from_millis(1100)).await;
     let new_from_b = b.token(&http).await;
-    assert_eq!(kid(&new_from_b), second, "B read the new key on SIGHUP and signs with it");
+    assert_eq!(
+        kid(&new_from_b),
+        second,
+        "B read the new key on SIGHUP and signs with it"
+    );
     let new_from_a = a.token(&http).await;
     assert_eq!(kid(&new_from_a), second, "A read the new key by itself");
     for s in [&a, &b] {
@@ -268,7 +285,10 @@ async fn key_rotation_across_two_servers_without_downtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_in_flight_closes_streams_and_exits_0() {
     let bin = tokio::task::spawn_blocking(isthmus_bin).await.expect("build task");
-    let work = tempfile::Builder::new().prefix("isthmus-drain-").tempdir().expect("tempdir");
+    let work = tempfile::Builder::new()
+        .prefix("isthmus-drain-")
+        .tempdir()
+        .expect("tempdir");
     let data = work.path().join("data");
     let data_s = data.to_str().expect("utf-8 path");
     let args = ["--store", "embedded", "--data-dir", data_s, "--shutdown-drain", "3"];
@@ -374,6 +394,10 @@ async fn sigterm_finishes_requests_in_flight_closes_streams_and_exits_0() {
         took >= Duration::from_millis(2500) && took < Duration::from_secs(6),
         "exited {took:?} after SIGTERM with a 3 s drain bound"
     );
-    assert!(server.log_text().contains("end of the shutdown drain"), "{}", server.log_text());
+    assert!(
+        server.log_text().contains("end of the shutdown drain"),
+        "{}",
+        server.log_text()
+    );
     drop(stuck);
 }

@@ -305,7 +305,15 @@ mod tests {
     fn key_ids() {
         let id = new_key_id(1_700_000_000);
         assert_eq!(parse_key_id(&id), Some(1_700_000_000));
-        for bad in ["", "1", "1-", "-0123456789abcdef", "x-0123456789abcdef", "1-0123456789ABCDEF", "1-0123"] {
+        for bad in [
+            "",
+            "1",
+            "1-",
+            "-0123456789abcdef",
+            "x-0123456789abcdef",
+            "1-0123456789ABCDEF",
+            "1-0123",
+        ] {
             assert_eq!(parse_key_id(bad), None, "{bad}");
         }
     }

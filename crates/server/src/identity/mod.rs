@@ -19,8 +19,8 @@ mod writes;
 
 use crate::{cache::Cache, config::Config};
 use isthmus_store::{Compare, DynStore, Op};
-use model::{Project, Role, User};
 use keys::KeyRing;
+use model::{Project, Role, User};
 use std::sync::{Arc, RwLock};
 use token::Payload;
 

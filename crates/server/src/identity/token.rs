@@ -103,7 +103,11 @@ impl SigningKey {
         mac.update(&[0]);
         mac.update(&json);
         let tag = mac.finalize().into_bytes();
-        format!("{kid}.{}.{}", URL_SAFE_NO_PAD.encode(&json), URL_SAFE_NO_PAD.encode(tag))
+        format!(
+            "{kid}.{}.{}",
+            URL_SAFE_NO_PAD.encode(&json),
+            URL_SAFE_NO_PAD.encode(tag)
+        )
     }
 
     /// Checks the signature (in constant time) and decodes the payload. Does not look at expiry;
@@ -201,7 +205,16 @@ mod tests {
             t.rsplit_once('.').map(|x| x.1).unwrap_or_default()
         );
         assert_eq!(k.verify(&forged), Err(TokenError::BadSignature));
-        for bad in ["", ".", "abc", "a.b", "..", "!!!.???.x", "k.a.b.c", &"x".repeat(MAX_TOKEN_LEN + 1)] {
+        for bad in [
+            "",
+            ".",
+            "abc",
+            "a.b",
+            "..",
+            "!!!.???.x",
+            "k.a.b.c",
+            &"x".repeat(MAX_TOKEN_LEN + 1),
+        ] {
             assert!(k.verify(bad).is_err(), "{bad:?}");
         }
     }
