@@ -401,3 +401,29 @@ async fn sigterm_finishes_requests_in_flight_closes_streams_and_exits_0() {
     );
     drop(stuck);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn world_readable_config_with_a_password_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = tokio::task::spawn_blocking(isthmus_bin).await.expect("build task");
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = work.path().join("isthmus.toml");
+    std::fs::write(&config, "admin_password = \"do-not-print-me\"\n").expect("write");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = Command::new(&bin)
+        .arg("server")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(work.path().join("data"))
+        .output()
+        .expect("run isthmus server");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("mode 0644") && err.contains("chmod 0600"), "{err}");
+    assert!(!err.contains("do-not-print-me"), "{err}");
+    assert!(
+        !work.path().join("data").exists(),
+        "nothing may start before the refusal"
+    );
+}
