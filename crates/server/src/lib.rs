@@ -45,8 +45,7 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// Stops accepting, lets requests in flight finish, and gives up on long-lived streams
-    /// (node watches never end by themselves) after a short grace period.
+    /// [`ServerHandle::stop_within`] with a short drain (3 s), for tests and embedding.
     pub async fn stop(self) {
         self.stop_within(std::time::Duration::from_secs(3)).await;
     }
