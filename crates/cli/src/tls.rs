@@ -35,31 +35,6 @@ impl TlsArgs {
     }
 }
 
-/// Waits for `stop`, reloading the certificate on every SIGHUP meanwhile; a bad new file is
-/// logged and the old certificate stays.
-pub async fn serve_until(handle: &isthmus_server::ServerHandle, stop: impl std::future::Future<Output = ()>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    tokio::pin!(stop);
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP: certificates will not be reloaded");
-            stop.await;
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            () = &mut stop => return,
-            _ = hup.recv() => match handle.reload_tls() {
-                Ok(true) => tracing::info!("SIGHUP: reloaded the TLS certificate and key"),
-                Ok(false) => tracing::info!("SIGHUP: plain HTTP, no certificate to reload"),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the current TLS certificate"),
-            },
-        }
-    }
-}
-
 /// The files `up --tls` serves and trusts, in its data directory.
 pub struct UpCerts {
     /// The private CA's certificate: clients' `OS_CACERT`.

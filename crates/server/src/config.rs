@@ -73,6 +73,13 @@ pub struct Config {
     /// Serve plain HTTP on a non-loopback address. Without TLS the server listens only on
     /// loopback unless this says so (passwords and tokens would cross the network in clear).
     pub insecure_http: bool,
+    /// Directory of token signing keys (see `identity::keys`), shared by every server of a
+    /// deployment. Created with a first key if it has none. Unset: one key kept in memory.
+    pub token_key_dir: Option<std::path::PathBuf>,
+    /// How often the key directory is read again, seconds (also on SIGHUP).
+    pub token_key_reload_secs: u64,
+    /// On shutdown, how long requests in flight may take before the server exits anyway.
+    pub shutdown_drain_secs: u64,
 }
 
 /// Neutron's default quota limits (`neutron.conf [QUOTAS]`); -1 is unlimited.
@@ -121,6 +128,9 @@ impl Default for Config {
             tls_cert_file: None,
             tls_key_file: None,
             insecure_http: false,
+            token_key_dir: None,
+            token_key_reload_secs: 60,
+            shutdown_drain_secs: 30,
         }
     }
 }
@@ -159,6 +169,9 @@ impl std::fmt::Debug for Config {
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
             .field("insecure_http", &self.insecure_http)
+            .field("token_key_dir", &self.token_key_dir)
+            .field("token_key_reload_secs", &self.token_key_reload_secs)
+            .field("shutdown_drain_secs", &self.shutdown_drain_secs)
             .finish()
     }
 }
@@ -231,6 +244,9 @@ impl Config {
         }
         if self.store_compact_window < 1 || self.store_compact_interval_secs == 0 {
             return Err("store_compact_window and store_compact_interval_secs must be positive".into());
+        }
+        if self.token_key_reload_secs == 0 {
+            return Err("token_key_reload_secs must be positive".into());
         }
         if self.max_connections == 0 {
             return Err("max_connections must be positive".into());

@@ -76,6 +76,8 @@ pub struct NeutronState {
     pub fanout: nodeview::Fanout,
     /// Which nodes are alive, renewed by heartbeats without store writes.
     pub liveness: liveness::Liveness,
+    /// Ends the node streams at shutdown.
+    pub stopping: nodeview::Stopping,
 }
 
 /// Extensions this server really implements; tempest and clients decide what to test from this.
