@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use support::{assert_neutron_error, error_message, id_of, Api, Backend, TestServer, MEMBER_PASSWORD};
 
 /// One object of every taggable collection, owned by the member: (collection, plural, id).
-async fn one_of_each(server: &TestServer, api: &Api) -> Vec<(&'static str, &'static str, String)> {
+async fn one_of_each(server: &TestServer, api: &Api, project: &str) -> Vec<(&'static str, &'static str, String)> {
     let admin = &server.admin;
     let ext = admin
         .create(
@@ -39,7 +39,16 @@ async fn one_of_each(server: &TestServer, api: &Api) -> Vec<(&'static str, &'sta
         &api.create("floatingips", "floatingip", json!({"floating_network_id": ext_id}))
             .await,
     );
+    // QoS policies are made by admins, for a project that then owns them.
+    let qos = id_of(
+        &admin
+            .create("qos/policies", "policy", json!({"name": "gold", "project_id": project}))
+            .await,
+    );
+    let trunk = id_of(&api.create("trunks", "trunk", json!({"port_id": port})).await);
     vec![
+        ("qos/policies", "policies", qos),
+        ("trunks", "trunks", trunk),
         ("networks", "networks", net),
         ("subnets", "subnets", subnet),
         ("ports", "ports", port),
@@ -75,7 +84,7 @@ async fn every_resource(backend: Backend) {
         );
     }
     let m = s.member("tagger").await;
-    for (coll, plural, id) in one_of_each(&s, &m.api).await {
+    for (coll, plural, id) in one_of_each(&s, &m.api, &m.project_id).await {
         let base = format!("/v2.0/{coll}/{id}/tags");
         let what = format!("{coll} {id}");
 

@@ -345,6 +345,17 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v2.0/qos/policies/{id}/bandwidth_limit_rules/{rule}",
             get(qos::rule).put(qos::rule).delete(qos::rule),
         )
+        .route(
+            "/v2.0/qos/policies/{id}/tags",
+            get(tags::qos_all_tags)
+                .put(tags::qos_all_tags)
+                .post(tags::qos_all_tags)
+                .delete(tags::qos_all_tags),
+        )
+        .route(
+            "/v2.0/qos/policies/{id}/tags/{tag}",
+            get(tags::qos_one_tag).put(tags::qos_one_tag).delete(tags::qos_one_tag),
+        )
         .route("/v2.0/qos/rule-types", get(qos::rule_types))
         .route("/v2.0/qos/rule-types/{kind}", get(qos::rule_type))
         .route("/v2.0/{collection}", get(collection).post(collection))

@@ -11,7 +11,8 @@ use super::common::{
 };
 use super::http::{authenticate, if_match, json_response, parse_body, ApiError, ApiResult};
 use super::lookup::{self, policy_visible, qos_default_key, visible_policy};
-use super::query::Query;
+use super::query::{Prefilter, Query};
+use super::resource::{BoxFut, Meta, Resource};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -555,4 +556,60 @@ async fn delete_rule(ctx: &Ctx<'_>, policy_id: &str, rule_id: &str) -> NResult<(
         ))
     })
     .await
+}
+
+/// QoS policies as a [`Resource`], for what the generic handlers do with any collection: the
+/// tags sub-API (`/v2.0/qos/policies/{id}/tags`). Writes keep Neutron's admin-only rule.
+pub struct QosPolicies;
+
+static META: Meta = Meta {
+    collection: "qos/policies",
+    singular: "policy",
+    plural: "policies",
+    store: <QosPolicy as crate::cache::Typed>::COLLECTION,
+    not_found: <QosPolicy as super::common::Stored>::NOT_FOUND,
+    bulk: false,
+    tags: true,
+    indexed: false,
+    quota: None,
+};
+
+impl Resource for QosPolicies {
+    fn meta(&self) -> &'static Meta {
+        &META
+    }
+    fn used(&self, _ctx: &Ctx<'_>, _project: &str) -> usize {
+        0
+    }
+    fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, _pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
+        Box::pin(async move {
+            Ok(ctx
+                .all::<QosPolicy>()
+                .into_iter()
+                .filter(|(p, _)| policy_visible(ctx, p))
+                .map(|(p, _)| p.to_api())
+                .collect())
+        })
+    }
+    fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
+        readable(ctx, id)
+    }
+    fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
+        Box::pin(async move {
+            require_admin(ctx, "create_policy")?;
+            create_policy(ctx, body).await
+        })
+    }
+    fn update<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, body: Body, if_match: Option<u64>) -> BoxFut<'a, Value> {
+        Box::pin(async move {
+            require_admin(ctx, "update_policy")?;
+            update_policy(ctx, id, body, if_match).await
+        })
+    }
+    fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            require_admin(ctx, "delete_policy")?;
+            delete_policy(ctx, id, if_match).await
+        })
+    }
 }

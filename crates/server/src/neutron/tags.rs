@@ -19,7 +19,12 @@ use std::sync::Arc;
 
 /// The resource at `coll`, if it takes tags.
 fn taggable(coll: &str) -> NResult<&'static dyn Resource> {
-    match registry::find(coll) {
+    let found = if coll == super::qos::QosPolicies.meta().collection {
+        Some(&super::qos::QosPolicies as &'static dyn Resource)
+    } else {
+        registry::find(coll)
+    };
+    match found {
         Some(r) if r.meta().tags => Ok(r),
         _ => Err(NeutronError::new(
             404,
@@ -117,13 +122,45 @@ fn body_tags(state: &AppState, body: Value) -> NResult<Vec<String>> {
 }
 
 pub async fn all_tags(
-    State(state): State<Arc<AppState>>,
+    state: State<Arc<AppState>>,
     method: Method,
     headers: HeaderMap,
     Path((coll, id)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let res = taggable(&coll)?;
+    all_tags_of(state, method, headers, &coll, id, body).await
+}
+
+/// [`all_tags`] for QoS policies, whose collection path has two segments.
+pub async fn qos_all_tags(
+    state: State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    all_tags_of(state, method, headers, "qos/policies", id, body).await
+}
+
+/// [`one_tag`] for QoS policies.
+pub async fn qos_one_tag(
+    state: State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path((id, tag)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    one_tag_of(state, method, headers, "qos/policies", id, tag).await
+}
+
+async fn all_tags_of(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    coll: &str,
+    id: String,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let res = taggable(coll)?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
@@ -173,12 +210,23 @@ pub async fn all_tags(
 }
 
 pub async fn one_tag(
-    State(state): State<Arc<AppState>>,
+    state: State<Arc<AppState>>,
     method: Method,
     headers: HeaderMap,
     Path((coll, id, tag)): Path<(String, String, String)>,
 ) -> ApiResult<Response> {
-    let res = taggable(&coll)?;
+    one_tag_of(state, method, headers, &coll, id, tag).await
+}
+
+async fn one_tag_of(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    coll: &str,
+    id: String,
+    tag: String,
+) -> ApiResult<Response> {
+    let res = taggable(coll)?;
     let auth = authenticate(&state, &headers).await?;
     let ctx = Ctx {
         state: &state,
