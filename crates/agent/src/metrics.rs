@@ -1,4 +1,4 @@
-//! The agent's metrics. Made once per agent (in its [`crate::runtime::AgentConfig`]) and
+//! The agent's metrics. Made once per agent (in its `AgentConfig`) and
 //! registered in a registry the caller owns and serves (`isthmus agent --metrics-listen`).
 
 use prometheus_client::encoding::EncodeLabelSet;
