@@ -5,7 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
@@ -34,9 +34,13 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
-/// Buckets from 0.5 ms to about 33 s.
+/// Bucket bounds, seconds (as the server's).
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0005, 3.0, 11))
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 /// Every metric the agent keeps.

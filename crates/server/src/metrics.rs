@@ -12,7 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 pub use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
@@ -22,9 +22,13 @@ use std::time::{Duration, Instant};
 /// The content type of what `/metrics` answers.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Buckets from 0.5 ms to about 33 s, for request, transaction and lag times.
+/// Bucket bounds, seconds, for request, transaction and lag times.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 pub fn latency_buckets() -> impl Iterator<Item = f64> {
-    exponential_buckets(0.0005, 3.0, 11)
+    LATENCY_BUCKETS.into_iter()
 }
 
 fn latency_histogram() -> Histogram {
