@@ -223,7 +223,7 @@ async fn vm_ports_get_their_address_and_options_from_their_own_node() {
         let answers: f64 = m
             .lines()
             .filter(|l| l.starts_with("isthmus_agent_dhcp_answers_total{family=\"v4\"}"))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum();
         assert!(answers >= 4.0, "{m}");
 
