@@ -3,8 +3,7 @@
 
 mod support;
 
-use isthmus_server::metrics::{listen, ServerMetrics};
-use prometheus_client::registry::Registry;
+use isthmus_server::metrics::{listen, Registry, ServerMetrics};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::sync::Arc;
@@ -134,6 +133,15 @@ async fn request_counters_and_histograms_move_with_real_requests() {
     )
     .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _) = send(
+        &s.http,
+        Method::PATCH,
+        &format!("{}/v2.0/networks", s.network),
+        Some(&s.token),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
 
     let after = s.scrape().await;
     assert_eq!(sample(&after, "isthmus_http_requests_total", &created), 1.0, "{after}");
@@ -156,6 +164,13 @@ async fn request_counters_and_histograms_move_with_real_requests() {
         1.0
     );
     assert!(!after.contains("x1"), "{after}");
+    // A method the route lacks keeps the route's label.
+    let not_allowed = [("method", "PATCH"), ("route", "/v2.0/networks"), ("status", "405")];
+    assert_eq!(
+        sample(&after, "isthmus_http_requests_total", &not_allowed),
+        1.0,
+        "{after}"
+    );
     // Token issue went through the identity API.
     assert!(
         sample(
