@@ -34,11 +34,18 @@ pub struct Client {
 
 impl Client {
     /// `network_url` empty: taken from the identity catalog (the network service's internal,
-    /// else public endpoint).
-    pub fn new(network_url: &str, auth_url: &str, node: &str, creds: Credentials) -> Result<Client, ApiError> {
+    /// else public endpoint). `ca_file`: the CA bundle that verifies an https server.
+    pub fn new(
+        network_url: &str,
+        auth_url: &str,
+        node: &str,
+        creds: Credentials,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Client, ApiError> {
         let config = Config::new(auth_url, Auth::password(&creds.user, &creds.password, &creds.project))
             .network_url(network_url)
-            .interface("internal");
+            .interface("internal")
+            .ca_file(ca_file);
         Ok(Client {
             inner: isthmus_client::Client::new(config)?,
             node: node.to_string(),

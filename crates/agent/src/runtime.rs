@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub gateway: bool,
     /// Where the agent counts; registered wherever the caller serves metrics.
     pub metrics: Arc<AgentMetrics>,
+    /// CA bundle (PEM) that verifies an https server; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -93,6 +95,7 @@ impl AgentConfig {
             physical_networks: Default::default(),
             gateway: false,
             metrics: AgentMetrics::unserved(),
+            ca_file: None,
         }
     }
 }
@@ -143,6 +146,7 @@ impl<K: Kernel + 'static> Agent<K> {
                 password: config.password.clone(),
                 project: config.project.clone(),
             },
+            config.ca_file.as_deref(),
         )?);
         let kernel = Arc::new(kernel);
         let state = NodeState::with_physical(&config.node, config.underlay_ip, config.physical_networks.clone());

@@ -1,6 +1,9 @@
 //! The agent runtime against an in-process server, with the fake kernel: no root needed.
 //! Binding, the wait for the node's view, status reports, token expiry, foreign ports.
 
+#[path = "../../server/tests/support/certs.rs"]
+mod certs;
+
 use isthmus_agent::kernel::FakeKernel;
 use isthmus_agent::plan::Action;
 use isthmus_agent::runtime::{Agent, AgentConfig};
@@ -49,10 +52,17 @@ struct Bed {
     http: reqwest::Client,
     net: String,
     vni: u64,
+    /// With HTTPS: the CA that signed the server's certificate.
+    ca: Option<certs::TestCa>,
 }
 
 impl Bed {
     async fn new(token_ttl_secs: u64) -> Bed {
+        Bed::start(token_ttl_secs, false).await
+    }
+
+    /// `tls`: the server serves HTTPS with a certificate from a test CA.
+    async fn start(token_ttl_secs: u64, tls: bool) -> Bed {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config {
             identity_listen: "127.0.0.1:0".parse().unwrap(),
@@ -63,11 +73,19 @@ impl Bed {
             ..Config::default()
         };
         config.unlimited_quotas();
+        let ca = tls.then(|| {
+            let ca = certs::TestCa::new("agent test CA");
+            let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server-key.pem"));
+            ca.issue(&cert, &key);
+            config.tls_cert_file = Some(cert);
+            config.tls_key_file = Some(key);
+            ca
+        });
         let store = isthmus_store::embedded::EmbeddedStore::open(&dir.path().join("store")).unwrap();
         let server = isthmus_server::start(config, store).await.unwrap();
-        let net_url = format!("http://{}", server.network_addr);
-        let id_url = format!("http://{}/v3", server.identity_addr);
-        let http = reqwest::Client::new();
+        let net_url = server.state.network_url.trim_end_matches('/').to_string();
+        let id_url = server.state.identity_url.clone();
+        let http = isthmus_client::http_client_with_ca(ca.as_ref().map(|c| c.ca_file.as_path())).unwrap();
         let t = token(&http, &id_url, "admin", ADMIN_PASSWORD, "admin").await;
         // The node user.
         let (s, b) = call(
@@ -141,6 +159,7 @@ impl Bed {
             http,
             net,
             vni,
+            ca,
         }
     }
 
@@ -159,6 +178,7 @@ impl Bed {
         cfg.socket = self.dir.join("agent.sock");
         cfg.resync = Duration::from_secs(1);
         cfg.heartbeat = Duration::from_secs(1);
+        cfg.ca_file = self.ca.as_ref().map(|c| c.ca_file.clone());
         cfg
     }
 
@@ -426,6 +446,66 @@ async fn a_failed_firewall_change_is_retried_not_assumed() {
     assert_eq!(fw.pass(&snap).await.unwrap().planned, 0);
 }
 
+/// The agent against an HTTPS server, trusting its CA: it registers, follows its node
+/// stream and programs a bound port's network. With another CA its client is refused, saying
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_works_over_https_with_the_servers_ca() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let bed = Bed::start(3600, true).await;
+        assert!(bed.id_url.starts_with("https://"), "{}", bed.id_url);
+        let agent = Agent::new(bed.agent_config(), FakeKernel::new()).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(agent.clone().run(async {
+            let _ = stop_rx.await;
+        }));
+        let t = bed.admin().await;
+        let (s, vm) = call(
+            &bed.http,
+            reqwest::Method::POST,
+            &format!("{}/v2.0/ports", bed.net_url),
+            &t,
+            Some(json!({"port": {"network_id": bed.net, "device_owner": "compute:nova", "binding:host_id": "n1"}})),
+        )
+        .await;
+        assert_eq!(s, 201, "{vm}");
+        let bridge = format!("isbr-{}", bed.vni);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let a = bed.node_agent().await;
+            if a["alive"] == true && agent.kernel().state().bridges.contains_key(&bridge) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never registered and programmed {bridge} over https: {a}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let _ = stop_tx.send(());
+        run.await.unwrap().unwrap();
+
+        let other = certs::TestCa::new("not the server's CA");
+        let creds = isthmus_agent::client::Credentials {
+            user: "n1".into(),
+            password: NODE_PASSWORD.into(),
+            project: "service".into(),
+        };
+        let client =
+            isthmus_agent::client::Client::new(&bed.net_url, &bed.id_url, "n1", creds, Some(&other.ca_file)).unwrap();
+        let hb = isthmus_wire::node::Heartbeat {
+            underlay_ip: "192.0.2.1".into(),
+            capabilities: vec![],
+            restarted: true,
+            converged_revision: None,
+            failures: vec![],
+        };
+        let e = client.heartbeat(hb).await.expect_err("heartbeat trusted another CA");
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    })
+    .await
+    .expect("test timed out");
+}
 /// The sum of the samples of `name` whose labels include all of `labels` (0 if none).
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()

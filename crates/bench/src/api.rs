@@ -3,12 +3,16 @@
 
 use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
-use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A client with one keep-alive connection pool; each benchmark client gets its own.
-pub fn http_client() -> Result<reqwest::Client> {
-    reqwest::Client::builder()
+/// A client with one keep-alive connection pool; each benchmark client gets its own. With
+/// `ca` it speaks https and trusts only that CA; without, the system's roots are not even
+/// loaded (the server is on loopback, plain HTTP).
+pub fn http_client(ca: Option<&Path>) -> Result<reqwest::Client> {
+    let builder = reqwest::Client::builder().tls_built_in_root_certs(false);
+    isthmus_client::with_ca(builder, ca)
+        .map_err(|e| anyhow!("{e}"))?
         // Loopback only: never route through an HTTP proxy from the environment.
         .no_proxy()
         .tcp_nodelay(true)
@@ -38,21 +42,19 @@ pub struct Neutron {
     pub base: String,
     /// The token the measured path sends as is.
     pub token: String,
+    /// The CA that verifies the server (https), for more clients.
+    pub ca: Option<PathBuf>,
 }
 
 impl Neutron {
-    /// Authenticates as the admin over `http`.
-    pub async fn login(
-        http: reqwest::Client,
-        identity: SocketAddr,
-        network: SocketAddr,
-        password: &str,
-    ) -> Result<Neutron> {
+    /// Authenticates as the admin of `server` over a new client.
+    pub async fn login(server: &crate::proc::ServerProcess, password: &str) -> Result<Neutron> {
+        let http = http_client(server.ca())?;
         let config = isthmus_client::Config::new(
-            &format!("http://{identity}/v3"),
+            &server.identity_url(),
             isthmus_client::Auth::password("admin", password, "admin"),
         )
-        .network_url(&format!("http://{network}"));
+        .network_url(&server.network_url());
         let client = isthmus_client::Client::with_http(http.clone(), config);
         let token = client.token(None).await.context("POST /v3/auth/tokens")?;
         Ok(Neutron {
@@ -60,17 +62,19 @@ impl Neutron {
             token: token.secret().to_string(),
             client,
             http,
+            ca: server.ca().map(Path::to_path_buf),
         })
     }
 
     /// The same endpoint and token over a new connection pool.
     pub fn with_own_client(&self) -> Result<Neutron> {
-        let http = http_client()?;
+        let http = http_client(self.ca.as_deref())?;
         Ok(Neutron {
             client: self.client.with_other_http(http.clone()),
             http,
             base: self.base.clone(),
             token: self.token.clone(),
+            ca: self.ca.clone(),
         })
     }
 

@@ -57,6 +57,9 @@ pub struct FleetArgs {
     /// (one project: the worst case). `none`: ports in no group (port security still on).
     #[arg(long, value_enum, default_value_t = Groups::Default)]
     security_groups: Groups,
+    /// Serve and measure over HTTPS (a CA and certificate made for the run).
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -261,13 +264,14 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         admin_password: password,
         log_filter: &args.server_log,
         tmp_dir: None,
+        tls: args.tls,
     };
     let dep = Deployment::start(args.store, &opts).await?;
     let pid = dep.server.pid().ok_or_else(|| anyhow!("server has no pid"))?;
-    let api = Neutron::login(http_client()?, dep.server.identity, dep.server.network, password).await?;
-    let base = format!("http://{}", dep.server.network);
+    let api = Neutron::login(&dep.server, password).await?;
+    let base = dep.server.network_url();
     let token = api.token.clone();
-    let http = http_client()?;
+    let http = http_client(dep.server.ca())?;
     let t_all = Instant::now();
 
     // Nodes register, then open their streams.
@@ -287,7 +291,8 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
         reconnects: AtomicUsize::new(0),
         lines: AtomicUsize::new(0),
     });
-    let streams_http = reqwest::Client::builder()
+    let streams_http = isthmus_client::with_ca(reqwest::Client::builder(), dep.server.ca())
+        .map_err(|e| anyhow!("{e}"))?
         .no_proxy()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(args.nodes + 16)
@@ -357,7 +362,7 @@ pub async fn run(args: &FleetArgs) -> Result<bool> {
     let mut loaders = vec![];
     for c in 0..args.load_clients.max(1) {
         let (http, base, token, nets, next, bound) = (
-            http_client()?,
+            http_client(dep.server.ca())?,
             base.clone(),
             token.clone(),
             nets.clone(),

@@ -8,6 +8,7 @@ mod ports;
 mod proc;
 mod resync;
 mod stats;
+mod tls;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -5,7 +5,7 @@
 //! clients (one tokio task and one keep-alive connection each); then every port, the subnet and
 //! the network are deleted, so each run starts from the same state.
 
-use crate::api::{http_client, snippet, Neutron};
+use crate::api::{snippet, Neutron};
 use crate::proc::{cpu_time, own_cpu_time, Backend, Deployment, ServerOptions};
 use crate::stats::{ms, percentile, round3, table};
 use anyhow::{bail, Context, Result};
@@ -46,6 +46,9 @@ pub struct PortsArgs {
     /// the system temp dir.
     #[arg(long)]
     tmp_dir: Option<PathBuf>,
+    /// Serve and measure over HTTPS (a CA and certificate made for the run).
+    #[arg(long)]
+    tls: bool,
 }
 
 /// One measured run.
@@ -166,6 +169,7 @@ pub async fn run(args: &PortsArgs) -> Result<bool> {
         admin_password: &password,
         log_filter: &args.server_log,
         tmp_dir: args.tmp_dir.as_deref(),
+        tls: args.tls,
     };
     eprintln!(
         "isthmus-bench ports: backends {:?}, clients {:?}, {} ports per run on a /{prefix}, {} warm-up ports; {} CPUs, load {}",
@@ -209,7 +213,7 @@ async fn bench_backend(
     runs: &mut Vec<Run>,
 ) -> Result<()> {
     let backend = dep.backend;
-    let api = Neutron::login(http_client()?, dep.server.identity, dep.server.network, password).await?;
+    let api = Neutron::login(&dep.server, password).await?;
 
     if args.warmup > 0 {
         let clients = args.clients.iter().copied().max().unwrap_or(1);

@@ -37,6 +37,8 @@ pub struct ServerOptions<'a> {
     pub log_filter: &'a str,
     /// Parent of the temp data dir (None: the system temp dir).
     pub tmp_dir: Option<&'a Path>,
+    /// Serve HTTPS with a CA and certificate made for the run.
+    pub tls: bool,
 }
 
 /// The server plus whatever store process it needs. Fields drop in order: the server goes
@@ -72,6 +74,8 @@ pub struct ServerProcess {
     pub identity: SocketAddr,
     pub network: SocketAddr,
     log_path: PathBuf,
+    /// With HTTPS: the CA, server certificate and key (in `dir`).
+    tls: Option<crate::tls::TlsFiles>,
     // Declared last: removed after the process is gone.
     dir: tempfile::TempDir,
 }
@@ -92,11 +96,17 @@ impl ServerProcess {
         }
         .context("creating the server's temp dir")?;
         let log_path = dir.path().join("server.log");
+        let tls = if opts.tls {
+            Some(crate::tls::TlsFiles::make(dir.path())?)
+        } else {
+            None
+        };
         let mut proc = ServerProcess {
             child: None,
             identity: SocketAddr::from(([127, 0, 0, 1], 0)),
             network: SocketAddr::from(([127, 0, 0, 1], 0)),
             log_path,
+            tls,
             dir,
         };
         let mut last = None;
@@ -153,6 +163,9 @@ impl ServerProcess {
         if let Some(ep) = etcd_endpoint {
             cmd.arg("--etcd-endpoints").arg(ep);
         }
+        if let Some(t) = &self.tls {
+            cmd.arg("--tls-cert").arg(&t.cert).arg("--tls-key").arg(&t.key);
+        }
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe calls (prctl, getppid). The kernel then kills the server if this
@@ -178,15 +191,13 @@ impl ServerProcess {
 
     /// Waits until both listeners answer, or fails with the server's log if it exits.
     async fn wait_ready(&mut self) -> Result<()> {
-        let http = reqwest::Client::builder()
+        let http = isthmus_client::with_ca(reqwest::Client::builder(), self.ca())
+            .map_err(|e| anyhow!("{e}"))?
             .no_proxy()
             .timeout(Duration::from_secs(2))
             .build()
             .context("building the readiness client")?;
-        let urls = [
-            format!("http://{}/v3", self.identity),
-            format!("http://{}/", self.network),
-        ];
+        let urls = [self.identity_url(), format!("{}/", self.network_url())];
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let mut ready = true;
@@ -214,6 +225,29 @@ impl ServerProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The CA that signed the server's certificate, when it serves HTTPS.
+    pub fn ca(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.ca.as_path())
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// `http(s)://<identity>/v3`.
+    pub fn identity_url(&self) -> String {
+        format!("{}://{}/v3", self.scheme(), self.identity)
+    }
+
+    /// `http(s)://<network>` (no trailing slash).
+    pub fn network_url(&self) -> String {
+        format!("{}://{}", self.scheme(), self.network)
     }
 
     pub fn pid(&self) -> Option<u32> {

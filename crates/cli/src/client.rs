@@ -41,6 +41,10 @@ struct AuthArgs {
     os_user_domain_name: String,
     #[arg(long, env = "OS_PROJECT_DOMAIN_NAME", default_value = "Default")]
     os_project_domain_name: String,
+    /// CA bundle (PEM) that verifies an https server (`isthmus up --tls` writes it into the
+    /// openrc); by default the system's trusted roots.
+    #[arg(long, env = "OS_CACERT")]
+    os_cacert: Option<std::path::PathBuf>,
 }
 
 struct Session {
@@ -60,7 +64,7 @@ async fn login(a: &AuthArgs) -> Result<Session> {
         project: a.os_project_name.clone(),
         project_domain: Domain::Name(a.os_project_domain_name.clone()),
     };
-    let client = isthmus_client::Client::with_http(reqwest::Client::new(), Config::new(&a.os_auth_url, auth));
+    let client = isthmus_client::Client::new(Config::new(&a.os_auth_url, auth).ca_file(a.os_cacert.as_deref()))?;
     // Authenticate now, so a wrong password or URL is reported as such.
     client
         .token(None)

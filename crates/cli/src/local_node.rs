@@ -21,7 +21,13 @@ fn first_id(v: &Value, plural: &str) -> Option<String> {
 
 /// Makes sure user `node` exists with the node role on the service project and a password
 /// kept (0600) in the data dir; returns that password.
-pub async fn ensure_node_user(auth_url: &str, admin_password: &str, node: &str, data_dir: &Path) -> Result<String> {
+pub async fn ensure_node_user(
+    auth_url: &str,
+    ca_file: Option<&Path>,
+    admin_password: &str,
+    node: &str,
+    data_dir: &Path,
+) -> Result<String> {
     let auth = Auth::Password {
         user: "admin".into(),
         user_domain: Domain::Id("default".into()),
@@ -29,7 +35,7 @@ pub async fn ensure_node_user(auth_url: &str, admin_password: &str, node: &str, 
         project: "admin".into(),
         project_domain: Domain::Id("default".into()),
     };
-    let admin = Client::new(Config::new(auth_url, auth).identity_only())?;
+    let admin = Client::new(Config::new(auth_url, auth).identity_only().ca_file(ca_file))?;
     admin.token(None).await.context("authenticating as admin")?;
     let service = first_id(
         &call(&admin, Method::GET, "/projects?name=service", None).await?,

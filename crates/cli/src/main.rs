@@ -1,7 +1,11 @@
 //! `isthmus`: the server, the all-in-one `up`, and client commands for daily use.
 
 mod client;
+mod keys;
 mod local_node;
+mod secrets;
+mod signals;
+mod tls;
 
 /// Server and agent are long-running with large, long-lived heaps (cache, node views); glibc
 /// malloc spent most of an idle server's CPU walking its fragmented free lists.
@@ -21,10 +25,12 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the API server (identity + network API) against a store.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// All-in-one: the server on the embedded store in a data directory.
     Up(UpArgs),
     /// Networks.
@@ -35,6 +41,9 @@ enum Cmd {
     Port(client::ResourceCmd),
     /// Run the node agent: programs this node's datapath and serves the local attach socket.
     Agent(AgentArgs),
+    /// Token signing keys: rotate, list.
+    #[command(subcommand)]
+    Keys(keys::KeysCmd),
 }
 
 #[derive(Args)]
@@ -51,9 +60,17 @@ struct AgentArgs {
     /// Network API URL (unversioned); by default the one in the identity catalog.
     #[arg(long, env = "ISTHMUS_NETWORK_URL")]
     network_url: Option<String>,
-    /// The node user's password (prefer the environment variable).
-    #[arg(long, env = "ISTHMUS_NODE_PASSWORD", hide_env_values = true)]
-    password: String,
+    /// The node user's password (prefer --password-file or the environment variable).
+    #[arg(
+        long,
+        env = "ISTHMUS_NODE_PASSWORD",
+        hide_env_values = true,
+        required_unless_present = "password_file"
+    )]
+    password: Option<String>,
+    /// File holding the node user's password (not readable by other users).
+    #[arg(long, env = "ISTHMUS_NODE_PASSWORD_FILE", conflicts_with = "password")]
+    password_file: Option<PathBuf>,
     /// Project the node user is scoped to.
     #[arg(long, env = "ISTHMUS_NODE_PROJECT", default_value = "service")]
     project: String,
@@ -81,6 +98,10 @@ struct AgentArgs {
     /// physical networks mapped).
     #[arg(long, env = "ISTHMUS_GATEWAY")]
     gateway: bool,
+    /// CA bundle (PEM) that verifies the server's https certificate; by default the
+    /// system's trusted roots.
+    #[arg(long, env = "ISTHMUS_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(flatten)]
     metrics: MetricsArgs,
 }
@@ -127,11 +148,16 @@ async fn stop_metrics(h: Option<isthmus_server::metrics::MetricsHandle>) {
 
 async fn run_agent(a: AgentArgs) -> Result<()> {
     a.metrics.check()?;
+    let password = match (&a.password, &a.password_file) {
+        (_, Some(f)) => secrets::read_secret_file(f, "the node password")?,
+        (Some(p), None) => p.clone(),
+        (None, None) => bail!("give the node password with --password-file or ISTHMUS_NODE_PASSWORD"),
+    };
     let mut c = isthmus_agent::runtime::AgentConfig::new(
         &a.node,
         a.network_url.as_deref().unwrap_or(""),
         &a.auth_url,
-        &a.password,
+        &password,
         a.underlay_ip,
     );
     c.project = a.project;
@@ -150,10 +176,15 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         c.physical_networks.insert(name.to_string(), bridge.to_string());
     }
     c.gateway = a.gateway;
+    c.ca_file = a.ca_file;
     let mut registry = isthmus_server::metrics::Registry::default();
     c.metrics = isthmus_agent::metrics::AgentMetrics::new(&mut registry);
+    // Installed before anything starts, so a SIGHUP never kills the agent. On SIGTERM the
+    // agent stops its loops and removes its socket; the datapath stays, and workloads keep
+    // their network until the next agent takes over.
+    let mut signals = signals::Signals::new().context("installing signal handlers")?;
     let metrics = a.metrics.serve(registry).await?;
-    let res = isthmus_agent::runtime::run(c, shutdown_signal()).await;
+    let res = isthmus_agent::runtime::run(c, async move { signals.until_stop(|| {}).await }).await;
     stop_metrics(metrics).await;
     res
 }
@@ -271,7 +302,24 @@ struct ServerArgs {
     #[command(flatten)]
     quotas: QuotaArgs,
     #[command(flatten)]
+    tls: tls::TlsArgs,
+    #[command(flatten)]
+    ops: OpsArgs,
+    #[command(flatten)]
     metrics: MetricsArgs,
+}
+
+/// Token keys and shutdown.
+#[derive(Args)]
+struct OpsArgs {
+    /// Directory of token signing keys, shared by all servers (default: DATA_DIR/token-keys;
+    /// created with a first key on the embedded store; see `isthmus keys rotate`).
+    #[arg(long, env = "ISTHMUS_TOKEN_KEY_DIR")]
+    token_key_dir: Option<PathBuf>,
+    /// On SIGTERM, seconds requests in flight may take before the server exits anyway
+    /// (default 30, or the config file's shutdown_drain_secs).
+    #[arg(long, env = "ISTHMUS_SHUTDOWN_DRAIN_SECS")]
+    shutdown_drain: Option<u64>,
 }
 
 /// Default quota limits other than Neutron's.
@@ -362,6 +410,13 @@ struct UpArgs {
     quotas: QuotaArgs,
     #[command(flatten)]
     metrics: MetricsArgs,
+    /// Serve HTTPS with a private CA and server certificate made once in the data dir
+    /// (`ca.pem` is the openrc's OS_CACERT).
+    #[arg(long, env = "ISTHMUS_UP_TLS")]
+    tls: bool,
+    /// Serve plain HTTP on a non-loopback address (passwords and tokens in clear).
+    #[arg(long, env = "ISTHMUS_INSECURE_HTTP", conflicts_with = "tls")]
+    insecure_http: bool,
 }
 
 fn init_logging() {
@@ -376,7 +431,7 @@ fn init_logging() {
         .init();
 }
 
-/// The data directory holds the store (signing key, password hashes) and the admin's openrc:
+/// The data directory holds the store (password hashes), the token keys and the admin's openrc:
 /// made 0700, so no other local user can read them whatever the umask.
 fn private_dir(dir: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -409,7 +464,11 @@ async fn open_store(args: &StoreArgs) -> Result<DynStore> {
 fn load_config(path: Option<&Path>) -> Result<Config> {
     let Some(path) = path else { return Ok(Config::default()) };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    let config: Config = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+    if config.admin_password.is_some() {
+        secrets::refuse_world_readable(path, "admin_password")?;
+    }
+    Ok(config)
 }
 
 async fn run_server(args: ServerArgs) -> Result<()> {
@@ -429,36 +488,65 @@ async fn run_server(args: ServerArgs) -> Result<()> {
     args.public.apply(&mut config);
     args.store.apply(&mut config);
     args.quotas.apply(&mut config);
+    args.tls.apply(&mut config);
+    if let Some(d) = args.ops.token_key_dir {
+        config.token_key_dir = Some(d);
+    }
+    if config.token_key_dir.is_none() {
+        config.token_key_dir = Some(args.store.data_dir.join("token-keys"));
+    }
+    if let Some(d) = args.ops.shutdown_drain {
+        config.shutdown_drain_secs = d;
+    }
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    if let Some(f) = &args.store.etcd_key_file {
+        secrets::refuse_world_readable(f, "etcd's client private key")?;
+    }
+    if args.store.store != "embedded" {
+        // Servers sharing a store must share keys: a server must not invent its own.
+        if let Some(dir) = &config.token_key_dir {
+            require_keys(dir)?;
+        }
+    }
     args.metrics.check()?;
+    let mut signals = signals::Signals::new().context("installing signal handlers")?;
+    let drain = std::time::Duration::from_secs(config.shutdown_drain_secs);
     let store = open_store(&args.store).await?;
     let compactor = isthmus_store::spawn_compactor(&store, config.compaction());
     let mut registry = isthmus_server::metrics::Registry::default();
     let server_metrics = isthmus_server::metrics::ServerMetrics::new(&mut registry);
     let handle = isthmus_server::start_with_metrics(config, store, server_metrics).await?;
     let metrics = args.metrics.serve(registry).await?;
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
-    }
+    signals.until_stop(|| handle.reload()).await;
+    tracing::info!(
+        drain_secs = drain.as_secs(),
+        "shutting down: finishing requests in flight"
+    );
     stop_metrics(metrics).await;
-    handle.stop().await;
+    handle.stop_within(drain).await;
     compactor.abort();
+    tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// A server on a shared store starts only with keys the other servers also have.
+fn require_keys(dir: &Path) -> Result<()> {
+    use isthmus_server::identity::keys::{load_dir, KeyDirError};
+    match load_dir(dir) {
+        Ok(r) if !r.is_empty() => Ok(()),
+        Ok(_) => Err(KeyDirError::Empty {
+            path: dir.to_path_buf(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        .into()),
+        Err(KeyDirError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(KeyDirError::Empty {
+                path: dir.to_path_buf(),
+            }
+            .into())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -473,6 +561,9 @@ fn up_password(data_dir: &Path, given: Option<String>) -> Result<String> {
 /// A secret kept in `file` (0600): read if present, else generated and written.
 pub(crate) fn secret_file(file: &Path) -> Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
+    if file.exists() {
+        secrets::refuse_world_readable(file, "a password")?;
+    }
     if let Ok(p) = std::fs::read_to_string(file) {
         let p = p.trim().to_string();
         if !p.is_empty() {
@@ -493,6 +584,7 @@ pub(crate) fn secret_file(file: &Path) -> Result<String> {
 
 async fn run_up(args: UpArgs) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    let mut signals = signals::Signals::new().context("installing signal handlers")?;
     private_dir(&args.data_dir)?;
     let password = up_password(&args.data_dir, args.admin_password)?;
     let mut config = Config {
@@ -501,10 +593,27 @@ async fn run_up(args: UpArgs) -> Result<()> {
         admin_password: Some(password.clone()),
         // This machine's own agent heartbeats with 127.0.0.1.
         allow_loopback_underlay: true,
+        insecure_http: args.insecure_http,
+        token_key_dir: Some(args.data_dir.join("token-keys")),
         ..Config::default()
     };
     args.public.apply(&mut config);
     args.quotas.apply(&mut config);
+    let ca_file = if args.tls {
+        let hosts = tls::up_hosts(
+            &[config.identity_listen, config.network_listen],
+            &[
+                config.identity_public_url.as_deref(),
+                config.network_public_url.as_deref(),
+            ],
+        );
+        let certs = tls::up_certs(&args.data_dir, &hosts).context("making the all-in-one certificates")?;
+        config.tls_cert_file = Some(certs.cert);
+        config.tls_key_file = Some(certs.key);
+        Some(certs.ca)
+    } else {
+        None
+    };
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -521,10 +630,13 @@ async fn run_up(args: UpArgs) -> Result<()> {
     let handle = isthmus_server::start_with_metrics(config, store, server_metrics).await?;
     let metrics = args.metrics.serve(registry).await?;
     let openrc = args.data_dir.join("openrc");
-    let rc = format!(
+    let mut rc = format!(
         "export OS_AUTH_URL={}\nexport OS_IDENTITY_API_VERSION=3\nexport OS_USERNAME=admin\nexport OS_PASSWORD={}\nexport OS_PROJECT_NAME=admin\nexport OS_USER_DOMAIN_NAME=Default\nexport OS_PROJECT_DOMAIN_NAME=Default\nexport OS_REGION_NAME=RegionOne\n",
         handle.state.identity_url, password
     );
+    if let Some(ca) = &ca_file {
+        rc.push_str(&format!("export OS_CACERT={}\n", ca.display()));
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -555,9 +667,15 @@ async fn run_up(args: UpArgs) -> Result<()> {
         }
         None
     } else {
-        let pw = local_node::ensure_node_user(&handle.state.identity_url, &password, &args.node, &args.data_dir)
-            .await
-            .context("creating this machine's node user")?;
+        let pw = local_node::ensure_node_user(
+            &handle.state.identity_url,
+            ca_file.as_deref(),
+            &password,
+            &args.node,
+            &args.data_dir,
+        )
+        .await
+        .context("creating this machine's node user")?;
         let mut c = isthmus_agent::runtime::AgentConfig::new(
             &args.node,
             &handle.state.network_url,
@@ -566,6 +684,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
             std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         );
         c.socket = args.socket.clone();
+        c.ca_file = ca_file.clone();
         if let Some(m) = agent_metrics {
             c.metrics = m;
         }
@@ -580,14 +699,16 @@ async fn run_up(args: UpArgs) -> Result<()> {
             }
         }))
     };
-    shutdown_signal().await;
+    signals.until_stop(|| handle.reload()).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     if let Some(a) = agent {
         let _ = a.await;
     }
     stop_metrics(metrics).await;
-    handle.stop().await;
+    handle
+        .stop_within(std::time::Duration::from_secs(Config::default().shutdown_drain_secs))
+        .await;
     Ok(())
 }
 
@@ -625,12 +746,13 @@ async fn main() {
         raise_nofile_limit();
     }
     let res = match cli.cmd {
-        Cmd::Server(a) => run_server(a).await,
+        Cmd::Server(a) => run_server(*a).await,
         Cmd::Up(a) => run_up(a).await,
         Cmd::Network(c) => client::run("networks", c).await,
         Cmd::Subnet(c) => client::run("subnets", c).await,
         Cmd::Port(c) => client::run("ports", c).await,
         Cmd::Agent(a) => run_agent(a).await,
+        Cmd::Keys(c) => keys::run(c),
     };
     if let Err(e) = res {
         eprintln!("isthmus: {e:#}");

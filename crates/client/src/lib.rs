@@ -34,6 +34,9 @@ pub enum Error {
     /// An answer that is not what the API defines.
     #[error("unexpected answer: {0}")]
     Decode(String),
+    /// The CA bundle to verify servers with could not be used.
+    #[error("CA bundle {path}: {reason}")]
+    CaFile { path: String, reason: String },
 }
 
 impl Error {
@@ -41,7 +44,7 @@ impl Error {
     pub fn status(&self) -> Option<u16> {
         match self {
             Error::Status { status, .. } | Error::Auth { status, .. } => Some(*status),
-            Error::Unreachable(_) | Error::Decode(_) => None,
+            Error::Unreachable(_) | Error::Decode(_) | Error::CaFile { .. } => None,
         }
     }
 
@@ -87,6 +90,9 @@ pub struct Config {
     pub interface: String,
     /// Only the identity API is used: no network endpoint needed.
     pub identity_only: bool,
+    /// PEM CA bundle that alone verifies https servers (like `OS_CACERT`); `None`: the
+    /// system's trusted roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -97,7 +103,14 @@ impl Config {
             network_url: None,
             interface: "public".into(),
             identity_only: false,
+            ca_file: None,
         }
+    }
+
+    /// Verifies https servers against this CA bundle only (`None`: the system's roots).
+    pub fn ca_file(mut self, ca_file: Option<&std::path::Path>) -> Config {
+        self.ca_file = ca_file.map(std::path::Path::to_path_buf);
+        self
     }
 
     /// For identity calls only (no network endpoint looked up or needed).
@@ -120,10 +133,36 @@ impl Config {
 
 /// A default HTTP client: connect timeout 5 s.
 pub fn http_client() -> Result<reqwest::Client> {
-    reqwest::Client::builder()
+    http_client_with_ca(None)
+}
+
+/// A default HTTP client that trusts only the CA certificates in `ca_file` (PEM, one or
+/// more), or the system's roots when `None`.
+pub fn http_client_with_ca(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client> {
+    with_ca(reqwest::Client::builder(), ca_file)?
         .connect_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| Error::Unreachable(format!("HTTP client: {e}")))
+}
+
+/// Makes `builder` trust only the CA certificates in `ca_file` (when given): a server whose
+/// certificate they did not sign is refused during the handshake.
+pub fn with_ca(builder: reqwest::ClientBuilder, ca_file: Option<&std::path::Path>) -> Result<reqwest::ClientBuilder> {
+    let Some(path) = ca_file else { return Ok(builder) };
+    let err = |reason: String| Error::CaFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no PEM certificate in it".into()));
+    }
+    let mut b = builder.tls_built_in_root_certs(false);
+    for c in certs {
+        b = b.add_root_certificate(c);
+    }
+    Ok(b)
 }
 
 pub struct Client {
@@ -150,7 +189,10 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     pub fn new(config: Config) -> Result<Client> {
-        Ok(Client::with_http(http_client()?, config))
+        Ok(Client::with_http(
+            http_client_with_ca(config.ca_file.as_deref())?,
+            config,
+        ))
     }
 
     /// With a caller's HTTP client (its pool, timeouts and proxy settings).

@@ -70,3 +70,8 @@ pub fn quota_guard(project_id: &str, resource: &str) -> String {
 pub fn rbac_grant(object_type: &str, object_id: &str, action: &str, target: &str) -> String {
     format!("{ROOT}rbac/{object_type}/{object_id}/{action}/{target}")
 }
+/// Held while port `port_id` is in a trunk, as its parent or a subport; value is the trunk
+/// id. A port is in one trunk at most.
+pub fn trunk_port(port_id: &str) -> String {
+    format!("{ROOT}trunk_port/{port_id}")
+}

@@ -716,3 +716,55 @@ mod node_tests {
         assert_eq!(n.to_api(1010, 30)["alive"], json!(true));
     }
 }
+
+/// A trunk (`trunk`): a parent port whose untagged traffic is its own network's, and subports
+/// each carried on a VLAN of the parent's device. Subports are stored inside the trunk, so
+/// "one VLAN id per trunk" is settled by one transaction on the trunk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Trunk {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub admin_state_up: bool,
+    /// The parent port.
+    pub port_id: String,
+    /// DOWN until the parent's node has wired the trunk; ACTIVE, DEGRADED or ERROR after.
+    pub status: String,
+    #[serde(default)]
+    pub sub_ports: Vec<SubPort>,
+    #[serde(flatten)]
+    pub std: StandardAttrs,
+}
+
+/// One subport of a trunk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SubPort {
+    pub port_id: String,
+    pub segmentation_type: String,
+    pub segmentation_id: u32,
+}
+
+impl SubPort {
+    pub fn to_api(&self) -> Value {
+        json!({
+            "port_id": self.port_id,
+            "segmentation_type": self.segmentation_type,
+            "segmentation_id": self.segmentation_id,
+        })
+    }
+}
+
+impl Trunk {
+    pub fn to_api(&self) -> Value {
+        let mut m = owned(&self.id, &self.name, &self.project_id);
+        m.insert("admin_state_up".into(), json!(self.admin_state_up));
+        m.insert("port_id".into(), json!(self.port_id));
+        m.insert("status".into(), json!(self.status));
+        m.insert(
+            "sub_ports".into(),
+            Value::Array(self.sub_ports.iter().map(SubPort::to_api).collect()),
+        );
+        self.std.render(&mut m);
+        Value::Object(m)
+    }
+}

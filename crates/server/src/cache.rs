@@ -9,7 +9,7 @@
 use crate::identity::model::{Project, Role, User};
 use isthmus_model::{
     keys, AddressScope, FloatingIp, Network, Node, Port, QosPolicy, RbacPolicy, Router, SecurityGroup,
-    SecurityGroupRule, Subnet, SubnetPool,
+    SecurityGroupRule, Subnet, SubnetPool, Trunk,
 };
 use isthmus_store::{DynStore, EventKind, KeyValue, Revision, TxnResult, WatchEvent};
 use prometheus_client::metrics::histogram::Histogram;
@@ -69,6 +69,9 @@ impl Typed for QosPolicy {
 impl Typed for RbacPolicy {
     const COLLECTION: &'static str = "rbac_policies";
 }
+impl Typed for Trunk {
+    const COLLECTION: &'static str = "trunks";
+}
 impl Typed for Node {
     const COLLECTION: &'static str = "nodes";
 }
@@ -93,6 +96,7 @@ const DECODERS: &[(&str, Decoder)] = &[
     (AddressScope::COLLECTION, decode_as::<AddressScope>),
     (QosPolicy::COLLECTION, decode_as::<QosPolicy>),
     (RbacPolicy::COLLECTION, decode_as::<RbacPolicy>),
+    (Trunk::COLLECTION, decode_as::<Trunk>),
     (Node::COLLECTION, decode_as::<Node>),
     (Project::COLLECTION, decode_as::<Project>),
     (User::COLLECTION, decode_as::<User>),

@@ -65,6 +65,21 @@ pub struct Config {
     /// Default quota limits that differ from Neutron's (resource → limit, -1 unlimited), e.g.
     /// `port = -1`. Projects without their own limits get these.
     pub quota_defaults: std::collections::BTreeMap<String, i64>,
+    /// Certificate chain (PEM, leaf first) both listeners serve HTTPS with; with
+    /// `tls_key_file`. Re-read on SIGHUP.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `tls_cert_file`.
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// Serve plain HTTP on a non-loopback address. Without TLS the server listens only on
+    /// loopback unless this says so (passwords and tokens would cross the network in clear).
+    pub insecure_http: bool,
+    /// Directory of token signing keys (see `identity::keys`), shared by every server of a
+    /// deployment. Created with a first key if it has none. Unset: one key kept in memory.
+    pub token_key_dir: Option<std::path::PathBuf>,
+    /// How often the key directory is read again, seconds (also on SIGHUP).
+    pub token_key_reload_secs: u64,
+    /// On shutdown, how long requests in flight may take before the server exits anyway.
+    pub shutdown_drain_secs: u64,
 }
 
 /// Neutron's default quota limits (`neutron.conf [QUOTAS]`); -1 is unlimited.
@@ -110,6 +125,12 @@ impl Default for Config {
             store_compact_window: 10_000,
             store_compact_interval_secs: 60,
             quota_defaults: Default::default(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            insecure_http: false,
+            token_key_dir: None,
+            token_key_reload_secs: 60,
+            shutdown_drain_secs: 30,
         }
     }
 }
@@ -145,6 +166,12 @@ impl std::fmt::Debug for Config {
             .field("store_compact_window", &self.store_compact_window)
             .field("store_compact_interval_secs", &self.store_compact_interval_secs)
             .field("quota_defaults", &self.quota_defaults)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("insecure_http", &self.insecure_http)
+            .field("token_key_dir", &self.token_key_dir)
+            .field("token_key_reload_secs", &self.token_key_reload_secs)
+            .field("shutdown_drain_secs", &self.shutdown_drain_secs)
             .finish()
     }
 }
@@ -218,19 +245,72 @@ impl Config {
         if self.store_compact_window < 1 || self.store_compact_interval_secs == 0 {
             return Err("store_compact_window and store_compact_interval_secs must be positive".into());
         }
+        if self.token_key_reload_secs == 0 {
+            return Err("token_key_reload_secs must be positive".into());
+        }
         if self.max_connections == 0 {
             return Err("max_connections must be positive".into());
         }
         check_advertised("identity", self.identity_listen, self.identity_public_url.as_deref())?;
         check_advertised("network", self.network_listen, self.network_public_url.as_deref())?;
+        self.check_tls()?;
         Ok(())
+    }
+
+    /// Whether the listeners serve HTTPS.
+    pub fn tls(&self) -> bool {
+        self.tls_cert_file.is_some()
+    }
+
+    fn check_tls(&self) -> Result<(), String> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), Some(_)) => {
+                // Nothing answers plain HTTP there: clients sent to it would only fail.
+                for (service, url) in [
+                    ("identity", &self.identity_public_url),
+                    ("network", &self.network_public_url),
+                ] {
+                    if let Some(u) = url.as_deref().filter(|u| u.starts_with("http://")) {
+                        return Err(format!(
+                            "{service}_public_url '{u}' is plain http, but the listeners serve HTTPS: use https://"
+                        ));
+                    }
+                }
+                return Ok(());
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err("--tls-cert and --tls-key (tls_cert_file, tls_key_file) go together".into())
+            }
+            (None, None) => {}
+        }
+        if self.insecure_http {
+            return Ok(());
+        }
+        for (service, listen) in [("identity", self.identity_listen), ("network", self.network_listen)] {
+            if !listen.ip().is_loopback() {
+                return Err(format!(
+                    "{service}_listen {listen} is not a loopback address and no TLS certificate is set: \
+                     give --tls-cert and --tls-key (tls_cert_file, tls_key_file), or --insecure-http \
+                     (insecure_http) to send passwords and tokens in clear"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The network endpoint as advertised: always ending in `/`.
     pub fn network_url(&self, bound: Option<SocketAddr>) -> String {
         match &self.network_public_url {
             Some(u) => format!("{}/", u.trim_end_matches('/')),
-            None => format!("http://{}/", bound.unwrap_or(self.network_listen)),
+            None => format!("{}://{}/", self.scheme(), bound.unwrap_or(self.network_listen)),
         }
     }
     /// The identity v3 URL as advertised: the public URL given with or without its `/v3`.
@@ -244,7 +324,7 @@ impl Config {
                     format!("{u}/v3")
                 }
             }
-            None => format!("http://{}/v3", bound.unwrap_or(self.identity_listen)),
+            None => format!("{}://{}/v3", self.scheme(), bound.unwrap_or(self.identity_listen)),
         }
     }
     pub fn tenant_mtu(&self) -> u32 {
@@ -348,6 +428,7 @@ mod tests {
         .expect_err("network still a wildcard");
         assert!(e.contains("--network-public-url"), "{e}");
         let ok = Config {
+            insecure_http: true,
             identity_public_url: Some("http://10.0.0.5:5000".into()),
             network_public_url: Some("http://[2001:db8::5]:9696".into()),
             ..wild.clone()
@@ -362,6 +443,42 @@ mod tests {
             };
             assert!(c.validate().is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback_unless_told() {
+        let open = Config {
+            network_listen: "10.0.0.5:9696".parse().expect("addr"),
+            ..Config::default()
+        };
+        let e = open.validate().expect_err("plain HTTP on a routable address");
+        assert!(e.contains("--tls-cert") && e.contains("--insecure-http"), "{e}");
+        let insecure = Config {
+            insecure_http: true,
+            ..open.clone()
+        };
+        assert_eq!(insecure.validate(), Ok(()));
+        assert_eq!(insecure.network_url(None), "http://10.0.0.5:9696/");
+        let tls = Config {
+            tls_cert_file: Some("/etc/isthmus/cert.pem".into()),
+            tls_key_file: Some("/etc/isthmus/key.pem".into()),
+            ..open.clone()
+        };
+        assert_eq!(tls.validate(), Ok(()));
+        assert_eq!(tls.network_url(None), "https://10.0.0.5:9696/");
+        assert_eq!(tls.identity_url(None), "https://127.0.0.1:5000/v3");
+        let e = Config {
+            network_public_url: Some("http://10.0.0.5:9696/".into()),
+            ..tls.clone()
+        }
+        .validate()
+        .expect_err("an http URL for an https listener");
+        assert!(e.contains("use https://"), "{e}");
+        let half = Config {
+            tls_key_file: None,
+            ..tls
+        };
+        assert!(half.validate().expect_err("cert without key").contains("go together"));
     }
 
     #[test]

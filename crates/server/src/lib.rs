@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod neutron;
 mod serve;
 pub mod time;
+pub mod tls;
 
 use anyhow::Context;
 use std::sync::Arc;
@@ -42,26 +43,64 @@ pub struct ServerHandle {
     fanout: tokio::task::JoinHandle<()>,
     /// Binds routers' gateways to living gateway nodes; stopped with the server.
     snat_scheduler: tokio::task::JoinHandle<()>,
+    /// The certificate both listeners serve, when they serve HTTPS.
+    tls: Option<Arc<tls::ServerTls>>,
+    /// Re-reads the token key directory now and then; stopped with the server.
+    key_reloader: tokio::task::JoinHandle<()>,
 }
 
 impl ServerHandle {
-    /// Stops accepting, lets requests in flight finish, and gives up on long-lived streams
-    /// (node watches never end by themselves) after a short grace period.
+    /// [`ServerHandle::stop_within`] with a short drain (3 s), for tests and embedding.
     pub async fn stop(self) {
+        self.stop_within(std::time::Duration::from_secs(3)).await;
+    }
+
+    /// Stops accepting new connections and requests, ends the node streams (their agents
+    /// reconnect elsewhere), and waits for requests in flight to be answered, for at most
+    /// `drain`; connections still open then are closed.
+    pub async fn stop_within(self, drain: std::time::Duration) {
         let _ = self.shutdown.send(true);
+        self.state.neutron.stopping.stop();
+        let deadline = tokio::time::Instant::now() + drain;
         for mut t in self.tasks {
-            if tokio::time::timeout(std::time::Duration::from_secs(3), &mut t)
-                .await
-                .is_err()
-            {
-                tracing::info!("closing connections that outlived the shutdown grace period");
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                tracing::warn!(
+                    drain_secs = drain.as_secs_f64(),
+                    "closing connections still busy at the end of the shutdown drain"
+                );
                 t.abort();
                 let _ = t.await;
             }
         }
         self.fanout.abort();
         self.snat_scheduler.abort();
+        self.key_reloader.abort();
     }
+    /// Reads the certificate and key files again (SIGHUP): new connections get the new
+    /// certificate; if the files are bad, the old one stays and the error is returned.
+    /// `Ok(false)`: the server serves plain HTTP.
+    pub fn reload_tls(&self) -> Result<bool, tls::TlsError> {
+        match &self.tls {
+            Some(t) => t.reload().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Reloads what can change under a running server (SIGHUP): the token keys. A failure is
+    /// logged and leaves the old state in place.
+    pub fn reload(&self) {
+        if let Err(e) = self.state.identity.reload_keys() {
+            tracing::error!(error = %e, "reading the token key directory failed; keeping the keys loaded before");
+        }
+        match self.reload_tls() {
+            Ok(true) => tracing::info!("TLS certificate reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "reading the TLS certificate failed; keeping the current TLS certificate")
+            }
+        }
+    }
+
     /// Waits until the server stops by itself (it normally does not).
     pub async fn wait(self) {
         for t in self.tasks {
@@ -85,6 +124,10 @@ pub async fn start_with_metrics(
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let server_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::ServerTls::load(cert, key)?)),
+        _ => None,
+    };
     let config = Arc::new(config);
     let cache = cache::Cache::start_with_lag(store.clone(), metrics.watch_lag.clone())
         .await
@@ -115,6 +158,10 @@ pub async fn start_with_metrics(
     // Node views are built before any stream can open.
     let fanout = neutron::nodeview::start_fanout(state.clone());
     let snat_scheduler = neutron::l3sched::start(state.clone());
+    let key_reloader = spawn_key_reloader(
+        state.identity.clone(),
+        std::time::Duration::from_secs(config.token_key_reload_secs),
+    );
     // Requests run to completion even when their client goes away: see `serve`.
     let id_router = access_logged(identity::router(state.clone()), "identity", &metrics, |_| false);
     let net_router = access_logged(
@@ -147,6 +194,7 @@ pub async fn start_with_metrics(
             on_body_timeout,
             rx,
             name,
+            server_tls.as_ref().map(|t| t.acceptor()),
         )));
     }
     tracing::info!(%identity_addr, %network_addr, "isthmus server listening");
@@ -158,6 +206,23 @@ pub async fn start_with_metrics(
         tasks,
         fanout,
         snat_scheduler,
+        tls: server_tls,
+        key_reloader,
+    })
+}
+
+/// Re-reads the token keys every `every`, so servers sharing a key directory pick up a
+/// rotation without a signal.
+fn spawn_key_reloader(identity: Arc<identity::Identity>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = identity.reload_keys() {
+                tracing::error!(error = %e, "reading the token key directory failed; keeping the keys loaded before");
+            }
+        }
     })
 }
 

@@ -290,7 +290,16 @@ pub async fn listen(addr: SocketAddr, registry: Arc<Registry>) -> anyhow::Result
         )
         .fallback(|| async { StatusCode::NOT_FOUND });
     let (shutdown, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(serve::serve(listener, router, LIMITS, body_timeout, rx, "metrics"));
+    // Plain HTTP: metrics stay on loopback unless the operator says otherwise.
+    let task = tokio::spawn(serve::serve(
+        listener,
+        router,
+        LIMITS,
+        body_timeout,
+        rx,
+        "metrics",
+        None,
+    ));
     tracing::info!(%addr, "metrics listening");
     Ok(MetricsHandle { addr, shutdown, task })
 }

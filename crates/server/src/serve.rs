@@ -1,7 +1,9 @@
 //! Serving one listener over HTTP/1.1 with limits, so a client that sends slowly or not at all
 //! cannot hold the server: a cap on concurrent connections, a deadline for a request's headers,
 //! one for its body, and an idle timeout. Long responses (node watch streams) are not cut while
-//! they keep writing (they ping).
+//! they keep writing (they ping). With TLS, the handshake counts against the first request's
+//! header deadline, so a client that connects and never says hello is cut as one that never
+//! sends headers.
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -52,6 +54,7 @@ pub async fn serve(
     on_body_timeout: TimeoutResponse,
     mut shutdown: watch::Receiver<bool>,
     name: &'static str,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     // Owned here, so aborting this task drops (closes) every connection.
@@ -80,8 +83,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
-            serve_connection(stream, router, limits, on_body_timeout, shutdown).await;
+            serve_connection(stream, router, limits, on_body_timeout, shutdown, tls).await;
             drop(permit);
         });
     }
@@ -95,13 +99,39 @@ async fn serve_connection(
     router: Router,
     limits: Limits,
     on_body_timeout: TimeoutResponse,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Tracked {
+    let tracked = Tracked {
         inner: stream,
         activity: activity.clone(),
-    });
+    };
+    let Some(acceptor) = tls else {
+        let io = TokioIo::new(tracked);
+        return serve_http(io, activity, router, limits, on_body_timeout, shutdown).await;
+    };
+    let deadline = activity.epoch + limits.header_read;
+    match tokio::time::timeout_at(deadline.into(), acceptor.accept(tracked)).await {
+        Ok(Ok(tls_stream)) => {
+            let io = TokioIo::new(tls_stream);
+            serve_http(io, activity, router, limits, on_body_timeout, shutdown).await;
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!("no TLS handshake within the header timeout: closing"),
+    }
+}
+
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    activity: Arc<Activity>,
+    router: Router,
+    limits: Limits,
+    on_body_timeout: TimeoutResponse,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let act = activity.clone();
     // Each request runs in a task of its own, started as soon as hyper has its head (the
     // closure runs then; the future it returns is polled later, if at all). A client that
@@ -352,7 +382,8 @@ impl Future for HeadSleep {
             self.first_byte = Some(Instant::now());
         }
         let deadline = match (self.kept_alive, self.first_byte) {
-            (false, _) => self.started + self.limits.header_read,
+            // From the connection's start: a TLS handshake spends the same budget.
+            (false, _) => self.activity.epoch + self.limits.header_read,
             (true, Some(t)) => t + self.limits.header_read,
             (true, None) => self.started + self.limits.idle,
         };

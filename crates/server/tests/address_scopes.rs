@@ -98,17 +98,14 @@ async fn check(backend: Backend) {
     );
     let (s, b) = pool(&o.api, json!({"prefixes": ["10.62.0.0/24"], "address_scope_id": sid})).await;
     assert_neutron_error(s, &b, StatusCode::NOT_FOUND, Some("AddressScopeNotFound"));
+    // A shared scope is usable by every project (`rbac-address-scope`).
     let (s, b) = pool(
         &o.api,
         json!({"prefixes": ["10.62.0.0/24"], "address_scope_id": shared_id}),
     )
     .await;
-    assert_neutron_error(
-        s,
-        &b,
-        StatusCode::BAD_REQUEST,
-        Some("IllegalSubnetPoolAssociationToAddressScope"),
-    );
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["subnetpool"]["address_scope_id"], shared_id.as_str());
     // Overlapping pools outside the scope are fine; they cannot join it.
     let (s, outside) = pool(&m.api, json!({"prefixes": ["10.60.0.0/25"]})).await;
     assert_eq!(s, StatusCode::CREATED, "{outside}");

@@ -213,3 +213,87 @@ async fn openstack_cli_walkthrough() {
     let (st, _) = api.get("/v2.0/networks").await;
     assert_eq!(st, StatusCode::OK);
 }
+
+/// Trunks as a user makes them for a VM with nested containers: `network trunk create` with a
+/// subport, `trunk set --subport`, `subport list`, `trunk unset --subport`, `trunk delete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openstack_cli_trunks() {
+    let server = TestServer::start(Backend::Embedded).await;
+    let member = server.member("cli-trunks").await;
+    let cli = Cli {
+        server: &server,
+        member: &member,
+        home: tempfile::tempdir().expect("tempdir"),
+    };
+    for (net, cidr) in [("vm-net", "10.1.0.0/24"), ("pod-net", "10.2.0.0/24")] {
+        cli.ok(&["network", "create", net]).await;
+        cli.ok(&[
+            "subnet",
+            "create",
+            "--network",
+            net,
+            "--subnet-range",
+            cidr,
+            &format!("{net}-v4"),
+        ])
+        .await;
+    }
+    for (port, net) in [("vm", "vm-net"), ("pod-a", "pod-net"), ("pod-b", "pod-net")] {
+        cli.ok(&["port", "create", "--network", net, port]).await;
+    }
+    let t = cli
+        .json(&[
+            "network",
+            "trunk",
+            "create",
+            "--parent-port",
+            "vm",
+            "--subport",
+            "port=pod-a,segmentation-type=vlan,segmentation-id=101",
+            "vm-trunk",
+        ])
+        .await;
+    assert_eq!(t["status"], "DOWN", "{t}");
+    cli.ok(&[
+        "network",
+        "trunk",
+        "set",
+        "--subport",
+        "port=pod-b,segmentation-type=vlan,segmentation-id=102",
+        "vm-trunk",
+    ])
+    .await;
+    let subs = cli.json(&["network", "subport", "list", "--trunk", "vm-trunk"]).await;
+    let mut vlans: Vec<i64> = subs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["Segmentation ID"].as_i64())
+        .collect();
+    vlans.sort_unstable();
+    assert_eq!(vlans, vec![101, 102], "{subs}");
+    // The parent cannot be its own subport; Neutron's reason reaches the user.
+    let run = cli
+        .run(&[
+            "network",
+            "trunk",
+            "set",
+            "--subport",
+            "port=vm,segmentation-type=vlan,segmentation-id=103",
+            "vm-trunk",
+        ])
+        .await;
+    assert!(!run.ok && run.output().contains("parent port"), "{}", run.output());
+    let pod_a = cli.json(&["port", "show", "pod-a"]).await;
+    assert_eq!(pod_a["device_owner"], "trunk:subport", "{pod_a}");
+    cli.ok(&["network", "trunk", "unset", "--subport", "pod-a", "vm-trunk"])
+        .await;
+    let subs = cli.json(&["network", "subport", "list", "--trunk", "vm-trunk"]).await;
+    assert_eq!(subs.as_array().map(Vec::len), Some(1), "{subs}");
+    let run = cli.run(&["port", "delete", "vm"]).await;
+    assert!(!run.ok, "a trunk's parent port was deleted: {}", run.output());
+    cli.ok(&["network", "trunk", "delete", "vm-trunk"]).await;
+    cli.ok(&["port", "delete", "vm", "pod-a", "pod-b"]).await;
+    let trunks = cli.json(&["network", "trunk", "list"]).await;
+    assert_eq!(trunks, serde_json::json!([]));
+}

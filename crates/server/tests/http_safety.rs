@@ -754,8 +754,9 @@ async fn a_wildcard_listen_address_is_never_advertised() {
         .expect("the README's multi-node server example");
     for flag in [
         "--identity-listen 0.0.0.0",
-        "--identity-public-url http://",
-        "--network-public-url http://",
+        "--tls-cert ",
+        "--identity-public-url https://",
+        "--network-public-url https://",
     ] {
         assert!(example.contains(flag), "README example lacks {flag}: {example}");
     }
@@ -792,6 +793,8 @@ async fn a_wildcard_listen_address_is_never_advertised() {
     let network_public = format!("http://127.0.0.1:{net_port}/");
     let mut args = listen.to_vec();
     args.extend([
+        // Plain HTTP keeps this test about the URLs (the README's example has TLS).
+        "--insecure-http".to_string(),
         "--identity-public-url".to_string(),
         identity_public.clone(),
         "--network-public-url".to_string(),

@@ -22,6 +22,7 @@ async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
         network_listen: "127.0.0.1:0".parse().expect("addr"),
         admin_password: Some(ADMIN_PW.into()),
         password_hash_kib: 64,
+        token_key_dir: Some(dir.path().join("token-keys")),
         ..Config::default()
     };
     tweak(&mut config);

@@ -188,6 +188,12 @@ impl EtcdProcess {
         }
     }
 
+    /// This etcd's scratch directory (private, removed with it): where tests keep files that
+    /// every server on this etcd shares, such as token keys.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The certificates, for an etcd started with [`EtcdProcess::start_tls`].
     pub fn tls_files(&self) -> Option<&EtcdTlsFiles> {
         self.tls.as_ref()

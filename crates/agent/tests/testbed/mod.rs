@@ -510,6 +510,8 @@ impl Testbed {
                 // Test beds make more objects in one project than Neutron's default quotas.
                 "--quota-default",
                 "all=-1",
+                // The underlay is the test bed's own namespaces.
+                "--insecure-http",
             ]
             .iter()
             .map(|s| s.to_string())
@@ -528,6 +530,7 @@ impl Testbed {
                 network_listen: listen,
                 admin_password: Some(ADMIN_PASSWORD.into()),
                 password_hash_kib: 64,
+                insecure_http: true,
                 agent_down_secs: if outside.is_some() {
                     4
                 } else {

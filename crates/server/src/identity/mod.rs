@@ -11,6 +11,7 @@
 mod admin;
 pub mod error;
 mod handlers;
+pub mod keys;
 pub mod model;
 mod password;
 pub mod token;
@@ -18,9 +19,10 @@ mod writes;
 
 use crate::{cache::Cache, config::Config};
 use isthmus_store::{Compare, DynStore, Op};
+use keys::KeyRing;
 use model::{Project, Role, User};
-use std::sync::{Arc, OnceLock};
-use token::{Payload, SigningKey};
+use std::sync::{Arc, RwLock};
+use token::Payload;
 
 pub use handlers::router;
 
@@ -107,7 +109,8 @@ pub struct Identity {
     store: DynStore,
     cache: Arc<Cache>,
     config: Arc<Config>,
-    key: OnceLock<SigningKey>,
+    /// Token keys, replaced whole when the key directory is read again.
+    keys: RwLock<Arc<KeyRing>>,
     hasher: password::Hasher,
 }
 
@@ -118,7 +121,7 @@ impl Identity {
             store,
             cache,
             config,
-            key: OnceLock::new(),
+            keys: RwLock::new(Arc::new(KeyRing::default())),
             hasher,
         }
     }
@@ -145,8 +148,11 @@ impl Identity {
     /// project) still exist, are enabled and (for a project) that the user still has a role
     /// there. Cache lookups and one HMAC; no I/O.
     pub(crate) fn check_token(&self, token: &str) -> Result<TokenInfo, IdentityError> {
-        let key = self.key.get().ok_or(IdentityError::NotReady)?;
-        let payload = match key.verify(token.trim()) {
+        let keys = self.keys();
+        if keys.is_empty() {
+            return Err(IdentityError::NotReady);
+        }
+        let payload = match keys.verify(token.trim()) {
             Ok(p) => p,
             Err(e) => {
                 tracing::info!(reason = %e, "token rejected");
@@ -227,7 +233,53 @@ impl Identity {
 
     /// Signs a token. `issued_at`/`expires_at` in µs.
     pub(crate) fn issue_token(&self, payload: &Payload) -> Result<String, IdentityError> {
-        Ok(self.key.get().ok_or(IdentityError::NotReady)?.sign(payload))
+        self.keys()
+            .sign(payload, model::now_micros() / 1_000_000)
+            .ok_or(IdentityError::NotReady)
+    }
+
+    fn keys(&self) -> Arc<KeyRing> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_keys(&self, ring: KeyRing) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
+    }
+
+    /// Loads the token keys: from the configured directory (created with a first key if it
+    /// has none), or one in-memory key when no directory is configured.
+    pub(crate) fn load_keys(&self) -> Result<(), keys::KeyDirError> {
+        let now = model::now_micros() / 1_000_000;
+        let ring = match &self.config.token_key_dir {
+            Some(dir) => keys::load_or_create(dir, now)?,
+            None => {
+                tracing::warn!("no token key directory configured: tokens are signed with a key kept only in memory");
+                KeyRing::ephemeral(now)
+            }
+        };
+        tracing::info!(keys = ?ring.ids(), signer = ?ring.signer(now).map(|k| k.id.as_str()), "token keys loaded");
+        self.set_keys(ring);
+        Ok(())
+    }
+
+    /// Reads the key directory again (SIGHUP, and periodically): new keys verify at once and
+    /// sign from their activation time; deleted ones stop verifying. A directory that cannot
+    /// be read, or has no key, leaves the keys as they were.
+    pub fn reload_keys(&self) -> Result<(), keys::KeyDirError> {
+        let Some(dir) = &self.config.token_key_dir else {
+            return Ok(());
+        };
+        let ring = keys::load_dir(dir)?;
+        if ring.is_empty() {
+            return Err(keys::KeyDirError::Empty { path: dir.clone() });
+        }
+        let old = self.keys();
+        if ring.ids() != old.ids() {
+            let now = model::now_micros() / 1_000_000;
+            tracing::info!(keys = ?ring.ids(), signer = ?ring.signer(now).map(|k| k.id.as_str()), "token keys changed");
+        }
+        self.set_keys(ring);
+        Ok(())
     }
 
     // ----- reads (cache only) -----

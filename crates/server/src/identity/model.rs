@@ -9,7 +9,8 @@
 //! - `revoked/<audit_id>`: revoked tokens, until they would have expired anyway.
 //! - `revoke_events/{users/<user>,projects/<project>,grants/<project>/<user>}`: Keystone-style
 //!   revocation events (disable, role removal) with their time, kept for one token lifetime.
-//! - `signing_key`: the token signing secret, created once.
+//! - `signing_key`: where the token signing secret used to be; deleted at start (keys now live
+//!   in a directory, see `keys`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -213,13 +214,6 @@ pub struct Revocation {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevokeEvent {
     pub issued_before: i64,
-}
-
-/// Value of the signing-key key. The secret is base64 (standard) encoded.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct SigningKeyRecord {
-    pub key: String,
-    pub created_at: i64,
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Stateless signed tokens.
 //!
-//! A token is `base64url(payload) "." base64url(HMAC-SHA256(key, DOMAIN || payload))`, where the
-//! payload is a small JSON document naming the user, the project (if scoped), the methods, the
+//! A token is `kid "." base64url(payload) "." base64url(HMAC-SHA256(key, DOMAIN || kid || 0 ||
+//! payload))`, where `kid` names the key that signed it (see [`super::keys`]) and the payload is
+//! a small JSON document naming the user, the project (if scoped), the methods, the
 //! issue and expiry times and a random audit id. Nothing secret is inside; the signature makes
 //! it unforgeable. Everything else a token means (roles, whether the user still exists...) is
 //! looked up at validation time, so revoking access never needs a token list.
@@ -14,8 +15,9 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Separates this use of the key from any other.
-const DOMAIN: &[u8] = b"isthmus-token-v1\0";
+/// Separates this use of the key from any other. (v1 tokens carried no key id; they are no
+/// longer accepted.)
+const DOMAIN: &[u8] = b"isthmus-token-v2\0";
 /// Longer input is rejected before any decoding work.
 pub const MAX_TOKEN_LEN: usize = 4096;
 const MAC_LEN: usize = 32;
@@ -60,9 +62,11 @@ pub enum TokenError {
     Malformed,
     #[error("bad token signature")]
     BadSignature,
+    #[error("token signed with an unknown key")]
+    UnknownKey,
 }
 
-/// The signing secret. No `Debug`, and never serialized except into its store record.
+/// The signing secret. No `Debug`, and never serialized except into its key file.
 #[derive(Clone)]
 pub struct SigningKey([u8; KEY_LEN]);
 
@@ -90,27 +94,34 @@ impl SigningKey {
         mac
     }
 
-    pub fn sign(&self, payload: &Payload) -> String {
+    /// Signs `payload` as key `kid`.
+    pub fn sign(&self, kid: &str, payload: &Payload) -> String {
         // Serializing a struct of strings and integers cannot fail.
         let json = serde_json::to_vec(payload).unwrap_or_default();
         let mut mac = self.mac();
+        mac.update(kid.as_bytes());
+        mac.update(&[0]);
         mac.update(&json);
         let tag = mac.finalize().into_bytes();
-        format!("{}.{}", URL_SAFE_NO_PAD.encode(&json), URL_SAFE_NO_PAD.encode(tag))
+        format!(
+            "{kid}.{}.{}",
+            URL_SAFE_NO_PAD.encode(&json),
+            URL_SAFE_NO_PAD.encode(tag)
+        )
     }
 
-    /// Checks the signature (in constant time) and decodes the payload. Does not look at expiry.
+    /// Checks the signature (in constant time) and decodes the payload. Does not look at expiry;
+    /// the caller picked this key by the token's [`key_id`].
     pub fn verify(&self, token: &str) -> Result<Payload, TokenError> {
-        if token.len() > MAX_TOKEN_LEN {
-            return Err(TokenError::Malformed);
-        }
-        let (body, tag) = token.split_once('.').ok_or(TokenError::Malformed)?;
+        let (kid, body, tag) = split(token)?;
         let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Malformed)?;
         let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed)?;
         if tag.len() != MAC_LEN {
             return Err(TokenError::Malformed);
         }
         let mut mac = self.mac();
+        mac.update(kid.as_bytes());
+        mac.update(&[0]);
         mac.update(&json);
         mac.verify_slice(&tag).map_err(|_| TokenError::BadSignature)?;
         let payload: Payload = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
@@ -119,6 +130,22 @@ impl SigningKey {
         }
         Ok(payload)
     }
+}
+
+fn split(token: &str) -> Result<(&str, &str, &str), TokenError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(TokenError::Malformed);
+    }
+    let mut parts = token.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(kid), Some(body), Some(tag), None) if !kid.is_empty() => Ok((kid, body, tag)),
+        _ => Err(TokenError::Malformed),
+    }
+}
+
+/// The id of the key a token says signed it (unverified: only to pick the key).
+pub fn key_id(token: &str) -> Result<&str, TokenError> {
+    split(token).map(|(kid, _, _)| kid)
 }
 
 /// A fresh audit id: 16 random bytes, base64url (22 characters, like Keystone's).
@@ -156,7 +183,8 @@ mod tests {
     fn roundtrip() {
         let k = SigningKey::generate();
         let p = payload();
-        let t = k.sign(&p);
+        let t = k.sign("1-k", &p);
+        assert_eq!(key_id(&t), Ok("1-k"));
         assert_eq!(k.verify(&t), Ok(p));
         assert!(is_valid_audit_id(&k.verify(&t).map(|p| p.a).unwrap_or_default()));
     }
@@ -164,18 +192,29 @@ mod tests {
     #[test]
     fn rejects_other_key_and_tampering() {
         let k = SigningKey::generate();
-        let t = k.sign(&payload());
+        let t = k.sign("1-k", &payload());
         assert_eq!(SigningKey::generate().verify(&t), Err(TokenError::BadSignature));
+        // The key id is signed too.
+        assert_eq!(k.verify(&t.replacen("1-k", "2-k", 1)), Err(TokenError::BadSignature));
         // Swap in a different payload, keep the tag.
         let mut p2 = payload();
         p2.u = "admin".into();
         let forged = format!(
             "{}.{}",
-            k.sign(&p2).split_once('.').map(|x| x.0).unwrap_or_default(),
-            t.split_once('.').map(|x| x.1).unwrap_or_default()
+            k.sign("1-k", &p2).rsplit_once('.').map(|x| x.0).unwrap_or_default(),
+            t.rsplit_once('.').map(|x| x.1).unwrap_or_default()
         );
         assert_eq!(k.verify(&forged), Err(TokenError::BadSignature));
-        for bad in ["", ".", "abc", "a.b", "!!!.???", &"x".repeat(MAX_TOKEN_LEN + 1)] {
+        for bad in [
+            "",
+            ".",
+            "abc",
+            "a.b",
+            "..",
+            "!!!.???.x",
+            "k.a.b.c",
+            &"x".repeat(MAX_TOKEN_LEN + 1),
+        ] {
             assert!(k.verify(bad).is_err(), "{bad:?}");
         }
     }
@@ -184,7 +223,7 @@ mod tests {
     fn key_roundtrip() {
         let k = SigningKey::generate();
         let k2 = SigningKey::from_base64(&k.to_base64()).expect("decodes");
-        let t = k.sign(&payload());
+        let t = k.sign("1-k", &payload());
         assert!(k2.verify(&t).is_ok());
         assert!(SigningKey::from_base64("c2hvcnQ=").is_none());
     }

@@ -2,9 +2,9 @@
 //! assignments and token revocations. Every write is one store transaction guarded by compares
 //! (`Absent` for new names, `ModRevision` for read-modify-write), retried on contention.
 
-use super::model::{self, AssignmentRecord, Project, Revocation, RevokeEvent, Role, SigningKeyRecord, User};
+use super::model::{self, AssignmentRecord, Project, Revocation, RevokeEvent, Role, User};
 use super::password::MAX_PASSWORD_LEN;
-use super::token::{Payload, SigningKey};
+use super::token::Payload;
 use super::{Identity, IdentityError};
 use anyhow::Context;
 use isthmus_store::{Compare, Op, StoreError};
@@ -134,11 +134,14 @@ fn check_optional_id(field: &str, id: &Option<String>) -> Result<(), IdentityErr
 }
 
 impl Identity {
-    /// Idempotent: makes sure the signing key, the roles admin/member/reader/node (node: what a node agent may do), the admin and
+    /// Idempotent: loads the token keys, makes sure the roles admin/member/reader/node (node: what a node agent may do), the admin and
     /// service projects and the admin user (with role admin on the admin project) exist. An
     /// existing admin user keeps its password.
     pub async fn bootstrap(&self) -> anyhow::Result<()> {
-        self.ensure_signing_key().await.context("token signing key")?;
+        self.load_keys().context("token signing keys")?;
+        self.drop_stored_signing_key()
+            .await
+            .context("deleting the former token signing key")?;
         let mut roles = Vec::new();
         for name in ["admin", "member", "reader", "node"] {
             roles.push(self.ensure_role(name).await.with_context(|| format!("role {name}"))?);
@@ -208,30 +211,15 @@ impl Identity {
         Ok(())
     }
 
-    async fn ensure_signing_key(&self) -> Result<(), IdentityError> {
+    /// Keys used to live in the store; the directory replaced it. Deleting the old one keeps
+    /// the secret from lingering in etcd and its backups.
+    async fn drop_stored_signing_key(&self) -> Result<(), IdentityError> {
         let key = model::signing_key();
-        for _ in 0..ATTEMPTS {
-            if let Some(kv) = self.store.get(&key).await? {
-                let rec: SigningKeyRecord = serde_json::from_slice(&kv.value)
-                    .map_err(|e| StoreError::Corrupt(format!("token signing key record: {e}")))?;
-                let k = SigningKey::from_base64(&rec.key)
-                    .ok_or_else(|| StoreError::Corrupt("token signing key has the wrong length".into()))?;
-                let _ = self.key.set(k);
-                return Ok(());
-            }
-            let rec = SigningKeyRecord {
-                key: SigningKey::generate().to_base64(),
-                created_at: model::now_micros(),
-            };
-            if self
-                .commit(vec![Compare::Absent(key.clone())], vec![Op::put(&key, to_json(&rec)?)])
-                .await?
-            {
-                tracing::info!("generated the token signing key");
-            }
-            // Either way, read back the one that won.
+        if self.store.get(&key).await?.is_some() {
+            self.store.txn(vec![], vec![Op::delete(&key)]).await?;
+            tracing::info!("deleted the token signing key formerly kept in the store");
         }
-        Err(IdentityError::Contention)
+        Ok(())
     }
 
     async fn ensure_role(&self, name: &str) -> Result<Role, IdentityError> {

@@ -1,7 +1,9 @@
 //! Address scopes (`address-scope`): subnet pools in one scope never overlap, and networks
 //! report the scopes of their subnets' pools.
 
+use super::common::Grants;
 use super::common::{check_if_match, json_bytes, new_id, now, policy_denied, retry, Ctx, NResult, Stored};
+use super::grants::{self, AddressScopeObject};
 use super::lookup::{self, guard, visible_scope};
 use super::query::Prefilter;
 use super::resource::{BoxFut, Meta, Resource};
@@ -36,17 +38,18 @@ impl Resource for AddressScopes {
     }
     fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
         Box::pin(async move {
+            let g = Grants::all(ctx);
             Ok(ctx
                 .all::<AddressScope>()
                 .into_iter()
-                .filter(|(s, _)| lookup::own_or_shared(ctx, &s.project_id, s.shared))
                 .filter(|(s, _)| pre.keeps_owned(&s.id, &s.name, &s.project_id))
-                .map(|(s, _)| s.to_api())
+                .filter(|(s, _)| lookup::granted_visible(ctx, OBJECT, &s.id, &s.project_id, s.shared, &g))
+                .map(|(s, _)| render(ctx, &s, &g))
                 .collect())
         })
     }
     fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
-        Ok(visible_scope(ctx, id)?.0.to_api())
+        Ok(render(ctx, &visible_scope(ctx, id)?.0, &Grants::of(ctx, id)))
     }
     fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
         Box::pin(create(ctx, body))
@@ -61,6 +64,17 @@ impl Resource for AddressScopes {
 
 fn key(id: &str) -> String {
     lookup::key::<AddressScope>(id)
+}
+
+/// The scope's RBAC object type.
+const OBJECT: &str = "address_scope";
+
+/// The API view for the caller: `shared` is true for every project the scope is shared
+/// with (`rbac-address-scope`), as Neutron reports it.
+fn render(ctx: &Ctx<'_>, s: &AddressScope, g: &Grants) -> Value {
+    let mut v = s.to_api();
+    v["shared"] = Value::Bool(lookup::shared_for(ctx, OBJECT, &s.id, s.shared, g));
+    v
 }
 
 async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
@@ -96,11 +110,13 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         std: StandardAttrs::new(&now()),
     };
     let scope = retry(ctx, |_| {
-        Ok((
-            vec![Compare::Absent(key(&id))],
-            vec![Op::put(key(&id), json_bytes(&scope))],
-            scope.clone(),
-        ))
+        let mut cmp = vec![Compare::Absent(key(&id))];
+        let mut ops = vec![Op::put(key(&id), json_bytes(&scope))];
+        // `shared` is the `*` policy, made with the scope.
+        if scope.shared {
+            grants::share_with_all(&AddressScopeObject, &id, &scope.project_id, &mut cmp, &mut ops);
+        }
+        Ok((cmp, ops, scope.clone()))
     })
     .await?;
     tracing::info!(address_scope = %scope.id, ip_version, "address scope created");
@@ -137,18 +153,24 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         if let Some(v) = &name {
             s.name = v.clone();
         }
+        let mut cmp = vec![Compare::ModRevision(key(id), rev)];
+        let mut ops = vec![];
         if let Some(v) = shared {
+            // The flag is the `*` policy: made when sharing, removed when unsharing unless
+            // projects only it covers have pools in the scope.
+            if v && !s.shared {
+                grants::share_with_all(&AddressScopeObject, id, &s.project_id, &mut cmp, &mut ops);
+            } else if !v && s.shared {
+                ops.extend(grants::unshare(ctx, &AddressScopeObject, id, &s.project_id)?);
+            }
             s.shared = v;
         }
         s.std.bump(&now());
-        Ok((
-            vec![Compare::ModRevision(key(id), rev)],
-            vec![Op::put(key(id), json_bytes(&s))],
-            s,
-        ))
+        ops.push(Op::put(key(id), json_bytes(&s)));
+        Ok((cmp, ops, s))
     })
     .await?;
-    Ok(s.to_api())
+    Ok(render(ctx, &s, &Grants::of(ctx, id)))
 }
 
 async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
@@ -167,11 +189,10 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
         }
         // A pool joining the scope rewrites its guard, so it cannot slip in meanwhile.
         let gk = keys::scope_guard(id);
-        Ok((
-            vec![Compare::ModRevision(key(id), rev), guard(ctx, &gk)],
-            vec![Op::delete(key(id)), Op::delete(gk)],
-            (),
-        ))
+        let mut ops = vec![Op::delete(key(id)), Op::delete(gk.clone())];
+        // Its RBAC policies go with it; a policy change rewrites the scope, so none is missed.
+        ops.extend(grants::revoke_all(ctx, &AddressScopeObject, id));
+        Ok((vec![Compare::ModRevision(key(id), rev), guard(ctx, &gk)], ops, ()))
     })
     .await?;
     tracing::info!(address_scope = %id, "address scope deleted");

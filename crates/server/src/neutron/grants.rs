@@ -5,7 +5,9 @@
 
 use super::common::{json_bytes, new_id, not_found, Ctx, Grants, NResult, ACCESS_EXTERNAL, ACCESS_SHARED, WILDCARD};
 use super::lookup::{self, FLOATINGIP_OWNER, GATEWAY_OWNER};
-use isthmus_model::{keys, FloatingIp, Network, NeutronError, Port, RbacPolicy, Router, SecurityGroup};
+use isthmus_model::{
+    keys, AddressScope, FloatingIp, Network, NeutronError, Port, RbacPolicy, Router, SecurityGroup, Subnet, SubnetPool,
+};
 use isthmus_store::{Compare, Op, Revision};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -39,10 +41,20 @@ pub trait RbacObject: Sync {
     fn sync(&self, _ctx: &Ctx<'_>, _id: &str, _touched: &[&RbacPolicy], _after: &[RbacPolicy]) -> NResult<Vec<Op>> {
         Ok(vec![])
     }
+    /// Comparisons a policy change makes besides the object's revision: keys that whatever
+    /// starts to depend on a grant rewrites, so a dependant committing meanwhile fails it.
+    fn guards(&self, _ctx: &Ctx<'_>, _id: &str) -> Vec<Compare> {
+        vec![]
+    }
 }
 
 /// Every object type policies may name.
-pub static OBJECT_TYPES: &[&dyn RbacObject] = &[&NetworkObject, &SecurityGroupObject];
+pub static OBJECT_TYPES: &[&dyn RbacObject] = &[
+    &NetworkObject,
+    &SecurityGroupObject,
+    &SubnetPoolObject,
+    &AddressScopeObject,
+];
 
 /// The object type called `name`.
 pub fn object_type(name: &str) -> Option<&'static dyn RbacObject> {
@@ -187,6 +199,117 @@ impl RbacObject for SecurityGroupObject {
     }
 }
 
+/// `shared` of an object whose flag is the `*` access_as_shared policy, once a change
+/// touching `touched` leaves `after`; `current` when no touched policy concerns it.
+fn wildcard_shared(current: bool, touched: &[&RbacPolicy], after: &[RbacPolicy]) -> bool {
+    let wild = |p: &RbacPolicy| p.action == ACCESS_SHARED && p.target_project == WILDCARD;
+    if touched.iter().any(|p| wild(p)) {
+        after.iter().any(wild)
+    } else {
+        current
+    }
+}
+
+/// Subnet pools (`rbac-subnetpool`): a grant lets a project see the pool and allocate
+/// subnets from it.
+pub struct SubnetPoolObject;
+
+impl RbacObject for SubnetPoolObject {
+    fn name(&self) -> &'static str {
+        "subnetpool"
+    }
+    fn actions(&self) -> &'static [&'static str] {
+        &[ACCESS_SHARED]
+    }
+    fn find(&self, ctx: &Ctx<'_>, id: &str) -> Option<Target> {
+        ctx.get::<SubnetPool>(id).map(|(p, rev)| Target {
+            project_id: p.project_id,
+            key: lookup::key::<SubnetPool>(id),
+            revision: rev,
+        })
+    }
+    fn visible(&self, ctx: &Ctx<'_>, id: &str) -> bool {
+        lookup::visible_pool(ctx, id).is_ok()
+    }
+    fn not_found(&self, id: &str) -> NeutronError {
+        not_found::<SubnetPool>(id)
+    }
+    fn bound_projects(&self, ctx: &Ctx<'_>, id: &str, _action: &str) -> HashSet<String> {
+        ctx.all::<Subnet>()
+            .into_iter()
+            .filter(|(s, _)| s.subnetpool_id.as_deref() == Some(id))
+            .map(|(s, _)| s.project_id.clone())
+            .collect()
+    }
+    fn sync(&self, ctx: &Ctx<'_>, id: &str, touched: &[&RbacPolicy], after: &[RbacPolicy]) -> NResult<Vec<Op>> {
+        let Some((mut p, _)) = ctx.get::<SubnetPool>(id) else {
+            return Ok(vec![]);
+        };
+        let shared = wildcard_shared(p.shared, touched, after);
+        if shared != p.shared {
+            p.shared = shared;
+            p.std.bump(&super::common::now());
+        }
+        // Written even unchanged: an allocation or a pool delete planned without this policy
+        // compares the pool's revision, so it plans again.
+        Ok(vec![Op::put(lookup::key::<SubnetPool>(id), json_bytes(&p))])
+    }
+    fn guards(&self, ctx: &Ctx<'_>, id: &str) -> Vec<Compare> {
+        // Every allocation from the pool rewrites its guard.
+        vec![lookup::guard(ctx, &keys::pool_guard(id))]
+    }
+}
+
+/// Address scopes (`rbac-address-scope`): a grant lets a project see the scope and put its
+/// subnet pools in it.
+pub struct AddressScopeObject;
+
+impl RbacObject for AddressScopeObject {
+    fn name(&self) -> &'static str {
+        "address_scope"
+    }
+    fn actions(&self) -> &'static [&'static str] {
+        &[ACCESS_SHARED]
+    }
+    fn find(&self, ctx: &Ctx<'_>, id: &str) -> Option<Target> {
+        ctx.get::<AddressScope>(id).map(|(s, rev)| Target {
+            project_id: s.project_id,
+            key: lookup::key::<AddressScope>(id),
+            revision: rev,
+        })
+    }
+    fn visible(&self, ctx: &Ctx<'_>, id: &str) -> bool {
+        lookup::visible_scope(ctx, id).is_ok()
+    }
+    fn not_found(&self, id: &str) -> NeutronError {
+        not_found::<AddressScope>(id)
+    }
+    fn bound_projects(&self, ctx: &Ctx<'_>, id: &str, _action: &str) -> HashSet<String> {
+        ctx.all::<SubnetPool>()
+            .into_iter()
+            .filter(|(p, _)| p.address_scope_id.as_deref() == Some(id))
+            .map(|(p, _)| p.project_id.clone())
+            .collect()
+    }
+    fn sync(&self, ctx: &Ctx<'_>, id: &str, touched: &[&RbacPolicy], after: &[RbacPolicy]) -> NResult<Vec<Op>> {
+        let Some((mut s, _)) = ctx.get::<AddressScope>(id) else {
+            return Ok(vec![]);
+        };
+        let shared = wildcard_shared(s.shared, touched, after);
+        if shared != s.shared {
+            s.shared = shared;
+            s.std.bump(&super::common::now());
+        }
+        // Written even unchanged, so a pool joining or a scope delete planned without this
+        // policy plans again.
+        Ok(vec![Op::put(lookup::key::<AddressScope>(id), json_bytes(&s))])
+    }
+    fn guards(&self, ctx: &Ctx<'_>, id: &str) -> Vec<Compare> {
+        // Every pool joining the scope rewrites its guard.
+        vec![lookup::guard(ctx, &keys::scope_guard(id))]
+    }
+}
+
 /// Every policy on object `id` (of any type), with revisions.
 pub fn policies_on(ctx: &Ctx<'_>, id: &str) -> Vec<(Arc<RbacPolicy>, Revision)> {
     ctx.all::<RbacPolicy>()
@@ -280,6 +403,44 @@ pub fn check_release(
         None => Ok(()),
         Some(p) => Err(in_use(id, &format!("project_id={p}"))),
     }
+}
+
+/// Writes and comparisons that make the `*` access_as_shared policy of an object created or
+/// updated with `shared: true`, owned by the object's owner as networks' are.
+pub fn share_with_all(t: &dyn RbacObject, id: &str, owner: &str, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
+    let (_, c, o) = grant(t.name(), id, ACCESS_SHARED, WILDCARD, owner);
+    cmp.extend(c);
+    ops.extend(o);
+}
+
+/// The writes that turn `shared` off for an object of type `t` whose flag is its `*`
+/// policy: refused (RbacPolicyInUse, as Neutron) while a project only `*` covers depends
+/// on it.
+pub fn unshare(ctx: &Ctx<'_>, t: &dyn RbacObject, id: &str, owner: &str) -> NResult<Vec<Op>> {
+    let on: Vec<_> = policies_on(ctx, id)
+        .into_iter()
+        .filter(|(p, _)| p.object_type == t.name() && p.action == ACCESS_SHARED)
+        .collect();
+    let remaining: Vec<&str> = on
+        .iter()
+        .filter(|(p, _)| p.target_project != WILDCARD)
+        .map(|(p, _)| p.target_project.as_str())
+        .collect();
+    check_release(ctx, t, id, owner, ACCESS_SHARED, WILDCARD, &remaining)?;
+    Ok(on
+        .iter()
+        .filter(|(p, _)| p.target_project == WILDCARD)
+        .flat_map(|(p, _)| revoke(p))
+        .collect())
+}
+
+/// The writes removing every policy of type `t` on an object being deleted.
+pub fn revoke_all(ctx: &Ctx<'_>, t: &dyn RbacObject, id: &str) -> Vec<Op> {
+    policies_on(ctx, id)
+        .into_iter()
+        .filter(|(p, _)| p.object_type == t.name())
+        .flat_map(|(p, _)| revoke(&p))
+        .collect()
 }
 
 /// Whether `project` may use security group `g` on its ports: its own, or shared with it.

@@ -146,17 +146,31 @@ pub fn external_network(ctx: &Ctx<'_>, id: &str, resource: &str) -> NResult<Netw
     Ok(n)
 }
 
-/// Shared subnet pools are visible to every project, as in Neutron.
+/// Neutron's per-caller `shared` of an object whose flag is its `*` policy (subnet pools,
+/// address scopes): shared with everyone, or through a policy naming the caller's project.
+pub fn shared_for(ctx: &Ctx<'_>, object_type: &str, id: &str, shared: bool, grants: &Grants) -> bool {
+    shared || grants.grants(object_type, id, ACCESS_SHARED, &ctx.auth.project_id)
+}
+
+/// Whether the caller sees (and may use) an object with a `shared` flag and RBAC policies:
+/// the admin, the owner, or a project it is shared with.
+pub fn granted_visible(ctx: &Ctx<'_>, object_type: &str, id: &str, owner: &str, shared: bool, grants: &Grants) -> bool {
+    own_or_shared(ctx, owner, shared_for(ctx, object_type, id, shared, grants))
+}
+
+/// A subnet pool the caller may see and allocate from (`rbac-subnetpool`), or
+/// SubnetPoolNotFound.
 pub fn visible_pool(ctx: &Ctx<'_>, id: &str) -> NResult<(SubnetPool, Revision)> {
     ctx.get::<SubnetPool>(id)
-        .filter(|(p, _)| own_or_shared(ctx, &p.project_id, p.shared))
+        .filter(|(p, _)| granted_visible(ctx, "subnetpool", id, &p.project_id, p.shared, &Grants::of(ctx, id)))
         .ok_or_else(|| not_found::<SubnetPool>(id))
 }
 
-/// Shared address scopes are visible to every project, as in Neutron.
+/// An address scope the caller may see and put its pools in (`rbac-address-scope`), or
+/// AddressScopeNotFound.
 pub fn visible_scope(ctx: &Ctx<'_>, id: &str) -> NResult<(AddressScope, Revision)> {
     ctx.get::<AddressScope>(id)
-        .filter(|(s, _)| own_or_shared(ctx, &s.project_id, s.shared))
+        .filter(|(s, _)| granted_visible(ctx, "address_scope", id, &s.project_id, s.shared, &Grants::of(ctx, id)))
         .ok_or_else(|| not_found::<AddressScope>(id))
 }
 
@@ -223,8 +237,8 @@ pub fn policy_visible(ctx: &Ctx<'_>, p: &QosPolicy) -> bool {
     own_or_shared(ctx, &p.project_id, p.shared)
 }
 
-/// Neutron's read rule for objects with a plain `shared` flag (subnet pools, address scopes,
-/// QoS policies): the admin, the owner, or anybody when shared.
+/// Neutron's read rule for objects with a plain `shared` flag (QoS policies): the admin, the
+/// owner, or anybody when shared.
 pub fn own_or_shared(ctx: &Ctx<'_>, project_id: &str, shared: bool) -> bool {
     ctx.admin() || ctx.owns(project_id) || shared
 }

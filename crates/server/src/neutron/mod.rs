@@ -46,6 +46,7 @@ mod security_groups;
 mod subnetpools;
 mod subnets;
 mod tags;
+mod trunks;
 pub mod viewindex;
 
 use crate::AppState;
@@ -75,6 +76,8 @@ pub struct NeutronState {
     pub fanout: nodeview::Fanout,
     /// Which nodes are alive, renewed by heartbeats without store writes.
     pub liveness: liveness::Liveness,
+    /// Ends the node streams at shutdown.
+    pub stopping: nodeview::Stopping,
 }
 
 /// Extensions this server really implements; tempest and clients decide what to test from this.
@@ -200,6 +203,16 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
         "rbac-security-groups",
         "Add security_group type to network RBAC",
         "Add security_group type to network RBAC",
+    ),
+    (
+        "rbac-address-scope",
+        "Add address_scope type to RBAC",
+        "Add address_scope type to RBAC",
+    ),
+    (
+        "rbac-subnetpool",
+        "Add subnetpool type to RBAC",
+        "Add subnetpool type to RBAC",
     ),
     (
         "project-id",
@@ -345,6 +358,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2.0/routers/{id}/remove_router_interface", put(router_interface))
         .route("/v2.0/subnetpools/{id}/add_prefixes", put(add_remove))
         .route("/v2.0/subnetpools/{id}/remove_prefixes", put(add_remove))
+        .route("/v2.0/trunks/{id}/add_subports", put(add_remove))
+        .route("/v2.0/trunks/{id}/remove_subports", put(add_remove))
+        .route("/v2.0/trunks/{id}/get_subports", get(get_subports))
         .route("/v2.0/routers/{id}/add_extraroutes", put(add_remove))
         .route("/v2.0/routers/{id}/remove_extraroutes", put(add_remove))
         .route(
@@ -579,10 +595,26 @@ async fn add_remove(
     let add = path.rsplit('/').next().is_some_and(|last| last.starts_with("add_"));
     let out = if path.starts_with("/v2.0/subnetpools/") {
         subnetpools::change_prefixes(&ctx, &id, body, add).await?
+    } else if path.starts_with("/v2.0/trunks/") {
+        trunks::change_subports(&ctx, &id, body, add).await?
     } else {
         routers::change_routes(&ctx, &id, body, add).await?
     };
     Ok(json_response(StatusCode::OK, out))
+}
+
+/// `GET /v2.0/trunks/{id}/get_subports`.
+async fn get_subports(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let auth = authenticate(&state, &headers).await?;
+    let ctx = Ctx {
+        state: &state,
+        auth: &auth,
+    };
+    Ok(json_response(StatusCode::OK, trunks::get_subports(&ctx, &id)?))
 }
 
 async fn router_interface(

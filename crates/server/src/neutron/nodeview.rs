@@ -441,6 +441,25 @@ fn first_message(
     (Message::Snapshot { revision: rev, objects }, None)
 }
 
+/// Turned on when the server shuts down: open streams end, so their nodes reconnect (to another
+/// server) instead of holding the shutdown up.
+pub struct Stopping(tokio::sync::watch::Sender<bool>);
+
+impl Default for Stopping {
+    fn default() -> Self {
+        Stopping(tokio::sync::watch::channel(false).0)
+    }
+}
+
+impl Stopping {
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+}
+
 /// Lines a stream may have queued before it counts as fallen behind.
 const STREAM_QUEUE: usize = 256;
 
@@ -482,6 +501,7 @@ pub async fn watch(
     };
     let st = state.clone();
     let open = StreamOpen::new(&state.metrics.node_streams_open);
+    let mut server_stopping = state.neutron.stopping.subscribe();
     tokio::spawn(async move {
         let _open = open;
         let sessions = &st.neutron.node_sessions;
@@ -498,6 +518,10 @@ pub async fn watch(
                     break;
                 }
                 _ = tx.closed() => break,
+                Ok(_) = server_stopping.wait_for(|s| *s) => {
+                    tracing::info!(host = %host, "closing the node watch: the server is shutting down");
+                    break;
+                }
                 _ = ping.tick() => {
                     // Under the fan-out's lock, so a ping never overtakes an update of an
                     // older revision still being written.

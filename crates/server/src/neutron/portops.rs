@@ -1147,7 +1147,8 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
         let (p, rev) = writable(ctx, id)?;
         check_if_match(if_match, p.std.revision_number)?;
         check_l3_deletion(ctx, &p)?;
-        let mut cmp = vec![Compare::ModRevision(key(id), rev)];
+        super::trunks::check_port_deletion(ctx, id)?;
+        let mut cmp = vec![Compare::ModRevision(key(id), rev), super::trunks::not_trunked(id)];
         let mut ops = delete_ops(&p);
         // Its floating IPs stay, disassociated, as Neutron leaves them.
         disassociate(ctx, id, &[], &mut cmp, &mut ops);

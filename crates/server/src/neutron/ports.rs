@@ -48,18 +48,18 @@ impl Resource for Ports {
                         && pre.keeps("device_id", &p.device_id)
                         && pre.keeps("device_owner", &p.device_owner)
                 })
-                .map(|(p, _)| p.to_api(ctx.admin()))
+                .map(|(p, _)| rendered(ctx, &p))
                 .collect())
         })
     }
     fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
-        Ok(visible_port(ctx, id)?.0.to_api(ctx.admin()))
+        Ok(rendered(ctx, &visible_port(ctx, id)?.0))
     }
     fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
         Box::pin(async move { Ok(portops::create(ctx, body).await?.to_api(ctx.admin())) })
     }
     fn update<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, body: Body, if_match: Option<u64>) -> BoxFut<'a, Value> {
-        Box::pin(async move { Ok(portops::update(ctx, id, body, if_match).await?.to_api(ctx.admin())) })
+        Box::pin(async move { Ok(rendered(ctx, &portops::update(ctx, id, body, if_match).await?)) })
     }
     fn delete<'a>(&'a self, ctx: &'a Ctx<'a>, id: &'a str, if_match: Option<u64>) -> BoxFut<'a, ()> {
         Box::pin(portops::delete(ctx, id, if_match))
@@ -67,4 +67,11 @@ impl Resource for Ports {
     fn used(&self, ctx: &Ctx<'_>, project: &str) -> usize {
         count_owned::<Port>(ctx, project)
     }
+}
+
+/// A port as the API shows it, with `trunk_details` when it is a trunk's parent.
+fn rendered(ctx: &Ctx<'_>, p: &Port) -> Value {
+    let mut v = p.to_api(ctx.admin());
+    super::trunks::add_details(ctx, &mut v);
+    v
 }

@@ -1,4 +1,5 @@
-//! RBAC policies (`rbac-policies`, `rbac-security-groups`): an object's owner (or the admin)
+//! RBAC policies (`rbac-policies`, `rbac-security-groups`, `rbac-subnetpool`,
+//! `rbac-address-scope`): an object's owner (or the admin)
 //! grants one project, or every project (`*`), access to the object. The object types and
 //! what depends on a grant are in `grants`.
 
@@ -200,6 +201,7 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
         cmp.extend(qcmp);
         ops.extend(qops);
         cmp.push(Compare::ModRevision(obj.key.clone(), obj.revision));
+        cmp.extend(t.guards(ctx, &object_id));
         let mut after = others(ctx, t, &object_id, &p.id);
         after.push(p.clone());
         ops.extend(t.sync(ctx, &object_id, &[&p], &after)?);
@@ -266,11 +268,12 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body) -> NResult<Value> {
             &old.target_project,
             &remaining,
         )?;
-        let cmp = vec![
+        let mut cmp = vec![
             Compare::ModRevision(grants::policy_key(id), rev),
             Compare::Absent(grants::grant_key(&new)),
             Compare::ModRevision(obj.key.clone(), obj.revision),
         ];
+        cmp.extend(t.guards(ctx, &old.object_id));
         let mut ops = vec![
             Op::delete(grants::grant_key(&old)),
             Op::put(grants::grant_key(&new), id.to_string()),
@@ -298,10 +301,11 @@ async fn delete(ctx: &Ctx<'_>, id: &str) -> NResult<()> {
             &p.target_project,
             &targets(&after, &p.action),
         )?;
-        let cmp = vec![
+        let mut cmp = vec![
             Compare::ModRevision(grants::policy_key(id), rev),
             Compare::ModRevision(obj.key.clone(), obj.revision),
         ];
+        cmp.extend(t.guards(ctx, &p.object_id));
         let mut ops = grants::revoke(&p);
         ops.extend(t.sync(ctx, &p.object_id, &[&p], &after)?);
         Ok((cmp, ops, ()))

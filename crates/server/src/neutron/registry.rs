@@ -11,6 +11,7 @@ use super::routers::Routers;
 use super::security_groups::{SecurityGroupRules, SecurityGroups};
 use super::subnetpools::SubnetPools;
 use super::subnets::Subnets;
+use super::trunks::Trunks;
 
 static RESOURCES: &[&dyn Resource] = &[
     &Networks,
@@ -23,6 +24,7 @@ static RESOURCES: &[&dyn Resource] = &[
     &SecurityGroups,
     &SecurityGroupRules,
     &RbacPolicies,
+    &Trunks,
 ];
 
 /// Every resource, in the order the API index lists them.

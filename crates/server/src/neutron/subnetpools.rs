@@ -2,9 +2,11 @@
 //! prefixes that subnets are cut from. Allocation itself happens in `subnets`; this module
 //! keeps pools, their prefixes and their address-scope membership.
 
+use super::common::Grants;
 use super::common::{
     check_if_match, description_from, json_bytes, new_id, now, policy_denied, retry, tags_from, Ctx, NResult, Stored,
 };
+use super::grants::{self, SubnetPoolObject};
 use super::lookup::{self, guard, pool_allocations, pool_nets, visible_pool, visible_scope};
 use super::query::Prefilter;
 use super::resource::{BoxFut, Meta, Resource};
@@ -39,17 +41,18 @@ impl Resource for SubnetPools {
     }
     fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
         Box::pin(async move {
+            let g = Grants::all(ctx);
             Ok(ctx
                 .all::<SubnetPool>()
                 .into_iter()
-                .filter(|(p, _)| lookup::own_or_shared(ctx, &p.project_id, p.shared))
                 .filter(|(p, _)| pre.keeps_owned(&p.id, &p.name, &p.project_id))
-                .map(|(p, _)| p.to_api())
+                .filter(|(p, _)| lookup::granted_visible(ctx, OBJECT, &p.id, &p.project_id, p.shared, &g))
+                .map(|(p, _)| render(ctx, &p, &g))
                 .collect())
         })
     }
     fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
-        Ok(visible_pool(ctx, id)?.0.to_api())
+        Ok(render(ctx, &visible_pool(ctx, id)?.0, &Grants::of(ctx, id)))
     }
     fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
         Box::pin(create(ctx, body))
@@ -64,6 +67,17 @@ impl Resource for SubnetPools {
 
 fn key(id: &str) -> String {
     lookup::key::<SubnetPool>(id)
+}
+
+/// The pool's RBAC object type.
+const OBJECT: &str = "subnetpool";
+
+/// The API view for the caller: `shared` is true for every project the pool is shared with
+/// (`rbac-subnetpool`), as Neutron reports it.
+fn render(ctx: &Ctx<'_>, p: &SubnetPool, g: &Grants) -> Value {
+    let mut v = p.to_api();
+    v["shared"] = Value::Bool(lookup::shared_for(ctx, OBJECT, &p.id, p.shared, g));
+    v
 }
 
 /// `default_quota`: a non-negative integer, or null for none.
@@ -110,14 +124,9 @@ fn join_scope(
     ip_version: u8,
     nets: &[IpNet],
 ) -> NResult<(Vec<Compare>, Vec<Op>)> {
+    // A scope the caller sees is one it may use: its own, or shared with it
+    // (`rbac-address-scope`); others' are not found.
     let (scope, srev) = visible_scope(ctx, scope_id)?;
-    if !ctx.admin() && !ctx.owns(&scope.project_id) {
-        return Err(NeutronError::new(
-            400,
-            "IllegalSubnetPoolAssociationToAddressScope",
-            format!("Illegal subnetpool association: subnetpool {pool_id} cannot be associated with address scope {scope_id}."),
-        ));
-    }
     if scope.ip_version != ip_version {
         return Err(NeutronError::new(
             400,
@@ -226,6 +235,10 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
             }
             cmp.push(Compare::Absent(dk.clone()));
             ops.push(Op::put(dk, id.as_bytes().to_vec()));
+        }
+        // `shared` is the `*` policy, made with the pool.
+        if shared {
+            grants::share_with_all(&SubnetPoolObject, &id, &pool.project_id, &mut cmp, &mut ops);
         }
         Ok((cmp, ops, pool.clone()))
     })
@@ -337,6 +350,13 @@ fn plan_change(
         p.default_quota = q;
     }
     if let Some(v) = c.shared {
+        // The flag is the `*` policy: made when sharing, removed when unsharing unless
+        // projects only it covers have subnets from the pool.
+        if v && !p.shared {
+            grants::share_with_all(&SubnetPoolObject, id, &p.project_id, &mut cmp, &mut ops);
+        } else if !v && p.shared {
+            ops.extend(grants::unshare(ctx, &SubnetPoolObject, id, &p.project_id)?);
+        }
         p.shared = v;
     }
     if let Some(v) = &c.tags {
@@ -397,7 +417,7 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         admin_only(ctx, "update", "is_default")?;
     }
     let p = retry(ctx, |ctx| plan_change(ctx, id, &c, if_match)).await?;
-    Ok(p.to_api())
+    Ok(render(ctx, &p, &Grants::of(ctx, id)))
 }
 
 /// `PUT /v2.0/subnetpools/{id}/add_prefixes` and `.../remove_prefixes`: `{"prefixes": [...]}`
@@ -478,6 +498,8 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
         }
         let mut cmp = vec![Compare::ModRevision(key(id), rev), guard(ctx, &gk)];
         let mut ops = vec![Op::delete(key(id)), Op::delete(gk)];
+        // Its RBAC policies go with it; a policy change rewrites the pool, so none is missed.
+        ops.extend(grants::revoke_all(ctx, &SubnetPoolObject, id));
         if p.is_default {
             let dk = keys::default_pool(p.ip_version);
             if ctx.state.cache.get(&dk).is_some_and(|kv| kv.value == id.as_bytes()) {

@@ -96,12 +96,18 @@ impl TestServer {
         }
     }
 
-    /// Starts a server on an existing etcd (several servers may share one).
+    /// Starts a server on an existing etcd (several servers may share one, and share its
+    /// token key directory unless `tweak` sets another).
     pub async fn start_on_etcd(etcd: Arc<EtcdProcess>, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let store = isthmus_store::etcd::EtcdStore::connect(vec![etcd.endpoint()])
             .await
             .expect("connect to etcd");
-        Self::launch(Backend::Etcd, store, Backing::Etcd(etcd), tweak).await
+        let keys = etcd.dir().join("token-keys");
+        Self::launch(Backend::Etcd, store, Backing::Etcd(etcd), move |c| {
+            c.token_key_dir = Some(keys);
+            tweak(c)
+        })
+        .await
     }
 
     async fn launch(
