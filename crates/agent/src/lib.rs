@@ -18,6 +18,7 @@ pub mod controller;
 pub mod desired;
 pub mod kernel;
 pub mod l3;
+pub mod metrics;
 pub mod names;
 pub mod objects;
 pub mod plan;

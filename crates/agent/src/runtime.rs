@@ -22,6 +22,7 @@ use crate::controller::qos::QosController;
 use crate::controller::{self, Health, Schedule};
 use crate::desired::{compute, Datapath};
 use crate::kernel::{Kernel, KernelError};
+use crate::metrics::{AgentMetrics, AttachLabels};
 use crate::objects::Applied;
 use crate::reconcile::Report;
 use crate::socket::Ops;
@@ -68,6 +69,8 @@ pub struct AgentConfig {
     pub physical_networks: crate::l3::PhysicalNetworks,
     /// Offer this node as a SNAT gateway (the `gateway` capability).
     pub gateway: bool,
+    /// Where the agent counts; registered wherever the caller serves metrics.
+    pub metrics: Arc<AgentMetrics>,
     /// CA bundle (PEM) that verifies an https server; `None`: the system's roots.
     pub ca_file: Option<PathBuf>,
 }
@@ -91,6 +94,7 @@ impl AgentConfig {
             orphan_sweep: Duration::from_secs(60),
             physical_networks: Default::default(),
             gateway: false,
+            metrics: AgentMetrics::unserved(),
             ca_file: None,
         }
     }
@@ -153,7 +157,12 @@ impl<K: Kernel + 'static> Agent<K> {
             Arc::new(move |port: &str| pools.doomed(port))
         };
         let ports = PortsController::new(kernel.clone(), l2.clone(), state.clone(), Some(client.clone()), doomed);
-        let dhcp = DhcpController::new(kernel.clone(), state.clone(), config.dhcp_lease_secs);
+        let dhcp = DhcpController::new(
+            kernel.clone(),
+            state.clone(),
+            config.dhcp_lease_secs,
+            config.metrics.clone(),
+        );
         let firewall = FirewallController::new(kernel.clone(), config.resync);
         let l3 = L3Controller::new(kernel.clone(), l2.clone(), &config.node, config.resync);
         let attacher = Arc::new(Attacher::new(
@@ -243,29 +252,61 @@ impl<K: Kernel + 'static> Agent<K> {
         // DHCP and the firewall look again every few seconds: a VM's tap may appear (the
         // hypervisor opens it) without any change to the view.
         let quick = Schedule::new(Duration::from_secs(2).min(self.config.resync));
-        let (st, h) = (&self.state, &self.health);
+        let (st, h, m) = (&self.state, &self.health, &self.config.metrics);
         let tasks = [
             tokio::spawn(self.clone().heartbeat_loop()),
             tokio::spawn({
                 let a = self.clone();
                 async move { crate::stream::follow(&a.state, &a.client).await }
             }),
-            tokio::spawn(controller::run(self.l2.clone(), st.clone(), h.clone(), resync)),
-            tokio::spawn(controller::run(self.ports.clone(), st.clone(), h.clone(), resync)),
+            tokio::spawn(controller::run(
+                self.l2.clone(),
+                st.clone(),
+                h.clone(),
+                m.clone(),
+                resync,
+            )),
+            tokio::spawn(controller::run(
+                self.ports.clone(),
+                st.clone(),
+                h.clone(),
+                m.clone(),
+                resync,
+            )),
             tokio::spawn(controller::run(
                 Arc::new(Dhcp(self.dhcp.clone())),
                 st.clone(),
                 h.clone(),
+                m.clone(),
                 quick,
             )),
-            tokio::spawn(controller::run(self.firewall.clone(), st.clone(), h.clone(), quick)),
-            tokio::spawn(controller::run(self.l3.clone(), st.clone(), h.clone(), resync)),
-            tokio::spawn(controller::run(Arc::new(NatController), st.clone(), h.clone(), resync)),
+            tokio::spawn(controller::run(
+                self.firewall.clone(),
+                st.clone(),
+                h.clone(),
+                m.clone(),
+                quick,
+            )),
+            tokio::spawn(controller::run(
+                self.l3.clone(),
+                st.clone(),
+                h.clone(),
+                m.clone(),
+                resync,
+            )),
+            tokio::spawn(controller::run(
+                Arc::new(NatController),
+                st.clone(),
+                h.clone(),
+                m.clone(),
+                resync,
+            )),
             // Quick: a port's device may appear after the view names it.
             tokio::spawn(controller::run(
                 Arc::new(QosController::new(self.kernel.clone())),
                 st.clone(),
                 h.clone(),
+                m.clone(),
                 quick,
             )),
             tokio::spawn({
@@ -273,6 +314,7 @@ impl<K: Kernel + 'static> Agent<K> {
                 async move { a.cni.pool_loop().await }
             }),
             tokio::spawn(crate::socket::serve(self.clone(), listener)),
+            tokio::spawn(self.clone().count_objects()),
         ];
         shutdown.await;
         info!("agent stopping (the datapath stays as it is)");
@@ -281,6 +323,33 @@ impl<K: Kernel + 'static> Agent<K> {
         }
         let _ = std::fs::remove_file(&self.config.socket);
         Ok(())
+    }
+
+    /// Keeps the datapath object gauges at what the current view asks for (at most one
+    /// count a second).
+    async fn count_objects(self: Arc<Self>) {
+        let mut changes = self.state.subscribe();
+        loop {
+            if let Some(snap) = self.state.snapshot() {
+                let dp = compute(&snap.view);
+                self.config.metrics.set_objects(&[
+                    ("bridges", dp.bridges.len()),
+                    ("vxlans", dp.vxlans.len()),
+                    ("fdb_entries", dp.fdb.len()),
+                    ("port_devices", dp.ports.len()),
+                    ("routers", snap.l3.routers.len()),
+                    ("firewall_ports", snap.firewall.ports.len()),
+                    ("dhcp_served_taps", self.dhcp.serving()),
+                ]);
+            }
+            let wait = tokio::time::sleep(Duration::from_secs(1));
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                // DHCP taps come and go without a view change.
+                _ = tokio::time::sleep(self.config.resync) => {}
+            }
+            wait.await;
+        }
     }
 
     async fn heartbeat_loop(self: Arc<Self>) {
@@ -332,9 +401,23 @@ impl<K: Kernel + 'static> Agent<K> {
     }
 }
 
+impl<K: Kernel + 'static> Agent<K> {
+    fn timed(&self, op: &'static str, started: std::time::Instant, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.config
+            .metrics
+            .attach_duration
+            .get_or_create(&AttachLabels { op, outcome })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
 impl<K: Kernel + 'static> Ops for Agent<K> {
     async fn attach(&self, req: &AttachRequest) -> Result<AttachReply, OpError> {
-        self.attacher.attach(req).await
+        let started = std::time::Instant::now();
+        let r = self.attacher.attach(req).await;
+        self.timed("attach", started, r.is_ok());
+        r
     }
 
     async fn detach(&self, port_id: &str) -> Result<DetachReply, OpError> {
@@ -362,7 +445,10 @@ impl<K: Kernel + 'static> Ops for Agent<K> {
     }
 
     async fn cni_add(&self, req: &AddRequest) -> Result<AttachReply, OpError> {
-        self.cni.cni_add(req).await
+        let started = std::time::Instant::now();
+        let r = self.cni.cni_add(req).await;
+        self.timed("cni_add", started, r.is_ok());
+        r
     }
 
     async fn cni_del(&self, container_id: &str, ifname: &str) -> Result<DelReply, OpError> {

@@ -218,6 +218,14 @@ async fn vm_ports_get_their_address_and_options_from_their_own_node() {
             )
             .expect("NAK");
         assert_eq!(nak.kind, MessageType::Nak);
+        // The agent counted its answers (OFFER, ACK, ACK, NAK at least) on its metrics endpoint.
+        let m = tb.nodes[0].metrics();
+        let answers: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("isthmus_agent_dhcp_answers_total{family=\"v4\"}"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        assert!(answers >= 4.0, "{m}");
 
         // The VM on node 1 gets its own address from node 1's agent.
         let mut offer_b = None;

@@ -506,3 +506,121 @@ async fn the_agent_works_over_https_with_the_servers_ca() {
     .await
     .expect("test timed out");
 }
+/// The sum of the samples of `name` whose labels include all of `labels` (0 if none).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// The agent's metrics endpoint, scraped over HTTP: reconcile passes, an attach and the
+/// datapath's objects show up as they happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_follows_reconciles_and_attaches() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let bed = Bed::new(3600).await;
+        let t = bed.admin().await;
+        let (s, p) = call(
+            &bed.http,
+            reqwest::Method::POST,
+            &format!("{}/v2.0/ports", bed.net_url),
+            &t,
+            Some(json!({"port": {"network_id": bed.net}})),
+        )
+        .await;
+        assert_eq!(s, 201, "{p}");
+        let port = p["port"]["id"].as_str().unwrap().to_string();
+
+        let mut registry = isthmus_server::metrics::Registry::default();
+        let mut cfg = bed.agent_config();
+        cfg.metrics = isthmus_agent::metrics::AgentMetrics::new(&mut registry);
+        let endpoint = isthmus_server::metrics::listen("127.0.0.1:0".parse().unwrap(), std::sync::Arc::new(registry))
+            .await
+            .unwrap();
+        let url = format!("http://{}/metrics", endpoint.addr);
+        let scrape = || {
+            let (http, url) = (bed.http.clone(), url.clone());
+            async move { http.get(&url).send().await.unwrap().text().await.unwrap() }
+        };
+        let before = scrape().await;
+        assert_eq!(
+            sample(&before, "isthmus_agent_reconcile_duration_seconds_count", &[]),
+            0.0
+        );
+        assert!(before.contains("isthmus_agent_build_info{version=\""), "{before}");
+
+        let sock = cfg.socket.clone();
+        let agent = Agent::new(cfg, FakeKernel::new()).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(agent.clone().run(async {
+            let _ = stop_rx.await;
+        }));
+        while tokio::net::UnixStream::connect(&sock).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let a = request(
+            &sock,
+            &json!({"op": "attach", "port_id": port, "netns": "/proc/self/ns/net", "ifname": "eth1"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(a["ok"], json!(true), "{a}");
+        let e = request(
+            &sock,
+            &json!({"op": "attach", "port_id": "no-such-port", "netns": "/proc/self/ns/net"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(e["ok"], json!(false), "{e}");
+
+        // Passes run, the L2 pass planned the network's devices, the objects are counted.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let text = scrape().await;
+            let l2 = [("controller", "l2")];
+            if sample(&text, "isthmus_agent_reconcile_duration_seconds_count", &l2) >= 1.0
+                && sample(&text, "isthmus_agent_datapath_objects", &[("kind", "bridges")]) == 1.0
+                && sample(&text, "isthmus_agent_datapath_objects", &[("kind", "port_devices")]) == 1.0
+            {
+                break text;
+            }
+            assert!(std::time::Instant::now() < deadline, "metrics never caught up:\n{text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for c in ["ports", "dhcp", "firewall", "l3", "qos"] {
+            assert!(
+                sample(
+                    &text,
+                    "isthmus_agent_reconcile_duration_seconds_count",
+                    &[("controller", c)]
+                ) >= 1.0,
+                "{c}: {text}"
+            );
+        }
+        assert!(
+            sample(&text, "isthmus_agent_reconcile_actions_total", &[]) >= 1.0,
+            "{text}"
+        );
+        let ok = [("op", "attach"), ("outcome", "ok")];
+        let failed = [("op", "attach"), ("outcome", "error")];
+        assert_eq!(sample(&text, "isthmus_agent_attach_duration_seconds_count", &ok), 1.0);
+        assert_eq!(
+            sample(&text, "isthmus_agent_attach_duration_seconds_count", &failed),
+            1.0
+        );
+        assert!(sample(&text, "isthmus_agent_attach_duration_seconds_sum", &ok) > 0.0);
+
+        let _ = stop_tx.send(());
+        run.await.unwrap().unwrap();
+        endpoint.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

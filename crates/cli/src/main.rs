@@ -102,9 +102,52 @@ struct AgentArgs {
     /// system's trusted roots.
     #[arg(long, env = "ISTHMUS_CA_FILE")]
     ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    metrics: MetricsArgs,
+}
+
+/// The metrics endpoint: off unless asked for, and on loopback unless said otherwise.
+#[derive(Args, Clone)]
+struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default). With `up`, one
+    /// endpoint serves the server's and the local agent's metrics.
+    #[arg(long, env = "ISTHMUS_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Allow --metrics-listen on an address other than loopback.
+    #[arg(long, env = "ISTHMUS_METRICS_PUBLIC")]
+    metrics_public: bool,
+}
+
+impl MetricsArgs {
+    /// Refuses a public address not explicitly allowed, before anything starts.
+    fn check(&self) -> Result<()> {
+        if let Some(a) = self.metrics_listen {
+            isthmus_server::metrics::check_listen(a, self.metrics_public).map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+
+    /// Serves `registry` if an address was given.
+    async fn serve(
+        &self,
+        registry: isthmus_server::metrics::Registry,
+    ) -> Result<Option<isthmus_server::metrics::MetricsHandle>> {
+        let Some(addr) = self.metrics_listen else {
+            return Ok(None);
+        };
+        let h = isthmus_server::metrics::listen(addr, std::sync::Arc::new(registry)).await?;
+        Ok(Some(h))
+    }
+}
+
+async fn stop_metrics(h: Option<isthmus_server::metrics::MetricsHandle>) {
+    if let Some(h) = h {
+        h.stop().await;
+    }
 }
 
 async fn run_agent(a: AgentArgs) -> Result<()> {
+    a.metrics.check()?;
     let password = match (&a.password, &a.password_file) {
         (_, Some(f)) => secrets::read_secret_file(f, "the node password")?,
         (Some(p), None) => p.clone(),
@@ -134,11 +177,16 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     }
     c.gateway = a.gateway;
     c.ca_file = a.ca_file;
+    let mut registry = isthmus_server::metrics::Registry::default();
+    c.metrics = isthmus_agent::metrics::AgentMetrics::new(&mut registry);
     // Installed before anything starts, so a SIGHUP never kills the agent. On SIGTERM the
     // agent stops its loops and removes its socket; the datapath stays, and workloads keep
     // their network until the next agent takes over.
     let mut signals = signals::Signals::new().context("installing signal handlers")?;
-    isthmus_agent::runtime::run(c, async move { signals.until_stop(|| {}).await }).await
+    let metrics = a.metrics.serve(registry).await?;
+    let res = isthmus_agent::runtime::run(c, async move { signals.until_stop(|| {}).await }).await;
+    stop_metrics(metrics).await;
+    res
 }
 
 #[derive(Args, Clone)]
@@ -257,6 +305,8 @@ struct ServerArgs {
     tls: tls::TlsArgs,
     #[command(flatten)]
     ops: OpsArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// Token keys and shutdown.
@@ -358,6 +408,8 @@ struct UpArgs {
     socket: PathBuf,
     #[command(flatten)]
     quotas: QuotaArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// Serve HTTPS with a private CA and server certificate made once in the data dir
     /// (`ca.pem` is the openrc's OS_CACERT).
     #[arg(long, env = "ISTHMUS_UP_TLS")]
@@ -458,16 +510,21 @@ async fn run_server(args: ServerArgs) -> Result<()> {
             require_keys(dir)?;
         }
     }
+    args.metrics.check()?;
     let mut signals = signals::Signals::new().context("installing signal handlers")?;
     let drain = std::time::Duration::from_secs(config.shutdown_drain_secs);
     let store = open_store(&args.store).await?;
     let compactor = isthmus_store::spawn_compactor(&store, config.compaction());
-    let handle = isthmus_server::start(config, store).await?;
+    let mut registry = isthmus_server::metrics::Registry::default();
+    let server_metrics = isthmus_server::metrics::ServerMetrics::new(&mut registry);
+    let handle = isthmus_server::start_with_metrics(config, store, server_metrics).await?;
+    let metrics = args.metrics.serve(registry).await?;
     signals.until_stop(|| handle.reload()).await;
     tracing::info!(
         drain_secs = drain.as_secs(),
         "shutting down: finishing requests in flight"
     );
+    stop_metrics(metrics).await;
     handle.stop_within(drain).await;
     compactor.abort();
     tracing::info!("stopped");
@@ -560,9 +617,18 @@ async fn run_up(args: UpArgs) -> Result<()> {
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    args.metrics.check()?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let run_agent = root && !args.no_agent;
     let store = open_store(&StoreArgs::embedded(args.data_dir.clone())).await?;
     let _compactor = isthmus_store::spawn_compactor(&store, config.compaction());
-    let handle = isthmus_server::start(config, store).await?;
+    // One registry, one endpoint: the server's metrics and the local agent's.
+    let mut registry = isthmus_server::metrics::Registry::default();
+    let server_metrics = isthmus_server::metrics::ServerMetrics::new(&mut registry);
+    let agent_metrics = run_agent.then(|| isthmus_agent::metrics::AgentMetrics::new(&mut registry));
+    let handle = isthmus_server::start_with_metrics(config, store, server_metrics).await?;
+    let metrics = args.metrics.serve(registry).await?;
     let openrc = args.data_dir.join("openrc");
     let mut rc = format!(
         "export OS_AUTH_URL={}\nexport OS_IDENTITY_API_VERSION=3\nexport OS_USERNAME=admin\nexport OS_PASSWORD={}\nexport OS_PROJECT_NAME=admin\nexport OS_USER_DOMAIN_NAME=Default\nexport OS_PROJECT_DOMAIN_NAME=Default\nexport OS_REGION_NAME=RegionOne\n",
@@ -585,16 +651,17 @@ async fn run_up(args: UpArgs) -> Result<()> {
     );
     println!("  identity: {}", handle.state.identity_url);
     println!("  network:  {}", handle.state.network_url);
+    if let Some(m) = &metrics {
+        println!("  metrics:  http://{}/metrics", m.addr);
+    }
     println!("Use it with the openstack CLI:");
     println!("  source {}", openrc.display());
     println!("  openstack network create demo");
     println!("  openstack subnet create --network demo --subnet-range 10.0.0.0/24 demo-subnet");
     println!("  openstack port create --network demo demo-port");
     println!("Or with this binary: isthmus network list (same environment). Ctrl-C stops it.");
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let agent = if args.no_agent || !root {
+    let agent = if !run_agent {
         if !args.no_agent {
             println!("Not root: no node agent (workloads on this machine get no datapath).");
         }
@@ -618,6 +685,9 @@ async fn run_up(args: UpArgs) -> Result<()> {
         );
         c.socket = args.socket.clone();
         c.ca_file = ca_file.clone();
+        if let Some(m) = agent_metrics {
+            c.metrics = m;
+        }
         println!("Node agent: node {:?}, socket {}.", args.node, args.socket.display());
         let mut rx = stop_rx.clone();
         Some(tokio::spawn(async move {
@@ -635,6 +705,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
     if let Some(a) = agent {
         let _ = a.await;
     }
+    stop_metrics(metrics).await;
     handle
         .stop_within(std::time::Duration::from_secs(Config::default().shutdown_drain_secs))
         .await;

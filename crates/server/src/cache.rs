@@ -12,6 +12,7 @@ use isthmus_model::{
     SecurityGroupRule, Subnet, SubnetPool, Trunk,
 };
 use isthmus_store::{DynStore, EventKind, KeyValue, Revision, TxnResult, WatchEvent};
+use prometheus_client::metrics::histogram::Histogram;
 use serde::de::DeserializeOwned;
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -155,6 +156,8 @@ pub struct Cache {
     inner: RwLock<BTreeMap<String, Entry>>,
     revision: watch::Sender<Revision>,
     feed: broadcast::Sender<Arc<Feed>>,
+    /// How long writers wait for the watch to show their revision.
+    lag: Histogram,
 }
 
 /// One change to a key, decoded if its collection is typed (`None`: deleted).
@@ -183,11 +186,17 @@ pub enum CacheError {
 impl Cache {
     /// Lists the store and keeps following it in a background task.
     pub async fn start(store: DynStore) -> isthmus_store::Result<Arc<Self>> {
+        Self::start_with_lag(store, Histogram::new(crate::metrics::latency_buckets())).await
+    }
+
+    /// [`Cache::start`], timing in `lag` how long writers wait for the watch to show them.
+    pub async fn start_with_lag(store: DynStore, lag: Histogram) -> isthmus_store::Result<Arc<Self>> {
         let (kvs, rev) = store.list(isthmus_model::keys::ROOT).await?;
         let cache = Arc::new(Self {
             inner: RwLock::new(entries(kvs)),
             revision: watch::channel(rev).0,
             feed: broadcast::channel(FEED_CAPACITY).0,
+            lag,
         });
         let c = cache.clone();
         tokio::spawn(async move { c.follow(store).await });
@@ -305,9 +314,13 @@ impl Cache {
     /// Waits until the cache reflects `rev` (bounded, so a stuck watch shows up as an error).
     pub async fn wait_for(&self, rev: Revision) -> Result<(), CacheError> {
         let mut rx = self.revision.subscribe();
+        let started = std::time::Instant::now();
         let reached = async move { rx.wait_for(|r| *r >= rev).await.is_ok() };
         match tokio::time::timeout(Duration::from_secs(10), reached).await {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                self.lag.observe(started.elapsed().as_secs_f64());
+                Ok(())
+            }
             _ => Err(CacheError::Timeout(rev)),
         }
     }

@@ -6,6 +6,7 @@ mod access_log;
 pub mod cache;
 pub mod config;
 pub mod identity;
+pub mod metrics;
 pub mod neutron;
 mod serve;
 pub mod time;
@@ -28,6 +29,7 @@ pub struct AppState {
     pub identity_url: String,
     /// Network API state that is per server, not per store.
     pub neutron: neutron::NeutronState,
+    pub metrics: Arc<metrics::ServerMetrics>,
 }
 
 /// A running server: its bound addresses, and a way to stop it.
@@ -109,6 +111,16 @@ impl ServerHandle {
 
 /// Starts the cache, bootstraps identity and serves both APIs.
 pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Result<ServerHandle> {
+    start_with_metrics(config, store, metrics::ServerMetrics::unserved()).await
+}
+
+/// [`start`], counting into `metrics` (registered where the caller serves them).
+pub async fn start_with_metrics(
+    config: Config,
+    store: isthmus_store::DynStore,
+    metrics: Arc<metrics::ServerMetrics>,
+) -> anyhow::Result<ServerHandle> {
+    let store = metrics::MeteredStore::wrap(store, metrics.clone());
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -117,7 +129,7 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         _ => None,
     };
     let config = Arc::new(config);
-    let cache = cache::Cache::start(store.clone())
+    let cache = cache::Cache::start_with_lag(store.clone(), metrics.watch_lag.clone())
         .await
         .context("loading the store into the cache")?;
     let identity = Arc::new(identity::Identity::new(store.clone(), cache.clone(), config.clone()));
@@ -140,6 +152,7 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         identity_url: config.identity_url(Some(identity_addr)),
         neutron: Default::default(),
         config: config.clone(),
+        metrics: metrics.clone(),
     });
 
     // Node views are built before any stream can open.
@@ -150,8 +163,13 @@ pub async fn start(config: Config, store: isthmus_store::DynStore) -> anyhow::Re
         std::time::Duration::from_secs(config.token_key_reload_secs),
     );
     // Requests run to completion even when their client goes away: see `serve`.
-    let id_router = identity::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
-    let net_router = neutron::router(state.clone()).layer(axum::middleware::from_fn(access_log::log));
+    let id_router = access_logged(identity::router(state.clone()), "identity", &metrics, |_| false);
+    let net_router = access_logged(
+        neutron::router(state.clone()),
+        "network",
+        &metrics,
+        neutron::is_collection,
+    );
     let limits = serve::Limits {
         header_read: std::time::Duration::from_secs(config.header_read_timeout_secs),
         body_read: std::time::Duration::from_secs(config.body_read_timeout_secs),
@@ -206,6 +224,24 @@ fn spawn_key_reloader(identity: Arc<identity::Identity>, every: std::time::Durat
             }
         }
     })
+}
+
+/// Request ids, access log and request metrics around `router`, the matched route noted
+/// inside it.
+fn access_logged(
+    router: axum::Router,
+    api: &'static str,
+    metrics: &Arc<metrics::ServerMetrics>,
+    known_collection: fn(&str) -> bool,
+) -> axum::Router {
+    let a = access_log::AccessLog {
+        api,
+        metrics: metrics.clone(),
+        known_collection,
+    };
+    router
+        .route_layer(axum::middleware::from_fn_with_state(a.clone(), access_log::note_route))
+        .layer(axum::middleware::from_fn_with_state(a, access_log::log))
 }
 
 const BODY_TIMEOUT_MESSAGE: &str = "The request body was not received in time.";

@@ -9,6 +9,7 @@
 
 use super::{Controller, Outcome};
 use crate::kernel::{MacAddr, PacketIo};
+use crate::metrics::{AgentMetrics, DhcpLabels};
 use crate::names;
 use crate::objects::Objects;
 use crate::state::{NodeState, Snapshot};
@@ -181,15 +182,17 @@ pub struct DhcpController<B> {
     lease_secs: u32,
     /// Served taps by device name: (port id, task).
     served: std::sync::Mutex<HashMap<String, (String, Served)>>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl<B: PacketIo + 'static> DhcpController<B> {
-    pub fn new(backend: Arc<B>, state: Arc<NodeState>, lease_secs: u32) -> Arc<Self> {
+    pub fn new(backend: Arc<B>, state: Arc<NodeState>, lease_secs: u32, metrics: Arc<AgentMetrics>) -> Arc<Self> {
         Arc::new(DhcpController {
             backend,
             state,
             lease_secs,
             served: Default::default(),
+            metrics,
         })
     }
 
@@ -321,6 +324,10 @@ impl<B: PacketIo + 'static> DhcpController<B> {
         };
         let answer = decide(&req, &lease)?;
         debug!(dev, kind = ?req.kind, ?answer, ip = %lease.ip, xid = req.xid, "DHCP: answering");
+        self.metrics
+            .dhcp_answers
+            .get_or_create(&DhcpLabels { family: "v4" })
+            .inc();
         Some(build(answer, &req, &lease))
     }
 }
@@ -345,6 +352,10 @@ impl<B: PacketIo + 'static> DhcpController<B> {
         };
         let (kind, with_address) = decide6(&req, &lease)?;
         debug!(dev, request = ?req.kind, answer = ?kind, address = ?lease.address, "DHCPv6: answering");
+        self.metrics
+            .dhcp_answers
+            .get_or_create(&DhcpLabels { family: "v6" })
+            .inc();
         Some(build6(kind, with_address, &req, &lease))
     }
 }

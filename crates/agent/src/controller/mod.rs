@@ -16,6 +16,7 @@ pub mod nat;
 pub mod ports;
 pub mod qos;
 
+use crate::metrics::AgentMetrics;
 use crate::state::{NodeState, Snapshot};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -160,7 +161,13 @@ impl Health {
 }
 
 /// Drives `c` until the task is dropped. Nothing is reconciled before the first snapshot.
-pub async fn run<C: Controller>(c: Arc<C>, state: Arc<NodeState>, health: Arc<Health>, schedule: Schedule) {
+pub async fn run<C: Controller>(
+    c: Arc<C>,
+    state: Arc<NodeState>,
+    health: Arc<Health>,
+    metrics: Arc<AgentMetrics>,
+    schedule: Schedule,
+) {
     health.register(C::NAME);
     let mut changes = state.subscribe();
     let mut backoff = Backoff::new(schedule.backoff_first, schedule.backoff_max);
@@ -174,6 +181,11 @@ pub async fn run<C: Controller>(c: Arc<C>, state: Arc<NodeState>, health: Arc<He
             last_pass = Some(started);
             let res = c.reconcile(&snap).instrument(span.clone()).await;
             let _e = span.enter();
+            let (planned, failed) = match &res {
+                Ok(o) => (o.planned, !o.failures.is_empty()),
+                Err(_) => (0, true),
+            };
+            metrics.pass(C::NAME, started.elapsed().as_secs_f64(), planned, failed);
             match res {
                 Ok(o) if o.failures.is_empty() => {
                     if o.planned > 0 {

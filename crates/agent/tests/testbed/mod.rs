@@ -12,7 +12,7 @@
 //! no-op when up to date) in the test's profile.
 #![allow(dead_code)]
 
-use crate::support::{must, run, Ns};
+use crate::support::{in_ns, must, run, Ns};
 use isthmus_server::{Config, ServerHandle};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -95,6 +95,9 @@ impl Drop for Underlay {
     }
 }
 
+/// Where every node's agent serves its metrics, in the node's namespace.
+const NODE_METRICS: &str = "127.0.0.1:9100";
+
 /// One node: its namespace on the underlay and its agent process.
 pub struct Node {
     pub name: String,
@@ -156,6 +159,21 @@ impl Node {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The agent's metrics, scraped over HTTP inside the node's namespace.
+    pub fn metrics(&self) -> String {
+        in_ns(&self.ns.path(), || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(NODE_METRICS).expect("metrics endpoint");
+            s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+                .expect("send");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("read");
+            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+            out
+        })
     }
 
     /// One request on the agent's socket.
@@ -594,6 +612,9 @@ impl Testbed {
                 &resync_secs.to_string(),
                 "--heartbeat-secs",
                 if tb.outside.is_some() { "1" } else { "2" },
+                // On the node namespace's own loopback: the same address on every node.
+                "--metrics-listen",
+                NODE_METRICS,
             ]
             .iter()
             .map(|s| s.to_string())

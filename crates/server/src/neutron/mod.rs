@@ -304,6 +304,11 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Whether `/v2.0/<name>` is a collection of the API.
+pub fn is_collection(name: &str) -> bool {
+    registry::find(name).is_some()
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()

@@ -27,6 +27,7 @@ use super::agents::require_node;
 use super::http::{authenticate, ApiResult, HeadRequest};
 use super::viewindex::{Change, Source, ViewIndex, ViewObject};
 use crate::cache::{Cache, Feed, FeedItem, Typed};
+use crate::metrics::{NodeLabels, ServerMetrics, StreamOpen};
 use crate::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -282,7 +283,7 @@ impl Fanout {
 
     /// Rebuilds the index from the cache and brings every open stream up to it (at start,
     /// and when the feed was lost: the cache reloaded, or this task fell behind).
-    fn rebuild(&self, cache: &Cache, sessions: &Sessions) {
+    fn rebuild(&self, cache: &Cache, sessions: &Sessions, metrics: &ServerMetrics) {
         let (items, revision) = cache.typed_state(&VIEW_COLLECTIONS);
         let mut index = ViewIndex::new();
         index.load(items.iter().filter_map(change).collect());
@@ -292,14 +293,14 @@ impl Fanout {
         for host in hosts {
             let mut cand = index.view_keys(&host);
             cand.extend(sessions.sent_keys(&host));
-            f.send(&index, sessions, &host, revision, &cand);
+            f.send(&index, sessions, metrics, &host, revision, &cand);
         }
         f.index = index;
         f.revision = revision;
         tracing::info!(revision, objects = f.index.len(), "node views rebuilt");
     }
 
-    fn apply(&self, sessions: &Sessions, revision: Revision, items: &[FeedItem]) {
+    fn apply(&self, sessions: &Sessions, metrics: &ServerMetrics, revision: Revision, items: &[FeedItem]) {
         let changes: Vec<Change> = items.iter().filter_map(change).collect();
         let mut f = self.lock();
         if revision <= f.revision {
@@ -312,7 +313,7 @@ impl Fanout {
         let affected = f.index.apply(changes);
         let index = std::mem::take(&mut f.index);
         for (host, cand) in &affected {
-            f.send(&index, sessions, host, revision, cand);
+            f.send(&index, sessions, metrics, host, revision, cand);
         }
         f.index = index;
     }
@@ -325,6 +326,7 @@ impl FanoutInner {
         &mut self,
         index: &ViewIndex,
         sessions: &Sessions,
+        metrics: &ServerMetrics,
         host: &str,
         revision: Revision,
         cand: &BTreeSet<String>,
@@ -333,7 +335,14 @@ impl FanoutInner {
         let Some(msg) = sessions.update(index, host, slot.gen, revision, cand) else {
             return;
         };
-        if let Err(e) = slot.tx.try_send(line(&msg)) {
+        let sent = slot.tx.try_send(line(&msg));
+        if sent.is_ok() {
+            metrics
+                .node_updates
+                .get_or_create(&NodeLabels { node: host.to_string() })
+                .inc();
+        }
+        if let Err(e) = sent {
             let full = matches!(e, tokio::sync::mpsc::error::TrySendError::Full(_));
             if full {
                 tracing::warn!(
@@ -352,24 +361,32 @@ impl FanoutInner {
 /// and fans each change out to the node streams it concerns.
 pub fn start_fanout(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     let mut feed = state.cache.feed();
-    state.neutron.fanout.rebuild(&state.cache, &state.neutron.node_sessions);
+    state
+        .neutron
+        .fanout
+        .rebuild(&state.cache, &state.neutron.node_sessions, &state.metrics);
     tokio::spawn(async move {
         let cache = state.cache.clone();
         let sessions = &state.neutron.node_sessions;
         let fanout = &state.neutron.fanout;
+        let metrics = &*state.metrics;
         loop {
             match feed.recv().await {
                 Ok(ev) => match ev.as_ref() {
-                    Feed::Batch { revision, items } => fanout.apply(sessions, *revision, items),
+                    Feed::Batch { revision, items } => {
+                        let started = std::time::Instant::now();
+                        fanout.apply(sessions, metrics, *revision, items);
+                        metrics.fanout_duration.observe(started.elapsed().as_secs_f64());
+                    }
                     Feed::Reset => {
                         feed = cache.feed();
-                        fanout.rebuild(&cache, sessions);
+                        fanout.rebuild(&cache, sessions, metrics);
                     }
                 },
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "node view fan-out fell behind the cache; rebuilding");
                     feed = cache.feed();
-                    fanout.rebuild(&cache, sessions);
+                    fanout.rebuild(&cache, sessions, metrics);
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
@@ -483,8 +500,10 @@ pub async fn watch(
         gen
     };
     let st = state.clone();
+    let open = StreamOpen::new(&state.metrics.node_streams_open);
     let mut server_stopping = state.neutron.stopping.subscribe();
     tokio::spawn(async move {
+        let _open = open;
         let sessions = &st.neutron.node_sessions;
         // One ticker for the stream's life: a busy cache must not keep postponing pings. Often
         // enough that the connection's idle timeout never sees a quiet stream.
