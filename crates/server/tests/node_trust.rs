@@ -152,6 +152,11 @@ async fn a_node_plugs_only_ports_of_projects_that_granted_it(backend: Backend) {
         .post("/isthmus/v1/nodes/node-b/ports", cni_port(&owner.project, "blue"))
         .await;
     assert_eq!(st, StatusCode::CREATED, "{b}");
+    let (st, _) = s
+        .admin
+        .post("/isthmus/v1/nodes/node-b/ports", cni_port("no-such-project", "blue"))
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]

@@ -100,6 +100,12 @@ impl Liveness {
         converged_revision: Option<i64>,
         ttl_secs: i64,
     ) -> isthmus_store::Result<Beat> {
+        let claim = underlay_key(underlay);
+        let mut held = holder(cache, &claim);
+        if let Some((h, _)) = held.as_ref().filter(|(h, _)| h != host) {
+            // Refused: not even noted as a heartbeat.
+            return Ok(Beat::Taken { holder: h.clone() });
+        }
         let lease = {
             let mut m = self.lock();
             let s = m.entry(host.to_string()).or_default();
@@ -107,8 +113,6 @@ impl Liveness {
             s.converged_revision = converged_revision;
             s.lease
         };
-        let claim = underlay_key(underlay);
-        let mut held = holder(cache, &claim);
         if let Some(id) = lease {
             let ours = held.as_ref().is_some_and(|(h, _)| h == host);
             if ours && cache.contains(&key(host)) && store.keep_alive(id).await? {

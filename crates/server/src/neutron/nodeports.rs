@@ -44,7 +44,7 @@ fn as_project(node: &AuthContext, project_id: &str, project_name: &str) -> AuthC
 
 /// The project `p` (by id, else by name in the default domain) if node `host` may plug its
 /// ports. A project that does not exist and one that did not grant the node get the same 403,
-/// checked before anything else about the request, so a node cannot probe names.
+/// before the network is looked at, so a node cannot probe names. (An admin is told 404.)
 fn granted_project(state: &AppState, auth: &AuthContext, host: &str, p: &str) -> NResult<(String, String)> {
     let found = state
         .identity
@@ -56,6 +56,11 @@ fn granted_project(state: &AppState, auth: &AuthContext, host: &str, p: &str) ->
         Some(pr) => Err(NeutronError::conflict(
             "ProjectDisabled",
             format!("Project {} is disabled", pr.name),
+        )),
+        None if auth.is_admin => Err(NeutronError::new(
+            404,
+            "ProjectNotFound",
+            format!("Project {p} could not be found."),
         )),
         None => {
             tracing::info!(host, project = %p, "node refused: no grant on the project");
