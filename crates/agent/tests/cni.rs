@@ -306,6 +306,26 @@ async fn cni_spec_behaviour_over_the_version_matrix() {
         let mut wrong = p.config("1.0.0");
         wrong["network"] = json!("no-such-network");
         assert_eq!(err_code(&p.run_raw(&env_add(&ns), wrong.to_string().as_bytes())), 7);
+        // A project that did not grant this node the node role, or does not exist: the same
+        // refusal, and nothing created there.
+        let (s, b) = tb
+            .identity(
+                Method::POST,
+                "/projects",
+                Some(json!({"project": {"name": "ungranted", "domain_id": "default"}})),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        let mut refusals = vec![];
+        for project in ["ungranted", "no-such-project"] {
+            let mut conf = p.config("1.0.0");
+            conf["project"] = json!(project);
+            let r = p.run_raw(&env_add(&ns), conf.to_string().as_bytes());
+            err_code(&r);
+            assert!(r.out.to_string().contains("node role"), "{project}: {}", r.out);
+            refusals.push(r.out["msg"].clone());
+        }
+        assert_eq!(refusals[0], refusals[1]);
         assert_eq!(
             err_code(&p.run_raw(&env_add(&ns), p.config("9.9.9").to_string().as_bytes())),
             1

@@ -116,15 +116,28 @@ impl Bed {
         )
         .await;
         let role = b["roles"][0]["id"].as_str().unwrap().to_string();
-        let (s, b) = call(
+        // The node role on the service project, and on the admin project, whose ports it
+        // claims (that project's grant).
+        let (_, b) = call(
             &http,
-            reqwest::Method::PUT,
-            &format!("{id_url}/projects/{service}/users/{uid}/roles/{role}"),
+            reqwest::Method::GET,
+            &format!("{id_url}/projects?name=admin"),
             &t,
             None,
         )
         .await;
-        assert_eq!(s, 204, "{b}");
+        let admin_project = b["projects"][0]["id"].as_str().unwrap().to_string();
+        for project in [&service, &admin_project] {
+            let (s, b) = call(
+                &http,
+                reqwest::Method::PUT,
+                &format!("{id_url}/projects/{project}/users/{uid}/roles/{role}"),
+                &t,
+                None,
+            )
+            .await;
+            assert_eq!(s, 204, "{b}");
+        }
         // A network and a subnet with a host route.
         let url = format!("{net_url}/v2.0/networks");
         let (s, n) = call(

@@ -19,8 +19,9 @@ fn first_id(v: &Value, plural: &str) -> Option<String> {
     v[plural][0]["id"].as_str().map(str::to_string)
 }
 
-/// Makes sure user `node` exists with the node role on the service project and a password
-/// kept (0600) in the data dir; returns that password.
+/// Makes sure user `node` exists with the node role on the service project and on the admin
+/// project (that project's grant to plug its ports here), and a password kept (0600) in the
+/// data dir; returns that password.
 pub async fn ensure_node_user(
     auth_url: &str,
     ca_file: Option<&Path>,
@@ -60,12 +61,21 @@ pub async fn ensure_node_user(
             v["user"]["id"].as_str().context("created user has no id")?.to_string()
         }
     };
-    call(
-        &admin,
-        Method::PUT,
-        &format!("/projects/{service}/users/{user}/roles/{role}"),
-        None,
+    // The service project holds the node's own role; the admin project, where `isthmus up`'s
+    // user works (the demo's VM and container ports), grants it the right to plug its ports.
+    let admin_project = first_id(
+        &call(&admin, Method::GET, "/projects?name=admin", None).await?,
+        "projects",
     )
-    .await?;
+    .context("no admin project")?;
+    for project in [&service, &admin_project] {
+        call(
+            &admin,
+            Method::PUT,
+            &format!("/projects/{project}/users/{user}/roles/{role}"),
+            None,
+        )
+        .await?;
+    }
     Ok(password)
 }

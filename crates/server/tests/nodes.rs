@@ -121,12 +121,16 @@ async fn a_node_reports_status_of_its_own_ports_only() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
-    // A node may claim an unbound port explicitly (the attach path)...
+    // A node may claim an unbound port explicitly (the attach path) once the port's project
+    // granted it...
+    let claim = json!({"port": {"bind": true}});
+    let (s, _) = node
+        .put(&format!("/isthmus/v1/nodes/node-a/ports/{pid}"), claim.clone())
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    server.grant_node("node-a", &user.project_id).await;
     let (s, b) = node
-        .put(
-            &format!("/isthmus/v1/nodes/node-a/ports/{pid}"),
-            json!({"port": {"bind": true}}),
-        )
+        .put(&format!("/isthmus/v1/nodes/node-a/ports/{pid}"), claim.clone())
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["port"]["binding:host_id"], "node-a");
@@ -139,12 +143,7 @@ async fn a_node_reports_status_of_its_own_ports_only() {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = node
-        .put(
-            &format!("/isthmus/v1/nodes/node-a/ports/{pid}"),
-            json!({"port": {"bind": true}}),
-        )
-        .await;
+    let (s, _) = node.put(&format!("/isthmus/v1/nodes/node-a/ports/{pid}"), claim).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
     // Bound to node-a by an admin: now it can, and the owner sees ACTIVE.
@@ -199,6 +198,7 @@ async fn a_node_creates_and_deletes_ports_bound_to_itself_in_a_named_project() {
         .expect("id")
         .to_string();
     stranger.api.subnet(&other, "10.0.0.0/24").await;
+    server.grant_node("node-a", &owner.project_id).await;
 
     // Project and network by name; a requested address and MAC are honoured.
     let (s, b) = node
@@ -246,7 +246,7 @@ async fn a_node_creates_and_deletes_ports_bound_to_itself_in_a_named_project() {
             json!({"port": {"project": "no-such-project", "network": "blue"}}),
         )
         .await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(s, StatusCode::FORBIDDEN);
     // Bad input: clear 400s.
     for bad in [
         json!({"port": {"network": "blue"}}),
@@ -313,6 +313,7 @@ async fn deleting_a_network_takes_its_unused_pool_ports_but_not_attachments() {
     let server = TestServer::start(Backend::Embedded).await;
     let node = server.api(&server.node_token("node-a").await);
     let owner = server.member("pools").await;
+    server.grant_node("node-a", &owner.project_id).await;
     let net = owner.api.network("p").await["id"].as_str().expect("id").to_string();
     owner.api.subnet(&net, "10.0.0.0/24").await;
     let pool_port = |device_id: &'static str| {

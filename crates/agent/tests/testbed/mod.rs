@@ -645,11 +645,27 @@ impl Testbed {
             node.start_agent();
             tb.nodes.push(node);
         }
+        // The admin project (where the tests' admin-made networks live) lets every node plug
+        // its ports; projects made by `member` do the same.
+        let admin_project = tb.id_of("/projects?name=admin", "projects").await;
+        tb.grant_nodes(&admin_project).await;
         for node in &tb.nodes {
             node.wait_socket().await;
         }
         tb.wait_registered().await;
         tb
+    }
+
+    /// Project `project_id` grants every node of the test bed the right to plug its ports
+    /// (the node role on the project).
+    pub async fn grant_nodes(&self, project_id: &str) {
+        let role = self.id_of("/roles?name=node", "roles").await;
+        for n in &self.nodes {
+            let uid = self.id_of(&format!("/users?name={}", n.name), "users").await;
+            let path = format!("/projects/{project_id}/users/{uid}/roles/{role}");
+            let (s, b) = self.identity(Method::PUT, &path, None).await;
+            assert_eq!(s, 204, "{b}");
+        }
     }
 
     /// Waits until every node is listed as an alive agent.
@@ -786,7 +802,8 @@ impl Testbed {
         port
     }
 
-    /// A project `tag` with a member user; returns that user's token.
+    /// A project `tag` with a member user, whose nodes may plug its ports; returns that
+    /// user's token.
     pub async fn member(&self, tag: &str) -> String {
         let (s, b) = self
             .identity(
@@ -812,6 +829,7 @@ impl Testbed {
             .identity(Method::PUT, &format!("/projects/{pid}/users/{uid}/roles/{role}"), None)
             .await;
         assert_eq!(s, 204, "{b}");
+        self.grant_nodes(&pid).await;
         token(&self.http, &self.identity_url, &user, MEMBER_PASSWORD, tag).await
     }
 

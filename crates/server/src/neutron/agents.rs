@@ -3,7 +3,7 @@
 
 use super::common::{json_bytes, new_id, now, retry, Ctx, NResult};
 use super::http::{authenticate, json_response, parse_body, ApiResult};
-use super::liveness::{self, Liveness};
+use super::liveness::{self, Beat, Liveness};
 use super::portops::check_router_device;
 use crate::AppState;
 use axum::body::Bytes;
@@ -31,6 +31,26 @@ pub fn require_node(auth: &crate::identity::AuthContext, host: &str, what: &str)
             "Only node {host} (or an admin) may {what}"
         )))
     }
+}
+
+/// Whether the caller may plug ports of `project_id` into its node: an admin, or a node user
+/// holding the node role on that project (the project's grant; see ARCHITECTURE.md "Nodes").
+/// Read from the cache at each request, so removing the role takes effect at once.
+pub fn node_granted(state: &AppState, auth: &crate::identity::AuthContext, project_id: &str) -> bool {
+    auth.is_admin
+        || state
+            .identity
+            .direct_roles(&auth.user_id, project_id)
+            .iter()
+            .any(|r| r.name == NODE_ROLE)
+}
+
+/// The one refusal a node gets for a project that did not grant it, that does not exist, or
+/// (claims) a port it may not take: the same words whatever the reason, so nothing leaks.
+pub fn not_granted(host: &str, what: &str) -> NeutronError {
+    NeutronError::forbidden(format!(
+        "Node {host} may not {what}: it needs the node role on the project (granted by the project's admin)"
+    ))
 }
 
 fn key(host: &str) -> String {
@@ -198,6 +218,38 @@ pub async fn heartbeat(
     body.finish()?;
     let ts = unix_now();
     let stored = state.cache.get_typed::<Node>(&key(&host)).map(|(n, _)| n);
+    // The lease and the underlay claim first: a node refused an address held by another
+    // living node writes nothing, so no record ever points peers at that address.
+    let previous = stored
+        .as_ref()
+        .and_then(|n| n.underlay_ip.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical().to_string());
+    let claimed = state
+        .neutron
+        .liveness
+        .beat(
+            &state.store,
+            &state.cache,
+            &host,
+            &underlay.to_canonical().to_string(),
+            previous.as_deref(),
+            ts,
+            converged_revision,
+            state.config.agent_down_secs,
+        )
+        .await
+        .map_err(super::common::store_err)?;
+    if let Beat::Taken { holder } = claimed {
+        tracing::warn!(host = %host, underlay = %underlay, holder = %holder, "node refused an underlay address another living node holds");
+        return Err(NeutronError::conflict(
+            "UnderlayAddressInUse",
+            format!(
+                "Underlay address {underlay} is held by another node that is alive; \
+                 a node may take it over only once that node is dead or deleted"
+            ),
+        )
+        .into());
+    }
     let fresh = Node {
         underlay_ip: underlay.to_string(),
         capabilities: capabilities.clone(),
@@ -229,19 +281,6 @@ pub async fn heartbeat(
     } else {
         fresh
     };
-    state
-        .neutron
-        .liveness
-        .beat(
-            &state.store,
-            &state.cache,
-            &host,
-            ts,
-            converged_revision,
-            state.config.agent_down_secs,
-        )
-        .await
-        .map_err(super::common::store_err)?;
     if restarted {
         tracing::info!(host = %node.host, underlay = %node.underlay_ip, "node agent (re)started");
     }
@@ -333,11 +372,17 @@ pub async fn member(
             let host = retry(&ctx, |ctx| {
                 let (n, rev) = find(ctx, &id)?;
                 let k = key(&n.host);
-                Ok((
-                    vec![Compare::ModRevision(k.clone(), rev)],
-                    vec![Op::delete(k), Op::delete(liveness::key(&n.host))],
-                    n.host,
-                ))
+                let mut compares = vec![Compare::ModRevision(k.clone(), rev)];
+                let mut ops = vec![Op::delete(k), Op::delete(liveness::key(&n.host))];
+                // Its underlay address is free at once (even if another server holds its lease).
+                if let Ok(ip) = n.underlay_ip.parse::<IpAddr>() {
+                    let claim = liveness::underlay_key(&ip.to_canonical().to_string());
+                    if let Some(kv) = ctx.state.cache.get(&claim).filter(|kv| kv.value == n.host.as_bytes()) {
+                        compares.push(Compare::ModRevision(claim.clone(), kv.mod_revision));
+                        ops.push(Op::delete(claim));
+                    }
+                }
+                Ok((compares, ops, n.host))
             })
             .await?;
             state.neutron.liveness.forget(&state.store, &host).await;
@@ -349,8 +394,9 @@ pub async fn member(
 /// `PUT /isthmus/v1/nodes/{host}/ports/{id}`: the node binds a port to itself and reports its
 /// binding and status. Body: `{"port": {"bind": true, "status": "ACTIVE"|"DOWN",
 /// "vif_type": "...", "vif_details": {...}, "device_id": "...", "name": "...",
-/// "binding:profile": {...}}}`. `bind` claims an unbound port (the attach path);
-/// otherwise only ports already bound to that node are accepted. Users cannot set these fields
+/// "binding:profile": {...}}}`. `bind` claims an unbound port (the attach path), in a
+/// project that granted the node ([`node_granted`]); otherwise only ports already bound to
+/// that node are accepted. Users cannot set these fields
 /// (Neutron keeps them read-only).
 pub async fn port_status(
     State(state): State<Arc<AppState>>,
@@ -394,6 +440,13 @@ pub async fn port_status(
             .get_typed::<isthmus_model::Port>(&k)
             .filter(|(p, _)| p.binding_host_id == host || (bind && p.binding_host_id.is_empty()))
             .ok_or_else(|| NeutronError::not_found("Port", "Port", &id))?;
+        // Claiming an unbound port needs its project's grant. A port bound here already (an
+        // admin set `binding:host_id`, or the node created it) needs none: that binding is
+        // the grant.
+        if p.binding_host_id.is_empty() && !node_granted(ctx.state, ctx.auth, &p.project_id) {
+            tracing::info!(host = %host, port = %id, "node refused: no grant on the port's project");
+            return Err(not_granted(&host, "claim this port"));
+        }
         let mut changed = false;
         if p.binding_host_id.is_empty() {
             p.binding_host_id = host.clone();

@@ -181,16 +181,17 @@ impl Ctx<'_> {
     pub fn owns(&self, project_id: &str) -> bool {
         self.auth.project_id == project_id
     }
-    /// May write in its own project: Neutron's `member` role (admin implies it). A `reader`, or
-    /// a node's user (role `node` only), may read but not write.
+    /// May write in its own project: Neutron's `member` role (admin implies it). A `reader` may
+    /// read but not write.
     pub fn member(&self) -> bool {
         self.admin() || self.auth.roles.iter().any(|r| r == MEMBER_ROLE)
     }
     /// May read in its own project: Neutron's secure-RBAC defaults need `reader` (implied by
-    /// member and admin); a node's user reads too. A token with only some other role sees
-    /// nothing (empty lists, 404s).
+    /// member and admin). A token with only some other role sees nothing (empty lists, 404s);
+    /// so does a node's (role `node`): a project that grants a node the right to plug its
+    /// ports does not let it read the project.
     pub fn can_read(&self) -> bool {
-        self.admin() || self.auth.roles.iter().any(|r| r == READER_ROLE || r == NODE_ROLE)
+        self.admin() || self.auth.roles.iter().any(|r| r == READER_ROLE)
     }
     /// Neutron's 403 for a write the caller's roles do not allow (`rule` e.g. `create_network`).
     pub fn require_member(&self, rule: &str) -> NResult<()> {
@@ -344,8 +345,6 @@ impl Ctx<'_> {
 const MEMBER_ROLE: &str = "member";
 /// The role that may read in its project.
 const READER_ROLE: &str = "reader";
-/// A node agent's role (see the node API).
-const NODE_ROLE: &str = "node";
 
 /// Neutron's PolicyNotAuthorized, worded as oslo.policy words it: `<check> is disallowed by policy`.
 pub fn policy_denied(check: &str) -> NeutronError {

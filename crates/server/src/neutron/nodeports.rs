@@ -1,17 +1,19 @@
 //! Ports a node creates and deletes for its own workloads (container attach, CNI, port pools).
 //!
-//! A node user holds only the node role, in the service project, so it cannot use the Neutron
-//! API on a tenant's behalf. These endpoints let it do exactly one thing more: create a port
-//! in a named project's network, bound to itself, and delete ports bound to itself. The port is
-//! checked with the project's own rules (the network must be the project's or shared; fixed
-//! IPs and MACs follow Neutron's checks), as if a member of that project had asked.
+//! A node user holds the node role, which reads and writes nothing through the Neutron API.
+//! These endpoints let it do one thing more: create a port in a named project's network,
+//! bound to itself, and delete ports bound to itself. Only in a project that granted it (the
+//! node role on that project, see [`node_granted`]); anything else is one 403 that says nothing
+//! of the project or its networks. The port is then checked with the project's own rules (the
+//! network must be the project's or shared; fixed IPs and MACs follow Neutron's checks), as if
+//! a member of that project had asked.
 //!
 //! - `POST /isthmus/v1/nodes/{host}/ports` with `{"port": {"project": NAME_OR_ID,
 //!   "network": NAME_OR_ID, "fixed_ips"?, "mac_address"?, "name"?, "device_id"?,
 //!   "device_owner"?, "binding:profile"?}}` → 201 `{"port": ...}`.
 //! - `DELETE /isthmus/v1/nodes/{host}/ports/{id}` → 204, or 404 if no such port is bound there.
 
-use super::agents::require_node;
+use super::agents::{node_granted, not_granted, require_node};
 use super::common::{not_found, Ctx, NResult};
 use super::http::{authenticate, json_response, parse_body, ApiResult};
 use super::portops::{self, NodeBinding};
@@ -40,23 +42,30 @@ fn as_project(node: &AuthContext, project_id: &str, project_name: &str) -> AuthC
     }
 }
 
-/// A project by id, else by name in the default domain.
-fn resolve_project(state: &AppState, p: &str) -> NResult<(String, String)> {
+/// The project `p` (by id, else by name in the default domain) if node `host` may plug its
+/// ports. A project that does not exist and one that did not grant the node get the same 403,
+/// before the network is looked at, so a node cannot probe names. (An admin is told 404.)
+fn granted_project(state: &AppState, auth: &AuthContext, host: &str, p: &str) -> NResult<(String, String)> {
     let found = state
         .identity
         .project(p)
-        .or_else(|| state.identity.project_by_name(DEFAULT_DOMAIN_ID, p));
+        .or_else(|| state.identity.project_by_name(DEFAULT_DOMAIN_ID, p))
+        .filter(|pr| node_granted(state, auth, &pr.id));
     match found {
         Some(pr) if pr.enabled => Ok((pr.id, pr.name)),
         Some(pr) => Err(NeutronError::conflict(
             "ProjectDisabled",
             format!("Project {} is disabled", pr.name),
         )),
-        None => Err(NeutronError::new(
+        None if auth.is_admin => Err(NeutronError::new(
             404,
             "ProjectNotFound",
             format!("Project {p} could not be found."),
         )),
+        None => {
+            tracing::info!(host, project = %p, "node refused: no grant on the project");
+            Err(not_granted(host, "create ports in this project"))
+        }
     }
 }
 
@@ -111,7 +120,7 @@ pub async fn create(
             return Err(NeutronError::bad_request(format!("Unrecognized attribute(s) '{k}'")).into());
         }
     }
-    let (project_id, project_name) = resolve_project(&state, &project)?;
+    let (project_id, project_name) = granted_project(&state, &auth, &host, &project)?;
     let member = as_project(&auth, &project_id, &project_name);
     let ctx = Ctx {
         state: &state,

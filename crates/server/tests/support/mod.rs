@@ -243,6 +243,33 @@ impl TestServer {
         self.token(name, MEMBER_PASSWORD, "service").await
     }
 
+    /// The id of user `name` (Default domain).
+    pub async fn user_id(&self, name: &str) -> String {
+        let (s, b) = self.identity(Method::GET, &format!("/users?name={name}"), None).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        b["users"][0]["id"].as_str().expect("user exists").to_string()
+    }
+
+    /// Project `project_id` grants node `node` the right to plug its ports: the node role on
+    /// the project (`openstack role add --user <node> --project <project> node`).
+    pub async fn grant_node(&self, node: &str, project_id: &str) {
+        let user = self.user_id(node).await;
+        self.grant(project_id, &user, "node").await;
+    }
+
+    /// Takes that grant back (`openstack role remove ...`).
+    pub async fn revoke_node(&self, node: &str, project_id: &str) {
+        let (user, role) = (self.user_id(node).await, self.role_id("node").await);
+        let (s, b) = self
+            .identity(
+                Method::DELETE,
+                &format!("/projects/{project_id}/users/{user}/roles/{role}"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "revoke node: {b}");
+    }
+
     /// A project `proj-<tag>` with user `user-<tag>` as `member`, and that user's token.
     pub async fn member(&self, tag: &str) -> Member {
         let project = format!("proj-{tag}");
