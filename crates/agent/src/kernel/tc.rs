@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 /// the same order of magnitude.
 const LATENCY: &str = "50ms";
 
-fn run(program: &str, args: &[&str]) -> Result<String, KernelError> {
+pub(super) fn run(program: &str, args: &[&str]) -> Result<String, KernelError> {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -32,7 +32,7 @@ fn run(program: &str, args: &[&str]) -> Result<String, KernelError> {
 }
 
 /// Like [`run`], but "already absent" answers count as success.
-fn run_absent_ok(program: &str, args: &[&str]) -> Result<(), KernelError> {
+pub(super) fn run_absent_ok(program: &str, args: &[&str]) -> Result<(), KernelError> {
     match run(program, args) {
         Ok(_) => Ok(()),
         Err(KernelError::Io { source, .. })
