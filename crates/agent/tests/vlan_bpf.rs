@@ -328,3 +328,31 @@ fn missing_device_is_a_clear_error() {
     let err = in_host(&b, move || vlan::apply(&w)).expect_err("must fail");
     assert!(err.to_string().contains("nope0"), "{err}");
 }
+
+/// The tag-in-the-frame path, which the receive path above never takes (it moves the tag into
+/// the packet metadata before tc runs): the program pops it from the data itself.
+#[test]
+fn tag_still_in_the_frame_is_popped_from_the_data() {
+    require_root();
+    const REDIRECT: i32 = 7;
+    const SHOT: i32 = 2;
+    const UNSPEC: i32 = -1;
+    let prog = vlan::parent_program(&[(100, 7), (200, 9)]);
+
+    let tagged = frame(BROADCAST, VM_MAC, Some(100), "in-frame");
+    let (verdict, out) = vlan::test_run(&prog, &tagged).expect("test run");
+    assert_eq!(verdict, REDIRECT);
+    let untagged = frame(BROADCAST, VM_MAC, None, "in-frame");
+    assert_eq!(out.len(), tagged.len() - 4, "4 bytes shorter");
+    assert_eq!(out[..], untagged[..out.len()], "tag removed, rest intact");
+
+    let (verdict, _) = vlan::test_run(&prog, &frame(BROADCAST, VM_MAC, Some(300), "x")).expect("test run");
+    assert_eq!(verdict, SHOT, "unknown VLAN");
+    let (verdict, out) = vlan::test_run(&prog, &untagged).expect("test run");
+    assert_eq!((verdict, &out), (UNSPEC, &untagged), "untagged passes unchanged");
+
+    // A subport program tags; with the frame in the data the tag lands in the metadata, so the
+    // data is unchanged and the verdict is a redirect.
+    let (verdict, _) = vlan::test_run(&vlan::subport_program(100, 7), &untagged).expect("test run");
+    assert_eq!(verdict, REDIRECT);
+}
