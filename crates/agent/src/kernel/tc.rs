@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 /// the same order of magnitude.
 const LATENCY: &str = "50ms";
 
-pub(super) fn run(program: &str, args: &[&str]) -> Result<String, KernelError> {
+fn run(program: &str, args: &[&str]) -> Result<String, KernelError> {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -32,7 +32,7 @@ pub(super) fn run(program: &str, args: &[&str]) -> Result<String, KernelError> {
 }
 
 /// Like [`run`], but "already absent" answers count as success.
-pub(super) fn run_absent_ok(program: &str, args: &[&str]) -> Result<(), KernelError> {
+fn run_absent_ok(program: &str, args: &[&str]) -> Result<(), KernelError> {
     match run(program, args) {
         Ok(_) => Ok(()),
         Err(KernelError::Io { source, .. })

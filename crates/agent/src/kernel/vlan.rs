@@ -4,15 +4,15 @@
 //!
 //! The programs are tiny and are generated here as eBPF instructions with the VLAN ids and
 //! interface indexes baked in as immediates (no clang, no maps): one program per device,
-//! rebuilt and replaced on every [`apply`]. Loading is the `bpf(2)` syscall; attaching is `tc`
-//! reading the program from a short-lived pin in bpffs. Like `tc.rs`, everything runs in the
-//! calling thread's network namespace.
+//! rebuilt and replaced on every [`apply`]. Loading and attaching are `bpf(2)` calls: tcx
+//! ingress (Linux 6.6+), which runs before the classic tc ingress filters, so QoS policing on
+//! the tap (a tc filter redirecting to an IFB, whose frames skip tc on their way back) cannot
+//! bypass the demultiplexing. Device names resolve in the calling thread's network namespace.
 
 use super::KernelError;
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// One trunk as the host wires it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,8 +30,6 @@ pub struct Subport {
     pub dev: String,
 }
 
-/// tc filter priority of our programs on the ingress qdisc (QoS uses 1).
-const PRIO: &str = "2";
 const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -278,10 +276,16 @@ pub fn remove(w: &TrunkWiring) -> Result<(), KernelError> {
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-const BPF_FS: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `enum bpf_attach_type` (Linux 6.6+).
+const BPF_TCX_INGRESS: u32 = 46;
+/// How [`attached`] and [`remove`] recognise our programs.
+const PROG_NAME: [u8; 16] = *b"isthmus_vlan\0\0\0\0";
 
 #[repr(C)]
 struct ProgLoadAttr {
@@ -297,21 +301,13 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
 }
 
-#[repr(C)]
-struct ObjPinAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
 /// Loads a program; on refusal the error carries the verifier's log.
 fn load(insns: &[Insn]) -> Result<OwnedFd, KernelError> {
     let code: Vec<u8> = insns.iter().flat_map(|i| i.encode()).collect();
     // The project's own: none of the helpers used is GPL-only (checked on 6.18).
     let license = c"Apache-2.0";
     let mut log = vec![0u8; 64 * 1024];
-    let mut name = [0u8; 16];
-    name[..12].copy_from_slice(b"isthmus_vlan");
+    let name = PROG_NAME;
     let load_with = |log_level: u32, log: &mut [u8]| {
         let attr = ProgLoadAttr {
             prog_type: BPF_PROG_TYPE_SCHED_CLS,
@@ -381,119 +377,180 @@ pub fn test_run(insns: &[Insn], frame: &[u8]) -> Result<(i32, Vec<u8>), KernelEr
         repeat: 1,
         duration: 0,
     };
-    // SAFETY: attr points at live buffers of the sizes it states for the call's duration.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(KernelError::io("bpf PROG_TEST_RUN", std::io::Error::last_os_error()));
-    }
+    bpf(BPF_PROG_TEST_RUN, &mut attr, "bpf PROG_TEST_RUN")?;
     out.truncate((attr.data_size_out as usize).min(out.len()));
     Ok((attr.retval as i32, out))
 }
 
-/// Mounts bpffs at /sys/fs/bpf unless it is there already.
-fn ensure_bpffs() -> Result<(), KernelError> {
-    let path = CString::new(BPF_FS).map_err(|_| KernelError::InvalidName(BPF_FS.into()))?;
-    // SAFETY: statfs into a zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
-        return Ok(());
+fn bpf<T>(cmd: libc::c_long, attr: &mut T, what: &str) -> Result<i64, KernelError> {
+    // SAFETY: every attr struct here is repr(C), matches the kernel's layout for `cmd` and
+    // points only at buffers that outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        return Err(KernelError::io(what.to_string(), std::io::Error::last_os_error()));
     }
-    // SAFETY: valid strings; no data argument.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), path.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(KernelError::io(
-            format!("mounting bpffs on {BPF_FS}"),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    Ok(rc)
 }
 
-/// Removes a pin when dropped: tc holds its own reference once attached.
-struct Pin(String);
-
-impl Drop for Pin {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+#[repr(C)]
+struct AttachAttr {
+    target_ifindex: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    relative_fd: u32,
+    expected_revision: u64,
 }
 
-fn pin(fd: &OwnedFd, dev: &str) -> Result<Pin, KernelError> {
-    ensure_bpffs()?;
-    // Unique per call: devices of the same name in other namespaces may be wired at once.
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let path = format!("{BPF_FS}/isthmus-vlan-{dev}-{}-{n}", std::process::id());
-    let _ = std::fs::remove_file(&path);
-    let cpath = CString::new(path.clone()).map_err(|_| KernelError::InvalidName(dev.to_string()))?;
-    let attr = ObjPinAttr {
-        pathname: cpath.as_ptr() as u64,
+#[repr(C)]
+struct QueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+#[repr(C)]
+struct GetFdAttr {
+    prog_id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_prog_info` up to the name: `id` at 4, `name` at 64..80.
+const INFO_LEN: usize = 80;
+
+/// A program's id and name.
+fn prog_info(fd: &OwnedFd) -> Result<(u32, [u8; 16]), KernelError> {
+    let mut info = [0u8; INFO_LEN];
+    let mut attr = InfoAttr {
         bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
+        info_len: INFO_LEN as u32,
+        info: info.as_mut_ptr() as u64,
     };
-    // SAFETY: attr points at a live path string for the call's duration.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &attr as *const ObjPinAttr,
-            std::mem::size_of::<ObjPinAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(KernelError::io(
-            format!("pinning {path}"),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(Pin(path))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, "bpf OBJ_GET_INFO_BY_FD")?;
+    let id = u32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
+    let mut name = [0u8; 16];
+    name.copy_from_slice(&info[64..80]);
+    Ok((id, name))
 }
 
-/// Makes sure `dev` has an ingress qdisc (the same one QoS uses), then replaces our filter.
-fn attach(dev: &str, insns: &[Insn]) -> Result<(), KernelError> {
-    let fd = load(insns)?;
-    let pin = pin(&fd, dev)?;
-    let qdiscs = super::tc::run("tc", &["qdisc", "show", "dev", dev, "ingress"])?;
-    if !qdiscs.contains("ingress") && !qdiscs.contains("clsact") {
-        super::tc::run("tc", &["qdisc", "add", "dev", dev, "ingress"])?;
+/// Our programs on `ifindex`'s tcx ingress, as open descriptors with their ids.
+fn ours(ifindex: u32) -> Result<Vec<(u32, OwnedFd)>, KernelError> {
+    let mut ids = [0u32; 64];
+    let mut attr = QueryAttr {
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_INGRESS,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+        prog_attach_flags: 0,
+        link_ids: 0,
+        link_attach_flags: 0,
+        revision: 0,
+    };
+    bpf(BPF_PROG_QUERY, &mut attr, "bpf PROG_QUERY (tcx ingress)")?;
+    let mut out = Vec::new();
+    for &prog_id in &ids[..(attr.prog_cnt as usize).min(ids.len())] {
+        let mut get = GetFdAttr {
+            prog_id,
+            next_id: 0,
+            open_flags: 0,
+        };
+        let fd = match bpf(BPF_PROG_GET_FD_BY_ID, &mut get, "bpf PROG_GET_FD_BY_ID") {
+            Ok(fd) => {
+                // SAFETY: a fresh descriptor the kernel just gave us.
+                unsafe { OwnedFd::from_raw_fd(fd as i32) }
+            }
+            // Detached meanwhile.
+            Err(_) => continue,
+        };
+        if prog_info(&fd)?.1 == PROG_NAME {
+            out.push((prog_id, fd));
+        }
     }
-    super::tc::run(
-        "tc",
-        &[
-            "filter",
-            "replace",
-            "dev",
-            dev,
-            "parent",
-            "ffff:",
-            "protocol",
-            "all",
-            "prio",
-            PRIO,
-            "handle",
-            "1",
-            "bpf",
-            "direct-action",
-            "pinned",
-            &pin.0,
-        ],
+    Ok(out)
+}
+
+fn tcx(cmd: libc::c_long, ifindex: u32, prog: &OwnedFd, what: &str) -> Result<(), KernelError> {
+    let mut attr = AttachAttr {
+        target_ifindex: ifindex,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_TCX_INGRESS,
+        attach_flags: 0,
+        replace_bpf_fd: 0,
+        relative_fd: 0,
+        expected_revision: 0,
+    };
+    bpf(cmd, &mut attr, what).map(|_| ())
+}
+
+/// Attaches the program to `dev`'s tcx ingress, then detaches the ones it replaces (until
+/// then they run first, so no frame meets neither).
+fn attach(dev: &str, insns: &[Insn]) -> Result<(), KernelError> {
+    let ifindex = ifindex(dev)?;
+    let fd = load(insns)?;
+    let (id, _) = prog_info(&fd)?;
+    tcx(
+        BPF_PROG_ATTACH,
+        ifindex,
+        &fd,
+        &format!("attaching the VLAN program to {dev} (tcx ingress)"),
     )?;
+    for (old, old_fd) in ours(ifindex)? {
+        if old != id {
+            tcx(
+                BPF_PROG_DETACH,
+                ifindex,
+                &old_fd,
+                &format!("detaching an old VLAN program from {dev}"),
+            )?;
+        }
+    }
     Ok(())
 }
 
 fn detach(dev: &str) -> Result<(), KernelError> {
-    match super::tc::run_absent_ok("tc", &["filter", "del", "dev", dev, "parent", "ffff:", "prio", PRIO]) {
-        // The qdisc is there but our filter is not.
-        Err(KernelError::Io { source, .. }) if source.to_string().contains("Cannot find specified filter") => Ok(()),
-        other => other,
+    let ifindex = match ifindex(dev) {
+        Ok(i) => i,
+        Err(KernelError::NoDevice(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for (_, fd) in ours(ifindex)? {
+        match tcx(
+            BPF_PROG_DETACH,
+            ifindex,
+            &fd,
+            &format!("detaching the VLAN program from {dev}"),
+        ) {
+            // Detached by someone else meanwhile.
+            Err(KernelError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {}
+            other => other?,
+        }
     }
+    Ok(())
+}
+
+/// How many of our programs are on `dev`'s ingress (0 or 1 unless something went wrong).
+pub fn attached(dev: &str) -> Result<usize, KernelError> {
+    Ok(ours(ifindex(dev)?)?.len())
 }
 
 #[cfg(test)]
