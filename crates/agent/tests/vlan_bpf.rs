@@ -4,7 +4,8 @@
 //! `vm0` is in "vm"), `sp100`/`sp200` (subport devices, peers `n100`/`n200` in "net100" and
 //! "net200") and a bridge joining `tap0` with a veth into "parentnet" (the parent's network).
 //! The kernel here has no 802.1Q devices, so the "VM" sends hand-made tagged frames from a
-//! packet socket, and captures read the tag from the packet metadata or the frame.
+//! packet socket, and captures read the tag from the packet metadata or the frame. One test
+//! uses a real tap instead, read and written through its file as a hypervisor does.
 
 use isthmus_agent::kernel::vlan::{self, Subport, TrunkWiring};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -364,4 +365,60 @@ fn tag_still_in_the_frame_is_popped_from_the_data() {
     // data is unchanged and the verdict is a redirect.
     let (verdict, _) = vlan::test_run(&vlan::subport_program(100, 7), &untagged).expect("test run");
     assert_eq!(verdict, REDIRECT);
+}
+
+/// With a real tap as the parent, as a hypervisor has it: frames the "VM" writes to the tap
+/// carry the tag in the data, and frames it reads come with the tag written into the data.
+#[test]
+fn a_real_tap_trunk_carries_tags_in_the_frames() {
+    use std::io::{Read, Write};
+    require_root();
+    let host = Ns::new();
+    let net100 = Ns::new();
+    let mut tap = in_ns(&host.path(), || {
+        isthmus_agent::kernel::netns::open_tap("vmtap0").expect("tap")
+    });
+    host.ip(&["link", "set", "vmtap0", "up"]);
+    veth(&host, "sp100", &net100, "n100");
+    let w = TrunkWiring {
+        parent_dev: "vmtap0".into(),
+        subports: vec![Subport {
+            vlan: 100,
+            dev: "sp100".into(),
+        }],
+    };
+    in_ns(&host.path(), move || vlan::apply(&w)).expect("apply");
+
+    for (vlan, marker, arrives) in [(100, "tap-vlan-100", true), (300, "tap-vlan-300", false)] {
+        let cap = capture(&net100, "n100");
+        tap.write_all(&frame(BROADCAST, VM_MAC, Some(vlan), marker))
+            .expect("write to tap");
+        let got = seen(&cap, marker, Instant::now() + WAIT);
+        let want = if arrives { vec![Tag::None] } else { vec![] };
+        assert_eq!(got, want, "VLAN {vlan} from the tap at net100");
+    }
+
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fd = tap.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        assert_eq!(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK), 0);
+    }
+    send(&net100, "n100", frame(VM_MAC, PEER_MAC, None, "to-the-tap"));
+    let until = Instant::now() + WAIT;
+    let mut found = None;
+    while found.is_none() && Instant::now() < until {
+        let mut buf = [0u8; 2048];
+        match tap.read(&mut buf) {
+            Ok(n) if buf[..n].windows(10).any(|w| w == b"to-the-tap") => found = Some(buf[..n].to_vec()),
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    let f = found.expect("the frame from net100 reaches the VM");
+    assert_eq!(
+        f[12..16],
+        [0x81, 0x00, 0x00, 100],
+        "tagged 100 in the frame the VM reads"
+    );
 }
