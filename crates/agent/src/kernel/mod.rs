@@ -14,6 +14,7 @@ mod nltxn;
 pub mod ra;
 pub mod routers;
 pub mod tc;
+pub mod vlan;
 
 pub use fake::FakeKernel;
 pub use netlink::NetlinkKernel;
