@@ -3,12 +3,14 @@
 //! - [`stream`]: the node stream (`GET /isthmus/v1/nodes/{host}/watch`), one NDJSON message per
 //!   line, each object typed by its kind;
 //! - [`node`]: the bodies of the node API (heartbeat, port report, node port create);
+//! - [`nested`]: the nested API the CNI plugin inside a VM uses (trunk-scoped credential);
 //! - [`socket`]: the agent's local socket, its requests and replies;
 //! - [`cni_code`]: CNI error codes.
 //!
 //! serde and serde_json only: the CNI plugin links this and must stay small and quick to start.
 
 pub mod cni_code;
+pub mod nested;
 pub mod node;
 pub mod socket;
 pub mod stream;
