@@ -5,10 +5,18 @@
 # on eth0, prints what it got between markers on its serial console, then runs the command
 # given on the kernel command line (isthmus.cmd=<base64>) and powers off. isthmus.tries=N sets
 # how many DISCOVERs udhcpc sends (default 20, one a second).
+# For containers nested in the guest it also loads 8021q and macvlan, has unshare/nsenter, and
+# carries isthmus-cni as /bin/isthmus-cni ($ISTHMUS_GUEST_CNI, default target/release/isthmus-cni,
+# stripped, with the shared libraries it needs). A second NIC (eth1, the tests' management
+# path over QEMU's user network) gets 10.0.2.15/24 statically.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/vm}
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ] && [ "$out/initramfs.gz" -nt scripts/vm-image.sh ]; then
+cni=${ISTHMUS_GUEST_CNI:-target/release/isthmus-cni}
+[ -x "$cni" ] || { echo "vm-image: $cni missing (cargo build --release -p isthmus-cni, or set ISTHMUS_GUEST_CNI)" >&2; exit 1; }
+# Rebuilt when this script or the plugin changes.
+stamp="$(cksum <scripts/vm-image.sh) $(cksum <"$cni")"
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
     exit 0
 fi
 mkdir -p "$out"
@@ -34,11 +42,20 @@ kver=$(basename "$work"/k/lib/modules/*)
 root="$work/root"
 mkdir -p "$root"/{bin,dev,proc,sys,etc,tmp,run,modules,usr/share/udhcpc}
 cp /bin/busybox "$root/bin/busybox"
-for tool in sh ip ping ping6 udhcpc insmod cat echo sleep mount base64 poweroff ifconfig route hostname nc; do
+for tool in sh ip ping ping6 udhcpc insmod lsmod cat echo sleep mount base64 poweroff ifconfig route hostname nc \
+    unshare nsenter mkdir kill ls grep sed wget chmod rm ps timeout env stat; do
     ln -s busybox "$root/bin/$tool"
 done
-# virtio-net is a module in Debian's kernel; these are its dependencies, in load order.
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+# The plugin and what the dynamic linker needs for it (libc, libgcc_s, the loader itself).
+strip -o "$root/bin/isthmus-cni" "$cni"
+for lib in $(ldd "$cni" | grep -o '/[^ ]*'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+# virtio-net is a module in Debian's kernel; these are its dependencies, in load order. Then
+# 802.1Q (llc, stp, garp, mrp before it) and macvlan, for nested containers.
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net \
+    llc stp garp mrp 8021q macvlan; do
     f=$(find "$work/k/lib/modules/$kver" -name "$m.ko*" | head -1)
     [ -n "$f" ] || { echo "vm-image: module $m not found in $pkg" >&2; exit 1; }
     case "$f" in
@@ -78,11 +95,18 @@ cat >"$root/init" <<'EOS'
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net \
+    llc stp garp mrp 8021q macvlan; do
     insmod /modules/$m.ko
 done
 ip link set lo up
 ip link set eth0 up
+# The management NIC, when the test gave one: QEMU's user network, no DHCP needed.
+if [ -e /sys/class/net/eth1 ]; then
+    ip link set eth1 up
+    ip addr add 10.0.2.15/24 dev eth1
+    echo "ISTHMUS-MGMT up"
+fi
 echo "ISTHMUS-BOOTED"
 tries=$(sed -n 's/.*isthmus\.tries=\([0-9]*\).*/\1/p' /proc/cmdline)
 if udhcpc -i eth0 -s /usr/share/udhcpc/default.script -t "${tries:-20}" -T 1 -A 1 -n; then echo "ISTHMUS-DHCP ok"; else echo "ISTHMUS-DHCP failed"; fi
@@ -105,4 +129,5 @@ chmod +x "$root/init"
 
 (cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$out/initramfs.gz.tmp"
 mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
+echo "$stamp" >"$out/stamp"
 echo "vm-image: $out/vmlinuz ($pkg) and $out/initramfs.gz"

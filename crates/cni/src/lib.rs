@@ -5,6 +5,9 @@
 //! `/run/isthmus/agent.sock`), reads one reply line, and turns the reply into a CNI result or CNI error for the
 //! spec version the runtime asked for. The agent does the actual work (port, tap/veth, addresses, routes).
 //!
+//! With `"mode": "nested-vlan"` or `"nested-macvlan"` the plugin runs inside a VM instead and talks to the control
+//! plane's nested API itself ([`nested`]).
+//!
 //! This library is pure: [`start`] turns environment + stdin into either an immediate [`Outcome`] or a [`Call`];
 //! the binary performs the socket exchange and hands the reply to [`finish`].
 
@@ -27,6 +30,8 @@ pub const MAX_TIMEOUT_SECS: u64 = 300;
 pub const MAX_POOL_SIZE: u64 = 64;
 /// Longest reply line read from the agent; a longer one is a broken agent, not a result.
 pub const MAX_REPLY: u64 = 1024 * 1024;
+
+pub mod nested;
 
 /// CNI error codes (SPEC.md "Error"), shared with the agent.
 pub use isthmus_wire::cni_code as code;
@@ -328,11 +333,11 @@ pub struct Config {
     pub raw: Map<String, Value>,
 }
 
-fn invalid_config(msg: impl Into<String>) -> CniError {
+pub(crate) fn invalid_config(msg: impl Into<String>) -> CniError {
     CniError::new(code::INVALID_CONFIG, msg)
 }
 
-fn required_str(raw: &Map<String, Value>, key: &str) -> Result<String, CniError> {
+pub(crate) fn required_str(raw: &Map<String, Value>, key: &str) -> Result<String, CniError> {
     match raw.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         None | Some(Value::Null) => Err(invalid_config(format!("network config is missing '{key}'"))),
@@ -919,7 +924,7 @@ fn non_empty(s: Option<String>) -> Option<String> {
 
 /// Builds the ADD result for `version` from the agent's reply. A chained `prevResult` is extended, not replaced
 /// (SPEC: a plugin must pass it through or modify it), so our `interface` indexes are offset past its interfaces.
-fn add_result(
+pub(crate) fn add_result(
     version: SpecVersion,
     reply: &Map<String, Value>,
     ifname: &str,

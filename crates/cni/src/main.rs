@@ -1,4 +1,7 @@
 //! `isthmus-cni` binary: environment + stdin in, one exchange with the agent socket, CNI result out.
+//! In the nested modes (inside a VM) the nested API and the container's device instead.
+
+mod nested_run;
 
 use isthmus_cni::{
     code, finish, start, transport_error, Call, CniError, Env, Outcome, Step, TransportError, CURRENT_VERSION,
@@ -15,17 +18,9 @@ static DECIDED: AtomicBool = AtomicBool::new(false);
 fn main() {
     let env = Env::from_os();
     let outcome = match read_stdin(&env) {
-        Ok(stdin) => match start(&env, &stdin) {
-            Step::Done(outcome) => outcome,
-            Step::Call(mut call) => {
-                watchdog(&call);
-                let deadline = Instant::now() + call.timeout;
-                match pass_netns(&mut call) {
-                    // Held open until the reply is in: the agent opens it through /proc.
-                    Ok(_ns) => finish(&call, exchange(&call, deadline)),
-                    Err(e) => e.outcome(call.version.as_str()),
-                }
-            }
+        Ok(stdin) => match nested(&env, &stdin) {
+            Some(config) => nested_run::run(&env, config),
+            None => agent_path(&env, &stdin),
         },
         Err(e) => CniError::new(code::IO_FAILURE, "cannot read the network config from stdin")
             .with_details(e.to_string())
@@ -39,6 +34,49 @@ fn main() {
     }
     emit(&outcome);
     std::process::exit(outcome.exit_code);
+}
+
+/// A config with `mode` (VERSION always answers the same, whatever the mode).
+fn nested(env: &Env, stdin: &[u8]) -> Option<Result<isthmus_cni::nested::NestedConfig, CniError>> {
+    if env.command.as_deref() == Some("VERSION") {
+        return None;
+    }
+    isthmus_cni::nested::detect(stdin)
+}
+
+fn agent_path(env: &Env, stdin: &[u8]) -> Outcome {
+    match start(env, stdin) {
+        Step::Done(outcome) => outcome,
+        Step::Call(mut call) => {
+            watchdog(&call);
+            let deadline = Instant::now() + call.timeout;
+            match pass_netns(&mut call) {
+                // Held open until the reply is in: the agent opens it through /proc.
+                Ok(_ns) => finish(&call, exchange(&call, deadline)),
+                Err(e) => e.outcome(call.version.as_str()),
+            }
+        }
+    }
+}
+
+/// The nested modes' deadline: whatever blocks (the API, the kernel), the runtime gets error
+/// 11 once `timeout` has passed.
+pub(crate) fn watchdog_for(timeout: Duration, version: &'static str) {
+    let spawned = std::thread::Builder::new().name("deadline".into()).spawn(move || {
+        std::thread::sleep(timeout);
+        if DECIDED.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let outcome = CniError::new(
+            code::TRY_AGAIN_LATER,
+            format!("no answer within {}s", timeout.as_secs()),
+        )
+        .outcome(version);
+        emit(&outcome);
+        std::process::exit(outcome.exit_code);
+    });
+    // Without the thread each request's own timeout still bounds it.
+    drop(spawned);
 }
 
 /// Whatever blocks (a namespace path that is a FIFO on a stuck filesystem, a connect to a

@@ -8,6 +8,8 @@
 
 pub mod batch;
 mod fake;
+mod inside;
+pub mod nested;
 mod netlink;
 pub mod netns;
 mod nltxn;

@@ -4,7 +4,8 @@
 //! The kernel handles the requests of one write in order and answers each (its data replies,
 //! then an acknowledgement carrying the same sequence number), so a chain such as "address,
 //! link up, route" costs one system call pair instead of one per step. A request that fails
-//! does not stop the ones after it; callers read each answer.
+//! does not stop the ones after it; callers read each answer. A dump (`NLM_F_DUMP`) counts as
+//! answered at its DONE message.
 
 use super::KernelError;
 use rtnetlink::packet_core::{ErrorMessage, NetlinkBuffer, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
@@ -135,6 +136,8 @@ impl Txn {
                             answers[idx].error = e.code.map(|_| e);
                             acked += 1;
                         }
+                        // A dump ends with DONE and no acknowledgement.
+                        NetlinkPayload::Done(_) => acked += 1,
                         NetlinkPayload::InnerMessage(m) => answers[idx].replies.push(m),
                         _ => {}
                     }

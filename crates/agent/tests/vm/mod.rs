@@ -2,7 +2,15 @@
 //! `scripts/vm-image.sh` builds, its NIC on a port's tap in a node namespace, with the port's
 //! MAC, its serial console in a file. The guest runs udhcpc, prints what it got between
 //! `ISTHMUS-STATE-BEGIN`/`-END`, runs the given command, and powers off.
+//!
+//! With [`Options::management`] the guest also has a second NIC (eth1, 10.0.2.15/24) on QEMU's
+//! user network: 10.0.2.2:P there is 127.0.0.1:P of the node namespace QEMU runs in, where a
+//! [`Forwarder`] passes connections on to the server in the root namespace.
 
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -25,6 +33,13 @@ fn image() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// How to start a VM beyond its port's NIC.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// A second NIC on QEMU's user network (the guest's eth1, 10.0.2.15/24, host 10.0.2.2).
+    pub management: bool,
+}
+
 pub struct Vm {
     child: Option<Child>,
     pub console: PathBuf,
@@ -36,7 +51,23 @@ impl Vm {
     /// Boots a VM in node namespace `node_ns` on tap `tap` with MAC `mac`, running `cmd` (a
     /// shell command line) after DHCP; `dhcp_tries` DISCOVERs, one a second.
     pub fn start(node_ns: &str, tap: &str, mac: &str, cmd: &str, dhcp_tries: u32) -> Vm {
+        Vm::start_with(node_ns, tap, mac, cmd, dhcp_tries, &Options::default())
+    }
+
+    /// [`Vm::start`] with [`Options`].
+    pub fn start_with(node_ns: &str, tap: &str, mac: &str, cmd: &str, dhcp_tries: u32, opts: &Options) -> Vm {
         let (kernel, initrd) = image();
+        // After the port's NIC, so that one stays eth0.
+        let management: Vec<&str> = if opts.management {
+            vec![
+                "-netdev",
+                "user,id=m0,net=10.0.2.0/24,host=10.0.2.2",
+                "-device",
+                "virtio-net-pci,netdev=m0,mac=52:54:00:0a:00:0f",
+            ]
+        } else {
+            vec![]
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let console = dir.path().join("console.log");
         let b64 = base64_encode(cmd.as_bytes());
@@ -61,6 +92,7 @@ impl Vm {
             .args(["-append", &append])
             .args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")])
             .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+            .args(&management)
             .args(["-serial", &format!("file:{}", console.display())])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -114,6 +146,48 @@ impl Drop for Vm {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A TCP listener on 127.0.0.1 inside a node namespace whose connections are passed on to
+/// `target` (reached from the test's own namespace): the guest's way to the server.
+pub struct Forwarder {
+    /// The listening port, the same inside the guest (10.0.2.2:port).
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    pub fn start(node_ns: &Path, target: SocketAddr) -> Forwarder {
+        let ns = std::fs::File::open(node_ns).unwrap_or_else(|e| panic!("{}: {e}", node_ns.display()));
+        // The socket belongs to the namespace it was made in; only that thread moves.
+        let listener = std::thread::spawn(move || {
+            // SAFETY: setns on an fd we own; affects this thread only.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind in the node namespace")
+        })
+        .join()
+        .expect("listener thread");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("local addr").port();
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Forwarder { port, task }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -7,14 +7,14 @@
 //! sockets: one write in the node's namespace (create the pair, mark the host end, read back
 //! the peer's index), then one inside the workload's (addresses, links up, routes).
 
+use super::super::inside::{setup_inside, Inside};
 use super::super::nltxn::{Answer, Txn};
 use super::{KernelError, Link, VethAttach, PORT_ALIAS};
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::{AddressMessageBuilder, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use tracing::warn;
 
@@ -27,7 +27,7 @@ pub(super) fn attach_blocking(req: &VethAttach, workload: &File) -> Result<(), K
     let mut host = Txn::open()?;
     let bridge = bridge_index(&mut host, &req.port.bridge)?;
     let peer = make_pair(&mut host, req, workload, bridge)?;
-    if let Err(e) = setup_inside(req, workload, peer) {
+    if let Err(e) = setup_inside(&Inside::of_veth(req), workload, peer) {
         delete_host_end(&mut host, &req.port.name);
         return Err(e);
     }
@@ -132,85 +132,4 @@ fn make_pair(txn: &mut Txn, req: &VethAttach, workload: &File, bridge: u32) -> R
         })
         .unwrap_or(0);
     Ok(peer)
-}
-
-/// Inside the workload's namespace: addresses, loopback and the interface up, routes.
-fn setup_inside(req: &VethAttach, workload: &File, mut index: u32) -> Result<(), KernelError> {
-    let ns = || req.netns.display().to_string();
-    // SAFETY: plain syscall on an fd we hold; it moves only this dedicated thread.
-    if unsafe { libc::setns(workload.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(KernelError::io(
-            format!("entering netns {}", ns()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    let mut txn = Txn::open()?;
-    let ifname = &req.ifname;
-    if index == 0 {
-        let get = LinkUnspec::new_with_name(ifname).build();
-        let answer = txn
-            .run(vec![(RouteNetlinkMessage::GetLink(get), 0)], "get link")?
-            .pop()
-            .unwrap_or_default();
-        index = answer
-            .check(|| format!("looking up {ifname} in {}", ns()), &[])?
-            .into_iter()
-            .find_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(l.header.index),
-                _ => None,
-            })
-            .ok_or_else(|| KernelError::NoDevice(format!("{ifname} in {}", ns())))?;
-    }
-    let mut reqs = Vec::new();
-    let mut ops: Vec<(String, Vec<i32>)> = Vec::new();
-    for a in &req.addresses {
-        let msg = match a.addr() {
-            IpAddr::V4(v4) => AddressMessageBuilder::<Ipv4Addr>::new()
-                .index(index)
-                .address(v4, a.prefix_len())
-                .build(),
-            IpAddr::V6(v6) => AddressMessageBuilder::<Ipv6Addr>::new()
-                .index(index)
-                .address(v6, a.prefix_len())
-                .build(),
-        };
-        reqs.push((RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_EXCL));
-        ops.push((format!("adding {a} to {ifname}"), vec![EEXIST]));
-    }
-    // Loopback is interface 1 in every namespace. (The workload end cannot come up with the
-    // pair: the kernel opens it before the pair is joined, and refuses.)
-    for (i, what) in [(1, "lo"), (index, ifname.as_str())] {
-        reqs.push((
-            RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(i).up().build()),
-            0,
-        ));
-        ops.push((format!("bringing {what} up in {}", ns()), vec![]));
-    }
-    let mut routes: Vec<(IpAddr, u8, IpAddr)> = vec![];
-    if let Some(gw) = req.gateway {
-        let any = match gw {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        };
-        routes.push((any, 0, gw));
-    }
-    for r in &req.routes {
-        routes.push((r.destination.network(), r.destination.prefix_len(), r.nexthop));
-    }
-    for (dst, len, via) in routes {
-        let op = format!("adding route {dst}/{len} via {via} in {}", ns());
-        let msg = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst, len)
-            .and_then(|b| b.gateway(via))
-            .map_err(|e| KernelError::io(op.clone(), std::io::Error::other(e.to_string())))?
-            .output_interface(index)
-            .build();
-        reqs.push((RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL));
-        ops.push((op, vec![EEXIST]));
-    }
-    let answers = txn.run(reqs, "configure workload interface")?;
-    for (answer, (op, tolerated)) in answers.into_iter().zip(ops) {
-        answer.check(|| op, &tolerated)?;
-    }
-    Ok(())
 }
