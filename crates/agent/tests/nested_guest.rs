@@ -51,7 +51,8 @@ async fn guest_has_the_nested_tools_and_reaches_the_api() {
         let fwd = Forwarder::start(&tb.nodes[0].ns.path(), server);
         let p = fwd.port;
 
-        // Kept under the kernel command line's 2 KiB once in base64.
+        // Kept under the kernel command line's 2 KiB once in base64. (Debian's busybox wget
+        // crashes on -T, hence `timeout`.)
         let conf = format!(
             r#"{{"cniVersion":"1.0.0","name":"n","type":"isthmus-cni","mode":"nested-macvlan","nested":{{"api_url":"http://10.0.2.2:{p}","credential_file":"/etc/isthmus/c","network_id":"{net}","parent_interface":"eth0"}}}}"#
         );
@@ -62,7 +63,7 @@ async fn guest_has_the_nested_tools_and_reaches_the_api() {
              unshare -n sleep 1000 & c=$!;sleep 1\n\
              nsenter -n -t $c ip link|grep -q LOOPBACK&&! nsenter -n -t $c ip link|grep -q eth0&&echo NETNS-OK\n\
              echo VERSION=$(CNI_COMMAND=VERSION isthmus-cni</dev/null)\n\
-             echo API=$(wget -q -T 10 -O - http://10.0.2.2:{p}/)\n\
+             echo API=$(timeout 20 wget -q -O - http://10.0.2.2:{p}/)\n\
              mkdir -p /etc/isthmus;echo c1.s3cr3t>/etc/isthmus/c;chmod 644 /etc/isthmus/c\n\
              add(){{ echo '{conf}'|CNI_COMMAND=ADD CNI_CONTAINERID=c1 CNI_NETNS=/proc/$c/ns/net CNI_IFNAME=eth0 isthmus-cni;echo \" rc=$?\"; }}\n\
              echo OPEN=$(add)\n\
