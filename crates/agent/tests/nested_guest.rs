@@ -8,8 +8,12 @@ mod support;
 mod testbed;
 mod vm;
 
+use reqwest::Method;
 use serde_json::json;
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::Duration;
+use support::Ns;
 use testbed::Testbed;
 use vm::{Forwarder, Options, Vm};
 
@@ -110,4 +114,125 @@ async fn guest_has_the_nested_tools_and_reaches_the_api() {
     })
     .await
     .expect("test timed out");
+}
+
+/// A container on `node` attached through the plugin's agent path with a fixed address.
+fn node_container(tb: &Testbed, node: usize, project: &str, network: &str, ip: &str) -> Ns {
+    let ns = Ns::new();
+    let conf = json!({"cniVersion": "1.0.0", "name": "peer", "type": "isthmus-cni", "network": network,
+                      "project": project, "socket": tb.nodes[node].socket});
+    let mut child = Command::new(isthmus_store::testing::cni_bin())
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", format!("ctr-{}", ns.name))
+        .env("CNI_NETNS", ns.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", format!("IP={ip}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("isthmus-cni");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("stdin");
+    let out = child.wait_with_output().expect("output");
+    assert!(
+        out.status.success(),
+        "CNI ADD: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ns
+}
+
+/// The whole path: a container in a VM joins another network through the VM's trunk (a
+/// subport or an allowed address pair) and reaches a container on another node; DEL undoes it.
+async fn nested_container_reaches_a_node_container(mode: &str) {
+    support::require_root();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let tb = Testbed::start(2).await;
+        let project = format!("nested-{mode}");
+        let t = tb.member(&project).await;
+        let vmnet = tb.create(&t, "networks", "network", json!({"name": "vmnet"})).await;
+        let vmnet = vmnet["id"].as_str().expect("id").to_string();
+        let vmsub = tb
+            .create(&t, "subnets", "subnet", json!({"network_id": vmnet, "cidr": "10.83.0.0/24", "ip_version": 4}))
+            .await;
+        let cnet = tb.create(&t, "networks", "network", json!({"name": "cnet"})).await;
+        let cnet = cnet["id"].as_str().expect("id").to_string();
+        tb.create(&t, "subnets", "subnet", json!({"network_id": cnet, "cidr": "10.86.0.0/24", "ip_version": 4}))
+            .await;
+        let port = tb
+            .vm_port(&vmnet, vmsub["id"].as_str().expect("id"), "10.83.0.10", 0)
+            .await;
+        let trunk = tb
+            .create(&t, "trunks", "trunk", json!({"port_id": port["id"], "name": "vm"}))
+            .await;
+        let trunk = trunk["id"].as_str().expect("id");
+        let cred = tb
+            .expect_as(
+                &t,
+                Method::POST,
+                &format!("/isthmus/v1/trunks/{trunk}/credentials"),
+                json!({"credential": {}}),
+                201,
+            )
+            .await;
+        let secret = format!(
+            "{}.{}",
+            cred["credential"]["id"].as_str().expect("id"),
+            cred["credential"]["secret"].as_str().expect("secret")
+        );
+        let peer = tokio::task::block_in_place(|| node_container(&tb, 1, &project, "cnet", "10.86.0.50"));
+        let server = tb.network_url.trim_start_matches("http://").parse().expect("server address");
+        let fwd = Forwarder::start(&tb.nodes[0].ns.path(), server);
+        let p = fwd.port;
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"isthmus-cni","mode":"nested-{mode}","nested":{{"api_url":"http://10.0.2.2:{p}","credential_file":"/etc/isthmus/c","network_id":"{cnet}","parent_interface":"eth0"}}}}"#
+        );
+        let cmd = format!(
+            "mkdir -p /etc/isthmus;echo {secret}>/etc/isthmus/c;chmod 600 /etc/isthmus/c\n\
+             unshare -n sleep 1000 & c=$!;sleep 1\n\
+             cni(){{ echo '{conf}'|CNI_COMMAND=$1 CNI_CONTAINERID=c1 CNI_NETNS=/proc/$c/ns/net CNI_IFNAME=eth0 isthmus-cni;echo \" rc=$?\"; }}\n\
+             echo ADD=$(cni ADD)\n\
+             nsenter -n -t $c ping -c 3 -W 3 10.86.0.50 >/dev/null&&echo PING-OK||echo PING-FAIL\n\
+             echo CHECK=$(cni CHECK)\n\
+             echo DEL=$(cni DEL)\n\
+             nsenter -n -t $c ip link|grep -q eth0||echo GONE-OK\n"
+        );
+        let vm = Vm::start_with(
+            &tb.nodes[0].ns.name,
+            &isthmus_agent::names::tap(port["id"].as_str().expect("id")),
+            port["mac_address"].as_str().expect("mac"),
+            &cmd,
+            20,
+            &Options { management: true },
+        );
+        vm.wait_for("ISTHMUS-CMD-END", Duration::from_secs(180)).await;
+        let log = vm.log();
+        let out = cmd_output(&log);
+        println!("guest:\n{out}");
+        let add = out.lines().find(|l| l.starts_with("ADD=")).unwrap_or_default();
+        assert!(add.trim_end().ends_with("rc=0") && add.contains("10.86.0."), "{log}");
+        assert!(out.contains("PING-OK"), "{log}");
+        assert!(out.contains("CHECK= rc=0"), "{log}");
+        assert!(out.contains("DEL= rc=0") && out.contains("GONE-OK"), "{log}");
+        drop(peer);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the nested API (server) and the trunk datapath (agent) from other branches"]
+async fn nested_vlan_container_reaches_a_node_container() {
+    nested_container_reaches_a_node_container("vlan").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the nested API (server) and the allowed-address-pair datapath from other branches"]
+async fn nested_macvlan_container_reaches_a_node_container() {
+    nested_container_reaches_a_node_container("macvlan").await;
 }
