@@ -487,6 +487,27 @@ pub fn workspace_bin(package: &str, bin: &str, env: &str) -> PathBuf {
         ])
         .stdin(Stdio::null())
         .stderr(Stdio::inherit());
+    // What cargo set for this test binary must not reach the inner cargo: build scripts that
+    // watch those variables (ring's watches CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...) would
+    // otherwise rebuild, with everything above them, on every switch between the two.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let from_cargo = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_EXE_"]
+            .iter()
+            .any(|p| key.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&key.as_ref());
+        if from_cargo {
+            cmd.env_remove(key.as_ref());
+        }
+    }
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
     }
