@@ -62,14 +62,22 @@ impl HttpApi {
                 )
                 .with_details(e.to_string())
             })?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+            let not_pem = |why: String| {
                 CniError::new(
                     code::INVALID_CONFIG,
-                    format!("'nested.ca_file' {} is not a PEM certificate", ca.display()),
+                    format!("'nested.ca_file' {} holds no PEM certificate", ca.display()),
                 )
-                .with_details(e.to_string())
-            })?;
-            builder = builder.tls_built_in_root_certs(false).add_root_certificate(cert);
+                .with_details(why)
+            };
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| not_pem(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(not_pem("no CERTIFICATE block".into()));
+            }
+            // Only this CA: the API's certificate is the project's own, not a public one.
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
         }
         let client = builder.build().map_err(|e| {
             CniError::new(code::INVALID_CONFIG, "cannot set up the HTTP client").with_details(e.to_string())
@@ -103,8 +111,7 @@ impl HttpApi {
             let unreachable = |e: reqwest::Error| ApiError {
                 status: None,
                 unreachable: true,
-                // Without the URL's query or any header: only where and what went wrong.
-                message: e.without_url().to_string(),
+                message: causes(&e),
             };
             let mut resp = req.send().await.map_err(unreachable)?;
             let status = resp.status().as_u16();
@@ -122,6 +129,18 @@ impl HttpApi {
             Ok((status, String::from_utf8_lossy(&body).into_owned()))
         })
     }
+}
+
+/// The error and its causes ("error sending request: ... : invalid peer certificate: ...").
+fn causes(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn refused(status: u16, body: &str) -> ApiError {

@@ -1,7 +1,7 @@
 //! The real `isthmus-cni` binary in `nested-macvlan` mode on this host's kernel: a "VM"
 //! namespace (its NIC a veth), a container namespace, and a small stand-in for the nested API
 //! listening inside the VM namespace. ADD, CHECK and DEL against it. Needs root (skipped
-//! otherwise).
+//! otherwise). Also the API over https with the config's CA file (no root needed).
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -260,5 +260,108 @@ fn nested_macvlan_add_check_del() {
         .port();
     let (rc, out) = cni(&vm, "ADD", &netns, &config(closed, cred.to_str().expect("path")));
     assert!(rc == 1 && out.contains(r#""code":11"#), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An https stand-in answering every request with 204, its certificate signed by a CA written
+/// to `dir/ca.pem`; returns the port.
+fn tls_stand_in(dir: &std::path::Path) -> u16 {
+    use tokio_rustls::rustls;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("ca.pem");
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("sign");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .expect("server config");
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                continue;
+            };
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            // The request head; DEL has no body.
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match tls.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            if head.ends_with(b"\r\n\r\n") {
+                let _ = tls.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn nested_api_over_https_trusts_the_configured_ca() {
+    let dir = std::env::temp_dir().join(format!("cni-nested-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let port = tls_stand_in(&dir);
+    let cred = dir.join("credential");
+    std::fs::write(&cred, "cred-1.s3cr3t\n").expect("credential");
+    std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let conf = |ca: Option<&std::path::Path>| {
+        json!({"cniVersion": "1.0.0", "name": "n", "type": "isthmus-cni", "mode": "nested-vlan",
+               "timeout_secs": 10,
+               "nested": {"api_url": format!("https://127.0.0.1:{port}"), "credential_file": cred,
+                          "network_id": "net-1", "parent_interface": "eth0", "ca_file": ca}})
+    };
+    // DEL without CNI_NETNS: only the API call.
+    let del = |config: &Value| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus-cni"))
+            .env_clear()
+            .env("CNI_COMMAND", "DEL")
+            .env("CNI_CONTAINERID", "ctr1")
+            .env("CNI_IFNAME", "eth0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("isthmus-cni");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(config.to_string().as_bytes())
+            .expect("stdin");
+        let out = child.wait_with_output().expect("output");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    let (rc, out) = del(&conf(Some(&dir.join("ca.pem"))));
+    assert_eq!((rc, out.as_str()), (0, ""));
+    // Without the CA the server's certificate is not trusted.
+    let (rc, out) = del(&conf(None));
+    assert_eq!(rc, 1, "{out}");
+    assert!(out.contains("certificate") || out.contains("Certificate"), "{out}");
+    // A CA file that is not PEM is a config error.
+    std::fs::write(dir.join("bad.pem"), "not a certificate").expect("bad.pem");
+    let (rc, out) = del(&conf(Some(&dir.join("bad.pem"))));
+    assert!(rc == 1 && out.contains(r#""code":7"#), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
