@@ -22,7 +22,13 @@ fn image() -> &'static (PathBuf, PathBuf) {
     IMAGE.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let out = root.join("target/vm");
-        let st = Command::new("bash")
+        let mut script = Command::new("bash");
+        // The guest's isthmus-cni: $ISTHMUS_GUEST_CNI, else the release build; when there is
+        // none yet, the one this test profile builds.
+        if std::env::var_os("ISTHMUS_GUEST_CNI").is_none() && !root.join("target/release/isthmus-cni").is_file() {
+            script.env("ISTHMUS_GUEST_CNI", isthmus_store::testing::cni_bin());
+        }
+        let st = script
             .arg(root.join("scripts/vm-image.sh"))
             .arg(&out)
             .stdin(Stdio::null())
