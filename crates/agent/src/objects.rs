@@ -198,6 +198,9 @@ fn network_info(n: &Network) -> Option<NetworkInfo> {
     })
 }
 
+/// `device_owner` of a trunk's subport.
+pub const SUBPORT_OWNER: &str = "trunk:subport";
+
 /// Neutron's convention: ports owned by Nova (`compute:*`) are VMs (tap devices); everything
 /// else plugged by the agent is a container (veth pair).
 pub fn port_kind(device_owner: &str) -> PortKind {
@@ -223,12 +226,22 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
         if id.is_empty() || net.is_empty() || mac.is_empty() || host != node || router_of(p).is_some() {
             continue;
         }
+        let kind = match &p.subport {
+            Some(s) if p.device_owner == SUBPORT_OWNER => match u16::try_from(s.segmentation_id) {
+                Ok(vlan) if (1..=4094).contains(&vlan) => PortKind::Subport {
+                    parent: s.parent_port_id.clone(),
+                    vlan,
+                },
+                _ => continue,
+            },
+            _ => port_kind(&p.device_owner),
+        };
         local_nets.insert(net.to_string());
         view.local_ports.push(LocalPort {
             id: id.clone(),
             network_id: net.clone(),
             mac: mac.to_ascii_lowercase(),
-            kind: port_kind(&p.device_owner),
+            kind,
         });
     }
     // Networks a router connects to one of ours, or of a router whose gateway is here: this

@@ -14,7 +14,7 @@ use isthmus_model::ipam;
 use isthmus_model::validate::{is_uuid, Body};
 use isthmus_model::{
     keys, AddressPair, ExtraDhcpOpt, FixedIp, FloatingIp, Network, NeutronError, Port, QosPolicy, Router,
-    SecurityGroup, StandardAttrs, Subnet,
+    SecurityGroup, StandardAttrs, Subnet, Trunk,
 };
 use isthmus_store::{Compare, Op, Revision};
 use rand::seq::SliceRandom;
@@ -914,6 +914,7 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
             extra_dhcp_opts: merge_dhcp_opts(&[], f.dhcp_opts.as_deref().unwrap_or(&[])),
             dns_name: f.dns_name.clone().unwrap_or_default(),
             qos_policy_id: f.qos_policy_id.clone().flatten(),
+            subport_of: None,
             std: StandardAttrs {
                 description: f.description.clone().unwrap_or_default(),
                 tags: f.tags.clone().unwrap_or_default(),
@@ -1088,6 +1089,9 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
             p.device_owner = v.clone();
         }
         if let Some(v) = &f.host_id {
+            if *v != p.binding_host_id {
+                move_subports(ctx, id, v, &mut cmp, &mut ops);
+            }
             p.binding_host_id = v.clone();
             p.binding_vif_type = VIF_UNBOUND.into();
         }
@@ -1221,6 +1225,7 @@ impl ServicePort<'_> {
             extra_dhcp_opts: vec![],
             dns_name: String::new(),
             qos_policy_id: None,
+            subport_of: None,
             std: StandardAttrs::new(&now()),
         };
         let mut cmp = vec![
@@ -1241,6 +1246,31 @@ impl ServicePort<'_> {
             ops.push(Op::put(k, port.id.clone()));
         }
         Ok((cmp, ops, port))
+    }
+}
+
+/// A trunk parent's subports follow it to its new host (as Neutron rebinds them), in the
+/// parent's transaction; comparing the trunk catches a subport added meanwhile.
+fn move_subports(ctx: &Ctx<'_>, port_id: &str, host: &str, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
+    let Some(kv) = ctx.state.cache.get(&keys::trunk_port(port_id)) else {
+        return;
+    };
+    let trunk_id = String::from_utf8_lossy(&kv.value).to_string();
+    let Some((t, trev)) = ctx.get::<Trunk>(&trunk_id) else {
+        return;
+    };
+    if t.port_id != port_id {
+        return;
+    }
+    cmp.push(Compare::ModRevision(lookup::key::<Trunk>(&trunk_id), trev));
+    for s in &t.sub_ports {
+        if let Some((mut sp, rev)) = ctx.get::<Port>(&s.port_id) {
+            sp.binding_host_id = host.to_string();
+            sp.status = "DOWN".into();
+            sp.std.bump(&now());
+            cmp.push(Compare::ModRevision(key(&s.port_id), rev));
+            ops.push(Op::put(key(&s.port_id), json_bytes(&sp)));
+        }
     }
 }
 

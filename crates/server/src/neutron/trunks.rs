@@ -18,7 +18,7 @@ use super::query::Prefilter;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use isthmus_model::validate::{is_uuid, Body};
-use isthmus_model::{keys, Network, NeutronError, Port, StandardAttrs, SubPort, Trunk};
+use isthmus_model::{keys, Network, NeutronError, Port, StandardAttrs, SubPort, SubportOf, Trunk};
 use isthmus_store::{Compare, Op, Revision};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
@@ -309,6 +309,11 @@ fn plan_add(
         p.device_owner = SUBPORT_OWNER.into();
         p.device_id = t.id.clone();
         p.binding_host_id = parent.binding_host_id.clone();
+        p.subport_of = Some(SubportOf {
+            trunk_id: t.id.clone(),
+            parent_port_id: parent.id.clone(),
+            segmentation_id: seg_id,
+        });
         p.std.bump(&now());
         cmp.push(Compare::ModRevision(lookup::key::<Port>(port_id), prev));
         cmp.push(Compare::Absent(keys::trunk_port(port_id)));
@@ -323,8 +328,12 @@ fn plan_release(ctx: &Ctx<'_>, trunk_id: &str, port_id: &str, cmp: &mut Vec<Comp
     ops.push(Op::delete(keys::trunk_port(port_id)));
     if let Some((mut p, prev)) = ctx.get::<Port>(port_id) {
         if p.device_owner == SUBPORT_OWNER && p.device_id == trunk_id {
+            // Unbound as Neutron unbinds a released subport: its node unwires it.
             p.device_owner.clear();
             p.device_id.clear();
+            p.binding_host_id.clear();
+            p.subport_of = None;
+            p.status = "DOWN".into();
             p.std.bump(&now());
             cmp.push(Compare::ModRevision(lookup::key::<Port>(port_id), prev));
             ops.push(Op::put(lookup::key::<Port>(port_id), json_bytes(&p)));
