@@ -174,8 +174,22 @@ async fn subports_carry_their_vlans_to_their_networks_only() {
         let (bnet, bsub) = tb.network_as(&t, "net-b", "10.92.0.0/24").await;
         let vm = tb.vm_port(&pnet, &psub, "10.90.0.10", 0).await;
         let vm_id = vm["id"].as_str().expect("id").to_string();
+        // net-a's container and subport take ICMP from anywhere (the subport's group changes
+        // later); net-b's stay in the default group.
+        let icmp_in = tb
+            .create(&t, "security-groups", "security_group", json!({"name": "icmp-in"}))
+            .await;
+        tb.create(
+            &t,
+            "security-group-rules",
+            "security_group_rule",
+            json!({"security_group_id": icmp_in["id"], "direction": "ingress", "ethertype": "IPv4",
+                   "protocol": "icmp", "remote_ip_prefix": "0.0.0.0/0"}),
+        )
+        .await;
+        let open = json!({"security_groups": [icmp_in["id"]]});
         // The containers the subports must reach, on the other node.
-        let (ca, _ca_ns) = tb.workload_as(&t, &anet, &asub, "10.91.0.50", 1, json!({})).await;
+        let (ca, _ca_ns) = tb.workload_as(&t, &anet, &asub, "10.91.0.50", 1, open.clone()).await;
         let (cb, _cb_ns) = tb.workload_as(&t, &bnet, &bsub, "10.92.0.50", 1, json!({})).await;
         let ca = tb.port(&ca).await;
         let cb = tb.port(&cb).await;
@@ -184,7 +198,8 @@ async fn subports_carry_their_vlans_to_their_networks_only() {
                 &t,
                 "ports",
                 "port",
-                json!({"network_id": anet, "fixed_ips": [{"ip_address": "10.91.0.10"}]}),
+                json!({"network_id": anet, "fixed_ips": [{"ip_address": "10.91.0.10"}],
+                       "security_groups": [icmp_in["id"]]}),
             )
             .await;
         let sb = tb
@@ -271,6 +286,84 @@ async fn subports_carry_their_vlans_to_their_networks_only() {
             assert_eq!(g.arp(me_a, peer_b.1, Some(100)), None, "net-b's address on VLAN 100");
             assert_eq!(g.arp(me_a, peer_a.1, Some(300)), None, "an unknown VLAN");
             assert_eq!(g.arp(me_a, peer_a.1, None), None, "net-a's address untagged");
+            // The subport's own anti-spoofing: another source address gets nothing back.
+            let spoofed = (me_a.0, Ipv4Addr::new(10, 91, 0, 99));
+            assert_eq!(
+                g.ping(spoofed, peer_a, Some(100), 3),
+                None,
+                "spoofed source on VLAN 100"
+            );
+        });
+
+        // The subport's own security groups: the container's pings reach the VM on VLAN 100
+        // while the subport's group takes ICMP, and stop when it is in one without ingress
+        // rules; the VM's own pings out still get their replies (tracked connections).
+        let ca_ns = _ca_ns.name.clone();
+        let sa_mac = sa["mac_address"].as_str().expect("mac").to_string();
+        support::must(&[
+            "ip",
+            "netns",
+            "exec",
+            &ca_ns,
+            "ip",
+            "neigh",
+            "replace",
+            "10.91.0.10",
+            "lladdr",
+            &sa_mac,
+            "dev",
+            "eth0",
+        ]);
+        let pings_arrive = |g: &mut Guest| {
+            let mut child = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ca_ns,
+                    "ping",
+                    "-c",
+                    "3",
+                    "-i",
+                    "0.3",
+                    "-W",
+                    "1",
+                    "10.91.0.10",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("ping");
+            let got = g.expect(|v, et, p| (et == 0x0800 && p.len() >= 28 && p[9] == 1 && p[20] == 8).then_some(v));
+            let _ = child.kill();
+            let _ = child.wait();
+            got
+        };
+        tokio::task::block_in_place(|| {
+            let r = pings_arrive(&mut g);
+            assert_eq!(r, Some(Some(100)), "the container's echo request, tagged 100");
+        });
+        let closed = tb
+            .create(&t, "security-groups", "security_group", json!({"name": "no-ingress"}))
+            .await;
+        tb.expect_as(
+            &t,
+            Method::PUT,
+            &format!("/v2.0/ports/{sa_id}"),
+            json!({"port": {"security_groups": [closed["id"]]}}),
+            200,
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if tokio::task::block_in_place(|| pings_arrive(&mut g)).is_none() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the subport's group never took effect");
+        }
+        tokio::task::block_in_place(|| {
+            // Egress is still allowed by the new group, and replies come back.
+            let r = g.ping(me_a, peer_a, Some(100), 4);
+            assert_eq!(r, Some(Some(100)), "ping out of VLAN 100");
         });
 
         // Removing subport b cuts it off; a keeps working.
