@@ -239,6 +239,34 @@ async fn check(backend: Backend) {
     let back = a.attach("c3", "net1", "vlan", &c_net).await;
     assert_eq!((&back["port_id"], &back["vlan"]), (&c3["port_id"], &json!(1)));
 
+    // A record whose port went without telling it (its profile cleared by an admin first):
+    // the next PUT replaces it.
+    let s1 = a.attach("s1", "eth0", "vlan", &c_net).await;
+    let s1_port = s1["port_id"].as_str().unwrap().to_string();
+    let (s, b) = m
+        .api
+        .put(
+            &format!("/v2.0/trunks/{trunk}/remove_subports"),
+            json!({"sub_ports": [{"port_id": s1_port}]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = server
+        .admin
+        .put(
+            &format!("/v2.0/ports/{s1_port}"),
+            json!({"port": {"binding:profile": {}}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = m.api.delete(&format!("/v2.0/ports/{s1_port}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    let s1b = a.attach("s1", "eth0", "vlan", &c_net).await;
+    assert_ne!(s1b["port_id"], s1["port_id"]);
+    assert_eq!(s1b["vlan"], s1["vlan"]);
+    let (s, _) = a.delete("s1", "eth0").await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
     // Another trunk's credential reaches none of this trunk's attachments.
     let b_header = header_for(&m.api, &trunk_b).await;
     let bn = Nested::new(&server.network_url, &server.http, Some(&b_header));
@@ -297,7 +325,7 @@ async fn check(backend: Backend) {
         (&p["port"]["device_owner"], &p["port"]["device_id"]),
         (&json!("isthmus:nested"), &json!(trunk))
     );
-    // Its port deleted through Neutron: the next PUT makes a new one, the old pair gone.
+    // Its port deleted through Neutron: the pair goes with it; the next PUT makes a new one.
     let (s, b) = m
         .api
         .delete(&format!("/v2.0/ports/{}", m1["port_id"].as_str().unwrap()))
@@ -305,6 +333,10 @@ async fn check(backend: Backend) {
     assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
     let (s, _) = a.get("m1", "eth0").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(
+        pairs_of(&m.api, &parent).await.is_empty(),
+        "the deleted port's pair stayed"
+    );
     let m1b = a.attach("m1", "eth0", "macvlan", &vm_net).await;
     assert_ne!(m1b["port_id"], m1["port_id"]);
     let pair_b = json!({"ip_address": m1b["addresses"][0]["ip_address"], "mac_address": m1b["mac_address"]});

@@ -11,7 +11,9 @@
 //!     address pairs of the parent, port and parent written in one transaction.
 //!
 //!   The attachment's record (`keys::nested_attachment`, written in that transaction too)
-//!   makes the PUT idempotent; a record whose port was deleted through Neutron is replaced.
+//!   makes the PUT idempotent. Deleting the port through Neutron removes the record and the
+//!   parent's pairs with it (`trunks::plan_nested_port_gone`); a record left stale anyway
+//!   (its port gone) is replaced by the next PUT.
 //! - `GET` on the same path: the attachment, or 404.
 //! - `DELETE`: the subport or address pairs released and the port deleted, one transaction;
 //!   204 also when there was nothing.
@@ -23,7 +25,7 @@ use super::http::{json_response, parse_body, ApiResult};
 use super::lookup;
 use super::portops::{self, NewPort, NodeBinding};
 use super::trunk_credentials::authenticate_credential;
-use super::trunks;
+use super::trunks::{self, take_pairs, NestedRecord};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -35,7 +37,6 @@ use isthmus_model::validate::Body;
 use isthmus_model::{keys, AddressPair, Network, NeutronError, Port, Subnet, Trunk};
 use isthmus_store::{Compare, Op, Revision};
 use isthmus_wire::nested::{Attachment, AttachmentAddress, AttachmentRequest, AttachmentRoute, NestedMode};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -52,16 +53,7 @@ pub fn is_nested_path(path: &str) -> bool {
     path.starts_with(PREFIX)
 }
 
-/// What the attachment's key holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    port_id: String,
-    network_id: String,
-    mode: NestedMode,
-    /// The address pairs this attachment added to the parent (`macvlan`), to take back.
-    #[serde(default)]
-    pairs: Vec<AddressPair>,
-}
+type Record = NestedRecord;
 
 /// A container id (1–128 of `[A-Za-z0-9_.-]`) and an interface name as Linux takes them
 /// (1–15 bytes, no `/`, `:` or white space, not `.` or `..`).
@@ -200,13 +192,6 @@ fn current(ctx: &Ctx<'_>, trunk_id: &str, key: &str) -> NResult<Option<Attachmen
         return Ok(None);
     }
     Ok(Some(render(ctx, &t, &r, &p)))
-}
-
-/// Removes `pairs` from the parent's; whether anything changed.
-fn take_pairs(parent: &mut Port, pairs: &[AddressPair]) -> bool {
-    let before = parent.allowed_address_pairs.len();
-    parent.allowed_address_pairs.retain(|a| !pairs.contains(a));
-    parent.allowed_address_pairs.len() != before
 }
 
 /// What one attempt of a PUT found to do.

@@ -1198,6 +1198,7 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
         super::trunks::check_port_deletion(ctx, id)?;
         let mut cmp = vec![Compare::ModRevision(key(id), rev), super::trunks::not_trunked(id)];
         let mut ops = delete_ops(&p);
+        super::trunks::plan_nested_port_gone(ctx, &p, &mut cmp, &mut ops);
         // Its floating IPs stay, disassociated, as Neutron leaves them.
         disassociate(ctx, id, &[], &mut cmp, &mut ops);
         Ok((cmp, ops, ()))

@@ -18,8 +18,10 @@ use super::query::Prefilter;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use isthmus_model::validate::{is_uuid, Body};
-use isthmus_model::{keys, Network, NeutronError, Port, StandardAttrs, SubPort, Trunk};
+use isthmus_model::{keys, AddressPair, Network, NeutronError, Port, StandardAttrs, SubPort, Trunk};
 use isthmus_store::{Compare, Op, Revision};
+use isthmus_wire::nested::NestedMode;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 
@@ -140,6 +142,55 @@ pub fn check_port_deletion(ctx: &Ctx<'_>, port_id: &str) -> NResult<()> {
             "PortInUseAsSubPort",
             format!("Port {port_id} is currently a subport for trunk {}.", t.id),
         )),
+    }
+}
+
+/// What the nested API records for a container's attachment (`keys::nested_attachment`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct NestedRecord {
+    pub port_id: String,
+    pub network_id: String,
+    pub mode: NestedMode,
+    /// The address pairs the attachment added to the parent (`macvlan`), to take back.
+    #[serde(default)]
+    pub pairs: Vec<AddressPair>,
+}
+
+/// Removes `pairs` from the parent's; whether anything changed.
+pub(crate) fn take_pairs(parent: &mut Port, pairs: &[AddressPair]) -> bool {
+    let before = parent.allowed_address_pairs.len();
+    parent.allowed_address_pairs.retain(|a| !pairs.contains(a));
+    parent.allowed_address_pairs.len() != before
+}
+
+/// Adds to the delete of port `p` through Neutron what its nested attachment (named by its
+/// `binding:profile`) holds: the record goes and the parent's pairs for it are taken back, so
+/// the VM is not left allowed to send as addresses that may go to another port.
+pub fn plan_nested_port_gone(ctx: &Ctx<'_>, p: &Port, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
+    let n = &p.binding_profile["nested"];
+    let (Some(trunk_id), Some(cid), Some(ifname)) =
+        (n["trunk_id"].as_str(), n["container_id"].as_str(), n["ifname"].as_str())
+    else {
+        return;
+    };
+    let rkey = keys::nested_attachment(trunk_id, cid, ifname);
+    let Some((r, rrev)) = ctx.state.cache.get_json::<NestedRecord>(&rkey) else {
+        return;
+    };
+    if r.port_id != p.id {
+        return;
+    }
+    cmp.push(Compare::ModRevision(rkey.clone(), rrev));
+    ops.push(Op::delete(rkey));
+    let Some((t, _)) = ctx.get::<Trunk>(trunk_id) else {
+        return;
+    };
+    if let Some((mut parent, prev)) = ctx.get::<Port>(&t.port_id) {
+        if parent.id != p.id && take_pairs(&mut parent, &r.pairs) {
+            parent.std.bump(&now());
+            cmp.push(Compare::ModRevision(lookup::key::<Port>(&parent.id), prev));
+            ops.push(Op::put(lookup::key::<Port>(&parent.id), json_bytes(&parent)));
+        }
     }
 }
 
