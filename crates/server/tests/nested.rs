@@ -477,6 +477,17 @@ async fn check(backend: Backend) {
     assert_neutron_error(s, &b, StatusCode::UNAUTHORIZED, None);
     let (s, b) = m.api.get(&creds).await;
     assert_neutron_error(s, &b, StatusCode::NOT_FOUND, Some("TrunkNotFound"));
+    // Nothing of it is left in the store.
+    let cache = &server.handle.as_ref().unwrap().state.cache;
+    assert!(cache
+        .list(&isthmus_model::keys::nested_attachment_prefix(&trunk))
+        .is_empty());
+    let left: Vec<_> = cache
+        .list(isthmus_model::keys::TRUNK_CREDENTIAL_PREFIX)
+        .into_iter()
+        .filter(|kv| String::from_utf8_lossy(&kv.value).contains(&trunk))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     if let Some(mut s2) = second {
         s2.stop().await;
     }

@@ -574,13 +574,35 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
         Ok((cmp, ops, ()))
     })
     .await?;
+    drop_nested_records(ctx, id).await;
     tracing::info!(trunk = %id, "trunk deleted");
     Ok(())
 }
 
-/// What a trunk delete also removes: its credentials (the guard compared, so none created
-/// meanwhile is missed) and its nested attachments' records (their ports stay, as Neutron
-/// leaves a deleted trunk's ports).
+/// Removes a deleted trunk's nested attachment records, after its own transaction so that a
+/// trunk with many subports stays within the store's limit of writes per transaction.
+/// Nothing can reach them any more (the trunk and its credentials are gone, and a nested
+/// write compares the trunk), so a failure here leaves only unreachable keys; it is logged.
+async fn drop_nested_records(ctx: &Ctx<'_>, id: &str) {
+    let keys: Vec<String> = ctx
+        .state
+        .cache
+        .list(&keys::nested_attachment_prefix(id))
+        .iter()
+        .map(|kv| kv.key.clone())
+        .collect();
+    for chunk in keys.chunks(64) {
+        let ops = chunk.iter().map(|k| Op::delete(k.clone())).collect();
+        if let Err(e) = ctx.commit(vec![], ops).await {
+            tracing::warn!(trunk = %id, error = %e.message, "deleting a deleted trunk's nested attachment records failed");
+            return;
+        }
+    }
+}
+
+/// What a trunk delete also removes in its transaction: its credentials (the guard compared,
+/// so none created meanwhile is missed; at most 16). Its nested attachments' records go right
+/// after; their ports stay, as Neutron leaves a deleted trunk's ports.
 fn plan_nested_cleanup(ctx: &Ctx<'_>, id: &str, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
     let guard = keys::trunk_credential_guard(id);
     match ctx.state.cache.get(&guard) {
@@ -596,9 +618,6 @@ fn plan_nested_cleanup(ctx: &Ctx<'_>, id: &str, cmp: &mut Vec<Compare>, ops: &mu
         if of_trunk {
             ops.push(Op::delete(kv.key.clone()));
         }
-    }
-    for kv in ctx.state.cache.list(&keys::nested_attachment_prefix(id)) {
-        ops.push(Op::delete(kv.key.clone()));
     }
 }
 
