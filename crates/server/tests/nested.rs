@@ -267,6 +267,31 @@ async fn check(backend: Backend) {
     let (s, _) = a.delete("s1", "eth0").await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 
+    // The project's port quota holds; a disabled trunk takes no new attachment.
+    let quota = format!("/v2.0/quotas/{}", m.project_id);
+    let (_, b) = m.api.get(&format!("{quota}/details")).await;
+    let used = b["quota"]["port"]["used"].as_u64().unwrap();
+    let (s, b) = server.admin.put(&quota, json!({"quota": {"port": used}})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = a.put("q1", "eth0", "vlan", &c_net).await;
+    assert_neutron_error(s, &b, StatusCode::CONFLICT, Some("OverQuota"));
+    let (s, b) = server.admin.put(&quota, json!({"quota": {"port": -1}})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let set_trunk = |up: bool| {
+        let api = m.api.clone();
+        let path = format!("/v2.0/trunks/{trunk}");
+        async move {
+            let (s, b) = api.put(&path, json!({"trunk": {"admin_state_up": up}})).await;
+            assert_eq!(s, StatusCode::OK, "{b}");
+        }
+    };
+    set_trunk(false).await;
+    let (s, b) = a.put("q1", "eth0", "vlan", &c_net).await;
+    assert_neutron_error(s, &b, StatusCode::CONFLICT, Some("TrunkDisabled"));
+    // What is there still answers, and can be released.
+    assert_eq!(a.attach("c3", "net1", "vlan", &c_net).await, back);
+    set_trunk(true).await;
+
     // Another trunk's credential reaches none of this trunk's attachments.
     let b_header = header_for(&m.api, &trunk_b).await;
     let bn = Nested::new(&server.network_url, &server.http, Some(&b_header));

@@ -4,7 +4,8 @@
 //!
 //! - `PUT /isthmus/v1/nested/attachments/{container_id}/{ifname}`: creates the container's
 //!   port in the trunk's project, as if a member of it had asked (its network visibility,
-//!   attribute rules and quota), and joins it to the VM's port:
+//!   attribute rules and quota), and joins it to the VM's port; 200 `{"attachment": ...}`
+//!   (the same port and VLAN when repeated):
 //!   - `vlan`: a subport of the credential's trunk on the lowest free VLAN id, port and trunk
 //!     written in one transaction;
 //!   - `macvlan`: a port on the parent's network whose MAC and addresses become allowed
