@@ -239,6 +239,16 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
     ),
     ("security-group", "security-group", "The security groups extension."),
     (
+        "trunk",
+        "Trunk Extension",
+        "Provides support for trunk ports",
+    ),
+    (
+        "trunk-details",
+        "Trunk port details",
+        "Expose trunk port details",
+    ),
+    (
         "sorting",
         "Sorting support",
         "Extension that indicates that sorting is enabled.",
