@@ -133,6 +133,9 @@ pub fn compute(view: &NodeView) -> Datapath {
         let Some(net) = view.networks.get(&lp.network_id) else {
             continue;
         };
+        if !crate::trunk::wired(view, &lp.kind) {
+            continue;
+        }
         let br = add_network(&mut dp, net.vni, net.mtu, local_ip);
         let name = names::tap(&lp.id);
         dp.ports.insert(
@@ -141,7 +144,7 @@ pub fn compute(view: &NodeView) -> Datapath {
                 name,
                 bridge: br,
                 mtu: net.mtu,
-                veth: lp.kind == PortKind::Veth,
+                veth: lp.kind != PortKind::Tap,
             },
         );
     }

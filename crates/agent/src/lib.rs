@@ -31,4 +31,5 @@ pub mod shaping;
 pub mod socket;
 pub mod state;
 pub mod stream;
+pub mod trunk;
 pub mod view;

@@ -8,6 +8,8 @@ pub const VXLAN_PREFIX: &str = "isvx-";
 pub const TAP_PREFIX: &str = "tap";
 /// IFB devices carrying a port's incoming traffic through its QoS limit (`qos`).
 pub const IFB_PREFIX: &str = "ifq";
+/// A subport's veth end outside the bridge ([`subport_peer`]).
+pub const SUBPORT_PEER_PREFIX: &str = "tsp";
 
 pub fn bridge(vni: u32) -> String {
     format!("{BRIDGE_PREFIX}{vni}")
@@ -20,6 +22,13 @@ pub fn vxlan(vni: u32) -> String {
 pub fn tap(port_id: &str) -> String {
     let short: String = port_id.chars().take(11).collect();
     format!("{TAP_PREFIX}{short}")
+}
+
+/// The unbridged end of a subport's veth pair (its bridged end is [`tap`] of the port): the
+/// device the trunk's VLAN programs redirect the subport's frames to and from.
+pub fn subport_peer(port_id: &str) -> String {
+    let short: String = port_id.chars().take(11).collect();
+    format!("{SUBPORT_PEER_PREFIX}{short}")
 }
 
 /// The VNI of one of our bridge or VXLAN devices, if `name` is one.

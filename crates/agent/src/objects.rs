@@ -198,6 +198,9 @@ fn network_info(n: &Network) -> Option<NetworkInfo> {
     })
 }
 
+/// `device_owner` of a trunk's subport.
+pub const SUBPORT_OWNER: &str = "trunk:subport";
+
 /// Neutron's convention: ports owned by Nova (`compute:*`) are VMs (tap devices); everything
 /// else plugged by the agent is a container (veth pair).
 pub fn port_kind(device_owner: &str) -> PortKind {
@@ -223,12 +226,22 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
         if id.is_empty() || net.is_empty() || mac.is_empty() || host != node || router_of(p).is_some() {
             continue;
         }
+        let kind = match &p.subport {
+            Some(s) if p.device_owner == SUBPORT_OWNER => match u16::try_from(s.segmentation_id) {
+                Ok(vlan) if (1..=4094).contains(&vlan) => PortKind::Subport {
+                    parent: s.parent_port_id.clone(),
+                    vlan,
+                },
+                _ => continue,
+            },
+            _ => port_kind(&p.device_owner),
+        };
         local_nets.insert(net.to_string());
         view.local_ports.push(LocalPort {
             id: id.clone(),
             network_id: net.clone(),
             mac: mac.to_ascii_lowercase(),
-            kind: port_kind(&p.device_owner),
+            kind,
         });
     }
     // Networks a router connects to one of ours, or of a router whose gateway is here: this
@@ -246,6 +259,7 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
         }
     }
     view.routed.retain(|n| view.networks.contains_key(n));
+    let mut pair_macs: BTreeMap<(String, String), Vec<(String, IpAddr)>> = BTreeMap::new();
     for p in objects.ports() {
         let (id, net, mac, host) = (&p.id, &p.network_id, &p.mac_address, &p.host_id);
         if id.is_empty() || mac.is_empty() || host.is_empty() || host == node || !view.networks.contains_key(net) {
@@ -258,6 +272,31 @@ pub fn to_view(objects: &Objects, node: &str, underlay_ip: Option<IpAddr>) -> No
             mac: mac.to_ascii_lowercase(),
             node_ip: *ip,
         });
+        for pair in &p.allowed_address_pairs {
+            let m = pair.mac_address.to_ascii_lowercase();
+            if !m.is_empty() && m != mac.to_ascii_lowercase() && m.parse::<crate::desired::MacAddr>().is_ok() {
+                pair_macs.entry((net.clone(), m)).or_default().push((id.clone(), *ip));
+            }
+        }
+    }
+    // A MAC that rides another port (an allowed address pair: a container on a macvlan in a
+    // VM) is forwarded to that port's node, so it is not flooded; only when one node claims
+    // it and no port has it as its own (a MAC shared by pairs on several nodes moves, and is
+    // left to flooding).
+    let own: std::collections::BTreeSet<(String, String)> = objects
+        .ports()
+        .map(|p| (p.network_id.clone(), p.mac_address.to_ascii_lowercase()))
+        .collect();
+    for ((net, m), claims) in pair_macs {
+        let first = claims[0].1;
+        if claims.iter().all(|(_, ip)| *ip == first) && !own.contains(&(net.clone(), m.clone())) {
+            view.remote_ports.push(RemotePort {
+                id: format!("{}/pair/{m}", claims[0].0),
+                network_id: net,
+                mac: m,
+                node_ip: first,
+            });
+        }
     }
     // Routers whose SNAT node is another: their SNAT legs' MACs live there.
     let routed = router_networks(objects);
@@ -504,6 +543,32 @@ mod tests {
         assert_eq!(v.remote_ports.len(), 1);
         assert_eq!(v.remote_ports[0].id, "p2");
         assert_eq!(v.remote_ports[0].node_ip, "192.0.2.2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn pair_macs_of_remote_ports_are_forwarded_to_their_node_unless_shared() {
+        let mut o = objects();
+        let mut vm = port("p7", "na", "n2", "fa:16:3e:00:00:07", "compute:nova", json!([]));
+        vm["value"]["allowed_address_pairs"] = json!([
+            {"ip_address": "10.0.0.70", "mac_address": "FA:16:3E:00:00:70"},
+            {"ip_address": "10.0.0.71", "mac_address": "fa:16:3e:00:00:07"},
+            {"ip_address": "10.0.0.72", "mac_address": "fa:16:3e:00:00:72"}]);
+        let mut other = port("p8", "na", "n9x", "fa:16:3e:00:00:08", "", json!([]));
+        other["value"]["allowed_address_pairs"] =
+            json!([{"ip_address": "10.0.0.72", "mac_address": "fa:16:3e:00:00:72"}]);
+        let node = json!({"key": "/isthmus/nodes/n9x", "kind": "node", "revision": 3,
+            "value": {"host": "n9x", "underlay_ip": "192.0.2.9", "capabilities": []}});
+        let up = json!({"type": "update", "revision": 12, "put": [vm, other, node], "delete": []});
+        assert_eq!(o.apply_json(&up), Ok(Applied::Update));
+        let v = to_view(&o, "n1", Some("192.0.2.1".parse().unwrap()));
+        let macs: Vec<(&str, IpAddr)> = v.remote_ports.iter().map(|p| (p.mac.as_str(), p.node_ip)).collect();
+        // The pair MAC of p7 goes to n2; its own MAC once; the MAC two nodes claim is flooded.
+        assert!(
+            macs.contains(&("fa:16:3e:00:00:70", "192.0.2.2".parse().unwrap())),
+            "{macs:?}"
+        );
+        assert_eq!(macs.iter().filter(|(m, _)| *m == "fa:16:3e:00:00:07").count(), 1);
+        assert!(!macs.iter().any(|(m, _)| *m == "fa:16:3e:00:00:72"), "{macs:?}");
     }
 
     #[test]

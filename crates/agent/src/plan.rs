@@ -23,6 +23,12 @@ pub enum Action {
     DelFdb(Fdb),
     /// A VM port's TAP device is missing: create it (with the host-side MAC) in its bridge.
     CreateTap(PortDevice, Option<MacAddr>),
+    /// A subport's device is missing: create its veth pair, the port's end in its bridge and
+    /// the other ([`crate::names::subport_peer`]) outside, for the trunk's VLAN programs.
+    CreateSubport(PortDevice),
+    /// Put a trunk's VLAN programs on its tap and subport devices (named by the tap). Never
+    /// planned against a backend's `apply_port`: it names trunk wiring in failure reports.
+    WireTrunk(String),
     /// A port device exists but sits in the wrong bridge or with the wrong MTU.
     FixPort(PortDevice),
     DeletePort(String),
@@ -33,7 +39,10 @@ pub enum Action {
 impl Action {
     /// A port-device action (the rest are L2).
     pub fn is_port(&self) -> bool {
-        matches!(self, Action::CreateTap(..) | Action::FixPort(_) | Action::DeletePort(_))
+        matches!(
+            self,
+            Action::CreateTap(..) | Action::CreateSubport(_) | Action::FixPort(_) | Action::DeletePort(_)
+        )
     }
 
     pub fn is_fdb(&self) -> bool {
@@ -46,8 +55,8 @@ impl Action {
             Action::CreateBridge(b) | Action::SetBridgeMtu(b) => &b.name,
             Action::CreateVxlan(v) | Action::ReplaceVxlan(v) | Action::FixVxlan(v) => &v.name,
             Action::AddFdb(f) | Action::DelFdb(f) => &f.dev,
-            Action::CreateTap(p, _) | Action::FixPort(p) => &p.name,
-            Action::DeletePort(n) | Action::DeleteVxlan(n) | Action::DeleteBridge(n) => n,
+            Action::CreateTap(p, _) | Action::CreateSubport(p) | Action::FixPort(p) => &p.name,
+            Action::DeletePort(n) | Action::DeleteVxlan(n) | Action::DeleteBridge(n) | Action::WireTrunk(n) => n,
         }
     }
 }
@@ -88,6 +97,20 @@ pub fn plan_ports(
     }
     out.extend(delete_ports(actual, desired));
     out
+}
+
+/// Missing subport devices (`subports`: the desired devices of subports) to create.
+pub fn plan_subports(
+    actual: &BTreeMap<String, PortDevice>,
+    desired: &BTreeMap<String, PortDevice>,
+    subports: &BTreeSet<String>,
+) -> Vec<Action> {
+    subports
+        .iter()
+        .filter(|n| !actual.contains_key(*n))
+        .filter_map(|n| desired.get(n))
+        .map(|p| Action::CreateSubport(p.clone()))
+        .collect()
 }
 
 /// VXLAN devices this plan creates or rebuilds: they start without forwarding entries.

@@ -12,6 +12,9 @@ pub enum PortKind {
     Veth,
     /// A VM: a tap device a hypervisor opens.
     Tap,
+    /// A trunk's subport riding VLAN `vlan` of local VM port `parent`'s tap: a veth pair whose
+    /// bridged end is the port's device and whose other end the VLAN programs redirect to.
+    Subport { parent: String, vlan: u16 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

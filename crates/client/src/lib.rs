@@ -7,9 +7,11 @@
 //! output, errors or logs.
 
 mod auth;
+mod nested;
 mod node;
 
 pub use auth::{Auth, Domain, Token};
+pub use nested::{NestedClient, NestedConfig};
 pub use node::NodeApi;
 
 use serde::Serialize;
@@ -37,6 +39,9 @@ pub enum Error {
     /// The CA bundle to verify servers with could not be used.
     #[error("CA bundle {path}: {reason}")]
     CaFile { path: String, reason: String },
+    /// A setting the client cannot use (a URL, a credential's form); never repeats a secret.
+    #[error("invalid client setting: {0}")]
+    Config(String),
 }
 
 impl Error {
@@ -44,7 +49,7 @@ impl Error {
     pub fn status(&self) -> Option<u16> {
         match self {
             Error::Status { status, .. } | Error::Auth { status, .. } => Some(*status),
-            Error::Unreachable(_) | Error::Decode(_) | Error::CaFile { .. } => None,
+            Error::Unreachable(_) | Error::Decode(_) | Error::CaFile { .. } | Error::Config(_) => None,
         }
     }
 

@@ -75,3 +75,20 @@ pub fn rbac_grant(object_type: &str, object_id: &str, action: &str, target: &str
 pub fn trunk_port(port_id: &str) -> String {
     format!("{ROOT}trunk_port/{port_id}")
 }
+/// A trunk credential (`nested` API): its record, holding the SHA-256 of its secret.
+pub fn trunk_credential(id: &str) -> String {
+    format!("{ROOT}trunk_credentials/{id}")
+}
+pub const TRUNK_CREDENTIAL_PREFIX: &str = "/isthmus/v1/trunk_credentials/";
+/// Rewritten by every credential created for a trunk, deleted with the trunk: a trunk delete
+/// that compares it sees every credential, and creates serialize against the per-trunk bound.
+pub fn trunk_credential_guard(trunk_id: &str) -> String {
+    format!("{ROOT}trunk_credential_guard/{trunk_id}")
+}
+/// A nested container's attachment on trunk `trunk_id`; value: its record (the port id).
+pub fn nested_attachment(trunk_id: &str, container_id: &str, ifname: &str) -> String {
+    format!("{ROOT}nested/{trunk_id}/{container_id}/{ifname}")
+}
+pub fn nested_attachment_prefix(trunk_id: &str) -> String {
+    format!("{ROOT}nested/{trunk_id}/")
+}

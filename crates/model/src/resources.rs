@@ -305,8 +305,20 @@ pub struct Port {
     /// The port's own QoS policy; it wins over its network's.
     #[serde(default)]
     pub qos_policy_id: Option<String>,
+    /// Set while the port is a trunk's subport: the parent and VLAN its node wires it on.
+    /// Not rendered by the Neutron API; node views carry it (`isthmus:subport`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subport_of: Option<SubportOf>,
     #[serde(flatten)]
     pub std: StandardAttrs,
+}
+
+/// Where a subport rides: its trunk's parent port and its VLAN id there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SubportOf {
+    pub trunk_id: String,
+    pub parent_port_id: String,
+    pub segmentation_id: u32,
 }
 
 impl Port {

@@ -59,6 +59,9 @@ pub struct Object {
 /// An object's value, by its kind (`"kind"` on the wire, the value under `"value"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "value", rename_all = "lowercase")]
+// Ports are most of what a view holds: boxing them would cost an allocation each to save
+// space on the rarer kinds.
+#[allow(clippy::large_enum_variant)]
 pub enum ObjectValue {
     Port(Port),
     Network(Network),
@@ -143,8 +146,20 @@ pub struct Port {
     pub port_security_enabled: Option<bool>,
     #[serde(default, deserialize_with = "nullable")]
     pub allowed_address_pairs: Vec<AddressPair>,
+    /// Set while the port is a trunk's subport (node views only).
+    #[serde(rename = "isthmus:subport", default, skip_serializing_if = "Option::is_none")]
+    pub subport: Option<SubportOf>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
+}
+
+/// Where a subport rides: its trunk's parent port (on the same node) and the VLAN id there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubportOf {
+    #[serde(default)]
+    pub trunk_id: String,
+    pub parent_port_id: String,
+    pub segmentation_id: u32,
 }
 
 /// An allowed address pair: an address or CIDR the port may also send from, with the MAC it

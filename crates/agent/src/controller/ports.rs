@@ -14,7 +14,7 @@ use crate::desired::{compute, PortDevice};
 use crate::kernel::{KernelError, Links, MacAddr, PortDevices, VethAttach};
 use crate::names;
 use crate::objects::status_fixes;
-use crate::plan::{plan_ports, Action};
+use crate::plan::{plan_ports, plan_subports, Action};
 use crate::reconcile::Report;
 use crate::state::{NodeState, Snapshot};
 use crate::view::PortKind;
@@ -38,6 +38,8 @@ pub struct PortsController<K, L> {
     /// When `plug`/`unplug` last changed each device: a pass does not report statuses for
     /// devices changed after it observed them (the attach or detach reports those itself).
     touched: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Trunks (by parent tap) this agent has wired, to unwire those no longer wanted.
+    wired: tokio::sync::Mutex<BTreeSet<String>>,
 }
 
 /// The host-side MAC of a VM's TAP device: the VM's MAC with the first byte `fe` (libvirt's
@@ -64,6 +66,7 @@ impl<K: PortDevices, L: Links> PortsController<K, L> {
             skip_report,
             locks: KeyLocks::default(),
             touched: Default::default(),
+            wired: Default::default(),
         })
     }
 
@@ -130,9 +133,18 @@ impl<K: PortDevices, L: Links> PortsController<K, L> {
             .map(|p| (names::tap(&p.id), tap_mac(&p.mac)))
             .filter(|(name, _)| want.contains_key(name))
             .collect();
+        let subports: BTreeSet<String> = snap
+            .view
+            .local_ports
+            .iter()
+            .filter(|p| matches!(p.kind, PortKind::Subport { .. }))
+            .map(|p| names::tap(&p.id))
+            .filter(|name| want.contains_key(name))
+            .collect();
         let started = Instant::now();
         let actual = self.backend.observe_ports().await?;
-        let actions = plan_ports(&actual, &want, &taps);
+        let mut actions = plan_ports(&actual, &want, &taps);
+        actions.extend(plan_subports(&actual, &want, &subports));
         let mut devices: BTreeSet<String> = actual.keys().cloned().collect();
         let mut report = Report {
             planned: actions.len(),
@@ -145,6 +157,10 @@ impl<K: PortDevices, L: Links> PortsController<K, L> {
                     match a {
                         Action::CreateTap(p, _) => {
                             info!(dev = %p.name, "tap device created");
+                            devices.insert(p.name.clone());
+                        }
+                        Action::CreateSubport(p) => {
+                            info!(dev = %p.name, bridge = %p.bridge, "subport device created");
                             devices.insert(p.name.clone());
                         }
                         Action::DeletePort(n) => {
@@ -162,6 +178,7 @@ impl<K: PortDevices, L: Links> PortsController<K, L> {
                 }
             }
         }
+        self.wire_trunks(snap, &mut devices, &mut report).await;
         if report.planned > 0 {
             info!(
                 planned = report.planned,
@@ -174,13 +191,72 @@ impl<K: PortDevices, L: Links> PortsController<K, L> {
         Ok(report)
     }
 
+    /// Puts each trunk's VLAN programs on its devices (a no-op when they are there as wanted)
+    /// and takes them off trunks that are gone. A subport whose trunk could not be wired is
+    /// taken out of `devices`, so it is reported DOWN.
+    async fn wire_trunks(&self, snap: &Snapshot, devices: &mut BTreeSet<String>, report: &mut Report) {
+        let trunks = crate::trunk::desired(&snap.view);
+        let mut wired = self.wired.lock().await;
+        for gone in wired
+            .iter()
+            .filter(|p| !trunks.contains_key(*p))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
+            match self.backend.unwire_trunk(&gone).await {
+                Ok(()) => {
+                    info!(dev = %gone, "trunk unwired");
+                    wired.remove(&gone);
+                }
+                Err(e) => warn!(dev = %gone, error = %e, "unwiring trunk failed"),
+            }
+        }
+        for (parent, w) in &trunks {
+            let bridged: Vec<String> = w
+                .subports
+                .iter()
+                .filter_map(|s| s.dev.strip_prefix(names::SUBPORT_PEER_PREFIX))
+                .map(|short| format!("{}{short}", names::TAP_PREFIX))
+                .collect();
+            if !devices.contains(parent) || bridged.iter().any(|d| !devices.contains(d)) {
+                // Its devices are not all there yet (their creation failed); the next pass.
+                for d in &bridged {
+                    devices.remove(d);
+                }
+                continue;
+            }
+            match self.backend.wire_trunk(w).await {
+                Ok(changed) => {
+                    wired.insert(parent.clone());
+                    if changed {
+                        report.planned += 1;
+                        report.applied += 1;
+                        let vlans: Vec<u16> = w.subports.iter().map(|s| s.vlan).collect();
+                        info!(dev = %parent, ?vlans, "trunk wired");
+                    }
+                }
+                Err(e) => {
+                    report.planned += 1;
+                    warn!(dev = %parent, error = %e, "wiring trunk failed");
+                    report.failed.push(crate::reconcile::Failure {
+                        action: Action::WireTrunk(parent.clone()),
+                        error: e.to_string(),
+                    });
+                    for d in &bridged {
+                        devices.remove(d);
+                    }
+                }
+            }
+        }
+    }
+
     async fn apply_one(
         &self,
         a: &Action,
         networks: &BTreeMap<String, crate::view::NetworkInfo>,
     ) -> Result<(), KernelError> {
         let dev = a.device().to_string();
-        if let Action::CreateTap(p, _) | Action::FixPort(p) = a {
+        if let Action::CreateTap(p, _) | Action::CreateSubport(p) | Action::FixPort(p) = a {
             // The port's network devices first (the L2 pass may not have run yet).
             if let Some(vni) = names::vni_of(&p.bridge) {
                 let mtu = networks.values().find(|n| n.vni == vni).map_or(p.mtu, |n| n.mtu);

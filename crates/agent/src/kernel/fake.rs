@@ -30,6 +30,8 @@ struct State {
     pub adverts: Vec<super::ra::Advert>,
     /// Limits on port devices and our IFB devices, as a real kernel would read back.
     qos: crate::shaping::Observed,
+    /// Trunks wired, by parent device, with the device indexes their programs hold.
+    trunks: BTreeMap<String, (crate::trunk::TrunkWiring, Vec<u32>)>,
 }
 
 impl State {
@@ -142,6 +144,8 @@ impl State {
                 self.add_port(p, false)?;
                 self.tap_macs.insert(p.name.clone(), *mac);
             }
+            Action::CreateSubport(p) => self.add_port(p, true)?,
+            Action::WireTrunk(n) => return Err(KernelError::Simulated(format!("not a port action: wiring {n}"))),
             Action::DeletePort(n) | Action::DeleteVxlan(n) | Action::DeleteBridge(n) => self.remove(n),
         }
         Ok(())
@@ -168,6 +172,15 @@ pub struct FakeKernel {
 impl FakeKernel {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The trunks wired, by parent device.
+    pub fn trunks(&self) -> BTreeMap<String, crate::trunk::TrunkWiring> {
+        self.lock()
+            .trunks
+            .iter()
+            .map(|(k, (w, _))| (k.clone(), w.clone()))
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -306,6 +319,29 @@ impl PortDevices for FakeKernel {
         let mut s = self.lock();
         s.remove(name);
         s.attached.retain(|a| a.port.name != name);
+        Ok(())
+    }
+
+    async fn wire_trunk(&self, w: &crate::trunk::TrunkWiring) -> Result<bool, KernelError> {
+        let mut s = self.lock();
+        let mut idx = vec![];
+        for d in std::iter::once(&w.parent_dev).chain(w.subports.iter().map(|p| &p.dev)) {
+            // The subport's peer is not tracked apart: it lives and dies with its bridged end.
+            let known = d
+                .strip_prefix(crate::names::SUBPORT_PEER_PREFIX)
+                .map_or(d.clone(), crate::names::tap);
+            idx.push(*s.index.get(&known).ok_or_else(|| KernelError::NoDevice(d.clone()))?);
+        }
+        let want = (w.clone(), idx);
+        if s.trunks.get(&w.parent_dev) == Some(&want) {
+            return Ok(false);
+        }
+        s.trunks.insert(w.parent_dev.clone(), want);
+        Ok(true)
+    }
+
+    async fn unwire_trunk(&self, parent_dev: &str) -> Result<(), KernelError> {
+        self.lock().trunks.remove(parent_dev);
         Ok(())
     }
 }

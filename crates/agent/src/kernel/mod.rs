@@ -153,6 +153,14 @@ pub trait PortDevices: Send + Sync {
     /// Deletes a port's host device (for a veth, the pair). Absent already is success.
     fn detach(&self, name: &str) -> impl Future<Output = Result<(), KernelError>> + Send;
 
+    /// Puts trunk `w`'s VLAN programs on its devices (see [`vlan`]) unless they are there as
+    /// wanted already (same subports, same devices); `true` if it changed anything. Programs
+    /// on subport devices no longer in `w` are taken off.
+    fn wire_trunk(&self, w: &crate::trunk::TrunkWiring) -> impl Future<Output = Result<bool, KernelError>> + Send;
+
+    /// Takes the VLAN programs off a trunk's devices (those that still exist).
+    fn unwire_trunk(&self, parent_dev: &str) -> impl Future<Output = Result<(), KernelError>> + Send;
+
     /// Creates a persistent TAP device for a VM port (a hypervisor opens it by name), in its
     /// bridge and up.
     fn create_tap(

@@ -1,6 +1,7 @@
 //! The kernel backends over route netlink (rtnetlink on tokio), and nft for the firewall.
 
 use super::netns::{create_persistent_tap, route_handle, run_in_netns};
+use super::vlan;
 use super::{
     check_ifname, Firewall, Inspect, KernelError, Links, MacAddr, PacketIo, PortDevices, VethAttach, PORT_ALIAS,
     VXLAN_PORT,
@@ -8,6 +9,7 @@ use super::{
 use crate::desired::{Bridge, Datapath, Fdb, PortDevice, Vxlan};
 use crate::names;
 use crate::plan::Action;
+use crate::trunk::TrunkWiring;
 use futures::{Stream, StreamExt, TryStreamExt};
 use rtnetlink::packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
@@ -22,6 +24,7 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use tracing::{debug, warn};
 
 mod veth;
@@ -33,6 +36,9 @@ const ENODEV: i32 = libc::ENODEV;
 /// The real kernel, through a netlink socket bound to one network namespace: the agent's own
 /// ([`NetlinkKernel::current`]) or another one ([`NetlinkKernel::in_netns`], used when the
 /// node's datapath lives in a namespace the agent process is not in, e.g. in tests).
+/// Trunks wired, by parent device: the wiring and the interface indexes its programs hold.
+type WiredTrunks = BTreeMap<String, (TrunkWiring, Vec<u32>)>;
+
 pub struct NetlinkKernel {
     handle: Handle,
     /// Where TAP devices get created (an ioctl, so it needs a thread inside that netns).
@@ -52,6 +58,9 @@ pub struct NetlinkKernel {
     batch: tokio::sync::OnceCell<super::batch::FdbBatcher>,
     /// Router advertisements on router legs (a thread, started with the first leg).
     ra: super::ra::RaService,
+    /// Trunks wired by this agent, by parent device, with the interface indexes their
+    /// programs hold: a device recreated under the same name needs new programs.
+    trunks: Arc<std::sync::Mutex<WiredTrunks>>,
 }
 
 /// The parts of a link message the agent cares about.
@@ -188,6 +197,7 @@ impl NetlinkKernel {
             dumps: Default::default(),
             batch: Default::default(),
             ra: Default::default(),
+            trunks: Default::default(),
         })
     }
 
@@ -204,6 +214,7 @@ impl NetlinkKernel {
             dumps: Default::default(),
             batch: Default::default(),
             ra: Default::default(),
+            trunks: Default::default(),
         })
     }
 
@@ -688,6 +699,7 @@ impl PortDevices for NetlinkKernel {
         self.forget_devs();
         match action {
             Action::CreateTap(p, mac) => self.new_tap(p, *mac).await,
+            Action::CreateSubport(p) => self.new_subport(p).await,
             Action::FixPort(p) => {
                 let bridge = self.bridge_index(&p.bridge).await?;
                 self.configure(&p.name, Some(p.mtu), Some(bridge), Some(PORT_ALIAS))
@@ -713,9 +725,100 @@ impl PortDevices for NetlinkKernel {
     async fn detach(&self, name: &str) -> Result<(), KernelError> {
         self.del_link(name).await.map(|_| ())
     }
+
+    async fn wire_trunk(&self, w: &TrunkWiring) -> Result<bool, KernelError> {
+        let w = w.clone();
+        let memo = self.trunks.clone();
+        // Interface names resolve in the calling thread's namespace: the node's.
+        run_in_netns(self.netns.as_deref(), move || {
+            let idx = vlan::indexes(&w)?;
+            let before = memo
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&w.parent_dev)
+                .cloned();
+            if before.as_ref() == Some(&(w.clone(), idx.clone())) && vlan::attached(&w.parent_dev)? > 0 {
+                return Ok(false);
+            }
+            vlan::apply(&w)?;
+            if let Some((old, _)) = before {
+                let gone: Vec<_> = old.subports.into_iter().filter(|s| !w.subports.contains(s)).collect();
+                if !gone.is_empty() {
+                    let stale = TrunkWiring {
+                        parent_dev: String::new(),
+                        subports: gone,
+                    };
+                    vlan::remove_subports(&stale)?;
+                }
+            }
+            memo.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(w.parent_dev.clone(), (w, idx));
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn unwire_trunk(&self, parent_dev: &str) -> Result<(), KernelError> {
+        let memo = self.trunks.clone();
+        let parent_dev = parent_dev.to_string();
+        run_in_netns(self.netns.as_deref(), move || {
+            let old = memo
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&parent_dev)
+                .map(|(w, _)| w.subports.clone())
+                .unwrap_or_default();
+            vlan::remove(&TrunkWiring {
+                parent_dev: parent_dev.clone(),
+                subports: old,
+            })?;
+            memo.lock().unwrap_or_else(|p| p.into_inner()).remove(&parent_dev);
+            Ok(())
+        })
+        .await
+    }
 }
 
 impl NetlinkKernel {
+    /// A subport's veth pair: the port's end in its bridge (marked ours), the peer outside any
+    /// bridge; both up with the network's MTU.
+    async fn new_subport(&self, port: &PortDevice) -> Result<(), KernelError> {
+        check_ifname(&port.name)?;
+        let peer = crate::names::subport_peer(port.name.trim_start_matches(crate::names::TAP_PREFIX));
+        check_ifname(&peer)?;
+        let bridge = self.bridge_index(&port.bridge).await?;
+        // A leftover pair (agent killed between the two steps) is replaced.
+        self.del_link(&peer).await?;
+        let msg = rtnetlink::LinkVeth::new(&port.name, &peer).mtu(port.mtu).build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl(format!("creating veth {} / {peer}", port.name)))?;
+        let res = async {
+            configure(&self.handle, &peer, Some(port.mtu), None, None, None).await?;
+            configure(
+                &self.handle,
+                &port.name,
+                Some(port.mtu),
+                Some(bridge),
+                Some(PORT_ALIAS),
+                None,
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = res {
+            if let Err(e2) = self.del_link(&port.name).await {
+                warn!(dev = %port.name, error = %e2, "cleanup after failed subport creation");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     async fn new_tap(&self, port: &PortDevice, mac: Option<MacAddr>) -> Result<(), KernelError> {
         let name = port.name.clone();
         check_ifname(&name)?;

@@ -1,6 +1,6 @@
 //! Trunk ports on a kernel without 802.1Q devices: tc eBPF programs demultiplex the VLANs of
 //! one trunk's parent device (the VM's tap) onto one host device per subport, and tag the way
-//! back. Not wired into the agent yet.
+//! back. The ports controller wires each trunk of the node's view (`trunk::desired`).
 //!
 //! The programs are tiny and are generated here as eBPF instructions with the VLAN ids and
 //! interface indexes baked in as immediates (no clang, no maps): one program per device,
@@ -14,21 +14,7 @@ use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// One trunk as the host wires it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrunkWiring {
-    /// The VM's tap: untagged frames belong to the parent port's network.
-    pub parent_dev: String,
-    pub subports: Vec<Subport>,
-}
-
-/// A subport: frames tagged `vlan` on the parent go to and come from `dev`, a host device
-/// (a veth end whose peer is in the subport network's bridge).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subport {
-    pub vlan: u16,
-    pub dev: String,
-}
+pub use crate::trunk::{Subport, TrunkWiring};
 
 const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
@@ -269,10 +255,24 @@ pub fn apply(w: &TrunkWiring) -> Result<(), KernelError> {
 /// Removes our programs from the trunk's devices; devices already gone count as done.
 pub fn remove(w: &TrunkWiring) -> Result<(), KernelError> {
     detach(&w.parent_dev)?;
+    remove_subports(w)
+}
+
+/// Removes our programs from `w`'s subport devices only (subports leaving a trunk that stays).
+pub fn remove_subports(w: &TrunkWiring) -> Result<(), KernelError> {
     for s in &w.subports {
         detach(&s.dev)?;
     }
     Ok(())
+}
+
+/// The interface indexes `w`'s devices have now, parent first: the programs hold them, so a
+/// change means the programs must be made again.
+pub fn indexes(w: &TrunkWiring) -> Result<Vec<u32>, KernelError> {
+    std::iter::once(&w.parent_dev)
+        .chain(w.subports.iter().map(|s| &s.dev))
+        .map(|d| ifindex(d))
+        .collect()
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;

@@ -5,7 +5,8 @@
 //! leaves as Neutron's `NeutronError` body.
 //!
 //! Module layers (each imports only from layers below it):
-//! - handlers: this module, `tags`, `quotas`, `nodeports`, `nodeview`, `agents`, `router_interfaces`
+//! - handlers: this module, `tags`, `quotas`, `nodeports`, `nodeview`, `agents`, `router_interfaces`,
+//!   `nested` (and `trunk_credentials`, which authenticates it)
 //!   (and `routers::change_routes` for `add_extraroutes` / `remove_extraroutes`,
 //!   `subnetpools::change_prefixes` for `add_prefixes` / `remove_prefixes`);
 //! - `registry`: the list of resources;
@@ -28,6 +29,7 @@ mod ipavail;
 pub mod l3sched;
 pub mod liveness;
 mod lookup;
+mod nested;
 mod networks;
 mod nodeports;
 pub mod nodeview;
@@ -46,6 +48,7 @@ mod security_groups;
 mod subnetpools;
 mod subnets;
 mod tags;
+mod trunk_credentials;
 mod trunks;
 pub mod viewindex;
 
@@ -55,7 +58,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use http::{if_match, json_response};
 use isthmus_model::NeutronError;
@@ -236,6 +239,16 @@ pub const EXTENSIONS: &[(&str, &str, &str)] = &[
     ),
     ("security-group", "security-group", "The security groups extension."),
     (
+        "trunk",
+        "Trunk Extension",
+        "Provides support for trunk ports",
+    ),
+    (
+        "trunk-details",
+        "Trunk port details",
+        "Expose trunk port details",
+    ),
+    (
         "sorting",
         "Sorting support",
         "Extension that indicates that sorting is enabled.",
@@ -329,6 +342,18 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/isthmus/v1/nodes/{host}/ports/{id}",
             put(agents::port_status).delete(nodeports::delete),
         )
+        .route(
+            "/isthmus/v1/trunks/{id}/credentials",
+            get(trunk_credentials::list).post(trunk_credentials::create),
+        )
+        .route(
+            "/isthmus/v1/trunks/{id}/credentials/{credential}",
+            delete(trunk_credentials::delete),
+        )
+        .route(
+            "/isthmus/v1/nested/attachments/{container_id}/{ifname}",
+            get(nested::get).put(nested::put).delete(nested::delete),
+        )
         .route("/v2.0/network-ip-availabilities", get(ipavail::list))
         .route("/v2.0/network-ip-availabilities/{id}", get(ipavail::show))
         .route("/v2.0/quotas", get(quotas::collection).post(quotas::collection))
@@ -411,7 +436,13 @@ async fn authenticate_before_body(
     if !has_body {
         return next.run(req).await;
     }
-    if let Err(e) = authenticate(&state, headers).await {
+    // The nested API takes a trunk credential, never a token.
+    let checked = if nested::is_nested_path(req.uri().path()) {
+        trunk_credentials::authenticate_credential(&state, headers).map(|_| ())
+    } else {
+        authenticate(&state, headers).await.map(|_| ())
+    };
+    if let Err(e) = checked {
         return ApiError(e).into_response();
     }
     // Read the whole body now, within the size limit, so the request no longer depends on the

@@ -14,7 +14,7 @@ use isthmus_model::ipam;
 use isthmus_model::validate::{is_uuid, Body};
 use isthmus_model::{
     keys, AddressPair, ExtraDhcpOpt, FixedIp, FloatingIp, Network, NeutronError, Port, QosPolicy, Router,
-    SecurityGroup, StandardAttrs, Subnet,
+    SecurityGroup, StandardAttrs, Subnet, Trunk,
 };
 use isthmus_store::{Compare, Op, Revision};
 use rand::seq::SliceRandom;
@@ -810,38 +810,93 @@ pub async fn create_bound(ctx: &Ctx<'_>, body: Body, node: NodeBinding) -> NResu
     create_port(ctx, body, Some(node), true).await
 }
 
-async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, checked: bool) -> NResult<Port> {
-    let project_id = ctx.target_project(&mut body)?;
-    let network_id = body.string("network_id")?.ok_or_else(|| {
-        NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified")
-    })?;
-    if body.contains("status") && !ctx.admin() {
-        return Err(NeutronError::forbidden("Setting status requires admin privileges"));
-    }
-    let status = body.string("status")?;
-    let f = parse_fields(ctx, &mut body)?;
-    body.finish()?;
-    let (net, _) = ctx.visible_network(&network_id)?;
-    if !ctx.admin() && !ctx.owns(&net.project_id) && !ctx.network_shared_with_me(&net) {
-        return Err(not_found::<Network>(&network_id));
-    }
-    if checked {
-        check_attributes(ctx, "create_port", &net.project_id, &f)?;
-    }
-    check_router_device(
-        ctx,
-        f.device_owner.as_deref().unwrap_or_default(),
-        f.device_id.as_deref().unwrap_or_default(),
-        &project_id,
-    )?;
-    let port_security = f.port_security.unwrap_or(net.port_security_enabled);
-    if f.security_groups.is_none() && port_security {
-        ensure_default(ctx, &project_id).await?;
-    }
-    let id = new_id();
-    let ts = now();
-    let mut res = Reservation::new(&ctx.state.neutron.inflight);
+async fn create_port(ctx: &Ctx<'_>, body: Body, node: Option<NodeBinding>, checked: bool) -> NResult<Port> {
+    let mut new = NewPort::prepare(ctx, body, node, checked).await?;
     let port = retry(ctx, |ctx| {
+        let (cmp, mut ops, port) = new.plan(ctx)?;
+        ops.insert(0, put_op(&port));
+        Ok((cmp, ops, port))
+    })
+    .await?;
+    drop(new);
+    tracing::debug!(port = %port.id, network = %port.network_id, mac = %port.mac_address, "port created");
+    Ok(port)
+}
+
+/// A port create, validated, planned from the cache on each attempt: alone (a Neutron port
+/// create) or inside another write's transaction (a nested container's port and its trunk).
+pub struct NewPort<'r> {
+    id: String,
+    ts: String,
+    project_id: String,
+    network_id: String,
+    status: Option<String>,
+    f: PortFields,
+    node: Option<NodeBinding>,
+    checked: bool,
+    port_security: bool,
+    res: Reservation<'r>,
+}
+
+/// The write of port `p` itself.
+pub fn put_op(p: &Port) -> Op {
+    Op::put(key(&p.id), json_bytes(p))
+}
+
+impl<'r> NewPort<'r> {
+    /// Validates the body under the caller's policy (`checked`: Neutron's attribute policy and
+    /// quota) and makes sure the project's default security group exists.
+    pub async fn prepare(ctx: &Ctx<'r>, mut body: Body, node: Option<NodeBinding>, checked: bool) -> NResult<Self> {
+        let project_id = ctx.target_project(&mut body)?;
+        let network_id = body.string("network_id")?.ok_or_else(|| {
+            NeutronError::bad_request("Failed to parse request. Required attribute 'network_id' not specified")
+        })?;
+        if body.contains("status") && !ctx.admin() {
+            return Err(NeutronError::forbidden("Setting status requires admin privileges"));
+        }
+        let status = body.string("status")?;
+        let f = parse_fields(ctx, &mut body)?;
+        body.finish()?;
+        let (net, _) = ctx.visible_network(&network_id)?;
+        if !ctx.admin() && !ctx.owns(&net.project_id) && !ctx.network_shared_with_me(&net) {
+            return Err(not_found::<Network>(&network_id));
+        }
+        if checked {
+            check_attributes(ctx, "create_port", &net.project_id, &f)?;
+        }
+        check_router_device(
+            ctx,
+            f.device_owner.as_deref().unwrap_or_default(),
+            f.device_id.as_deref().unwrap_or_default(),
+            &project_id,
+        )?;
+        let port_security = f.port_security.unwrap_or(net.port_security_enabled);
+        if f.security_groups.is_none() && port_security {
+            ensure_default(ctx, &project_id).await?;
+        }
+        Ok(NewPort {
+            id: new_id(),
+            ts: now(),
+            project_id,
+            network_id,
+            status,
+            f,
+            node,
+            checked,
+            port_security,
+            res: Reservation::new(&ctx.state.neutron.inflight),
+        })
+    }
+
+    /// The port, and what creating it compares and writes except the port's own key
+    /// ([`put_op`]), so the caller may still change the port. Call again after a lost race.
+    pub fn plan(&mut self, ctx: &Ctx<'_>) -> NResult<(Vec<Compare>, Vec<Op>, Port)> {
+        let (id, ts) = (self.id.clone(), self.ts.clone());
+        let (project_id, network_id) = (self.project_id.clone(), self.network_id.clone());
+        let (checked, port_security) = (self.checked, self.port_security);
+        let NewPort {
+            status, f, node, res, ..
+        } = self;
         res.release();
         // Ports the server makes for an operation (router interfaces) count, unchecked, as in
         // Neutron, where quotas are checked at the API.
@@ -875,7 +930,7 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
                 m
             }
         };
-        let ips = plan_ips(ctx, &network_id, &id, &mac, f.fixed_ips.as_deref(), &[], &mut res)?;
+        let ips = plan_ips(ctx, &network_id, &id, &mac, f.fixed_ips.as_deref(), &[], res)?;
         let groups = match &f.security_groups {
             Some(g) => g.clone(),
             None if port_security => default_group_id(ctx, &project_id).into_iter().collect(),
@@ -914,6 +969,7 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
             extra_dhcp_opts: merge_dhcp_opts(&[], f.dhcp_opts.as_deref().unwrap_or(&[])),
             dns_name: f.dns_name.clone().unwrap_or_default(),
             qos_policy_id: f.qos_policy_id.clone().flatten(),
+            subport_of: None,
             std: StandardAttrs {
                 description: f.description.clone().unwrap_or_default(),
                 tags: f.tags.clone().unwrap_or_default(),
@@ -925,10 +981,7 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
             Compare::ModRevision(lookup::key::<Network>(&network_id), nrev),
             Compare::Absent(keys::mac_alloc(&network_id, &mac)),
         ];
-        let mut ops = vec![
-            Op::put(key(&id), json_bytes(&port)),
-            Op::put(keys::mac_alloc(&network_id, &mac), id.clone()),
-        ];
+        let mut ops = vec![Op::put(keys::mac_alloc(&network_id, &mac), id.clone())];
         for (sid, srev) in &ips.subnets {
             cmp.push(Compare::ModRevision(lookup::key::<Subnet>(sid), *srev));
         }
@@ -945,11 +998,7 @@ async fn create_port(ctx: &Ctx<'_>, mut body: Body, node: Option<NodeBinding>, c
             cmp.push(Compare::ModRevision(lookup::key::<QosPolicy>(q), qrev));
         }
         Ok((cmp, ops, port))
-    })
-    .await?;
-    drop(res);
-    tracing::debug!(port = %port.id, network = %port.network_id, mac = %port.mac_address, "port created");
-    Ok(port)
+    }
 }
 
 fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Port, Revision)> {
@@ -1088,6 +1137,9 @@ async fn update_port(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u
             p.device_owner = v.clone();
         }
         if let Some(v) = &f.host_id {
+            if *v != p.binding_host_id {
+                move_subports(ctx, id, v, &mut cmp, &mut ops);
+            }
             p.binding_host_id = v.clone();
             p.binding_vif_type = VIF_UNBOUND.into();
         }
@@ -1150,6 +1202,7 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
         super::trunks::check_port_deletion(ctx, id)?;
         let mut cmp = vec![Compare::ModRevision(key(id), rev), super::trunks::not_trunked(id)];
         let mut ops = delete_ops(&p);
+        super::trunks::plan_nested_port_gone(ctx, &p, &mut cmp, &mut ops);
         // Its floating IPs stay, disassociated, as Neutron leaves them.
         disassociate(ctx, id, &[], &mut cmp, &mut ops);
         Ok((cmp, ops, ()))
@@ -1157,6 +1210,17 @@ pub async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<(
     .await?;
     tracing::debug!(port = %id, "port deleted");
     Ok(())
+}
+
+/// Plans deleting port `id` inside another write (a nested container's attachment): its
+/// floating IPs disassociated; its trunk membership is the caller's business.
+pub fn plan_delete(ctx: &Ctx<'_>, id: &str, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) -> NResult<Port> {
+    let (p, rev) = writable(ctx, id)?;
+    check_l3_deletion(ctx, &p)?;
+    cmp.push(Compare::ModRevision(key(id), rev));
+    ops.extend(delete_ops(&p));
+    disassociate(ctx, id, &[], cmp, ops);
+    Ok(p)
 }
 
 /// What deleting port `p` writes: the port gone, its MAC and addresses free.
@@ -1221,6 +1285,7 @@ impl ServicePort<'_> {
             extra_dhcp_opts: vec![],
             dns_name: String::new(),
             qos_policy_id: None,
+            subport_of: None,
             std: StandardAttrs::new(&now()),
         };
         let mut cmp = vec![
@@ -1241,6 +1306,31 @@ impl ServicePort<'_> {
             ops.push(Op::put(k, port.id.clone()));
         }
         Ok((cmp, ops, port))
+    }
+}
+
+/// A trunk parent's subports follow it to its new host (as Neutron rebinds them), in the
+/// parent's transaction; comparing the trunk catches a subport added meanwhile.
+fn move_subports(ctx: &Ctx<'_>, port_id: &str, host: &str, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
+    let Some(kv) = ctx.state.cache.get(&keys::trunk_port(port_id)) else {
+        return;
+    };
+    let trunk_id = String::from_utf8_lossy(&kv.value).to_string();
+    let Some((t, trev)) = ctx.get::<Trunk>(&trunk_id) else {
+        return;
+    };
+    if t.port_id != port_id {
+        return;
+    }
+    cmp.push(Compare::ModRevision(lookup::key::<Trunk>(&trunk_id), trev));
+    for s in &t.sub_ports {
+        if let Some((mut sp, rev)) = ctx.get::<Port>(&s.port_id) {
+            sp.binding_host_id = host.to_string();
+            sp.status = "DOWN".into();
+            sp.std.bump(&now());
+            cmp.push(Compare::ModRevision(key(&s.port_id), rev));
+            ops.push(Op::put(key(&s.port_id), json_bytes(&sp)));
+        }
     }
 }
 

@@ -18,8 +18,10 @@ use super::query::Prefilter;
 use super::resource::{BoxFut, Meta, Resource};
 use crate::cache::Typed;
 use isthmus_model::validate::{is_uuid, Body};
-use isthmus_model::{keys, Network, NeutronError, Port, StandardAttrs, SubPort, Trunk};
+use isthmus_model::{keys, AddressPair, Network, NeutronError, Port, StandardAttrs, SubPort, SubportOf, Trunk};
 use isthmus_store::{Compare, Op, Revision};
+use isthmus_wire::nested::NestedMode;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 
@@ -62,12 +64,12 @@ impl Resource for Trunks {
                 .into_iter()
                 .filter(|(t, _)| ctx.admin() || ctx.owns(&t.project_id))
                 .filter(|(t, _)| pre.keeps_owned(&t.id, &t.name, &t.project_id) && pre.keeps("port_id", &t.port_id))
-                .map(|(t, _)| t.to_api())
+                .map(|(t, _)| render(ctx, &t))
                 .collect())
         })
     }
     fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
-        Ok(visible(ctx, id)?.0.to_api())
+        Ok(render(ctx, &visible(ctx, id)?.0))
     }
     fn create_one<'a>(&'a self, ctx: &'a Ctx<'a>, body: Body) -> BoxFut<'a, Value> {
         Box::pin(create(ctx, body))
@@ -84,8 +86,38 @@ fn key(id: &str) -> String {
     lookup::key::<Trunk>(id)
 }
 
+const ACTIVE: &str = "ACTIVE";
+
+/// A trunk's status from its ports' (as the agents report them): `ACTIVE` when the parent
+/// and every subport are, `DEGRADED` when the parent is and some subport is not, else `DOWN`.
+/// `None`: a port that no longer exists.
+pub(crate) fn derived_status<'a>(
+    parent: Option<&str>,
+    subports: impl IntoIterator<Item = Option<&'a str>>,
+) -> &'static str {
+    if parent != Some(ACTIVE) {
+        return "DOWN";
+    }
+    if subports.into_iter().all(|s| s == Some(ACTIVE)) {
+        ACTIVE
+    } else {
+        "DEGRADED"
+    }
+}
+
+/// The trunk as the API shows it, its status derived from its ports'.
+pub(crate) fn render(ctx: &Ctx<'_>, t: &Trunk) -> Value {
+    let status_of = |id: &str| ctx.get::<Port>(id).map(|(p, _)| p.status);
+    let parent = status_of(&t.port_id);
+    let subs: Vec<Option<String>> = t.sub_ports.iter().map(|s| status_of(&s.port_id)).collect();
+    let status = derived_status(parent.as_deref(), subs.iter().map(Option::as_deref));
+    let mut v = t.to_api();
+    v["status"] = json!(status);
+    v
+}
+
 /// A trunk the caller may see (its project's, or any for an admin), or TrunkNotFound.
-fn visible(ctx: &Ctx<'_>, id: &str) -> NResult<(Trunk, Revision)> {
+pub(crate) fn visible(ctx: &Ctx<'_>, id: &str) -> NResult<(Trunk, Revision)> {
     ctx.get::<Trunk>(id)
         .filter(|(t, _)| ctx.admin() || ctx.owns(&t.project_id))
         .ok_or_else(|| not_found::<Trunk>(id))
@@ -110,6 +142,55 @@ pub fn check_port_deletion(ctx: &Ctx<'_>, port_id: &str) -> NResult<()> {
             "PortInUseAsSubPort",
             format!("Port {port_id} is currently a subport for trunk {}.", t.id),
         )),
+    }
+}
+
+/// What the nested API records for a container's attachment (`keys::nested_attachment`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct NestedRecord {
+    pub port_id: String,
+    pub network_id: String,
+    pub mode: NestedMode,
+    /// The address pairs the attachment added to the parent (`macvlan`), to take back.
+    #[serde(default)]
+    pub pairs: Vec<AddressPair>,
+}
+
+/// Removes `pairs` from the parent's; whether anything changed.
+pub(crate) fn take_pairs(parent: &mut Port, pairs: &[AddressPair]) -> bool {
+    let before = parent.allowed_address_pairs.len();
+    parent.allowed_address_pairs.retain(|a| !pairs.contains(a));
+    parent.allowed_address_pairs.len() != before
+}
+
+/// Adds to the delete of port `p` through Neutron what its nested attachment (named by its
+/// `binding:profile`) holds: the record goes and the parent's pairs for it are taken back, so
+/// the VM is not left allowed to send as addresses that may go to another port.
+pub fn plan_nested_port_gone(ctx: &Ctx<'_>, p: &Port, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
+    let n = &p.binding_profile["nested"];
+    let (Some(trunk_id), Some(cid), Some(ifname)) =
+        (n["trunk_id"].as_str(), n["container_id"].as_str(), n["ifname"].as_str())
+    else {
+        return;
+    };
+    let rkey = keys::nested_attachment(trunk_id, cid, ifname);
+    let Some((r, rrev)) = ctx.state.cache.get_json::<NestedRecord>(&rkey) else {
+        return;
+    };
+    if r.port_id != p.id {
+        return;
+    }
+    cmp.push(Compare::ModRevision(rkey.clone(), rrev));
+    ops.push(Op::delete(rkey));
+    let Some((t, _)) = ctx.get::<Trunk>(trunk_id) else {
+        return;
+    };
+    if let Some((mut parent, prev)) = ctx.get::<Port>(&t.port_id) {
+        if parent.id != p.id && take_pairs(&mut parent, &r.pairs) {
+            parent.std.bump(&now());
+            cmp.push(Compare::ModRevision(lookup::key::<Port>(&parent.id), prev));
+            ops.push(Op::put(lookup::key::<Port>(&parent.id), json_bytes(&parent)));
+        }
     }
 }
 
@@ -145,7 +226,7 @@ pub fn add_details(ctx: &Ctx<'_>, port: &mut Value) {
 }
 
 /// A subport asked for: its port, and its segmentation (`None`: inherit, or not given).
-type Wanted = (String, Option<(String, u32)>);
+pub(crate) type Wanted = (String, Option<(String, u32)>);
 
 fn invalid_subports(reason: impl std::fmt::Display) -> NeutronError {
     NeutronError::bad_request(format!("Invalid input for sub_ports. Reason: {reason}."))
@@ -241,7 +322,7 @@ fn network_mtu(ctx: &Ctx<'_>, network_id: &str) -> u32 {
 
 /// Plans adding `subs` to trunk `t` (whose parent is `parent`): checks each port and writes
 /// the trunk's new subport list into `t`, the ports' new ownership and the index keys.
-fn plan_add(
+pub(crate) fn plan_add(
     ctx: &Ctx<'_>,
     t: &mut Trunk,
     parent: &Port,
@@ -278,38 +359,7 @@ fn plan_add(
                 "Invalid input for sub_ports. Reason: segmentation type inherit needs the network of port {port_id} to be a VLAN provider network, and it is not."
             ))
         })?;
-        if let Some(s) = t
-            .sub_ports
-            .iter()
-            .find(|s| s.segmentation_type == kind && s.segmentation_id == seg_id)
-        {
-            return Err(NeutronError::conflict(
-                "DuplicateSubPort",
-                format!(
-                    "segmentation_type {kind} and segmentation_id {seg_id} already in use on trunk {} (port {}).",
-                    t.id, s.port_id
-                ),
-            ));
-        }
-        let mtu = network_mtu(ctx, &p.network_id);
-        if parent_mtu > 0 && mtu > parent_mtu {
-            return Err(NeutronError::conflict(
-                "SubPortMtuGreaterThanTrunkPortMtu",
-                format!(
-                    "MTU {mtu} of subport {port_id} is greater than MTU {parent_mtu} of trunk {} parent port {}.",
-                    t.id, t.port_id
-                ),
-            ));
-        }
-        t.sub_ports.push(SubPort {
-            port_id: port_id.clone(),
-            segmentation_type: kind,
-            segmentation_id: seg_id,
-        });
-        p.device_owner = SUBPORT_OWNER.into();
-        p.device_id = t.id.clone();
-        p.binding_host_id = parent.binding_host_id.clone();
-        p.std.bump(&now());
+        join(ctx, t, parent_mtu, parent, &mut p, kind, seg_id)?;
         cmp.push(Compare::ModRevision(lookup::key::<Port>(port_id), prev));
         cmp.push(Compare::Absent(keys::trunk_port(port_id)));
         ops.push(Op::put(lookup::key::<Port>(port_id), json_bytes(&p)));
@@ -318,13 +368,97 @@ fn plan_add(
     Ok(())
 }
 
+/// Makes `p` a subport of `t` on (`kind`, `seg_id`): Neutron's per-trunk uniqueness and MTU
+/// rules, the trunk's list, the port's new ownership (written by the caller).
+fn join(
+    ctx: &Ctx<'_>,
+    t: &mut Trunk,
+    parent_mtu: u32,
+    parent: &Port,
+    p: &mut Port,
+    kind: String,
+    seg_id: u32,
+) -> NResult<()> {
+    if let Some(s) = t
+        .sub_ports
+        .iter()
+        .find(|s| s.segmentation_type == kind && s.segmentation_id == seg_id)
+    {
+        return Err(NeutronError::conflict(
+            "DuplicateSubPort",
+            format!(
+                "segmentation_type {kind} and segmentation_id {seg_id} already in use on trunk {} (port {}).",
+                t.id, s.port_id
+            ),
+        ));
+    }
+    let mtu = network_mtu(ctx, &p.network_id);
+    if parent_mtu > 0 && mtu > parent_mtu {
+        return Err(NeutronError::conflict(
+            "SubPortMtuGreaterThanTrunkPortMtu",
+            format!(
+                "MTU {mtu} of subport {} is greater than MTU {parent_mtu} of trunk {} parent port {}.",
+                p.id, t.id, t.port_id
+            ),
+        ));
+    }
+    t.sub_ports.push(SubPort {
+        port_id: p.id.clone(),
+        segmentation_type: kind,
+        segmentation_id: seg_id,
+    });
+    p.device_owner = SUBPORT_OWNER.into();
+    p.device_id = t.id.clone();
+    p.binding_host_id = parent.binding_host_id.clone();
+    p.subport_of = Some(SubportOf {
+        trunk_id: t.id.clone(),
+        parent_port_id: parent.id.clone(),
+        segmentation_id: seg_id,
+    });
+    p.std.bump(&now());
+    Ok(())
+}
+
+/// The lowest VLAN id no subport of `t` uses, if any is left.
+pub(crate) fn lowest_free_vlan(t: &Trunk) -> Option<u32> {
+    let used: BTreeSet<u32> = t
+        .sub_ports
+        .iter()
+        .filter(|s| s.segmentation_type == VLAN)
+        .map(|s| s.segmentation_id)
+        .collect();
+    (1..=4094).find(|v| !used.contains(v))
+}
+
+/// Plans port `p`, created in the same transaction, as a subport of `t` on VLAN `vlan` (the
+/// caller writes the port and the trunk): so no crash leaves one without the other.
+pub(crate) fn plan_new_subport(
+    ctx: &Ctx<'_>,
+    t: &mut Trunk,
+    parent: &Port,
+    p: &mut Port,
+    vlan: u32,
+    cmp: &mut Vec<Compare>,
+    ops: &mut Vec<Op>,
+) -> NResult<()> {
+    let parent_mtu = network_mtu(ctx, &parent.network_id);
+    join(ctx, t, parent_mtu, parent, p, VLAN.to_string(), vlan)?;
+    cmp.push(Compare::Absent(keys::trunk_port(&p.id)));
+    ops.push(Op::put(keys::trunk_port(&p.id), t.id.clone()));
+    Ok(())
+}
+
 /// Plans releasing subport `port_id` of trunk `trunk_id`: its ownership cleared, its key gone.
-fn plan_release(ctx: &Ctx<'_>, trunk_id: &str, port_id: &str, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
+pub(crate) fn plan_release(ctx: &Ctx<'_>, trunk_id: &str, port_id: &str, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
     ops.push(Op::delete(keys::trunk_port(port_id)));
     if let Some((mut p, prev)) = ctx.get::<Port>(port_id) {
         if p.device_owner == SUBPORT_OWNER && p.device_id == trunk_id {
+            // Unbound as Neutron unbinds a released subport: its node unwires it.
             p.device_owner.clear();
             p.device_id.clear();
+            p.binding_host_id.clear();
+            p.subport_of = None;
+            p.status = "DOWN".into();
             p.std.bump(&now());
             cmp.push(Compare::ModRevision(lookup::key::<Port>(port_id), prev));
             ops.push(Op::put(lookup::key::<Port>(port_id), json_bytes(&p)));
@@ -393,7 +527,7 @@ async fn create(ctx: &Ctx<'_>, mut body: Body) -> NResult<Value> {
     })
     .await?;
     tracing::info!(trunk = %trunk.id, parent = %trunk.port_id, sub_ports = trunk.sub_ports.len(), "trunk created");
-    Ok(trunk.to_api())
+    Ok(render(ctx, &trunk))
 }
 
 async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) -> NResult<Value> {
@@ -432,7 +566,7 @@ async fn update(ctx: &Ctx<'_>, id: &str, mut body: Body, if_match: Option<u64>) 
         ))
     })
     .await?;
-    Ok(t.to_api())
+    Ok(render(ctx, &t))
 }
 
 async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
@@ -445,11 +579,55 @@ async fn delete(ctx: &Ctx<'_>, id: &str, if_match: Option<u64>) -> NResult<()> {
         for s in &t.sub_ports {
             plan_release(ctx, id, &s.port_id, &mut cmp, &mut ops);
         }
+        plan_nested_cleanup(ctx, id, &mut cmp, &mut ops);
         Ok((cmp, ops, ()))
     })
     .await?;
+    drop_nested_records(ctx, id).await;
     tracing::info!(trunk = %id, "trunk deleted");
     Ok(())
+}
+
+/// Removes a deleted trunk's nested attachment records, after its own transaction so that a
+/// trunk with many subports stays within the store's limit of writes per transaction.
+/// Nothing can reach them any more (the trunk and its credentials are gone, and a nested
+/// write compares the trunk), so a failure here leaves only unreachable keys; it is logged.
+async fn drop_nested_records(ctx: &Ctx<'_>, id: &str) {
+    let keys: Vec<String> = ctx
+        .state
+        .cache
+        .list(&keys::nested_attachment_prefix(id))
+        .iter()
+        .map(|kv| kv.key.clone())
+        .collect();
+    for chunk in keys.chunks(64) {
+        let ops = chunk.iter().map(|k| Op::delete(k.clone())).collect();
+        if let Err(e) = ctx.commit(vec![], ops).await {
+            tracing::warn!(trunk = %id, error = %e.message, "deleting a deleted trunk's nested attachment records failed");
+            return;
+        }
+    }
+}
+
+/// What a trunk delete also removes in its transaction: its credentials (the guard compared,
+/// so none created meanwhile is missed; at most 16). Its nested attachments' records go right
+/// after; their ports stay, as Neutron leaves a deleted trunk's ports.
+fn plan_nested_cleanup(ctx: &Ctx<'_>, id: &str, cmp: &mut Vec<Compare>, ops: &mut Vec<Op>) {
+    let guard = keys::trunk_credential_guard(id);
+    match ctx.state.cache.get(&guard) {
+        Some(kv) => {
+            cmp.push(Compare::ModRevision(guard.clone(), kv.mod_revision));
+            ops.push(Op::delete(guard));
+        }
+        None => cmp.push(Compare::Absent(guard)),
+    }
+    for kv in ctx.state.cache.list(keys::TRUNK_CREDENTIAL_PREFIX) {
+        let of_trunk = serde_json::from_slice::<Value>(&kv.value)
+            .is_ok_and(|v| v.get("trunk_id").and_then(Value::as_str) == Some(id));
+        if of_trunk {
+            ops.push(Op::delete(kv.key.clone()));
+        }
+    }
 }
 
 fn writable(ctx: &Ctx<'_>, id: &str) -> NResult<(Trunk, Revision)> {
@@ -506,7 +684,7 @@ pub async fn change_subports(ctx: &Ctx<'_>, id: &str, body: Value, add: bool) ->
     })
     .await?;
     tracing::info!(trunk = %id, changed = subs.len(), sub_ports = t.sub_ports.len(), "trunk {rule}");
-    Ok(t.to_api())
+    Ok(render(ctx, &t))
 }
 
 /// `GET /v2.0/trunks/{id}/get_subports`.
@@ -524,6 +702,49 @@ mod tests {
 
     const A: &str = "11111111-2222-3333-4444-555555555555";
     const B: &str = "11111111-2222-3333-4444-666666666666";
+
+    #[test]
+    fn status_follows_the_ports() {
+        let up = Some("ACTIVE");
+        assert_eq!(derived_status(up, []), "ACTIVE");
+        assert_eq!(derived_status(up, [up, up]), "ACTIVE");
+        assert_eq!(derived_status(up, [up, Some("DOWN")]), "DEGRADED");
+        assert_eq!(derived_status(up, [None]), "DEGRADED");
+        assert_eq!(derived_status(Some("DOWN"), [up]), "DOWN");
+        assert_eq!(derived_status(Some("BUILD"), []), "DOWN");
+        assert_eq!(derived_status(None, [up]), "DOWN");
+    }
+
+    #[test]
+    fn vlans_are_taken_lowest_first() {
+        let mut t = Trunk {
+            id: "t".into(),
+            project_id: "p".into(),
+            name: String::new(),
+            admin_state_up: true,
+            port_id: "parent".into(),
+            status: "DOWN".into(),
+            sub_ports: vec![],
+            std: StandardAttrs::new("2026-01-01T00:00:00Z"),
+        };
+        assert_eq!(lowest_free_vlan(&t), Some(1));
+        for v in [1, 2, 4] {
+            t.sub_ports.push(SubPort {
+                port_id: format!("p{v}"),
+                segmentation_type: VLAN.into(),
+                segmentation_id: v,
+            });
+        }
+        assert_eq!(lowest_free_vlan(&t), Some(3));
+        t.sub_ports = (1..=4094)
+            .map(|v| SubPort {
+                port_id: format!("p{v}"),
+                segmentation_type: VLAN.into(),
+                segmentation_id: v,
+            })
+            .collect();
+        assert_eq!(lowest_free_vlan(&t), None);
+    }
 
     #[test]
     fn subports_are_checked_as_neutron_checks_them() {

@@ -119,7 +119,13 @@ fn typed<T: serde::de::DeserializeOwned>(key: &str, rendered: serde_json::Value)
 /// What a stored object looks like in a view (`None` if it cannot be rendered).
 pub fn render(key: &str, source: &Source) -> Option<ObjectValue> {
     Some(match source {
-        Source::Port(p) => ObjectValue::Port(typed(key, p.to_api(true))?),
+        Source::Port(p) => {
+            let mut v = p.to_api(true);
+            if let (Some(s), Some(m)) = (&p.subport_of, v.as_object_mut()) {
+                m.insert("isthmus:subport".into(), serde_json::json!(s));
+            }
+            ObjectValue::Port(typed(key, v)?)
+        }
         Source::Network(n) => ObjectValue::Network(typed(key, n.to_api(true))?),
         Source::Subnet(s) => ObjectValue::Subnet(typed(key, s.to_api())?),
         Source::Node(n) => ObjectValue::Node(NodeInfo {
