@@ -190,21 +190,6 @@ pub fn api_error(what: &str, e: &ApiError) -> CniError {
     CniError::new(code, format!("nested API: {what} failed{status}")).with_details(e.message.clone())
 }
 
-/// The message of an API error body (`{"NeutronError": {"message"}}`, `{"error": {"message"}}`),
-/// else the start of the body.
-pub fn error_message(body: &str) -> String {
-    let v: Option<Value> = serde_json::from_str(body).ok();
-    let msg = v.as_ref().and_then(|v| {
-        ["NeutronError", "error"]
-            .iter()
-            .find_map(|k| v.get(k).and_then(|e| e.get("message")).and_then(Value::as_str))
-    });
-    match msg {
-        Some(m) => m.to_string(),
-        None => body.chars().take(300).collect(),
-    }
-}
-
 /// The attachment's addresses as `ip/prefix`.
 pub fn addresses(att: &Attachment) -> Result<Vec<IpNet>, CniError> {
     att.addresses
@@ -427,10 +412,6 @@ mod tests {
         assert_eq!(api_error("x", &e(Some(401), false)).code, code::INVALID_CONFIG);
         assert_eq!(api_error("x", &e(Some(404), false)).code, code::INVALID_CONFIG);
         assert_eq!(api_error("x", &e(Some(500), false)).code, code::ATTACH_FAILED);
-        assert_eq!(
-            error_message(r#"{"NeutronError": {"type": "X", "message": "no such network", "detail": ""}}"#),
-            "no such network"
-        );
     }
 
     #[test]

@@ -3,16 +3,17 @@
 
 use isthmus_agent::kernel::nested::{attach_nested, detach_nested, inspect_nested, NestedAttach, NestedDevice};
 use isthmus_agent::kernel::{HostRoute, KernelError, MacAddr};
+use isthmus_client::{Error as ClientError, NestedClient, NestedConfig as ClientConfig};
 use isthmus_cni::nested::{
-    add_output, addresses, api_error, check_attachment, check_observed, error_message, read_credential, ApiError,
-    NestedConfig, Observed,
+    add_output, addresses, api_error, check_attachment, check_observed, read_credential, ApiError, NestedConfig,
+    Observed,
 };
 use isthmus_cni::{code, parse_command, CniError, Command, Env, Outcome, CURRENT_VERSION};
-use isthmus_wire::nested::{Attachment, AttachmentRequest, NestedMode, CREDENTIAL_HEADER};
+use isthmus_wire::nested::{Attachment, AttachmentRequest, NestedMode};
 use std::path::Path;
 use std::time::Duration;
 
-/// The three calls the plugin makes; the HTTP client below, or any other with the same shape.
+/// The three calls the plugin makes (a seam for tests and other transports).
 pub trait NestedApi {
     /// `PUT .../attachments/{container_id}/{ifname}`: the container's port (idempotent).
     fn attach(&self, container_id: &str, ifname: &str, req: &AttachmentRequest) -> Result<Attachment, ApiError>;
@@ -22,174 +23,56 @@ pub trait NestedApi {
     fn release(&self, container_id: &str, ifname: &str) -> Result<(), ApiError>;
 }
 
-/// Longest answer read from the API.
-const MAX_BODY: usize = 1024 * 1024;
-
-/// The nested API over HTTP/1.1 (rustls for `https://`, trusting `ca_file` when given), each
-/// request bounded by the config's timeout.
+/// The nested API through `isthmus_client::NestedClient` (rustls for `https://`, trusting only
+/// `ca_file` when given), each request bounded by the config's timeout.
 pub struct HttpApi {
     rt: tokio::runtime::Runtime,
-    client: reqwest::Client,
-    base: reqwest::Url,
-    credential: String,
+    client: NestedClient,
 }
 
 impl HttpApi {
     pub fn new(config: &NestedConfig, credential: String) -> Result<HttpApi, CniError> {
-        let base = reqwest::Url::parse(&config.api_url).map_err(|e| {
-            CniError::new(
-                code::INVALID_CONFIG,
-                format!("network config 'nested.api_url' {:?} is not a URL", config.api_url),
-            )
-            .with_details(e.to_string())
-        })?;
-        if base.cannot_be_a_base() {
-            return Err(CniError::new(
-                code::INVALID_CONFIG,
-                "network config 'nested.api_url' cannot be a base URL",
-            ));
-        }
-        let mut builder = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            // Inside a VM, a proxy from the environment must not see the credential.
-            .no_proxy();
-        if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| {
-                CniError::new(
-                    code::INVALID_CONFIG,
-                    format!("cannot read 'nested.ca_file' {}", ca.display()),
-                )
-                .with_details(e.to_string())
-            })?;
-            let not_pem = |why: String| {
-                CniError::new(
-                    code::INVALID_CONFIG,
-                    format!("'nested.ca_file' {} holds no PEM certificate", ca.display()),
-                )
-                .with_details(why)
-            };
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| not_pem(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(not_pem("no CERTIFICATE block".into()));
-            }
-            // Only this CA: the API's certificate is the project's own, not a public one.
-            builder = builder.tls_built_in_root_certs(false);
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let client = builder.build().map_err(|e| {
-            CniError::new(code::INVALID_CONFIG, "cannot set up the HTTP client").with_details(e.to_string())
+        let mut c = ClientConfig::new(&config.api_url, &credential);
+        c.ca_file = config.ca_file.clone();
+        c.timeout = config.timeout;
+        c.connect_timeout = config.timeout.min(Duration::from_secs(10));
+        // Config and CA errors never repeat the credential.
+        let client = NestedClient::new(c).map_err(|e| {
+            CniError::new(code::INVALID_CONFIG, "cannot use the nested API settings").with_details(e.to_string())
         })?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| CniError::new(code::IO_FAILURE, "cannot start the I/O runtime").with_details(e.to_string()))?;
-        Ok(HttpApi {
-            rt,
-            client,
-            base,
-            credential,
-        })
-    }
-
-    fn url(&self, container_id: &str, ifname: &str) -> reqwest::Url {
-        let mut url = self.base.clone();
-        if let Ok(mut segs) = url.path_segments_mut() {
-            // Each piece is one path segment, escaped as needed.
-            segs.pop_if_empty()
-                .extend(["isthmus", "v1", "nested", "attachments", container_id, ifname]);
-        }
-        url
-    }
-
-    /// Sends the request; the status and the body (at most [`MAX_BODY`]).
-    fn send(&self, req: reqwest::RequestBuilder) -> Result<(u16, String), ApiError> {
-        let req = req.header(CREDENTIAL_HEADER, &self.credential);
-        self.rt.block_on(async {
-            let unreachable = |e: reqwest::Error| ApiError {
-                status: None,
-                unreachable: true,
-                message: causes(&e),
-            };
-            let mut resp = req.send().await.map_err(unreachable)?;
-            let status = resp.status().as_u16();
-            let mut body = Vec::new();
-            while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
-                body.extend_from_slice(&chunk);
-                if body.len() > MAX_BODY {
-                    return Err(ApiError {
-                        status: Some(status),
-                        unreachable: false,
-                        message: format!("answer longer than {MAX_BODY} bytes"),
-                    });
-                }
-            }
-            Ok((status, String::from_utf8_lossy(&body).into_owned()))
-        })
+        Ok(HttpApi { rt, client })
     }
 }
 
-/// The error and its causes ("error sending request: ... : invalid peer certificate: ...").
-fn causes(e: &reqwest::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-fn refused(status: u16, body: &str) -> ApiError {
+fn api_failure(e: ClientError) -> ApiError {
     ApiError {
-        status: Some(status),
-        unreachable: false,
-        message: error_message(body),
+        status: e.status(),
+        unreachable: matches!(e, ClientError::Unreachable(_)),
+        message: e.api_message().unwrap_or_else(|| e.to_string()),
     }
-}
-
-fn attachment_of(status: u16, body: &str) -> Result<Attachment, ApiError> {
-    #[derive(serde::Deserialize)]
-    struct Wrapped {
-        attachment: Attachment,
-    }
-    serde_json::from_str::<Wrapped>(body)
-        .map(|w| w.attachment)
-        .map_err(|e| ApiError {
-            status: Some(status),
-            unreachable: false,
-            message: format!("malformed attachment: {e}"),
-        })
 }
 
 impl NestedApi for HttpApi {
     fn attach(&self, container_id: &str, ifname: &str, req: &AttachmentRequest) -> Result<Attachment, ApiError> {
-        let body = serde_json::json!({ "attachment": req });
-        let (status, text) = self.send(self.client.put(self.url(container_id, ifname)).json(&body))?;
-        match status {
-            200..=299 => attachment_of(status, &text),
-            _ => Err(refused(status, &text)),
-        }
+        self.rt
+            .block_on(self.client.attach(container_id, ifname, req))
+            .map_err(api_failure)
     }
 
     fn get(&self, container_id: &str, ifname: &str) -> Result<Option<Attachment>, ApiError> {
-        let (status, text) = self.send(self.client.get(self.url(container_id, ifname)))?;
-        match status {
-            404 => Ok(None),
-            200..=299 => attachment_of(status, &text).map(Some),
-            _ => Err(refused(status, &text)),
-        }
+        self.rt
+            .block_on(self.client.get(container_id, ifname))
+            .map_err(api_failure)
     }
 
     fn release(&self, container_id: &str, ifname: &str) -> Result<(), ApiError> {
-        let (status, text) = self.send(self.client.delete(self.url(container_id, ifname)))?;
-        match status {
-            200..=299 | 404 => Ok(()),
-            _ => Err(refused(status, &text)),
-        }
+        self.rt
+            .block_on(self.client.release(container_id, ifname))
+            .map_err(api_failure)
     }
 }
 
