@@ -26,12 +26,12 @@ fn request(container: &Ns, parent: &str) -> NestedAttach {
     }
 }
 
-/// A "VM" namespace with `nic` (down, MTU 1450) whose peer `wire` is in `node`, addressed as
-/// the network's gateway.
+/// A "VM" namespace with `eth0` (down, MTU 1450; the container's interface gets the same
+/// name) whose peer `wire` is in `node`, addressed as the network's gateway.
 fn vm_and_node() -> (Ns, Ns) {
     let (vm, node) = (Ns::new(), Ns::new());
     vm.ip(&[
-        "link", "add", "nic", "mtu", "1450", "type", "veth", "peer", "name", "wire",
+        "link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name", "wire",
     ]);
     vm.ip(&["link", "set", "wire", "netns", &node.name]);
     node.ip(&["addr", "add", "10.84.0.1/24", "dev", "wire"]);
@@ -44,7 +44,7 @@ fn macvlan_device_in_a_container_reaches_the_vms_network() {
     support::require_root();
     let (vm, node) = vm_and_node();
     let container = Ns::new();
-    let req = request(&container, "nic");
+    let req = request(&container, "eth0");
     in_ns(&vm.path(), {
         let req = req.clone();
         move || attach_nested(&req)
@@ -52,9 +52,13 @@ fn macvlan_device_in_a_container_reaches_the_vms_network() {
     .expect("attach");
 
     // The parent was brought up; the device exists only inside the container, as asked.
-    let nic = vm.link("nic").expect("nic");
+    let nic = vm.link("eth0").expect("the VM's eth0");
     assert!(nic.contains(",UP"), "{nic}");
-    assert!(vm.link("eth0").is_none());
+    assert!(!nic.contains("macvlan"), "{nic}");
+    assert!(
+        !vm.ip(&["-o", "link"]).contains("isn"),
+        "a temporary device is left in the VM"
+    );
     let link = container.link("eth0").expect("eth0 in the container");
     assert!(link.contains("macvlan mode bridge"), "{link}");
     assert!(link.contains("fa:16:3e:12:34:56"), "{link}");
@@ -125,10 +129,26 @@ fn failed_attach_leaves_nothing_behind() {
     );
 
     // A host route whose next hop is not on the subnet: the kernel refuses it inside.
-    let mut req = request(&container, "nic");
+    let mut req = request(&container, "eth0");
     req.routes[0].nexthop = "192.0.2.1".parse().expect("ip");
     let res = in_ns(&vm.path(), move || attach_nested(&req));
     assert!(res.is_err(), "{res:?}");
     assert!(container.link("eth0").is_none(), "the half-made device was left behind");
-    assert!(vm.link("eth0").is_none());
+    assert!(
+        !container.ip(&["-o", "link"]).contains("isn"),
+        "the half-made device was left behind"
+    );
+    assert!(!vm.ip(&["-o", "link"]).contains("isn"));
+
+    // An interface of that name already in the container: refused, nothing added.
+    container.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "other"]);
+    let taken = in_ns(&vm.path(), {
+        let req = request(&container, "eth0");
+        move || attach_nested(&req)
+    });
+    assert!(matches!(taken, Err(KernelError::WrongDevice { .. })), "{taken:?}");
+    assert!(
+        !container.ip(&["-o", "link"]).contains("isn"),
+        "the temporary device was left behind"
+    );
 }

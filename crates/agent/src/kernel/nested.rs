@@ -117,6 +117,10 @@ fn on_thread<T: Send + 'static>(
 
 fn attach_blocking(req: &NestedAttach, workload: &File) -> Result<(), KernelError> {
     let mut here = Txn::open()?;
+    // The kernel looks a new link's name up in the caller's namespace first, where `ifname`
+    // is often the parent itself (`eth0`): the device is born under a name of its own and
+    // renamed inside the container.
+    let tmp = temp_name();
     let (parent, parent_up) = parent_link(&mut here, &req.parent)?;
     let mut batch = Vec::new();
     if !parent_up {
@@ -125,7 +129,7 @@ fn attach_blocking(req: &NestedAttach, workload: &File) -> Result<(), KernelErro
         batch.push((RouteNetlinkMessage::SetLink(up), 0));
     }
     let new = match req.device {
-        NestedDevice::Vlan(id) => LinkMessageBuilder::<LinkVlan>::new(&req.ifname)
+        NestedDevice::Vlan(id) => LinkMessageBuilder::<LinkVlan>::new(&tmp)
             .link(parent)
             .id(id)
             .mtu(req.mtu)
@@ -135,7 +139,7 @@ fn attach_blocking(req: &NestedAttach, workload: &File) -> Result<(), KernelErro
         // Bridge mode: containers of one VM on one network reach each other inside the VM.
         // VEPA would send that traffic to the node's bridge, which does not hairpin it back to
         // the VM's tap; private would forbid it; passthru allows a single container.
-        NestedDevice::Macvlan => LinkMessageBuilder::<LinkMacVlan>::new(&req.ifname)
+        NestedDevice::Macvlan => LinkMessageBuilder::<LinkMacVlan>::new(&tmp)
             .link(parent)
             .mode(MacVlanMode::Bridge)
             .mtu(req.mtu)
@@ -160,14 +164,11 @@ fn attach_blocking(req: &NestedAttach, workload: &File) -> Result<(), KernelErro
     let created = answers.next().unwrap_or_default();
     if created.errno() == Some(libc::EEXIST) {
         return Err(KernelError::WrongDevice {
-            name: format!("{} in {ns}", req.ifname),
-            what: "already there".into(),
+            name: format!("{tmp} (temporary name)"),
+            what: "taken".into(),
         });
     }
-    created.check(
-        || format!("creating {what} {} on {} in {ns}", req.ifname, req.parent),
-        &[],
-    )?;
+    created.check(|| format!("creating {what} {tmp} on {} in {ns}", req.parent), &[])?;
     let inside = Inside {
         netns: &req.netns,
         ifname: &req.ifname,
@@ -176,14 +177,67 @@ fn attach_blocking(req: &NestedAttach, workload: &File) -> Result<(), KernelErro
         routes: &req.routes,
     };
     // This thread is in the container's namespace from here on (if it got there).
-    if let Err(e) = setup_inside(&inside, workload, 0) {
+    let mut index = 0;
+    let res = enter(workload, &req.netns)
+        .and_then(|()| Txn::open())
+        .and_then(|mut txn| {
+            index = link_index(&mut txn, &tmp, &req.netns)?;
+            rename(&mut txn, index, &req.ifname, &req.netns)
+        })
+        .and_then(|()| setup_inside(&inside, workload, index));
+    if let Err(e) = res {
         let cleanup = enter(workload, &req.netns)
             .and_then(|()| Txn::open())
-            .and_then(|mut txn| delete_here(&mut txn, &req.ifname, &req.netns));
+            .and_then(|mut txn| match index {
+                0 => delete_here(&mut txn, &tmp, &req.netns),
+                i => delete_index(&mut txn, i, &req.netns),
+            });
         if let Err(e2) = cleanup {
             warn!(dev = %req.ifname, netns = %ns, error = %e2, "cleanup after failed nested attach");
         }
         return Err(e);
+    }
+    Ok(())
+}
+
+/// `isn` and 8 hex digits: unique enough among the links of one VM at one moment.
+fn temp_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("isn{:08x}", nanos ^ std::process::id().rotate_left(16))
+}
+
+/// Renames the (still down) device; an `ifname` already in the container is an error.
+fn rename(txn: &mut Txn, index: u32, ifname: &str, netns: &Path) -> Result<(), KernelError> {
+    let set = LinkUnspec::new_with_index(index).name(ifname).build();
+    let answer = txn
+        .run(vec![(RouteNetlinkMessage::SetLink(set), 0)], "rename link")?
+        .pop()
+        .unwrap_or_default();
+    if answer.errno() == Some(libc::EEXIST) {
+        return Err(KernelError::WrongDevice {
+            name: format!("{ifname} in {}", netns.display()),
+            what: "already there".into(),
+        });
+    }
+    answer
+        .check(|| format!("naming the device {ifname} in {}", netns.display()), &[])
+        .map(|_| ())
+}
+
+fn delete_index(txn: &mut Txn, index: u32, netns: &Path) -> Result<(), KernelError> {
+    let del = LinkUnspec::new_with_index(index).build();
+    if let Some(a) = txn
+        .run(vec![(RouteNetlinkMessage::DelLink(del), 0)], "delete link")?
+        .into_iter()
+        .next()
+    {
+        a.check(
+            || format!("deleting link {index} in {}", netns.display()),
+            &[libc::ENODEV],
+        )?;
     }
     Ok(())
 }
