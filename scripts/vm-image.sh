@@ -3,7 +3,7 @@
 #   scripts/vm-image.sh [OUT_DIR]        (default: target/vm; skips the work if already built)
 # Produces OUT_DIR/vmlinuz and OUT_DIR/initramfs.gz. The guest loads virtio-net, runs udhcpc
 # on eth0, prints what it got between markers on its serial console, then runs the command
-# given on the kernel command line (isthmus.cmd=<base64>) and powers off. isthmus.tries=N sets
+# given on the kernel command line (isthmus.cmd=<base64>, or isthmus.cmdz=<base64 of gzip>) and powers off. isthmus.tries=N sets
 # how many DISCOVERs udhcpc sends (default 20, one a second).
 # For containers nested in the guest it also loads 8021q and macvlan, has unshare/nsenter, and
 # carries isthmus-cni as /bin/isthmus-cni ($ISTHMUS_GUEST_CNI, default target/release/isthmus-cni,
@@ -43,12 +43,18 @@ root="$work/root"
 mkdir -p "$root"/{bin,dev,proc,sys,etc,tmp,run,modules,usr/share/udhcpc}
 cp /bin/busybox "$root/bin/busybox"
 for tool in sh ip ping ping6 udhcpc insmod lsmod cat echo sleep mount base64 poweroff ifconfig route hostname nc \
-    unshare nsenter mkdir kill ls grep sed wget chmod rm ps timeout env stat; do
+    unshare nsenter mkdir kill ls grep sed wget chmod rm ps timeout env stat gunzip awk seq wc cut; do
     ln -s busybox "$root/bin/$tool"
 done
 # The plugin and what the dynamic linker needs for it (libc, libgcc_s, the loader itself).
 strip -o "$root/bin/isthmus-cni" "$cni"
-for lib in $(ldd "$cni" | grep -o '/[^ ]*'); do
+# iperf3 for the nested benchmark (scripts/bench-nested.sh), when the host has it.
+bins=("$cni")
+if command -v iperf3 >/dev/null; then
+    cp "$(command -v iperf3)" "$root/bin/iperf3"
+    bins+=("$(command -v iperf3)")
+fi
+for lib in $(for b in "${bins[@]}"; do ldd "$b"; done | grep -o '/[^ ]*' | sort -u); do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
 done
@@ -117,6 +123,8 @@ cat /sys/class/net/eth0/mtu | sed 's/^/mtu /'
 cat /etc/resolv.conf
 echo "ISTHMUS-STATE-END"
 cmd=$(sed -n 's/.*isthmus\.cmd=\([^ ]*\).*/\1/p' /proc/cmdline | base64 -d 2>/dev/null)
+# A longer command comes gzipped (the kernel command line holds 2 KiB).
+[ -n "$cmd" ] || cmd=$(sed -n 's/.*isthmus\.cmdz=\([^ ]*\).*/\1/p' /proc/cmdline | base64 -d 2>/dev/null | gunzip 2>/dev/null)
 if [ -n "$cmd" ]; then
     echo "ISTHMUS-CMD-BEGIN"
     sh -c "$cmd"

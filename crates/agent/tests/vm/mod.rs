@@ -76,8 +76,18 @@ impl Vm {
         };
         let dir = tempfile::tempdir().expect("tempdir");
         let console = dir.path().join("console.log");
-        let b64 = base64_encode(cmd.as_bytes());
-        let append = format!("console=ttyS0 quiet panic=-1 isthmus.tries={dhcp_tries} isthmus.cmd={b64}");
+        // Long commands go gzipped: the kernel command line holds 2 KiB.
+        let arg = if cmd.len() > 1200 {
+            format!("isthmus.cmdz={}", base64_encode(&gzip(cmd.as_bytes())))
+        } else {
+            format!("isthmus.cmd={}", base64_encode(cmd.as_bytes()))
+        };
+        assert!(
+            arg.len() < 1900,
+            "guest command too long for the kernel command line ({} bytes)",
+            arg.len()
+        );
+        let append = format!("console=ttyS0 quiet panic=-1 isthmus.tries={dhcp_tries} {arg}");
         let started = Instant::now();
         let child = Command::new("ip")
             .args([
@@ -195,6 +205,20 @@ impl Drop for Forwarder {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("gzip")
+        .arg("-9c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("gzip");
+    child.stdin.take().expect("stdin").write_all(data).expect("gzip stdin");
+    let out = child.wait_with_output().expect("gzip");
+    assert!(out.status.success(), "gzip failed");
+    out.stdout
 }
 
 fn base64_encode(data: &[u8]) -> String {
