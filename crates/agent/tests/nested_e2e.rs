@@ -309,7 +309,8 @@ fn figures(out: &str, prefix: &str) -> Vec<f64> {
 /// `scripts/bench-nested.sh`: a nested container's throughput to a bare-metal container on
 /// another node against the VM's own untagged traffic on the same path (interleaved iperf3
 /// rounds inside the guest), and the nested plugin's ADD latency inside the VM (spawn to
-/// exit, 20 sequential and 10 parallel ADDs; /proc/uptime, so 10 ms steps). Prints one
+/// exit, 20 sequential and 10 parallel ADDs; /proc/uptime, so 10 ms steps), next to the
+/// plugin's bare start (`VERSION`, which it answers without I/O). Prints one
 /// `BENCH_JSON` line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: scripts/bench-nested.sh"]
@@ -353,10 +354,11 @@ async fn nested_bench() {
     let fwd = Forwarder::start(&tb.nodes[0].ns.path(), server);
     let cmd = format!(
         "{}cni ADD vlan {anet} c1 $c1\nsleep 3\n\
-         for r in $(seq {rounds});do\
+         for r in $(seq {rounds});do \
          iperf3 -c 10.90.0.50 -t {secs} -f m|awk '/sender/{{print \"TPUT-VM\",$(NF-3)}}';\
          nsenter -n -t $c1 iperf3 -c 10.91.0.50 -t {secs} -f m|awk '/sender/{{print \"TPUT-NESTED\",$(NF-3)}}';done\n\
          ms(){{ awk '{{printf \"%d\", $1*1000}}' /proc/uptime; }}\n\
+         for i in $(seq 20);do s=$(ms);CNI_COMMAND=VERSION isthmus-cni</dev/null>/dev/null;echo SPAWN $(( $(ms)-s ));done\n\
          for i in $(seq 20);do unshare -n sleep 9999 & p=$!;sleep 0.2;s=$(ms);cni ADD vlan {anet} s$i $p>/dev/null;\
          echo ADD-SEQ $(( $(ms)-s ));done\n\
          for i in $(seq 10);do unshare -n sleep 9999 & eval q$i=$!;done;sleep 1\n\
@@ -379,6 +381,7 @@ async fn nested_bench() {
     let nested_t = figures(&out, "TPUT-NESTED ");
     let mut seq = figures(&out, "ADD-SEQ ");
     let mut par = figures(&out, "ADD-PAR ");
+    let mut spawn = figures(&out, "SPAWN ");
     assert_eq!((vm_t.len(), nested_t.len()), (rounds, rounds), "iperf3 rounds:\n{out}");
     assert_eq!((seq.len(), par.len()), (20, 10), "ADD timings:\n{out}");
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -394,6 +397,7 @@ async fn nested_bench() {
             "add_seq_p99_ms": percentile(&mut seq, 0.99),
             "add_par_p50_ms": percentile(&mut par, 0.5),
             "add_par_p99_ms": percentile(&mut par, 0.99),
+            "spawn_p50_ms": percentile(&mut spawn, 0.5),
         })
     );
     for mut s in servers {
