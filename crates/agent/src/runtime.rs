@@ -16,7 +16,6 @@ use crate::controller::dhcp::{Dhcp, DhcpController};
 use crate::controller::firewall::FirewallController;
 use crate::controller::l2::L2Controller;
 use crate::controller::l3::L3Controller;
-use crate::controller::nat::NatController;
 use crate::controller::ports::PortsController;
 use crate::controller::qos::QosController;
 use crate::controller::{self, Health, Schedule};
@@ -289,13 +288,6 @@ impl<K: Kernel + 'static> Agent<K> {
             )),
             tokio::spawn(controller::run(
                 self.l3.clone(),
-                st.clone(),
-                h.clone(),
-                m.clone(),
-                resync,
-            )),
-            tokio::spawn(controller::run(
-                Arc::new(NatController),
                 st.clone(),
                 h.clone(),
                 m.clone(),

@@ -12,7 +12,6 @@ pub mod dhcp;
 pub mod firewall;
 pub mod l2;
 pub mod l3;
-pub mod nat;
 pub mod ports;
 pub mod qos;
 

@@ -60,6 +60,15 @@ fn context<'a>(state: &'a AppState, auth: &'a crate::identity::AuthContext) -> C
     Ctx { state, auth }
 }
 
+/// The policies the caller may see, rendered (the list handler's and the tags API's).
+fn visible_policies(ctx: &Ctx<'_>) -> Vec<Value> {
+    ctx.all::<QosPolicy>()
+        .into_iter()
+        .filter(|(p, _)| policy_visible(ctx, p))
+        .map(|(p, _)| p.to_api())
+        .collect()
+}
+
 /// `GET` (list) and `POST` on `/v2.0/qos/policies`.
 pub async fn policies(
     State(state): State<Arc<AppState>>,
@@ -72,15 +81,7 @@ pub async fn policies(
     let ctx = context(&state, &auth);
     if method == Method::GET {
         let q = Query::parse(q.as_deref().unwrap_or(""))?;
-        let items: Vec<Value> = if ctx.can_read() {
-            ctx.all::<QosPolicy>()
-                .into_iter()
-                .filter(|(p, _)| policy_visible(&ctx, p))
-                .map(|(p, _)| p.to_api())
-                .collect()
-        } else {
-            vec![]
-        };
+        let items: Vec<Value> = if ctx.can_read() { visible_policies(&ctx) } else { vec![] };
         let url = format!("{}v2.0/qos/policies", state.network_url);
         return Ok(json_response(StatusCode::OK, q.apply(items, "policies", &url)?));
     }
@@ -582,14 +583,7 @@ impl Resource for QosPolicies {
         0
     }
     fn list_visible<'a>(&'a self, ctx: &'a Ctx<'a>, _pre: &'a Prefilter<'a>) -> BoxFut<'a, Vec<Value>> {
-        Box::pin(async move {
-            Ok(ctx
-                .all::<QosPolicy>()
-                .into_iter()
-                .filter(|(p, _)| policy_visible(ctx, p))
-                .map(|(p, _)| p.to_api())
-                .collect())
-        })
+        Box::pin(async move { Ok(visible_policies(ctx)) })
     }
     fn show(&self, ctx: &Ctx<'_>, id: &str) -> NResult<Value> {
         readable(ctx, id)

@@ -130,19 +130,24 @@ pub fn trunk_of(ctx: &Ctx<'_>, port_id: &str) -> Option<Trunk> {
     ctx.get::<Trunk>(&id).map(|(t, _)| t)
 }
 
-/// Neutron's refusal to delete a port in a trunk, or nothing.
-pub fn check_port_deletion(ctx: &Ctx<'_>, port_id: &str) -> NResult<()> {
-    match trunk_of(ctx, port_id) {
-        None => Ok(()),
-        Some(t) if t.port_id == port_id => Err(NeutronError::conflict(
+/// Neutron's error for a port that is already in trunk `t` (as its parent or a subport).
+fn in_use(port_id: &str, t: &Trunk) -> NeutronError {
+    if t.port_id == port_id {
+        NeutronError::conflict(
             "PortInUseAsTrunkParent",
             format!("Port {port_id} is currently a parent port for trunk {}.", t.id),
-        )),
-        Some(t) => Err(NeutronError::conflict(
+        )
+    } else {
+        NeutronError::conflict(
             "PortInUseAsSubPort",
             format!("Port {port_id} is currently a subport for trunk {}.", t.id),
-        )),
+        )
     }
+}
+
+/// Neutron's refusal to delete a port in a trunk, or nothing.
+pub fn check_port_deletion(ctx: &Ctx<'_>, port_id: &str) -> NResult<()> {
+    trunk_of(ctx, port_id).map_or(Ok(()), |t| Err(in_use(port_id, &t)))
 }
 
 /// What the nested API records for a container's attachment (`keys::nested_attachment`).
@@ -333,25 +338,12 @@ pub(crate) fn plan_add(
     let parent_mtu = network_mtu(ctx, &parent.network_id);
     for (port_id, seg) in subs {
         if *port_id == t.port_id {
-            return Err(NeutronError::conflict(
-                "PortInUseAsTrunkParent",
-                format!("Port {port_id} is currently a parent port for trunk {}.", t.id),
-            ));
+            return Err(in_use(port_id, t));
         }
         let (mut p, prev) = visible_port(ctx, port_id)?;
         service_port(&p)?;
         if let Some(other) = trunk_of(ctx, port_id) {
-            return Err(if other.port_id == *port_id {
-                NeutronError::conflict(
-                    "PortInUseAsTrunkParent",
-                    format!("Port {port_id} is currently a parent port for trunk {}.", other.id),
-                )
-            } else {
-                NeutronError::conflict(
-                    "PortInUseAsSubPort",
-                    format!("Port {port_id} is currently a subport for trunk {}.", other.id),
-                )
-            });
+            return Err(in_use(port_id, &other));
         }
         let (kind, seg_id) = seg.clone().ok_or_else(|| {
             // Inherit takes the VLAN of the port's network: none here is a VLAN network.
