@@ -18,7 +18,8 @@
 //!   workload), interleaved; `fip_ratio` = floating IP / routed (medians).
 //!
 //! Knobs: `ISTHMUS_BENCH_NODES` (10), `ISTHMUS_BENCH_ROUNDS` (3 throughput rounds; 10
-//! convergence rounds), `ISTHMUS_BENCH_IPERF_SECS` (3).
+//! convergence rounds), `ISTHMUS_BENCH_IPERF_SECS` (3), `ISTHMUS_BENCH_HOLD` (seconds to pause
+//! before measuring, for profiling by hand).
 
 mod support;
 mod testbed;
@@ -35,6 +36,16 @@ use testbed::{Opts, Testbed, EXT_CIDR, PHYSNET, UPSTREAM};
 
 fn figure(key: &str, value: f64) {
     println!("L3_FIGURE {key} {value:.3}");
+}
+
+/// `ISTHMUS_BENCH_HOLD=<secs>`: pause once the paths are up, so that the test bed can be
+/// inspected or profiled by hand before the measurement.
+fn hold() {
+    let secs = env_usize("ISTHMUS_BENCH_HOLD", 0);
+    if secs > 0 {
+        println!("holding {secs} s (ISTHMUS_BENCH_HOLD)");
+        std::thread::sleep(Duration::from_secs(secs as u64));
+    }
 }
 
 /// A workload in no security group (the benchmark measures routing, not the firewall).
@@ -66,6 +77,7 @@ async fn l3_throughput() {
         reaches(&src, "10.50.1.10", &bridged, "10.50.1.20")
     })
     .await;
+    hold();
 
     let (mut r, mut b) = (vec![], vec![]);
     for round in 0..rounds {

@@ -62,8 +62,17 @@ async fn routers_route_on_the_source_node() {
 
     // node0 → node1 only: node2 (on both networks) gets only the workloads' multicast and
     // broadcast, far fewer than the echoes (a path through it would carry every one). The
-    // chatter of interfaces just brought up settles first.
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // chatter of interfaces just brought up settles first. Every bridge forgets what it learnt
+    // after a second (the default is five minutes): a bridge that only learnt its gateway
+    // would flood the routed frames to every node once the entry aged out.
+    for node in &tb.nodes {
+        let out = node.ns.ip(&["-j", "link", "show", "type", "bridge"]);
+        let bridges: Vec<Value> = serde_json::from_str(&out).unwrap_or_default();
+        for b in bridges.iter().filter_map(|b| b["ifname"].as_str()) {
+            node.ns.ip(&["link", "set", b, "type", "bridge", "ageing_time", "100"]);
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
     let (before2, before1) = (vxlan_rx(&tb, 2), vxlan_rx(&tb, 1));
     for _ in 0..300 {
         assert!(reaches(&a0, "10.40.1.10", &b1, "10.40.2.11"));

@@ -56,8 +56,6 @@ struct VethLeg<'a> {
     mac: &'a str,
     mtu: u32,
     addresses: Option<&'a BTreeSet<ipnet::IpNet>>,
-    /// The bridge is told the leg's MAC (it never sends, so would never learn it).
-    static_fdb: bool,
 }
 
 fn veth_legs(r: &RouterNs) -> Vec<VethLeg<'_>> {
@@ -71,7 +69,6 @@ fn veth_legs(r: &RouterNs) -> Vec<VethLeg<'_>> {
             mac: &l.mac,
             mtu: l.mtu,
             addresses: Some(&l.addresses),
-            static_fdb: false,
         })
         .collect();
     out.extend(r.snat_legs.iter().map(|(dev, l)| VethLeg {
@@ -81,7 +78,6 @@ fn veth_legs(r: &RouterNs) -> Vec<VethLeg<'_>> {
         mac: &l.mac,
         mtu: l.mtu,
         addresses: None,
-        static_fdb: true,
     }));
     if let Some(e) = &r.external {
         out.push(VethLeg {
@@ -91,7 +87,6 @@ fn veth_legs(r: &RouterNs) -> Vec<VethLeg<'_>> {
             mac: &e.mac,
             mtu: e.mtu,
             addresses: Some(&e.addresses),
-            static_fdb: false,
         });
     }
     out
@@ -239,7 +234,7 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelErro
     }
     let mut create = String::new();
     let mut outside = String::new();
-    let mut static_fdb = vec![];
+    let mut static_fdb = String::new();
     for leg in &legs {
         let (dev, outer) = (leg.dev, leg.outer.as_str());
         match have.get(dev) {
@@ -266,9 +261,10 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelErro
             leg.bridge, leg.mtu
         ));
         inside.push_str(&format!("link set {dev} address {} mtu {} up\n", leg.mac, leg.mtu));
-        if leg.static_fdb {
-            static_fdb.push((leg.mac, outer));
-        }
+        // The bridge is told the leg's MAC: a leg sends little on its own bridge (the replies
+        // it routes leave through another), so a learned entry would age out, and from then
+        // on every frame to the gateway would be flooded to every node of the network.
+        static_fdb.push_str(&format!("fdb replace {} dev {outer} master static\n", leg.mac));
     }
     // New legs and fixed outer ends in one process; a leftover outer end (its namespace was
     // deleted by hand) makes the batch fail: then one at a time, removing what blocks.
@@ -289,12 +285,13 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelErro
         // The outer end is a bridge port and nothing more: no IPv6 chatter from it.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", leg.outer), "1");
     }
-    for (mac, outer) in static_fdb {
-        Command::new("bridge")
-            .args(["fdb", "replace", mac, "dev", outer, "master", "static"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| KernelError::io("running bridge fdb", e))?;
+    if !static_fdb.is_empty() {
+        super::netns::piped(
+            "bridge",
+            &["-batch", "-"],
+            &static_fdb,
+            "bridge -batch (router legs' MACs)",
+        )?;
     }
     Ok(())
 }
