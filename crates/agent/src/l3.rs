@@ -82,6 +82,19 @@ pub fn desired(objects: &Objects, node: &str, physical: &PhysicalNetworks) -> L3
                         ra: advertised(objects, p),
                     },
                 );
+                let mut shortcut = Shortcut {
+                    vxlan: names::vxlan(vni),
+                    macs: ports
+                        .iter()
+                        .filter(|q| !q.host_id.is_empty() && q.host_id != node && router_of(q).is_none())
+                        .filter_map(|q| q.mac_address.parse().ok())
+                        .collect(),
+                };
+                if shortcut.macs.len() > SHORTCUT_MAX_MACS {
+                    tracing::debug!(network = %n, remote = shortcut.macs.len(), "too many remote ports for a routing shortcut");
+                    shortcut.macs.clear();
+                }
+                out.shortcuts.insert(outer.clone(), shortcut);
                 for q in ports.iter().filter(|q| router_of(q) != Some(rid.as_str())) {
                     if !valid_mac(&q.mac_address) {
                         continue;
@@ -344,6 +357,24 @@ mod tests {
         assert!(desired(&o, "h3", &Default::default()).routers.is_empty());
         assert!(!dvr_script(&desired(&o, "h3", &Default::default())).contains("chain"));
         assert_eq!(desired(&o, "h2", &Default::default()).routers.len(), 1);
+    }
+
+    #[test]
+    fn routed_frames_for_other_nodes_ports_get_a_shortcut_per_leg() {
+        let o = sample();
+        let d = desired(&o, "h1", &Default::default());
+        let mac = |s: &str| s.parse::<crate::desired::MacAddr>().unwrap();
+        // Leg on nb: p02 is on h2; p04's MAC is no MAC; the router's own port is no target.
+        let b = &d.shortcuts["rl-p12"];
+        assert_eq!(b.vxlan, "isvx-11");
+        assert_eq!(b.macs, BTreeSet::from([mac("fa:16:3e:00:00:02")]));
+        // Leg on na: its only port is local, so no program at all.
+        assert!(d.shortcuts["rl-p11"].macs.is_empty());
+        assert_eq!(d.shortcuts.len(), 2);
+        // On h2 the roles swap.
+        let d2 = desired(&o, "h2", &Default::default());
+        assert_eq!(d2.shortcuts["rl-p11"].macs, BTreeSet::from([mac("fa:16:3e:00:00:01")]));
+        assert!(d2.shortcuts["rl-p12"].macs.is_empty());
     }
 
     fn with_gateway() -> Objects {

@@ -174,7 +174,25 @@ pub fn snat_names(port: &str) -> (String, String) {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct L3Desired {
     pub routers: BTreeMap<String, RouterNs>,
+    /// By leg's outer end (`rl-…`): where routed frames leaving that leg may skip its bridge.
+    pub shortcuts: BTreeMap<String, Shortcut>,
 }
+
+/// Routed frames leaving a router leg for a port on another node go from the leg's outer end
+/// straight to the network's VXLAN device (a tc program on the outer end), not through the
+/// bridge: that bridge pass would only run the node's firewall hooks for a frame that no local
+/// port sends or receives. Anything else (local ports, ARP, neighbour discovery, multicast,
+/// MACs not listed) still takes the bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Shortcut {
+    pub vxlan: String,
+    /// Ports of the network bound to other nodes. Empty: no program.
+    pub macs: BTreeSet<crate::desired::MacAddr>,
+}
+
+/// Beyond this many remote ports on one network the leg keeps to its bridge (the program
+/// compares MACs one after another).
+pub const SHORTCUT_MAX_MACS: usize = 4096;
 
 /// The agent's bridge table for distributed routing.
 pub const DVR_TABLE: &str = "isthmus-dvr";

@@ -73,12 +73,39 @@ async fn routers_route_on_the_source_node() {
         }
     }
     std::thread::sleep(std::time::Duration::from_secs(3));
+    // Routed UDP for another node skips the bridge on its way out of the router (the routing
+    // shortcut): a counter in every bridge's forward hook for UDP from router legs.
+    for node in &tb.nodes[..2] {
+        node.ns.nft(
+            "add table bridge leg_count { chain from_legs { type filter hook forward priority -500; \
+             iifname \"rl-*\" meta l4proto udp counter; }; }",
+        );
+    }
     let (before2, before1) = (vxlan_rx(&tb, 2), vxlan_rx(&tb, 1));
     for _ in 0..300 {
         assert!(reaches(&a0, "10.40.1.10", &b1, "10.40.2.11"));
     }
     let (to_node2, to_node1) = (vxlan_rx(&tb, 2) - before2, vxlan_rx(&tb, 1) - before1);
     println!("300 echoes node0 -> node1: VXLAN packets received by node1 {to_node1}, by node2 {to_node2}");
+    for node in &tb.nodes[..2] {
+        let out = node.ns.nft("list table bridge leg_count");
+        let bridged: u64 = out
+            .split("packets ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX);
+        println!(
+            "{}: routed UDP frames through a bridge from a leg: {bridged}",
+            node.name
+        );
+        assert!(
+            bridged < 30,
+            "{}: {bridged} routed UDP frames took the bridge from a leg",
+            node.name
+        );
+        node.ns.nft("delete table bridge leg_count");
+    }
     assert!(to_node1 >= 300, "node1 received only {to_node1} VXLAN packets");
     assert!(
         to_node2 < 60,

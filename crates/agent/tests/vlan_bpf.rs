@@ -422,3 +422,58 @@ fn a_real_tap_trunk_carries_tags_in_the_frames() {
         "tagged 100 in the frame the VM reads"
     );
 }
+
+/// The routing shortcut's program, run by the kernel on frames: IPv4 and IPv6 TCP/UDP frames
+/// for a listed MAC are redirected; other MACs, ARP and ICMPv6 continue. (The kernel refuses
+/// to test-run IP frames too short for their header, and the verifier refuses a program that
+/// reads beyond what it checked.)
+#[test]
+fn shortcut_program_sends_only_routed_unicast_for_listed_macs() {
+    use isthmus_agent::kernel::bpf::TC_ACT_REDIRECT;
+    use isthmus_agent::kernel::shortcut;
+    support::require_root();
+    let listed = [0xfa, 0x16, 0x3e, 0x80, 0x01, 0xff];
+    let other = [0xfa, 0x16, 0x3e, 0x80, 0x01, 0xfe];
+    let leg = [0xf6, 0, 0, 0, 0, 1];
+    let prog = shortcut::program(&[[0xfa, 0x16, 0x3e, 0, 0, 9], listed], 1);
+    let frame = |dst: [u8; 6], ethertype: u16, next: u8| {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&leg);
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        // Enough of an IP header for the kernel to take the frame.
+        let mut payload = vec![0u8; 60];
+        if ethertype == 0x0800 {
+            payload[0] = 0x45;
+            payload[3] = 60;
+            payload[8] = 64;
+            payload[9] = 17;
+        } else {
+            payload[0] = 0x60;
+            payload[5] = 20;
+            payload[6] = next; // next header
+            payload[7] = 64;
+        }
+        f.extend_from_slice(&payload);
+        f
+    };
+    let verdict = |f: &[u8]| {
+        shortcut::test_run(&prog, f)
+            .unwrap_or_else(|e| panic!("test run on {:02x?}: {e}", &f[..16]))
+            .0
+    };
+    assert_eq!(verdict(&frame(listed, 0x0800, 0)), TC_ACT_REDIRECT, "IPv4");
+    assert_eq!(verdict(&frame(listed, 0x86dd, 6)), TC_ACT_REDIRECT, "IPv6 TCP");
+    assert_eq!(verdict(&frame(listed, 0x86dd, 17)), TC_ACT_REDIRECT, "IPv6 UDP");
+    assert_eq!(verdict(&frame(listed, 0x86dd, 58)), -1, "ICMPv6 takes the bridge");
+    assert_eq!(verdict(&frame(listed, 0x0806, 0)), -1, "ARP takes the bridge");
+    assert_eq!(
+        verdict(&frame(other, 0x0800, 0)),
+        -1,
+        "an unlisted MAC takes the bridge"
+    );
+    assert_eq!(verdict(&frame([0xff; 6], 0x0800, 0)), -1, "broadcast takes the bridge");
+    // No MAC at all: everything continues.
+    let none = shortcut::program(&[], 1);
+    assert_eq!(shortcut::test_run(&none, &frame(listed, 0x0800, 0)).unwrap().0, -1);
+}

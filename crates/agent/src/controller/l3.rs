@@ -90,6 +90,12 @@ impl<B: Routers + Links> L3Controller<B> {
                 self.apply_router(ns, r, &mut out).await;
             }
         }
+        // Shortcuts after the routers: their legs exist by now.
+        let (wired, failed) = self.backend.wire_shortcuts(snap.l3.shortcuts.clone()).await;
+        out.planned += wired;
+        for (dev, e) in failed {
+            out.failures.push(format!("routing shortcut on {dev}: {e}"));
+        }
         // Router advertisements on the legs of IPv6 subnets in an RA mode.
         let ads = snap
             .l3

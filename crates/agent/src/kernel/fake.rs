@@ -32,6 +32,7 @@ struct State {
     qos: crate::shaping::Observed,
     /// Trunks wired, by parent device, with the device indexes their programs hold.
     trunks: BTreeMap<String, (crate::trunk::TrunkWiring, Vec<u32>)>,
+    shortcuts: BTreeMap<String, crate::routing::Shortcut>,
 }
 
 impl State {
@@ -374,9 +375,26 @@ impl super::Routers for FakeKernel {
     fn advertise(&self, ads: Vec<super::ra::Advert>) {
         self.lock().adverts = ads;
     }
+
+    /// Keeps what it is given for legs that exist (as devices or as router legs).
+    async fn wire_shortcuts(
+        &self,
+        want: BTreeMap<String, crate::routing::Shortcut>,
+    ) -> (usize, Vec<(String, KernelError)>) {
+        let mut st = self.lock();
+        let before = std::mem::take(&mut st.shortcuts);
+        let changed = want.iter().filter(|(d, s)| before.get(*d) != Some(*s)).count();
+        st.shortcuts = want;
+        (changed, vec![])
+    }
 }
 
 impl FakeKernel {
+    /// The routing shortcuts as last wired.
+    pub fn shortcuts(&self) -> BTreeMap<String, crate::routing::Shortcut> {
+        self.lock().shortcuts.clone()
+    }
+
     /// The router namespaces the fake holds.
     pub fn routers(&self) -> BTreeMap<String, crate::routing::RouterNs> {
         self.lock().routers.clone()

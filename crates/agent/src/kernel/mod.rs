@@ -7,6 +7,7 @@
 //! ([`FakeKernel`]), and `tests/kernel_conformance.rs` runs the same checks against both.
 
 pub mod batch;
+pub mod bpf;
 mod fake;
 mod inside;
 pub mod nested;
@@ -15,6 +16,7 @@ pub mod netns;
 mod nltxn;
 pub mod ra;
 pub mod routers;
+pub mod shortcut;
 pub mod tc;
 pub mod vlan;
 
@@ -213,6 +215,14 @@ pub trait Routers: Send + Sync {
 
     /// Replaces the router legs that send router advertisements (and what they send).
     fn advertise(&self, ads: Vec<ra::Advert>);
+
+    /// Brings the routing shortcuts on legs' outer ends to `want`, by outer end. A program is
+    /// replaced only when its MACs or the interface indexes it holds changed; a leg not listed
+    /// is left alone (it goes with its router). How many were changed, and what failed.
+    fn wire_shortcuts(
+        &self,
+        want: std::collections::BTreeMap<String, crate::routing::Shortcut>,
+    ) -> impl Future<Output = (usize, Vec<(String, KernelError)>)> + Send;
 }
 
 /// Bandwidth limits on port devices (`qos`): token buckets through `tc`, IFB devices for

@@ -38,6 +38,7 @@ const ENODEV: i32 = libc::ENODEV;
 /// node's datapath lives in a namespace the agent process is not in, e.g. in tests).
 /// Trunks wired, by parent device: the wiring and the interface indexes its programs hold.
 type WiredTrunks = BTreeMap<String, (TrunkWiring, Vec<u32>)>;
+type WiredShortcuts = BTreeMap<String, (crate::routing::Shortcut, (u32, u32))>;
 
 pub struct NetlinkKernel {
     handle: Handle,
@@ -61,6 +62,8 @@ pub struct NetlinkKernel {
     /// Trunks wired by this agent, by parent device, with the interface indexes their
     /// programs hold: a device recreated under the same name needs new programs.
     trunks: Arc<std::sync::Mutex<WiredTrunks>>,
+    /// Routing shortcuts as last wired, by leg end, with the interface indexes they hold.
+    shortcuts: Arc<std::sync::Mutex<WiredShortcuts>>,
 }
 
 /// The parts of a link message the agent cares about.
@@ -198,6 +201,7 @@ impl NetlinkKernel {
             batch: Default::default(),
             ra: Default::default(),
             trunks: Default::default(),
+            shortcuts: Default::default(),
         })
     }
 
@@ -215,6 +219,7 @@ impl NetlinkKernel {
             batch: Default::default(),
             ra: Default::default(),
             trunks: Default::default(),
+            shortcuts: Default::default(),
         })
     }
 
@@ -887,6 +892,51 @@ impl super::Routers for NetlinkKernel {
 
     fn advertise(&self, ads: Vec<super::ra::Advert>) {
         self.ra.set(ads);
+    }
+
+    async fn wire_shortcuts(
+        &self,
+        want: std::collections::BTreeMap<String, crate::routing::Shortcut>,
+    ) -> (usize, Vec<(String, KernelError)>) {
+        use super::shortcut;
+        let memo = self.shortcuts.clone();
+        // Interface names resolve in the calling thread's namespace: the node's.
+        let run = run_in_netns(self.netns.as_deref(), move || {
+            let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
+            memo.retain(|dev, _| want.contains_key(dev));
+            let (mut changed, mut failed) = (0, vec![]);
+            for (dev, s) in want {
+                let step = || -> Result<bool, KernelError> {
+                    let idx = shortcut::indexes(&dev, &s)?;
+                    let same = memo.get(&dev) == Some(&(s.clone(), idx));
+                    if same && (s.macs.is_empty() || shortcut::attached(&dev)?) {
+                        return Ok(false);
+                    }
+                    shortcut::apply(&dev, &s)?;
+                    Ok(true)
+                };
+                match step() {
+                    Ok(c) => {
+                        if c {
+                            changed += 1;
+                            debug!(dev = %dev, vxlan = %s.vxlan, macs = s.macs.len(), "routing shortcut wired");
+                        }
+                        if let Ok(idx) = shortcut::indexes(&dev, &s) {
+                            memo.insert(dev, (s, idx));
+                        }
+                    }
+                    Err(e) => {
+                        memo.remove(&dev);
+                        failed.push((dev, e));
+                    }
+                }
+            }
+            Ok((changed, failed))
+        });
+        match run.await {
+            Ok(r) => r,
+            Err(e) => (0, vec![("(all legs)".to_string(), e)]),
+        }
     }
 }
 

@@ -90,6 +90,11 @@ impl Ns {
         must(&full)
     }
 
+    /// Runs one `nft` command (or script) in the namespace; its output.
+    pub fn nft(&self, script: &str) -> String {
+        must(&["ip", "netns", "exec", &self.name, "nft", script])
+    }
+
     pub fn try_ip(&self, args: &[&str]) -> bool {
         let mut full = vec!["ip", "-n", &self.name];
         full.extend_from_slice(args);
