@@ -172,16 +172,27 @@ pub fn apply_router(r: &RouterNs) -> Result<(), KernelError> {
         .iter()
         .any(|l| l["ifname"].as_str().is_some_and(|n| n.starts_with("qg-")));
     let mut inside = String::new();
-    legs(r, &seen, &mut inside)?;
+    let pin = legs(r, &seen, &mut inside)?;
     neighbours(r, &seen, &mut inside);
     let fresh = addresses(r, &seen, &mut inside);
     if north_south(r) || had_external || !seen.routes.is_empty() {
         routes(r, &seen, &mut inside);
     }
-    if !inside.is_empty() {
-        ip_batch(ns, &inside)?;
+    let changed = if inside.is_empty() {
+        Ok(())
+    } else {
+        ip_batch(ns, &inside)
+    };
+    if changed.is_ok() {
+        announce(ns, &fresh);
     }
-    announce(ns, &fresh);
+    // After the announcement: the bridge has learnt the leg from it, and a new gateway should
+    // not wait for one more process. Even when the batch failed: the legs exist, and the
+    // next pass finds them as they should be.
+    if !pin.is_empty() {
+        super::netns::piped("bridge", &["-batch", "-"], &pin, "bridge -batch (router legs' MACs)")?;
+    }
+    changed?;
     // The NAT table only ever exists with an external leg.
     if r.external.is_some() || had_external {
         super::netns::piped(
@@ -219,8 +230,9 @@ fn setup_namespace(ns: &str) -> Result<(), KernelError> {
 }
 
 /// Makes missing legs and fixes wrong ones: their outer ends in the node's namespace (one
-/// batch), their inner ends' MAC, MTU and state into `inside`.
-fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelError> {
+/// batch), their inner ends' MAC, MTU and state into `inside`. Returns the `bridge -batch`
+/// script that pins the new or fixed legs' MACs in their bridges.
+fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<String, KernelError> {
     let ns = r.netns.as_str();
     let legs = veth_legs(r);
     let have: BTreeMap<&str, &Value> = seen
@@ -285,15 +297,7 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<(), KernelErro
         // The outer end is a bridge port and nothing more: no IPv6 chatter from it.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", leg.outer), "1");
     }
-    if !static_fdb.is_empty() {
-        super::netns::piped(
-            "bridge",
-            &["-batch", "-"],
-            &static_fdb,
-            "bridge -batch (router legs' MACs)",
-        )?;
-    }
-    Ok(())
+    Ok(static_fdb)
 }
 
 /// A leg's outer end in the node's namespace: (its bridge, whether it is up), from sysfs (a
