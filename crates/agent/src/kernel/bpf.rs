@@ -114,6 +114,17 @@ impl Asm {
         self.op(CALL, 0, 0, 0, helper::REDIRECT);
         self.op(EXIT, 0, 0, 0, 0);
     }
+    /// The frame prologue both kinds of program share: r2 = the frame's start (context in
+    /// `ctx`) and r4 = its EtherType, or a jump to `short` when the frame has fewer than `len`
+    /// bytes (the verifier needs that bound before any load from the frame). Clobbers r3.
+    pub(super) fn ethertype_of_frame(&mut self, ctx: u8, len: i32, short: Label) {
+        self.op(LDX_W, 2, ctx, skb::DATA, 0);
+        self.op(LDX_W, 3, ctx, skb::DATA_END, 0);
+        self.op(MOV64_X, 4, 2, 0, 0);
+        self.op(ADD64_K, 4, 0, 0, len);
+        self.jump(JGT_X, 4, 3, 0, short);
+        self.op(LDX_H, 4, 2, 12, 0);
+    }
     pub(super) fn finish(mut self) -> Vec<Insn> {
         for (at, l) in self.fixups {
             // Every label is placed by the generators below; an unplaced one would be a bug here.
@@ -122,6 +133,11 @@ impl Asm {
         }
         self.insns
     }
+}
+
+/// An EtherType as a halfword load from the frame yields it (loads are in host order).
+pub(super) fn ethertype(t: u16) -> i32 {
+    i32::from(u16::from_ne_bytes(t.to_be_bytes()))
 }
 
 pub(super) fn ifindex(dev: &str) -> Result<u32, KernelError> {

@@ -23,11 +23,6 @@ pub const KIND: Kind = Kind {
 const IPPROTO_TCP: i32 = 6;
 const IPPROTO_UDP: i32 = 17;
 
-/// An EtherType as a halfword load from the frame yields it (loads are in host order).
-fn ethertype(t: u16) -> i32 {
-    i32::from(u16::from_ne_bytes(t.to_be_bytes()))
-}
-
 /// The program for one leg: a unicast IPv4 frame, or an IPv6 one whose next header is TCP or
 /// UDP, addressed to one of `macs` goes to `vxlan`'s egress; anything else continues to the
 /// bridge (TC_ACT_UNSPEC).
@@ -39,13 +34,8 @@ pub fn program(macs: &[[u8; 6]], vxlan: u32) -> Vec<Insn> {
         return a.finish();
     }
     let (pass, by_mac, send) = (a.label(), a.label(), a.label());
-    a.op(LDX_W, 2, 1, skb::DATA, 0);
-    a.op(LDX_W, 3, 1, skb::DATA_END, 0);
     // Ethernet plus the 20 bytes of an IPv4 header (covers IPv6's next header at 20).
-    a.op(MOV64_X, 4, 2, 0, 0);
-    a.op(ADD64_K, 4, 0, 0, 34);
-    a.jump(JGT_X, 4, 3, 0, pass);
-    a.op(LDX_H, 4, 2, 12, 0);
+    a.ethertype_of_frame(1, 34, pass);
     a.jump(JEQ_K, 4, 0, ethertype(0x0800), by_mac);
     a.jump(JNE_K, 4, 0, ethertype(0x86dd), pass);
     a.op(LDX_B, 4, 2, 20, 0);

@@ -23,11 +23,6 @@ pub const KIND: Kind = Kind {
     what: "VLAN",
 };
 
-/// `htons(ETH_P_8021Q)` as the program compares it (loads are in host order).
-fn be_8021q() -> i32 {
-    i32::from(ETH_P_8021Q.to_be())
-}
-
 /// The parent device's ingress program: a frame tagged with a subport's VLAN id loses its tag
 /// and goes to that subport's device (`(vlan, ifindex)` pairs); untagged frames continue as
 /// usual (TC_ACT_UNSPEC, so later filters such as QoS still see them); any other tag is
@@ -40,19 +35,14 @@ pub fn parent_program(subports: &[(u16, u32)]) -> Vec<Insn> {
     a.op(LDX_W, 2, 6, skb::VLAN_PRESENT, 0);
     a.jump(JEQ_K, 2, 0, 0, in_data);
     a.op(LDX_W, 2, 6, skb::VLAN_PROTO, 0);
-    a.jump(JNE_K, 2, 0, be_8021q(), drop);
+    a.jump(JNE_K, 2, 0, ethertype(ETH_P_8021Q), drop);
     a.op(LDX_W, 2, 6, skb::VLAN_TCI, 0);
     a.op(AND64_K, 2, 0, 0, 0x0fff);
     a.jump(JA, 0, 0, 0, dispatch);
 
     a.here(in_data);
-    a.op(LDX_W, 2, 6, skb::DATA, 0);
-    a.op(LDX_W, 3, 6, skb::DATA_END, 0);
-    a.op(MOV64_X, 4, 2, 0, 0);
-    a.op(ADD64_K, 4, 0, 0, 18);
-    a.jump(JGT_X, 4, 3, 0, pass);
-    a.op(LDX_H, 4, 2, 12, 0);
-    a.jump(JNE_K, 4, 0, be_8021q(), pass);
+    a.ethertype_of_frame(6, 18, pass);
+    a.jump(JNE_K, 4, 0, ethertype(ETH_P_8021Q), pass);
     a.op(LDX_H, 2, 2, 14, 0);
     a.op(TO_BE, 2, 0, 0, 16);
     a.op(AND64_K, 2, 0, 0, 0x0fff);
@@ -87,7 +77,7 @@ pub fn subport_program(vlan: u16, parent_ifindex: u32) -> Vec<Insn> {
     let drop = a.label();
     a.op(LDX_W, 2, 1, skb::VLAN_PRESENT, 0);
     a.jump(JNE_K, 2, 0, 0, drop);
-    a.op(MOV64_K, 2, 0, 0, be_8021q());
+    a.op(MOV64_K, 2, 0, 0, ethertype(ETH_P_8021Q));
     a.op(MOV64_K, 3, 0, 0, i32::from(vlan));
     a.op(CALL, 0, 0, 0, helper::SKB_VLAN_PUSH);
     a.jump(JNE_K, 0, 0, 0, drop);
