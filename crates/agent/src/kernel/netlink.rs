@@ -906,24 +906,24 @@ impl super::Routers for NetlinkKernel {
             memo.retain(|dev, _| want.contains_key(dev));
             let (mut changed, mut failed) = (0, vec![]);
             for (dev, s) in want {
-                let step = || -> Result<bool, KernelError> {
+                // The indexes are read on every pass, not only on a full resync: a VXLAN device
+                // that L2 recreated has a new one, and the old program would drop what it sends.
+                let step = || -> Result<(bool, (u32, u32)), KernelError> {
                     let idx = shortcut::indexes(&dev, &s)?;
                     let same = memo.get(&dev) == Some(&(s.clone(), idx));
                     if same && (s.macs.is_empty() || shortcut::attached(&dev)?) {
-                        return Ok(false);
+                        return Ok((false, idx));
                     }
                     shortcut::apply(&dev, &s)?;
-                    Ok(true)
+                    Ok((true, idx))
                 };
                 match step() {
-                    Ok(c) => {
+                    Ok((c, idx)) => {
                         if c {
                             changed += 1;
                             debug!(dev = %dev, vxlan = %s.vxlan, macs = s.macs.len(), "routing shortcut wired");
                         }
-                        if let Ok(idx) = shortcut::indexes(&dev, &s) {
-                            memo.insert(dev, (s, idx));
-                        }
+                        memo.insert(dev, (s, idx));
                     }
                     Err(e) => {
                         memo.remove(&dev);
