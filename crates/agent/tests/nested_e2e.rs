@@ -16,7 +16,6 @@ mod vm;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::Ns;
@@ -24,46 +23,6 @@ use testbed::Testbed;
 use vm::{Forwarder, Options, Vm};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(420);
-
-/// Between `ISTHMUS-CMD-BEGIN` and `-END`: what the command printed.
-fn cmd_output(log: &str) -> String {
-    let start = log
-        .find("ISTHMUS-CMD-BEGIN")
-        .map_or(0, |i| i + "ISTHMUS-CMD-BEGIN".len());
-    let end = log.find("ISTHMUS-CMD-END").unwrap_or(log.len());
-    log.get(start..end).unwrap_or("").to_string()
-}
-
-/// A container on `node` attached through the plugin's agent path with a fixed address.
-fn node_container(tb: &Testbed, node: usize, project: &str, network: &str, ip: &str) -> Ns {
-    let ns = Ns::new();
-    let conf = json!({"cniVersion": "1.0.0", "name": "peer", "type": "isthmus-cni", "network": network,
-                      "project": project, "socket": tb.nodes[node].socket});
-    let mut child = Command::new(isthmus_store::testing::cni_bin())
-        .env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("ctr-{}", ns.name))
-        .env("CNI_NETNS", ns.path())
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("IP={ip}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("isthmus-cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(conf.to_string().as_bytes())
-        .expect("stdin");
-    let out = child.wait_with_output().expect("output");
-    assert!(
-        out.status.success(),
-        "CNI ADD: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    ns
-}
 
 struct Bed {
     tb: Testbed,
@@ -197,7 +156,7 @@ async fn nested_containers_reach_their_networks_only() {
         let peers: Vec<Ns> = tokio::task::block_in_place(|| {
             [("vmnet", "10.90.0.50"), ("net-a", "10.91.0.50"), ("net-b", "10.92.0.50")]
                 .into_iter()
-                .map(|(n, ip)| node_container(tb, 1, &b.project, n, ip))
+                .map(|(n, ip)| tb.nodes[1].cni_container(&b.project, n, ip))
                 .collect()
         });
 
@@ -227,7 +186,7 @@ async fn nested_containers_reach_their_networks_only() {
             &Options { management: true },
         );
         vm1.wait_for("PHASE1-DONE", Duration::from_secs(240)).await;
-        let out = cmd_output(&vm1.log());
+        let out = vm1.cmd_output();
         println!("guest, phase 1:\n{out}");
         for c in ["c1", "c2", "c3"] {
             assert!(out.contains(&format!("CNI ADD {c} rc=0")), "ADD {c}:\n{}", vm1.log());
@@ -273,7 +232,7 @@ async fn nested_containers_reach_their_networks_only() {
         )
         .await;
         vm1.wait_for("ISTHMUS-CMD-END", Duration::from_secs(120)).await;
-        let out = cmd_output(&vm1.log());
+        let out = vm1.cmd_output();
         println!("guest, all:\n{out}");
         let cut = out
             .lines()
@@ -334,7 +293,7 @@ async fn nested_bench() {
     let peers: Vec<Ns> = tokio::task::block_in_place(|| {
         [("vmnet", "10.90.0.50"), ("net-a", "10.91.0.50")]
             .into_iter()
-            .map(|(n, ip)| node_container(tb, 1, &b.project, n, ip))
+            .map(|(n, ip)| tb.nodes[1].cni_container(&b.project, n, ip))
             .collect()
     });
     let servers: Vec<std::process::Child> = peers
@@ -379,7 +338,7 @@ async fn nested_bench() {
         &Options { management: true },
     );
     vm.wait_for("ISTHMUS-CMD-END", Duration::from_secs(900)).await;
-    let out = cmd_output(&vm.log());
+    let out = vm.cmd_output();
     println!("guest:\n{out}");
     let vm_t = figures(&out, "TPUT-VM ");
     let nested_t = figures(&out, "TPUT-NESTED ");

@@ -12,23 +12,12 @@ mod vm;
 
 use reqwest::Method;
 use serde_json::json;
-use std::io::Write;
-use std::process::{Command, Stdio};
+
 use std::time::Duration;
-use support::Ns;
 use testbed::Testbed;
 use vm::{Forwarder, Options, Vm};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// Between `ISTHMUS-CMD-BEGIN` and `-END`: what the command printed.
-fn cmd_output(log: &str) -> &str {
-    let start = log
-        .find("ISTHMUS-CMD-BEGIN")
-        .map_or(0, |i| i + "ISTHMUS-CMD-BEGIN".len());
-    let end = log.find("ISTHMUS-CMD-END").unwrap_or(log.len());
-    log.get(start..end).unwrap_or("")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_has_the_nested_tools_and_reaches_the_api() {
@@ -91,7 +80,7 @@ async fn guest_has_the_nested_tools_and_reaches_the_api() {
         assert!(st.contains("inet 10.83.0.10/24"), "{st}");
         vm.wait_for("ISTHMUS-CMD-END", Duration::from_secs(90)).await;
         let log = vm.log();
-        let out = cmd_output(&log);
+        let out = vm.cmd_output();
         println!("guest:\n{out}");
         for marker in ["MODS-OK", "VLAN-OK", "MACVLAN-OK", "NETNS-OK"] {
             assert!(out.contains(marker), "{marker} missing:\n{log}");
@@ -116,37 +105,6 @@ async fn guest_has_the_nested_tools_and_reaches_the_api() {
     })
     .await
     .expect("test timed out");
-}
-
-/// A container on `node` attached through the plugin's agent path with a fixed address.
-fn node_container(tb: &Testbed, node: usize, project: &str, network: &str, ip: &str) -> Ns {
-    let ns = Ns::new();
-    let conf = json!({"cniVersion": "1.0.0", "name": "peer", "type": "isthmus-cni", "network": network,
-                      "project": project, "socket": tb.nodes[node].socket});
-    let mut child = Command::new(isthmus_store::testing::cni_bin())
-        .env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("ctr-{}", ns.name))
-        .env("CNI_NETNS", ns.path())
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("IP={ip}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("isthmus-cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(conf.to_string().as_bytes())
-        .expect("stdin");
-    let out = child.wait_with_output().expect("output");
-    assert!(
-        out.status.success(),
-        "CNI ADD: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    ns
 }
 
 /// The whole path: a container in a VM joins another network through the VM's trunk (a
@@ -193,7 +151,7 @@ async fn nested_container_reaches_a_node_container(mode: &str) {
             "vlan" => (cnet, "cnet", "10.86.0.50"),
             _ => (vmnet.clone(), "vmnet", "10.83.0.50"),
         };
-        let peer = tokio::task::block_in_place(|| node_container(&tb, 1, &project, cname, peer_ip));
+        let peer = tokio::task::block_in_place(|| tb.nodes[1].cni_container(&project, cname, peer_ip));
         let server = tb.network_url.trim_start_matches("http://").parse().expect("server address");
         let fwd = Forwarder::start(&tb.nodes[0].ns.path(), server);
         let p = fwd.port;
@@ -220,7 +178,7 @@ async fn nested_container_reaches_a_node_container(mode: &str) {
         );
         vm.wait_for("ISTHMUS-CMD-END", Duration::from_secs(180)).await;
         let log = vm.log();
-        let out = cmd_output(&log);
+        let out = vm.cmd_output();
         println!("guest:\n{out}");
         let add = out.lines().find(|l| l.starts_with("ADD=")).unwrap_or_default();
         assert!(add.trim_end().ends_with("rc=0"), "{log}");

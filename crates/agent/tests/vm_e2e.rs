@@ -10,8 +10,6 @@ mod testbed;
 mod vm;
 
 use serde_json::{json, Value};
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::{run, Ns};
 use testbed::Testbed;
@@ -41,39 +39,6 @@ fn start_vm(tb: &Testbed, node: usize, port: &Value, mac: Option<&str>, cmd: &st
     Vm::start(&tb.nodes[node].ns.name, &tap, mac, cmd, tries)
 }
 
-/// A container on `node`, attached through the real CNI plugin with a requested address.
-fn cni_container(tb: &Testbed, node: usize, project: &str, network: &str, ip: &str) -> Ns {
-    let ns = Ns::new();
-    let bin = isthmus_store::testing::cni_bin();
-    let conf = json!({"cniVersion": "1.0.0", "name": "vmtest", "type": "isthmus-cni", "network": network,
-                      "project": project, "socket": tb.nodes[node].socket});
-    let mut child = Command::new(bin)
-        .env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("ctr-{}", ns.name))
-        .env("CNI_NETNS", ns.path())
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .env("CNI_ARGS", format!("IP={ip}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("isthmus-cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(conf.to_string().as_bytes())
-        .expect("stdin");
-    let out = child.wait_with_output().expect("output");
-    assert!(
-        out.status.success(),
-        "CNI ADD: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    ns
-}
-
 fn ping_from(ns: &Ns, ip: &str) -> bool {
     run(&["ip", "netns", "exec", &ns.name, "ping", "-c", "2", "-W", "2", ip]).0
 }
@@ -96,7 +61,7 @@ async fn vms_and_containers_share_a_network() {
         let e = tb.vm_port(&net1, &sub1, "10.80.0.12", 1).await;
         // The container on node 1, after the VM ports: its node then fills a pool of ready
         // ports on the network, which must not take the addresses fixed above.
-        let c = tokio::task::block_in_place(|| cni_container(&tb, 1, "mixed", "mixed", "10.80.0.50"));
+        let c = tokio::task::block_in_place(|| tb.nodes[1].cni_container("mixed", "mixed", "10.80.0.50"));
         let cmd_a = "ping -c 3 -W 3 10.80.0.50 >/dev/null && echo REACH-OK || echo REACH-FAIL; \
                      echo STREAM-START; ping -c 60 -i 0.2 -W 2 10.80.0.50 | grep transmitted; sleep 60";
         let cmd_b = "ping -c 3 -W 2 10.80.0.50 >/dev/null && echo REACH-OK || echo REACH-FAIL; sleep 30";

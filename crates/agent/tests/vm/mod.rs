@@ -144,6 +144,16 @@ impl Vm {
         }
     }
 
+    /// What the guest's command printed (between `ISTHMUS-CMD-BEGIN` and `-END`).
+    pub fn cmd_output(&self) -> String {
+        let log = self.log();
+        let start = log
+            .find("ISTHMUS-CMD-BEGIN")
+            .map_or(0, |i| i + "ISTHMUS-CMD-BEGIN".len());
+        let end = log.find("ISTHMUS-CMD-END").unwrap_or(log.len());
+        log.get(start..end).unwrap_or("").to_string()
+    }
+
     /// What the guest reported after DHCP (between the state markers).
     pub fn state(&self) -> String {
         let log = self.log();
