@@ -31,6 +31,12 @@ pub fn subport_peer(port_id: &str) -> String {
     format!("{SUBPORT_PEER_PREFIX}{short}")
 }
 
+/// The [`subport_peer`] of the subport whose bridged end is `tap` (both are named after the
+/// same port id).
+pub fn subport_peer_of_tap(tap: &str) -> String {
+    format!("{SUBPORT_PEER_PREFIX}{}", tap.strip_prefix(TAP_PREFIX).unwrap_or(tap))
+}
+
 /// The VNI of one of our bridge or VXLAN devices, if `name` is one.
 pub fn vni_of(name: &str) -> Option<u32> {
     name.strip_prefix(BRIDGE_PREFIX)

@@ -15,11 +15,12 @@ pub struct TrunkWiring {
 }
 
 /// A subport: frames tagged `vlan` on the parent go to and come from `dev`, a host device
-/// (a veth end whose peer is in the subport network's bridge).
+/// (a veth end whose peer, `bridged`, is in the subport network's bridge).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subport {
     pub vlan: u16,
     pub dev: String,
+    pub bridged: String,
 }
 
 /// The trunks the node must wire, by parent device. A subport whose parent is not a local VM
@@ -53,6 +54,7 @@ pub fn desired(view: &NodeView) -> BTreeMap<String, TrunkWiring> {
             w.subports.push(Subport {
                 vlan,
                 dev: names::subport_peer(id),
+                bridged: names::tap(id),
             });
         }
     }
@@ -121,11 +123,13 @@ mod tests {
             vec![
                 Subport {
                     vlan: 100,
-                    dev: names::subport_peer("sub-a-port-id")
+                    dev: names::subport_peer("sub-a-port-id"),
+                    bridged: names::tap("sub-a-port-id"),
                 },
                 Subport {
                     vlan: 200,
-                    dev: names::subport_peer("sub-b-port-id")
+                    dev: names::subport_peer("sub-b-port-id"),
+                    bridged: names::tap("sub-b-port-id"),
                 },
             ]
         );

@@ -206,10 +206,12 @@ fn wiring() -> TrunkWiring {
             Subport {
                 vlan: 100,
                 dev: "sp100".into(),
+                bridged: "n100".into(),
             },
             Subport {
                 vlan: 200,
                 dev: "sp200".into(),
+                bridged: "n200".into(),
             },
         ],
     }
@@ -385,6 +387,7 @@ fn a_real_tap_trunk_carries_tags_in_the_frames() {
         subports: vec![Subport {
             vlan: 100,
             dev: "sp100".into(),
+            bridged: "n100".into(),
         }],
     };
     in_ns(&host.path(), move || vlan::apply(&w)).expect("apply");

@@ -212,12 +212,7 @@ impl<K: PortDevices, L: Links> PortsController<K, L> {
             }
         }
         for (parent, w) in &trunks {
-            let bridged: Vec<String> = w
-                .subports
-                .iter()
-                .filter_map(|s| s.dev.strip_prefix(names::SUBPORT_PEER_PREFIX))
-                .map(|short| format!("{}{short}", names::TAP_PREFIX))
-                .collect();
+            let bridged: Vec<String> = w.subports.iter().map(|s| s.bridged.clone()).collect();
             if !devices.contains(parent) || bridged.iter().any(|d| !devices.contains(d)) {
                 // Its devices are not all there yet (their creation failed); the next pass.
                 for d in &bridged {

@@ -326,12 +326,9 @@ impl PortDevices for FakeKernel {
     async fn wire_trunk(&self, w: &crate::trunk::TrunkWiring) -> Result<bool, KernelError> {
         let mut s = self.lock();
         let mut idx = vec![];
-        for d in std::iter::once(&w.parent_dev).chain(w.subports.iter().map(|p| &p.dev)) {
-            // The subport's peer is not tracked apart: it lives and dies with its bridged end.
-            let known = d
-                .strip_prefix(crate::names::SUBPORT_PEER_PREFIX)
-                .map_or(d.clone(), crate::names::tap);
-            idx.push(*s.index.get(&known).ok_or_else(|| KernelError::NoDevice(d.clone()))?);
+        // The subport's peer is not tracked apart: it lives and dies with its bridged end.
+        for d in std::iter::once(&w.parent_dev).chain(w.subports.iter().map(|p| &p.bridged)) {
+            idx.push(*s.index.get(d).ok_or_else(|| KernelError::NoDevice(d.clone()))?);
         }
         let want = (w.clone(), idx);
         if s.trunks.get(&w.parent_dev) == Some(&want) {

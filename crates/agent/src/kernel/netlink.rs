@@ -790,7 +790,7 @@ impl NetlinkKernel {
     /// bridge; both up with the network's MTU.
     async fn new_subport(&self, port: &PortDevice) -> Result<(), KernelError> {
         check_ifname(&port.name)?;
-        let peer = crate::names::subport_peer(port.name.trim_start_matches(crate::names::TAP_PREFIX));
+        let peer = crate::names::subport_peer_of_tap(&port.name);
         check_ifname(&peer)?;
         let bridge = self.bridge_index(&port.bridge).await?;
         // A leftover pair (agent killed between the two steps) is replaced.

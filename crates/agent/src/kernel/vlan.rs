@@ -259,7 +259,11 @@ mod tests {
             parent_dev: "tap0".into(),
             subports: subports
                 .into_iter()
-                .map(|(vlan, dev)| Subport { vlan, dev: dev.into() })
+                .map(|(vlan, dev)| Subport {
+                    vlan,
+                    dev: dev.into(),
+                    bridged: format!("br-{dev}"),
+                })
                 .collect(),
         };
         assert!(validate(&w(vec![(100, "a"), (200, "b")])).is_ok());
