@@ -35,19 +35,10 @@ struct Bed {
 /// A network with one /24 subnet whose automatic addresses start at .100: the test's fixed
 /// addresses (.10, .50, .60) are never taken first by a CNI pool refill racing the test.
 async fn network(tb: &Testbed, t: &str, name: &str, cidr: &str) -> (String, String) {
-    let n = tb.create(t, "networks", "network", json!({"name": name})).await;
-    let id = n["id"].as_str().expect("id").to_string();
     let base = cidr.strip_suffix("0/24").expect("a /24 ending in .0");
     let pool = json!([{"start": format!("{base}100"), "end": format!("{base}250")}]);
-    let s = tb
-        .create(
-            t,
-            "subnets",
-            "subnet",
-            json!({"network_id": id, "cidr": cidr, "ip_version": 4, "allocation_pools": pool}),
-        )
-        .await;
-    (id, s["id"].as_str().expect("id").to_string())
+    tb.network_with(t, name, cidr, json!({ "allocation_pools": pool }))
+        .await
 }
 
 async fn bed(project: &str) -> Bed {

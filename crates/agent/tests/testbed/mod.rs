@@ -761,6 +761,11 @@ impl Testbed {
 
     /// A network with one IPv4 subnet, as `token`: (network id, subnet id).
     pub async fn network_as(&self, token: &str, name: &str, cidr: &str) -> (String, String) {
+        self.network_with(token, name, cidr, json!({})).await
+    }
+
+    /// [`Self::network_as`] with `extra` attributes on the subnet (e.g. `allocation_pools`).
+    pub async fn network_with(&self, token: &str, name: &str, cidr: &str, extra: Value) -> (String, String) {
         let n = self
             .expect_as(
                 token,
@@ -771,7 +776,11 @@ impl Testbed {
             )
             .await;
         let net = n["network"]["id"].as_str().expect("network id").to_string();
-        let body = json!({"subnet": {"network_id": net, "cidr": cidr, "ip_version": 4}});
+        let mut subnet = json!({"network_id": net, "cidr": cidr, "ip_version": 4});
+        if let (Some(s), Some(extra)) = (subnet.as_object_mut(), extra.as_object()) {
+            s.extend(extra.clone());
+        }
+        let body = json!({ "subnet": subnet });
         let s = self.expect_as(token, Method::POST, "/v2.0/subnets", body, 201).await;
         (net, s["subnet"]["id"].as_str().expect("subnet id").to_string())
     }
