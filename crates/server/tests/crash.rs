@@ -15,104 +15,14 @@ use isthmus_store::testing::isthmus_bin;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use support::process::ServerProcess;
 use support::{id_of, issue_token, send, ADMIN_PASSWORD, ADMIN_PROJECT, ADMIN_USER};
 
 const CLIENTS: usize = 4;
 const RUN_BEFORE_KILL: Duration = Duration::from_millis(1500);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// One run of `isthmus server` on the embedded store in `data`.
-struct ServerProcess {
-    child: Child,
-    identity_url: String,
-    network_url: String,
-    log: PathBuf,
-}
-
-impl ServerProcess {
-    async fn start(bin: &Path, work: &Path, data: &Path, run: usize) -> ServerProcess {
-        // Cheap password hashing keeps start-up fast; everything else is the default config.
-        let config = work.join("isthmus.toml");
-        std::fs::write(&config, "password_hash_kib = 64\n").expect("write config");
-        let log = work.join(format!("server-{run}.log"));
-        let (id_port, net_port) = (free_port(), free_port());
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin)
-            .arg("server")
-            .arg("--config")
-            .arg(&config)
-            .args(["--store", "embedded", "--data-dir"])
-            .arg(data)
-            .args(["--identity-listen", &format!("127.0.0.1:{id_port}")])
-            .args(["--network-listen", &format!("127.0.0.1:{net_port}")])
-            .args(["--admin-password", ADMIN_PASSWORD])
-            // Clients create ports until the crash, more than Neutron's default quota.
-            .args(["--quota-default", "all=-1"])
-            .env("ISTHMUS_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log file"))
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
-        let mut s = ServerProcess {
-            child,
-            identity_url: format!("http://127.0.0.1:{id_port}/v3"),
-            network_url: format!("http://127.0.0.1:{net_port}"),
-            log,
-        };
-        s.wait_ready().await;
-        s
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("isthmus server exited during start-up ({status}):\n{}", self.log_tail());
-            }
-            let id_ok = http.get(format!("{}/", self.identity_url)).send().await.is_ok();
-            let net_ok = http
-                .get(format!("{}/", self.network_url))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == StatusCode::OK);
-            if id_ok && net_ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "isthmus server not ready within 60 s:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Acked {
@@ -128,13 +38,14 @@ async fn sigkill_during_port_creation_loses_nothing_acknowledged() {
         .tempdir()
         .expect("tempdir");
     let data = work.path().join("data");
+    let on_disk = ["--store", "embedded", "--data-dir", data.to_str().expect("utf-8 path")];
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
         .expect("http client");
 
     // First run: a network with a /16, then ports as fast as possible until SIGKILL.
-    let mut first = ServerProcess::start(&bin, work.path(), &data, 1).await;
+    let mut first = ServerProcess::start(&bin, work.path(), "server-1", "", &on_disk).await;
     let token = issue_token(&http, &first.identity_url, ADMIN_USER, ADMIN_PASSWORD, ADMIN_PROJECT).await;
     let (st, net) = send(
         &http,
@@ -224,7 +135,7 @@ async fn sigkill_during_port_creation_loses_nothing_acknowledged() {
     drop(first);
 
     // Second run on the same data directory.
-    let second = ServerProcess::start(&bin, work.path(), &data, 2).await;
+    let second = ServerProcess::start(&bin, work.path(), "server-2", "", &on_disk).await;
     let token = issue_token(&http, &second.identity_url, ADMIN_USER, ADMIN_PASSWORD, ADMIN_PROJECT).await;
     let get = |path: String| {
         let (http, token, base) = (http.clone(), token.clone(), second.network_url.clone());

@@ -4,6 +4,8 @@
 //! Each test file does `mod support;` and uses what it needs, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod process;
+
 use isthmus_server::{Config, ServerHandle};
 use isthmus_store::testing::EtcdProcess;
 use reqwest::{Method, StatusCode};
