@@ -10,23 +10,7 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use support::{assert_neutron_error, error_message, id_of, read, send, Api, Backend, TestServer};
 
-/// Generates `<name>::embedded` and `<name>::etcd` for each `async fn <name>(Backend)`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn embedded() {
-                super::$name(super::Backend::Embedded).await
-            }
-            #[tokio::test]
-            async fn etcd() {
-                super::$name(super::Backend::Etcd).await
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+support::on_both_backends!(
     malformed_json_is_400,
     wrong_types_are_400,
     unknown_attribute_is_400,

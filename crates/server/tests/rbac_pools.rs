@@ -6,54 +6,14 @@ mod support;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::{assert_neutron_error, id_of, Api, Backend, Member, TestServer};
+use support::{assert_neutron_error, created_policy, id_of, policy, projects, Api, Backend, TestServer};
 
-/// Generates `<name>::embedded` and `<name>::etcd` for each `async fn <name>(Backend)`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn embedded() {
-                super::$name(super::Backend::Embedded).await
-            }
-            #[tokio::test]
-            async fn etcd() {
-                super::$name(super::Backend::Etcd).await
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+support::on_both_backends!(
     sharing_a_pool_with_one_project,
     sharing_a_scope_with_one_project,
     wildcard_policies_are_the_shared_flag,
     bad_policies_on_pools_and_scopes,
 );
-
-async fn policy(api: &Api, object_type: &str, object_id: &str, action: &str, target: &str) -> (StatusCode, Value) {
-    api.post(
-        "/v2.0/rbac-policies",
-        json!({"rbac_policy": {"object_type": object_type, "object_id": object_id,
-                               "action": action, "target_tenant": target}}),
-    )
-    .await
-}
-
-async fn created_policy(api: &Api, object_type: &str, object_id: &str, action: &str, target: &str) -> String {
-    let (s, b) = policy(api, object_type, object_id, action, target).await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
-    id_of(&b["rbac_policy"])
-}
-
-/// Three members: the owner, a project it shares with, and a third one.
-async fn projects(s: &TestServer) -> (Member, Member, Member) {
-    (
-        s.member("owner").await,
-        s.member("guest").await,
-        s.member("third").await,
-    )
-}
 
 async fn pool(api: &Api, attrs: Value) -> (StatusCode, Value) {
     api.post("/v2.0/subnetpools", json!({ "subnetpool": attrs })).await

@@ -8,22 +8,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use support::{send, Backend, TestServer, MEMBER_PASSWORD};
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn embedded() {
-                super::$name(super::Backend::Embedded).await
-            }
-            #[tokio::test]
-            async fn etcd() {
-                super::$name(super::Backend::Etcd).await
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+support::on_both_backends!(
     disabled_then_enabled_user_keeps_old_tokens_dead,
     disabled_then_enabled_project_keeps_old_tokens_dead,
     removed_then_regranted_role_keeps_old_tokens_dead,

@@ -2,9 +2,27 @@
 //! store backend, an admin token, and a small JSON client for both APIs.
 //!
 //! Each test file does `mod support;` and uses what it needs, hence the `dead_code` allowance.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
 
 pub mod process;
+
+/// Generates `<name>::embedded` and `<name>::etcd` for each `async fn <name>(Backend)` (the
+/// caller imports `Backend`).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn embedded() {
+                super::$name(super::Backend::Embedded).await
+            }
+            #[tokio::test]
+            async fn etcd() {
+                super::$name(super::Backend::Etcd).await
+            }
+        }
+    )*};
+}
+pub(crate) use on_both_backends;
 
 use isthmus_server::{Config, ServerHandle};
 use isthmus_store::testing::EtcdProcess;
@@ -473,4 +491,30 @@ where
         assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// An RBAC policy create as `api`: its status and body.
+pub async fn policy(api: &Api, object_type: &str, object_id: &str, action: &str, target: &str) -> (StatusCode, Value) {
+    api.post(
+        "/v2.0/rbac-policies",
+        json!({"rbac_policy": {"object_type": object_type, "object_id": object_id,
+                               "action": action, "target_tenant": target}}),
+    )
+    .await
+}
+
+/// [`policy`], which must be created: the policy's id.
+pub async fn created_policy(api: &Api, object_type: &str, object_id: &str, action: &str, target: &str) -> String {
+    let (s, b) = policy(api, object_type, object_id, action, target).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    id_of(&b["rbac_policy"])
+}
+
+/// Three members for sharing tests: the owner, a project it shares with, and a third one.
+pub async fn projects(s: &TestServer) -> (Member, Member, Member) {
+    (
+        s.member("owner").await,
+        s.member("guest").await,
+        s.member("third").await,
+    )
 }
