@@ -13,12 +13,18 @@ log=target/test-results.log
 failed_steps=()
 
 step() { # name, command...
-  local name=$1; shift
+  local name=$1 start=$SECONDS; shift
   echo "== $name"
-  if "$@"; then echo "== $name: ok"; else echo "== $name: FAILED"; failed_steps+=("$name"); fi
+  if "$@"; then echo "== $name: ok ($((SECONDS - start)) s)"
+  else echo "== $name: FAILED ($((SECONDS - start)) s)"; failed_steps+=("$name"); fi
 }
 
 scripts/setup.sh --test || { echo "setup failed"; echo "0 passed, 1 failed"; exit 1; }
+echo "== setup: ok ($SECONDS s)"
+# Tests that run the executables take the ones setup just built from these sources, rather
+# than each building its own debug copy (with other features, so with its own dependencies).
+export ISTHMUS_BIN=${ISTHMUS_BIN:-$PWD/target/release/isthmus}
+export ISTHMUS_CNI_BIN=${ISTHMUS_CNI_BIN:-$PWD/target/release/isthmus-cni}
 step "format" cargo fmt --all --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "import cycles" bash -c 'python3 scripts/check-import-cycles.py crates/agent/src &&
