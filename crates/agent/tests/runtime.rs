@@ -42,6 +42,17 @@ async fn token(http: &reqwest::Client, identity_url: &str, user: &str, password:
     }
 }
 
+/// The id of the identity object (`projects`, `roles`, ...) named `name`.
+async fn id_by_name(http: &reqwest::Client, id_url: &str, token: &str, collection: &str, name: &str) -> String {
+    let url = format!("{id_url}/{collection}?name={name}");
+    let (s, b) = call(http, reqwest::Method::GET, &url, token, None).await;
+    assert_eq!(s, 200, "{url}: {b}");
+    b[collection][0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{url}: no {name}: {b}"))
+        .to_string()
+}
+
 /// An in-process server (embedded store) with a node user `n1`, a network with a subnet.
 struct Bed {
     _dir: tempfile::TempDir,
@@ -98,35 +109,11 @@ impl Bed {
         .await;
         assert_eq!(s, 201, "{b}");
         let uid = b["user"]["id"].as_str().unwrap().to_string();
-        let (_, b) = call(
-            &http,
-            reqwest::Method::GET,
-            &format!("{id_url}/projects?name=service"),
-            &t,
-            None,
-        )
-        .await;
-        let service = b["projects"][0]["id"].as_str().unwrap().to_string();
-        let (_, b) = call(
-            &http,
-            reqwest::Method::GET,
-            &format!("{id_url}/roles?name=node"),
-            &t,
-            None,
-        )
-        .await;
-        let role = b["roles"][0]["id"].as_str().unwrap().to_string();
+        let service = id_by_name(&http, &id_url, &t, "projects", "service").await;
+        let role = id_by_name(&http, &id_url, &t, "roles", "node").await;
         // The node role on the service project, and on the admin project, whose ports it
         // claims (that project's grant).
-        let (_, b) = call(
-            &http,
-            reqwest::Method::GET,
-            &format!("{id_url}/projects?name=admin"),
-            &t,
-            None,
-        )
-        .await;
-        let admin_project = b["projects"][0]["id"].as_str().unwrap().to_string();
+        let admin_project = id_by_name(&http, &id_url, &t, "projects", "admin").await;
         for project in [&service, &admin_project] {
             let (s, b) = call(
                 &http,
