@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::bench::{env_usize, iperf, iperf_to, median, percentile};
 use support::{reaches, udp_in, until, Ns};
-use testbed::{Opts, Testbed, EXT_CIDR, PHYSNET, UPSTREAM};
+use testbed::{Opts, Testbed};
 
 fn figure(key: &str, value: f64) {
     println!("L3_FIGURE {key} {value:.3}");
@@ -240,23 +240,7 @@ async fn l3_fip_throughput() {
     )
     .await;
     let admin = tb.admin_token.clone();
-    let ext = tb
-        .create(
-            &admin,
-            "networks",
-            "network",
-            json!({"name": "public", "router:external": true,
-                "provider:network_type": "flat", "provider:physical_network": PHYSNET}),
-        )
-        .await;
-    let ext_id = ext["id"].as_str().unwrap().to_string();
-    tb.create(
-        &admin,
-        "subnets",
-        "subnet",
-        json!({"network_id": ext_id, "cidr": EXT_CIDR, "ip_version": 4, "gateway_ip": UPSTREAM, "enable_dhcp": false}),
-    )
-    .await;
+    let ext_id = tb.external_network(json!({})).await;
     let (na, sa) = tb.network_as(&admin, "bench-a", "10.50.1.0/24").await;
     let (nb, sb) = tb.network_as(&admin, "bench-b", "10.50.2.0/24").await;
     let open = json!({"port_security_enabled": false, "security_groups": []});

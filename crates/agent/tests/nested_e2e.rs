@@ -66,20 +66,7 @@ async fn trunk_with_credential(b: &Bed, parent: &Value, sub_ports: Value) -> (St
         )
         .await;
     let id = trunk["id"].as_str().expect("id").to_string();
-    let cred =
-        b.tb.expect_as(
-            &b.token,
-            Method::POST,
-            &format!("/isthmus/v1/trunks/{id}/credentials"),
-            json!({"credential": {}}),
-            201,
-        )
-        .await;
-    let secret = format!(
-        "{}.{}",
-        cred["credential"]["id"].as_str().expect("id"),
-        cred["credential"]["secret"].as_str().expect("secret")
-    );
+    let secret = b.tb.trunk_credential(&b.token, &id).await;
     (id, secret)
 }
 

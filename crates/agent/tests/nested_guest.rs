@@ -10,7 +10,6 @@ mod support;
 mod testbed;
 mod vm;
 
-use reqwest::Method;
 use serde_json::json;
 
 use std::time::Duration;
@@ -131,20 +130,7 @@ async fn nested_container_reaches_a_node_container(mode: &str) {
             .create(&t, "trunks", "trunk", json!({"port_id": port["id"], "name": "vm"}))
             .await;
         let trunk = trunk["id"].as_str().expect("id");
-        let cred = tb
-            .expect_as(
-                &t,
-                Method::POST,
-                &format!("/isthmus/v1/trunks/{trunk}/credentials"),
-                json!({"credential": {}}),
-                201,
-            )
-            .await;
-        let secret = format!(
-            "{}.{}",
-            cred["credential"]["id"].as_str().expect("id"),
-            cred["credential"]["secret"].as_str().expect("secret")
-        );
+        let secret = tb.trunk_credential(&t, trunk).await;
         // A subport may be on any network; a macvlan container is on the VM's own (an
         // address pair of its port).
         let (cnet, cname, peer_ip) = match mode {

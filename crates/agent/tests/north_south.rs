@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use support::{udp_in, Ns};
-use testbed::{Opts, Testbed, EXTERNAL_HOST, EXT_CIDR, PHYSNET, UPSTREAM};
+use testbed::{Opts, Testbed, EXTERNAL_HOST};
 
 /// Sends datagrams from `from` in `src` to `to`, with an echo server bound to `bind` in `dst`
 /// (`to` differs from `bind` when an address is translated on the way): the source address
@@ -99,28 +99,14 @@ async fn floating_ips_and_snat_with_failover() {
     .await;
     let admin = tb.admin_token.clone();
     let outside = tb.outside.as_ref().unwrap();
-    let ext = tb
-        .create(
-            &admin,
-            "networks",
-            "network",
-            json!({"name": "public", "router:external": true,
-                "provider:network_type": "flat", "provider:physical_network": PHYSNET}),
-        )
+    let ext_id = tb
+        .external_network(json!({"allocation_pools": [{"start": "203.0.113.10", "end": "203.0.113.99"}]}))
         .await;
-    let ext_id = str_of(&ext["id"]);
-    tb.create(
-        &admin,
-        "subnets",
-        "subnet",
-        json!({"network_id": ext_id, "cidr": EXT_CIDR, "ip_version": 4, "gateway_ip": UPSTREAM,
-            "enable_dhcp": false, "allocation_pools": [{"start": "203.0.113.10", "end": "203.0.113.99"}]}),
-    )
-    .await;
     // A project network on a router with a gateway; the default group lets the outside in.
     let (na, sa) = tb.network_as(&admin, "ns-a", "10.70.1.0/24").await;
     let (_, groups) = tb.net(Method::GET, "/v2.0/security-groups?name=default", None).await;
-    let project = str_of(&ext["project_id"]);
+    let (_, net) = tb.net(Method::GET, &format!("/v2.0/networks/{na}"), None).await;
+    let project = str_of(&net["network"]["project_id"]);
     let group = groups["security_groups"]
         .as_array()
         .unwrap()

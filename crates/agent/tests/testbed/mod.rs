@@ -776,13 +776,48 @@ impl Testbed {
             )
             .await;
         let net = n["network"]["id"].as_str().expect("network id").to_string();
-        let mut subnet = json!({"network_id": net, "cidr": cidr, "ip_version": 4});
-        if let (Some(s), Some(extra)) = (subnet.as_object_mut(), extra.as_object()) {
-            s.extend(extra.clone());
-        }
+        let subnet = merged(json!({"network_id": net, "cidr": cidr, "ip_version": 4}), extra);
         let body = json!({ "subnet": subnet });
         let s = self.expect_as(token, Method::POST, "/v2.0/subnets", body, 201).await;
         (net, s["subnet"]["id"].as_str().expect("subnet id").to_string())
+    }
+
+    /// The external network `public` (flat, on [`PHYSNET`]) with a subnet of [`EXT_CIDR`]
+    /// whose gateway is [`UPSTREAM`], without DHCP, plus `extra` subnet attributes: its id.
+    pub async fn external_network(&self, extra: Value) -> String {
+        let admin = &self.admin_token;
+        let ext = self
+            .create(
+                admin,
+                "networks",
+                "network",
+                json!({"name": "public", "router:external": true,
+                    "provider:network_type": "flat", "provider:physical_network": PHYSNET}),
+            )
+            .await;
+        let id = ext["id"].as_str().expect("network id").to_string();
+        let subnet = json!({"network_id": id, "cidr": EXT_CIDR, "ip_version": 4, "gateway_ip": UPSTREAM,
+                            "enable_dhcp": false});
+        self.create(admin, "subnets", "subnet", merged(subnet, extra)).await;
+        id
+    }
+
+    /// A new credential of trunk `trunk` (as `token`), as the nested plugin takes it: `id.secret`.
+    pub async fn trunk_credential(&self, token: &str, trunk: &str) -> String {
+        let cred = self
+            .expect_as(
+                token,
+                Method::POST,
+                &format!("/isthmus/v1/trunks/{trunk}/credentials"),
+                json!({"credential": {}}),
+                201,
+            )
+            .await;
+        format!(
+            "{}.{}",
+            cred["credential"]["id"].as_str().expect("id"),
+            cred["credential"]["secret"].as_str().expect("secret")
+        )
     }
 
     /// A router (as `token`) with interfaces on `subnets`: its id.
@@ -944,6 +979,14 @@ async fn wait_ready(http: &reqwest::Client, identity_url: &str, network_url: &st
         assert!(Instant::now() < deadline, "the server did not come up within 30 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `base` with the attributes of `extra` (both JSON objects) added or replaced.
+fn merged(mut base: Value, extra: Value) -> Value {
+    if let (Some(b), Value::Object(extra)) = (base.as_object_mut(), extra) {
+        b.extend(extra);
+    }
+    base
 }
 
 /// Polls `f` every 100 ms until it holds; panics with `what` after `secs`.
