@@ -151,6 +151,29 @@ async fn routers_route_on_the_source_node() {
         }
     }
 
+    // A leg's pinned MAC removed by hand (or never pinned, by an older agent) is pinned again
+    // by the next full resync.
+    let ns1 = tb.nodes[1].ns.name.clone();
+    let fdb1 = || support::run(&["ip", "netns", "exec", &ns1, "bridge", "fdb", "show"]).1;
+    let macs1: Vec<String> = interfaces
+        .iter()
+        .map(|(p, _)| isthmus_agent::routing::leg_mac(&tb.nodes[1].name, p))
+        .collect();
+    let pin = fdb1()
+        .lines()
+        .find(|l| macs1.iter().any(|m| l.starts_with(m.as_str())) && l.contains(" master ") && l.ends_with(" static"))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("node1: no pinned leg MAC in:\n{}", fdb1()));
+    let words: Vec<&str> = pin.split_whitespace().collect();
+    let dev = words.iter().skip_while(|w| **w != "dev").nth(1).expect("dev");
+    support::must(&[
+        "ip", "netns", "exec", &ns1, "bridge", "fdb", "del", words[0], "dev", dev, "master",
+    ]);
+    until(20, "the leg's MAC pinned again", true, || {
+        fdb1().lines().any(|l| l == pin)
+    })
+    .await;
+
     // Another project with the same CIDRs behind its own router, its workloads on the other
     // nodes: each project's traffic is routed within it (an echo answered is one from that
     // project's workload: the other's has no server listening).

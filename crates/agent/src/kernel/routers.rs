@@ -231,7 +231,7 @@ fn setup_namespace(ns: &str) -> Result<(), KernelError> {
 
 /// Makes missing legs and fixes wrong ones: their outer ends in the node's namespace (one
 /// batch), their inner ends' MAC, MTU and state into `inside`. Returns the `bridge -batch`
-/// script that pins the new or fixed legs' MACs in their bridges.
+/// script that pins every leg's MAC in its bridge.
 fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<String, KernelError> {
     let ns = r.netns.as_str();
     let legs = veth_legs(r);
@@ -249,6 +249,12 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<String, Kernel
     let mut static_fdb = String::new();
     for leg in &legs {
         let (dev, outer) = (leg.dev, leg.outer.as_str());
+        // The bridge is told every leg's MAC, whenever the router is applied (a change, or a
+        // full resync): a leg sends little on its own bridge (the replies it routes leave
+        // through another), so a learned entry would age out, and from then on every frame to
+        // the gateway would be flooded to every node of the network. Legs made before the pin
+        // existed, or whose entry someone removed, get it back on the next resync.
+        static_fdb.push_str(&format!("fdb replace {} dev {outer} master static\n", leg.mac));
         match have.get(dev) {
             None => {
                 create.push_str(&format!(
@@ -273,10 +279,6 @@ fn legs(r: &RouterNs, seen: &Seen, inside: &mut String) -> Result<String, Kernel
             leg.bridge, leg.mtu
         ));
         inside.push_str(&format!("link set {dev} address {} mtu {} up\n", leg.mac, leg.mtu));
-        // The bridge is told the leg's MAC: a leg sends little on its own bridge (the replies
-        // it routes leave through another), so a learned entry would age out, and from then
-        // on every frame to the gateway would be flooded to every node of the network.
-        static_fdb.push_str(&format!("fdb replace {} dev {outer} master static\n", leg.mac));
     }
     // New legs and fixed outer ends in one process; a leftover outer end (its namespace was
     // deleted by hand) makes the batch fail: then one at a time, removing what blocks.
