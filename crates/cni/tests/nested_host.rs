@@ -140,14 +140,20 @@ fn stand_in_api(ns: &Ns) -> (u16, Arc<Mutex<Vec<Seen>>>) {
 
 /// Runs the plugin inside `vm`: (exit code, stdout).
 fn cni(vm: &Ns, command: &str, netns: &str, config: &Value) -> (i32, String) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &vm.0, env!("CARGO_BIN_EXE_isthmus-cni")])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &vm.0, env!("CARGO_BIN_EXE_isthmus-cni")])
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", "ctr1")
         .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
+        .env("CNI_IFNAME", "eth0");
+    with_config(cmd, config)
+}
+
+/// Runs `cmd` with `config` on its stdin: (exit code, stdout).
+fn with_config(mut cmd: Command, config: &Value) -> (i32, String) {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -332,26 +338,12 @@ fn nested_api_over_https_trusts_the_configured_ca() {
     };
     // DEL without CNI_NETNS: only the API call.
     let del = |config: &Value| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus-cni"))
-            .env_clear()
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_isthmus-cni"));
+        cmd.env_clear()
             .env("CNI_COMMAND", "DEL")
             .env("CNI_CONTAINERID", "ctr1")
-            .env("CNI_IFNAME", "eth0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("isthmus-cni");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(config.to_string().as_bytes())
-            .expect("stdin");
-        let out = child.wait_with_output().expect("output");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        )
+            .env("CNI_IFNAME", "eth0");
+        with_config(cmd, config)
     };
     let (rc, out) = del(&conf(Some(&dir.join("ca.pem"))));
     assert_eq!((rc, out.as_str()), (0, ""));
