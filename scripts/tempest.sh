@@ -136,9 +136,26 @@ api_extensions = $exts
 run_validation = false
 CONF
 
+# Debian's tempest sleeps 10 s before every subnet delete, to let a real Neutron finish
+# tearing down ports first; here a delete is complete when it answers, and those sleeps were
+# two thirds of the run. The tempest processes load this hook first and call the same delete
+# without the sleep; nothing else of tempest changes.
+mkdir -p "$ws/py"
+cat >"$ws/py/sitecustomize.py" <<'PY'
+try:
+    from tempest.lib.services.network import subnets_client as _subnets
+
+    def _delete_subnet(self, subnet_id):
+        return self.delete_resource('/subnets/%s' % subnet_id)
+
+    _subnets.SubnetsClient.delete_subnet = _delete_subnet
+except Exception:  # a tempest without that client: nothing to change
+    pass
+PY
+
 cd "$ws/tws"
 set +e
-TEMPEST_CONFIG_DIR=$ws/tws/etc tempest run --regex "$regex" ${exclude:+--exclude-regex "$exclude"} \
+PYTHONPATH=$ws/py${PYTHONPATH:+:$PYTHONPATH} TEMPEST_CONFIG_DIR=$ws/tws/etc tempest run --regex "$regex" ${exclude:+--exclude-regex "$exclude"} \
   --concurrency "$workers" >"$ws/run.log" 2>&1
 set -e
 grep -E '^\{[0-9]+\} .*(FAILED|ok|SKIPPED)' "$ws/run.log" | grep -v ' ok$' | tail -n 60 || true
