@@ -22,7 +22,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use support::bench::{env_usize, percentile as pct};
@@ -49,10 +49,7 @@ fn cni(s: &Setup, command: &str, container: &str, netns: &Path) -> (f64, bool, S
         .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env("CNI_PATH", "/usr/lib/cni");
     // SAFETY: setns is async-signal-safe and touches nothing of the parent's memory.
     unsafe {
         cmd.pre_exec(move || {
@@ -63,14 +60,7 @@ fn cni(s: &Setup, command: &str, container: &str, netns: &Path) -> (f64, bool, S
         });
     }
     let t0 = Instant::now();
-    let mut child = cmd.spawn().expect("spawn plugin");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(s.conf.to_string().as_bytes())
-        .expect("stdin write");
-    let out = child.wait_with_output().expect("plugin output");
+    let out = support::output_with_stdin(&mut cmd, s.conf.to_string().as_bytes());
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     drop(ns);
     (

@@ -12,9 +12,8 @@ mod testbed;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use support::{reaches, Ns};
 use testbed::Testbed;
@@ -43,22 +42,11 @@ impl Plugin {
 
     fn run_raw(&self, env: &[(&str, String)], stdin: &[u8]) -> Run {
         let mut cmd = Command::new(&self.bin);
-        cmd.env_clear()
-            .env("CNI_PATH", "/usr/lib/cni")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.env_clear().env("CNI_PATH", "/usr/lib/cni");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawning isthmus-cni");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin)
-            .expect("writing stdin");
-        let out = child.wait_with_output().expect("isthmus-cni output");
+        let out = support::output_with_stdin(&mut cmd, stdin);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let parsed = if text.trim().is_empty() {
             Value::Null

@@ -52,6 +52,25 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `cmd` with `input` on its stdin, its stdout and stderr captured.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let what = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .unwrap_or_else(|e| panic!("writing to {what}: {e}"));
+    child.wait_with_output().unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 pub fn must(args: &[&str]) -> String {
     let (ok, out, err) = run(args);
     assert!(ok, "{args:?} failed: {err}");

@@ -201,34 +201,24 @@ impl Node {
     /// A new container namespace attached by the real `isthmus-cni` plugin through this node's
     /// agent, with `ip` requested (`CNI_ARGS=IP=`); the ADD must succeed.
     pub fn cni_container(&self, project: &str, network: &str, ip: &str) -> Ns {
-        use std::io::Write;
         let ns = Ns::new();
         let conf = json!({"cniVersion": "1.0.0", "name": "test", "type": "isthmus-cni", "network": network,
                           "project": project, "socket": self.socket});
-        let mut child = Command::new(isthmus_store::testing::cni_bin())
-            .env_clear()
+        let mut cmd = Command::new(isthmus_store::testing::cni_bin());
+        cmd.env_clear()
             .env("CNI_COMMAND", "ADD")
             .env("CNI_CONTAINERID", format!("ctr-{}", ns.name))
             .env("CNI_NETNS", ns.path())
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", "/usr/lib/cni")
-            .env("CNI_ARGS", format!("IP={ip}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("isthmus-cni");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(conf.to_string().as_bytes())
-            .expect("stdin");
-        let out = child.wait_with_output().expect("output");
+            .env("CNI_ARGS", format!("IP={ip}"));
+        let out = crate::support::output_with_stdin(&mut cmd, conf.to_string().as_bytes());
         assert!(
             out.status.success(),
-            "CNI ADD on {}: {}",
+            "CNI ADD on {}: {} {}",
             self.name,
-            String::from_utf8_lossy(&out.stdout)
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
         ns
     }
